@@ -1,0 +1,7 @@
+"""moe_plugin: fused Triton Mixture-of-Experts layers for PyTorch and Megatron-Core."""
+from . import reference
+from .config import ACTIVATIONS
+from .functional import capacity_drop, fused_experts, fused_moe
+
+__version__ = "0.1.0"
+__all__ = ["fused_experts", "fused_moe", "capacity_drop", "ACTIVATIONS", "reference"]

@@ -1,0 +1,193 @@
+"""The functional API: ``fused_experts`` (routing given) and ``fused_moe`` (router + experts)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from .autograd import FusedExpertsFunction, RouterFunction, RouterLogitsFunction
+from .config import (BACKENDS, check_activation, check_choice, check_experts_args,
+                     check_ids_range, check_routing_args, check_tensor, expert_capacity,
+                     FLOAT_DTYPES)
+from .kernels.common import interpret_mode
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    check_choice("backend", backend, BACKENDS)
+    if backend == "torch":
+        return False
+    runnable = x.is_cuda or (x.device.type == "cpu" and interpret_mode())
+    if backend == "triton":
+        if not runnable:
+            raise ValueError(f"backend: 'triton' needs CUDA tensors or TRITON_INTERPRET=1 for "
+                             f"CPU tensors, got hidden_states on {x.device}")
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"hidden_states: backend 'triton' supports dtypes "
+                            f"{[str(d) for d in _TRITON_DTYPES]}, got {x.dtype}")
+        return True
+    return runnable and x.dtype in _TRITON_DTYPES
+
+
+def _check_ids(topk_ids: torch.Tensor, num_experts: int, validate_ids) -> None:
+    if validate_ids is None:
+        validate_ids = "host" if not topk_ids.is_cuda else "device"
+    if validate_ids is True or validate_ids == "host":
+        check_ids_range(topk_ids, num_experts)
+    elif validate_ids == "device":
+        # no host synchronisation: a bad id fails the stream with this message
+        torch._assert_async(((topk_ids >= -1) & (topk_ids < num_experts)).all(),
+                            f"topk_ids: values must lie in [-1, {num_experts - 1}]")
+    elif validate_ids is not False:
+        raise ValueError(f"validate_ids: expected None, True, False, 'host' or 'device', "
+                         f"got {validate_ids!r}")
+
+
+def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, recompute):
+    """Returns ``(out [N, D], tokens_per_expert int [E])``."""
+    act_code, gated = check_activation(activation)
+    if use_triton:
+        return FusedExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
+                                          gated, recompute)
+    out = reference.experts(x, topk_ids, topk_weights, w_up, w_down, activation)
+    valid = topk_ids.reshape(-1)
+    counts = torch.zeros(w_up.shape[0], dtype=torch.int32, device=x.device)
+    counts.index_add_(0, valid[valid >= 0].long(),
+                      torch.ones_like(valid[valid >= 0], dtype=torch.int32))
+    return out, counts
+
+
+def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                  activation: str = "swiglu", *, backend: str = "auto", recompute: bool = False,
+                  deterministic: bool = False, validate_ids=None) -> torch.Tensor:
+    """Routed experts with the routing given.
+
+    Args:
+        hidden_states: ``[N, D]`` tokens (fp32, bf16 or fp16 for the Triton path).
+        topk_ids: ``[N, k]`` int32/int64 expert ids; ``-1`` marks an unused slot.
+        topk_weights: ``[N, k]`` fp32 or ``hidden_states.dtype``; differentiable.
+        w_up: ``[E, 2F, D]`` (gated; rows 0..F-1 gate, F..2F-1 up) or ``[E, F, D]``.
+        w_down: ``[E, D, F]``.
+        activation: one of ``moe_plugin.ACTIVATIONS``.
+        backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else the
+            reference), ``"triton"`` or ``"torch"`` (the plain-PyTorch reference).
+        recompute: save nothing of GEMM1's output; recompute it in backward (same gradients).
+        deterministic: require bitwise-reproducible outputs and gradients. Every kernel of
+            this path is already deterministic (no floating-point atomics, fixed launch
+            configurations), so this only guards future non-deterministic variants.
+        validate_ids: ``None`` (default): ids are range-checked on the host for CPU tensors
+            and asynchronously on the device for CUDA tensors (no host synchronisation; a bad
+            id fails the stream with a device-side assertion); ``True``/``"host"``: always
+            on the host (a synchronisation on CUDA, raises ``ValueError``); ``False``: not
+            checked (ids outside ``[0, E)`` are then treated like ``-1``).
+
+    Returns:
+        ``[N, D]`` in ``hidden_states.dtype``.
+    """
+    shapes = check_experts_args(hidden_states, topk_ids, topk_weights, w_up, w_down, activation)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute: expected a bool, got {type(recompute).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    use_triton = _use_triton(backend, hidden_states)
+    _check_ids(topk_ids, shapes.num_experts, validate_ids)
+    out, _ = _experts(hidden_states, topk_ids, topk_weights, w_up, w_down, activation,
+                      use_triton, recompute)
+    return out
+
+
+def capacity_drop(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                  capacity_factor: float, drop_policy: str = "probs") -> torch.Tensor:
+    """Sets the slots over each expert's capacity to -1 (policy as in ``reference``).
+
+    Device-side sorts only: no host synchronisation."""
+    n, k = topk_ids.shape
+    cap = expert_capacity(n, k, num_experts, capacity_factor)
+    flat = topk_ids.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, num_experts)
+    if drop_policy == "probs":
+        order = torch.sort(topk_weights.reshape(-1).float(), descending=True, stable=True).indices
+        order = order[torch.sort(key[order], stable=True).indices]
+    else:
+        order = torch.sort(key, stable=True).indices
+    sorted_key = key[order]
+    starts = torch.searchsorted(sorted_key, torch.arange(num_experts + 1, device=flat.device))
+    rank = torch.arange(flat.numel(), device=flat.device) - starts[sorted_key]
+    keep = torch.empty_like(rank, dtype=torch.bool).scatter_(0, order, rank < cap)
+    return torch.where(keep & (flat >= 0), flat, -1).view(n, k).to(topk_ids.dtype)
+
+
+def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torch.Tensor,
+              w_down: torch.Tensor, top_k: int, *, activation: str = "swiglu",
+              score_func: str = "softmax", renormalize: bool = True,
+              expert_bias: Optional[torch.Tensor] = None, num_groups: Optional[int] = None,
+              group_topk: Optional[int] = None, scaling_factor: float = 1.0,
+              capacity_factor: Optional[float] = None, drop_policy: str = "probs",
+              aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, recompute: bool = False,
+              ep_group=None, backend: str = "auto", deterministic: bool = False):
+    """Router + routed experts of one MoE layer.
+
+    ``hidden_states [N, D]``, ``gate_weight [E, D]``, ``w_up``/``w_down`` as in
+    ``fused_experts``. Routing semantics (scores, expert bias for selection only, group-limited
+    top-k, renormalisation, scaling, capacity dropping and its ``drop_policy``, the losses) are
+    those of ``moe_plugin.reference`` (module docstring).
+
+    Returns ``(out [N, D], info)``; ``info`` holds ``aux_loss`` and ``z_loss`` (0-dim fp32,
+    coefficient applied, differentiable), ``tokens_per_expert`` (int32 [E], after dropping),
+    ``topk_ids`` ([N, k], -1 for dropped slots) and ``topk_weights`` (fp32 [N, k]).
+    """
+    x = hidden_states
+    check_tensor("hidden_states", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("gate_weight", gate_weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    if gate_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"gate_weight: expected shape [E, {x.shape[1]}] (D from "
+                         f"hidden_states), got {tuple(gate_weight.shape)}")
+    num_experts = gate_weight.shape[0]
+    check_tensor("w_up", w_up, ndim=3)
+    if ep_group is not None:
+        raise NotImplementedError("ep_group: expert parallelism is not available in this "
+                                  "version; pass ep_group=None")
+    if w_up.shape[0] != num_experts:
+        raise ValueError(f"w_up: expected {num_experts} experts (rows of gate_weight), "
+                         f"got shape {tuple(w_up.shape)}")
+    check_routing_args(num_experts, top_k, score_func, renormalize, expert_bias, num_groups,
+                       group_topk, scaling_factor, capacity_factor, drop_policy,
+                       aux_loss_coeff, z_loss_coeff, device=x.device)
+    n = x.shape[0]
+    # shape checks of the expert weights before any kernel runs
+    check_experts_args(x, torch.empty(n, top_k, dtype=torch.int32, device=x.device),
+                       torch.empty(n, top_k, dtype=torch.float32, device=x.device),
+                       w_up, w_down, activation)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute: expected a bool, got {type(recompute).__name__}")
+    use_triton = _use_triton(backend, x)
+    need_aux = aux_loss_coeff > 0
+    need_z = z_loss_coeff > 0
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    if use_triton:
+        logits = RouterLogitsFunction.apply(x, gate_weight)
+        ids, weights, colsum, aux_counts, lse = RouterFunction.apply(
+            logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
+            float(scaling_factor), need_aux, need_z)
+        aux = (colsum * aux_counts.float()).sum() * (aux_loss_coeff * num_experts
+                                                     / (top_k * n * n)) if need_aux and n else zero
+        z = lse.square().mean() * z_loss_coeff if need_z and n else zero
+    else:
+        rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        logits = x.to(rdt) @ gate_weight.to(rdt).t()
+        ids, weights, _ = reference.route(
+            logits, top_k, score_func=score_func, renormalize=renormalize,
+            expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
+            scaling_factor=scaling_factor)
+        aux = reference.load_balance_loss(logits, top_k, score_func, aux_loss_coeff) \
+            if need_aux and n else zero.to(rdt)
+        z = reference.z_loss(logits, z_loss_coeff) if need_z and n else zero.to(rdt)
+    if capacity_factor is not None:
+        ids = capacity_drop(ids, weights, num_experts, capacity_factor, drop_policy)
+    out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton, recompute)
+    info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
+            "topk_weights": weights}
+    return out, info

@@ -1,0 +1,88 @@
+"""Activation functions as Triton device functions, for GEMM epilogues and operand loads.
+
+All math is fp32. ``ACT`` is the code from ``moe_plugin.config.ACTIVATIONS``:
+0 swiglu, 1 geglu, 2 swiglu_oai (gated: ``g`` gate half, ``u`` up half), 3 gelu (tanh),
+4 relu2, 5 silu (non-gated: ``u`` is ignored).
+"""
+import triton
+import triton.language as tl
+
+from ..config import SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT
+
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_C = tl.constexpr(0.044715)
+_OAI_ALPHA = tl.constexpr(SWIGLU_OAI_ALPHA)
+_OAI_BETA = tl.constexpr(SWIGLU_OAI_BETA)
+_OAI_LIMIT = tl.constexpr(SWIGLU_OAI_LIMIT)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _gelu_tanh(x):
+    inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
+    t = 2.0 * _sigmoid(2.0 * inner) - 1.0  # tanh(inner)
+    return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def _gelu_tanh_grad(x):
+    inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
+    t = 2.0 * _sigmoid(2.0 * inner) - 1.0
+    dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+
+
+@triton.jit
+def _silu_grad(x):
+    s = _sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+@triton.jit
+def act_fwd(g, u, ACT: tl.constexpr):
+    """h = act(g, u) (gated) or act(g) (non-gated)."""
+    if ACT == 0:
+        return g * _sigmoid(g) * u
+    elif ACT == 1:
+        return _gelu_tanh(g) * u
+    elif ACT == 2:
+        gc = tl.minimum(g, _OAI_LIMIT)
+        uc = tl.minimum(tl.maximum(u, -_OAI_LIMIT), _OAI_LIMIT)
+        return gc * _sigmoid(_OAI_ALPHA * gc) * (uc + _OAI_BETA)
+    elif ACT == 3:
+        return _gelu_tanh(g)
+    elif ACT == 4:
+        r = tl.maximum(g, 0.0)
+        return r * r
+    else:
+        return g * _sigmoid(g)
+
+
+@triton.jit
+def act_bwd(g, u, dh, ACT: tl.constexpr):
+    """(dg, du) given the upstream gradient dh of h = act(g, u); du is 0 for non-gated."""
+    if ACT == 0:
+        s = _sigmoid(g)
+        return dh * u * s * (1.0 + g * (1.0 - s)), dh * g * s
+    elif ACT == 1:
+        return dh * u * _gelu_tanh_grad(g), dh * _gelu_tanh(g)
+    elif ACT == 2:
+        # clamp passes the gradient where the input lies inside [min, max] (torch.clamp)
+        gc = tl.minimum(g, _OAI_LIMIT)
+        uc = tl.minimum(tl.maximum(u, -_OAI_LIMIT), _OAI_LIMIT)
+        s = _sigmoid(_OAI_ALPHA * gc)
+        dgc = dh * (uc + _OAI_BETA) * s * (1.0 + _OAI_ALPHA * gc * (1.0 - s))
+        duc = dh * gc * s
+        dg = tl.where(g <= _OAI_LIMIT, dgc, 0.0)
+        du = tl.where((u >= -_OAI_LIMIT) & (u <= _OAI_LIMIT), duc, 0.0)
+        return dg, du
+    elif ACT == 3:
+        return dh * _gelu_tanh_grad(g), dh * 0.0
+    elif ACT == 4:
+        return dh * 2.0 * tl.maximum(g, 0.0), dh * 0.0
+    else:
+        return dh * _silu_grad(g), dh * 0.0

@@ -1,0 +1,350 @@
+"""Grouped expert GEMMs.
+
+Two kernels serve every expert GEMM of the forward and backward passes:
+
+``_grouped_mm_kernel`` (row-grouped): ``C[p, n] = Σ_k A[row(p), k] · B_e[k, n]`` for the rows
+``p`` of expert ``e``'s segment ``[offsets[e], offsets[e] + counts[e])``. ``row(p)`` is ``p``, or
+with ``GATHER`` the token row ``sorted_slot[p] // TOPK``: token rows are gathered while loading,
+so no permuted copy of the input is made. Tiles are (expert, row-tile) × column-tile work
+items; each program finds its expert from the device-side counts (no host synchronisation:
+the grid is sized for the worst case and idle programs exit). Epilogues:
+
+* ``EPI_STORE``: ``C = acc``.
+* ``EPI_ACT_FWD``: GEMM1 + activation. Gated: two accumulators, gate columns ``n`` and up
+  columns ``F + n`` of ``W_up[e]``. Stores the pre-activation (rounded to the storage dtype)
+  when ``STORE_PRE`` and ``h = act(pre)`` (computed from the rounded pre-activation, exactly as
+  the backward recomputes it) when ``STORE_H``.
+* ``EPI_ACT_BWD``: ``acc = dh' = dout[row(p)] · W_down[e]`` (unweighted). Loads the saved
+  pre-activation, recomputes ``h``, writes the partial row sums ``Σ_n dh'·h`` (the gradient of
+  the routing weight, one partial per column tile: summed afterwards, no atomics) and
+  ``dpre = act'(pre) ⊙ (w_p · dh')`` in the layout of the pre-activation.
+
+``_segment_mm_kernel`` (weight gradients): ``C[e] = Σ_{p in segment e} A[p, :]ᵀ · B[p, :]``, one
+program per (expert, output tile), looping over the expert's rows. ``A_GATHER`` reads A rows
+as gathered token rows scaled by the routing weight; ``B_GATHER`` gathers B rows; ``B_ACT``
+recomputes ``B = act(pre)`` from the saved pre-activation while loading. Experts with no rows
+get zeros.
+
+Every output element is computed by exactly one program in a fixed order: results are
+bitwise reproducible for a given configuration.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .activation import act_bwd, act_fwd
+from .common import interpret_mode, next_pow2
+from .permute import PermuteMeta
+
+EPI_STORE = 0
+EPI_ACT_FWD = 1
+EPI_ACT_BWD = 2
+
+
+@triton.jit
+def _expert_of_tile(tile_m, counts_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row-tile of that expert, rows of that expert) for a global row-tile."""
+    ex = tl.arange(0, BLOCK_E)
+    cnt = tl.load(counts_ptr + ex, mask=ex < E, other=0)
+    tiles = (cnt + BM - 1) // BM
+    cum = tl.cumsum(tiles, 0)
+    e = tl.sum((cum <= tile_m).to(tl.int32), 0)
+    first = tl.sum(tl.where(ex == e, cum - tiles, 0), 0)
+    n_e = tl.sum(tl.where(ex == e, cnt, 0), 0)
+    return e, first, n_e
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _grouped_mm_kernel(
+        a_ptr, b_ptr, c_ptr, pre_ptr, w_ptr, dwp_ptr, gather_ptr, counts_ptr, offsets_ptr,
+        E, N, K, num_m_tiles,
+        stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_pm, stride_dwp,
+        TOPK: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, EPI: tl.constexpr,
+        ACT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr, IEEE: tl.constexpr,
+        EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    e, first, n_e = _expert_of_tile(pid_m, counts_ptr, E, BM, BLOCK_E)
+    if e >= E:
+        return
+    seg0 = tl.load(offsets_ptr + e)
+    rows = seg0 + (pid_m - first) * BM + tl.arange(0, BM)
+    rmask = rows < seg0 + n_e
+    if GATHER:
+        slot = tl.load(gather_ptr + rows, mask=rmask, other=0)
+        a_rows = (slot // TOPK).to(tl.int64)
+    else:
+        a_rows = rows.to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = (b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk
+              + offs_n[None, :] * stride_bn)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if GATED:
+        acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+        b2_ptrs = b_ptrs + N * stride_bn
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            kmask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+        if GATED:
+            if EVEN_K:
+                b2 = tl.load(b2_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                b2 = tl.load(b2_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc2 = _dot(a, b2, acc2, IEEE)
+            b2_ptrs += BK * stride_bk
+        a_ptrs += BK * stride_ak
+        b_ptrs += BK * stride_bk
+
+    cmask = rmask[:, None] & nmask[None, :]
+    rows64 = rows.to(tl.int64)
+    if EPI == 0:
+        tl.store(c_ptr + rows64[:, None] * stride_cm + offs_n[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=cmask)
+    elif EPI == 1:
+        g = acc.to(c_ptr.dtype.element_ty)
+        pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
+        if STORE_PRE:
+            tl.store(pre_ptrs, g, mask=cmask)
+        if GATED:
+            u = acc2.to(c_ptr.dtype.element_ty)
+            if STORE_PRE:
+                tl.store(pre_ptrs + N, u, mask=cmask)
+        else:
+            u = g
+        if STORE_H:
+            h = act_fwd(g.to(tl.float32), u.to(tl.float32), ACT)
+            tl.store(c_ptr + rows64[:, None] * stride_cm + offs_n[None, :],
+                     h.to(c_ptr.dtype.element_ty), mask=cmask)
+    else:
+        pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
+        g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
+        if GATED:
+            u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            u = g
+        h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(tl.float32)
+        dwp = tl.sum(tl.where(cmask, acc * h, 0.0), 1)
+        tl.store(dwp_ptr + pid_n.to(tl.int64) * stride_dwp + rows64, dwp, mask=rmask)
+        wp = tl.load(w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+        dg, du = act_bwd(g, u, acc * wp[:, None], ACT)
+        c_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
+        if GATED:
+            tl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _segment_mm_kernel(
+        a_ptr, b_ptr, c_ptr, gather_ptr, w_ptr, counts_ptr, offsets_ptr,
+        MO, NO, stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_cm, stride_cn,
+        TOPK: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
+        B_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(MO, BM)
+    tiles_n = tl.cdiv(NO, BN)
+    e = pid // (tiles_m * tiles_n)
+    r = pid % (tiles_m * tiles_n)
+    tm = r // tiles_n
+    tn = r % tiles_n
+    seg0 = tl.load(offsets_ptr + e)
+    cnt = tl.load(counts_ptr + e)
+    offs_m = tm * BM + tl.arange(0, BM)
+    offs_n = tn * BN + tl.arange(0, BN)
+    mmask = offs_m < MO
+    nmask = offs_n < NO
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, cnt, BK):
+        p = seg0 + k0 + offs_k
+        pmask = k0 + offs_k < cnt
+        if A_GATHER or B_GATHER:
+            slot = tl.load(gather_ptr + p, mask=pmask, other=0)
+        if A_GATHER:
+            a_rows = (slot // TOPK).to(tl.int64)
+        else:
+            a_rows = p.to(tl.int64)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_m[None, :] * stride_ak,
+                    mask=pmask[:, None] & mmask[None, :], other=0.0)
+        if A_GATHER:
+            w = tl.load(w_ptr + slot, mask=pmask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * w[:, None]).to(c_ptr.dtype.element_ty)
+        if B_GATHER:
+            b_rows = (slot // TOPK).to(tl.int64)
+        else:
+            b_rows = p.to(tl.int64)
+        b_ptrs = b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        bmask = pmask[:, None] & nmask[None, :]
+        if B_ACT:
+            g = tl.load(b_ptrs, mask=bmask, other=0.0).to(tl.float32)
+            if GATED:
+                u = tl.load(b_ptrs + NO * stride_bn, mask=bmask, other=0.0).to(tl.float32)
+            else:
+                u = g
+            b = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty)
+        else:
+            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+        acc = _dot(tl.trans(a), b, acc, IEEE)
+    tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm
+             + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+
+def _mm_config(dtype: torch.dtype, gated: bool, n: int, k: int) -> dict:
+    if interpret_mode():
+        return dict(BM=16, BN=32, BK=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BM=64, BN=32 if gated else 64, BK=32, GROUP_M=8, num_warps=4, num_stages=2)
+    if gated:
+        return dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _seg_config(dtype: torch.dtype) -> dict:
+    if interpret_mode():
+        return dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2)
+    return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+
+
+def _launch_grouped(a, b, c, meta: PermuteMeta, *, n: int, k: int, stride_a, stride_b,
+                    gather: bool, gated: bool = False, epi: int = EPI_STORE, act: int = 0,
+                    pre=None, weights=None, dwp=None, store_pre=False, store_h=False):
+    S = meta.sorted_slot.numel()
+    E = meta.num_experts
+    if S == 0:
+        return
+    cfg = dict(_mm_config(a.dtype, gated, n, k))
+    bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    num_m_tiles = triton.cdiv(S, bm) + min(E, S)
+    grid = (num_m_tiles * triton.cdiv(n, bn),)
+    dummy = meta.counts
+    _grouped_mm_kernel[grid](
+        a, b, c if c is not None else pre, pre if pre is not None else dummy,
+        weights if weights is not None else dummy, dwp if dwp is not None else dummy,
+        meta.sorted_slot, meta.counts, meta.offsets, E, n, k, num_m_tiles,
+        stride_a[0], stride_a[1], stride_b[0], stride_b[1], stride_b[2],
+        c.stride(0) if c is not None else 0, pre.stride(0) if pre is not None else 0,
+        dwp.stride(0) if dwp is not None else 0,
+        TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=epi, ACT=act, STORE_PRE=store_pre,
+        STORE_H=store_h, IEEE=a.dtype == torch.float32, EVEN_K=k % bk == 0,
+        BM=bm, BN=bn, BK=bk, BLOCK_E=next_pow2(E), **cfg)
+
+
+def _launch_segment(a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a, stride_b,
+                    a_gather=False, b_gather=False, b_act=False, gated=False, act=0,
+                    weights=None):
+    cfg = dict(_seg_config(c.dtype))
+    bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    E = meta.num_experts
+    grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
+    _segment_mm_kernel[grid](
+        a, b, c, meta.sorted_slot, weights if weights is not None else meta.counts,
+        meta.counts, meta.offsets, mo, no, stride_a[0], stride_a[1], stride_b[0], stride_b[1],
+        c.stride(0), c.stride(1), c.stride(2), TOPK=meta.top_k, A_GATHER=a_gather,
+        B_GATHER=b_gather, B_ACT=b_act, GATED=gated, ACT=act, IEEE=c.dtype == torch.float32,
+        BM=bm, BN=bn, BK=bk, **cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The expert GEMMs of the forward and backward passes (shapes: S = N·k slots, D, F, E)
+
+def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: bool,
+              store_h: bool):
+    """GEMM1 + activation. ``x [N, D]`` rows gathered → ``pre [S, 2F|F]`` (if store_pre) and
+    ``h [S, F]`` (if store_h), in expert order."""
+    S = meta.sorted_slot.numel()
+    f = w_up.shape[1] // 2 if gated else w_up.shape[1]
+    pre = torch.empty(S, w_up.shape[1], dtype=x.dtype, device=x.device) if store_pre else None
+    h = torch.empty(S, f, dtype=x.dtype, device=x.device) if store_h else None
+    _launch_grouped(x, w_up, h, meta, n=f, k=x.shape[1], stride_a=x.stride(),
+                    stride_b=(w_up.stride(0), w_up.stride(2), w_up.stride(1)), gather=True,
+                    gated=gated, epi=EPI_ACT_FWD, act=act, pre=pre, store_pre=store_pre,
+                    store_h=store_h)
+    return pre, h
+
+
+def expert_down(h, w_down, meta: PermuteMeta):
+    """GEMM2: ``y [S, D] = h [S, F] · W_down[e]ᵀ`` in expert order."""
+    S = h.shape[0]
+    d = w_down.shape[1]
+    y = torch.empty(S, d, dtype=h.dtype, device=h.device)
+    _launch_grouped(h, w_down, y, meta, n=d, k=h.shape[1], stride_a=h.stride(),
+                    stride_b=(w_down.stride(0), w_down.stride(2), w_down.stride(1)),
+                    gather=False)
+    return y
+
+
+def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool):
+    """``dh' = dout[row(p)] · W_down[e]``, fused with the activation backward.
+
+    Returns ``dpre [S, 2F|F]`` (gradient of the pre-activation, weight applied) and
+    ``dw_perm fp32 [S]`` (gradient of each slot's routing weight, in expert order)."""
+    S = pre.shape[0]
+    f = w_down.shape[2]
+    bn = _mm_config(dout.dtype, gated, f, dout.shape[1])["BN"]
+    dpre = torch.empty_like(pre)
+    dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=dout.device)
+    _launch_grouped(dout, w_down, dpre, meta, n=f, k=dout.shape[1], stride_a=dout.stride(),
+                    stride_b=(w_down.stride(0), w_down.stride(1), w_down.stride(2)),
+                    gather=True, gated=gated, epi=EPI_ACT_BWD, act=act, pre=pre,
+                    weights=topk_weights.reshape(-1), dwp=dwp)
+    return dpre, dwp.sum(0)
+
+
+def expert_dx(dpre, w_up, meta: PermuteMeta):
+    """``dx_perm [S, D] = dpre [S, 2F|F] · W_up[e]`` in expert order."""
+    S = dpre.shape[0]
+    d = w_up.shape[2]
+    dxp = torch.empty(S, d, dtype=dpre.dtype, device=dpre.device)
+    _launch_grouped(dpre, w_up, dxp, meta, n=d, k=dpre.shape[1], stride_a=dpre.stride(),
+                    stride_b=w_up.stride(), gather=False)
+    return dxp
+
+
+def wgrad_down(dout, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool, d: int, f: int):
+    """``dW_down[e] [D, F] = Σ_p (w_p · dout[row(p)])ᵀ · act(pre[p])``."""
+    E = meta.num_experts
+    dw = torch.empty(E, d, f, dtype=pre.dtype, device=pre.device)
+    _launch_segment(dout, pre, dw, meta, mo=d, no=f, stride_a=dout.stride(),
+                    stride_b=pre.stride(), a_gather=True, b_act=True, gated=gated, act=act,
+                    weights=topk_weights.reshape(-1))
+    return dw
+
+
+def wgrad_up(dpre, x, meta: PermuteMeta):
+    """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``."""
+    E = meta.num_experts
+    dw = torch.empty(E, dpre.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    _launch_segment(dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1], stride_a=dpre.stride(),
+                    stride_b=x.stride(), b_gather=True)
+    return dw

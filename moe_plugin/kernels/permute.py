@@ -1,0 +1,148 @@
+"""Permutation metadata and the un-permute reduce.
+
+``permute_metadata`` is a stable counting sort of the flat slots ``s = t·k + j`` by expert id,
+on the device, without a host synchronisation:
+
+1. ``_hist_kernel``: each program counts the ids of ``BLOCK`` consecutive slots per expert
+   → ``hist [programs, E]``.
+2. on the device (torch): ``counts = hist.sum(0)``, ``offsets = cumsum``, and each program's
+   first position per expert ``base = offsets[e] + (exclusive cumsum of hist over programs)``.
+3. ``_scatter_kernel``: each slot's position is ``base[program, id] + (number of earlier slots
+   of the same id in its block)``; writes ``slot_pos [N·k]`` (slot → position, -1 for an unused
+   slot) and ``sorted_slot [N·k]`` (position → slot).
+
+Positions of one expert are contiguous (``[offsets[e], offsets[e] + counts[e])``) and in slot
+order, so everything downstream is deterministic. Ids outside ``[0, E)`` (``-1``) are unused
+slots: they get no position. Rows ``>= offsets[E]`` of ``sorted_slot`` are left unwritten.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import interpret_mode, next_pow2
+
+
+@dataclass
+class PermuteMeta:
+    counts: torch.Tensor       # int32 [E]      slots routed to each expert
+    offsets: torch.Tensor      # int32 [E + 1]  exclusive cumulative sum of counts
+    sorted_slot: torch.Tensor  # int32 [N·k]    position -> flat slot t·k + j (first offsets[E] valid)
+    slot_pos: torch.Tensor     # int32 [N·k]    flat slot -> position, -1 for an unused slot
+    num_experts: int
+    top_k: int
+
+    def tensors(self):
+        return self.counts, self.offsets, self.sorted_slot, self.slot_pos
+
+    @classmethod
+    def from_tensors(cls, tensors, num_experts: int, top_k: int) -> "PermuteMeta":
+        return cls(*tensors, num_experts=num_experts, top_k=top_k)
+
+
+@triton.jit
+def _hist_kernel(ids_ptr, hist_ptr, S, E, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    s = pid * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + s, mask=s < S, other=-1)
+    for e0 in range(0, E, BLOCK_E):
+        ex = e0 + tl.arange(0, BLOCK_E)
+        c = tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), 0)
+        tl.store(hist_ptr + pid.to(tl.int64) * E + ex, c, mask=ex < E)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, base_ptr, slot_pos_ptr, sorted_slot_ptr, S, E,
+                    BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    s = pid * BLOCK + i
+    smask = s < S
+    ids = tl.load(ids_ptr + s, mask=smask, other=-1)
+    valid = smask & (ids >= 0) & (ids < E)
+    # rank of a slot among the earlier slots of its block with the same id
+    same = (ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None])
+    rank = tl.sum(same.to(tl.int32), 1)
+    base = tl.load(base_ptr + pid.to(tl.int64) * E + ids, mask=valid, other=0)
+    pos = base + rank
+    tl.store(slot_pos_ptr + s, tl.where(valid, pos, -1), mask=smask)
+    tl.store(sorted_slot_ptr + pos, s, mask=valid)
+
+
+def _block() -> int:
+    return 32 if interpret_mode() else 256
+
+
+def permute_metadata(topk_ids: torch.Tensor, num_experts: int) -> PermuteMeta:
+    """Counting sort of ``topk_ids [N, k]`` (int32 or int64) by expert; see the module doc."""
+    n, k = topk_ids.shape
+    dev = topk_ids.device
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    ids = ids.contiguous()
+    S = ids.numel()
+    E = num_experts
+    slot_pos = torch.empty(S, dtype=torch.int32, device=dev)
+    sorted_slot = torch.empty(S, dtype=torch.int32, device=dev)
+    if S == 0:
+        counts = torch.zeros(E, dtype=torch.int32, device=dev)
+        offsets = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+        return PermuteMeta(counts, offsets, sorted_slot, slot_pos, E, k)
+    block = _block()
+    nb = triton.cdiv(S, block)
+    hist = torch.empty(nb, E, dtype=torch.int32, device=dev)
+    _hist_kernel[(nb,)](ids, hist, S, E, BLOCK=block,
+                        BLOCK_E=min(next_pow2(E), 32 if interpret_mode() else 64))
+    counts = hist.sum(0, dtype=torch.int32)
+    offsets = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    base = (hist.cumsum(0, dtype=torch.int32) - hist).add_(offsets[:-1])
+    _scatter_kernel[(nb,)](ids, base, slot_pos, sorted_slot, S, E, BLOCK=block)
+    return PermuteMeta(counts, offsets, sorted_slot, slot_pos, E, k)
+
+
+@triton.jit
+def _gather_reduce_kernel(y_ptr, slot_pos_ptr, w_ptr, out_ptr, N, D, stride_y, stride_o,
+                          TOPK: tl.constexpr, WEIGHTED: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    tmask = t < N
+    dmask = d < D
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        slot = t.to(tl.int64) * TOPK + j
+        pos = tl.load(slot_pos_ptr + slot, mask=tmask, other=-1)
+        valid = pos >= 0
+        v = tl.load(y_ptr + pos.to(tl.int64)[:, None] * stride_y + d[None, :],
+                    mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if WEIGHTED:
+            w = tl.load(w_ptr + slot, mask=tmask & valid, other=0.0).to(tl.float32)
+            v = v * w[:, None]
+        acc += v
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * stride_o + d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
+
+
+def gather_reduce(y: torch.Tensor, meta: PermuteMeta, weights=None, out_dtype=None) -> torch.Tensor:
+    """``out[t] = Σ_j w[t, j] · y[slot_pos[t·k + j]]`` (unused slots skipped; w = 1 when None).
+
+    ``y`` is ``[N·k, D]`` in expert order; returns ``[N, D]`` in token order."""
+    S, D = y.shape
+    k = meta.top_k
+    n = S // k
+    out = torch.empty(n, D, dtype=out_dtype or y.dtype, device=y.device)
+    if n == 0:
+        return out
+    if y.stride(1) != 1:
+        y = y.contiguous()
+    bt, bd = (16, 32) if interpret_mode() else (16, min(256, next_pow2(D)))
+    w = weights.contiguous() if weights is not None else y
+    _gather_reduce_kernel[(triton.cdiv(n, bt), triton.cdiv(D, bd))](
+        y, meta.slot_pos, w, out, n, D, y.stride(0), out.stride(0), TOPK=k,
+        WEIGHTED=weights is not None, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+    return out

@@ -1,0 +1,207 @@
+"""Plain-PyTorch implementation of every moe_plugin path: the oracle for tests.
+
+Written for clarity, not speed (loops over experts, host synchronisation allowed). It runs
+in whatever dtype it is given; tests call it on float64 copies of their inputs.
+
+Semantics defined here and followed by the fused path
+------------------------------------------------------
+Routing (``route``), on fp32-or-wider logits ``[N, E]``:
+
+* scores: ``softmax(logits)`` or ``sigmoid(logits)`` over the full expert dimension.
+* selection scores: ``scores + expert_bias`` (the bias steers selection only; it never enters
+  the weights or the losses).
+* group-limited top-k (``num_groups``, ``group_topk``): experts are split into
+  ``num_groups`` equal contiguous groups; a group's score is the sum of its top
+  ``top_k // group_topk`` selection scores; the ``group_topk`` best groups are kept and the
+  top-k is taken over their experts only (Megatron-Core's ``group_limited_topk``, applied to
+  the selection scores).
+* weights: the scores (not the selection scores) of the selected experts; with
+  ``renormalize`` divided by their sum (+1e-20 for sigmoid, as Megatron-Core does); then
+  multiplied by ``scaling_factor``. Softmax + renormalize equals Megatron-Core's default
+  (softmax over the selected logits); softmax without renormalize equals its
+  ``moe_router_pre_softmax``.
+* ties between equal scores go to the lower expert index.
+
+Capacity dropping (``capacity_drop``): capacity C = ceil(N·k/E · capacity_factor)
+(Megatron-Core's ``get_capacity``). Each expert keeps at most C of the slots routed to it:
+policy ``"probs"`` keeps the C slots with the largest routing weight (ties: lower slot index
+first); ``"position"`` keeps the first C slots in token order (slot t·k+j before t'·k+j' when
+t < t', or t == t' and j < j'). A dropped slot gets id -1: it contributes exactly zero to the
+output and its weight gets zero gradient.
+
+Losses (Megatron-Core's definitions, coefficients applied):
+
+* load-balance: ``coeff · E/(k·N²) · Σ_e P_e · f_e`` with ``P_e = Σ_t p[t, e]`` over the full
+  score distribution ``p`` (softmax, or sigmoid normalised per token) and ``f_e`` the number of
+  tokens whose plain top-k of ``p`` (no bias, no groups, before dropping) contains e.
+  Differentiable through ``p``.
+* z-loss: ``coeff · mean_t(logsumexp(logits[t])²)``.
+
+Experts (``experts``): ``out[t] = Σ_j w[t, j] · W_down[e] · act(W_up[e] · x[t])`` with
+``e = ids[t, j]``; slots with id -1 are skipped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import (SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT, check_activation,
+                     expert_capacity)
+
+__all__ = ["activation", "scores_of", "route", "capacity_drop", "load_balance_loss", "z_loss",
+           "experts", "moe"]
+
+
+def activation(name: str, pre: torch.Tensor) -> torch.Tensor:
+    """Applies activation ``name`` to the GEMM1 output ``pre`` [..., 2F] (gated) or [..., F]."""
+    _, gated = check_activation(name)
+    if gated:
+        g, u = pre.chunk(2, dim=-1)
+        if name == "swiglu":
+            return F.silu(g) * u
+        if name == "geglu":
+            return F.gelu(g, approximate="tanh") * u
+        # swiglu_oai
+        g = g.clamp(max=SWIGLU_OAI_LIMIT)
+        u = u.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
+        return g * torch.sigmoid(SWIGLU_OAI_ALPHA * g) * (u + SWIGLU_OAI_BETA)
+    if name == "gelu":
+        return F.gelu(pre, approximate="tanh")
+    if name == "relu2":
+        return F.relu(pre).square()
+    return F.silu(pre)
+
+
+def scores_of(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    if score_func == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if score_func == "sigmoid":
+        return torch.sigmoid(logits)
+    raise ValueError(f"score_func: expected 'softmax' or 'sigmoid', got {score_func!r}")
+
+
+def _topk_lowest_index(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row; ties go to the lower index."""
+    # A stable descending sort keeps equal values in index order.
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def route(logits: torch.Tensor, top_k: int, *, score_func: str = "softmax",
+          renormalize: bool = True, expert_bias: Optional[torch.Tensor] = None,
+          num_groups: Optional[int] = None, group_topk: Optional[int] = None,
+          scaling_factor: float = 1.0):
+    """Top-k routing. Returns ``(topk_ids int64 [N, k], topk_weights [N, k], scores [N, E])``."""
+    n, e = logits.shape
+    scores = scores_of(logits, score_func)
+    sel = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+    if num_groups is not None:
+        per_group = e // num_groups
+        grouped = sel.reshape(n, num_groups, per_group)
+        top_in_group = torch.sort(grouped, dim=-1, descending=True).values[..., :top_k // group_topk]
+        group_scores = top_in_group.sum(-1)
+        keep_groups = _topk_lowest_index(group_scores, group_topk)
+        group_mask = torch.zeros(n, num_groups, dtype=torch.bool, device=logits.device)
+        group_mask[torch.arange(n, device=logits.device)[:, None], keep_groups] = True
+        expert_mask = group_mask[:, :, None].expand(n, num_groups, per_group).reshape(n, e)
+        sel = sel.masked_fill(~expert_mask, float("-inf"))
+    ids = _topk_lowest_index(sel, top_k)
+    weights = scores.gather(1, ids)
+    if renormalize:
+        denom = weights.sum(-1, keepdim=True)
+        if score_func == "sigmoid":
+            denom = denom + 1e-20
+        weights = weights / denom
+    weights = weights * scaling_factor
+    return ids, weights, scores
+
+
+def capacity_drop(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                  capacity_factor: float, drop_policy: str = "probs") -> torch.Tensor:
+    """Returns ``topk_ids`` with the slots over each expert's capacity set to -1."""
+    n, k = topk_ids.shape
+    cap = expert_capacity(n, k, num_experts, capacity_factor)
+    flat_ids = topk_ids.reshape(-1).clone()
+    flat_w = topk_weights.detach().reshape(-1)
+    for ex in range(num_experts):
+        slots = (flat_ids == ex).nonzero().flatten().tolist()  # token order
+        if len(slots) <= cap:
+            continue
+        if drop_policy == "probs":
+            slots.sort(key=lambda s: (-float(flat_w[s]), s))
+        elif drop_policy != "position":
+            raise ValueError(f"drop_policy: expected 'probs' or 'position', got {drop_policy!r}")
+        for s in slots[cap:]:
+            flat_ids[s] = -1
+    return flat_ids.reshape(n, k)
+
+
+def _aux_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    if score_func == "softmax":
+        return torch.softmax(logits, dim=-1)
+    s = torch.sigmoid(logits)
+    return s / (s.sum(-1, keepdim=True) + 1e-20)
+
+
+def load_balance_loss(logits: torch.Tensor, top_k: int, score_func: str = "softmax",
+                      coeff: float = 1.0) -> torch.Tensor:
+    """Megatron-Core's switch load-balancing loss (see the module docstring)."""
+    n, e = logits.shape
+    p = _aux_scores(logits, score_func)
+    counts = torch.zeros(e, dtype=p.dtype, device=p.device)
+    ids = _topk_lowest_index(p.detach(), top_k)
+    counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=p.dtype, device=p.device))
+    return coeff * e / (top_k * n * n) * (p.sum(0) * counts).sum()
+
+
+def z_loss(logits: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
+    return coeff * torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+            w_up: torch.Tensor, w_down: torch.Tensor, activation_name: str = "swiglu"):
+    """Routing given: ``out[t] = Σ_j w[t, j] · expert_{ids[t, j]}(x[t])``; -1 slots skipped."""
+    n, d = hidden_states.shape
+    out = torch.zeros(n, d, dtype=hidden_states.dtype, device=hidden_states.device)
+    for ex in range(w_up.shape[0]):
+        tok, slot = (topk_ids == ex).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = activation(activation_name, hidden_states[tok] @ w_up[ex].t())
+        y = h @ w_down[ex].t()
+        out = out.index_add(0, tok, y * topk_weights[tok, slot, None].to(y.dtype))
+    return out
+
+
+def moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torch.Tensor,
+        w_down: torch.Tensor, top_k: int, *, activation: str = "swiglu",
+        score_func: str = "softmax", renormalize: bool = True,
+        expert_bias: Optional[torch.Tensor] = None, num_groups: Optional[int] = None,
+        group_topk: Optional[int] = None, scaling_factor: float = 1.0,
+        capacity_factor: Optional[float] = None, drop_policy: str = "probs",
+        aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0):
+    """Router + experts. Returns ``(out [N, D], info)`` like ``moe_plugin.fused_moe``.
+
+    The router runs in the dtype of ``hidden_states`` when that is float64, else in fp32."""
+    rdt = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+    logits = hidden_states.to(rdt) @ gate_weight.to(rdt).t()
+    ids, weights, _ = route(logits, top_k, score_func=score_func, renormalize=renormalize,
+                            expert_bias=expert_bias, num_groups=num_groups,
+                            group_topk=group_topk, scaling_factor=scaling_factor)
+    if capacity_factor is not None:
+        ids = capacity_drop(ids, weights, w_up.shape[0], capacity_factor, drop_policy)
+    out = experts(hidden_states, ids, weights, w_up, w_down, activation)
+    e = w_up.shape[0]
+    valid = ids[ids >= 0]
+    info = {
+        "aux_loss": (load_balance_loss(logits, top_k, score_func, aux_loss_coeff)
+                     if aux_loss_coeff > 0 else logits.new_zeros(())),
+        "z_loss": z_loss(logits, z_loss_coeff) if z_loss_coeff > 0 else logits.new_zeros(()),
+        "tokens_per_expert": torch.bincount(valid, minlength=e),
+        "topk_ids": ids,
+        "topk_weights": weights,
+        "logits": logits,
+    }
+    return out, info
