@@ -218,7 +218,15 @@ def _segment_mm_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 
-def _mm_config(dtype: torch.dtype, gated: bool, n: int, k: int) -> dict:
+# Per-GEMM overrides, e.g. ``CONFIG_OVERRIDES["up"] = dict(BM=64, ...)`` (used by the tuning
+# benchmark). Keys: "up" (GEMM1 + activation), "down" (GEMM2), "up_bwd" (dh' + activation
+# backward), "dx" (dpre · W_up), "wgrad_down", "wgrad_up".
+CONFIG_OVERRIDES: dict = {}
+
+
+def _mm_config(kind: str, dtype: torch.dtype, gated: bool) -> dict:
+    if kind in CONFIG_OVERRIDES:
+        return dict(CONFIG_OVERRIDES[kind])
     if interpret_mode():
         return dict(BM=16, BN=32, BK=32, GROUP_M=4, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -228,7 +236,9 @@ def _mm_config(dtype: torch.dtype, gated: bool, n: int, k: int) -> dict:
     return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _seg_config(dtype: torch.dtype) -> dict:
+def _seg_config(kind: str, dtype: torch.dtype) -> dict:
+    if kind in CONFIG_OVERRIDES:
+        return dict(CONFIG_OVERRIDES[kind])
     if interpret_mode():
         return dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -236,14 +246,14 @@ def _seg_config(dtype: torch.dtype) -> dict:
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
-def _launch_grouped(a, b, c, meta: PermuteMeta, *, n: int, k: int, stride_a, stride_b,
-                    gather: bool, gated: bool = False, epi: int = EPI_STORE, act: int = 0,
+def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, stride_a,
+                    stride_b, gather: bool, gated: bool = False, epi: int = EPI_STORE, act: int = 0,
                     pre=None, weights=None, dwp=None, store_pre=False, store_h=False):
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
         return
-    cfg = dict(_mm_config(a.dtype, gated, n, k))
+    cfg = _mm_config(kind, a.dtype, gated)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     num_m_tiles = triton.cdiv(S, bm) + min(E, S)
     grid = (num_m_tiles * triton.cdiv(n, bn),)
@@ -260,10 +270,10 @@ def _launch_grouped(a, b, c, meta: PermuteMeta, *, n: int, k: int, stride_a, str
         BM=bm, BN=bn, BK=bk, BLOCK_E=next_pow2(E), **cfg)
 
 
-def _launch_segment(a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a, stride_b,
+def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a, stride_b,
                     a_gather=False, b_gather=False, b_act=False, gated=False, act=0,
                     weights=None):
-    cfg = dict(_seg_config(c.dtype))
+    cfg = _seg_config(kind, c.dtype)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     E = meta.num_experts
     grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
@@ -286,7 +296,7 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
     f = w_up.shape[1] // 2 if gated else w_up.shape[1]
     pre = torch.empty(S, w_up.shape[1], dtype=x.dtype, device=x.device) if store_pre else None
     h = torch.empty(S, f, dtype=x.dtype, device=x.device) if store_h else None
-    _launch_grouped(x, w_up, h, meta, n=f, k=x.shape[1], stride_a=x.stride(),
+    _launch_grouped("up", x, w_up, h, meta, n=f, k=x.shape[1], stride_a=x.stride(),
                     stride_b=(w_up.stride(0), w_up.stride(2), w_up.stride(1)), gather=True,
                     gated=gated, epi=EPI_ACT_FWD, act=act, pre=pre, store_pre=store_pre,
                     store_h=store_h)
@@ -298,7 +308,7 @@ def expert_down(h, w_down, meta: PermuteMeta):
     S = h.shape[0]
     d = w_down.shape[1]
     y = torch.empty(S, d, dtype=h.dtype, device=h.device)
-    _launch_grouped(h, w_down, y, meta, n=d, k=h.shape[1], stride_a=h.stride(),
+    _launch_grouped("down", h, w_down, y, meta, n=d, k=h.shape[1], stride_a=h.stride(),
                     stride_b=(w_down.stride(0), w_down.stride(2), w_down.stride(1)),
                     gather=False)
     return y
@@ -311,10 +321,10 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     ``dw_perm fp32 [S]`` (gradient of each slot's routing weight, in expert order)."""
     S = pre.shape[0]
     f = w_down.shape[2]
-    bn = _mm_config(dout.dtype, gated, f, dout.shape[1])["BN"]
+    bn = _mm_config("up_bwd", dout.dtype, gated)["BN"]
     dpre = torch.empty_like(pre)
     dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=dout.device)
-    _launch_grouped(dout, w_down, dpre, meta, n=f, k=dout.shape[1], stride_a=dout.stride(),
+    _launch_grouped("up_bwd", dout, w_down, dpre, meta, n=f, k=dout.shape[1], stride_a=dout.stride(),
                     stride_b=(w_down.stride(0), w_down.stride(1), w_down.stride(2)),
                     gather=True, gated=gated, epi=EPI_ACT_BWD, act=act, pre=pre,
                     weights=topk_weights.reshape(-1), dwp=dwp)
@@ -326,7 +336,7 @@ def expert_dx(dpre, w_up, meta: PermuteMeta):
     S = dpre.shape[0]
     d = w_up.shape[2]
     dxp = torch.empty(S, d, dtype=dpre.dtype, device=dpre.device)
-    _launch_grouped(dpre, w_up, dxp, meta, n=d, k=dpre.shape[1], stride_a=dpre.stride(),
+    _launch_grouped("dx", dpre, w_up, dxp, meta, n=d, k=dpre.shape[1], stride_a=dpre.stride(),
                     stride_b=w_up.stride(), gather=False)
     return dxp
 
@@ -335,7 +345,7 @@ def wgrad_down(dout, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool
     """``dW_down[e] [D, F] = Σ_p (w_p · dout[row(p)])ᵀ · act(pre[p])``."""
     E = meta.num_experts
     dw = torch.empty(E, d, f, dtype=pre.dtype, device=pre.device)
-    _launch_segment(dout, pre, dw, meta, mo=d, no=f, stride_a=dout.stride(),
+    _launch_segment("wgrad_down", dout, pre, dw, meta, mo=d, no=f, stride_a=dout.stride(),
                     stride_b=pre.stride(), a_gather=True, b_act=True, gated=gated, act=act,
                     weights=topk_weights.reshape(-1))
     return dw
@@ -345,6 +355,6 @@ def wgrad_up(dpre, x, meta: PermuteMeta):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``."""
     E = meta.num_experts
     dw = torch.empty(E, dpre.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    _launch_segment(dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1], stride_a=dpre.stride(),
+    _launch_segment("wgrad_up", dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1], stride_a=dpre.stride(),
                     stride_b=x.stride(), b_gather=True)
     return dw

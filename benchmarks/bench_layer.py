@@ -1,0 +1,225 @@
+"""Benchmark of the expert part of one MoE layer (routing given), forward and forward+backward.
+
+Implementations, all timed in one process on one GPU:
+  * ``moe_plugin``   -- ``moe_plugin.fused_experts`` (Triton kernels, hand-written backward)
+  * ``grouped_mm``   -- sort → ``torch._grouped_mm`` → SwiGLU → ``torch._grouped_mm`` → weighted
+                        ``index_add`` (autograd through PyTorch)
+  * ``loop``         -- per-expert loop of dense matmuls (autograd through PyTorch)
+
+Routing: softmax top-k over random logits (the same ids and weights for every implementation).
+FLOPs counted: forward 6·T·k·D·F, backward 12·T·k·D·F (router excluded).
+Times are medians of ``triton.testing.do_bench``; peak memory is the extra peak allocation of a
+forward+backward over the memory held before it (inputs, weights, gradient buffers).
+
+    python benchmarks/bench_layer.py                       # all configs, JSON + markdown
+    python benchmarks/bench_layer.py --configs fine_7b --impls moe_plugin grouped_mm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+CONFIGS = {  # name: (T, D, F, E, k)
+    "mixtral": (8192, 4096, 14336, 8, 2),
+    "qwen3_30b_a3b": (32768, 2048, 768, 128, 8),
+    "fine_7b": (24576, 1536, 256, 128, 8),
+    "fine_30b": (32768, 4096, 512, 128, 8),
+    "coarse_120b": (32768, 4096, 2048, 64, 4),
+    "dsv3_ep8_slice": (16384, 7168, 2048, 32, 8),
+}
+
+
+def make_inputs(T, D, F, E, k, dtype=torch.bfloat16, skew=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(T, D, device="cuda", dtype=dtype, generator=g)
+    w_up = torch.randn(E, 2 * F, D, device="cuda", dtype=dtype, generator=g) / D ** 0.5
+    w_down = torch.randn(E, D, F, device="cuda", dtype=dtype, generator=g) / F ** 0.5
+    logits = torch.randn(T, E, device="cuda", dtype=torch.float32, generator=g)
+    if skew:  # half of the slots on 10% of the experts
+        hot = max(1, E // 10)
+        boost = torch.zeros(E, device="cuda")
+        boost[:hot] = 3.0
+        logits = logits + boost
+    probs = torch.softmax(logits, -1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return x, ids.to(torch.int32), weights, w_up, w_down
+
+
+def grouped_mm_pipeline(x, ids, weights, w_up, w_down):
+    """The torch._grouped_mm baseline of DESIGN.md / notes/h100-baselines.md."""
+    T, k = ids.shape
+    E = w_up.shape[0]
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    tok = order // k
+    xs = x[tok]
+    h = torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    a = torch.nn.functional.silu(g) * u
+    y = torch._grouped_mm(a, w_down.transpose(1, 2), offs=offs)
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add(0, tok, y)
+
+
+def loop_experts(x, ids, weights, w_up, w_down):
+    out = torch.zeros_like(x)
+    for e in range(w_up.shape[0]):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        g, u = (x[tok] @ w_up[e].t()).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(g) * u) @ w_down[e].t()
+        out = out.index_add(0, tok, y * weights[tok, slot, None].to(y.dtype))
+    return out
+
+
+def moe_plugin_impl(recompute=False):
+    import moe_plugin
+
+    def run(x, ids, weights, w_up, w_down):
+        return moe_plugin.fused_experts(x, ids, weights, w_up, w_down, "swiglu",
+                                        recompute=recompute, validate_ids=False)
+    return run
+
+
+IMPLS = {
+    "moe_plugin": moe_plugin_impl(False),
+    "moe_plugin_recompute": moe_plugin_impl(True),
+    "grouped_mm": grouped_mm_pipeline,
+    "loop": loop_experts,
+}
+
+
+def measure(fn, inputs, rep_ms=200):
+    from triton.testing import do_bench
+    x, ids, weights, w_up, w_down = inputs
+    params = [x, weights, w_up, w_down]
+    for p in params:
+        p.requires_grad_(True)
+    dout = torch.randn_like(x)
+
+    def fwd():
+        with torch.no_grad():
+            fn(x, ids, weights, w_up, w_down)
+
+    def fwd_bwd():
+        out = fn(x, ids, weights, w_up, w_down)
+        out.backward(dout)
+
+    fwd_bwd()  # compile / warm up
+    torch.cuda.synchronize()
+    for p in params:
+        p.grad = None
+    # memory: extra peak of a forward+backward (gradient buffers included in the baseline)
+    fwd_bwd()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    t_f = do_bench(fwd, warmup=25, rep=rep_ms, return_mode="median")
+    t_fb = do_bench(fwd_bwd, warmup=25, rep=rep_ms, grad_to_none=params, return_mode="median")
+    for p in params:
+        p.grad = None
+        p.requires_grad_(False)
+    return t_f, t_fb, peak
+
+
+def check(fn, ref_fn, inputs):
+    with torch.no_grad():
+        a = fn(*inputs).float()
+        b = ref_fn(*inputs).float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def ceilings():
+    from triton.testing import do_bench
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    src = torch.empty(2 ** 30, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    tc = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return {"bf16_gemm_tflops": 2 * 8192 ** 3 / t / 1e9, "copy_tbps": 2 * 2 ** 30 / tc / 1e9}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--impls", nargs="*", default=["moe_plugin", "moe_plugin_recompute",
+                                                   "grouped_mm", "loop"])
+    ap.add_argument("--skew", action="store_true", help="also run skewed routing for moe_plugin")
+    ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--loop-max-experts", type=int, default=128,
+                    help="skip the per-expert loop above this many experts")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args(argv)
+    import triton
+    dev = torch.cuda.get_device_name()
+    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "ceilings": ceilings()}
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for name in args.configs:
+        T, D, F, E, k = CONFIGS[name]
+        fl_f = 6 * T * k * D * F
+        for skew in ([False, True] if args.skew else [False]):
+            inputs = make_inputs(T, D, F, E, k, skew=skew)
+            for impl in args.impls:
+                if skew and not impl.startswith("moe_plugin"):
+                    continue
+                if impl == "loop" and E > args.loop_max_experts:
+                    continue
+                fn = IMPLS[impl]
+                err = check(fn, grouped_mm_pipeline, inputs) if impl != "grouped_mm" else 0.0
+                t_f, t_fb, peak = measure(fn, inputs, args.rep_ms)
+                row = {"config": name, "impl": impl, "skew": skew, "T": T, "D": D, "F": F,
+                       "E": E, "k": k, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+                       "bwd_ms": t_fb - t_f, "fwd_tflops": fl_f / t_f / 1e9,
+                       "bwd_tflops": 2 * fl_f / (t_fb - t_f) / 1e9,
+                       "fwd_bwd_tflops": 3 * fl_f / t_fb / 1e9,
+                       "peak_extra_gib": peak / 2 ** 30, "rel_err_vs_grouped_mm": err}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del inputs
+            torch.cuda.empty_cache()
+    table = markdown(meta, rows)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table)
+
+
+def markdown(meta, rows):
+    lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; "
+             f"{meta['date']}. Measured ceilings: bf16 GEMM "
+             f"{meta['ceilings']['bf16_gemm_tflops']:.0f} TFLOP/s, copy "
+             f"{meta['ceilings']['copy_tbps']:.2f} TB/s.", "",
+             "| config | impl | routing | fwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | "
+             "fwd+bwd TFLOP/s | extra peak GiB | rel err vs grouped_mm |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['impl']} | {'skewed' if r['skew'] else 'balanced'} "
+                     f"| {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_tflops']:.0f} | "
+                     f"{r['bwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
+                     f"{r['peak_extra_gib']:.2f} | {r['rel_err_vs_grouped_mm']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

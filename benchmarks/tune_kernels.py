@@ -1,0 +1,99 @@
+"""Per-kernel timing of moe_plugin's expert GEMMs over a bounded set of tile configurations.
+
+For each benchmark config it times every GEMM of the forward and backward pass (and the
+permutation / reduce kernels) with each candidate configuration and prints TFLOP/s, so the
+defaults in ``moe_plugin/kernels/grouped_gemm.py`` can be chosen from measurements.
+
+    python benchmarks/tune_kernels.py --configs fine_7b qwen3_30b_a3b
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_layer import CONFIGS, make_inputs  # noqa: E402
+
+from moe_plugin import kernels as K  # noqa: E402
+from moe_plugin.kernels import grouped_gemm as GG  # noqa: E402
+
+ROW_CANDIDATES = [  # BM, BN, BK, warps, stages
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4),
+]
+GATED_CANDIDATES = [
+    (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+    (128, 64, 128, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 32, 64, 4, 4),
+]
+SEG_CANDIDATES = [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
+]
+
+
+def cfg(c, group_m=True):
+    d = dict(BM=c[0], BN=c[1], BK=c[2], num_warps=c[3], num_stages=c[4])
+    if group_m:
+        d["GROUP_M"] = 8
+    return d
+
+
+def main():
+    from triton.testing import do_bench
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--rep-ms", type=int, default=40)
+    args = ap.parse_args()
+    best = {}
+    for name in args.configs:
+        T, D, F, E, k = CONFIGS[name]
+        x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
+        M = T * k
+        meta = K.permute_metadata(ids, E)
+        pre, h = K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)
+        dout = torch.randn_like(x)
+        t_perm = do_bench(lambda: K.permute_metadata(ids, E), rep=args.rep_ms,
+                          return_mode="median")
+        y = K.expert_down(h, w_down, meta)
+        t_red = do_bench(lambda: K.gather_reduce(y, meta, w), rep=args.rep_ms,
+                         return_mode="median")
+        dpre, _ = K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)
+        print(json.dumps({"config": name, "permute_ms": t_perm, "reduce_ms": t_red,
+                          "reduce_TBps": (M * D * 2 + T * D * 2) / t_red / 1e9}), flush=True)
+        jobs = {
+            "up": (GATED_CANDIDATES, True, 2 * M * D * 2 * F,
+                   lambda: K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)),
+            "down": (ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(h, w_down, meta)),
+            "up_bwd": (GATED_CANDIDATES, True, 2 * M * D * F,
+                       lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)),
+            "dx": (ROW_CANDIDATES, True, 2 * M * 2 * F * D, lambda: K.expert_dx(dpre, w_up, meta)),
+            "wgrad_down": (SEG_CANDIDATES, False, 2 * M * D * F,
+                           lambda: K.wgrad_down(dout, pre, meta, w, 0, True, D, F)),
+            "wgrad_up": (SEG_CANDIDATES, False, 2 * M * 2 * F * D,
+                         lambda: K.wgrad_up(dpre, x, meta)),
+        }
+        for kind, (cands, gm, flops, fn) in jobs.items():
+            res = []
+            for c in cands:
+                GG.CONFIG_OVERRIDES[kind] = cfg(c, gm)
+                try:
+                    fn()
+                    t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
+                    res.append((flops / t / 1e9, c, t))
+                except Exception as ex:  # out of shared memory etc.
+                    res.append((0.0, c, repr(ex)[:80]))
+            GG.CONFIG_OVERRIDES.pop(kind)
+            res.sort(key=lambda r: -r[0])
+            best.setdefault(kind, {})[name] = res[0][1]
+            print(json.dumps({"config": name, "kernel": kind,
+                              "results": [[round(r[0], 1), r[1], r[2]] for r in res]}),
+                  flush=True)
+        del x, w_up, w_down, pre, h, dpre, y, dout
+        torch.cuda.empty_cache()
+    print(json.dumps({"best": best}))
+
+
+if __name__ == "__main__":
+    main()
