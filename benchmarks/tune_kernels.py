@@ -45,6 +45,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--rep-ms", type=int, default=40)
+    ap.add_argument("--kernels", nargs="*", default=None, help="subset of the GEMMs to tune")
     args = ap.parse_args()
     best = {}
     for name in args.configs:
@@ -59,7 +60,7 @@ def main():
         y = K.expert_down(h, w_down, meta)
         t_red = do_bench(lambda: K.gather_reduce(y, meta, w), rep=args.rep_ms,
                          return_mode="median")
-        dpre, _ = K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)
+        dpre, hw, _ = K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)
         print(json.dumps({"config": name, "permute_ms": t_perm, "reduce_ms": t_red,
                           "reduce_TBps": (M * D * 2 + T * D * 2) / t_red / 1e9}), flush=True)
         jobs = {
@@ -70,11 +71,13 @@ def main():
                        lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)),
             "dx": (ROW_CANDIDATES, True, 2 * M * 2 * F * D, lambda: K.expert_dx(dpre, w_up, meta)),
             "wgrad_down": (SEG_CANDIDATES, False, 2 * M * D * F,
-                           lambda: K.wgrad_down(dout, pre, meta, w, 0, True, D, F)),
+                           lambda: K.wgrad_down(dout, hw, meta)),
             "wgrad_up": (SEG_CANDIDATES, False, 2 * M * 2 * F * D,
                          lambda: K.wgrad_up(dpre, x, meta)),
         }
         for kind, (cands, gm, flops, fn) in jobs.items():
+            if args.kernels and kind not in args.kernels:
+                continue
             res = []
             for c in cands:
                 GG.CONFIG_OVERRIDES[kind] = cfg(c, gm)
@@ -90,7 +93,7 @@ def main():
             print(json.dumps({"config": name, "kernel": kind,
                               "results": [[round(r[0], 1), r[1], r[2]] for r in res]}),
                   flush=True)
-        del x, w_up, w_down, pre, h, dpre, y, dout
+        del x, w_up, w_down, pre, h, dpre, hw, y, dout
         torch.cuda.empty_cache()
     print(json.dumps({"best": best}))
 

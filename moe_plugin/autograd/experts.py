@@ -19,11 +19,11 @@ class FusedExpertsFunction(torch.autograd.Function):
     output).
 
     Backward recomputes: ``pre`` (GEMM1 again, same kernel and configuration, so bitwise the
-    same values) when ``recompute``; ``h = act(pre)`` inside the kernels that need it (the
-    dh/weight-gradient epilogue and the dW_down operand load). Then:
-    ``dh' = dout[t]·W_down[e]`` fused with the activation backward and d(topk_weights)
-    (``<dh', h>``); ``dW_down`` and ``dW_up`` as per-expert segment GEMMs; ``dx`` as
-    ``dpre·W_up[e]`` reduced over the k slots of each token.
+    same values) when ``recompute``; ``h = act(pre)`` in the epilogue of the first backward
+    GEMM ``dh' = dout[t]·W_down[e]``, which also yields d(topk_weights) (``<dh', h>``),
+    ``dpre`` (activation backward) and ``hw = w·h``. Then ``dW_down`` (from dout and hw) and
+    ``dW_up`` (from dpre and x) as per-expert segment GEMMs, and ``dx`` as ``dpre·W_up[e]``
+    reduced over the k slots of each token.
 
     Also returns ``tokens_per_expert`` (int32 [E], non-differentiable).
     """
@@ -56,22 +56,19 @@ class FusedExpertsFunction(torch.autograd.Function):
         else:
             pre = rest[4]
         dout = dout.contiguous()
-        d = x.shape[1]
-        f = w_down.shape[2]
         dx = dw_topk = dw_up = dw_down = None
+        dpre, hw, dw_perm = K.expert_up_bwd(dout, w_down, pre, meta, topk_weights, act, gated)
+        del pre
         if need_down:
-            dw_down = K.wgrad_down(dout, pre, meta, topk_weights, act, gated, d, f)
-        if need_x or need_w or need_up:
-            dpre, dw_perm = K.expert_up_bwd(dout, w_down, pre, meta, topk_weights, act, gated)
-            del pre
-            if need_w:
-                pos = meta.slot_pos.view(topk_weights.shape).long()
-                dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)],
-                                      0.0).to(topk_weights.dtype)
-            if need_x:
-                dxp = K.expert_dx(dpre, w_up, meta)
-                dx = K.gather_reduce(dxp, meta, None, out_dtype=x.dtype)
-                del dxp
-            if need_up:
-                dw_up = K.wgrad_up(dpre, x, meta)
+            dw_down = K.wgrad_down(dout, hw, meta)
+        del hw
+        if need_w:
+            pos = meta.slot_pos.view(topk_weights.shape).long()
+            dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
+        if need_x:
+            dxp = K.expert_dx(dpre, w_up, meta)
+            dx = K.gather_reduce(dxp, meta, None, out_dtype=x.dtype)
+            del dxp
+        if need_up:
+            dw_up = K.wgrad_up(dpre, x, meta)
         return dx, None, dw_topk, dw_up, dw_down, None, None, None

@@ -16,13 +16,13 @@ the grid is sized for the worst case and idle programs exit). Epilogues:
   the backward recomputes it) when ``STORE_H``.
 * ``EPI_ACT_BWD``: ``acc = dh' = dout[row(p)] · W_down[e]`` (unweighted). Loads the saved
   pre-activation, recomputes ``h``, writes the partial row sums ``Σ_n dh'·h`` (the gradient of
-  the routing weight, one partial per column tile: summed afterwards, no atomics) and
-  ``dpre = act'(pre) ⊙ (w_p · dh')`` in the layout of the pre-activation.
+  the routing weight, one partial per column tile: summed afterwards, no atomics),
+  ``hw = w_p · h`` (the B operand of dW_down) and ``dpre = act'(pre) ⊙ (w_p · dh')`` in the
+  layout of the pre-activation.
 
 ``_segment_mm_kernel`` (weight gradients): ``C[e] = Σ_{p in segment e} A[p, :]ᵀ · B[p, :]``, one
-program per (expert, output tile), looping over the expert's rows. ``A_GATHER`` reads A rows
-as gathered token rows scaled by the routing weight; ``B_GATHER`` gathers B rows; ``B_ACT``
-recomputes ``B = act(pre)`` from the saved pre-activation while loading. Experts with no rows
+program per (expert, output tile), looping over the expert's rows. ``A_GATHER`` / ``B_GATHER``
+read the rows of A / B as gathered token rows ``sorted_slot[p] // TOPK``. Experts with no rows
 get zeros.
 
 Every output element is computed by exactly one program in a fixed order: results are
@@ -64,9 +64,10 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _grouped_mm_kernel(
-        a_ptr, b_ptr, c_ptr, pre_ptr, w_ptr, dwp_ptr, gather_ptr, counts_ptr, offsets_ptr,
+        a_ptr, b_ptr, c_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, gather_ptr, counts_ptr, offsets_ptr,
         E, N, K, num_m_tiles,
         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_pm, stride_dwp,
+        stride_hw,
         TOPK: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, EPI: tl.constexpr,
         ACT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr, IEEE: tl.constexpr,
         EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -151,6 +152,8 @@ def _grouped_mm_kernel(
         dwp = tl.sum(tl.where(cmask, acc * h, 0.0), 1)
         tl.store(dwp_ptr + pid_n.to(tl.int64) * stride_dwp + rows64, dwp, mask=rmask)
         wp = tl.load(w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(hw_ptr + rows64[:, None] * stride_hw + offs_n[None, :],
+                 (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
         dg, du = act_bwd(g, u, acc * wp[:, None], ACT)
         c_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
@@ -160,10 +163,9 @@ def _grouped_mm_kernel(
 
 @triton.jit
 def _segment_mm_kernel(
-        a_ptr, b_ptr, c_ptr, gather_ptr, w_ptr, counts_ptr, offsets_ptr,
+        a_ptr, b_ptr, c_ptr, gather_ptr, counts_ptr, offsets_ptr,
         MO, NO, stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_cm, stride_cn,
-        TOPK: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
-        B_ACT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+        TOPK: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, IEEE: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(MO, BM)
@@ -189,26 +191,14 @@ def _segment_mm_kernel(
             a_rows = (slot // TOPK).to(tl.int64)
         else:
             a_rows = p.to(tl.int64)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_m[None, :] * stride_ak,
-                    mask=pmask[:, None] & mmask[None, :], other=0.0)
-        if A_GATHER:
-            w = tl.load(w_ptr + slot, mask=pmask, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * w[:, None]).to(c_ptr.dtype.element_ty)
         if B_GATHER:
             b_rows = (slot // TOPK).to(tl.int64)
         else:
             b_rows = p.to(tl.int64)
-        b_ptrs = b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn
-        bmask = pmask[:, None] & nmask[None, :]
-        if B_ACT:
-            g = tl.load(b_ptrs, mask=bmask, other=0.0).to(tl.float32)
-            if GATED:
-                u = tl.load(b_ptrs + NO * stride_bn, mask=bmask, other=0.0).to(tl.float32)
-            else:
-                u = g
-            b = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty)
-        else:
-            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_m[None, :] * stride_ak,
+                    mask=pmask[:, None] & mmask[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                    mask=pmask[:, None] & nmask[None, :], other=0.0)
         acc = _dot(tl.trans(a), b, acc, IEEE)
     tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm
              + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
@@ -224,16 +214,23 @@ def _segment_mm_kernel(
 CONFIG_OVERRIDES: dict = {}
 
 
-def _mm_config(kind: str, dtype: torch.dtype, gated: bool) -> dict:
+def _mm_config(kind: str, dtype: torch.dtype, gated: bool, n: int) -> dict:
+    """Tile configuration of a row-grouped GEMM (``n``: output columns per accumulator).
+
+    bf16/fp16 defaults come from ``benchmarks/tune_kernels.py`` on an H100 (NOTES.md)."""
     if kind in CONFIG_OVERRIDES:
         return dict(CONFIG_OVERRIDES[kind])
     if interpret_mode():
         return dict(BM=16, BN=32, BK=32, GROUP_M=4, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BM=64, BN=32 if gated else 64, BK=32, GROUP_M=8, num_warps=4, num_stages=2)
-    if gated:
+    if kind == "up":  # two accumulators (gate, up) when gated
+        bn = 128 if n >= 1024 or not gated else 64
+        return dict(BM=128, BN=bn, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if kind == "up_bwd":  # heavy epilogue: keep the accumulator small
         return dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+    bn = 256 if n >= 256 else 128
+    return dict(BM=128, BN=bn, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _seg_config(kind: str, dtype: torch.dtype) -> dict:
@@ -247,13 +244,14 @@ def _seg_config(kind: str, dtype: torch.dtype) -> dict:
 
 
 def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, stride_a,
-                    stride_b, gather: bool, gated: bool = False, epi: int = EPI_STORE, act: int = 0,
-                    pre=None, weights=None, dwp=None, store_pre=False, store_h=False):
+                    stride_b, gather: bool, gated: bool = False, epi: int = EPI_STORE,
+                    act: int = 0, pre=None, weights=None, dwp=None, hw=None,
+                    store_pre=False, store_h=False):
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
         return
-    cfg = _mm_config(kind, a.dtype, gated)
+    cfg = _mm_config(kind, a.dtype, gated, n)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     num_m_tiles = triton.cdiv(S, bm) + min(E, S)
     grid = (num_m_tiles * triton.cdiv(n, bn),)
@@ -261,27 +259,25 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
     _grouped_mm_kernel[grid](
         a, b, c if c is not None else pre, pre if pre is not None else dummy,
         weights if weights is not None else dummy, dwp if dwp is not None else dummy,
-        meta.sorted_slot, meta.counts, meta.offsets, E, n, k, num_m_tiles,
-        stride_a[0], stride_a[1], stride_b[0], stride_b[1], stride_b[2],
+        hw if hw is not None else dummy, meta.sorted_slot, meta.counts, meta.offsets,
+        E, n, k, num_m_tiles, stride_a[0], stride_a[1], stride_b[0], stride_b[1], stride_b[2],
         c.stride(0) if c is not None else 0, pre.stride(0) if pre is not None else 0,
-        dwp.stride(0) if dwp is not None else 0,
+        dwp.stride(0) if dwp is not None else 0, hw.stride(0) if hw is not None else 0,
         TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=epi, ACT=act, STORE_PRE=store_pre,
         STORE_H=store_h, IEEE=a.dtype == torch.float32, EVEN_K=k % bk == 0,
         BM=bm, BN=bn, BK=bk, BLOCK_E=next_pow2(E), **cfg)
 
 
-def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a, stride_b,
-                    a_gather=False, b_gather=False, b_act=False, gated=False, act=0,
-                    weights=None):
+def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a,
+                    stride_b, a_gather=False, b_gather=False):
     cfg = _seg_config(kind, c.dtype)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     E = meta.num_experts
     grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
     _segment_mm_kernel[grid](
-        a, b, c, meta.sorted_slot, weights if weights is not None else meta.counts,
-        meta.counts, meta.offsets, mo, no, stride_a[0], stride_a[1], stride_b[0], stride_b[1],
-        c.stride(0), c.stride(1), c.stride(2), TOPK=meta.top_k, A_GATHER=a_gather,
-        B_GATHER=b_gather, B_ACT=b_act, GATED=gated, ACT=act, IEEE=c.dtype == torch.float32,
+        a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
+        stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
+        TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather, IEEE=c.dtype == torch.float32,
         BM=bm, BN=bn, BK=bk, **cfg)
 
 
@@ -317,18 +313,21 @@ def expert_down(h, w_down, meta: PermuteMeta):
 def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool):
     """``dh' = dout[row(p)] · W_down[e]``, fused with the activation backward.
 
-    Returns ``dpre [S, 2F|F]`` (gradient of the pre-activation, weight applied) and
-    ``dw_perm fp32 [S]`` (gradient of each slot's routing weight, in expert order)."""
+    Returns ``dpre [S, 2F|F]`` (gradient of the pre-activation, weight applied),
+    ``hw [S, F]`` (``w_p · act(pre[p])``, the operand of dW_down) and ``dw_perm fp32 [S]``
+    (gradient of each slot's routing weight, in expert order)."""
     S = pre.shape[0]
     f = w_down.shape[2]
-    bn = _mm_config("up_bwd", dout.dtype, gated)["BN"]
+    bn = _mm_config("up_bwd", dout.dtype, gated, f)["BN"]
     dpre = torch.empty_like(pre)
+    hw = torch.empty(S, f, dtype=pre.dtype, device=pre.device)
     dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=dout.device)
-    _launch_grouped("up_bwd", dout, w_down, dpre, meta, n=f, k=dout.shape[1], stride_a=dout.stride(),
+    _launch_grouped("up_bwd", dout, w_down, dpre, meta, n=f, k=dout.shape[1],
+                    stride_a=dout.stride(),
                     stride_b=(w_down.stride(0), w_down.stride(1), w_down.stride(2)),
                     gather=True, gated=gated, epi=EPI_ACT_BWD, act=act, pre=pre,
-                    weights=topk_weights.reshape(-1), dwp=dwp)
-    return dpre, dwp.sum(0)
+                    weights=topk_weights.reshape(-1), dwp=dwp, hw=hw)
+    return dpre, hw, dwp.sum(0)
 
 
 def expert_dx(dpre, w_up, meta: PermuteMeta):
@@ -341,13 +340,12 @@ def expert_dx(dpre, w_up, meta: PermuteMeta):
     return dxp
 
 
-def wgrad_down(dout, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool, d: int, f: int):
-    """``dW_down[e] [D, F] = Σ_p (w_p · dout[row(p)])ᵀ · act(pre[p])``."""
+def wgrad_down(dout, hw, meta: PermuteMeta):
+    """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` (``hw = w_p · h_p``)."""
     E = meta.num_experts
-    dw = torch.empty(E, d, f, dtype=pre.dtype, device=pre.device)
-    _launch_segment("wgrad_down", dout, pre, dw, meta, mo=d, no=f, stride_a=dout.stride(),
-                    stride_b=pre.stride(), a_gather=True, b_act=True, gated=gated, act=act,
-                    weights=topk_weights.reshape(-1))
+    dw = torch.empty(E, dout.shape[1], hw.shape[1], dtype=hw.dtype, device=hw.device)
+    _launch_segment("wgrad_down", dout, hw, dw, meta, mo=dout.shape[1], no=hw.shape[1],
+                    stride_a=dout.stride(), stride_b=hw.stride(), a_gather=True)
     return dw
 
 
@@ -355,6 +353,6 @@ def wgrad_up(dpre, x, meta: PermuteMeta):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``."""
     E = meta.num_experts
     dw = torch.empty(E, dpre.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    _launch_segment("wgrad_up", dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1], stride_a=dpre.stride(),
-                    stride_b=x.stride(), b_gather=True)
+    _launch_segment("wgrad_up", dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1],
+                    stride_a=dpre.stride(), stride_b=x.stride(), b_gather=True)
     return dw

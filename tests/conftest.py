@@ -1,0 +1,236 @@
+"""Shared set-up and helpers for the moe_plugin tests.
+
+Without CUDA the Triton kernels run on CPU tensors in Triton's interpreter: the environment
+variable has to be set before triton (or moe_plugin, which imports it) is imported. With
+CUDA, the same tests run the compiled kernels on the GPU.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+import moe_plugin  # noqa: E402,F401  (imported after the variable is set)
+from moe_plugin import reference  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda") if HAS_CUDA else torch.device("cpu")
+GATED = {"swiglu": True, "geglu": True, "swiglu_oai": True,
+         "gelu": False, "relu2": False, "silu": False}
+ACTIVATIONS = tuple(GATED)
+FP32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures
+
+@pytest.fixture
+def seed(request) -> int:
+    """A reproducible seed that differs between test cases (derived from the test's name,
+    parametrisation included)."""
+    return zlib.crc32(request.node.name.encode())
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Makes every floating-point ``torch.empty``/``empty_like``/``new_empty`` come back filled
+    with NaN, so an output element that a kernel forgets to write shows up as NaN."""
+    orig_empty, orig_empty_like, orig_new_empty = torch.empty, torch.empty_like, \
+        torch.Tensor.new_empty
+
+    def _poison(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(orig_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(orig_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *a, **k: _poison(orig_new_empty(self, *a, **k)))
+    yield
+
+
+# ----------------------------------------------------------------------------------------------
+# comparisons
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (the absolute norm of out when ref is all zero)."""
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
+    o = out.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    assert torch.isfinite(o).all(), "output holds NaN or Inf"
+    den = r.norm().item()
+    num = (o - r).norm().item()
+    return num if den == 0 else num / den
+
+
+def assert_close(out, ref, tol: float, what: str) -> None:
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative L2 error {err:.3e} > {tol:.0e}"
+
+
+def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    ia = a.detach().contiguous().view(-1).view(torch.uint8)
+    ib = b.detach().contiguous().view(-1).view(torch.uint8)
+    assert torch.equal(ia, ib), f"{what}: not bitwise identical"
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+def random_ids(gen: torch.Generator, n: int, e: int, k: int) -> torch.Tensor:
+    """``[n, k]`` int64 ids, distinct within each row (k <= e)."""
+    return torch.rand(n, e, generator=gen).argsort(dim=-1)[:, :k].contiguous()
+
+
+def expert_inputs(seed: int, n: int, d: int, f: int, e: int, k: int, *, activation="swiglu",
+                  dtype=torch.float32, weights_dtype=None, x_scale: float = 1.0, ids=None,
+                  device=DEVICE) -> dict:
+    """Random inputs of ``fused_experts``; weights scaled by 1/sqrt(fan_in)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * f if GATED[activation] else f
+    x = torch.randn(n, d, generator=gen) * x_scale
+    w_up = torch.randn(e, rows, d, generator=gen) / math.sqrt(d)
+    w_down = torch.randn(e, d, f, generator=gen) / math.sqrt(f)
+    if ids is None:
+        ids = random_ids(gen, n, e, k)
+    weights = torch.rand(n, k, generator=gen) + 0.1
+    gout = torch.randn(n, d, generator=gen)
+    return dict(x=x.to(device, dtype), ids=ids.to(device),
+                weights=weights.to(device, weights_dtype or dtype),
+                w_up=w_up.to(device, dtype), w_down=w_down.to(device, dtype),
+                gout=gout.to(device, dtype))
+
+
+EXPERT_GRAD_NAMES = ("x", "weights", "w_up", "w_down")
+
+
+def run_fused_experts(inp: dict, activation: str, **kwargs):
+    """Runs ``fused_experts`` (Triton forced) forward and backward.
+
+    Returns ``(out, {name: grad})`` for x, weights, w_up, w_down."""
+    leaves = {n: inp[n].detach().clone().requires_grad_() for n in EXPERT_GRAD_NAMES}
+    kwargs.setdefault("backend", "triton")
+    out = moe_plugin.fused_experts(leaves["x"], inp["ids"], leaves["weights"], leaves["w_up"],
+                                   leaves["w_down"], activation, **kwargs)
+    grads = torch.autograd.grad(out, [leaves[n] for n in EXPERT_GRAD_NAMES], inp["gout"])
+    return out.detach(), dict(zip(EXPERT_GRAD_NAMES, grads))
+
+
+def run_reference_experts(inp: dict, activation: str):
+    """``reference.experts`` on float64 copies; same return as ``run_fused_experts``."""
+    leaves = {n: inp[n].detach().to(torch.float64).requires_grad_() for n in EXPERT_GRAD_NAMES}
+    out = reference.experts(leaves["x"], inp["ids"].long(), leaves["weights"], leaves["w_up"],
+                            leaves["w_down"], activation)
+    ins = [leaves[n] for n in EXPERT_GRAD_NAMES]
+    if out.requires_grad:
+        grads = torch.autograd.grad(out, ins, inp["gout"].to(torch.float64), allow_unused=True)
+    else:
+        grads = [None] * len(ins)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads)]
+    return out.detach(), dict(zip(EXPERT_GRAD_NAMES, grads))
+
+
+def check_experts(inp: dict, activation: str, tol: float = FP32_TOL, **kwargs):
+    """Fused vs float64 reference: output and every gradient. Returns both results."""
+    out, grads = run_fused_experts(inp, activation, **kwargs)
+    ref, ref_grads = run_reference_experts(inp, activation)
+    assert out.dtype == inp["x"].dtype and out.shape == inp["x"].shape
+    assert grads["weights"].dtype == inp["weights"].dtype
+    assert_close(out, ref, tol, "out")
+    for name in EXPERT_GRAD_NAMES:
+        assert grads[name].shape == inp[name].shape, name
+        assert_close(grads[name], ref_grads[name], tol, f"grad {name}")
+    return (out, grads), (ref, ref_grads)
+
+
+def moe_inputs(seed: int, n: int, d: int, f: int, e: int, *, activation="swiglu",
+               dtype=torch.float32, gate_scale: float = 1.0, device=DEVICE) -> dict:
+    """Random inputs of ``fused_moe``; ``gate_scale`` spreads the router logits."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * f if GATED[activation] else f
+    x = torch.randn(n, d, generator=gen)
+    gate = torch.randn(e, d, generator=gen) * (gate_scale / math.sqrt(d))
+    w_up = torch.randn(e, rows, d, generator=gen) / math.sqrt(d)
+    w_down = torch.randn(e, d, f, generator=gen) / math.sqrt(f)
+    gout = torch.randn(n, d, generator=gen)
+    return dict(x=x.to(device, dtype), gate=gate.to(device, dtype), w_up=w_up.to(device, dtype),
+                w_down=w_down.to(device, dtype), gout=gout.to(device, dtype))
+
+
+MOE_GRAD_NAMES = ("x", "gate", "w_up", "w_down")
+AUX_WEIGHT, Z_WEIGHT = 3.0, 2.0
+
+
+def _moe_loss(out, info, gout):
+    return ((out.to(torch.float64) * gout.to(torch.float64)).sum()
+            + AUX_WEIGHT * info["aux_loss"].to(torch.float64)
+            + Z_WEIGHT * info["z_loss"].to(torch.float64))
+
+
+def run_fused_moe(inp: dict, top_k: int, weights_grad: bool = False, **kwargs):
+    """``fused_moe`` (Triton forced) forward and backward of
+    ``(out·gout).sum() + 3·aux_loss + 2·z_loss``. Returns ``(out, info, grads)``; with
+    ``weights_grad`` ``grads`` also holds the gradient of ``info["topk_weights"]``."""
+    leaves = {n: inp[n].detach().clone().requires_grad_() for n in MOE_GRAD_NAMES}
+    kwargs.setdefault("backend", "triton")
+    out, info = moe_plugin.fused_moe(leaves["x"], leaves["gate"], leaves["w_up"],
+                                     leaves["w_down"], top_k, **kwargs)
+    names = list(MOE_GRAD_NAMES)
+    ins = [leaves[n] for n in MOE_GRAD_NAMES]
+    if weights_grad:
+        names.append("topk_weights")
+        ins.append(info["topk_weights"])
+    grads = torch.autograd.grad(_moe_loss(out, info, inp["gout"]), ins)
+    return out.detach(), info, dict(zip(names, grads))
+
+
+def run_reference_moe(inp: dict, top_k: int, **kwargs):
+    """``reference.moe`` on float64 copies; same return as ``run_fused_moe``."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("backend", "recompute", "deterministic")}
+    if kwargs.get("expert_bias") is not None:
+        kwargs["expert_bias"] = kwargs["expert_bias"].to(torch.float64)
+    leaves = {n: inp[n].detach().to(torch.float64).requires_grad_() for n in MOE_GRAD_NAMES}
+    out, info = reference.moe(leaves["x"], leaves["gate"], leaves["w_up"], leaves["w_down"],
+                              top_k, **kwargs)
+    loss = _moe_loss(out, info, inp["gout"])
+    ins = [leaves[n] for n in MOE_GRAD_NAMES]
+    grads = torch.autograd.grad(loss, ins, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads)]
+    return out.detach(), info, dict(zip(MOE_GRAD_NAMES, grads))
+
+
+def check_moe(inp: dict, top_k: int, tol: float = FP32_TOL, **kwargs):
+    """Fused vs float64 reference: routing decisions exactly; output, weights, losses and every
+    gradient to ``tol``. Returns both results."""
+    out, info, grads = run_fused_moe(inp, top_k, **kwargs)
+    ref, rinfo, rgrads = run_reference_moe(inp, top_k, **kwargs)
+    n, e = inp["x"].shape[0], inp["gate"].shape[0]
+    assert info["topk_ids"].shape == (n, top_k)
+    assert not info["topk_ids"].is_floating_point()
+    assert torch.equal(info["topk_ids"].long().cpu(), rinfo["topk_ids"].cpu()), "topk_ids"
+    assert info["tokens_per_expert"].shape == (e,)
+    assert not info["tokens_per_expert"].is_floating_point()
+    assert torch.equal(info["tokens_per_expert"].long().cpu(),
+                       rinfo["tokens_per_expert"].long().cpu()), "tokens_per_expert"
+    assert info["topk_weights"].dtype == torch.float32
+    # the router runs in fp32 whatever the activation dtype: fp32 tolerance for its weights
+    assert_close(info["topk_weights"], rinfo["topk_weights"], min(tol, FP32_TOL), "topk_weights")
+    assert out.dtype == inp["x"].dtype
+    assert_close(out, ref, tol, "out")
+    for name in ("aux_loss", "z_loss"):
+        assert info[name].dim() == 0, name
+        assert_close(info[name], rinfo[name], min(tol, 1e-4), name)
+    for name in MOE_GRAD_NAMES:
+        assert_close(grads[name], rgrads[name], tol, f"grad {name}")
+    return (out, info, grads), (ref, rinfo, rgrads)
