@@ -64,6 +64,15 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
+def check_capacity_factor(capacity_factor, *, allow_none: bool) -> None:
+    if capacity_factor is None and allow_none:
+        return
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) \
+            or not math.isfinite(capacity_factor) or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor: expected {'None or ' if allow_none else ''}a finite "
+                         f"number > 0, got {capacity_factor!r}")
+
+
 def check_nonneg_float(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0:
@@ -176,11 +185,7 @@ def check_routing_args(num_experts: int, top_k, score_func, renormalize, expert_
     if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
             or not math.isfinite(scaling_factor) or scaling_factor <= 0:
         raise ValueError(f"scaling_factor: expected a finite number > 0, got {scaling_factor!r}")
-    if capacity_factor is not None:
-        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) \
-                or not math.isfinite(capacity_factor) or capacity_factor <= 0:
-            raise ValueError(f"capacity_factor: expected None or a finite number > 0, "
-                             f"got {capacity_factor!r}")
+    check_capacity_factor(capacity_factor, allow_none=True)
     check_choice("drop_policy", drop_policy, DROP_POLICIES)
     check_nonneg_float("aux_loss_coeff", aux_loss_coeff)
     check_nonneg_float("z_loss_coeff", z_loss_coeff)

@@ -7,9 +7,9 @@ import torch
 
 from . import reference
 from .autograd import FusedExpertsFunction, RouterFunction, RouterLogitsFunction
-from .config import (BACKENDS, check_activation, check_choice, check_experts_args,
-                     check_ids_range, check_routing_args, check_tensor, expert_capacity,
-                     FLOAT_DTYPES)
+from .config import (BACKENDS, DROP_POLICIES, FLOAT_DTYPES, check_activation,
+                     check_capacity_factor, check_choice, check_experts_args, check_ids_range,
+                     check_positive_int, check_routing_args, check_tensor, expert_capacity)
 from .kernels.common import interpret_mode
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -104,6 +104,14 @@ def capacity_drop(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expert
     """Sets the slots over each expert's capacity to -1 (policy as in ``reference``).
 
     Device-side sorts only: no host synchronisation."""
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64))
+    check_tensor("topk_weights", topk_weights, ndim=2, device=topk_ids.device)
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights: expected shape {tuple(topk_ids.shape)} like topk_ids, "
+                         f"got {tuple(topk_weights.shape)}")
+    check_positive_int("num_experts", num_experts)
+    check_capacity_factor(capacity_factor, allow_none=False)
+    check_choice("drop_policy", drop_policy, DROP_POLICIES)
     n, k = topk_ids.shape
     cap = expert_capacity(n, k, num_experts, capacity_factor)
     flat = topk_ids.reshape(-1).long()

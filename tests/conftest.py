@@ -115,6 +115,18 @@ def expert_inputs(seed: int, n: int, d: int, f: int, e: int, k: int, *, activati
 EXPERT_GRAD_NAMES = ("x", "weights", "w_up", "w_down")
 
 
+def assert_clamp_exercised(inp: dict, limit: float, at_least: int = 10) -> None:
+    """The routed pre-activations of a gated activation go above ``limit`` in the gate half and
+    beyond +-limit in the up half (swiglu_oai's clamp branches are taken)."""
+    ids = inp["ids"].long()
+    used = ids >= 0
+    pre = torch.einsum("nd,nkfd->nkf", inp["x"].double(),
+                       inp["w_up"].double()[ids.clamp(min=0)])[used]
+    g, u = pre.chunk(2, dim=-1)
+    assert (g > limit).sum() >= at_least
+    assert (u > limit).sum() >= at_least and (u < -limit).sum() >= at_least
+
+
 def run_fused_experts(inp: dict, activation: str, **kwargs):
     """Runs ``fused_experts`` (Triton forced) forward and backward.
 

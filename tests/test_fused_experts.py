@@ -4,12 +4,14 @@ Every test compares the output and the gradients of hidden states, topk_weights,
 w_down (relative L2 error <= 1e-5 in fp32). Float outputs of ``torch.empty`` are poisoned
 with NaN, so an element a kernel forgets to write fails the comparison.
 """
+import warnings
+
 import pytest
 import torch
 
 from conftest import (ACTIVATIONS, DEVICE, EXPERT_GRAD_NAMES, FP32_TOL, assert_bitwise,
-                      assert_close, check_experts, expert_inputs, random_ids, run_fused_experts,
-                      run_reference_experts)
+                      assert_clamp_exercised, assert_close, check_experts, expert_inputs,
+                      random_ids, run_fused_experts, run_reference_experts)
 from moe_plugin import fused_experts
 from moe_plugin.config import SWIGLU_OAI_LIMIT
 
@@ -27,12 +29,7 @@ def test_activation(activation, seed):
     x_scale = 4.0 if activation == "swiglu_oai" else 1.0
     inp = expert_inputs(seed, 48, 64, 48, 4, 2, activation=activation, x_scale=x_scale)
     if activation == "swiglu_oai":
-        # the clamp branches must be exercised: gate above L, up above L and below -L
-        e = inp["ids"].long()
-        pre = torch.einsum("nd,nkfd->nkf", inp["x"].double(), inp["w_up"].double()[e])
-        g, u = pre.chunk(2, dim=-1)
-        assert (g > SWIGLU_OAI_LIMIT).sum() > 10
-        assert (u > SWIGLU_OAI_LIMIT).sum() > 10 and (u < -SWIGLU_OAI_LIMIT).sum() > 10
+        assert_clamp_exercised(inp, SWIGLU_OAI_LIMIT)
     check_experts(inp, activation)
 
 
@@ -208,3 +205,30 @@ def test_backends_auto_and_torch(seed):
     assert_close(out_torch, ref, FP32_TOL, "torch backend")
     assert_close(out_triton, ref, FP32_TOL, "triton backend")
 
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="reads past the end are seen through the "
+                    "interpreter's numpy warnings")
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_backward_reads_w_down_within_bounds(activation, seed):
+    """``w_down`` is the head of a larger buffer whose tail holds the largest fp32 value; a
+    kernel that reads past ``w_down``'s end overflows in the interpreter's matmul (numpy
+    RuntimeWarning). No kernel may read outside its operands."""
+    inp = expert_inputs(seed, 16, 32, 16, 2, 1, activation=activation)
+    e, d, f = inp["w_down"].shape
+    buf = torch.full((e * d * f + 4 * d * f,), torch.finfo(torch.float32).max)
+    w_down = buf[:e * d * f].view(e, d, f)
+    w_down.copy_(inp["w_down"])
+    w_down.requires_grad_()
+    x = inp["x"].clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fused_experts(x, inp["ids"], inp["weights"], inp["w_up"], w_down, activation,
+                            backend="triton")
+        out.backward(inp["gout"])
+    numeric = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert not numeric, f"kernels read past the end of w_down: {numeric}"
+    ref, ref_grads = run_reference_experts(inp, activation)
+    assert_close(out, ref, FP32_TOL, "out")
+    assert_close(x.grad, ref_grads["x"], FP32_TOL, "grad x")
+    assert_close(w_down.grad, ref_grads["w_down"], FP32_TOL, "grad w_down")

@@ -52,7 +52,7 @@ def act_fwd(g, u, ACT: tl.constexpr):
     elif ACT == 2:
         gc = tl.minimum(g, _OAI_LIMIT)
         uc = tl.minimum(tl.maximum(u, -_OAI_LIMIT), _OAI_LIMIT)
-        return gc * _sigmoid(_OAI_ALPHA * gc) * (uc + _OAI_BETA)
+        return gc * _sigmoid(gc * _OAI_ALPHA) * (uc + _OAI_BETA)
     elif ACT == 3:
         return _gelu_tanh(g)
     elif ACT == 4:
@@ -74,8 +74,8 @@ def act_bwd(g, u, dh, ACT: tl.constexpr):
         # clamp passes the gradient where the input lies inside [min, max] (torch.clamp)
         gc = tl.minimum(g, _OAI_LIMIT)
         uc = tl.minimum(tl.maximum(u, -_OAI_LIMIT), _OAI_LIMIT)
-        s = _sigmoid(_OAI_ALPHA * gc)
-        dgc = dh * (uc + _OAI_BETA) * s * (1.0 + _OAI_ALPHA * gc * (1.0 - s))
+        s = _sigmoid(gc * _OAI_ALPHA)
+        dgc = dh * (uc + _OAI_BETA) * s * (1.0 + gc * _OAI_ALPHA * (1.0 - s))
         duc = dh * gc * s
         dg = tl.where(g <= _OAI_LIMIT, dgc, 0.0)
         du = tl.where((u >= -_OAI_LIMIT) & (u <= _OAI_LIMIT), duc, 0.0)

@@ -99,7 +99,8 @@ def _grouped_mm_kernel(
     b_ptrs = (b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk
               + offs_n[None, :] * stride_bn)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if GATED:
+    # a second accumulator (up columns F + n of W_up) only for the gated GEMM1
+    if GATED and EPI == 1:
         acc2 = tl.zeros([BM, BN], dtype=tl.float32)
         b2_ptrs = b_ptrs + N * stride_bn
     for k0 in range(0, K, BK):
@@ -111,7 +112,7 @@ def _grouped_mm_kernel(
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = _dot(a, b, acc, IEEE)
-        if GATED:
+        if GATED and EPI == 1:
             if EVEN_K:
                 b2 = tl.load(b2_ptrs, mask=nmask[None, :], other=0.0)
             else:
@@ -228,7 +229,7 @@ def _mm_config(kind: str, dtype: torch.dtype, gated: bool, n: int) -> dict:
         bn = 128 if n >= 1024 or not gated else 64
         return dict(BM=128, BN=bn, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
     if kind == "up_bwd":  # heavy epilogue: keep the accumulator small
-        return dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BM=128, BN=64, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
     bn = 256 if n >= 256 else 128
     return dict(BM=128, BN=bn, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
 

@@ -1,0 +1,229 @@
+"""``fused_moe`` (router + experts, Triton forced) against ``reference.moe`` in float64.
+
+Routing decisions (``topk_ids``, ``tokens_per_expert``) must equal the reference's exactly;
+the output, the routing weights, the aux and z losses and the gradients of hidden states,
+gate weight, w_up and w_down (through ``(out·g).sum() + 3·aux + 2·z``) to a relative L2 error
+of 1e-5.
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import (DEVICE, FP32_TOL, MOE_GRAD_NAMES, assert_bitwise, assert_close,
+                      check_moe, moe_inputs, run_fused_moe)
+from moe_plugin import capacity_drop, reference
+from moe_plugin.config import expert_capacity
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+
+def _ref_logits(inp):
+    return inp["x"].double() @ inp["gate"].double().t()
+
+
+def _plain_ids(inp, top_k, score_func):
+    ids, _, _ = reference.route(_ref_logits(inp), top_k, score_func=score_func)
+    return ids
+
+
+# name: (N, D, F, E, top_k, activation, fused_moe kwargs, what the case must exercise)
+CASES = {
+    "softmax_renorm": (32, 32, 32, 8, 2, "swiglu",
+                       dict(aux_loss_coeff=0.01, z_loss_coeff=0.001), None),
+    "softmax_no_renorm": (32, 32, 32, 8, 2, "geglu",
+                          dict(renormalize=False, aux_loss_coeff=0.1), None),
+    "softmax_scaling": (32, 32, 24, 8, 3, "relu2",
+                        dict(scaling_factor=2.5, z_loss_coeff=0.01), None),
+    "softmax_bias": (32, 32, 24, 8, 2, "swiglu",
+                     dict(expert_bias=0.05, aux_loss_coeff=0.1), "bias"),
+    "sigmoid_renorm": (32, 32, 24, 8, 2, "swiglu",
+                       dict(score_func="sigmoid", aux_loss_coeff=0.1, z_loss_coeff=0.01), None),
+    "sigmoid_no_renorm": (32, 32, 24, 8, 3, "gelu",
+                          dict(score_func="sigmoid", renormalize=False, aux_loss_coeff=0.1),
+                          None),
+    "sigmoid_bias": (32, 32, 24, 8, 2, "swiglu",
+                     dict(score_func="sigmoid", expert_bias=0.1, aux_loss_coeff=0.1,
+                          z_loss_coeff=0.01), "bias"),
+    "groups_softmax": (32, 32, 16, 16, 4, "swiglu",
+                       dict(num_groups=4, group_topk=2, aux_loss_coeff=0.1), "groups"),
+    "groups_sigmoid_bias_scaling": (32, 32, 16, 16, 4, "swiglu",
+                                    dict(score_func="sigmoid", expert_bias=0.1, num_groups=4,
+                                         group_topk=2, scaling_factor=2.5, aux_loss_coeff=0.1,
+                                         z_loss_coeff=0.01), "groups"),
+    "k1_no_renorm": (32, 32, 32, 8, 1, "silu", dict(renormalize=False, aux_loss_coeff=0.1),
+                     None),
+    # (k=1 sigmoid with renormalize has weight s/(s+1e-20) = 1: its true gradient is ~1e-20,
+    # below fp32 rounding, so only the un-normalised variant has a meaningful gradient to test)
+    "k1_sigmoid_no_renorm": (32, 32, 32, 8, 1, "swiglu",
+                             dict(score_func="sigmoid", renormalize=False, z_loss_coeff=0.01),
+                             None),
+    "capacity_probs": (32, 32, 24, 8, 2, "swiglu",
+                       dict(capacity_factor=0.5, drop_policy="probs", aux_loss_coeff=0.1,
+                            z_loss_coeff=0.01), "drops"),
+    "capacity_position": (32, 32, 24, 8, 2, "swiglu",
+                          dict(capacity_factor=0.5, drop_policy="position", aux_loss_coeff=0.1),
+                          "drops"),
+    "capacity_sigmoid_bias": (32, 32, 24, 8, 3, "gelu",
+                              dict(score_func="sigmoid", expert_bias=0.1, capacity_factor=0.75,
+                                   drop_policy="probs"), "drops"),
+    "recompute": (32, 32, 32, 8, 2, "geglu",
+                  dict(recompute=True, aux_loss_coeff=0.1, z_loss_coeff=0.01), None),
+    "E300": (8, 32, 16, 300, 4, "swiglu", dict(aux_loss_coeff=0.1, z_loss_coeff=0.01), None),
+    "E300_groups_sigmoid": (8, 32, 16, 300, 4, "swiglu",
+                            dict(score_func="sigmoid", num_groups=3, group_topk=2,
+                                 aux_loss_coeff=0.1), "groups"),
+}
+
+
+def _kwargs_for(case, seed, e):
+    kwargs = dict(CASES[case][6])
+    if "expert_bias" in kwargs:
+        gen = torch.Generator().manual_seed(seed + 7)
+        kwargs["expert_bias"] = (torch.randn(e, generator=gen) * kwargs["expert_bias"]).to(DEVICE)
+    return kwargs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_moe_matches_reference(case, seed):
+    n, d, f, e, k, act, _, exercises = CASES[case]
+    kwargs = _kwargs_for(case, seed, e)
+    inp = moe_inputs(seed, n, d, f, e, activation=act, gate_scale=2.0)
+    (out, info, grads), (ref, rinfo, _) = check_moe(inp, k, activation=act, **kwargs)
+
+    ids = rinfo["topk_ids"]
+    score_func = kwargs.get("score_func", "softmax")
+    if exercises == "bias":      # the bias really changes the selection
+        assert not torch.equal(ids, _plain_ids(inp, k, score_func))
+    if exercises == "groups":    # the group limit really changes the selection
+        assert not torch.equal(ids, _plain_ids(inp, k, score_func))
+        groups = ids // (e // kwargs["num_groups"])
+        assert all(len(set(row.tolist())) <= kwargs["group_topk"] for row in groups)
+    if exercises == "drops":     # some slots are really dropped, capacity is respected
+        cap = expert_capacity(n, k, e, kwargs["capacity_factor"])
+        assert (ids == -1).sum() > 0
+        assert rinfo["tokens_per_expert"].max() == cap
+    else:
+        assert (ids >= 0).all()
+    if kwargs.get("aux_loss_coeff", 0) > 0:
+        assert rinfo["aux_loss"] > 0
+    else:
+        assert info["aux_loss"] == 0
+    if kwargs.get("z_loss_coeff", 0) > 0:
+        assert rinfo["z_loss"] > 0
+    else:
+        assert info["z_loss"] == 0
+    if kwargs.get("renormalize", True):
+        expected = kwargs.get("scaling_factor", 1.0)
+        assert_close(info["topk_weights"].sum(-1), torch.full((n,), expected, dtype=torch.float64),
+                     FP32_TOL, "renormalised weight sums")
+
+
+def test_expert_bias_steers_selection_only(seed):
+    """A large bias on one expert puts it in every token's top-k, but the weights are the plain
+    (renormalised) sigmoid scores: the bias never enters them."""
+    n, d, f, e, k = 24, 32, 16, 8, 2
+    inp = moe_inputs(seed, n, d, f, e, gate_scale=2.0)
+    bias = torch.zeros(e)
+    bias[5] = 10.0
+    (out, info, _), _ = check_moe(inp, k, score_func="sigmoid", expert_bias=bias.to(DEVICE))
+    ids = info["topk_ids"].long()
+    assert (ids == 5).any(dim=1).all()
+    picked = torch.sigmoid(_ref_logits(inp)).gather(1, ids)
+    expected = picked / picked.sum(-1, keepdim=True)
+    assert_close(info["topk_weights"], expected, FP32_TOL, "weights without bias")
+    assert (info["topk_weights"] < 1).all()
+
+
+@pytest.mark.parametrize("drop_policy", ["probs", "position"])
+def test_dropped_slots_get_zero_weight_gradient(drop_policy, seed):
+    n, d, f, e, k = 32, 32, 16, 8, 2
+    inp = moe_inputs(seed, n, d, f, e, gate_scale=2.0)
+    out, info, grads = run_fused_moe(inp, k, weights_grad=True, capacity_factor=0.5,
+                                     drop_policy=drop_policy)
+    dropped = info["topk_ids"] == -1
+    assert dropped.any() and (~dropped).any()
+    dw = grads["topk_weights"]
+    assert (dw[dropped] == 0).all()
+    assert (dw[~dropped] != 0).all()
+    # a token whose every slot was dropped gets no expert output
+    all_dropped = dropped.all(dim=1)
+    if all_dropped.any():
+        assert (out[all_dropped] == 0).all()
+
+
+def test_recompute_and_determinism_are_bitwise(seed):
+    n, d, f, e, k = 32, 32, 24, 8, 2
+    inp = moe_inputs(seed, n, d, f, e, gate_scale=2.0)
+    kwargs = dict(score_func="sigmoid", expert_bias=torch.zeros(e, device=DEVICE) + 0.01,
+                  capacity_factor=0.75, aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    runs = [run_fused_moe(inp, k, recompute=r, deterministic=True, **kwargs)
+            for r in (False, False, True)]
+    out0, info0, grads0 = runs[0]
+    for out, info, grads in runs[1:]:
+        assert_bitwise(out, out0, "out")
+        for name in ("topk_ids", "topk_weights", "aux_loss", "z_loss", "tokens_per_expert"):
+            assert_bitwise(info[name], info0[name], name)
+        for name in MOE_GRAD_NAMES:
+            assert_bitwise(grads[name], grads0[name], f"grad {name}")
+
+
+def test_torch_backend_matches_reference(seed):
+    """backend='torch' (the reference path of fused_moe) gives the same routing in fp32."""
+    n, d, f, e, k = 16, 32, 16, 8, 2
+    inp = moe_inputs(seed, n, d, f, e, gate_scale=2.0)
+    (out_t, info_t, _), (ref, rinfo, rgrads) = check_moe(inp, k, aux_loss_coeff=0.1)
+    import moe_plugin
+    out, info = moe_plugin.fused_moe(inp["x"], inp["gate"], inp["w_up"], inp["w_down"], k,
+                                     backend="torch", aux_loss_coeff=0.1)
+    assert torch.equal(info["topk_ids"].long().cpu(), rinfo["topk_ids"].cpu())
+    assert_close(out, ref, FP32_TOL, "torch backend out")
+    assert_close(info["aux_loss"], rinfo["aux_loss"], FP32_TOL, "torch backend aux")
+
+
+# ----------------------------------------------------------------------------------------------
+# capacity_drop, directly
+
+@pytest.mark.parametrize("drop_policy", ["probs", "position"])
+@pytest.mark.parametrize("capacity_factor", [0.3, 0.75, 1.0, 4.0])
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_capacity_drop_matches_reference(drop_policy, capacity_factor, ids_dtype, seed):
+    n, k, e = 40, 3, 6
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.rand(n, e, generator=gen).argsort(-1)[:, :k]
+    ids[:, 0] = torch.where(torch.rand(n, generator=gen) < 0.5, 1, ids[:, 0])  # hot expert 1
+    ids[torch.rand(n, k, generator=gen) < 0.15] = -1
+    ids[4] = -1
+    weights = torch.rand(n, k, generator=gen)
+    ids = ids.to(ids_dtype)
+    got = capacity_drop(ids.to(DEVICE), weights.to(DEVICE), e, capacity_factor, drop_policy)
+    want = reference.capacity_drop(ids.long(), weights.double(), e, capacity_factor, drop_policy)
+    assert got.dtype == ids_dtype and got.shape == ids.shape
+    assert torch.equal(got.long().cpu(), want)
+    cap = expert_capacity(n, k, e, capacity_factor)
+    counts = torch.bincount(want[want >= 0], minlength=e)
+    assert counts.max() <= cap
+    if capacity_factor < 1:
+        assert (want != ids.long()).any()   # something was dropped
+    # only routed slots are dropped, never re-routed
+    assert ((want == ids.long()) | (want == -1)).all()
+
+
+@pytest.mark.parametrize("drop_policy", ["probs", "position"])
+def test_capacity_drop_ties(drop_policy):
+    """Equal weights: the lower slot index is kept first (both policies)."""
+    n, k, e = 12, 2, 3
+    ids = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1], [2, 0], [0, 2],
+                        [1, 0], [0, 1], [0, 2], [2, 1], [0, 1], [1, 0]])
+    weights = torch.tensor([0.5, 0.25]).repeat(n, 1)
+    weights[::3] = 0.25
+    got = capacity_drop(ids.to(DEVICE), weights.to(DEVICE), e, 0.5, drop_policy)
+    want = reference.capacity_drop(ids, weights, e, 0.5, drop_policy)
+    assert (want == -1).any()
+    assert torch.equal(got.long().cpu(), want)
+    cap = math.ceil(n * k / e * 0.5)
+    if drop_policy == "position":
+        for ex in range(e):
+            kept = (want == ex).flatten().nonzero().flatten()
+            routed = (ids == ex).flatten().nonzero().flatten()
+            assert torch.equal(kept, routed[:cap])

@@ -1,0 +1,174 @@
+"""Unit tests of single kernels: permutation metadata, the un-permute reduce, and routing."""
+import pytest
+import torch
+
+from conftest import DEVICE, FP32_TOL, assert_close, random_ids
+from moe_plugin import kernels as K
+from moe_plugin import reference
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+
+def test_poison_fixture_is_active():
+    assert torch.isnan(torch.empty(3, device=DEVICE)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(2))).all()
+
+
+def _ids_with_holes(seed, n, e, k, *, minus_one=0.2, experts=None):
+    gen = torch.Generator().manual_seed(seed)
+    ids = random_ids(gen, n, e, k)
+    if experts is not None:  # only these experts get slots
+        ids = torch.tensor(experts)[torch.randint(0, len(experts), (n, k), generator=gen)]
+    ids[torch.rand(n, k, generator=gen) < minus_one] = -1
+    if n > 2:
+        ids[1] = -1
+    return ids
+
+
+def _check_meta(ids: torch.Tensor, e: int):
+    meta = K.permute_metadata(ids.to(DEVICE), e)
+    flat = ids.reshape(-1).long()
+    s = flat.numel()
+    valid = flat >= 0
+    nvalid = int(valid.sum())
+    counts = torch.bincount(flat[valid], minlength=e)
+    offsets = torch.zeros(e + 1, dtype=torch.long)
+    offsets[1:] = counts.cumsum(0)
+    # expected order: stable sort of the slots by expert id, unused slots last
+    key = torch.where(valid, flat, e)
+    order = torch.sort(key, stable=True).indices
+    expected_pos = torch.full((s,), -1, dtype=torch.long)
+    expected_pos[order[:nvalid]] = torch.arange(nvalid)
+
+    assert meta.counts.dtype == torch.int32 and meta.offsets.dtype == torch.int32
+    assert meta.num_experts == e and meta.top_k == ids.shape[1]
+    assert torch.equal(meta.counts.long().cpu(), counts)
+    assert torch.equal(meta.offsets.long().cpu(), offsets)
+    assert meta.slot_pos.shape == (s,) and meta.sorted_slot.shape == (s,)
+    assert torch.equal(meta.slot_pos.long().cpu(), expected_pos)
+    assert torch.equal(meta.sorted_slot[:nvalid].long().cpu(), order[:nvalid])
+    return meta
+
+
+@pytest.mark.parametrize("n,e,k,experts", [
+    (50, 5, 3, None),            # 150 slots: several programs of the counting sort
+    (64, 16, 4, [0, 3, 9, 15]),  # experts with no slot
+    (40, 1, 1, None),            # one expert
+    (33, 8, 2, [6]),             # every slot on one expert
+    (9, 300, 4, None),           # E > 256
+    (12, 600, 8, [0, 299, 300, 511, 599]),
+])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_permute_metadata(n, e, k, experts, ids_dtype, seed):
+    ids = _ids_with_holes(seed, n, e, k, experts=experts).to(ids_dtype)
+    _check_meta(ids, e)
+
+
+def test_permute_metadata_without_minus_one_and_all_minus_one(seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = random_ids(gen, 70, 7, 2)
+    meta = _check_meta(ids, 7)
+    assert (meta.slot_pos >= 0).all()
+    meta = _check_meta(torch.full((20, 3), -1), 4)
+    assert (meta.counts == 0).all() and (meta.slot_pos == -1).all()
+
+
+def test_permute_metadata_no_tokens():
+    meta = K.permute_metadata(torch.zeros(0, 2, dtype=torch.int64, device=DEVICE), 5)
+    assert meta.counts.tolist() == [0] * 5
+    assert meta.offsets.tolist() == [0] * 6
+    assert meta.slot_pos.numel() == 0 and meta.sorted_slot.numel() == 0
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("n,d,e,k", [(37, 45, 5, 3), (5, 8, 3, 1), (20, 64, 300, 2)])
+def test_gather_reduce(weighted, n, d, e, k, seed):
+    ids = _ids_with_holes(seed, n, e, k)
+    meta = K.permute_metadata(ids.to(DEVICE), e)
+    gen = torch.Generator().manual_seed(seed + 1)
+    y = torch.randn(n * k, d, generator=gen)
+    valid_rows = int(meta.offsets[-1])
+    y[valid_rows:] = float("nan")   # rows past the used positions must never be read
+    w = torch.rand(n, k, generator=gen)
+    out = K.gather_reduce(y.to(DEVICE), meta, w.to(DEVICE) if weighted else None)
+    pos = meta.slot_pos.long().cpu().view(n, k)
+    expected = torch.zeros(n, d, dtype=torch.float64)
+    for t in range(n):
+        for j in range(k):
+            if pos[t, j] >= 0:
+                expected[t] += y[pos[t, j]].double() * (w[t, j].double() if weighted else 1.0)
+    assert out.shape == (n, d) and out.dtype == torch.float32
+    assert_close(out, expected, FP32_TOL, "gather_reduce")
+    assert (out[1] == 0).all()   # token 1 has no used slot
+
+
+def test_gather_reduce_out_dtype(seed):
+    n, d, e, k = 10, 16, 4, 2
+    ids = _ids_with_holes(seed, n, e, k)
+    meta = K.permute_metadata(ids.to(DEVICE), e)
+    y = torch.randn(n * k, d, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    out = K.gather_reduce(y, meta, None, out_dtype=torch.float16)
+    ref = K.gather_reduce(y, meta, None)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, ref.to(torch.float16))
+
+
+# ----------------------------------------------------------------------------------------------
+# routing kernels (forward and backward) against reference.route on float64 logits
+
+ROUTES = {
+    "softmax": dict(score_func="softmax", renormalize=True),
+    "softmax_plain_scaled": dict(score_func="softmax", renormalize=False, scaling_factor=2.0),
+    "softmax_bias": dict(score_func="softmax", renormalize=True, expert_bias=True),
+    "sigmoid": dict(score_func="sigmoid", renormalize=True),
+    "sigmoid_plain": dict(score_func="sigmoid", renormalize=False),
+    "sigmoid_bias_groups": dict(score_func="sigmoid", renormalize=True, expert_bias=True,
+                                num_groups=4, group_topk=2, scaling_factor=2.5),
+    "softmax_groups": dict(score_func="softmax", renormalize=True, num_groups=8, group_topk=3),
+}
+
+
+@pytest.mark.parametrize("case", ROUTES)
+@pytest.mark.parametrize("n,e,k", [(37, 16, 4), (6, 320, 8)])
+def test_route_kernels(case, n, e, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, e, generator=gen) * 2
+    kw = dict(ROUTES[case])
+    bias = torch.randn(e, generator=gen) * 0.1 if kw.pop("expert_bias", False) else None
+    kw.setdefault("num_groups", None)
+    kw.setdefault("group_topk", None)
+    kw.setdefault("scaling_factor", 1.0)
+    ids, w, colsum, cnt, lse = K.route_forward(
+        logits.to(DEVICE), k, expert_bias=None if bias is None else bias.to(DEVICE),
+        need_aux=True, need_lse=True, **kw)
+
+    lg = logits.double().requires_grad_()
+    r_ids, r_w, _ = reference.route(lg, k, expert_bias=bias, **kw)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids.long().cpu(), r_ids)
+    assert_close(w, r_w, FP32_TOL, "weights")
+    # aux statistics: column sums of the aux distribution, counts of its plain top-k
+    p = reference._aux_scores(lg, kw["score_func"])
+    plain = torch.sort(p.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(cnt.long().cpu(), torch.bincount(plain.flatten(), minlength=e))
+    assert_close(colsum, p.sum(0), FP32_TOL, "aux column sums")
+    r_lse = torch.logsumexp(lg, -1)
+    assert_close(lse, r_lse, FP32_TOL, "logsumexp")
+
+    # backward: gradient of <dw, w> + <dcol, colsum> + <dlse, lse>
+    dw = torch.randn(n, k, generator=gen)
+    dcol = torch.randn(e, generator=gen)
+    dlse = torch.randn(n, generator=gen)
+    for use in [(True, True, True), (True, False, False), (False, True, False),
+                (False, False, True)]:
+        parts = [((r_w * dw.double()).sum(), use[0]), ((p.sum(0) * dcol.double()).sum(), use[1]),
+                 ((r_lse * dlse.double()).sum(), use[2])]
+        loss = sum(v for v, u in parts if u)
+        (r_dl,) = torch.autograd.grad(loss, lg, retain_graph=True)
+        dl = K.route_backward(logits.to(DEVICE), ids,
+                              dw.to(DEVICE) if use[0] else None,
+                              dcol.to(DEVICE) if use[1] else None,
+                              dlse.to(DEVICE) if use[2] else None,
+                              score_func=kw["score_func"], renormalize=kw["renormalize"],
+                              scaling_factor=kw["scaling_factor"])
+        assert_close(dl, r_dl, FP32_TOL, f"dlogits {use}")
