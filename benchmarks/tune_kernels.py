@@ -41,7 +41,6 @@ def cfg(c, group_m=True):
 
 
 def main():
-    from triton.testing import do_bench
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--rep-ms", type=int, default=40)
@@ -49,53 +48,58 @@ def main():
     args = ap.parse_args()
     best = {}
     for name in args.configs:
-        T, D, F, E, k = CONFIGS[name]
-        x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
-        M = T * k
-        meta = K.permute_metadata(ids, E)
-        pre, h = K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)
-        dout = torch.randn_like(x)
-        t_perm = do_bench(lambda: K.permute_metadata(ids, E), rep=args.rep_ms,
-                          return_mode="median")
-        y = K.expert_down(h, w_down, meta)
-        t_red = do_bench(lambda: K.gather_reduce(y, meta, w), rep=args.rep_ms,
-                         return_mode="median")
-        dpre, hw, _ = K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)
-        print(json.dumps({"config": name, "permute_ms": t_perm, "reduce_ms": t_red,
-                          "reduce_TBps": (M * D * 2 + T * D * 2) / t_red / 1e9}), flush=True)
-        jobs = {
-            "up": (GATED_CANDIDATES, True, 2 * M * D * 2 * F,
-                   lambda: K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)),
-            "down": (ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(h, w_down, meta)),
-            "up_bwd": (GATED_CANDIDATES, True, 2 * M * D * F,
-                       lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)),
-            "dx": (ROW_CANDIDATES, True, 2 * M * 2 * F * D, lambda: K.expert_dx(dpre, w_up, meta)),
-            "wgrad_down": (SEG_CANDIDATES, False, 2 * M * D * F,
-                           lambda: K.wgrad_down(dout, hw, meta)),
-            "wgrad_up": (SEG_CANDIDATES, False, 2 * M * 2 * F * D,
-                         lambda: K.wgrad_up(dpre, x, meta)),
-        }
-        for kind, (cands, gm, flops, fn) in jobs.items():
-            if args.kernels and kind not in args.kernels:
-                continue
-            res = []
-            for c in cands:
-                GG.CONFIG_OVERRIDES[kind] = cfg(c, gm)
-                try:
-                    fn()
-                    t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
-                    res.append((flops / t / 1e9, c, t))
-                except Exception as ex:  # out of shared memory etc.
-                    res.append((0.0, c, repr(ex)[:80]))
-            GG.CONFIG_OVERRIDES.pop(kind)
-            res.sort(key=lambda r: -r[0])
-            best.setdefault(kind, {})[name] = res[0][1]
-            print(json.dumps({"config": name, "kernel": kind,
-                              "results": [[round(r[0], 1), r[1], r[2]] for r in res]}),
-                  flush=True)
-        del x, w_up, w_down, pre, h, dpre, hw, y, dout
+        tune_config(name, args, best)
         torch.cuda.empty_cache()
     print(json.dumps({"best": best}))
+
+
+def tune_config(name, args, best):
+    """Times every GEMM of one benchmark config with each candidate tile configuration."""
+    from triton.testing import do_bench
+    T, D, F, E, k = CONFIGS[name]
+    x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
+    M = T * k
+    meta = K.permute_metadata(ids, E)
+    pre, h = K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)
+    dout = torch.randn_like(x)
+    t_perm = do_bench(lambda: K.permute_metadata(ids, E), rep=args.rep_ms,
+                      return_mode="median")
+    y = K.expert_down(h, w_down, meta)
+    t_red = do_bench(lambda: K.gather_reduce(y, meta, w), rep=args.rep_ms,
+                     return_mode="median")
+    dpre, hw, _ = K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)
+    print(json.dumps({"config": name, "permute_ms": t_perm, "reduce_ms": t_red,
+                      "reduce_TBps": (M * D * 2 + T * D * 2) / t_red / 1e9}), flush=True)
+    jobs = {
+        "up": (GATED_CANDIDATES, True, 2 * M * D * 2 * F,
+               lambda: K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)),
+        "down": (ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(h, w_down, meta)),
+        "up_bwd": (GATED_CANDIDATES, True, 2 * M * D * F,
+                   lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)),
+        "dx": (ROW_CANDIDATES, True, 2 * M * 2 * F * D, lambda: K.expert_dx(dpre, w_up, meta)),
+        "wgrad_down": (SEG_CANDIDATES, False, 2 * M * D * F,
+                       lambda: K.wgrad_down(dout, hw, meta)),
+        "wgrad_up": (SEG_CANDIDATES, False, 2 * M * 2 * F * D,
+                     lambda: K.wgrad_up(dpre, x, meta)),
+    }
+    for kind, (cands, gm, flops, fn) in jobs.items():
+        if args.kernels and kind not in args.kernels:
+            continue
+        res = []
+        for c in cands:
+            GG.CONFIG_OVERRIDES[kind] = cfg(c, gm)
+            try:
+                fn()
+                t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
+                res.append((flops / t / 1e9, c, t))
+            except Exception as ex:  # out of shared memory etc.
+                res.append((0.0, c, repr(ex)[:80]))
+        GG.CONFIG_OVERRIDES.pop(kind)
+        res.sort(key=lambda r: -r[0])
+        best.setdefault(kind, {})[name] = res[0][1]
+        print(json.dumps({"config": name, "kernel": kind,
+                          "results": [[round(r[0], 1), r[1], r[2]] for r in res]}),
+              flush=True)
 
 
 if __name__ == "__main__":

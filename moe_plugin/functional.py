@@ -45,6 +45,12 @@ def _check_ids(topk_ids: torch.Tensor, num_experts: int, validate_ids) -> None:
                          f"got {validate_ids!r}")
 
 
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
 def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, recompute):
     """Returns ``(out [N, D], tokens_per_expert int [E])``."""
     act_code, gated = check_activation(activation)
@@ -88,10 +94,7 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
         ``[N, D]`` in ``hidden_states.dtype``.
     """
     shapes = check_experts_args(hidden_states, topk_ids, topk_weights, w_up, w_down, activation)
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute: expected a bool, got {type(recompute).__name__}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    _check_flags(recompute=recompute, deterministic=deterministic)
     use_triton = _use_triton(backend, hidden_states)
     _check_ids(topk_ids, shapes.num_experts, validate_ids)
     out, _ = _experts(hidden_states, topk_ids, topk_weights, w_up, w_down, activation,
@@ -169,8 +172,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     check_experts_args(x, torch.empty(n, top_k, dtype=torch.int32, device=x.device),
                        torch.empty(n, top_k, dtype=torch.float32, device=x.device),
                        w_up, w_down, activation)
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute: expected a bool, got {type(recompute).__name__}")
+    _check_flags(recompute=recompute, deterministic=deterministic)
     use_triton = _use_triton(backend, x)
     need_aux = aux_loss_coeff > 0
     need_z = z_loss_coeff > 0

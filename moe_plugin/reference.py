@@ -42,7 +42,6 @@ Experts (``experts``): ``out[t] = Σ_j w[t, j] · W_down[e] · act(W_up[e] · x[
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
