@@ -2,6 +2,7 @@
 from . import reference
 from .config import ACTIVATIONS
 from .functional import capacity_drop, fused_experts, fused_moe
+from .layer import MoELayer
 
 __version__ = "0.1.0"
-__all__ = ["fused_experts", "fused_moe", "capacity_drop", "ACTIVATIONS", "reference"]
+__all__ = ["fused_experts", "fused_moe", "capacity_drop", "MoELayer", "ACTIVATIONS", "reference"]

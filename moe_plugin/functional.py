@@ -174,30 +174,55 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
                        w_up, w_down, activation)
     _check_flags(recompute=recompute, deterministic=deterministic)
     use_triton = _use_triton(backend, x)
-    need_aux = aux_loss_coeff > 0
-    need_z = z_loss_coeff > 0
+    ids, weights, aux, z = route_tokens(
+        x, gate_weight, top_k, score_func=score_func, renormalize=renormalize,
+        expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
+        scaling_factor=scaling_factor, capacity_factor=capacity_factor, drop_policy=drop_policy,
+        aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, use_triton=use_triton)
+    out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton, recompute)
+    info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
+            "topk_weights": weights}
+    return out, info
+
+
+def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bool,
+                 expert_bias, num_groups, group_topk, scaling_factor: float, capacity_factor,
+                 drop_policy: str, aux_loss_coeff: float, z_loss_coeff: float, use_triton: bool,
+                 seq_shape=None):
+    """The router stage shared by ``fused_moe`` and ``MoELayer`` (arguments already checked).
+
+    ``x [N, D]`` is the router input. Returns ``(topk_ids [N, k] (-1 for dropped slots),
+    topk_weights fp32 [N, k], aux_loss, z_loss)``. With ``seq_shape = (num_seqs, seq_len,
+    batch_first)`` the load-balance loss is the per-sequence variant
+    (``reference.seq_load_balance_loss``) instead of the per-batch one."""
+    n = x.shape[0]
+    num_experts = gate_weight.shape[0]
+    need_aux = aux_loss_coeff > 0 and n > 0
+    need_z = z_loss_coeff > 0 and n > 0
+    batch_aux = need_aux and seq_shape is None
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     if use_triton:
         logits = RouterLogitsFunction.apply(x, gate_weight)
         ids, weights, colsum, aux_counts, lse = RouterFunction.apply(
             logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
-            float(scaling_factor), need_aux, need_z)
+            float(scaling_factor), batch_aux, need_z)
         aux = (colsum * aux_counts.float()).sum() * (aux_loss_coeff * num_experts
-                                                     / (top_k * n * n)) if need_aux and n else zero
-        z = lse.square().mean() * z_loss_coeff if need_z and n else zero
+                                                     / (top_k * n * n)) if batch_aux else zero
+        z = lse.square().mean() * z_loss_coeff if need_z else zero
     else:
         rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        zero = zero.to(rdt)
         logits = x.to(rdt) @ gate_weight.to(rdt).t()
         ids, weights, _ = reference.route(
             logits, top_k, score_func=score_func, renormalize=renormalize,
             expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
             scaling_factor=scaling_factor)
         aux = reference.load_balance_loss(logits, top_k, score_func, aux_loss_coeff) \
-            if need_aux and n else zero.to(rdt)
-        z = reference.z_loss(logits, z_loss_coeff) if need_z and n else zero.to(rdt)
+            if batch_aux else zero
+        z = reference.z_loss(logits, z_loss_coeff) if need_z else zero
+    if need_aux and not batch_aux:
+        aux = reference.seq_load_balance_loss(logits, top_k, score_func, aux_loss_coeff,
+                                              *seq_shape)
     if capacity_factor is not None:
         ids = capacity_drop(ids, weights, num_experts, capacity_factor, drop_policy)
-    out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton, recompute)
-    info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
-            "topk_weights": weights}
-    return out, info
+    return ids, weights, aux, z

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from .config import (SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT, check_activation,
                      expert_capacity)
 
-__all__ = ["activation", "scores_of", "route", "capacity_drop", "load_balance_loss", "z_loss",
-           "experts", "moe"]
+__all__ = ["activation", "scores_of", "route", "capacity_drop", "load_balance_loss",
+           "seq_load_balance_loss", "z_loss", "experts", "moe", "moe_layer"]
 
 
 def activation(name: str, pre: torch.Tensor) -> torch.Tensor:
@@ -72,6 +72,9 @@ def activation(name: str, pre: torch.Tensor) -> torch.Tensor:
     if name == "relu2":
         return F.relu(pre).square()
     return F.silu(pre)
+
+
+_apply_activation = activation  # for functions whose ``activation`` argument is the name
 
 
 def scores_of(logits: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -155,6 +158,27 @@ def load_balance_loss(logits: torch.Tensor, top_k: int, score_func: str = "softm
     return coeff * e / (top_k * n * n) * (p.sum(0) * counts).sum()
 
 
+def seq_load_balance_loss(logits: torch.Tensor, top_k: int, score_func: str, coeff: float,
+                          num_seqs: int, seq_len: int, batch_first: bool = True) -> torch.Tensor:
+    """Per-sequence load-balance loss (Megatron-Core's ``seq_aux_loss``): the switch loss of
+    each sequence on its own (``N`` = its length), averaged over the sequences.
+
+    ``logits [N, E]`` hold ``num_seqs`` sequences of ``seq_len`` tokens, token ``t = b·S + s``
+    when ``batch_first`` else ``t = s·B + b`` (Megatron's [s, b] layout)."""
+    n, e = logits.shape
+    p = _aux_scores(logits, score_func)
+    ids = _topk_lowest_index(p.detach(), top_k)
+    sel = torch.zeros_like(p).scatter_(1, ids, 1.0)
+    if batch_first:
+        p, sel = p.view(num_seqs, seq_len, e), sel.view(num_seqs, seq_len, e)
+        dim = 1
+    else:
+        p, sel = p.view(seq_len, num_seqs, e), sel.view(seq_len, num_seqs, e)
+        dim = 0
+    per_seq = (p.sum(dim) * sel.sum(dim)).sum(-1) * (e / (top_k * seq_len * seq_len))
+    return coeff * per_seq.mean()
+
+
 def z_loss(logits: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
     return coeff * torch.logsumexp(logits, dim=-1).square().mean()
 
@@ -204,3 +228,69 @@ def moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torch.Tens
         "logits": logits,
     }
     return out, info
+
+
+def moe_layer(x: torch.Tensor, params: dict, top_k: int, *, activation: str = "swiglu",
+              score_func: str = "softmax", renormalize: bool = True,
+              num_groups: Optional[int] = None, group_topk: Optional[int] = None,
+              scaling_factor: float = 1.0, apply_weight_to_input: bool = False,
+              capacity_factor: Optional[float] = None, drop_policy: str = "probs",
+              aux_loss_coeff: float = 0.0, aux_loss_type: str = "batch",
+              z_loss_coeff: float = 0.0, batch_first: bool = True,
+              router_noise: Optional[torch.Tensor] = None):
+    """``moe_plugin.MoELayer`` in plain PyTorch. Returns ``(out [..., D], info)``.
+
+    ``params``: ``w_gate [E, D]``, ``w_up``, ``w_down`` (on the latent width L when
+    ``latent_down [L, D]`` / ``latent_up [D, L]`` are given), optional ``expert_bias [E]``,
+    ``shared_w_up [2Fs|Fs, D]``, ``shared_w_down [D, Fs]``, ``shared_gate [1, D]``.
+    ``router_noise`` (same shape as the flattened input) multiplies the router input (jitter).
+
+    * router input: ``x`` (times ``router_noise``); logits in fp32 (float64 for float64 input)
+    * routed input: ``x``, or ``x · latent_downᵀ``; with ``apply_weight_to_input`` (top-1) the
+      routed input is multiplied by the routing weight and the output is not
+    * out = routed (· ``latent_upᵀ``) + shared, shared = ``W_down_s · act(W_up_s · x)``, times
+      ``sigmoid(x · shared_gateᵀ)`` when a shared gate is given
+    """
+    shape = x.shape
+    d = shape[-1]
+    h = x.reshape(-1, d)
+    rdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hr = h if router_noise is None else h * router_noise.to(h.dtype)
+    logits = hr.to(rdt) @ params["w_gate"].to(rdt).t()
+    e = params["w_gate"].shape[0]
+    ids, weights, _ = route(logits, top_k, score_func=score_func, renormalize=renormalize,
+                            expert_bias=params.get("expert_bias"), num_groups=num_groups,
+                            group_topk=group_topk, scaling_factor=scaling_factor)
+    if capacity_factor is not None:
+        ids = capacity_drop(ids, weights, e, capacity_factor, drop_policy)
+    xe = h if params.get("latent_down") is None else h @ params["latent_down"].t()
+    if apply_weight_to_input:
+        xe = xe * weights.to(xe.dtype)
+        routed = experts(xe, ids, torch.ones_like(weights), params["w_up"], params["w_down"],
+                         activation)
+    else:
+        routed = experts(xe, ids, weights, params["w_up"], params["w_down"], activation)
+    if params.get("latent_up") is not None:
+        routed = routed @ params["latent_up"].t()
+    out = routed
+    if params.get("shared_w_up") is not None:
+        shared = _apply_activation(activation, h @ params["shared_w_up"].t())
+        shared = shared @ params["shared_w_down"].t()
+        if params.get("shared_gate") is not None:
+            shared = shared * torch.sigmoid(h @ params["shared_gate"].t())
+        out = out + shared
+    zero = logits.new_zeros(())
+    if aux_loss_coeff > 0 and h.shape[0] > 0:
+        if aux_loss_type == "seq":
+            b, s = (shape[0], shape[1]) if batch_first else (shape[1], shape[0])
+            aux = seq_load_balance_loss(logits, top_k, score_func, aux_loss_coeff, b, s,
+                                        batch_first)
+        else:
+            aux = load_balance_loss(logits, top_k, score_func, aux_loss_coeff)
+    else:
+        aux = zero
+    z = z_loss(logits, z_loss_coeff) if z_loss_coeff > 0 and h.shape[0] > 0 else zero
+    valid = ids[ids >= 0]
+    info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": torch.bincount(valid, minlength=e),
+            "topk_ids": ids, "topk_weights": weights}
+    return out.reshape(shape), info

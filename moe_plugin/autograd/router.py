@@ -1,7 +1,7 @@
 """Autograd Functions for the router: gate logits in fp32, and fused scores + top-k."""
 import torch
 
-from .. import kernels as K
+from ..kernels import ops  # noqa: F401  (registers torch.ops.moe_plugin.*)
 
 
 class RouterLogitsFunction(torch.autograd.Function):
@@ -32,8 +32,9 @@ class RouterLogitsFunction(torch.autograd.Function):
 class RouterFunction(torch.autograd.Function):
     """Fused routing on fp32 logits ``[N, E]``.
 
-    Returns ``(topk_ids int32 [N, k], topk_weights fp32 [N, k], aux_colsum fp32 [E] | None,
-    aux_counts int32 [E] | None, lse fp32 [N] | None)``; ``aux_colsum`` (column sums of the aux
+    Returns ``(topk_ids int32 [N, k], topk_weights fp32 [N, k], aux_colsum fp32 [E],
+    aux_counts int32 [E], lse fp32 [N])`` (the last three empty when not asked for);
+    ``aux_colsum`` (column sums of the aux
     score distribution) and ``lse`` (per-row logsumexp) feed the load-balance and z losses and
     are differentiable; ids and counts are not.
 
@@ -43,18 +44,22 @@ class RouterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
                 scaling_factor, need_aux, need_lse):
-        ids, w, colsum, cnt, lse = K.route_forward(
-            logits, top_k, score_func=score_func, renormalize=renormalize,
-            expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
-            scaling_factor=scaling_factor, need_aux=need_aux, need_lse=need_lse)
+        bias = expert_bias if expert_bias is not None else logits.new_empty(0)
+        ids, w, colsum, cnt, lse = torch.ops.moe_plugin.route_fwd(
+            logits, bias, top_k, score_func, renormalize, num_groups or 0, group_topk or 0,
+            scaling_factor, need_aux, need_lse)
         ctx.save_for_backward(logits, ids)
-        ctx.score_func, ctx.renormalize, ctx.scaling_factor = score_func, renormalize, scaling_factor
-        ctx.mark_non_differentiable(ids, *([cnt] if cnt is not None else []))
+        ctx.score_func, ctx.renormalize = score_func, renormalize
+        ctx.scaling_factor = scaling_factor
+        ctx.mark_non_differentiable(ids, cnt)
         return ids, w, colsum, cnt, lse
 
     @staticmethod
     def backward(ctx, _dids, dw, dcol, _dcnt, dlse):
         logits, ids = ctx.saved_tensors
-        dl = K.route_backward(logits, ids, dw, dcol, dlse, score_func=ctx.score_func,
-                              renormalize=ctx.renormalize, scaling_factor=ctx.scaling_factor)
+        empty = logits.new_empty(0)
+        dl = torch.ops.moe_plugin.route_bwd(
+            logits, ids, dw if dw is not None else empty, dcol if dcol is not None else empty,
+            dlse if dlse is not None else empty, ctx.score_func, ctx.renormalize,
+            ctx.scaling_factor)
         return dl, None, None, None, None, None, None, None, None, None

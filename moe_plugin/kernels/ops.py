@@ -1,0 +1,135 @@
+"""The kernel launchers registered as PyTorch custom ops (``torch.ops.moe_plugin.*``).
+
+Registered ops are opaque to ``torch.compile`` (Dynamo does not trace into the launch code;
+the fake implementations give output shapes) and contain no host synchronisation, so the
+autograd Functions built on them compile with ``fullgraph=True`` and capture in CUDA graphs.
+Optional outputs are returned as empty tensors (custom ops cannot return None).
+"""
+from typing import List
+
+import torch
+
+from . import grouped_gemm as G
+from .permute import PermuteMeta, gather_reduce, permute_metadata
+from .routing import route_backward, route_forward
+
+
+def _meta(counts, offsets, sorted_slot, slot_pos, top_k: int) -> PermuteMeta:
+    return PermuteMeta(counts, offsets, sorted_slot, slot_pos, counts.shape[0], top_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# experts
+
+@torch.library.custom_op("moe_plugin::experts_fwd", mutates_args=())
+def experts_fwd(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                w_up: torch.Tensor, w_down: torch.Tensor, act: int, gated: bool,
+                save_pre: bool) -> List[torch.Tensor]:
+    """Returns ``[out [N, D], counts [E], offsets [E+1], sorted_slot [S], slot_pos [S],
+    pre [S, 2F|F] (or [0, 2F|F] when not save_pre)]``."""
+    meta = permute_metadata(topk_ids, w_up.shape[0])
+    pre, h = G.expert_up(x, w_up, meta, act, gated, store_pre=save_pre, store_h=True)
+    y = G.expert_down(h, w_down, meta)
+    del h
+    out = gather_reduce(y, meta, topk_weights, out_dtype=x.dtype)
+    if pre is None:
+        pre = x.new_empty(0, w_up.shape[1])
+    return [out, meta.counts, meta.offsets, meta.sorted_slot, meta.slot_pos, pre]
+
+
+@experts_fwd.register_fake
+def _(x, topk_ids, topk_weights, w_up, w_down, act, gated, save_pre):
+    n, k = topk_ids.shape
+    s, e = n * k, w_up.shape[0]
+    i32 = dict(dtype=torch.int32, device=x.device)
+    return [x.new_empty(x.shape), torch.empty(e, **i32), torch.empty(e + 1, **i32),
+            torch.empty(s, **i32), torch.empty(s, **i32),
+            x.new_empty(s if save_pre else 0, w_up.shape[1])]
+
+
+@torch.library.custom_op("moe_plugin::experts_bwd", mutates_args=())
+def experts_bwd(dout: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
+                w_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
+                offsets: torch.Tensor, sorted_slot: torch.Tensor, slot_pos: torch.Tensor,
+                pre: torch.Tensor, act: int, gated: bool, need_x: bool, need_w: bool,
+                need_up: bool, need_down: bool) -> List[torch.Tensor]:
+    """Returns ``[dx, d_topk_weights, dw_up, dw_down]``; a gradient not needed is empty.
+
+    ``pre`` empty means recompute it (GEMM1 again, same kernel and configuration)."""
+    meta = _meta(counts, offsets, sorted_slot, slot_pos, topk_weights.shape[1])
+    if pre.numel() == 0 and sorted_slot.numel() > 0:
+        pre, _ = G.expert_up(x, w_up, meta, act, gated, store_pre=True, store_h=False)
+    dout = dout.contiguous()
+    dx, dw_topk, dw_up, dw_down = (x.new_empty(0) for _ in range(4))  # distinct: no aliasing
+    dpre, hw, dw_perm = G.expert_up_bwd(dout, w_down, pre, meta, topk_weights, act, gated)
+    del pre
+    if need_down:
+        dw_down = G.wgrad_down(dout, hw, meta)
+    del hw
+    if need_w:
+        pos = slot_pos.view(topk_weights.shape).long()
+        dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
+    if need_x:
+        dxp = G.expert_dx(dpre, w_up, meta)
+        dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype)
+        del dxp
+    if need_up:
+        dw_up = G.wgrad_up(dpre, x, meta)
+    return [dx, dw_topk, dw_up, dw_down]
+
+
+@experts_bwd.register_fake
+def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, act,
+      gated, need_x, need_w, need_up, need_down):
+    def maybe(flag, like):
+        return torch.empty_like(like) if flag else x.new_empty(0)
+    return [maybe(need_x, x), maybe(need_w, topk_weights), maybe(need_up, w_up),
+            maybe(need_down, w_down)]
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+
+@torch.library.custom_op("moe_plugin::route_fwd", mutates_args=())
+def route_fwd(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, score_func: str,
+              renormalize: bool, num_groups: int, group_topk: int, scaling_factor: float,
+              need_aux: bool, need_lse: bool) -> List[torch.Tensor]:
+    """Returns ``[topk_ids int32 [N, k], topk_weights fp32 [N, k], aux_colsum [E] | [0],
+    aux_counts int32 [E] | [0], lse [N] | [0]]``. ``expert_bias`` empty = none;
+    ``num_groups`` 0 = not group-limited."""
+    ids, w, colsum, cnt, lse = route_forward(
+        logits, top_k, score_func=score_func, renormalize=renormalize,
+        expert_bias=expert_bias if expert_bias.numel() else None,
+        num_groups=num_groups or None, group_topk=group_topk or None,
+        scaling_factor=scaling_factor, need_aux=need_aux, need_lse=need_lse)
+    return [ids, w, colsum if colsum is not None else logits.new_empty(0),
+            cnt if cnt is not None else torch.empty(0, dtype=torch.int32, device=logits.device),
+            lse if lse is not None else logits.new_empty(0)]
+
+
+@route_fwd.register_fake
+def _(logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
+      scaling_factor, need_aux, need_lse):
+    n, e = logits.shape
+    dev = logits.device
+    return [torch.empty(n, top_k, dtype=torch.int32, device=dev),
+            torch.empty(n, top_k, dtype=torch.float32, device=dev),
+            logits.new_empty(e if need_aux else 0),
+            torch.empty(e if need_aux else 0, dtype=torch.int32, device=dev),
+            logits.new_empty(n if need_lse else 0)]
+
+
+@torch.library.custom_op("moe_plugin::route_bwd", mutates_args=())
+def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights: torch.Tensor,
+              d_colsum: torch.Tensor, d_lse: torch.Tensor, score_func: str, renormalize: bool,
+              scaling_factor: float) -> torch.Tensor:
+    """Gradient w.r.t. the fp32 logits; an empty incoming gradient counts as zero."""
+    return route_backward(logits, topk_ids, d_weights if d_weights.numel() else None,
+                          d_colsum if d_colsum.numel() else None,
+                          d_lse if d_lse.numel() else None, score_func=score_func,
+                          renormalize=renormalize, scaling_factor=scaling_factor)
+
+
+@route_bwd.register_fake
+def _(logits, topk_ids, d_weights, d_colsum, d_lse, score_func, renormalize, scaling_factor):
+    return torch.empty_like(logits)

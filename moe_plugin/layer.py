@@ -1,0 +1,391 @@
+"""``MoELayer``: the nn.Module a PyTorch user drops into a model.
+
+Router + routed experts (the fused path of ``moe_plugin.functional``) + optional shared
+experts (on a side CUDA stream), latent projection, aux-loss-free balancing and recompute.
+``moe_plugin.reference.moe_layer`` is its plain-PyTorch twin (the test oracle).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .config import (FLOAT_DTYPES, check_activation, check_choice, check_nonneg_float,
+                     check_positive_int, check_routing_args, check_tensor)
+from .functional import _experts, _use_triton, route_tokens
+
+AUX_LOSS_TYPES = ("batch", "seq")
+EXPERT_FORMATS = ("mixtral", "qwen3", "megatron")
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts feed-forward layer.
+
+    Args:
+        d_model: token width D.
+        ffn_dim: per-expert intermediate size F (gated activations hold 2F rows in ``w_up``).
+        num_experts: routed experts E.
+        top_k: experts per token.
+        activation: ``swiglu``, ``geglu``, ``swiglu_oai``, ``gelu``, ``relu2`` or ``silu``.
+        score_func, renormalize, num_groups, group_topk, scaling_factor, capacity_factor,
+        drop_policy: routing, as in ``moe_plugin.fused_moe``.
+        apply_weight_to_input: top-1 only: multiply the routed expert's *input* by the routing
+            weight instead of its output (Llama-4 style).
+        router_jitter: multiply the router input by U(1-eps, 1+eps) noise in training mode.
+        aux_loss_coeff, aux_loss_type: load-balance loss, ``"batch"`` (over all tokens of the
+            call) or ``"seq"`` (per sequence, averaged; needs a 3-D input).
+        z_loss_coeff: router z-loss.
+        enable_expert_bias: aux-loss-free balancing: an ``expert_bias`` buffer used for
+            selection only, updated by ``update_expert_bias(rate)``.
+        num_shared_experts, shared_ffn_dim: always-on shared experts (merged into one MLP of
+            width ``num_shared_experts · shared_ffn_dim``, default ``shared_ffn_dim = ffn_dim``).
+        shared_expert_gate: scale the shared output by ``sigmoid(x · shared_gateᵀ)``
+            (Qwen2-MoE style).
+        shared_expert_overlap: on CUDA, compute the shared experts on a side stream while the
+            routed path runs.
+        latent_dim: route tokens through a ``D → latent_dim`` projection before the routed
+            experts and back after (the experts then work on width ``latent_dim``).
+        recompute: save only what the routed path needs to recompute GEMM1 + activation.
+        batch_first: a 3-D input is ``[B, S, D]`` (default) or ``[S, B, D]`` (Megatron).
+        init_std, init_method: weights are ``init_method(tensor)`` if given, else N(0, init_std).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fused_experts``).
+        dtype, device: of the parameters.
+
+    ``forward(x [..., D]) -> (out [..., D], info)`` with ``info``: ``aux_loss``, ``z_loss``
+    (coefficients applied, differentiable), ``tokens_per_expert`` (after dropping),
+    ``topk_ids``, ``topk_weights``.
+    """
+
+    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int = 2, *,
+                 activation: str = "swiglu", score_func: str = "softmax",
+                 renormalize: bool = True, num_groups: Optional[int] = None,
+                 group_topk: Optional[int] = None, scaling_factor: float = 1.0,
+                 apply_weight_to_input: bool = False, router_jitter: float = 0.0,
+                 capacity_factor: Optional[float] = None, drop_policy: str = "probs",
+                 aux_loss_coeff: float = 0.0, aux_loss_type: str = "batch",
+                 z_loss_coeff: float = 0.0, enable_expert_bias: bool = False,
+                 num_shared_experts: int = 0, shared_ffn_dim: Optional[int] = None,
+                 shared_expert_gate: bool = False, shared_expert_overlap: bool = True,
+                 latent_dim: Optional[int] = None, recompute: bool = False,
+                 batch_first: bool = True, init_std: float = 0.02,
+                 init_method: Optional[Callable[[torch.Tensor], None]] = None,
+                 backend: str = "auto", dtype: Optional[torch.dtype] = None, device=None):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("ffn_dim", ffn_dim)
+        check_positive_int("num_experts", num_experts)
+        _, gated = check_activation(activation)
+        check_routing_args(num_experts, top_k, score_func, renormalize, None, num_groups,
+                           group_topk, scaling_factor, capacity_factor, drop_policy,
+                           aux_loss_coeff, z_loss_coeff)
+        check_choice("aux_loss_type", aux_loss_type, AUX_LOSS_TYPES)
+        check_choice("backend", backend, ("auto", "triton", "torch"))
+        if apply_weight_to_input and top_k != 1:
+            raise ValueError(f"apply_weight_to_input: needs top_k=1 (the weight scales the "
+                             f"one expert's input), got top_k={top_k}")
+        check_nonneg_float("router_jitter", router_jitter)
+        if router_jitter >= 1:
+            raise ValueError(f"router_jitter: expected a value in [0, 1), got {router_jitter}")
+        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) \
+                or num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts: expected an int >= 0, "
+                             f"got {num_shared_experts!r}")
+        check_positive_int("shared_ffn_dim", shared_ffn_dim, allow_none=True)
+        if shared_expert_gate and num_shared_experts == 0:
+            raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
+        check_positive_int("latent_dim", latent_dim, allow_none=True)
+        check_nonneg_float("init_std", init_std)
+        if init_method is not None and not callable(init_method):
+            raise TypeError(f"init_method: expected a callable(tensor), "
+                            f"got {type(init_method).__name__}")
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        for name, flag in (("renormalize", renormalize), ("recompute", recompute),
+                           ("enable_expert_bias", enable_expert_bias),
+                           ("shared_expert_overlap", shared_expert_overlap),
+                           ("batch_first", batch_first),
+                           ("apply_weight_to_input", apply_weight_to_input)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+
+        self.d_model, self.ffn_dim, self.num_experts, self.top_k = d_model, ffn_dim, num_experts, top_k
+        self.activation, self.gated = activation, gated
+        self.score_func, self.renormalize = score_func, renormalize
+        self.num_groups, self.group_topk, self.scaling_factor = num_groups, group_topk, scaling_factor
+        self.apply_weight_to_input, self.router_jitter = apply_weight_to_input, router_jitter
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.aux_loss_coeff, self.aux_loss_type = aux_loss_coeff, aux_loss_type
+        self.z_loss_coeff = z_loss_coeff
+        self.enable_expert_bias = enable_expert_bias
+        self.num_shared_experts = num_shared_experts
+        self.shared_ffn_dim = (shared_ffn_dim or ffn_dim) if num_shared_experts else 0
+        self.shared_expert_overlap = shared_expert_overlap
+        self.latent_dim = latent_dim
+        self.recompute, self.batch_first, self.backend = recompute, batch_first, backend
+        self._init_std, self._init_method = init_std, init_method
+
+        fk = dict(dtype=dtype, device=device)
+        width = latent_dim or d_model
+        up_rows = 2 * ffn_dim if gated else ffn_dim
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, **fk))
+        self.w_up = nn.Parameter(torch.empty(num_experts, up_rows, width, **fk))
+        self.w_down = nn.Parameter(torch.empty(num_experts, width, ffn_dim, **fk))
+        for p in (self.w_up, self.w_down):
+            p.moe_expert = True  # expert-sharded under expert parallelism
+        if latent_dim:
+            self.latent_down = nn.Parameter(torch.empty(latent_dim, d_model, **fk))
+            self.latent_up = nn.Parameter(torch.empty(d_model, latent_dim, **fk))
+        else:
+            self.latent_down = self.latent_up = None
+        if num_shared_experts:
+            fs = num_shared_experts * self.shared_ffn_dim
+            self.shared_w_up = nn.Parameter(torch.empty(2 * fs if gated else fs, d_model, **fk))
+            self.shared_w_down = nn.Parameter(torch.empty(d_model, fs, **fk))
+        else:
+            self.shared_w_up = self.shared_w_down = None
+        self.shared_gate = (nn.Parameter(torch.empty(1, d_model, **fk)) if shared_expert_gate
+                            else None)
+        if enable_expert_bias:
+            self.register_buffer("expert_bias",
+                                 torch.zeros(num_experts, dtype=torch.float32, device=device))
+            self.register_buffer("local_tokens_per_expert",
+                                 torch.zeros(num_experts, dtype=torch.float32, device=device),
+                                 persistent=False)
+        else:
+            self.expert_bias = self.local_tokens_per_expert = None
+        self._side_streams = {}
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for p in self.parameters():
+                if self._init_method is not None:
+                    self._init_method(p)
+                else:
+                    p.normal_(0.0, self._init_std)
+
+    def extra_repr(self) -> str:
+        s = (f"d_model={self.d_model}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
+             f"top_k={self.top_k}, activation={self.activation!r}, "
+             f"score_func={self.score_func!r}")
+        if self.num_shared_experts:
+            s += f", num_shared_experts={self.num_shared_experts}"
+        if self.latent_dim:
+            s += f", latent_dim={self.latent_dim}"
+        return s
+
+    def routing_kwargs(self) -> dict:
+        """The routing / loss options, as keyword arguments of ``reference.moe_layer``."""
+        return dict(activation=self.activation, score_func=self.score_func,
+                    renormalize=self.renormalize, num_groups=self.num_groups,
+                    group_topk=self.group_topk, scaling_factor=self.scaling_factor,
+                    apply_weight_to_input=self.apply_weight_to_input,
+                    capacity_factor=self.capacity_factor, drop_policy=self.drop_policy,
+                    aux_loss_coeff=self.aux_loss_coeff, aux_loss_type=self.aux_loss_type,
+                    z_loss_coeff=self.z_loss_coeff, batch_first=self.batch_first)
+
+    # ------------------------------------------------------------------------------------
+    def _check_input(self, x) -> None:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, device=self.w_gate.device)
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape [..., {self.d_model}] (d_model), "
+                             f"got {tuple(x.shape)}")
+        if x.dtype != self.w_gate.dtype:
+            raise TypeError(f"x: expected dtype {self.w_gate.dtype} (the layer's parameters), "
+                            f"got {x.dtype}")
+        if self.aux_loss_type == "seq" and self.aux_loss_coeff > 0 and x.dim() != 3:
+            raise ValueError(f"x: aux_loss_type='seq' needs a 3-D input "
+                             f"({'[B, S, D]' if self.batch_first else '[S, B, D]'}), "
+                             f"got shape {tuple(x.shape)}")
+
+    def _shared(self, h: torch.Tensor) -> torch.Tensor:
+        a = reference.activation(self.activation, F.linear(h, self.shared_w_up))
+        out = F.linear(a, self.shared_w_down)
+        if self.shared_gate is not None:
+            out = out * torch.sigmoid(F.linear(h, self.shared_gate))
+        return out
+
+    def _side_stream(self, device) -> torch.cuda.Stream:
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device=device)
+        return self._side_streams[device]
+
+    def forward(self, x: torch.Tensor):
+        self._check_input(x)
+        shape = x.shape
+        h = x.reshape(-1, self.d_model)
+        use_triton = _use_triton(self.backend, h)
+
+        # shared experts: on a side stream, overlapping the router and the routed experts
+        shared = None
+        side = None
+        if self.shared_w_up is not None:
+            if (self.shared_expert_overlap and h.is_cuda
+                    and not torch.compiler.is_compiling()):
+                main = torch.cuda.current_stream(h.device)
+                side = self._side_stream(h.device)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    shared = self._shared(h)
+            else:
+                shared = self._shared(h)
+
+        hr = h
+        if self.training and self.router_jitter > 0:
+            eps = self.router_jitter
+            hr = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
+        seq_shape = None
+        if self.aux_loss_type == "seq" and x.dim() == 3:
+            b, s = (shape[0], shape[1]) if self.batch_first else (shape[1], shape[0])
+            seq_shape = (b, s, self.batch_first)
+        ids, weights, aux, z = route_tokens(
+            hr, self.w_gate, self.top_k, score_func=self.score_func,
+            renormalize=self.renormalize, expert_bias=self.expert_bias,
+            num_groups=self.num_groups, group_topk=self.group_topk,
+            scaling_factor=self.scaling_factor, capacity_factor=self.capacity_factor,
+            drop_policy=self.drop_policy, aux_loss_coeff=self.aux_loss_coeff,
+            z_loss_coeff=self.z_loss_coeff, use_triton=use_triton, seq_shape=seq_shape)
+
+        xe = h if self.latent_down is None else F.linear(h, self.latent_down)
+        if self.apply_weight_to_input:
+            xe = xe * weights.to(xe.dtype)
+            expert_weights = torch.ones_like(weights)
+        else:
+            expert_weights = weights
+        out, counts = _experts(xe, ids, expert_weights, self.w_up, self.w_down,
+                               self.activation, use_triton, self.recompute)
+        if self.latent_up is not None:
+            out = F.linear(out, self.latent_up)
+        if self.enable_expert_bias and self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.local_tokens_per_expert += counts.to(torch.float32)
+        if shared is not None:
+            if side is not None:
+                main = torch.cuda.current_stream(h.device)
+                main.wait_stream(side)
+                shared.record_stream(main)  # allocated on the side stream, used on main
+            out = out + shared
+        info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
+                "topk_weights": weights}
+        return out.reshape(shape), info
+
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float, group=None) -> None:
+        """DeepSeek-V3's aux-loss-free update from the loads seen since the last update:
+        ``bias_e += rate · sign(mean_load − load_e)``; the loads are all-reduced over
+        ``group`` (the data-parallel group) when one is given, then reset."""
+        if not self.enable_expert_bias:
+            raise RuntimeError("update_expert_bias: the layer was built with "
+                               "enable_expert_bias=False")
+        check_nonneg_float("rate", rate)
+        load = self.local_tokens_per_expert.clone()
+        if group is not None:
+            dist.all_reduce(load, group=group)
+        self.expert_bias += rate * torch.sign(load.mean() - load)
+        self.local_tokens_per_expert.zero_()
+
+    # ------------------------------------------------------------------------------------
+    # weight interop with per-expert nn.Linear layouts
+
+    def _check_format(self, fmt: str) -> None:
+        check_choice("format", fmt, EXPERT_FORMATS)
+        if self.latent_dim:
+            raise ValueError(f"format: {fmt!r} has no latent projection; this layer has "
+                             f"latent_dim={self.latent_dim}")
+        if fmt in ("mixtral", "qwen3") and not self.gated:
+            raise ValueError(f"format: {fmt!r} experts are gated (gate/up/down); this layer "
+                             f"uses the non-gated activation {self.activation!r}")
+        if fmt == "mixtral" and self.num_shared_experts:
+            raise ValueError("format: 'mixtral' has no shared experts; this layer has "
+                             f"num_shared_experts={self.num_shared_experts}")
+
+    def _layout(self, fmt: str, prefix: str):
+        """Yields ``(key, getter, setter)`` for every tensor of the per-expert layout."""
+        f = self.ffn_dim
+        items = []
+
+        def param(name):
+            return (lambda: getattr(self, name)), (lambda v: getattr(self, name).copy_(v))
+
+        def rows(name, e, lo, hi):
+            return ((lambda: getattr(self, name)[e, lo:hi]),
+                    (lambda v: getattr(self, name)[e, lo:hi].copy_(v)))
+
+        router = {"mixtral": "gate.weight", "qwen3": "gate.weight",
+                  "megatron": "router.weight"}[fmt]
+        items.append((prefix + router, *param("w_gate")))
+        for e in range(self.num_experts):
+            if fmt == "mixtral":
+                base = f"{prefix}experts.{e}."
+                items += [(base + "w1.weight", *rows("w_up", e, 0, f)),
+                          (base + "w3.weight", *rows("w_up", e, f, 2 * f)),
+                          (base + "w2.weight", *rows("w_down", e, 0, self.d_model))]
+            elif fmt == "qwen3":
+                base = f"{prefix}experts.{e}."
+                items += [(base + "gate_proj.weight", *rows("w_up", e, 0, f)),
+                          (base + "up_proj.weight", *rows("w_up", e, f, 2 * f)),
+                          (base + "down_proj.weight", *rows("w_down", e, 0, self.d_model))]
+            else:
+                base = f"{prefix}experts.local_experts.{e}."
+                items += [(base + "linear_fc1.weight", *rows("w_up", e, 0, self.w_up.shape[1])),
+                          (base + "linear_fc2.weight", *rows("w_down", e, 0, self.d_model))]
+        if self.num_shared_experts:
+            fs = self.num_shared_experts * self.shared_ffn_dim
+
+            def srows(lo, hi):
+                return ((lambda: self.shared_w_up[lo:hi]),
+                        (lambda v: self.shared_w_up[lo:hi].copy_(v)))
+            if fmt == "qwen3":
+                items += [(prefix + "shared_expert.gate_proj.weight", *srows(0, fs)),
+                          (prefix + "shared_expert.up_proj.weight", *srows(fs, 2 * fs)),
+                          (prefix + "shared_expert.down_proj.weight", *param("shared_w_down"))]
+                if self.shared_gate is not None:
+                    items.append((prefix + "shared_expert_gate.weight", *param("shared_gate")))
+            else:
+                items += [(prefix + "shared_experts.linear_fc1.weight", *param("shared_w_up")),
+                          (prefix + "shared_experts.linear_fc2.weight", *param("shared_w_down"))]
+                if self.shared_gate is not None:
+                    items.append((prefix + "shared_experts.gate_weight", *param("shared_gate")))
+        if fmt == "megatron" and self.enable_expert_bias:
+            items.append((prefix + "router.expert_bias",
+                          lambda: self.expert_bias, lambda v: self.expert_bias.copy_(v)))
+        return items
+
+    def per_expert_state_dict(self, format: str = "mixtral", prefix: str = "") -> dict:
+        """Exports the weights as per-expert ``nn.Linear`` weights (``format``: ``"mixtral"``
+        (HF Mixtral ``block_sparse_moe``), ``"qwen3"`` (HF Qwen3-MoE / Qwen2-MoE ``mlp``, with
+        ``shared_expert`` and ``shared_expert_gate``) or ``"megatron"`` (Megatron-Core's
+        ``SequentialMLP`` experts, ``router``, ``shared_experts``)). Tensors are copies."""
+        self._check_format(format)
+        return {k: get().detach().clone() for k, get, _ in self._layout(format, prefix)}
+
+    @torch.no_grad()
+    def load_per_expert_state_dict(self, state_dict: dict, format: str = "mixtral",
+                                   prefix: str = "", strict: bool = True) -> None:
+        """Loads weights from a per-expert layout (see ``per_expert_state_dict``). With
+        ``strict``, a missing key or a key under ``prefix`` that the layout does not know
+        raises ``KeyError``; shapes must match exactly (``ValueError``)."""
+        self._check_format(format)
+        layout = self._layout(format, prefix)
+        known = {k for k, _, _ in layout}
+        if strict:
+            missing = [k for k in known if k not in state_dict]
+            unexpected = [k for k in state_dict if k.startswith(prefix) and k not in known]
+            if missing or unexpected:
+                raise KeyError(f"state_dict: missing keys {sorted(missing)[:8]}, unexpected "
+                               f"keys {sorted(unexpected)[:8]} for format {format!r}")
+        for key, get, put in layout:
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if tuple(value.shape) != tuple(get().shape):
+                raise ValueError(f"state_dict: {key} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(get().shape)}")
+            put(value.to(get().dtype))
