@@ -138,7 +138,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
               group_topk: Optional[int] = None, scaling_factor: float = 1.0,
               capacity_factor: Optional[float] = None, drop_policy: str = "probs",
               aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, recompute: bool = False,
-              ep_group=None, backend: str = "auto", deterministic: bool = False):
+              ep_group=None, ep_backend: str = "nccl", max_tokens_per_rank: Optional[int] = None,
+              backend: str = "auto", deterministic: bool = False):
     """Router + routed experts of one MoE layer.
 
     ``hidden_states [N, D]``, ``gate_weight [E, D]``, ``w_up``/``w_down`` as in
@@ -146,9 +147,18 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     top-k, renormalisation, scaling, capacity dropping and its ``drop_policy``, the losses) are
     those of ``moe_plugin.reference`` (module docstring).
 
+    Expert parallelism: with ``ep_group`` (P ranks), ``w_up``/``w_down`` are this rank's
+    E/P experts (rank r holds [r·E/P, (r+1)·E/P)), ``gate_weight`` is the full [E, D] and
+    ``hidden_states`` the rank's own tokens; tokens travel by all-to-all (``ep_backend``), one
+    host synchronisation per call sizes the receive buffer, none with ``max_tokens_per_rank``
+    (fixed-size exchange; more tokens than that raise ``ValueError`` unless capacity dropping
+    is on, which then drops the overflow). See ``moe_plugin/comm/ep.py``.
+
     Returns ``(out [N, D], info)``; ``info`` holds ``aux_loss`` and ``z_loss`` (0-dim fp32,
-    coefficient applied, differentiable), ``tokens_per_expert`` (int32 [E], after dropping),
-    ``topk_ids`` ([N, k], -1 for dropped slots) and ``topk_weights`` (fp32 [N, k]).
+    coefficient applied, differentiable), ``tokens_per_expert`` (int32 [E], after dropping;
+    under EP: the rank's own tokens per global expert), ``topk_ids`` ([N, k], -1 for dropped
+    slots), ``topk_weights`` (fp32 [N, k]) and under EP ``ep_recv_count`` (int32 [E/P], rows
+    this rank's experts received).
     """
     x = hidden_states
     check_tensor("hidden_states", x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -158,11 +168,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
                          f"hidden_states), got {tuple(gate_weight.shape)}")
     num_experts = gate_weight.shape[0]
     check_tensor("w_up", w_up, ndim=3)
-    if ep_group is not None:
-        raise NotImplementedError("ep_group: expert parallelism is not available in this "
-                                  "version; pass ep_group=None")
-    if w_up.shape[0] != num_experts:
-        raise ValueError(f"w_up: expected {num_experts} experts (rows of gate_weight), "
+    ep_size = _check_ep(ep_group, num_experts, ep_backend, max_tokens_per_rank)
+    if w_up.shape[0] != num_experts // ep_size:
+        raise ValueError(f"w_up: expected {num_experts // ep_size} experts (rows of gate_weight"
+                         f"{f' / EP size {ep_size}' if ep_size > 1 else ''}), "
                          f"got shape {tuple(w_up.shape)}")
     check_routing_args(num_experts, top_k, score_func, renormalize, expert_bias, num_groups,
                        group_topk, scaling_factor, capacity_factor, drop_policy,
@@ -179,10 +188,58 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
         expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
         scaling_factor=scaling_factor, capacity_factor=capacity_factor, drop_policy=drop_policy,
         aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, use_triton=use_triton)
-    out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton, recompute)
+    out, counts, recv = routed_experts(x, ids, weights, w_up, w_down, activation, use_triton,
+                                       recompute, num_experts=num_experts, ep_group=ep_group,
+                                       ep_backend=ep_backend,
+                                       max_tokens_per_rank=max_tokens_per_rank,
+                                       allow_drop=capacity_factor is not None)
     info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
             "topk_weights": weights}
+    if ep_group is not None:
+        info["ep_recv_count"] = recv
     return out, info
+
+
+def _check_ep(ep_group, num_experts: int, ep_backend: str, max_tokens_per_rank) -> int:
+    """Returns the EP size (1 without a group)."""
+    check_positive_int("max_tokens_per_rank", max_tokens_per_rank, allow_none=True)
+    if ep_group is None:
+        return 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        raise ValueError("ep_group: torch.distributed is not initialised")
+    from .comm.ep import get_backend
+    get_backend(ep_backend)
+    size = dist.get_world_size(ep_group)
+    if num_experts % size:
+        raise ValueError(f"ep_group: num_experts={num_experts} is not divisible by the EP "
+                         f"group size {size}")
+    return size
+
+
+def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recompute, *,
+                   num_experts: int, ep_group=None, ep_backend="nccl", max_tokens_per_rank=None,
+                   allow_drop=False):
+    """Routed experts with or without expert parallelism.
+
+    Returns ``(out, tokens_per_expert [E] (the rank's own slots), ep_recv_count | None)``."""
+    if ep_group is None:
+        out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton,
+                               recompute)
+        return out, counts, None
+    from .comm.ep import ep_experts
+    act_code, gated = check_activation(activation)
+    if not use_triton:
+        raise ValueError("backend: expert parallelism runs the Triton kernels; use backend "
+                         "'auto' or 'triton' (CUDA, or TRITON_INTERPRET=1 on CPU)")
+    out, recv = ep_experts(x, ids, weights, w_up, w_down, num_experts=num_experts,
+                           act=act_code, gated=gated, recompute=recompute, group=ep_group,
+                           backend=ep_backend, max_tokens_per_rank=max_tokens_per_rank,
+                           allow_drop=allow_drop)
+    flat = ids.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    counts.index_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int32))
+    return out, counts, recv
 
 
 def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bool,

@@ -327,7 +327,7 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
                     stride_a=dout.stride(),
                     stride_b=(w_down.stride(0), w_down.stride(1), w_down.stride(2)),
                     gather=True, gated=gated, epi=EPI_ACT_BWD, act=act, pre=pre,
-                    weights=topk_weights.reshape(-1), dwp=dwp, hw=hw)
+                    weights=topk_weights.reshape(-1).contiguous(), dwp=dwp, hw=hw)
     return dpre, hw, dwp.sum(0)
 
 

@@ -9,8 +9,8 @@ from typing import List
 
 import torch
 
-from . import grouped_gemm as G
-from .permute import PermuteMeta, gather_reduce, permute_metadata
+from . import experts as X
+from .permute import PermuteMeta
 from .routing import route_backward, route_forward
 
 
@@ -27,11 +27,8 @@ def experts_fwd(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                 save_pre: bool) -> List[torch.Tensor]:
     """Returns ``[out [N, D], counts [E], offsets [E+1], sorted_slot [S], slot_pos [S],
     pre [S, 2F|F] (or [0, 2F|F] when not save_pre)]``."""
-    meta = permute_metadata(topk_ids, w_up.shape[0])
-    pre, h = G.expert_up(x, w_up, meta, act, gated, store_pre=save_pre, store_h=True)
-    y = G.expert_down(h, w_down, meta)
-    del h
-    out = gather_reduce(y, meta, topk_weights, out_dtype=x.dtype)
+    out, meta, pre = X.experts_forward(x, topk_ids, topk_weights, w_up, w_down, act, gated,
+                                       save_pre)
     if pre is None:
         pre = x.new_empty(0, w_up.shape[1])
     return [out, meta.counts, meta.offsets, meta.sorted_slot, meta.slot_pos, pre]
@@ -57,25 +54,14 @@ def experts_bwd(dout: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
 
     ``pre`` empty means recompute it (GEMM1 again, same kernel and configuration)."""
     meta = _meta(counts, offsets, sorted_slot, slot_pos, topk_weights.shape[1])
-    if pre.numel() == 0 and sorted_slot.numel() > 0:
-        pre, _ = G.expert_up(x, w_up, meta, act, gated, store_pre=True, store_h=False)
+    recompute = pre.numel() == 0 and sorted_slot.numel() > 0
     dout = dout.contiguous()
-    dx, dw_topk, dw_up, dw_down = (x.new_empty(0) for _ in range(4))  # distinct: no aliasing
-    dpre, hw, dw_perm = G.expert_up_bwd(dout, w_down, pre, meta, topk_weights, act, gated)
-    del pre
-    if need_down:
-        dw_down = G.wgrad_down(dout, hw, meta)
-    del hw
-    if need_w:
-        pos = slot_pos.view(topk_weights.shape).long()
-        dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
-    if need_x:
-        dxp = G.expert_dx(dpre, w_up, meta)
-        dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype)
-        del dxp
-    if need_up:
-        dw_up = G.wgrad_up(dpre, x, meta)
-    return [dx, dw_topk, dw_up, dw_down]
+    dx, dw_topk, dpre, hw = X.experts_backward_data(
+        dout, x, topk_weights, w_up, w_down, meta, None if recompute else pre, act, gated,
+        need_x, need_w)
+    dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down)
+    # custom ops return no None and no aliases: a gradient not asked for is a fresh empty
+    return [g if g is not None else x.new_empty(0) for g in (dx, dw_topk, dw_up, dw_down)]
 
 
 @experts_bwd.register_fake

@@ -128,21 +128,57 @@ def _gather_reduce_kernel(y_ptr, slot_pos_ptr, w_ptr, out_ptr, N, D, stride_y, s
              acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
 
 
-def gather_reduce(y: torch.Tensor, meta: PermuteMeta, weights=None, out_dtype=None) -> torch.Tensor:
+def gather_reduce(y: torch.Tensor, meta: PermuteMeta, weights=None, out_dtype=None,
+                  out=None) -> torch.Tensor:
     """``out[t] = Σ_j w[t, j] · y[slot_pos[t·k + j]]`` (unused slots skipped; w = 1 when None).
 
-    ``y`` is ``[N·k, D]`` in expert order; returns ``[N, D]`` in token order."""
-    S, D = y.shape
+    ``y`` is ``[rows, D]`` (expert order, or any order ``slot_pos`` points into); returns
+    ``[N, D]`` in token order, N = ``slot_pos.numel() // k``. ``out`` may be a preallocated
+    ``[N, D]`` view with unit column stride (e.g. the payload of a packed send buffer)."""
+    D = y.shape[1]
     k = meta.top_k
-    n = S // k
-    out = torch.empty(n, D, dtype=out_dtype or y.dtype, device=y.device)
+    n = meta.slot_pos.numel() // k
+    if out is None:
+        out = torch.empty(n, D, dtype=out_dtype or y.dtype, device=y.device)
     if n == 0:
         return out
     if y.stride(1) != 1:
         y = y.contiguous()
+    assert out.stride(1) == 1 and tuple(out.shape) == (n, D)
     bt, bd = (16, 32) if interpret_mode() else (16, min(256, next_pow2(D)))
     w = weights.contiguous() if weights is not None else y
     _gather_reduce_kernel[(triton.cdiv(n, bt), triton.cdiv(D, bd))](
         y, meta.slot_pos, w, out, n, D, y.stride(0), out.stride(0), TOPK=k,
         WEIGHTED=weights is not None, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+    return out
+
+
+@triton.jit
+def _gather_rows_kernel(src_ptr, index_ptr, dst_ptr, R, D, stride_s, stride_d,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = r < R
+    src = tl.load(index_ptr + r, mask=rmask, other=-1)
+    ok = rmask & (src >= 0)
+    dmask = d < D
+    v = tl.load(src_ptr + src.to(tl.int64)[:, None] * stride_s + d[None, :],
+                mask=ok[:, None] & dmask[None, :], other=0.0)
+    tl.store(dst_ptr + r.to(tl.int64)[:, None] * stride_d + d[None, :], v,
+             mask=rmask[:, None] & dmask[None, :])
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[r] = src[index[r]]`` (zeros where ``index[r] < 0``); one pass, any row strides
+    (``out`` may be the payload view of a packed buffer)."""
+    R, D = out.shape
+    if R == 0:
+        return out
+    assert src.stride(1) == 1 and out.stride(1) == 1 and src.shape[1] == D
+    br, bd = (16, 32) if interpret_mode() else (8, min(512, next_pow2(D)))
+    _gather_rows_kernel[(triton.cdiv(R, br), triton.cdiv(D, bd))](
+        src, index, out, R, D, src.stride(0), out.stride(0), BLOCK_R=br, BLOCK_D=bd,
+        num_warps=4)
     return out

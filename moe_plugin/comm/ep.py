@@ -1,0 +1,244 @@
+"""Expert parallelism: all-to-all dispatch, local experts, all-to-all combine, with exact
+gradients.
+
+Convention (DESIGN.md): a group of P ranks; rank r holds experts [r·E/P, (r+1)·E/P); the
+caller passes the local expert weights, the full gate weight, and the rank's own tokens.
+
+Forward of ``EPExpertsFunction`` (routing given, global expert ids):
+
+1. **Layout** (device): the counting sort of the slots by global expert id
+   (``permute_metadata``) already groups them by destination rank and, within a rank, by local
+   expert: send position = sorted position. Per-destination row counts are exchanged in one
+   small all-to-all; one host synchronisation reads both count vectors to size the receive
+   buffer (none with ``max_tokens_per_rank``: fixed chunks of C rows per destination).
+2. **Dispatch**: one packed exchange. A send row is ``[D payload | local expert id (int32) |
+   routing weight (fp32) | padding]`` in one buffer (16-byte aligned rows), so ids travel as
+   integers and any expert count works. The payload is written by one gather kernel straight
+   from the token rows.
+3. **Experts**: the receiver runs the fused expert kernels directly on the received buffer
+   (strided views, no unpacking copy), with k = 1 and the routing weight applied on the expert
+   side; the grouped GEMM gathers rows per local expert by index while loading, so there is
+   no second pass over the data.
+4. **Combine**: the reverse exchange of the weighted expert outputs, then a k-way sum in
+   token order (deterministic, no atomics).
+
+Backward reuses the forward's layout (no recount, no host synchronisation):
+combine's backward is a dispatch of ``dout`` rows; the expert data backward gives ``dx`` and
+d(weight) per received row, written into one packed buffer and sent back asynchronously;
+while that all-to-all is in flight the weight-gradient GEMMs run; dispatch's backward then
+sums ``dx`` over each token's slots and scatters d(weight) to ``[N, k]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..kernels import experts as X
+from ..kernels.permute import PermuteMeta, gather_reduce, gather_rows, permute_metadata
+
+_ALIGN = 16  # bytes; packed rows keep 16-byte alignment for vector loads
+
+
+def packed_row_bytes(d: int, dtype: torch.dtype) -> int:
+    """Bytes of one packed dispatch row: payload padded to 16 B, then id + weight + padding."""
+    payload = -(-d * dtype.itemsize // _ALIGN) * _ALIGN
+    return payload + _ALIGN
+
+
+class PackedRows:
+    """Views of a packed ``[R, row_bytes]`` uint8 buffer: ``payload [R, D]`` (dtype),
+    ``ids [R]`` (int32), ``weights [R]`` (fp32). All views share the buffer's storage."""
+
+    def __init__(self, buf: torch.Tensor, d: int, dtype: torch.dtype):
+        self.buf = buf
+        row_bytes = buf.shape[1]
+        payload_bytes = row_bytes - _ALIGN
+        self.payload = buf.view(dtype)[:, :d]
+        meta = buf.view(torch.int32)
+        self.ids = meta[:, payload_bytes // 4]
+        self.weights = buf.view(torch.float32)[:, payload_bytes // 4 + 1]
+
+    @classmethod
+    def empty(cls, rows: int, d: int, dtype: torch.dtype, device) -> "PackedRows":
+        buf = torch.empty(rows, packed_row_bytes(d, dtype), dtype=torch.uint8, device=device)
+        return cls(buf, d, dtype)
+
+
+class AllToAllBackend:
+    """The exchange primitive behind EP: ``torch.distributed.all_to_all_single`` (NCCL on
+    CUDA, gloo on CPU). ``exchange`` returns the receive buffer and an async work handle."""
+
+    name = "nccl"
+
+    def exchange(self, send: torch.Tensor, send_splits, recv_splits, group, out=None,
+                 async_op=False):
+        rows = sum(recv_splits) if recv_splits is not None else send.shape[0]
+        if out is None:
+            out = send.new_empty((rows,) + tuple(send.shape[1:]))
+        work = dist.all_to_all_single(out, send, recv_splits, send_splits, group=group,
+                                      async_op=async_op)
+        return out, work
+
+
+_BACKENDS = {"nccl": AllToAllBackend}
+
+
+def get_backend(name: str) -> AllToAllBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"ep_backend: expected one of {sorted(_BACKENDS)}, got {name!r}")
+    return _BACKENDS[name]()
+
+
+@dataclass
+class EPLayout:
+    """Where every slot goes and comes back; computed once in forward, reused in backward."""
+    src_meta: PermuteMeta        # slot_pos = send position of each slot (-1: not sent)
+    send_src_row: torch.Tensor   # int32 [S_send]: token row of each send position (-1: none)
+    send_splits: Optional[list]  # rows per destination (None: equal chunks)
+    recv_splits: Optional[list]  # rows per source (None: equal chunks)
+    num_send: int
+    num_recv: int
+
+
+def _layout(topk_ids, num_experts: int, group, max_tokens_per_rank):
+    P = dist.get_world_size(group)
+    e_loc = num_experts // P
+    n, k = topk_ids.shape
+    dev = topk_ids.device
+    meta = permute_metadata(topk_ids, num_experts)
+    per_rank = meta.counts.view(P, e_loc).sum(1)
+    first = meta.offsets[:-1].view(P, e_loc)[:, 0].contiguous()   # first sorted position per rank
+    flat_ids = topk_ids.reshape(-1).to(torch.int32)
+    valid = meta.slot_pos >= 0
+    dst = torch.where(valid, flat_ids.clamp(min=0) // e_loc, 0)
+    if max_tokens_per_rank is None:
+        send_cnt = per_rank.to(torch.int64)
+        recv_cnt = torch.empty_like(send_cnt)
+        dist.all_to_all_single(recv_cnt, send_cnt, group=group)
+        host = torch.stack([send_cnt, recv_cnt]).tolist()  # the layer's one host sync
+        send_splits, recv_splits = host[0], host[1]
+        num_send, num_recv = sum(send_splits), sum(recv_splits)
+        slot_pos = meta.slot_pos
+    else:
+        cap = max_tokens_per_rank * min(k, e_loc)
+        rank_in_dst = meta.slot_pos - first[dst.long()]
+        over = valid & (rank_in_dst >= cap)
+        # with N <= max_tokens_per_rank nothing overflows; beyond it only with dropping
+        slot_pos = torch.where(valid & ~over, dst * cap + rank_in_dst, -1).to(torch.int32)
+        send_splits = recv_splits = None
+        num_send = num_recv = P * cap
+    # invert slot -> send position (positions are unique; unsent slots hit a sentinel)
+    slots = torch.arange(n * k, device=dev, dtype=torch.int32)
+    idx = torch.where(slot_pos >= 0, slot_pos, num_send).long()
+    send_slot = torch.full((num_send + 1,), -1, dtype=torch.int32, device=dev)
+    send_slot.scatter_(0, idx, slots)
+    send_slot = send_slot[:num_send].contiguous()
+    send_src_row = torch.where(send_slot >= 0, send_slot // k, -1).to(torch.int32)
+    src_meta = PermuteMeta(meta.counts, meta.offsets, meta.sorted_slot,
+                           slot_pos.to(torch.int32).contiguous(), num_experts, k)
+    return EPLayout(src_meta, send_src_row, send_splits, recv_splits, num_send, num_recv), \
+        send_slot, flat_ids, e_loc
+
+
+class EPExpertsFunction(torch.autograd.Function):
+    """Dispatch → local fused experts → combine (see the module docstring).
+
+    Inputs: ``x [N, D]``, ``topk_ids [N, k]`` (global ids, -1 unused), ``topk_weights [N, k]``
+    (differentiable), ``w_up [E/P, 2F|F, D]``, ``w_down [E/P, D, F]`` (local experts).
+    Returns ``(out [N, D], recv_count int32 [E/P])``.
+
+    Saves: the receive buffer (received rows, ids, weights: the experts' inputs), the layout
+    (int32 vectors), the experts' permutation metadata, ``pre`` unless ``recompute``, and the
+    inputs' references."""
+
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, num_experts, act, gated,
+                recompute, group, backend, max_tokens_per_rank, allow_drop):
+        n, d = x.shape
+        layout, send_slot, flat_ids, e_loc = _layout(topk_ids, num_experts, group,
+                                                     max_tokens_per_rank)
+        send = PackedRows.empty(layout.num_send, d, x.dtype, x.device)
+        gather_rows(x, layout.send_src_row, send.payload)
+        ok = send_slot >= 0
+        sidx = send_slot.clamp(min=0).long()
+        send.ids.copy_(torch.where(ok, flat_ids[sidx] % e_loc, -1))  # local id at the destination
+        send.weights.copy_(torch.where(ok, topk_weights.reshape(-1)[sidx].float(), 0.0))
+        recv_buf, _ = backend.exchange(send.buf, layout.send_splits, layout.recv_splits, group)
+        del send
+        recv = PackedRows(recv_buf, d, x.dtype)
+        ids_recv = recv.ids.view(-1, 1)
+        w_recv = recv.weights.contiguous().view(-1, 1)
+        y_recv, emeta, pre = X.experts_forward(recv.payload, ids_recv, w_recv, w_up, w_down,
+                                               act, gated, save_pre=not recompute)
+        y_back, _ = backend.exchange(y_recv, layout.recv_splits, layout.send_splits, group)
+        del y_recv
+        out = gather_reduce(y_back, layout.src_meta, None, out_dtype=x.dtype)
+        ctx.layout, ctx.emeta_k = layout, emeta.top_k
+        ctx.act, ctx.gated, ctx.group, ctx.backend = act, gated, group, backend
+        ctx.d, ctx.dtype, ctx.e_loc = d, x.dtype, e_loc
+        ctx.save_for_backward(recv_buf, w_up, w_down, topk_weights, *emeta.tensors(),
+                              *((pre,) if pre is not None else ()))
+        ctx.mark_non_differentiable(emeta.counts)
+        return out, emeta.counts
+
+    @staticmethod
+    def backward(ctx, dout, _dcounts):
+        recv_buf, w_up, w_down, topk_weights, *rest = ctx.saved_tensors
+        emeta = PermuteMeta.from_tensors(rest[:4], ctx.e_loc, 1)
+        pre = rest[4] if len(rest) > 4 else None
+        L, group, backend = ctx.layout, ctx.group, ctx.backend
+        need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
+        recv = PackedRows(recv_buf, ctx.d, ctx.dtype)
+        dout = dout.contiguous()
+        # combine's backward: dispatch dout rows to the experts that produced them
+        dy_send = dout.new_empty(L.num_send, ctx.d)
+        gather_rows(dout, L.send_src_row, dy_send)
+        dy_recv, _ = backend.exchange(dy_send, L.send_splits, L.recv_splits, group)
+        del dy_send
+        # experts, data part; dx and d(weight) go straight into a packed buffer
+        back = PackedRows.empty(L.num_recv, ctx.d, ctx.dtype, dout.device)
+        dx_r, dw_r, dpre, hw = X.experts_backward_data(
+            dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1), w_up, w_down, emeta, pre,
+            ctx.act, ctx.gated, True, True, dx_out=back.payload)
+        back.weights.copy_(dw_r.view(-1).float())
+        # dispatch's backward: send them home, overlapped with the weight gradients
+        home, work = backend.exchange(back.buf, L.recv_splits, L.send_splits, group,
+                                      async_op=True)
+        dw_up, dw_down = X.experts_backward_weight(dy_recv, recv.payload, dpre, hw, emeta,
+                                                   need_up, need_down)
+        del dpre, hw, dy_recv
+        if work is not None:
+            work.wait()
+        home = PackedRows(home, ctx.d, ctx.dtype)
+        dx = dw_topk = None
+        if need_x:
+            dx = gather_reduce(home.payload, L.src_meta, None, out_dtype=ctx.dtype)
+        if need_w:
+            pos = L.src_meta.slot_pos.view(topk_weights.shape).long()
+            dw_topk = torch.where(pos >= 0, home.weights[pos.clamp(min=0)],
+                                  0.0).to(topk_weights.dtype)
+        return (dx, None, dw_topk, dw_up, dw_down) + (None,) * 8
+
+
+def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act: int,
+               gated: bool, recompute: bool, group, backend: str = "nccl",
+               max_tokens_per_rank: Optional[int] = None, allow_drop: bool = False):
+    """Routed experts under expert parallelism. Returns ``(out [N, D], recv_count [E/P])``."""
+    P = dist.get_world_size(group)
+    if num_experts % P:
+        raise ValueError(f"ep_group: num_experts={num_experts} is not divisible by the "
+                         f"group size {P}")
+    if w_up.shape[0] != num_experts // P:
+        raise ValueError(f"w_up: under expert parallelism pass the local experts "
+                         f"({num_experts // P} = E/P of E={num_experts}), got "
+                         f"{w_up.shape[0]}")
+    if max_tokens_per_rank is not None and x.shape[0] > max_tokens_per_rank and not allow_drop:
+        raise ValueError(f"max_tokens_per_rank: this rank has {x.shape[0]} tokens, more than "
+                         f"max_tokens_per_rank={max_tokens_per_rank}; raise it or ask for "
+                         f"capacity dropping (capacity_factor)")
+    return EPExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, num_experts, act,
+                                   gated, recompute, group, get_backend(backend),
+                                   max_tokens_per_rank, allow_drop)

@@ -1,0 +1,48 @@
+"""The routed-expert pipeline composed from the kernels (no autograd here).
+
+Used by the single-GPU custom ops (``ops.py``) and by the expert-parallel path
+(``moe_plugin/comm/ep.py``), which splits the backward into its data part (``dx``,
+d(weights), needed by the all-to-all) and its weight part (overlapped with that all-to-all).
+"""
+import torch
+
+from . import grouped_gemm as G
+from .permute import PermuteMeta, gather_reduce, permute_metadata
+
+
+def experts_forward(x, topk_ids, topk_weights, w_up, w_down, act: int, gated: bool,
+                    save_pre: bool):
+    """Returns ``(out [N, D], meta, pre [S, 2F|F] or None)``."""
+    meta = permute_metadata(topk_ids, w_up.shape[0])
+    pre, h = G.expert_up(x, w_up, meta, act, gated, store_pre=save_pre, store_h=True)
+    y = G.expert_down(h, w_down, meta)
+    del h
+    out = gather_reduce(y, meta, topk_weights, out_dtype=x.dtype)
+    return out, meta, pre
+
+
+def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta, pre,
+                          act: int, gated: bool, need_x: bool, need_w: bool, dx_out=None):
+    """Returns ``(dx | None, d_topk_weights | None, dpre, hw)``; ``pre`` None = recompute it.
+
+    ``dx_out``: optional preallocated ``[N, D]`` view for dx."""
+    if pre is None:
+        pre, _ = G.expert_up(x, w_up, meta, act, gated, store_pre=True, store_h=False)
+    dpre, hw, dw_perm = G.expert_up_bwd(dout, w_down, pre, meta, topk_weights, act, gated)
+    del pre
+    dx = dw_topk = None
+    if need_w:
+        pos = meta.slot_pos.view(topk_weights.shape).long()
+        dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
+    if need_x:
+        dxp = G.expert_dx(dpre, w_up, meta)
+        dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype, out=dx_out)
+    return dx, dw_topk, dpre, hw
+
+
+def experts_backward_weight(dout, x, dpre, hw, meta: PermuteMeta, need_up: bool,
+                            need_down: bool):
+    """Returns ``(dW_up | None, dW_down | None)``."""
+    dw_down = G.wgrad_down(dout, hw, meta) if need_down else None
+    dw_up = G.wgrad_up(dpre, x, meta) if need_up else None
+    return dw_up, dw_down
