@@ -2,7 +2,9 @@
 from . import reference
 from .config import ACTIVATIONS
 from .functional import capacity_drop, fused_experts, fused_moe
+from .comm import OverlappedGradSync, get_dense_params
 from .layer import MoELayer
 
 __version__ = "0.1.0"
-__all__ = ["fused_experts", "fused_moe", "capacity_drop", "MoELayer", "ACTIVATIONS", "reference"]
+__all__ = ["fused_experts", "fused_moe", "capacity_drop", "MoELayer", "ACTIVATIONS", "reference",
+           "OverlappedGradSync", "get_dense_params"]
