@@ -1,0 +1,201 @@
+"""Worker for tests/test_ep.py, launched with torchrun (one process per rank).
+
+Each case builds the same global problem on every rank (seeded), runs the expert-parallel
+path on this rank's tokens and local experts, runs the single-process path on all tokens with
+all experts, and records relative errors of the output and of every gradient. Rank 0 writes
+the results as JSON to ``--out``.
+
+    torchrun --nproc_per_node=2 tests/ep_worker.py --out /tmp/r.json [--device cuda --dtype bf16]
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import moe_plugin  # noqa: E402
+from moe_plugin.functional import capacity_drop, routed_experts  # noqa: E402
+
+CASES = {
+    # name: (tokens per rank, D, F, E, k, activation, routing, options)
+    "balanced": (8, 32, 16, 8, 2, "swiglu", "random", {}),
+    "skewed": (8, 32, 16, 8, 2, "swiglu", "skewed", {}),
+    "empty_experts": (8, 32, 16, 8, 2, "gelu", "subset", {}),
+    "k1": (8, 32, 16, 8, 1, "swiglu", "random", {}),
+    "E264": (4, 32, 16, 264, 4, "swiglu", "random", {}),
+    "capacity": (8, 32, 16, 8, 2, "swiglu", "random", {"capacity_factor": 0.5}),
+    "recompute": (8, 32, 16, 8, 2, "geglu", "random", {"recompute": True}),
+    "fixed_size": (8, 32, 16, 8, 2, "swiglu", "skewed", {"max_tokens_per_rank": 8}),
+    "unused_slots": (8, 32, 16, 8, 3, "relu2", "minus_one", {}),
+}
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+
+
+def routing(kind, gen, n_all, e, k):
+    if kind == "skewed":  # most slots on the first two experts
+        logits = torch.randn(n_all, e, generator=gen)
+        logits[:, :2] += 4.0
+    elif kind == "subset":  # only a third of the experts are used
+        logits = torch.randn(n_all, e, generator=gen)
+        logits[:, e // 3:] -= 100.0
+    else:
+        logits = torch.randn(n_all, e, generator=gen)
+    w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    if kind == "minus_one":
+        ids[::3, -1] = -1
+        ids[5, :] = -1
+    return ids, w
+
+
+def run_case(name, spec, group, device, dtype):
+    n, d, f, e, k, act, kind, opts = spec
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    gen = torch.Generator().manual_seed(1234 + len(name))
+    gated = moe_plugin.ACTIVATIONS[act][1]
+    x_all = torch.randn(ws * n, d, generator=gen)
+    w_up = torch.randn(e, (2 if gated else 1) * f, d, generator=gen) / d ** 0.5
+    w_down = torch.randn(e, d, f, generator=gen) / f ** 0.5
+    ids, w = routing(kind, gen, ws * n, e, k)
+    if "capacity_factor" in opts:  # each rank drops on its own tokens, as fused_moe does
+        ids = torch.cat([capacity_drop(ids[r * n:(r + 1) * n], w[r * n:(r + 1) * n], e,
+                                       opts["capacity_factor"]) for r in range(ws)])
+        assert (ids < 0).any(), "capacity case dropped nothing"
+    g = torch.randn(ws * n, d, generator=gen)
+    el = e // ws
+    sl = slice(rank * n, (rank + 1) * n)
+    el_sl = slice(rank * el, (rank + 1) * el)
+
+    def leaf(t):
+        return t.to(device, dtype).clone().requires_grad_()
+
+    # expert parallel
+    x, wt = leaf(x_all[sl]), leaf(w[sl]).detach().float().requires_grad_()
+    wu, wd = leaf(w_up[el_sl]), leaf(w_down[el_sl])
+    out, counts, recv = routed_experts(
+        x, ids[sl].to(device), wt, wu, wd, act, True, opts.get("recompute", False),
+        num_experts=e, ep_group=group, max_tokens_per_rank=opts.get("max_tokens_per_rank"))
+    (out.float() * g[sl].to(device)).sum().backward()
+    # single process, all tokens, all experts
+    xa, wta = leaf(x_all), leaf(w).detach().float().requires_grad_()
+    wua, wda = leaf(w_up), leaf(w_down)
+    ref = moe_plugin.fused_experts(xa, ids.to(device), wta, wua, wda, act)
+    (ref.float() * g.to(device)).sum().backward()
+    valid = ids[sl][ids[sl] >= 0]
+    recv_total = torch.tensor([int(recv.sum())], dtype=torch.int64)
+    dist.all_reduce(recv_total, group=group)
+    return {
+        "out": rel(out, ref[sl]), "dx": rel(x.grad, xa.grad[sl]),
+        "dweights": rel(wt.grad, wta.grad[sl]), "dw_up": rel(wu.grad, wua.grad[el_sl]),
+        "dw_down": rel(wd.grad, wda.grad[el_sl]),
+        "recv_ok": bool(recv_total.item() == int((ids >= 0).sum())),
+        "counts_ok": bool(torch.equal(counts.cpu().long(),
+                                      torch.bincount(valid, minlength=e))),
+        "dropped_weight_grads_zero": bool((wt.grad[ids[sl].to(device) < 0] == 0).all()),
+    }
+
+
+def run_router_case(group, device, dtype):
+    """fused_moe with the router: EP vs one process (gate gradients summed over ranks)."""
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    n, d, f, e, k = 8, 32, 16, 8, 2
+    gen = torch.Generator().manual_seed(99)
+    x_all = torch.randn(ws * n, d, generator=gen)
+    wg = torch.randn(e, d, generator=gen)
+    w_up = torch.randn(e, 2 * f, d, generator=gen) / d ** 0.5
+    w_down = torch.randn(e, d, f, generator=gen) / f ** 0.5
+    g = torch.randn(ws * n, d, generator=gen)
+    el = e // ws
+    sl, el_sl = slice(rank * n, (rank + 1) * n), slice(rank * el, (rank + 1) * el)
+
+    def leaf(t):
+        return t.to(device, dtype).clone().requires_grad_()
+    x, gw, wu, wd = leaf(x_all[sl]), leaf(wg), leaf(w_up[el_sl]), leaf(w_down[el_sl])
+    out, info = moe_plugin.fused_moe(x, gw, wu, wd, k, ep_group=group)
+    (out.float() * g[sl].to(device)).sum().backward()
+    xa, gwa, wua, wda = leaf(x_all), leaf(wg), leaf(w_up), leaf(w_down)
+    ref, _ = moe_plugin.fused_moe(xa, gwa, wua, wda, k)
+    (ref.float() * g.to(device)).sum().backward()
+    dgw = gw.grad.float().clone()
+    dist.all_reduce(dgw, group=group)
+    return {"out": rel(out, ref[sl]), "dx": rel(x.grad, xa.grad[sl]),
+            "dgate": rel(dgw, gwa.grad), "dw_up": rel(wu.grad, wua.grad[el_sl]),
+            "dw_down": rel(wd.grad, wda.grad[el_sl])}
+
+
+def run_error_case(group, device, dtype):
+    """Bad input under EP raises ValueError naming the argument, before any exchange."""
+    ws = dist.get_world_size(group)
+    n, d, f, e, k = 8, 32, 16, 8, 2
+    x = torch.randn(n, d, device=device, dtype=dtype)
+    gw = torch.randn(e, d, device=device, dtype=dtype)
+    checks = {}
+
+    def raises(name, fn):
+        try:
+            fn()
+        except ValueError as ex:
+            checks[name] = name.split(":")[0] in str(ex)
+        else:
+            checks[name] = False
+    wu_loc = torch.randn(e // ws, 2 * f, d, device=device, dtype=dtype)
+    wd_loc = torch.randn(e // ws, d, f, device=device, dtype=dtype)
+    raises("w_up:full_weights", lambda: moe_plugin.fused_moe(
+        x, gw, torch.randn(e, 2 * f, d, device=device, dtype=dtype),
+        torch.randn(e, d, f, device=device, dtype=dtype), k, ep_group=group))
+    gw7 = torch.randn(e - 1, d, device=device, dtype=dtype)
+    raises("ep_group:not_divisible", lambda: moe_plugin.fused_moe(
+        x, gw7, wu_loc, wd_loc, k, ep_group=group))
+    raises("max_tokens_per_rank:overflow", lambda: moe_plugin.fused_moe(
+        x, gw, wu_loc, wd_loc, k, ep_group=group, max_tokens_per_rank=n - 1))
+    raises("ep_backend:unknown", lambda: moe_plugin.fused_moe(
+        x, gw, wu_loc, wd_loc, k, ep_group=group, ep_backend="pigeons"))
+    return checks
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--cases", nargs="*", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    group = dist.group.WORLD
+    results = {}
+    for name in args.cases or list(CASES) + ["router", "errors"]:
+        try:
+            if name == "router":
+                results[name] = run_router_case(group, device, dtype)
+            elif name == "errors":
+                results[name] = run_error_case(group, device, dtype)
+            else:
+                results[name] = run_case(name, CASES[name], group, device, dtype)
+        except Exception as ex:  # reported, not hidden: the test fails on it
+            results[name] = {"error": repr(ex)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as fh:
+            json.dump(gathered, fh, indent=1)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
