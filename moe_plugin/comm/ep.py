@@ -143,6 +143,29 @@ def _layout(topk_ids, num_experts: int, group, max_tokens_per_rank):
         send_slot, flat_ids, e_loc
 
 
+def ep_dispatch(x, topk_ids, topk_weights, num_experts: int, group, backend,
+                max_tokens_per_rank=None):
+    """Layout + packed dispatch. Returns ``(layout, received PackedRows)``: payload rows,
+    local expert ids (-1 for padding rows) and routing weights as received."""
+    d = x.shape[1]
+    layout, send_slot, flat_ids, e_loc = _layout(topk_ids, num_experts, group,
+                                                 max_tokens_per_rank)
+    send = PackedRows.empty(layout.num_send, d, x.dtype, x.device)
+    gather_rows(x, layout.send_src_row, send.payload)
+    ok = send_slot >= 0
+    sidx = send_slot.clamp(min=0).long()
+    send.ids.copy_(torch.where(ok, flat_ids[sidx] % e_loc, -1))  # local id at the destination
+    send.weights.copy_(torch.where(ok, topk_weights.reshape(-1)[sidx].float(), 0.0))
+    recv_buf, _ = backend.exchange(send.buf, layout.send_splits, layout.recv_splits, group)
+    return layout, PackedRows(recv_buf, d, x.dtype)
+
+
+def ep_combine(y_recv, layout: EPLayout, group, backend, out_dtype):
+    """Reverse exchange of the (weighted) expert outputs, then the k-way sum per token."""
+    y_back, _ = backend.exchange(y_recv, layout.recv_splits, layout.send_splits, group)
+    return gather_reduce(y_back, layout.src_meta, None, out_dtype=out_dtype)
+
+
 class EPExpertsFunction(torch.autograd.Function):
     """Dispatch → local fused experts → combine (see the module docstring).
 
@@ -157,26 +180,16 @@ class EPExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, num_experts, act, gated,
                 recompute, group, backend, max_tokens_per_rank, allow_drop):
-        n, d = x.shape
-        layout, send_slot, flat_ids, e_loc = _layout(topk_ids, num_experts, group,
-                                                     max_tokens_per_rank)
-        send = PackedRows.empty(layout.num_send, d, x.dtype, x.device)
-        gather_rows(x, layout.send_src_row, send.payload)
-        ok = send_slot >= 0
-        sidx = send_slot.clamp(min=0).long()
-        send.ids.copy_(torch.where(ok, flat_ids[sidx] % e_loc, -1))  # local id at the destination
-        send.weights.copy_(torch.where(ok, topk_weights.reshape(-1)[sidx].float(), 0.0))
-        recv_buf, _ = backend.exchange(send.buf, layout.send_splits, layout.recv_splits, group)
-        del send
-        recv = PackedRows(recv_buf, d, x.dtype)
-        ids_recv = recv.ids.view(-1, 1)
-        w_recv = recv.weights.contiguous().view(-1, 1)
-        y_recv, emeta, pre = X.experts_forward(recv.payload, ids_recv, w_recv, w_up, w_down,
-                                               act, gated, save_pre=not recompute)
-        y_back, _ = backend.exchange(y_recv, layout.recv_splits, layout.send_splits, group)
-        del y_recv
-        out = gather_reduce(y_back, layout.src_meta, None, out_dtype=x.dtype)
-        ctx.layout, ctx.emeta_k = layout, emeta.top_k
+        d = x.shape[1]
+        layout, recv = ep_dispatch(x, topk_ids, topk_weights, num_experts, group, backend,
+                                   max_tokens_per_rank)
+        recv_buf = recv.buf
+        y_recv, emeta, pre = X.experts_forward(
+            recv.payload, recv.ids.view(-1, 1), recv.weights.contiguous().view(-1, 1), w_up,
+            w_down, act, gated, save_pre=not recompute)
+        out = ep_combine(y_recv, layout, group, backend, x.dtype)
+        e_loc = w_up.shape[0]
+        ctx.layout = layout
         ctx.act, ctx.gated, ctx.group, ctx.backend = act, gated, group, backend
         ctx.d, ctx.dtype, ctx.e_loc = d, x.dtype, e_loc
         ctx.save_for_backward(recv_buf, w_up, w_down, topk_weights, *emeta.tensors(),
