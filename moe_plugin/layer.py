@@ -6,7 +6,7 @@ experts (on a side CUDA stream), latent projection, aux-loss-free balancing and 
 """
 from __future__ import annotations
 
-import math
+import re
 from typing import Callable, Optional
 
 import torch
@@ -17,9 +17,10 @@ from torch import nn
 from . import reference
 from .config import (FLOAT_DTYPES, check_activation, check_choice, check_nonneg_float,
                      check_positive_int, check_routing_args, check_tensor)
-from .functional import _experts, _use_triton, route_tokens
+from .functional import _check_ep, _use_triton, route_tokens, routed_experts
 
 AUX_LOSS_TYPES = ("batch", "seq")
+_SIDE_STREAMS: dict = {}  # device -> side stream for the shared experts (shared by all layers)
 EXPERT_FORMATS = ("mixtral", "qwen3", "megatron")
 
 
@@ -54,6 +55,10 @@ class MoELayer(nn.Module):
         batch_first: a 3-D input is ``[B, S, D]`` (default) or ``[S, B, D]`` (Megatron).
         init_std, init_method: weights are ``init_method(tensor)`` if given, else N(0, init_std).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fused_experts``).
+        ep_group: expert parallelism: the layer holds only this rank's E/P experts (rank r:
+            experts [r·E/P, (r+1)·E/P)); tokens travel by all-to-all (see ``fused_moe``).
+            ``shard_experts(group)`` does the same for a layer built with all experts.
+        ep_backend, max_tokens_per_rank: as in ``fused_moe``.
         dtype, device: of the parameters.
 
     ``forward(x [..., D]) -> (out [..., D], info)`` with ``info``: ``aux_loss``, ``z_loss``
@@ -74,7 +79,9 @@ class MoELayer(nn.Module):
                  latent_dim: Optional[int] = None, recompute: bool = False,
                  batch_first: bool = True, init_std: float = 0.02,
                  init_method: Optional[Callable[[torch.Tensor], None]] = None,
-                 backend: str = "auto", dtype: Optional[torch.dtype] = None, device=None):
+                 backend: str = "auto", ep_group=None, ep_backend: str = "nccl",
+                 max_tokens_per_rank: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("ffn_dim", ffn_dim)
@@ -128,13 +135,18 @@ class MoELayer(nn.Module):
         self.latent_dim = latent_dim
         self.recompute, self.batch_first, self.backend = recompute, batch_first, backend
         self._init_std, self._init_method = init_std, init_method
+        self.ep_group, self.ep_backend = None, ep_backend
+        self.max_tokens_per_rank = max_tokens_per_rank
+        ep_size = _check_ep(ep_group, num_experts, ep_backend, max_tokens_per_rank)
+        self.ep_group = ep_group
+        num_local = num_experts // ep_size
 
         fk = dict(dtype=dtype, device=device)
         width = latent_dim or d_model
         up_rows = 2 * ffn_dim if gated else ffn_dim
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, **fk))
-        self.w_up = nn.Parameter(torch.empty(num_experts, up_rows, width, **fk))
-        self.w_down = nn.Parameter(torch.empty(num_experts, width, ffn_dim, **fk))
+        self.w_up = nn.Parameter(torch.empty(num_local, up_rows, width, **fk))
+        self.w_down = nn.Parameter(torch.empty(num_local, width, ffn_dim, **fk))
         for p in (self.w_up, self.w_down):
             p.moe_expert = True  # expert-sharded under expert parallelism
         if latent_dim:
@@ -158,7 +170,6 @@ class MoELayer(nn.Module):
                                  persistent=False)
         else:
             self.expert_bias = self.local_tokens_per_expert = None
-        self._side_streams = {}
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------
@@ -169,6 +180,19 @@ class MoELayer(nn.Module):
                     self._init_method(p)
                 else:
                     p.normal_(0.0, self._init_std)
+
+    def _apply(self, fn, recurse=True):
+        # The balancing state stays fp32 through .to(dtype) / .half() / .bfloat16() (as
+        # Megatron-Core keeps its expert bias fp32): in bf16 a load above 256 is rounded and a
+        # bias step of 1e-3 on a bias of 0.5 rounds away. Device moves still apply.
+        fp32 = {n: b for n, b in self._buffers.items()
+                if n in ("expert_bias", "local_tokens_per_expert") and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in fp32.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def extra_repr(self) -> str:
         s = (f"d_model={self.d_model}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
@@ -211,10 +235,11 @@ class MoELayer(nn.Module):
             out = out * torch.sigmoid(F.linear(h, self.shared_gate))
         return out
 
-    def _side_stream(self, device) -> torch.cuda.Stream:
-        if device not in self._side_streams:
-            self._side_streams[device] = torch.cuda.Stream(device=device)
-        return self._side_streams[device]
+    @staticmethod
+    def _side_stream(device) -> torch.cuda.Stream:
+        if device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+        return _SIDE_STREAMS[device]
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
@@ -258,8 +283,11 @@ class MoELayer(nn.Module):
             expert_weights = torch.ones_like(weights)
         else:
             expert_weights = weights
-        out, counts = _experts(xe, ids, expert_weights, self.w_up, self.w_down,
-                               self.activation, use_triton, self.recompute)
+        out, counts, recv = routed_experts(
+            xe, ids, expert_weights, self.w_up, self.w_down, self.activation, use_triton,
+            self.recompute, num_experts=self.num_experts, ep_group=self.ep_group,
+            ep_backend=self.ep_backend, max_tokens_per_rank=self.max_tokens_per_rank,
+            allow_drop=self.capacity_factor is not None)
         if self.latent_up is not None:
             out = F.linear(out, self.latent_up)
         if self.enable_expert_bias and self.training and torch.is_grad_enabled():
@@ -273,7 +301,39 @@ class MoELayer(nn.Module):
             out = out + shared
         info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
                 "topk_weights": weights}
+        if self.ep_group is not None:
+            info["ep_recv_count"] = recv
         return out.reshape(shape), info
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def num_local_experts(self) -> int:
+        return self.w_up.shape[0]
+
+    @property
+    def local_expert_offset(self) -> int:
+        """Global index of this rank's first expert (0 without expert parallelism)."""
+        if self.ep_group is None:
+            return 0
+        return dist.get_rank(self.ep_group) * self.num_local_experts
+
+    @torch.no_grad()
+    def shard_experts(self, ep_group) -> "MoELayer":
+        """Keeps only this rank's experts [r·E/P, (r+1)·E/P) of a layer that holds all E, and
+        routes through ``ep_group`` from now on. Returns ``self``."""
+        if self.ep_group is not None:
+            raise ValueError("ep_group: the layer is already sharded")
+        size = _check_ep(ep_group, self.num_experts, self.ep_backend, self.max_tokens_per_rank)
+        num_local = self.num_experts // size
+        first = dist.get_rank(ep_group) * num_local
+        for name in ("w_up", "w_down"):
+            old = getattr(self, name)
+            new = nn.Parameter(old.detach()[first:first + num_local].clone(),
+                               requires_grad=old.requires_grad)
+            new.moe_expert = True
+            setattr(self, name, new)
+        self.ep_group = ep_group
+        return self
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -321,19 +381,20 @@ class MoELayer(nn.Module):
         router = {"mixtral": "gate.weight", "qwen3": "gate.weight",
                   "megatron": "router.weight"}[fmt]
         items.append((prefix + router, *param("w_gate")))
-        for e in range(self.num_experts):
+        offset = self.local_expert_offset  # keys carry global expert indices under EP
+        for e in range(self.num_local_experts):
             if fmt == "mixtral":
-                base = f"{prefix}experts.{e}."
+                base = f"{prefix}experts.{e + offset}."
                 items += [(base + "w1.weight", *rows("w_up", e, 0, f)),
                           (base + "w3.weight", *rows("w_up", e, f, 2 * f)),
                           (base + "w2.weight", *rows("w_down", e, 0, self.d_model))]
             elif fmt == "qwen3":
-                base = f"{prefix}experts.{e}."
+                base = f"{prefix}experts.{e + offset}."
                 items += [(base + "gate_proj.weight", *rows("w_up", e, 0, f)),
                           (base + "up_proj.weight", *rows("w_up", e, f, 2 * f)),
                           (base + "down_proj.weight", *rows("w_down", e, 0, self.d_model))]
             else:
-                base = f"{prefix}experts.local_experts.{e}."
+                base = f"{prefix}experts.local_experts.{e + offset}."
                 items += [(base + "linear_fc1.weight", *rows("w_up", e, 0, self.w_up.shape[1])),
                           (base + "linear_fc2.weight", *rows("w_down", e, 0, self.d_model))]
         if self.num_shared_experts:
@@ -362,9 +423,20 @@ class MoELayer(nn.Module):
         """Exports the weights as per-expert ``nn.Linear`` weights (``format``: ``"mixtral"``
         (HF Mixtral ``block_sparse_moe``), ``"qwen3"`` (HF Qwen3-MoE / Qwen2-MoE ``mlp``, with
         ``shared_expert`` and ``shared_expert_gate``) or ``"megatron"`` (Megatron-Core's
-        ``SequentialMLP`` experts, ``router``, ``shared_experts``)). Tensors are copies."""
+        ``SequentialMLP`` experts, ``router``, ``shared_experts``)). Tensors are copies. Under
+        expert parallelism only this rank's experts are exported, under their global
+        indices."""
         self._check_format(format)
         return {k: get().detach().clone() for k, get, _ in self._layout(format, prefix)}
+
+    def _other_rank_expert_key(self, key: str) -> bool:
+        """A key of an expert that another expert-parallel rank holds (ignored when loading)."""
+        m = re.match(r"experts\.(?:local_experts\.)?(\d+)\.", key)
+        if m is None or self.ep_group is None:
+            return False
+        e = int(m.group(1))
+        lo = self.local_expert_offset
+        return e < self.num_experts and not lo <= e < lo + self.num_local_experts
 
     @torch.no_grad()
     def load_per_expert_state_dict(self, state_dict: dict, format: str = "mixtral",
@@ -377,7 +449,8 @@ class MoELayer(nn.Module):
         known = {k for k, _, _ in layout}
         if strict:
             missing = [k for k in known if k not in state_dict]
-            unexpected = [k for k in state_dict if k.startswith(prefix) and k not in known]
+            unexpected = [k for k in state_dict if k.startswith(prefix) and k not in known
+                          and not self._other_rank_expert_key(k[len(prefix):])]
             if missing or unexpected:
                 raise KeyError(f"state_dict: missing keys {sorted(missing)[:8]}, unexpected "
                                f"keys {sorted(unexpected)[:8]} for format {format!r}")

@@ -133,6 +133,57 @@ def run_router_case(group, device, dtype):
             "dw_down": rel(wd.grad, wda.grad[el_sl])}
 
 
+def run_layer_case(group, device, dtype):
+    """MoELayer with shared experts (+gate) and a latent projection: a layer sharded with
+    shard_experts() on each rank vs the unsharded layer on all tokens. Replicated parameters'
+    gradients are summed over the ranks; local experts' compared with their slice."""
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    n, d, f, e, k = 8, 32, 16, 8, 2
+    torch.manual_seed(7)
+    full = moe_plugin.MoELayer(d, f, e, k, num_shared_experts=1, shared_ffn_dim=8,
+                               shared_expert_gate=True, latent_dim=24, init_std=0.2,
+                               dtype=dtype, device=device)
+    gen = torch.Generator().manual_seed(8)
+    x_all = torch.randn(ws * n, d, generator=gen).to(device, dtype)
+    g = torch.randn(ws * n, d, generator=gen).to(device, dtype)
+    import copy
+    ep = copy.deepcopy(full).shard_experts(group)
+    sl = slice(rank * n, (rank + 1) * n)
+    x = x_all[sl].clone().requires_grad_()
+    out, info = ep(x)
+    (out.float() * g[sl].float()).sum().backward()
+    xa = x_all.clone().requires_grad_()
+    ref, _ = full(xa)
+    (ref.float() * g.float()).sum().backward()
+    res = {"out": rel(out, ref[sl]), "dx": rel(x.grad, xa.grad[sl])}
+    el = e // ws
+    for name, p in ep.named_parameters():
+        pf = dict(full.named_parameters())[name]
+        if name in ("w_up", "w_down"):
+            res["d" + name] = rel(p.grad, pf.grad[rank * el:(rank + 1) * el])
+        else:
+            gsum = p.grad.float().clone()
+            dist.all_reduce(gsum, group=group)
+            res["dgate" if name == "w_gate" else "dweights"] = max(
+                res.get("dweights", 0.0), rel(gsum, pf.grad)) if name != "w_gate" \
+                else rel(gsum, pf.grad)
+    res["recv_count_ok"] = bool(info["ep_recv_count"].numel() == el)
+    # per-expert export / import under EP: this rank's experts under their global indices
+    plain = moe_plugin.MoELayer(d, f, e, k, dtype=dtype, device=device)
+    sd_full = plain.per_expert_state_dict("megatron")
+    sharded = copy.deepcopy(plain).shard_experts(group)
+    sd = sharded.per_expert_state_dict("megatron")
+    res["export_global_keys_ok"] = sorted(sd) == sorted(
+        [k_ for k_ in sd_full if "local_experts" not in k_]
+        + [f"experts.local_experts.{rank * el + i}.linear_fc{j}.weight"
+           for i in range(el) for j in (1, 2)])
+    fresh = moe_plugin.MoELayer(d, f, e, k, dtype=dtype, device=device).shard_experts(group)
+    fresh.load_per_expert_state_dict(sd_full, "megatron")  # strict: other ranks' keys ignored
+    res["import_from_full_ok"] = bool(torch.equal(fresh.w_up, sharded.w_up)
+                                      and torch.equal(fresh.w_down, sharded.w_down))
+    return res
+
+
 def run_error_case(group, device, dtype):
     """Bad input under EP raises ValueError naming the argument, before any exchange."""
     ws = dist.get_world_size(group)
@@ -178,10 +229,12 @@ def main():
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     group = dist.group.WORLD
     results = {}
-    for name in args.cases or list(CASES) + ["router", "errors"]:
+    for name in args.cases or list(CASES) + ["router", "layer", "errors"]:
         try:
             if name == "router":
                 results[name] = run_router_case(group, device, dtype)
+            elif name == "layer":
+                results[name] = run_layer_case(group, device, dtype)
             elif name == "errors":
                 results[name] = run_error_case(group, device, dtype)
             else:
