@@ -92,7 +92,7 @@ def run_case(name, spec, group, device, dtype):
     ref = moe_plugin.fused_experts(xa, ids.to(device), wta, wua, wda, act)
     (ref.float() * g.to(device)).sum().backward()
     valid = ids[sl][ids[sl] >= 0]
-    recv_total = torch.tensor([int(recv.sum())], dtype=torch.int64)
+    recv_total = torch.tensor([int(recv.sum())], dtype=torch.int64, device=device)
     dist.all_reduce(recv_total, group=group)
     return {
         "out": rel(out, ref[sl]), "dx": rel(x.grad, xa.grad[sl]),
