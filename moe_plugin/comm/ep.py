@@ -35,8 +35,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
 from ..kernels import experts as X
+from ..kernels.common import interpret_mode, next_pow2
 from ..kernels.permute import PermuteMeta, gather_reduce, gather_rows, permute_metadata
 
 _ALIGN = 16  # bytes; packed rows keep 16-byte alignment for vector loads
@@ -56,10 +59,10 @@ class PackedRows:
         self.buf = buf
         row_bytes = buf.shape[1]
         payload_bytes = row_bytes - _ALIGN
+        self.meta_col = payload_bytes // 4  # int32 column of the id; the weight follows
         self.payload = buf.view(dtype)[:, :d]
-        meta = buf.view(torch.int32)
-        self.ids = meta[:, payload_bytes // 4]
-        self.weights = buf.view(torch.float32)[:, payload_bytes // 4 + 1]
+        self.ids = buf.view(torch.int32)[:, self.meta_col]
+        self.weights = buf.view(torch.float32)[:, self.meta_col + 1]
 
     @classmethod
     def empty(cls, rows: int, d: int, dtype: torch.dtype, device) -> "PackedRows":
@@ -96,68 +99,102 @@ def get_backend(name: str) -> AllToAllBackend:
 class EPLayout:
     """Where every slot goes and comes back; computed once in forward, reused in backward."""
     src_meta: PermuteMeta        # slot_pos = send position of each slot (-1: not sent)
-    send_src_row: torch.Tensor   # int32 [S_send]: token row of each send position (-1: none)
+    send_slot: torch.Tensor      # int32 [S_send]: the slot at each send position (-1: none)
     send_splits: Optional[list]  # rows per destination (None: equal chunks)
     recv_splits: Optional[list]  # rows per source (None: equal chunks)
     num_send: int
     num_recv: int
+    num_local_experts: int
 
 
-def _layout(topk_ids, num_experts: int, group, max_tokens_per_rank):
+@triton.jit
+def _pack_kernel(x_ptr, send_slot_ptr, ids_ptr, w_ptr, out_ptr, out_i32_ptr, out_f32_ptr,
+                 R, D, stride_x, stride_o, stride_o32, META_COL, TOPK: tl.constexpr,
+                 E_LOC, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Send row r = [x[slot // k] | local id | weight] for slot = send_slot[r] (or padding)."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < R
+    slot = tl.load(send_slot_ptr + r, mask=rmask, other=-1)
+    ok = rmask & (slot >= 0)
+    src = (tl.where(ok, slot, 0) // TOPK).to(tl.int64)
+    r64 = r.to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        v = tl.load(x_ptr + src[:, None] * stride_x + d[None, :],
+                    mask=ok[:, None] & dmask[None, :], other=0.0)
+        tl.store(out_ptr + r64[:, None] * stride_o + d[None, :], v,
+                 mask=rmask[:, None] & dmask[None, :])
+    e = tl.load(ids_ptr + slot, mask=ok, other=0)
+    w = tl.load(w_ptr + slot, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_i32_ptr + r64 * stride_o32 + META_COL, tl.where(ok, e % E_LOC, -1),
+             mask=rmask)
+    tl.store(out_f32_ptr + r64 * stride_o32 + META_COL + 1, tl.where(ok, w, 0.0), mask=rmask)
+
+
+def ep_layout(topk_ids, num_experts: int, group, max_tokens_per_rank=None) -> EPLayout:
+    """Send positions and split sizes (see the module docstring, step 1)."""
     P = dist.get_world_size(group)
     e_loc = num_experts // P
     n, k = topk_ids.shape
     dev = topk_ids.device
     meta = permute_metadata(topk_ids, num_experts)
-    per_rank = meta.counts.view(P, e_loc).sum(1)
-    first = meta.offsets[:-1].view(P, e_loc)[:, 0].contiguous()   # first sorted position per rank
-    flat_ids = topk_ids.reshape(-1).to(torch.int32)
-    valid = meta.slot_pos >= 0
-    dst = torch.where(valid, flat_ids.clamp(min=0) // e_loc, 0)
     if max_tokens_per_rank is None:
-        send_cnt = per_rank.to(torch.int64)
+        # send position = sorted position: rows of one destination are contiguous
+        send_cnt = meta.counts.view(P, e_loc).sum(1, dtype=torch.int64)
         recv_cnt = torch.empty_like(send_cnt)
         dist.all_to_all_single(recv_cnt, send_cnt, group=group)
         host = torch.stack([send_cnt, recv_cnt]).tolist()  # the layer's one host sync
         send_splits, recv_splits = host[0], host[1]
         num_send, num_recv = sum(send_splits), sum(recv_splits)
-        slot_pos = meta.slot_pos
-    else:
-        cap = max_tokens_per_rank * min(k, e_loc)
-        rank_in_dst = meta.slot_pos - first[dst.long()]
-        over = valid & (rank_in_dst >= cap)
-        # with N <= max_tokens_per_rank nothing overflows; beyond it only with dropping
-        slot_pos = torch.where(valid & ~over, dst * cap + rank_in_dst, -1).to(torch.int32)
-        send_splits = recv_splits = None
-        num_send = num_recv = P * cap
-    # invert slot -> send position (positions are unique; unsent slots hit a sentinel)
-    slots = torch.arange(n * k, device=dev, dtype=torch.int32)
-    idx = torch.where(slot_pos >= 0, slot_pos, num_send).long()
+        return EPLayout(meta, meta.sorted_slot[:num_send], send_splits, recv_splits,
+                        num_send, num_recv, e_loc)
+    # fixed chunks of cap rows per destination, no host synchronisation
+    cap = max_tokens_per_rank * min(k, e_loc)
+    flat_ids = topk_ids.reshape(-1).to(torch.int32)
+    valid = meta.slot_pos >= 0
+    dst = torch.where(valid, flat_ids.clamp(min=0) // e_loc, 0)
+    first = meta.offsets[:-1].view(P, e_loc)[:, 0]   # first sorted position per destination
+    rank_in_dst = meta.slot_pos - first[dst.long()]
+    keep = valid & (rank_in_dst < cap)  # beyond cap only when N > max_tokens_per_rank
+    slot_pos = torch.where(keep, dst * cap + rank_in_dst, -1).to(torch.int32)
+    num_send = P * cap
+    idx = torch.where(keep, slot_pos, num_send).long()  # unsent slots hit a sentinel
     send_slot = torch.full((num_send + 1,), -1, dtype=torch.int32, device=dev)
-    send_slot.scatter_(0, idx, slots)
-    send_slot = send_slot[:num_send].contiguous()
-    send_src_row = torch.where(send_slot >= 0, send_slot // k, -1).to(torch.int32)
-    src_meta = PermuteMeta(meta.counts, meta.offsets, meta.sorted_slot,
-                           slot_pos.to(torch.int32).contiguous(), num_experts, k)
-    return EPLayout(src_meta, send_src_row, send_splits, recv_splits, num_send, num_recv), \
-        send_slot, flat_ids, e_loc
+    send_slot.scatter_(0, idx, torch.arange(n * k, device=dev, dtype=torch.int32))
+    src_meta = PermuteMeta(meta.counts, meta.offsets, meta.sorted_slot, slot_pos,
+                           num_experts, k)
+    return EPLayout(src_meta, send_slot[:num_send], None, None, num_send, num_send, e_loc)
+
+
+def ep_pack(x, topk_ids, topk_weights, layout: EPLayout) -> "PackedRows":
+    """One kernel writes every send row: payload, local expert id, routing weight."""
+    d = x.shape[1]
+    send = PackedRows.empty(layout.num_send, d, x.dtype, x.device)
+    if layout.num_send == 0:
+        return send
+    ids = topk_ids.reshape(-1)
+    ids = (ids if ids.dtype == torch.int32 else ids.to(torch.int32)).contiguous()
+    w = topk_weights.reshape(-1).contiguous()
+    i32 = send.buf.view(torch.int32)
+    br, bd = (16, 32) if interpret_mode() else (8, min(512, next_pow2(d)))
+    _pack_kernel[(triton.cdiv(layout.num_send, br),)](
+        x, layout.send_slot, ids, w, send.buf.view(x.dtype), i32, send.buf.view(torch.float32),
+        layout.num_send, d, x.stride(0), send.buf.view(x.dtype).stride(0), i32.stride(0),
+        send.meta_col, TOPK=topk_ids.shape[1], E_LOC=layout.num_local_experts,
+        BLOCK_R=br, BLOCK_D=bd, num_warps=4)
+    return send
 
 
 def ep_dispatch(x, topk_ids, topk_weights, num_experts: int, group, backend,
                 max_tokens_per_rank=None):
     """Layout + packed dispatch. Returns ``(layout, received PackedRows)``: payload rows,
     local expert ids (-1 for padding rows) and routing weights as received."""
-    d = x.shape[1]
-    layout, send_slot, flat_ids, e_loc = _layout(topk_ids, num_experts, group,
-                                                 max_tokens_per_rank)
-    send = PackedRows.empty(layout.num_send, d, x.dtype, x.device)
-    gather_rows(x, layout.send_src_row, send.payload)
-    ok = send_slot >= 0
-    sidx = send_slot.clamp(min=0).long()
-    send.ids.copy_(torch.where(ok, flat_ids[sidx] % e_loc, -1))  # local id at the destination
-    send.weights.copy_(torch.where(ok, topk_weights.reshape(-1)[sidx].float(), 0.0))
+    layout = ep_layout(topk_ids, num_experts, group, max_tokens_per_rank)
+    send = ep_pack(x, topk_ids, topk_weights, layout)
     recv_buf, _ = backend.exchange(send.buf, layout.send_splits, layout.recv_splits, group)
-    return layout, PackedRows(recv_buf, d, x.dtype)
+    return layout, PackedRows(recv_buf, x.shape[1], x.dtype)
 
 
 def ep_combine(y_recv, layout: EPLayout, group, backend, out_dtype):
@@ -208,7 +245,7 @@ class EPExpertsFunction(torch.autograd.Function):
         dout = dout.contiguous()
         # combine's backward: dispatch dout rows to the experts that produced them
         dy_send = dout.new_empty(L.num_send, ctx.d)
-        gather_rows(dout, L.send_src_row, dy_send)
+        gather_rows(dout, L.send_slot, dy_send, div=L.src_meta.top_k)
         dy_recv, _ = backend.exchange(dy_send, L.send_splits, L.recv_splits, group)
         del dy_send
         # experts, data part; dx and d(weight) go straight into a packed buffer

@@ -155,7 +155,7 @@ def gather_reduce(y: torch.Tensor, meta: PermuteMeta, weights=None, out_dtype=No
 
 @triton.jit
 def _gather_rows_kernel(src_ptr, index_ptr, dst_ptr, R, D, stride_s, stride_d,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                        DIV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -163,6 +163,7 @@ def _gather_rows_kernel(src_ptr, index_ptr, dst_ptr, R, D, stride_s, stride_d,
     rmask = r < R
     src = tl.load(index_ptr + r, mask=rmask, other=-1)
     ok = rmask & (src >= 0)
+    src = src // DIV
     dmask = d < D
     v = tl.load(src_ptr + src.to(tl.int64)[:, None] * stride_s + d[None, :],
                 mask=ok[:, None] & dmask[None, :], other=0.0)
@@ -170,15 +171,16 @@ def _gather_rows_kernel(src_ptr, index_ptr, dst_ptr, R, D, stride_s, stride_d,
              mask=rmask[:, None] & dmask[None, :])
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[r] = src[index[r]]`` (zeros where ``index[r] < 0``); one pass, any row strides
-    (``out`` may be the payload view of a packed buffer)."""
+def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
+                div: int = 1) -> torch.Tensor:
+    """``out[r] = src[index[r] // div]`` (zeros where ``index[r] < 0``); one pass, any row
+    strides (``out`` may be the payload view of a packed buffer)."""
     R, D = out.shape
     if R == 0:
         return out
     assert src.stride(1) == 1 and out.stride(1) == 1 and src.shape[1] == D
     br, bd = (16, 32) if interpret_mode() else (8, min(512, next_pow2(D)))
     _gather_rows_kernel[(triton.cdiv(R, br), triton.cdiv(D, bd))](
-        src, index, out, R, D, src.stride(0), out.stride(0), BLOCK_R=br, BLOCK_D=bd,
+        src, index, out, R, D, src.stride(0), out.stride(0), DIV=div, BLOCK_R=br, BLOCK_D=bd,
         num_warps=4)
     return out
