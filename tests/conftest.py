@@ -78,6 +78,15 @@ def assert_close(out, ref, tol: float, what: str) -> None:
     assert err <= tol, f"{what}: relative L2 error {err:.3e} > {tol:.0e}"
 
 
+def assert_losses_exercised(kwargs: dict, info: dict, rinfo: dict) -> None:
+    """A loss asked for is non-zero in the reference; one not asked for is exactly zero."""
+    for name in ("aux_loss", "z_loss"):
+        if kwargs.get(name + "_coeff", 0) > 0:
+            assert rinfo[name] > 0, name
+        else:
+            assert info[name] == 0, name
+
+
 def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape, what
     ia = a.detach().contiguous().view(-1).view(torch.uint8)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import (DEVICE, FP32_TOL, MOE_GRAD_NAMES, assert_bitwise, assert_close,
+from conftest import (assert_losses_exercised, DEVICE, FP32_TOL, MOE_GRAD_NAMES, assert_bitwise, assert_close,
                       check_moe, moe_inputs, run_fused_moe)
 from moe_plugin import capacity_drop, reference
 from moe_plugin.config import expert_capacity
@@ -105,14 +105,7 @@ def test_fused_moe_matches_reference(case, seed):
         assert rinfo["tokens_per_expert"].max() == cap
     else:
         assert (ids >= 0).all()
-    if kwargs.get("aux_loss_coeff", 0) > 0:
-        assert rinfo["aux_loss"] > 0
-    else:
-        assert info["aux_loss"] == 0
-    if kwargs.get("z_loss_coeff", 0) > 0:
-        assert rinfo["z_loss"] > 0
-    else:
-        assert info["z_loss"] == 0
+    assert_losses_exercised(kwargs, info, rinfo)
     if kwargs.get("renormalize", True):
         expected = kwargs.get("scaling_factor", 1.0)
         assert_close(info["topk_weights"].sum(-1), torch.full((n,), expected, dtype=torch.float64),

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import (BF16_TOL, DEVICE, FP32_TOL, HAS_CUDA, assert_bitwise, assert_close,
+from conftest import (assert_losses_exercised, BF16_TOL, DEVICE, FP32_TOL, HAS_CUDA, assert_bitwise, assert_close,
                       rel_err, requires_cuda)
 from moe_plugin import MoELayer, reference
 from moe_plugin.config import expert_capacity
@@ -251,14 +251,7 @@ def _check_case(case, seed, sizes, dtype, tol, device):
     if exercises == "jitter":            # the noise changes the result
         ref_plain, _, _ = run_reference(layer, x, gout, ref_kwargs)
         assert rel_err(out, ref_plain) > 1e-2
-    if kwargs.get("aux_loss_coeff", 0) > 0:
-        assert rinfo["aux_loss"] > 0
-    else:
-        assert info["aux_loss"] == 0
-    if kwargs.get("z_loss_coeff", 0) > 0:
-        assert rinfo["z_loss"] > 0
-    else:
-        assert info["z_loss"] == 0
+    assert_losses_exercised(kwargs, info, rinfo)
     expected = {"x", "w_gate", "w_up", "w_down"}
     if kwargs.get("num_shared_experts"):
         expected |= {"shared_w_up", "shared_w_down"}
