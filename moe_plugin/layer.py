@@ -244,65 +244,16 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor):
         self._check_input(x)
         shape = x.shape
-        h = x.reshape(-1, self.d_model)
-        use_triton = _use_triton(self.backend, h)
-
-        # shared experts: on a side stream, overlapping the router and the routed experts
-        shared = None
-        side = None
-        if self.shared_w_up is not None:
-            if (self.shared_expert_overlap and h.is_cuda
-                    and not torch.compiler.is_compiling()):
-                main = torch.cuda.current_stream(h.device)
-                side = self._side_stream(h.device)
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    shared = self._shared(h)
-            else:
-                shared = self._shared(h)
-
-        hr = h
-        if self.training and self.router_jitter > 0:
-            eps = self.router_jitter
-            hr = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
         seq_shape = None
         if self.aux_loss_type == "seq" and x.dim() == 3:
             b, s = (shape[0], shape[1]) if self.batch_first else (shape[1], shape[0])
             seq_shape = (b, s, self.batch_first)
-        ids, weights, aux, z = route_tokens(
-            hr, self.w_gate, self.top_k, score_func=self.score_func,
-            renormalize=self.renormalize, expert_bias=self.expert_bias,
-            num_groups=self.num_groups, group_topk=self.group_topk,
-            scaling_factor=self.scaling_factor, capacity_factor=self.capacity_factor,
-            drop_policy=self.drop_policy, aux_loss_coeff=self.aux_loss_coeff,
-            z_loss_coeff=self.z_loss_coeff, use_triton=use_triton, seq_shape=seq_shape)
-
-        xe = h if self.latent_down is None else F.linear(h, self.latent_down)
-        if self.apply_weight_to_input:
-            xe = xe * weights.to(xe.dtype)
-            expert_weights = torch.ones_like(weights)
-        else:
-            expert_weights = weights
-        out, counts, recv = routed_experts(
-            xe, ids, expert_weights, self.w_up, self.w_down, self.activation, use_triton,
-            self.recompute, num_experts=self.num_experts, ep_group=self.ep_group,
-            ep_backend=self.ep_backend, max_tokens_per_rank=self.max_tokens_per_rank,
-            allow_drop=self.capacity_factor is not None)
-        if self.latent_up is not None:
-            out = F.linear(out, self.latent_up)
-        if self.enable_expert_bias and self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self.local_tokens_per_expert += counts.to(torch.float32)
-        if shared is not None:
-            if side is not None:
-                main = torch.cuda.current_stream(h.device)
-                main.wait_stream(side)
-                shared.record_stream(main)  # allocated on the side stream, used on main
-            out = out + shared
-        info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
-                "topk_weights": weights}
-        if self.ep_group is not None:
-            info["ep_recv_count"] = recv
+        out, info = moe_forward(
+            self, x.reshape(-1, self.d_model), w_gate=self.w_gate, w_up=self.w_up,
+            w_down=self.w_down, expert_bias=self.expert_bias, latent_down=self.latent_down,
+            latent_up=self.latent_up,
+            shared_fn=self._shared if self.shared_w_up is not None else None,
+            load_counter=self.local_tokens_per_expert, seq_shape=seq_shape)
         return out.reshape(shape), info
 
     # ------------------------------------------------------------------------------------
@@ -462,3 +413,68 @@ class MoELayer(nn.Module):
                 raise ValueError(f"state_dict: {key} has shape {tuple(value.shape)}, "
                                  f"expected {tuple(get().shape)}")
             put(value.to(get().dtype))
+
+
+def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
+                latent_down=None, latent_up=None, shared_fn=None, load_counter=None,
+                seq_shape=None):
+    """The forward of an MoE layer on tokens ``h [N, D]``, shared by ``MoELayer`` and the
+    Megatron-Core adapter (``moe_plugin.megatron``), which hold their parameters differently.
+
+    ``cfg`` carries the options under ``MoELayer``'s attribute names (``training``,
+    ``backend``, ``top_k``, ``score_func``, ...). ``shared_fn(h)`` computes the shared experts
+    (on a side CUDA stream when ``cfg.shared_expert_overlap``); ``load_counter`` [E] receives
+    the per-expert loads in training mode (aux-loss-free balancing). Returns
+    ``(out [N, D], info)``."""
+    use_triton = _use_triton(cfg.backend, h)
+
+    # shared experts: on a side stream, overlapping the router and the routed experts
+    shared = None
+    side = None
+    if shared_fn is not None:
+        if cfg.shared_expert_overlap and h.is_cuda and not torch.compiler.is_compiling():
+            main = torch.cuda.current_stream(h.device)
+            side = MoELayer._side_stream(h.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                shared = shared_fn(h)
+        else:
+            shared = shared_fn(h)
+
+    hr = h
+    if cfg.training and cfg.router_jitter > 0:
+        eps = cfg.router_jitter
+        hr = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
+    ids, weights, aux, z = route_tokens(
+        hr, w_gate, cfg.top_k, score_func=cfg.score_func, renormalize=cfg.renormalize,
+        expert_bias=expert_bias, num_groups=cfg.num_groups, group_topk=cfg.group_topk,
+        scaling_factor=cfg.scaling_factor, capacity_factor=cfg.capacity_factor,
+        drop_policy=cfg.drop_policy, aux_loss_coeff=cfg.aux_loss_coeff,
+        z_loss_coeff=cfg.z_loss_coeff, use_triton=use_triton, seq_shape=seq_shape)
+
+    xe = h if latent_down is None else F.linear(h, latent_down)
+    if cfg.apply_weight_to_input:
+        xe = xe * weights.to(xe.dtype)
+        expert_weights = torch.ones_like(weights)
+    else:
+        expert_weights = weights
+    out, counts, recv = routed_experts(
+        xe, ids, expert_weights, w_up, w_down, cfg.activation, use_triton, cfg.recompute,
+        num_experts=cfg.num_experts, ep_group=cfg.ep_group, ep_backend=cfg.ep_backend,
+        max_tokens_per_rank=cfg.max_tokens_per_rank, allow_drop=cfg.capacity_factor is not None)
+    if latent_up is not None:
+        out = F.linear(out, latent_up)
+    if load_counter is not None and cfg.training and torch.is_grad_enabled():
+        with torch.no_grad():
+            load_counter += counts.to(load_counter.dtype)
+    if shared is not None:
+        if side is not None:
+            main = torch.cuda.current_stream(h.device)
+            main.wait_stream(side)
+            shared.record_stream(main)  # allocated on the side stream, used on main
+        out = out + shared
+    info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
+            "topk_weights": weights}
+    if cfg.ep_group is not None:
+        info["ep_recv_count"] = recv
+    return out, info
