@@ -1,0 +1,217 @@
+"""``PluginMoELayer``: a Megatron-Core MoE layer whose router, dispatch, experts and combine
+run moe_plugin's fused path.
+
+It subclasses Megatron-Core's ``MoELayer`` (so ``TransformerLayer.is_moe_layer`` holds and the
+layer is treated as an MoE layer everywhere) but builds its own submodules:
+
+* ``router`` (``_Router``): ``weight [E, D]``, and for aux-loss-free balancing the buffers
+  ``expert_bias`` / ``local_tokens_per_expert`` under Megatron's names, so
+  ``finalize_model_grads`` updates the bias exactly as it updates its own routers'.
+* ``experts`` (``_Experts``): the local experts stacked, ``w_up [E/P, 2F|F, D]`` and
+  ``w_down [E/P, D, F]``. Their ``state_dict`` is in the layout of Megatron's
+  ``SequentialMLP`` (``local_experts.{i}.linear_fc1.weight`` / ``linear_fc2.weight``) and
+  their ``sharded_state_dict`` uses the same keys and global shapes as ``SequentialMLP`` under
+  ``dist_checkpointing`` (expert axis sharded over the EP group, replicas over expert-DP).
+  Parameters carry ``allreduce=False`` under EP (Megatron's flag) and ``moe_expert=True``.
+* ``shared_experts``: Megatron's own ``SharedExpertMLP`` from the spec (same weights, keys
+  and checkpoint format as stock), run on a side CUDA stream.
+
+Losses are attached with ``MoEAuxLossAutoScaler`` and logged with
+``save_to_aux_losses_tracker`` under Megatron's names (``load_balancing_loss``,
+``seq_load_balancing_loss``, ``z_loss``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoELayer as _MCoreMoELayer
+from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
+                                                     get_default_pg_collection,
+                                                     save_to_aux_losses_tracker)
+from megatron.core.transformer.spec_utils import build_module
+
+from ..layer import moe_forward
+from .options import params_dtype, plugin_options
+
+
+def _device(config):
+    if torch.cuda.is_available() and not config.use_cpu_initialization:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Router(MegatronModule):
+    def __init__(self, config, enable_bias: bool):
+        super().__init__(config)
+        dev = _device(config)
+        self.weight = nn.Parameter(torch.empty(config.num_moe_experts, config.hidden_size,
+                                               dtype=params_dtype(config), device=dev))
+        if config.perform_initialization:
+            with torch.no_grad():
+                config.init_method(self.weight)
+        if enable_bias:
+            e = config.num_moe_experts
+            self.register_buffer("local_tokens_per_expert",
+                                 torch.zeros(e, dtype=torch.float32, device=dev),
+                                 persistent=False)
+            self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32, device=dev))
+        else:
+            self.local_tokens_per_expert = self.expert_bias = None
+        self.layer_number = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+
+class _Experts(MegatronModule):
+    def __init__(self, config, opts, num_local: int, ep_group):
+        super().__init__(config)
+        dev = _device(config)
+        d, f = config.hidden_size, opts.ffn_dim
+        gated = opts.activation in ("swiglu", "geglu", "swiglu_oai")
+        dt = params_dtype(config)
+        self.w_up = nn.Parameter(torch.empty(num_local, 2 * f if gated else f, d, dtype=dt,
+                                             device=dev))
+        self.w_down = nn.Parameter(torch.empty(num_local, d, f, dtype=dt, device=dev))
+        if config.perform_initialization:
+            with torch.no_grad():
+                for e in range(num_local):
+                    config.init_method(self.w_up.data[e])
+                    config.output_layer_init_method(self.w_down.data[e])
+        ep_size = ep_group.size() if ep_group is not None else 1
+        for p in (self.w_up, self.w_down):
+            p.moe_expert = True
+            if ep_size > 1:
+                p.allreduce = False  # Megatron's DDP reduces these over the expert-DP group
+        self.ep_group = ep_group
+        self.num_local = num_local
+        self._register_state_dict_hook(_to_sequential_mlp_keys)
+        self._register_load_state_dict_pre_hook(_from_sequential_mlp_keys)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Same keys and global shapes as Megatron's SequentialMLP: ``{prefix}linear_fc1.weight``
+        of global shape [.., E, 2F|F, D] and ``{prefix}linear_fc2.weight`` [.., E, D, F]."""
+        if metadata and metadata.get("singleton_local_shards", False):
+            raise NotImplementedError("sharded_state_dict: singleton_local_shards is not "
+                                      "supported by moe_plugin's experts")
+        ep_size = self.ep_group.size() if self.ep_group is not None else 1
+        ep_rank = self.ep_group.rank() if self.ep_group is not None else 0
+        dp_rank = parallel_state.get_expert_data_parallel_rank()
+        n = len(sharded_offsets)
+        out = {}
+        for name, param in (("linear_fc1.weight", self.w_up), ("linear_fc2.weight", self.w_down)):
+            key = f"{prefix}{name}"
+            out[key] = ShardedTensor.from_rank_offsets(
+                key, param, *sharded_offsets, (n, ep_rank, ep_size),
+                replica_id=(0, 0, dp_rank), prepend_axis_num=n)
+        return out
+
+
+def _to_sequential_mlp_keys(module, state_dict, prefix, local_metadata):
+    """state_dict hook: stacked experts -> SequentialMLP's per-expert keys (local indices),
+    with the (empty) ``_extra_state`` entries its linear layers write."""
+    for stacked, fc in (("w_up", "linear_fc1"), ("w_down", "linear_fc2")):
+        t = state_dict.pop(prefix + stacked)
+        for i in range(t.shape[0]):
+            state_dict[f"{prefix}local_experts.{i}.{fc}.weight"] = t[i]
+            state_dict[f"{prefix}local_experts.{i}.{fc}._extra_state"] = None
+    return state_dict
+
+
+def _from_sequential_mlp_keys(state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+    """load pre-hook: SequentialMLP's per-expert keys -> stacked experts."""
+    for stacked, name in (("w_up", "linear_fc1.weight"), ("w_down", "linear_fc2.weight")):
+        keys = []
+        i = 0
+        while f"{prefix}local_experts.{i}.{name}" in state_dict:
+            keys.append(f"{prefix}local_experts.{i}.{name}")
+            i += 1
+        if keys:
+            state_dict[prefix + stacked] = torch.stack([state_dict.pop(k) for k in keys])
+    for key in [k for k in state_dict if k.startswith(prefix + "local_experts.")
+                and k.endswith("._extra_state")]:
+        extra = state_dict.pop(key)
+        if extra is not None and not (isinstance(extra, torch.Tensor) and extra.numel() == 0):
+            error_msgs.append(f"{key}: moe_plugin's experts keep no extra state (FP8 "
+                              f"metadata?), got {type(extra).__name__}")
+
+
+class PluginMoELayer(_MCoreMoELayer):
+    """Drop-in for Megatron-Core's ``MoELayer`` (see the module docstring).
+
+    ``forward(hidden_states [s, b, h], padding_mask=None) -> (out [s, b, h], None)``."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        opts = plugin_options(config)  # clear errors for unsupported settings, first
+        self.submodules = submodules
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        BaseMoELayer.__init__(self, config=config, layer_number=layer_number,
+                              pg_collection=pg_collection)
+        ep_size = self.ep_group.size() if self.ep_group is not None else 1
+        opts.ep_group = self.ep_group if ep_size > 1 else None
+        self.opts = opts
+        self.tp_group = pg_collection.tp
+        self.tp_cp_group = pg_collection.tp_cp
+        self.moe_layer_recompute = False  # handled here (opts.recompute_layer)
+        self.shared_experts_recompute = False
+        self.router = _Router(config, opts.enable_expert_bias)
+        self.experts = _Experts(config, opts, self.num_local_experts, self.ep_group)
+        if opts.shared_ffn_dim:
+            if submodules is None or submodules.shared_experts is None:
+                raise ValueError("TransformerConfig.moe_shared_expert_intermediate_size is set "
+                                 "but the layer spec has no shared_experts submodule")
+            self.shared_experts = build_module(submodules.shared_experts, config=config,
+                                               pg_collection=pg_collection,
+                                               gate=config.moe_shared_expert_gate)
+        self.token_dispatcher = None
+
+    def set_layer_number(self, layer_number: int):
+        self.layer_number = layer_number
+        self.router.set_layer_number(layer_number)
+
+    def _attach(self, out, loss, coeff: float, name: str):
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        if self.layer_number is not None:
+            save_to_aux_losses_tracker(name, loss.detach() / coeff, self.layer_number,
+                                       num_layers, reduce_group=self.tp_cp_group)
+        if self.config.calculate_per_token_loss:
+            loss = loss * out.shape[0]
+        return MoEAuxLossAutoScaler.apply(out, loss)
+
+    def _forward(self, hidden_states):
+        s, b, h = hidden_states.shape
+        opts = self.opts
+        opts.training = self.training
+        seq_shape = (b, s, False) if opts.aux_loss_type == "seq" else None
+        out, info = moe_forward(
+            opts, hidden_states.reshape(-1, h), w_gate=self.router.weight,
+            w_up=self.experts.w_up, w_down=self.experts.w_down,
+            expert_bias=self.router.expert_bias,
+            shared_fn=self.shared_experts if opts.shared_ffn_dim else None,
+            load_counter=self.router.local_tokens_per_expert, seq_shape=seq_shape)
+        if self.training and torch.is_grad_enabled():
+            if opts.aux_loss_coeff > 0:
+                name = ("seq_load_balancing_loss" if opts.aux_loss_type == "seq"
+                        else "load_balancing_loss")
+                out = self._attach(out, info["aux_loss"], opts.aux_loss_coeff, name)
+            if opts.z_loss_coeff > 0:
+                out = self._attach(out, info["z_loss"], opts.z_loss_coeff, "z_loss")
+        self.last_info = {k: v.detach() for k, v in info.items()}
+        return out.view(s, b, h)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **kwargs):
+        if padding_mask is not None:
+            raise NotImplementedError("padding_mask: moe_plugin's Megatron layer does not "
+                                      "support padding masks yet")
+        if self.opts.recompute_layer and self.training and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(self._forward, hidden_states,
+                                                    use_reentrant=False)
+        else:
+            out = self._forward(hidden_states)
+        return out, None

@@ -1,0 +1,157 @@
+"""TransformerConfig → moe_plugin options, with a clear error for every unsupported setting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class UnsupportedConfigError(ValueError):
+    """A TransformerConfig setting moe_plugin's Megatron layer does not support."""
+
+
+def _fail(field: str, value, why: str):
+    raise UnsupportedConfigError(f"TransformerConfig.{field}={value!r}: {why}")
+
+
+def _activation_name(config) -> str:
+    fn = config.activation_func
+    gated = bool(config.gated_linear_unit)
+    name = getattr(fn, "__name__", "")
+    if fn is F.silu or name == "silu":
+        return "swiglu" if gated else "silu"
+    if name in ("openai_gelu", "fast_gelu"):  # the tanh approximation, as moe_plugin's gelu
+        return "geglu" if gated else "gelu"
+    if fn is F.gelu or name == "gelu":
+        _fail("activation_func", name, "exact-erf gelu is not provided; moe_plugin's gelu and "
+              "geglu use the tanh approximation (megatron.core.fusions/activations "
+              "openai_gelu or fast_gelu), or use silu")
+    if name == "squared_relu" and not gated:
+        return "relu2"
+    _fail("activation_func", name or fn, "supported: silu (gated or not), openai_gelu / "
+          "fast_gelu (gated or not), squared_relu (non-gated)")
+
+
+@dataclass
+class PluginOptions:
+    """The moe_plugin options of one Megatron MoE layer (MoELayer's attribute names, so the
+    layer's ``moe_forward`` can read them)."""
+    num_experts: int
+    top_k: int
+    ffn_dim: int
+    activation: str
+    score_func: str
+    renormalize: bool
+    num_groups: Optional[int]
+    group_topk: Optional[int]
+    scaling_factor: float
+    capacity_factor: Optional[float]
+    drop_policy: str
+    aux_loss_coeff: float
+    aux_loss_type: str
+    z_loss_coeff: float
+    enable_expert_bias: bool
+    router_jitter: float
+    shared_ffn_dim: Optional[int]
+    shared_expert_gate: bool
+    shared_expert_overlap: bool
+    recompute: bool            # "moe_act": GEMM1 + activation recomputed in backward
+    recompute_layer: bool      # "moe": the whole layer recomputed in backward
+    apply_weight_to_input: bool = False
+    backend: str = "auto"
+    ep_backend: str = "nccl"
+    max_tokens_per_rank: Optional[int] = None
+    ep_group: object = None
+    training: bool = True
+
+
+def plugin_options(config) -> PluginOptions:
+    """Validates a TransformerConfig for moe_plugin and returns the layer's options.
+
+    Raises ``UnsupportedConfigError`` (a ValueError) naming the field for every setting that
+    is not supported."""
+    if not config.num_moe_experts:
+        _fail("num_moe_experts", config.num_moe_experts, "an MoE layer needs experts")
+    for field in ("tensor_model_parallel_size", "context_parallel_size",
+                  "expert_tensor_parallel_size"):
+        v = getattr(config, field, 1)
+        if v not in (None, 1):
+            _fail(field, v, "moe_plugin's Megatron layer supports only 1 (expert parallelism "
+                  "via expert_model_parallel_size is supported)")
+    if config.add_bias_linear:
+        _fail("add_bias_linear", True, "experts with biases are not supported")
+    act = _activation_name(config)
+    if getattr(config, "activation_func_clamp_value", None) is not None:
+        _fail("activation_func_clamp_value", config.activation_func_clamp_value,
+              "not supported")
+    if getattr(config, "glu_linear_offset", 0.0):
+        _fail("glu_linear_offset", config.glu_linear_offset, "not supported")
+    score = config.moe_router_score_function
+    if score not in ("softmax", "sigmoid"):
+        _fail("moe_router_score_function", score, "supported: softmax, sigmoid")
+    k = config.moe_router_topk
+    if score == "softmax":
+        renorm = not config.moe_router_pre_softmax
+    else:
+        renorm = k > 1  # Megatron-Core normalises sigmoid weights when top-k > 1
+    groups = config.moe_router_num_groups
+    if groups and score == "softmax" and not config.moe_router_pre_softmax:
+        _fail("moe_router_num_groups", groups, "with softmax scores and "
+              "moe_router_pre_softmax=False Megatron-Core selects groups on the logits; "
+              "moe_plugin selects on the scores: set moe_router_pre_softmax=True or use "
+              "sigmoid scores")
+    if config.moe_router_enable_expert_bias and score != "sigmoid":
+        _fail("moe_router_enable_expert_bias", True, "Megatron-Core applies the expert bias "
+              "with sigmoid scores only; set moe_router_score_function='sigmoid'")
+    if config.moe_router_dtype not in (None, "fp32"):
+        _fail("moe_router_dtype", config.moe_router_dtype, "the router always runs in fp32 "
+              "(None and 'fp32' are accepted)")
+    lb = config.moe_router_load_balancing_type
+    coeff = config.moe_aux_loss_coeff
+    if isinstance(lb, (list, tuple)):
+        if len(lb) != 1:
+            _fail("moe_router_load_balancing_type", lb, "one load-balancing type at a time")
+        lb = lb[0]
+    if isinstance(coeff, (list, tuple)):
+        if len(coeff) != 1:
+            _fail("moe_aux_loss_coeff", coeff, "one coefficient at a time")
+        coeff = coeff[0]
+    types = {"aux_loss": "batch", "seq_aux_loss": "seq", "none": None}
+    if lb not in types:
+        _fail("moe_router_load_balancing_type", lb, "supported: aux_loss, seq_aux_loss, none")
+    aux_type = types[lb]
+    if aux_type is None:
+        coeff = 0.0
+        aux_type = "batch"
+    if getattr(config, "moe_pad_expert_input_to_capacity", False):
+        _fail("moe_pad_expert_input_to_capacity", True, "padding to capacity is not supported "
+              "(dropped slots are simply skipped)")
+    if getattr(config, "moe_apply_probs_on_input", False) and k != 1:
+        _fail("moe_apply_probs_on_input", True, "needs moe_router_topk=1")
+    if getattr(config, "moe_latent_size", None):
+        _fail("moe_latent_size", config.moe_latent_size, "not supported by the Megatron "
+              "adapter yet (moe_plugin.MoELayer has latent_dim)")
+    modules = set(config.recompute_modules or ()) \
+        if config.recompute_granularity == "selective" else set()
+    ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
+    return PluginOptions(
+        num_experts=config.num_moe_experts, top_k=k, ffn_dim=ffn, activation=act,
+        score_func=score, renormalize=renorm, num_groups=groups or None,
+        group_topk=config.moe_router_group_topk if groups else None,
+        scaling_factor=config.moe_router_topk_scaling_factor or 1.0,
+        capacity_factor=config.moe_expert_capacity_factor,
+        drop_policy=config.moe_token_drop_policy, aux_loss_coeff=float(coeff),
+        aux_loss_type=aux_type, z_loss_coeff=float(config.moe_z_loss_coeff or 0.0),
+        enable_expert_bias=bool(config.moe_router_enable_expert_bias),
+        router_jitter=float(config.moe_input_jitter_eps or 0.0),
+        shared_ffn_dim=config.moe_shared_expert_intermediate_size,
+        shared_expert_gate=bool(config.moe_shared_expert_gate),
+        shared_expert_overlap=bool(config.moe_shared_expert_overlap),
+        recompute="moe_act" in modules, recompute_layer="moe" in modules,
+        apply_weight_to_input=bool(getattr(config, "moe_apply_probs_on_input", False)))
+
+
+def params_dtype(config) -> torch.dtype:
+    return config.params_dtype if config.params_dtype is not None else torch.float32

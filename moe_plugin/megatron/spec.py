@@ -1,0 +1,66 @@
+"""Layer specs and the one config flag.
+
+``get_plugin_decoder_block_spec(config, use_transformer_engine)`` returns Megatron-Core's own
+GPT decoder block spec with the MLP of every MoE layer replaced by ``PluginMoELayer`` (dense
+layers, attention, norms and the shared-expert spec untouched). ``MoEPluginConfig`` is
+``TransformerConfig`` plus ``moe_use_plugin``; ``gpt_decoder_block_spec(config, ...)`` picks
+the plugin or the stock spec from that flag, and ``add_plugin_args(parser)`` adds the matching
+``--moe-use-plugin`` command-line flag for Megatron-style argument parsing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer as _MCoreMoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .layer import PluginMoELayer
+from .options import plugin_options
+
+
+@dataclass
+class MoEPluginConfig(TransformerConfig):
+    """``TransformerConfig`` with the plugin flag: ``moe_use_plugin=True`` swaps every MoE
+    layer for moe_plugin's (through ``gpt_decoder_block_spec``)."""
+    moe_use_plugin: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.moe_use_plugin:
+            plugin_options(self)  # unsupported settings fail at construction, naming the field
+
+
+def get_plugin_decoder_block_spec(config, use_transformer_engine: bool = False, **kwargs):
+    """Megatron-Core's GPT decoder block spec with every MoE layer running moe_plugin."""
+    plugin_options(config)
+    spec = copy.deepcopy(get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs))
+    replaced = 0
+    for layer_spec in spec.layer_specs:
+        mlp = layer_spec.submodules.mlp
+        if isinstance(mlp, ModuleSpec) and mlp.module is _MCoreMoELayer:
+            layer_spec.submodules.mlp = ModuleSpec(module=PluginMoELayer,
+                                                   submodules=mlp.submodules)
+            replaced += 1
+    if replaced == 0 and config.num_moe_experts:
+        raise ValueError("get_plugin_decoder_block_spec: found no MoE layer in the spec "
+                         "(moe_layer_freq / num_moe_experts)")
+    return spec
+
+
+def gpt_decoder_block_spec(config, use_transformer_engine: bool = False, **kwargs):
+    """The plugin spec when ``config.moe_use_plugin`` is true, else stock Megatron-Core's."""
+    if getattr(config, "moe_use_plugin", False):
+        return get_plugin_decoder_block_spec(config, use_transformer_engine, **kwargs)
+    return get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)
+
+
+def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds ``--moe-use-plugin`` (Megatron-LM style: dest ``moe_use_plugin``)."""
+    group = parser.add_argument_group("moe_plugin")
+    group.add_argument("--moe-use-plugin", action="store_true", dest="moe_use_plugin",
+                       help="run every MoE layer with moe_plugin's fused kernels")
+    return parser
