@@ -59,8 +59,8 @@ class _Router(MegatronModule):
                                  torch.zeros(e, dtype=torch.float32, device=dev),
                                  persistent=False)
             self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32, device=dev))
-        else:
-            self.local_tokens_per_expert = self.expert_bias = None
+        # without the bias the attributes do not exist at all: Megatron's finalize_model_grads
+        # collects every module that has an ``expert_bias`` attribute
         self.layer_number = None
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -192,9 +192,10 @@ class PluginMoELayer(_MCoreMoELayer):
         out, info = moe_forward(
             opts, hidden_states.reshape(-1, h), w_gate=self.router.weight,
             w_up=self.experts.w_up, w_down=self.experts.w_down,
-            expert_bias=self.router.expert_bias,
+            expert_bias=getattr(self.router, "expert_bias", None),
             shared_fn=self.shared_experts if opts.shared_ffn_dim else None,
-            load_counter=self.router.local_tokens_per_expert, seq_shape=seq_shape)
+            load_counter=getattr(self.router, "local_tokens_per_expert", None),
+            seq_shape=seq_shape)
         if self.training and torch.is_grad_enabled():
             if opts.aux_loss_coeff > 0:
                 name = ("seq_load_balancing_loss" if opts.aux_loss_type == "seq"

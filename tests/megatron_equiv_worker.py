@@ -1,0 +1,168 @@
+"""Worker for tests/test_megatron.py (torchrun, gloo on CPU / NCCL on GPU).
+
+Builds the same tiny Megatron-Core GPTModel twice — stock MoE layers and moe_plugin's — loads
+the stock weights into the plugin model, runs the same batch through both, and records the
+relative errors of the loss and of every parameter gradient (each rank its own parameters),
+plus state-dict round trips and the expert-bias update through Megatron's own
+finalize_model_grads helper. Rank 0 writes JSON to ``--out``.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import patches  # noqa: E402
+
+patches.apply()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias  # noqa
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+
+from moe_plugin.megatron import MoEPluginConfig, PluginMoELayer, gpt_decoder_block_spec  # noqa
+
+SEQ, VOCAB = 16, 64
+CASES = {
+    "swiglu_softmax_shared": dict(moe_shared_expert_intermediate_size=16,
+                                  moe_shared_expert_gate=True),
+    "sigmoid_bias_groups": dict(moe_router_score_function="sigmoid",
+                                moe_router_enable_expert_bias=True, moe_router_num_groups=2,
+                                moe_router_group_topk=1, moe_router_topk_scaling_factor=2.0),
+    "pre_softmax": dict(moe_router_pre_softmax=True),
+    "seq_aux": dict(moe_router_load_balancing_type="seq_aux_loss"),
+    "capacity_probs": dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"),
+}
+# options set on the plugin model only (stock Megatron-Core cannot run them here)
+PLUGIN_ONLY = {
+    "recompute": dict(recompute_granularity="selective", recompute_modules=["moe"]),
+}
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+
+
+def build(flag, extra, ep, device, dtype):
+    kw = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+              num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24,
+              gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+              moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001,
+              moe_token_dispatcher_type="alltoall", use_cpu_initialization=True,
+              add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+              expert_model_parallel_size=ep, params_dtype=dtype,
+              bf16=dtype == torch.bfloat16, moe_use_plugin=flag)
+    kw.update(extra)
+    cfg = MoEPluginConfig(**kw)
+    torch.manual_seed(1234 + dist.get_rank())
+    model = GPTModel(cfg, gpt_decoder_block_spec(cfg, use_transformer_engine=False),
+                     vocab_size=VOCAB, max_sequence_length=SEQ).to(device)
+    return cfg, model
+
+
+def run_case(name, extra, ep, device, dtype, plugin_extra=None):
+    rank = dist.get_rank()
+    cfg_s, stock = build(False, extra, ep, device, dtype)
+    cfg_p, plug = build(True, {**extra, **(plugin_extra or {})}, ep, device, dtype)
+    res = {"plugin_layers": all(isinstance(l.mlp, PluginMoELayer) for l in plug.decoder.layers),
+           "stock_layers": not any(isinstance(l.mlp, PluginMoELayer)
+                                   for l in stock.decoder.layers)}
+    res["load_stock_strict"] = str(plug.load_state_dict(stock.state_dict(), strict=True))
+    res["load_stock_strict"] = res["load_stock_strict"] == "<All keys matched successfully>"
+    if cfg_s.moe_router_enable_expert_bias:  # a non-zero bias, the same in both models
+        for ls, lp in zip(stock.decoder.layers, plug.decoder.layers):
+            b = torch.linspace(-0.05, 0.05, cfg_s.num_moe_experts, device=device)
+            ls.mlp.router.expert_bias.copy_(b)
+            lp.mlp.router.expert_bias.copy_(b)
+    g = torch.Generator().manual_seed(77 + rank)
+    tok = torch.randint(0, VOCAB, (2, SEQ), generator=g).to(device)
+    pos = torch.arange(SEQ, device=device).expand(2, SEQ)
+    labels = torch.randint(0, VOCAB, (2, SEQ), generator=g).to(device)
+    mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool, device=device), 1)[None, None]
+    losses = []
+    for m in (stock, plug):
+        m.train()
+        loss = m(tok, pos, mask, labels=labels).float().mean()
+        loss.backward()
+        losses.append(loss)
+    res["loss"] = rel(losses[1], losses[0])
+    if "moe_expert_capacity_factor" in extra:  # the case really drops slots
+        res["dropped_some"] = any(bool((l.mlp.last_info["topk_ids"] < 0).any())
+                                  for l in plug.decoder.layers)
+    gs = dict(stock.named_parameters())
+    worst, worst_name = 0.0, ""
+    for n, p in plug.named_parameters():
+        if n.endswith("experts.w_up") or n.endswith("experts.w_down"):
+            layer = int(n.split(".")[2])
+            fc = "linear_fc1" if n.endswith("w_up") else "linear_fc2"
+            ref = torch.stack([getattr(e, fc).weight.grad for e in
+                               stock.decoder.layers[layer].mlp.experts.local_experts])
+        else:
+            ref = gs[n].grad
+        e = rel(p.grad, ref)
+        if e > worst:
+            worst, worst_name = e, n
+    res["grads"] = worst
+    res["worst_grad_param"] = worst_name
+    res["save_plugin_load_stock_strict"] = str(stock.load_state_dict(plug.state_dict(),
+                                                                      strict=True)) \
+        == "<All keys matched successfully>"
+    if cfg_s.moe_router_enable_expert_bias:
+        _update_router_expert_bias([stock], cfg_s)
+        _update_router_expert_bias([plug], cfg_p)
+        res["bias_update"] = max(rel(lp.mlp.router.expert_bias, ls.mlp.router.expert_bias)
+                                 for ls, lp in zip(stock.decoder.layers, plug.decoder.layers))
+        res["bias_moved"] = bool((plug.decoder.layers[0].mlp.router.expert_bias.abs().sum()
+                                  > 0).item())
+    ep_ok = all(getattr(l.mlp.experts.w_up, "allreduce", True) is (ep == 1)
+                for l in plug.decoder.layers)
+    res["allreduce_flags"] = ep_ok
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--cases", nargs="*", default=list(CASES) + list(PLUGIN_ONLY))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=args.ep)
+    model_parallel_cuda_manual_seed(123)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    results = {}
+    for name in args.cases:
+        try:
+            if name in PLUGIN_ONLY:
+                results[name] = run_case(name, {}, args.ep, device, dtype, PLUGIN_ONLY[name])
+            else:
+                results[name] = run_case(name, CASES[name], args.ep, device, dtype)
+        except Exception as ex:  # reported; the test fails on it
+            import traceback
+            results[name] = {"error": repr(ex), "trace": traceback.format_exc()[-1500:]}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as fh:
+            json.dump(gathered, fh, indent=1)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
