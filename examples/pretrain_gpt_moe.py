@@ -1,0 +1,350 @@
+"""Pretrain a Megatron-Core GPT-MoE model with torchrun; ``--moe-use-plugin`` runs every MoE
+layer with moe_plugin's fused kernels, without it the model is stock Megatron-Core.
+
+    # tiny default, CPU (gloo, Triton interpreter), 2 processes, about 3 minutes on 2 cores
+    torchrun --nproc_per_node=2 examples/pretrain_gpt_moe.py --moe-use-plugin
+
+    # on GPUs (NCCL, bf16); expert parallelism over 2 GPUs
+    torchrun --nproc_per_node=2 examples/pretrain_gpt_moe.py --moe-use-plugin \\
+        --num-layers 12 --hidden-size 1024 --num-attention-heads 16 --num-experts 8 \\
+        --moe-ffn-hidden-size 1536 --seq-length 1024 --micro-batch-size 8 \\
+        --global-batch-size 16 --expert-model-parallel-size 2 --train-iters 200
+
+Data: Megatron's mock dataset by default (``MockGPTDataset``, no files needed); ``--data-path
+PREFIX`` trains on a Megatron indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``). Logs every
+``--log-interval`` iterations: loss, the MoE aux losses (Megatron's tracker), tokens/s,
+TFLOP/s per GPU (model FLOPs, formula in ``model_flops_per_token``) and peak memory. At the
+end rank 0 writes the loss curve (``--plot``, PNG) and a JSON log (``--log-json``).
+``--save DIR`` / ``--load DIR`` use Megatron's ``dist_checkpointing`` for the model plus a
+per-rank file for the optimizer and the data position, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # moe_plugin's kernels on the CPU
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import patches  # noqa: E402  (megatron-core 0.16.1 fixes + CPU shims, see patches/README.md)
+
+patches.apply()
+
+from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
+from megatron.core.datasets.blended_megatron_dataset_builder import \
+    BlendedMegatronDatasetBuilder  # noqa: E402
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset  # noqa
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
+    MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks)
+
+from moe_plugin.megatron import MoEPluginConfig, add_plugin_args, gpt_decoder_block_spec  # noqa
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="dense FFN size (default 4 × hidden)")
+    g.add_argument("--num-experts", type=int, default=4)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=64)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-layer-freq", type=int, default=1,
+                   help="every n-th layer is MoE (1: all)")
+    g.add_argument("--first-dense-layers", type=int, default=0,
+                   help="make the first n layers dense")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=1e-3)
+    g.add_argument("--moe-router-score-function", default="softmax")
+    g.add_argument("--vocab-size", type=int, default=256)
+    g.add_argument("--seq-length", type=int, default=64)
+    g = p.add_argument_group("parallelism and batch")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--global-batch-size", type=int, default=8)
+    g = p.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=40)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--lr-warmup-iters", type=int, default=4)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 parameters (default on GPU)")
+    g.add_argument("--fp32", dest="bf16", action="store_false")
+    g = p.add_argument_group("data, checkpoints, logs")
+    g.add_argument("--data-path", default=None,
+                   help="Megatron indexed dataset prefix (default: mock data)")
+    g.add_argument("--save", default=None)
+    g.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
+    g.add_argument("--load", default=None)
+    g.add_argument("--log-interval", type=int, default=5)
+    g.add_argument("--plot", default="loss_curve.png")
+    g.add_argument("--log-json", default="train_log.json")
+    add_plugin_args(p)
+    args = p.parse_args(argv)
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.bf16 is None:
+        args.bf16 = torch.cuda.is_available()
+    return args
+
+
+def model_config(args) -> MoEPluginConfig:
+    freq = [0 if (i < args.first_dense_layers or i % args.moe_layer_freq) else 1
+            for i in range(args.num_layers)]
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return MoEPluginConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
+        num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk, moe_layer_freq=freq,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_token_dispatcher_type="alltoall", gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        use_cpu_initialization=not torch.cuda.is_available(), params_dtype=dtype,
+        bf16=args.bf16, pipeline_dtype=dtype, moe_use_plugin=args.moe_use_plugin)
+
+
+def model_flops_per_token(cfg, seq: int, vocab: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward): 6 × the parameters a
+    token touches (attention projections, the dense or the active experts' FFNs, the output
+    layer) + 12 × layers × hidden × seq for the attention scores (causal mask ignored)."""
+    h, L = cfg.hidden_size, cfg.num_layers
+    attn = 4 * h * h
+    freq = cfg.moe_layer_freq
+    moe_layers = sum(freq) if isinstance(freq, list) else L
+    dense_ffn = 3 * h * cfg.ffn_hidden_size
+    active_moe = 3 * h * cfg.moe_ffn_hidden_size * cfg.moe_router_topk + h * cfg.num_moe_experts
+    if cfg.moe_shared_expert_intermediate_size:
+        active_moe += 3 * h * cfg.moe_shared_expert_intermediate_size
+    params = L * attn + (L - moe_layers) * dense_ffn + moe_layers * active_moe + h * vocab
+    return 6.0 * params + 12.0 * L * h * seq
+
+
+def build_data(args, dp_rank: int, dp_size: int, num_samples: int):
+    cfg = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length,
+        blend=([args.data_path], None) if args.data_path else None,
+        split="100,0,0" if args.data_path else None,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, tokenizer=NullTokenizer(args.vocab_size - 1))
+    cls = GPTDataset if args.data_path else MockGPTDataset
+    train, _, _ = BlendedMegatronDatasetBuilder(cls, [num_samples, 0, 0], lambda: True,
+                                                cfg).build()
+    return train
+
+
+def batch_at(data, start: int, count: int, device):
+    items = [data[i] for i in range(start, start + count)]
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device)
+            for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def lr_at(args, it: int) -> float:
+    if it < args.lr_warmup_iters:
+        return args.lr * (it + 1) / args.lr_warmup_iters
+    frac = (it - args.lr_warmup_iters) / max(1, args.train_iters - args.lr_warmup_iters)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1, frac)))
+
+
+def progress(it: int, total: int, text: str) -> None:
+    width = 24
+    done = int(width * it / total)
+    sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {it}/{total} {text}")
+    sys.stdout.flush()
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (RSS)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ep = args.expert_model_parallel_size
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    per_step = args.micro_batch_size * dp_size
+    if args.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"micro-batch × data-parallel size = {per_step}")
+    num_micro = args.global_batch_size // per_step
+
+    cfg = model_config(args)
+    model = GPTModel(cfg, gpt_decoder_block_spec(cfg, use_transformer_engine=False),
+                     vocab_size=args.vocab_size, max_sequence_length=args.seq_length,
+                     share_embeddings_and_output_weights=True).to(device)
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    model = DistributedDataParallel(cfg, ddp_cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fp32 master weights for the optimizer (the model may hold bf16)
+    master = [p.detach().clone().float().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(master, lr=args.lr, weight_decay=args.weight_decay,
+                            betas=(0.9, 0.95))
+    start_iter, consumed = 0, 0
+    if args.load:
+        start_iter, consumed = load_checkpoint(args, model, opt, master, params, rank)
+    data = build_data(args, dp_rank, dp_size,
+                      num_samples=args.train_iters * args.global_batch_size + 1)
+    flops_tok = model_flops_per_token(cfg, args.seq_length, args.vocab_size)
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"moe_plugin={'on' if args.moe_use_plugin else 'off (stock Megatron-Core)'}; "
+              f"world {world} (EP {ep}, DP {dp_size}); params on rank 0: {n_params / 1e6:.2f}M; "
+              f"{num_micro} micro-batches of {args.micro_batch_size} per rank per iteration; "
+              f"device {device}", flush=True)
+    # explicit causal mask (True = masked): Megatron's default mask is built on CUDA only
+    causal = torch.triu(torch.ones(args.seq_length, args.seq_length, dtype=torch.bool,
+                                   device=device), diagonal=1)[None, None]
+    log = []
+    t_last, it_last = time.time(), start_iter
+    for it in range(start_iter, args.train_iters):
+        model.train()
+        model.zero_grad_buffer()
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / num_micro)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(num_micro):
+            base = consumed + (m * dp_size + dp_rank) * args.micro_batch_size
+            b = batch_at(data, base, args.micro_batch_size, device)
+            losses = model(b["tokens"], b["position_ids"], causal, labels=b["labels"])
+            loss = (losses.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
+            (loss / num_micro).backward()
+            loss_sum += loss.detach() / num_micro
+        finalize_model_grads([model])  # DP / expert-DP reduction, expert-bias updates
+        consumed += args.global_batch_size
+        grads = [(p.main_grad if getattr(p, "main_grad", None) is not None else p.grad)
+                 for p in params]
+        for mp, g in zip(master, grads):
+            mp.grad = g.float() if g is not None else None
+        gnorm = torch.nn.utils.clip_grad_norm_(master, args.clip_grad)
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(args, it)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, mp in zip(params, master):
+                p.copy_(mp)
+        dist.all_reduce(loss_sum)
+        loss_val = loss_sum.item() / world
+        if rank == 0:
+            progress(it + 1, args.train_iters, f"loss {loss_val:.4f}")
+        if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
+            dt = time.time() - t_last
+            its = it + 1 - it_last
+            t_last, it_last = time.time(), it + 1
+            reduce_aux_losses_tracker_across_ranks()
+            aux = {name: float(v["values"].float().sum() / max(1, (v["values"] != 0).sum()))
+                   for name, v in get_moe_layer_wise_logging_tracker().items()}
+            clear_aux_losses_tracker()
+            tok_s = tokens_per_iter * its / dt
+            row = {"iter": it + 1, "loss": loss_val, "grad_norm": float(gnorm), **aux,
+                   "tokens_per_s": tok_s, "tflops_per_gpu": flops_tok * tok_s / world / 1e12,
+                   "peak_mem_gib": peak_memory_gib(), "lr": lr_at(args, it)}
+            log.append(row)
+            if rank == 0:
+                aux_txt = " ".join(f"{k} {v:.4f}" for k, v in aux.items())
+                print(f"\niter {it + 1:5d} | loss {loss_val:.4f} | {aux_txt} | "
+                      f"grad norm {float(gnorm):.3f} | {tok_s:,.0f} tokens/s | "
+                      f"{row['tflops_per_gpu']:.3f} TFLOP/s per GPU | "
+                      f"peak mem {row['peak_mem_gib']:.2f} GiB", flush=True)
+        if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
+            save_checkpoint(args, model, opt, it + 1, consumed, rank)
+    if args.save:
+        save_checkpoint(args, model, opt, args.train_iters, consumed, rank)
+    if rank == 0:
+        print()
+        if args.log_json:
+            with open(args.log_json, "w") as fh:
+                json.dump({"args": vars(args), "log": log}, fh, indent=1)
+        if args.plot and log:
+            plot(log, args.plot, args.moe_use_plugin)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    return log
+
+
+def save_checkpoint(args, model, opt, iteration, consumed, rank):
+    path = os.path.join(args.save, f"iter_{iteration:07d}")
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save(model.module.sharded_state_dict(), path)
+    torch.save({"optimizer": opt.state_dict(), "iteration": iteration, "consumed": consumed,
+                "rng": torch.get_rng_state()}, os.path.join(path, f"rank_{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(args.save, "latest"), "w") as fh:
+            fh.write(os.path.basename(path))
+        print(f"\nsaved {path}", flush=True)
+
+
+def load_checkpoint(args, model, opt, master, params, rank):
+    with open(os.path.join(args.load, "latest")) as fh:
+        path = os.path.join(args.load, fh.read().strip())
+    state = dist_checkpointing.load(model.module.sharded_state_dict(), path)
+    model.module.load_state_dict(state)
+    extra = torch.load(os.path.join(path, f"rank_{rank:05d}.pt"), weights_only=False)
+    opt.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["rng"])
+    with torch.no_grad():
+        for p, mp in zip(params, master):
+            mp.copy_(p.float())
+    if rank == 0:
+        print(f"loaded {path} (iteration {extra['iteration']})", flush=True)
+    return extra["iteration"], extra["consumed"]
+
+
+def plot(log, path, plugin):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {path} (the log is in the JSON file)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["iter"] for r in log], [r["loss"] for r in log], marker="o")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("LM loss")
+    ax.set_title(f"GPT-MoE pretraining ({'moe_plugin' if plugin else 'stock Megatron-Core'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"loss curve: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""CPU shims for megatron-core 0.16.1: run Megatron-Core (MoE included) on CPU with gloo.
+
+Megatron-Core assumes a CUDA device in a few places even when ``use_cpu_initialization=True``;
+on a CPU-only machine each of them fails with "Torch not compiled with CUDA enabled" (or
+"torch.cuda.Stream requires CUDA support"). Each shim below fixes one cause, is a separate named
+function, is idempotent, and is meant to be applied only when CUDA is unavailable (what
+``patches.apply(cpu=None)`` does) or when a process explicitly wants Megatron on CPU
+(``patches.apply(cpu=True)``: then Megatron's device is the CPU in the whole process).
+
+Line numbers are those of megatron-core 0.16.1.
+
+* ``patch_cuda_current_device``: ``torch.cuda.current_device()`` returns ``torch.device("cpu")``.
+  Megatron allocates with ``device=torch.cuda.current_device()`` all over; this one shim covers
+  - ``GlobalMemoryBuffer.get_tensor`` (utils.py:631; used by mappings.py:139/146/179/188 and
+    layers.py:482/519),
+  - the tensor-parallel / expert-parallel mappings (tensor_parallel/mappings.py:91/141/148/181/442;
+    :442 is the all-to-all output used by the EP token dispatcher),
+  - ``Router.gating`` moving the router weight/bias "to GPU" each forward (moe/router.py:88-92;
+    becomes a no-op ``.to("cpu")``),
+  - ``TopKRouter`` expert-bias / global-aux-loss buffers (moe/router.py:165-198),
+  - expert / linear / attention / embedding allocations when ``use_cpu_initialization=False``
+    (moe/experts.py:184/192, tensor_parallel/layers.py:261/597/607/873/899/1197/1218,
+    attention.py:430, dot_product_attention.py:123/132, gpt_model.py:415, rotary embeddings),
+  - Megatron DDP's grad/param buffers (distributed/param_and_grad_buffer.py:783-806).
+  Without CUDA the original always raises, so on CPU-only machines the shim changes nothing that
+  worked before.
+* ``patch_rng_tracker``: the model-parallel RNG tracker keeps CPU generator states instead of
+  CUDA ones. Fixes ``model_parallel_cuda_manual_seed`` (random.py:378-429 -> ``add``, which calls
+  ``torch.cuda.get_rng_state()`` at random.py:235), ``tracker.fork()`` (random.py:242-276; used by
+  dropout and by GPU-style weight init), and the RNG save/restore of ``tensor_parallel.checkpoint``
+  (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, random.py:41-111, used at :444-460).
+* ``patch_alltoall_dispatcher_streams``: ``MoEAlltoAllTokenDispatcher`` creates a CUDA side stream
+  in ``__init__`` (moe/token_dispatcher.py:444-445) and does its device-to-host copies of the
+  split sizes on it (``_maybe_dtoh_and_synchronize``, :862-901). On CPU the same copies are done
+  on the host stream, synchronously, and there is nothing to wait for; the split sizes become
+  numpy arrays as on GPU (unshimmed they would stay tensors, which the EP all-to-all rejects).
+
+Not shimmed (still CUDA-only on CPU): ``forward_backward_no_pipelining`` (pipeline_parallel/
+schedules.py:596, ``device="cuda"``), Megatron's distributed optimizer and grad clipping,
+``track_moe_metrics`` (moe_utils.py:998), the shared-expert overlap stream
+(moe/shared_experts.py:123, only with ``moe_shared_expert_overlap``), TE / fused kernels. Use a
+manual micro-batch loop with a torch optimizer (see tests/megatron_worker.py).
+
+Upstream: local shims; no upstream CPU support is known to cover these sites. Drop each one when
+the megatron-core in use no longer needs it; re-check the sites above on every upgrade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = [
+    "SHIMS",
+    "apply",
+    "applied",
+    "patch_alltoall_dispatcher_streams",
+    "patch_cuda_current_device",
+    "patch_rng_tracker",
+]
+
+# Marker set on every object this module replaces, so re-applying is a no-op.
+_MARK = "_moe_plugin_cpu_shim"
+
+
+def _mark(fn):
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def _is_patched(fn) -> bool:
+    return getattr(fn, _MARK, False)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.cuda.current_device
+# --------------------------------------------------------------------------------------------
+
+
+def patch_cuda_current_device() -> bool:
+    """Make ``torch.cuda.current_device()`` return ``torch.device("cpu")``.
+
+    Global by necessity: Megatron calls ``torch.cuda.current_device()`` for its allocation device
+    in dozens of places across modules (see the module docstring). Returns True if it patched.
+    """
+    if _is_patched(torch.cuda.current_device):
+        return False
+    original = torch.cuda.current_device
+
+    @_mark
+    def current_device():
+        """CPU shim (patches/megatron_cpu.py): Megatron's "current device" is the CPU."""
+        return torch.device("cpu")
+
+    current_device.__wrapped__ = original
+    torch.cuda.current_device = current_device
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Model-parallel RNG tracker
+# --------------------------------------------------------------------------------------------
+
+
+def patch_rng_tracker() -> bool:
+    """Keep the model-parallel RNG tracker's states in torch's CPU generator.
+
+    Replaces ``CudaRNGStatesTracker.add`` / ``.fork`` and the module helpers
+    ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` of ``megatron.core.tensor_parallel.random``
+    (looked up at call time by ``fork``, ``_get_all_rng_states`` and ``_set_all_rng_states``).
+    Same semantics as on GPU with "the CUDA generator" read as "the CPU generator":
+    ``add(name, seed)`` records the state of a generator seeded with ``seed``; ``fork(name)``
+    swaps it in for the body and stores the advanced state on exit.
+
+    Note: ``model_parallel_cuda_manual_seed`` also seeds the default CUDA generator
+    (random.py:422); there is none here, and the default CPU generator is left to the caller
+    (``torch.manual_seed``), which also drives ``use_cpu_initialization``.
+    """
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker_cls = mp_random.CudaRNGStatesTracker
+    if _is_patched(tracker_cls.add):
+        return False
+    default_name = mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME
+
+    @_mark
+    def _get_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+        """CPU shim: the "CUDA" RNG state is the CPU generator's state (a new tensor)."""
+        return torch.get_rng_state()
+
+    @_mark
+    def _set_cuda_rng_state(new_state, device=-1, graph_safe=False):
+        """CPU shim: set the CPU generator's state."""
+        torch.set_rng_state(new_state)
+
+    @_mark
+    def add(self, name, seed):
+        """CPU shim of ``CudaRNGStatesTracker.add`` (random.py:217-240)."""
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception('seed {} already exists'.format(seed))
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception('cuda rng state {} already exists'.format(name))
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @_mark
+    @contextlib.contextmanager
+    def fork(self, name=default_name):
+        """CPU shim of ``CudaRNGStatesTracker.fork`` (random.py:242-276), without the
+        "CPU RNG state changed within GPU RNG context" warning (here they are the same state)."""
+        if name not in self.states_:
+            raise Exception('cuda rng state {} is not added'.format(name))
+        orig_state = torch.get_rng_state()
+        orig_state_name = self._current_state_name
+        if orig_state_name != "default-rng":
+            self.states_[orig_state_name] = orig_state
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            if self._current_state_name != name:
+                raise Exception(
+                    f'current state name {self._current_state_name} is not the same as the '
+                    f'desired state name {name}.'
+                )
+            self.states_[name] = torch.get_rng_state()
+            if orig_state_name != "default-rng":
+                orig_state = self.states_[orig_state_name]
+            torch.set_rng_state(orig_state)
+            self._current_state_name = orig_state_name
+
+    mp_random._get_cuda_rng_state = _get_cuda_rng_state
+    mp_random._set_cuda_rng_state = _set_cuda_rng_state
+    tracker_cls.add = add
+    tracker_cls.fork = fork
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# All-to-all token dispatcher's device-to-host side stream
+# --------------------------------------------------------------------------------------------
+
+
+def patch_alltoall_dispatcher_streams() -> bool:
+    """Run ``MoEAlltoAllTokenDispatcher``'s device-to-host copies without a CUDA side stream.
+
+    - ``__init__`` creates the class-wide ``cuda_dtoh_stream`` only if it is None
+      (token_dispatcher.py:444-445): pre-set it to the CPU stream object so no CUDA stream is made.
+    - ``_maybe_dtoh_and_synchronize`` (:862-901) is replaced by the same copies at the same
+      point, done synchronously on the current (host) stream; the sync point then has nothing
+      left to wait for. The split sizes end up as numpy arrays as on GPU (the original only
+      converts CUDA tensors, and ``all_to_all_single`` rejects tensor split sizes, mappings.py:444).
+    """
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    cls = td.MoEAlltoAllTokenDispatcher
+    if _is_patched(cls._maybe_dtoh_and_synchronize):
+        return False
+
+    def to_host(tensor, as_numpy=False):
+        # ``maybe_move_tensor_to_cpu`` (moe_utils.py:1078) only converts CUDA tensors; on CPU the
+        # split sizes would stay tensors, which ``all_to_all_single`` rejects: convert them the
+        # same way the GPU path does (host copy, then numpy where asked).
+        if torch.is_tensor(tensor):
+            tensor = tensor.cpu()
+            if as_numpy:
+                tensor = tensor.numpy()
+        return tensor
+
+    @_mark
+    def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+        """CPU shim of token_dispatcher.py:862-901: same copies, no side stream, no event."""
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            tokens_per_expert = to_host(tokens_per_expert)
+            self.input_splits = to_host(self.input_splits, as_numpy=True)
+            self.output_splits = to_host(self.output_splits, as_numpy=True)
+            self.output_splits_tp = to_host(self.output_splits_tp, as_numpy=True)
+            self.num_out_tokens = to_host(self.num_out_tokens)
+            if self.num_local_experts > 1 and not self.config.moe_permute_fusion:
+                self.num_global_tokens_per_local_expert = to_host(
+                    self.num_global_tokens_per_local_expert
+                )
+        return tokens_per_expert
+
+    if cls.cuda_dtoh_stream is None:
+        cls.cuda_dtoh_stream = torch.cpu.current_stream()
+    cls._maybe_dtoh_and_synchronize = _maybe_dtoh_and_synchronize
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+
+SHIMS = (patch_cuda_current_device, patch_rng_tracker, patch_alltoall_dispatcher_streams)
+
+_applied: list = []
+
+
+def apply() -> list:
+    """Apply every CPU shim (idempotent). Returns the names of the shims applied by this call."""
+    done = [shim.__name__ for shim in SHIMS if shim()]
+    _applied.extend(done)
+    return done
+
+
+def applied() -> list:
+    """Names of the CPU shims applied in this process so far."""
+    return list(_applied)
