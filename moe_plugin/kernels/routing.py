@@ -1,9 +1,9 @@
 """Routing kernels: scores + (group-limited) top-k + renormalisation, fused; and the backward.
 
 Semantics are those of ``moe_plugin.reference.route`` (see its module docstring). Logits are
-fp32 ``[N, E]``. One program handles ``BLOCK_N`` rows one after another; a row's experts are
-held as a ``[BLOCK_G, BLOCK_EG]`` tile (group × expert-in-group; one group when routing is not
-group-limited). Top-k is k rounds of arg-max (ties: lowest expert index).
+fp32 ``[N, E]``. One program handles ``BLOCK_N`` rows at once as a ``[rows, BLOCK_G, BLOCK_EG]`` tile
+(group × expert-in-group; one group when routing is not group-limited). Top-k is k rounds of
+arg-max (ties: lowest expert index).
 
 For the load-balance loss the forward also writes, per program, the column sums of the aux
 score distribution and the per-expert counts of the aux top-k (partials ``[programs, E]``,
@@ -30,94 +30,97 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
                       NEED_AUX: tl.constexpr, AUX_SEPARATE: tl.constexpr, NEED_LSE: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr,
                       BLOCK_K: tl.constexpr):
+    # a [rows, groups, experts-in-group] tile
     pid = tl.program_id(0)
-    gi = tl.arange(0, BLOCK_G)[:, None]
-    ei = tl.arange(0, BLOCK_EG)[None, :]
-    emask = (gi < G) & (ei < EG)
-    flat = gi * EG + ei
-    kk = tl.arange(0, BLOCK_K)
-    gidx = tl.arange(0, BLOCK_G)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    r3 = rows[:, None, None]
+    g3 = tl.arange(0, BLOCK_G)[None, :, None]
+    e3 = tl.arange(0, BLOCK_EG)[None, None, :]
+    flat = g3 * EG + e3
+    emask = (g3 < G) & (e3 < EG)
+    m = emask & (r3 < N)
+    x = tl.load(logits_ptr + r3.to(tl.int64) * stride_ln + flat, mask=m, other=_NEG_INF)
+    if SCORE == 0 or NEED_LSE:
+        mx = tl.max(tl.max(x, 2), 1)
+        mx = tl.where(rows < N, mx, 0.0)
+        ex = tl.where(m, tl.exp(x - mx[:, None, None]), 0.0)
+        ssum = tl.sum(tl.sum(ex, 2), 1)
+        ssum = tl.where(rows < N, ssum, 1.0)
+    if SCORE == 0:
+        s = ex / ssum[:, None, None]
+    else:
+        s = tl.where(m, _sigmoid(x), 0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + flat, mask=emask, other=0.0).to(tl.float32)
-    colsum = tl.zeros([BLOCK_G, BLOCK_EG], dtype=tl.float32)
+        sel = tl.where(m, s + bias, _NEG_INF)
+    else:
+        sel = tl.where(m, s, _NEG_INF)
+    if G > 1:
+        # group score: sum of the group's top GROUP_K selection scores
+        tmp = sel
+        gscore = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        for _ in tl.static_range(GROUP_K):
+            gm = tl.max(tmp, 2)
+            gscore += gm
+            ga = tl.min(tl.where(tmp == gm[:, :, None], e3, _BIG), 2)
+            tmp = tl.where(e3 == ga[:, :, None], _NEG_INF, tmp)
+        gidx = tl.arange(0, BLOCK_G)[None, :]
+        gscore = tl.where(gidx < G, gscore, _NEG_INF)
+        keep = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.int32)
+        for _ in tl.static_range(GROUP_TOPK):
+            best = tl.max(gscore, 1)
+            bi = tl.min(tl.where(gscore == best[:, None], gidx, _BIG), 1)
+            hitg = gidx == bi[:, None]
+            keep = tl.where(hitg, 1, keep)
+            gscore = tl.where(hitg, _NEG_INF, gscore)
+        sel = tl.where(keep[:, :, None] > 0, sel, _NEG_INF)
+    kk = tl.arange(0, BLOCK_K)[None, :]
+    wv = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    iv = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     cnt = tl.zeros([BLOCK_G, BLOCK_EG], dtype=tl.int32)
-    for r in range(BLOCK_N):
-        row = pid * BLOCK_N + r
-        rv = row < N
-        m = emask & ((flat * 0 + row) < N)
-        x = tl.load(logits_ptr + row.to(tl.int64) * stride_ln + flat, mask=m, other=_NEG_INF)
-        if SCORE == 0:
-            mx = tl.max(tl.max(x, 1), 0)
-            ex = tl.where(m, tl.exp(x - mx), 0.0)
-            ssum = tl.sum(tl.sum(ex, 1), 0)
-            s = ex / ssum
-        else:
-            s = tl.where(m, _sigmoid(x), 0.0)
-        if HAS_BIAS:
-            sel = tl.where(m, s + bias, _NEG_INF)
-        else:
-            sel = tl.where(m, s, _NEG_INF)
-        if G > 1:
-            # group score: sum of the group's top GROUP_K selection scores
-            tmp = sel
-            gscore = tl.zeros([BLOCK_G], dtype=tl.float32)
-            for _ in tl.static_range(GROUP_K):
-                gm = tl.max(tmp, 1)
-                gscore += gm
-                ga = tl.min(tl.where(tmp == gm[:, None], ei, _BIG), 1)
-                tmp = tl.where(ei == ga[:, None], _NEG_INF, tmp)
-            gscore = tl.where(gidx < G, gscore, _NEG_INF)
-            keep = gidx < 0
-            for _ in tl.static_range(GROUP_TOPK):
-                best = tl.max(gscore, 0)
-                bi = tl.min(tl.where(gscore == best, gidx, _BIG), 0)
-                keep = keep | (gidx == bi)
-                gscore = tl.where(gidx == bi, _NEG_INF, gscore)
-            sel = tl.where(keep[:, None], sel, _NEG_INF)
-        wv = tl.zeros([BLOCK_K], dtype=tl.float32)
-        iv = tl.zeros([BLOCK_K], dtype=tl.int32)
-        for j in tl.static_range(K):
-            best = tl.max(tl.max(sel, 1), 0)
-            a = tl.min(tl.min(tl.where(sel == best, flat, _BIG), 1), 0)
-            hit = flat == a
-            sv = tl.sum(tl.sum(tl.where(hit, s, 0.0), 1), 0)
-            wv = tl.where(kk == j, sv, wv)
-            iv = tl.where(kk == j, a, iv)
-            sel = tl.where(hit, _NEG_INF, sel)
-            if NEED_AUX:
-                if not AUX_SEPARATE:
-                    cnt += (hit & m).to(tl.int32)
-        if RENORM:
-            if SCORE == 0:
-                wv = wv / tl.sum(wv, 0)
-            else:
-                wv = wv / (tl.sum(wv, 0) + 1e-20)
-        wv = wv * scaling
-        kmask = (kk < K) & ((kk * 0 + row) < N)
-        tl.store(ids_ptr + row.to(tl.int64) * K + kk, iv, mask=kmask)
-        tl.store(w_ptr + row.to(tl.int64) * K + kk, wv, mask=kmask)
+    for j in tl.static_range(K):
+        best = tl.max(tl.max(sel, 2), 1)
+        a = tl.min(tl.min(tl.where(sel == best[:, None, None], flat, _BIG), 2), 1)
+        hit = flat == a[:, None, None]
+        sv = tl.sum(tl.sum(tl.where(hit, s, 0.0), 2), 1)
+        wv = tl.where(kk == j, sv[:, None], wv)
+        iv = tl.where(kk == j, a[:, None], iv)
+        sel = tl.where(hit, _NEG_INF, sel)
         if NEED_AUX:
-            if SCORE == 0:
-                p = s
-            else:
-                p = s / (tl.sum(tl.sum(s, 1), 0) + 1e-20)
-            colsum += tl.where(m, p, 0.0)
-            if AUX_SEPARATE:
-                tmp = tl.where(m, p, _NEG_INF)
-                for j in tl.static_range(K):
-                    best = tl.max(tl.max(tmp, 1), 0)
-                    a = tl.min(tl.min(tl.where(tmp == best, flat, _BIG), 1), 0)
-                    hit = flat == a
-                    cnt += (hit & m).to(tl.int32)
-                    tmp = tl.where(hit, _NEG_INF, tmp)
-        if NEED_LSE:
-            mx2 = tl.max(tl.max(x, 1), 0)
-            lse = mx2 + tl.log(tl.sum(tl.sum(tl.where(m, tl.exp(x - mx2), 0.0), 1), 0))
-            tl.store(lse_ptr + row, lse, mask=rv)
+            if not AUX_SEPARATE:
+                cnt += tl.sum((hit & m).to(tl.int32), 0)
+    if RENORM:
+        if SCORE == 0:
+            wv = wv / tl.sum(wv, 1)[:, None]
+        else:
+            wv = wv / (tl.sum(wv, 1)[:, None] + 1e-20)
+    wv = wv * scaling
+    kmask = (kk < K) & (rows[:, None] < N)
+    out_off = rows[:, None].to(tl.int64) * K + kk
+    tl.store(ids_ptr + out_off, iv, mask=kmask)
+    tl.store(w_ptr + out_off, wv, mask=kmask)
     if NEED_AUX:
+        if SCORE == 0:
+            p = s
+        else:
+            p = s / (tl.sum(tl.sum(s, 2), 1)[:, None, None] + 1e-20)
+        p = tl.where(m, p, 0.0)
+        colsum = tl.sum(p, 0)
+        if AUX_SEPARATE:  # plain top-k of the aux scores (no bias, no groups)
+            tmp = tl.where(m, p, _NEG_INF)
+            for j in tl.static_range(K):
+                best = tl.max(tl.max(tmp, 2), 1)
+                a = tl.min(tl.min(tl.where(tmp == best[:, None, None], flat, _BIG), 2), 1)
+                hit = flat == a[:, None, None]
+                cnt += tl.sum((hit & m).to(tl.int32), 0)
+                tmp = tl.where(hit, _NEG_INF, tmp)
         E = G * EG
-        tl.store(colsum_ptr + pid * E + flat, colsum, mask=emask)
-        tl.store(cnt_ptr + pid * E + flat, cnt, mask=emask)
+        flat2 = tl.arange(0, BLOCK_G)[:, None] * EG + tl.arange(0, BLOCK_EG)[None, :]
+        emask2 = (tl.arange(0, BLOCK_G)[:, None] < G) & (tl.arange(0, BLOCK_EG)[None, :] < EG)
+        tl.store(colsum_ptr + pid * E + flat2, colsum, mask=emask2)
+        tl.store(cnt_ptr + pid * E + flat2, cnt, mask=emask2)
+    if NEED_LSE:
+        tl.store(lse_ptr + rows, mx + tl.log(ssum), mask=rows < N)
 
 
 @triton.jit
@@ -127,57 +130,58 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, dw_ptr, dcol_ptr, dlse_ptr, dlogits_p
                       RENORM: tl.constexpr, HAS_DW: tl.constexpr, HAS_DCOL: tl.constexpr,
                       HAS_DLSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                       BLOCK_K: tl.constexpr):
+    # a [rows, experts] tile
     pid = tl.program_id(0)
-    ei = tl.arange(0, BLOCK_E)
-    emask = ei < E
-    kk = tl.arange(0, BLOCK_K)
-    if HAS_DCOL:
-        dcol = tl.load(dcol_ptr + ei, mask=emask, other=0.0)
-    for r in range(BLOCK_N):
-        row = pid * BLOCK_N + r
-        rv = row < N
-        m = emask & ((ei * 0 + row) < N)
-        x = tl.load(logits_ptr + row.to(tl.int64) * stride_ln + ei, mask=m, other=_NEG_INF)
-        mx = tl.max(x, 0)
-        ex = tl.where(m, tl.exp(x - mx), 0.0)
-        softmax = ex / tl.sum(ex, 0)
-        if SCORE == 0:
-            s = softmax
-        else:
-            s = tl.where(m, _sigmoid(x), 0.0)
-        ds = tl.zeros([BLOCK_E], dtype=tl.float32)
-        if HAS_DW:
-            kmask = (kk < K) & ((kk * 0 + row) < N)
-            ids = tl.load(ids_ptr + row.to(tl.int64) * K + kk, mask=kmask, other=-1)
-            dw = tl.load(dw_ptr + row.to(tl.int64) * K + kk, mask=kmask, other=0.0)
-            hit = ids[:, None] == ei[None, :]
-            sv = tl.sum(tl.where(hit, s[None, :], 0.0), 1)
-            if RENORM:
-                if SCORE == 0:
-                    z = tl.sum(sv, 0)
-                else:
-                    z = tl.sum(sv, 0) + 1e-20
-                dsv = scaling * (dw / z - tl.sum(dw * sv, 0) / (z * z))
-            else:
-                dsv = scaling * dw
-            ds += tl.sum(tl.where(hit, dsv[:, None], 0.0), 0)
-        if HAS_DCOL:
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rvalid = rows < N
+    e2 = tl.arange(0, BLOCK_E)[None, :]
+    m = (e2 < E) & rvalid[:, None]
+    r64 = rows.to(tl.int64)
+    x = tl.load(logits_ptr + r64[:, None] * stride_ln + e2, mask=m, other=_NEG_INF)
+    mx = tl.where(rvalid, tl.max(x, 1), 0.0)
+    ex = tl.where(m, tl.exp(x - mx[:, None]), 0.0)
+    softmax = ex / tl.where(rvalid, tl.sum(ex, 1), 1.0)[:, None]
+    if SCORE == 0:
+        s = softmax
+    else:
+        s = tl.where(m, _sigmoid(x), 0.0)
+    ds = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    if HAS_DW:
+        kk = tl.arange(0, BLOCK_K)[None, :]
+        kmask = (kk < K) & rvalid[:, None]
+        ids = tl.load(ids_ptr + r64[:, None] * K + kk, mask=kmask, other=-1)
+        dw = tl.load(dw_ptr + r64[:, None] * K + kk, mask=kmask, other=0.0)
+        hit = ids[:, :, None] == e2[:, None, :]
+        sv = tl.sum(tl.where(hit, s[:, None, :], 0.0), 2)
+        if RENORM:
             if SCORE == 0:
-                ds += dcol
+                z = tl.sum(sv, 1)
             else:
-                z = tl.sum(s, 0) + 1e-20
-                ds += dcol / z - tl.sum(dcol * s, 0) / (z * z)
-        if SCORE == 0:
-            dx = s * (ds - tl.sum(ds * s, 0))
+                z = tl.sum(sv, 1) + 1e-20
+            z = tl.where(rvalid, z, 1.0)
+            dsv = scaling * (dw / z[:, None] - (tl.sum(dw * sv, 1) / (z * z))[:, None])
         else:
-            dx = ds * s * (1.0 - s)
-        if HAS_DLSE:
-            dx += tl.load(dlse_ptr + row, mask=rv, other=0.0) * softmax
-        tl.store(dlogits_ptr + row.to(tl.int64) * stride_dn + ei, dx, mask=m)
+            dsv = scaling * dw
+        ds += tl.sum(tl.where(hit, dsv[:, :, None], 0.0), 1)
+    if HAS_DCOL:
+        dcol = tl.load(dcol_ptr + e2, mask=e2 < E, other=0.0)
+        if SCORE == 0:
+            ds += dcol
+        else:
+            z = tl.sum(s, 1) + 1e-20
+            ds += dcol / z[:, None] - (tl.sum(dcol * s, 1) / (z * z))[:, None]
+    if SCORE == 0:
+        dx = s * (ds - tl.sum(ds * s, 1)[:, None])
+    else:
+        dx = ds * s * (1.0 - s)
+    if HAS_DLSE:
+        dx += tl.load(dlse_ptr + rows, mask=rvalid, other=0.0)[:, None] * softmax
+    tl.store(dlogits_ptr + r64[:, None] * stride_dn + e2, dx, mask=m)
 
 
-def _rows_per_program(n: int) -> int:
-    return 4 if interpret_mode() else 16
+def _rows_per_program(block_e: int, block_k: int = 1) -> int:
+    """Rows per program: a [rows, experts] (× k in the backward) tile of about 4K elements."""
+    return max(1, min(64, 4096 // (block_e * block_k)))
 
 
 def route_forward(logits: torch.Tensor, top_k: int, *, score_func: str, renormalize: bool,
@@ -191,7 +195,7 @@ def route_forward(logits: torch.Tensor, top_k: int, *, score_func: str, renormal
     dev = logits.device
     g = num_groups or 1
     eg = e // g
-    block_n = _rows_per_program(n)
+    block_n = _rows_per_program(next_pow2(g) * next_pow2(eg))
     grid = (triton.cdiv(n, block_n),)
     ids = torch.empty(n, top_k, dtype=torch.int32, device=dev)
     w = torch.empty(n, top_k, dtype=torch.float32, device=dev)
@@ -229,9 +233,9 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
     dl = torch.empty_like(logits)
     if n == 0:
         return dl
-    block_n = _rows_per_program(n)
-    dummy = logits
     be = next_pow2(e)
+    block_n = _rows_per_program(be, next_pow2(k))
+    dummy = logits
     _route_bwd_kernel[(triton.cdiv(n, block_n),)](
         logits, topk_ids, d_weights.contiguous() if d_weights is not None else dummy,
         d_colsum.contiguous() if d_colsum is not None else dummy,
