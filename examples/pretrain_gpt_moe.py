@@ -76,16 +76,16 @@ def parse_args(argv=None):
     g.add_argument("--moe-z-loss-coeff", type=float, default=1e-3)
     g.add_argument("--moe-router-score-function", default="softmax")
     g.add_argument("--vocab-size", type=int, default=256)
-    g.add_argument("--seq-length", type=int, default=64)
+    g.add_argument("--seq-length", type=int, default=32)
     g = p.add_argument_group("parallelism and batch")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--micro-batch-size", type=int, default=2)
-    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=2)
     g = p.add_argument_group("training")
-    g.add_argument("--train-iters", type=int, default=40)
+    g.add_argument("--train-iters", type=int, default=30)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
-    g.add_argument("--lr-warmup-iters", type=int, default=4)
+    g.add_argument("--lr-warmup-iters", type=int, default=3)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
@@ -269,7 +269,11 @@ def main(argv=None):
             its = it + 1 - it_last
             t_last, it_last = time.time(), it + 1
             reduce_aux_losses_tracker_across_ranks()
-            aux = {name: float(v["values"].float().sum() / max(1, (v["values"] != 0).sum()))
+            # the tracker sums each layer's loss/coeff over every forward since it was
+            # cleared: average over those forwards, then over the MoE layers
+            calls = its * num_micro
+            aux = {name: float(v["values"].float().sum() / calls
+                               / max(1, int((v["values"] != 0).sum())))
                    for name, v in get_moe_layer_wise_logging_tracker().items()}
             clear_aux_losses_tracker()
             tok_s = tokens_per_iter * its / dt
@@ -281,7 +285,7 @@ def main(argv=None):
                 aux_txt = " ".join(f"{k} {v:.4f}" for k, v in aux.items())
                 print(f"\niter {it + 1:5d} | loss {loss_val:.4f} | {aux_txt} | "
                       f"grad norm {float(gnorm):.3f} | {tok_s:,.0f} tokens/s | "
-                      f"{row['tflops_per_gpu']:.3f} TFLOP/s per GPU | "
+                      f"{row['tflops_per_gpu']:.3g} TFLOP/s per GPU | "
                       f"peak mem {row['peak_mem_gib']:.2f} GiB", flush=True)
         if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
             save_checkpoint(args, model, opt, it + 1, consumed, rank)

@@ -58,6 +58,8 @@ __all__ = [
     "patch_alltoall_dispatcher_streams",
     "patch_cuda_current_device",
     "patch_rng_tracker",
+    "patch_cuda_synchronize",
+    "patch_default_causal_mask",
 ]
 
 # Marker set on every object this module replaces, so re-applying is a no-op.
@@ -234,8 +236,59 @@ def patch_alltoall_dispatcher_streams() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# torch.cuda.synchronize and the default causal mask
+# --------------------------------------------------------------------------------------------
 
-SHIMS = (patch_cuda_current_device, patch_rng_tracker, patch_alltoall_dispatcher_streams)
+
+def patch_cuda_synchronize() -> bool:
+    """Make ``torch.cuda.synchronize()`` a no-op without CUDA.
+
+    ``dist_checkpointing``'s torch_dist save strategy calls it unconditionally
+    (``strategies/filesystem_async.py:230``, ``preload_tensors``); on the CPU there is nothing to
+    wait for. Returns True if it patched."""
+    if _is_patched(torch.cuda.synchronize) or torch.cuda.is_available():
+        return False
+    original = torch.cuda.synchronize
+
+    @_mark
+    def synchronize(device=None):
+        """CPU shim (patches/megatron_cpu.py): no CUDA work to wait for."""
+        return None
+
+    synchronize.__wrapped__ = original
+    torch.cuda.synchronize = synchronize
+    return True
+
+
+def patch_default_causal_mask() -> bool:
+    """Build Megatron's default causal attention mask on the CPU.
+
+    ``transformer/utils.py:35`` ``get_default_causal_mask`` allocates it with ``device="cuda"``
+    (used by the local softmax when no attention mask is passed). Returns True if it patched."""
+    from megatron.core.transformer import utils as tutils
+
+    if _is_patched(tutils.get_default_causal_mask):
+        return False
+    original = tutils.get_default_causal_mask
+
+    @_mark
+    def get_default_causal_mask(sq: int):
+        """CPU shim (patches/megatron_cpu.py): the mask on the CPU."""
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    get_default_causal_mask.__wrapped__ = original
+    tutils.get_default_causal_mask = get_default_causal_mask
+    # the local softmax imported the function by name
+    from megatron.core.fusions import fused_softmax
+    if getattr(fused_softmax, "get_default_causal_mask", None) is original:
+        fused_softmax.get_default_causal_mask = get_default_causal_mask
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+
+SHIMS = (patch_cuda_current_device, patch_rng_tracker, patch_alltoall_dispatcher_streams,
+         patch_cuda_synchronize, patch_default_causal_mask)
 
 _applied: list = []
 

@@ -103,10 +103,11 @@ class _Experts(MegatronModule):
         dp_rank = parallel_state.get_expert_data_parallel_rank()
         n = len(sharded_offsets)
         out = {}
-        for name, param in (("linear_fc1.weight", self.w_up), ("linear_fc2.weight", self.w_down)):
-            key = f"{prefix}{name}"
-            out[key] = ShardedTensor.from_rank_offsets(
-                key, param, *sharded_offsets, (n, ep_rank, ep_size),
+        for local, name, param in (("w_up", "linear_fc1.weight", self.w_up),
+                                   ("w_down", "linear_fc2.weight", self.w_down)):
+            # dict key: this module's own state-dict key; sharded key: SequentialMLP's
+            out[f"{prefix}{local}"] = ShardedTensor.from_rank_offsets(
+                f"{prefix}{name}", param, *sharded_offsets, (n, ep_rank, ep_size),
                 replica_id=(0, 0, dp_rank), prepend_axis_num=n)
         return out
 
