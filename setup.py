@@ -10,7 +10,7 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.2", "numpy"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
-        "megatron": ["megatron-core==0.16.1", "psutil"],
+        "megatron": ["megatron-core==0.16.1", "psutil", "matplotlib"],
         "bench": ["matplotlib"],
     },
 )
