@@ -52,7 +52,7 @@ def rel(a, b):
     return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
 
 
-def build(flag, extra, ep, device, dtype):
+def build(flag, extra, ep, device, dtype, seed=None):
     kw = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
               num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24,
               gated_linear_unit=True, activation_func=torch.nn.functional.silu,
@@ -63,7 +63,7 @@ def build(flag, extra, ep, device, dtype):
               bf16=dtype == torch.bfloat16, moe_use_plugin=flag)
     kw.update(extra)
     cfg = MoEPluginConfig(**kw)
-    torch.manual_seed(1234 + dist.get_rank())
+    torch.manual_seed(1234 + dist.get_rank() if seed is None else seed)
     model = GPTModel(cfg, gpt_decoder_block_spec(cfg, use_transformer_engine=False),
                      vocab_size=VOCAB, max_sequence_length=SEQ).to(device)
     return cfg, model
@@ -129,6 +129,63 @@ def run_case(name, extra, ep, device, dtype, plugin_extra=None):
     return res
 
 
+def run_checkpoint_case(tmp, device, dtype):
+    """dist_checkpointing across EP sizes and between stock and plugin experts: a stock model
+    saved at EP=1 loads into a plugin model at EP=2 (each rank its slice of the experts), and
+    that plugin model saved at EP=2 loads back into a stock model at EP=1."""
+    from megatron.core import dist_checkpointing
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    extra = dict(moe_shared_expert_intermediate_size=16)
+    res = {}
+
+    for sub in ("stock_ep1", f"plugin_ep{ws}"):
+        os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+    dist.barrier()
+
+    def reinit(ep):
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
+        model_parallel_cuda_manual_seed(123)
+
+    def experts_of(model):  # {layer: (fc1 [E_loc, 2F, h], fc2 [E_loc, h, F])}
+        out = {}
+        for i, layer in enumerate(model.decoder.layers):
+            ex = layer.mlp.experts
+            if isinstance(layer.mlp, PluginMoELayer):
+                out[i] = (ex.w_up.detach().clone(), ex.w_down.detach().clone())
+            else:
+                out[i] = (torch.stack([e.linear_fc1.weight.detach() for e in ex.local_experts]),
+                          torch.stack([e.linear_fc2.weight.detach() for e in ex.local_experts]))
+        return out
+
+    reinit(1)
+    _, stock = build(False, extra, 1, device, dtype, seed=5)  # same weights on every rank
+    ref = experts_of(stock)
+    ref_router = stock.decoder.layers[0].mlp.router.weight.detach().clone()
+    dist_checkpointing.save(stock.sharded_state_dict(), os.path.join(tmp, "stock_ep1"))
+    dist.barrier()
+    reinit(ws)
+    _, plug = build(True, extra, ws, device, dtype)
+    state = dist_checkpointing.load(plug.sharded_state_dict(), os.path.join(tmp, "stock_ep1"))
+    plug.load_state_dict(state)
+    el = 4 // ws
+    got = experts_of(plug)
+    res["stock_ep1_to_plugin_ep%d" % ws] = max(
+        rel(got[i][j], ref[i][j][rank * el:(rank + 1) * el]) for i in got for j in (0, 1))
+    res["router_loaded"] = rel(plug.decoder.layers[0].mlp.router.weight, ref_router)
+    dist_checkpointing.save(plug.sharded_state_dict(), os.path.join(tmp, "plugin_ep%d" % ws))
+    dist.barrier()
+    reinit(1)
+    _, stock2 = build(False, extra, 1, device, dtype, seed=99)  # overwritten by the load
+    state = dist_checkpointing.load(stock2.sharded_state_dict(),
+                                    os.path.join(tmp, "plugin_ep%d" % ws))
+    stock2.load_state_dict(state)
+    back = experts_of(stock2)
+    res["plugin_ep%d_to_stock_ep1" % ws] = max(rel(back[i][j], ref[i][j])
+                                               for i in back for j in (0, 1))
+    return {k: (v if isinstance(v, bool) else float(v)) for k, v in res.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -136,6 +193,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--cases", nargs="*", default=list(CASES) + list(PLUGIN_ONLY))
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="run the dist_checkpointing case (needs 2 ranks) in this folder")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -146,6 +205,14 @@ def main():
     model_parallel_cuda_manual_seed(123)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     results = {}
+    if args.checkpoint_dir:
+        args.cases = []
+        try:
+            results["checkpoint"] = run_checkpoint_case(args.checkpoint_dir, device, dtype)
+        except Exception as ex:
+            import traceback
+            results["checkpoint"] = {"error": repr(ex)[:500],
+                                     "trace": traceback.format_exc()[-2000:]}
     for name in args.cases:
         try:
             if name in PLUGIN_ONLY:

@@ -33,6 +33,7 @@ from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
                                                      get_default_pg_collection,
                                                      save_to_aux_losses_tracker)
 from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from ..layer import moe_forward
 from .options import params_dtype, plugin_options
@@ -93,8 +94,10 @@ class _Experts(MegatronModule):
         self._register_load_state_dict_pre_hook(_from_sequential_mlp_keys)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """Same keys and global shapes as Megatron's SequentialMLP: ``{prefix}linear_fc1.weight``
-        of global shape [.., E, 2F|F, D] and ``{prefix}linear_fc2.weight`` [.., E, D, F]."""
+        """Same checkpoint keys and global shapes as Megatron's SequentialMLP:
+        ``{prefix}experts.linear_fc1.weight`` of global shape [.., E, 2F|F, D],
+        ``{prefix}experts.linear_fc2.weight`` [.., E, D, F], and their per-expert (empty)
+        ``_extra_state`` objects."""
         if metadata and metadata.get("singleton_local_shards", False):
             raise NotImplementedError("sharded_state_dict: singleton_local_shards is not "
                                       "supported by moe_plugin's experts")
@@ -103,12 +106,21 @@ class _Experts(MegatronModule):
         dp_rank = parallel_state.get_expert_data_parallel_rank()
         n = len(sharded_offsets)
         out = {}
-        for local, name, param in (("w_up", "linear_fc1.weight", self.w_up),
-                                   ("w_down", "linear_fc2.weight", self.w_down)):
-            # dict key: this module's own state-dict key; sharded key: SequentialMLP's
+        for local, fc, param in (("w_up", "linear_fc1", self.w_up),
+                                 ("w_down", "linear_fc2", self.w_down)):
+            # dict key: this module's own state-dict key; checkpoint key: SequentialMLP's
+            # (its prefix is "<...>.experts." and it shards under "<...>.experts.experts.")
             out[f"{prefix}{local}"] = ShardedTensor.from_rank_offsets(
-                f"{prefix}{name}", param, *sharded_offsets, (n, ep_rank, ep_size),
-                replica_id=(0, 0, dp_rank), prepend_axis_num=n)
+                f"{prefix}experts.{fc}.weight", param, *sharded_offsets,
+                (n, ep_rank, ep_size), replica_id=(0, 0, dp_rank), prepend_axis_num=n)
+            # the (empty) per-expert extra state SequentialMLP's linear layers checkpoint
+            for i in range(self.num_local):
+                offsets = (*sharded_offsets, (n, ep_rank * self.num_local + i,
+                                              ep_size * self.num_local))
+                out[f"{prefix}local_experts.{i}.{fc}._extra_state"] = \
+                    make_sharded_object_for_checkpoint(
+                        None, f"{prefix}experts.{fc}._extra_state", offsets,
+                        replica_id=(0, 0, dp_rank))
         return out
 
 
