@@ -78,6 +78,26 @@ def assert_close(out, ref, tol: float, what: str) -> None:
     assert err <= tol, f"{what}: relative L2 error {err:.3e} > {tol:.0e}"
 
 
+def worker_env(**extra) -> dict:
+    """Environment for a test's subprocess: one OpenMP thread per process and the repo on
+    PYTHONPATH (so workers import this checkout's ``moe_plugin`` and ``patches`` even where
+    the package is not installed, or an older editable install points elsewhere)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a torchrun rendezvous (``--master_port=0`` hangs)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def assert_losses_exercised(kwargs: dict, info: dict, rinfo: dict) -> None:
     """A loss asked for is non-zero in the reference; one not asked for is exactly zero."""
     for name in ("aux_loss", "z_loss"):

@@ -10,7 +10,6 @@ the results as JSON to ``--out``.
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -252,8 +251,5 @@ def main():
 
 if __name__ == "__main__":
     rc = main()
-    # skip interpreter teardown: gloo's background threads have been seen to abort the
-    # process at exit ("terminate called without an active exception") after all work is done
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc or 0)
+    from torchrun_exit import exit_now
+    exit_now(rc or 0)

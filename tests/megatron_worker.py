@@ -279,8 +279,5 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # skip interpreter teardown: gloo's background threads have been seen to abort the
-    # process at exit ("terminate called without an active exception") after all work is done
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from torchrun_exit import exit_now
+    exit_now(0)

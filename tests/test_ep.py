@@ -4,32 +4,23 @@ Runs ``tests/ep_worker.py`` under torchrun with 2 and 4 processes (gloo on CPU, 
 error ≤ 1e-5), and on GPU machines with 2 GPUs the same with NCCL in bf16 (≤ 1e-2)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import BF16_TOL, FP32_TOL
+from conftest import BF16_TOL, FP32_TOL, free_port, worker_env
 
 WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
 GRAD_KEYS = ("out", "dx", "dweights", "dw_up", "dw_down", "dgate")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(nproc, tmp_path, *extra):
     out = tmp_path / f"ep_{nproc}.json"
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", WORKER, "--out", str(out), *extra]
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

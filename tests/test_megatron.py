@@ -7,7 +7,6 @@ parameter gradient; also the state-dict round trip both ways, the expert-bias up
 Megatron's ``finalize_model_grads`` helper, and Megatron's ``allreduce`` flags under EP."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,26 +15,19 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from conftest import BF16_TOL, FP32_TOL  # noqa: E402
+from conftest import BF16_TOL, FP32_TOL, free_port, worker_env  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "megatron_equiv_worker.py")
 ERR_KEYS = ("loss", "grads", "bias_update", "router_loaded", "stock_ep1_to_plugin_ep2",
             "plugin_ep2_to_stock_ep1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(nproc, tmp_path, *extra):
     out = tmp_path / "megatron.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER,
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", WORKER,
            "--out", str(out), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, env=worker_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -99,7 +91,7 @@ def model_parallel_1():
     patches.apply()
     own = not dist.is_initialized()
     if own:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     yield

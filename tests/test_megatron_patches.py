@@ -12,11 +12,12 @@ The selection logic of ``patches.apply`` and the "TE present" case are checked i
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from conftest import free_port, worker_env
 
 pytest.importorskip("megatron.core")
 
@@ -32,19 +33,8 @@ import patches  # noqa: E402
 from patches import megatron_te_general_gemm  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra):
-    env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run even on GPU machines
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
+    return worker_env(CUDA_VISIBLE_DEVICES="", **extra)  # a CPU run even on GPU machines
 
 
 def _check_proc(proc):
@@ -65,7 +55,7 @@ def _load(path):
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron_single")
     env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, WORKER, "single", "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     _check_proc(proc)
@@ -137,7 +127,7 @@ def test_cpu_rng_tracker(single):
 
 def test_ep2_gloo_trains_and_keeps_shared_params_identical(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            WORKER, "ep", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     _check_proc(proc)

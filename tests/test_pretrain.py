@@ -3,11 +3,12 @@ and a run saved at iteration 2 and resumed continues with the same losses as an 
 run (model through dist_checkpointing, optimizer and data position per rank)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from conftest import free_port, worker_env
 import torch
 
 pytest.importorskip("megatron.core")
@@ -16,20 +17,13 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "pretrain_gpt_moe.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(tmp_path, name, *extra):
     log = tmp_path / f"{name}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", SCRIPT,
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", SCRIPT,
            "--moe-use-plugin", "--log-interval", "1", "--log-json", str(log), "--plot",
            str(tmp_path / f"{name}.png"), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+    proc = subprocess.run(cmd, env=worker_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=900,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {r["iter"]: r for r in json.loads(log.read_text())["log"]}
