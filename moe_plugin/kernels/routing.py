@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .activation import _sigmoid
-from .common import interpret_mode, next_pow2
+from .common import next_pow2
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _BIG = tl.constexpr(2 ** 30)
