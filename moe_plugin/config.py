@@ -30,6 +30,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 BACKENDS = ("auto", "triton", "torch")
 DROP_POLICIES = ("probs", "position")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+TRAIN_QUANTS = (None, "fp8_block")  # quantised expert GEMMs in training (docs/quantization.md)
 
 
 def check_activation(activation) -> tuple:
@@ -38,6 +39,19 @@ def check_activation(activation) -> tuple:
         raise ValueError(
             f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
     return ACTIVATIONS[activation]
+
+
+def check_quant(quant, *, use_triton: bool, ep_group=None) -> None:
+    """``quant`` of the training entry points: None or ``"fp8_block"``."""
+    check_choice("quant", quant, TRAIN_QUANTS)
+    if quant is None:
+        return
+    if not use_triton:
+        raise ValueError(f"quant: {quant!r} runs the Triton kernels (CUDA, or TRITON_INTERPRET=1 "
+                         f"on CPU); the 'torch' backend has no quantised path")
+    if ep_group is not None:
+        raise ValueError(f"quant: {quant!r} is not supported with expert parallelism "
+                         f"(ep_group) yet")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -6,10 +6,12 @@ from typing import Optional
 import torch
 
 from . import reference
-from .autograd import FusedExpertsFunction, RouterFunction, RouterLogitsFunction
+from .autograd import (FusedExpertsFP8Function, FusedExpertsFunction, RouterFunction,
+                       RouterLogitsFunction)
 from .config import (BACKENDS, DROP_POLICIES, FLOAT_DTYPES, check_activation,
                      check_capacity_factor, check_choice, check_experts_args, check_ids_range,
-                     check_positive_int, check_routing_args, check_tensor, expert_capacity)
+                     check_positive_int, check_quant, check_routing_args, check_tensor,
+                     expert_capacity)
 from .kernels.common import interpret_mode
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,12 +53,13 @@ def _check_flags(**flags) -> None:
             raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
-def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, recompute):
+def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, recompute,
+             quant=None):
     """Returns ``(out [N, D], tokens_per_expert int [E])``."""
     act_code, gated = check_activation(activation)
     if use_triton:
-        return FusedExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
-                                          gated, recompute)
+        fn = FusedExpertsFP8Function if quant == "fp8_block" else FusedExpertsFunction
+        return fn.apply(x, topk_ids, topk_weights, w_up, w_down, act_code, gated, recompute)
     out = reference.experts(x, topk_ids, topk_weights, w_up, w_down, activation)
     valid = topk_ids.reshape(-1)
     counts = torch.zeros(w_up.shape[0], dtype=torch.int32, device=x.device)
@@ -68,7 +71,8 @@ def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, re
 def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   activation: str = "swiglu", *, backend: str = "auto", recompute: bool = False,
-                  deterministic: bool = False, validate_ids=None) -> torch.Tensor:
+                  quant: Optional[str] = None, deterministic: bool = False,
+                  validate_ids=None) -> torch.Tensor:
     """Routed experts with the routing given.
 
     Args:
@@ -81,6 +85,11 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else the
             reference), ``"triton"`` or ``"torch"`` (the plain-PyTorch reference).
         recompute: save nothing of GEMM1's output; recompute it in backward (same gradients).
+        quant: ``None`` (GEMMs in the input dtype) or ``"fp8_block"``: FP8 e4m3 expert GEMMs
+            with DeepSeek-V3 block scales (activations per token and 128 columns, weights per
+            128 x 128 block, fp32 accumulation), dgrad in FP8, wgrad in the input dtype; the
+            quantised weight copy is made once per weight update. Triton backend only; not
+            with expert parallelism yet; see ``docs/quantization.md`` for its accuracy.
         deterministic: require bitwise-reproducible outputs and gradients. Every kernel of
             this path is already deterministic (no floating-point atomics, fixed launch
             configurations), so this only guards future non-deterministic variants.
@@ -96,9 +105,10 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
     shapes = check_experts_args(hidden_states, topk_ids, topk_weights, w_up, w_down, activation)
     _check_flags(recompute=recompute, deterministic=deterministic)
     use_triton = _use_triton(backend, hidden_states)
+    check_quant(quant, use_triton=use_triton)
     _check_ids(topk_ids, shapes.num_experts, validate_ids)
     out, _ = _experts(hidden_states, topk_ids, topk_weights, w_up, w_down, activation,
-                      use_triton, recompute)
+                      use_triton, recompute, quant)
     return out
 
 
@@ -139,7 +149,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
               capacity_factor: Optional[float] = None, drop_policy: str = "probs",
               aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, recompute: bool = False,
               ep_group=None, ep_backend: str = "nccl", max_tokens_per_rank: Optional[int] = None,
-              backend: str = "auto", deterministic: bool = False):
+              backend: str = "auto", deterministic: bool = False, quant: Optional[str] = None):
     """Router + routed experts of one MoE layer.
 
     ``hidden_states [N, D]``, ``gate_weight [E, D]``, ``w_up``/``w_down`` as in
@@ -159,6 +169,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     under EP: the rank's own tokens per global expert), ``topk_ids`` ([N, k], -1 for dropped
     slots), ``topk_weights`` (fp32 [N, k]) and under EP ``ep_recv_count`` (int32 [E/P], rows
     this rank's experts received).
+
+    ``quant``: ``None`` or ``"fp8_block"`` (FP8 expert GEMMs, see ``fused_experts``).
     """
     x = hidden_states
     check_tensor("hidden_states", x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -183,6 +195,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
                        w_up, w_down, activation)
     _check_flags(recompute=recompute, deterministic=deterministic)
     use_triton = _use_triton(backend, x)
+    check_quant(quant, use_triton=use_triton, ep_group=ep_group)
     ids, weights, aux, z = route_tokens(
         x, gate_weight, top_k, score_func=score_func, renormalize=renormalize,
         expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
@@ -192,7 +205,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
                                        recompute, num_experts=num_experts, ep_group=ep_group,
                                        ep_backend=ep_backend,
                                        max_tokens_per_rank=max_tokens_per_rank,
-                                       allow_drop=capacity_factor is not None)
+                                       allow_drop=capacity_factor is not None, quant=quant)
     info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
             "topk_weights": weights}
     if ep_group is not None:
@@ -219,14 +232,15 @@ def _check_ep(ep_group, num_experts: int, ep_backend: str, max_tokens_per_rank) 
 
 def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recompute, *,
                    num_experts: int, ep_group=None, ep_backend="nccl", max_tokens_per_rank=None,
-                   allow_drop=False):
+                   allow_drop=False, quant=None):
     """Routed experts with or without expert parallelism.
 
     Returns ``(out, tokens_per_expert [E] (the rank's own slots), ep_recv_count | None)``."""
     if ep_group is None:
         out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton,
-                               recompute)
+                               recompute, quant)
         return out, counts, None
+    check_quant(quant, use_triton=use_triton, ep_group=ep_group)
     from .comm.ep import ep_experts
     act_code, gated = check_activation(activation)
     if not use_triton:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import reference
 from .config import (FLOAT_DTYPES, check_activation, check_choice, check_nonneg_float,
-                     check_positive_int, check_routing_args, check_tensor)
+                     check_positive_int, check_routing_args, check_tensor, TRAIN_QUANTS)
 from .functional import _check_ep, _use_triton, route_tokens, routed_experts
 
 AUX_LOSS_TYPES = ("batch", "seq")
@@ -59,6 +59,8 @@ class MoELayer(nn.Module):
             experts [r·E/P, (r+1)·E/P)); tokens travel by all-to-all (see ``fused_moe``).
             ``shard_experts(group)`` does the same for a layer built with all experts.
         ep_backend, max_tokens_per_rank: as in ``fused_moe``.
+        quant: ``None`` or ``"fp8_block"``: the routed experts' GEMMs in FP8 with block scales
+            (see ``fused_experts``; the shared experts and the router stay in ``dtype``).
         dtype, device: of the parameters.
 
     ``forward(x [..., D]) -> (out [..., D], info)`` with ``info``: ``aux_loss``, ``z_loss``
@@ -80,7 +82,7 @@ class MoELayer(nn.Module):
                  batch_first: bool = True, init_std: float = 0.02,
                  init_method: Optional[Callable[[torch.Tensor], None]] = None,
                  backend: str = "auto", ep_group=None, ep_backend: str = "nccl",
-                 max_tokens_per_rank: Optional[int] = None,
+                 max_tokens_per_rank: Optional[int] = None, quant: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -92,6 +94,7 @@ class MoELayer(nn.Module):
                            aux_loss_coeff, z_loss_coeff)
         check_choice("aux_loss_type", aux_loss_type, AUX_LOSS_TYPES)
         check_choice("backend", backend, ("auto", "triton", "torch"))
+        check_choice("quant", quant, TRAIN_QUANTS)
         if apply_weight_to_input and top_k != 1:
             raise ValueError(f"apply_weight_to_input: needs top_k=1 (the weight scales the "
                              f"one expert's input), got top_k={top_k}")
@@ -134,6 +137,7 @@ class MoELayer(nn.Module):
         self.shared_expert_overlap = shared_expert_overlap
         self.latent_dim = latent_dim
         self.recompute, self.batch_first, self.backend = recompute, batch_first, backend
+        self.quant = quant
         self._init_std, self._init_method = init_std, init_method
         self.ep_group, self.ep_backend = None, ep_backend
         self.max_tokens_per_rank = max_tokens_per_rank
@@ -461,7 +465,8 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
     out, counts, recv = routed_experts(
         xe, ids, expert_weights, w_up, w_down, cfg.activation, use_triton, cfg.recompute,
         num_experts=cfg.num_experts, ep_group=cfg.ep_group, ep_backend=cfg.ep_backend,
-        max_tokens_per_rank=cfg.max_tokens_per_rank, allow_drop=cfg.capacity_factor is not None)
+        max_tokens_per_rank=cfg.max_tokens_per_rank, allow_drop=cfg.capacity_factor is not None,
+        quant=getattr(cfg, "quant", None))
     if latent_up is not None:
         out = F.linear(out, latent_up)
     if load_counter is not None and cfg.training and torch.is_grad_enabled():

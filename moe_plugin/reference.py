@@ -51,7 +51,7 @@ from .config import (SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT, check_
                      expert_capacity)
 
 __all__ = ["activation", "scores_of", "route", "capacity_drop", "load_balance_loss",
-           "seq_load_balance_loss", "z_loss", "experts", "moe", "moe_layer"]
+           "seq_load_balance_loss", "z_loss", "experts", "experts_quantized", "moe", "moe_layer"]
 
 
 def activation(name: str, pre: torch.Tensor) -> torch.Tensor:
@@ -195,6 +195,31 @@ def experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         h = activation(activation_name, hidden_states[tok] @ w_up[ex].t())
         y = h @ w_down[ex].t()
         out = out.index_add(0, tok, y * topk_weights[tok, slot, None].to(y.dtype))
+    return out
+
+
+def experts_quantized(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
+                      topk_weights: torch.Tensor, w_up_q: torch.Tensor, w_up_scale: torch.Tensor,
+                      w_down_q: torch.Tensor, w_down_scale: torch.Tensor,
+                      activation_name: str = "swiglu", quant_mode: str = "fp8",
+                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``experts`` with quantised operands, simulated: the tokens are quantised as the fused
+    path does (``moe_plugin.quant``: fp8 per token and 128 columns, int8 per token), every
+    operand dequantised to ``dtype`` and the GEMMs run there; h is quantised the same way
+    between the GEMMs (from fp32 values)."""
+    from . import quant as Q
+    rows = Q.quantize_fp8_rows if quant_mode == "fp8" else Q.quantize_int8_rows
+    x = Q.dequantize_rows(*rows(hidden_states), dtype=dtype)
+    wu = Q.dequantize_weight(w_up_q, w_up_scale, dtype)
+    wd = Q.dequantize_weight(w_down_q, w_down_scale, dtype)
+    out = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    for ex in range(wu.shape[0]):
+        tok, slot = (topk_ids == ex).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = activation(activation_name, x[tok] @ wu[ex].t())
+        h = Q.dequantize_rows(*rows(h.float()), dtype=dtype)
+        out = out.index_add(0, tok, (h @ wd[ex].t()) * topk_weights[tok, slot, None].to(dtype))
     return out
 
 

@@ -183,6 +183,30 @@ def run_layer_case(group, device, dtype):
     return res
 
 
+def run_quant_case(group, device, dtype, mode, fixed):
+    """fused_moe_quantized under EP (this rank's tokens, its slice of the quantised experts)
+    vs one process with all tokens and experts: the per-token / per-block quantisation does
+    not depend on where a token is computed, so the results agree to accumulation order."""
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    n, d, f, e, k = 8, 32, 16, 8, 2
+    gen = torch.Generator().manual_seed(5)
+    x_all = torch.randn(ws * n, d, generator=gen).to(device, dtype)
+    w_up = torch.randn(e, 2 * f, d, generator=gen) / d ** 0.5
+    w_down = torch.randn(e, d, f, generator=gen) / f ** 0.5
+    ids, w = routing("minus_one", gen, ws * n, e, k)
+    ids, w = ids.to(device).int(), w.to(device)
+    qs = moe_plugin.quant.quantize_expert_weights(w_up.to(device, dtype), w_down.to(device, dtype),
+                                                  mode)
+    el = e // ws
+    sl, el_sl = slice(rank * n, (rank + 1) * n), slice(rank * el, (rank + 1) * el)
+    out, recv = moe_plugin.fused_moe_quantized(
+        x_all[sl], ids[sl], w[sl], *(q[el_sl] for q in qs), quant_mode=mode, ep_group=group,
+        num_max_tokens_per_rank=n if fixed else None)
+    ref, counts = moe_plugin.fused_moe_quantized(x_all, ids, w, *qs, quant_mode=mode)
+    return {"out": rel(out, ref[sl]),
+            "recv_count_ok": bool(torch.equal(recv.cpu(), counts[el_sl].cpu()))}
+
+
 def run_error_case(group, device, dtype):
     """Bad input under EP raises ValueError naming the argument, before any exchange."""
     ws = dist.get_world_size(group)
@@ -228,9 +252,13 @@ def main():
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     group = dist.group.WORLD
     results = {}
-    for name in args.cases or list(CASES) + ["router", "layer", "errors"]:
+    quant_cases = ["quant_fp8", "quant_int8", "quant_fp8_fixed"]
+    for name in args.cases or list(CASES) + ["router", "layer", "errors"] + quant_cases:
         try:
-            if name == "router":
+            if name.startswith("quant_"):
+                results[name] = run_quant_case(group, device, dtype, name.split("_")[1],
+                                               name.endswith("_fixed"))
+            elif name == "router":
                 results[name] = run_router_case(group, device, dtype)
             elif name == "layer":
                 results[name] = run_layer_case(group, device, dtype)

@@ -51,3 +51,82 @@ class FusedExpertsFunction(torch.autograd.Function):
         dx, dw_topk, dw_up, dw_down = (g if need else None for g, need in
                                        zip(grads, (need_x, need_w, need_up, need_down)))
         return dx, None, dw_topk, dw_up, dw_down, None, None, None
+
+
+class FusedExpertsFP8Function(torch.autograd.Function):
+    """The routed experts with FP8 block-scaled GEMMs (``quant="fp8_block"``): same inputs,
+    outputs and semantics as ``FusedExpertsFunction``.
+
+    Forward: ``x`` is quantised per token and 128 columns (e4m3, one pass over the N tokens;
+    GEMM1 then gathers the quantised rows by index), the weights per 128 x 128 block, from a
+    copy cached on each weight and refreshed only when the weight changes (``quant.cached_weight``:
+    once per optimizer step). GEMM1 accumulates in fp32 with the scales applied per k-block,
+    stores the pre-activation (in x's dtype, unless ``recompute``) and writes h already
+    quantised (e4m3 per 128 columns, in its epilogue) for GEMM2.
+
+    Saves: ``x``, ``topk_weights``, the quantised weights (the cached copies, no new memory),
+    the permutation metadata and, unless ``recompute``, ``pre``.
+
+    Backward: dgrad in FP8 -- ``dout`` quantised per token and 128 columns, ``dh' = dout ·
+    W_down`` on the same block-quantised W_down (a 128 x 128 block keeps its scale when the
+    matrix is used transposed), activation backward fused as in bf16, then ``dpre`` quantised
+    per row and 128 columns and ``dx = dpre · W_up``. wgrad in x's dtype (bf16): ``dW_down``
+    from ``dout`` and ``w·h``, ``dW_up`` from ``dpre`` and ``x`` -- the weight gradients are what
+    the optimizer accumulates, and keeping them out of fp8 costs 1/3 of the backward GEMM FLOPs
+    at bf16 speed (docs/quantization.md gives the measured error). ``h`` in backward is
+    ``act(pre)`` unquantised (the straight-through estimate of the quantisation in forward);
+    ``recompute`` runs GEMM1 again with the same kernel and configuration (bitwise the same
+    ``pre``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
+                recompute: bool):
+        from ..kernels import experts as X
+        from ..kernels.grouped_gemm import QTensor
+        from ..quant import cached_weight
+        wq_up = QTensor(*cached_weight(w_up, "fp8"))
+        wq_down = QTensor(*cached_weight(w_down, "fp8"))
+        out, meta, pre = X.experts_forward_quant(x, topk_ids, topk_weights, wq_up, wq_down,
+                                                 act_code, gated, x.dtype,
+                                                 save_pre=not recompute)
+        ctx.act_code, ctx.gated, ctx.num_experts = act_code, gated, w_up.shape[0]
+        ctx.save_for_backward(x, topk_weights, wq_up.q, wq_up.scale, wq_down.q, wq_down.scale,
+                              *meta.tensors(), *((pre,) if pre is not None else ()))
+        ctx.mark_non_differentiable(meta.counts)
+        return out, meta.counts
+
+    @staticmethod
+    def backward(ctx, dout, _dcounts):
+        from ..kernels import grouped_gemm as G
+        from ..kernels.experts import quantize_rows
+        from ..kernels.grouped_gemm import QTensor
+        from ..kernels.permute import PermuteMeta, gather_reduce
+        x, topk_weights, uq, us, dq, ds, *rest = ctx.saved_tensors
+        meta = PermuteMeta.from_tensors(rest[:4], ctx.num_experts, topk_weights.shape[1])
+        need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
+        wq_up, wq_down = QTensor(uq, us), QTensor(dq, ds)
+        act, gated = ctx.act_code, ctx.gated
+        if len(rest) > 4:
+            pre = rest[4]
+        else:  # the forward's GEMM1 again, same flags (same tiles): the same pre bitwise
+            pre, _ = G.expert_up(quantize_rows(x, G.QUANT_FP8), wq_up, meta, act, gated,
+                                 store_pre=True, store_h=False, out_dtype=x.dtype,
+                                 quant_h=True)
+        dout = dout.contiguous()
+        dpre, hw, dw_perm = G.expert_up_bwd(quantize_rows(dout, G.QUANT_FP8), wq_down, pre,
+                                            meta, topk_weights, act, gated)
+        del pre
+        dx = dw_topk = dw_up = dw_down = None
+        if need_w:
+            pos = meta.slot_pos.view(topk_weights.shape).long()
+            dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
+        if need_x:
+            dxp = G.expert_dx(quantize_rows(dpre, G.QUANT_FP8), wq_up, meta, out_dtype=x.dtype)
+            dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype)
+            del dxp
+        if need_down:
+            dw_down = G.wgrad_down(dout, hw, meta)
+        if need_up:
+            dw_up = G.wgrad_up(dpre, x, meta)
+        return dx, None, dw_topk, dw_up, dw_down, None, None, None

@@ -6,7 +6,9 @@ d(weights), needed by the all-to-all) and its weight part (overlapped with that 
 """
 import torch
 
+from .. import quant as Q
 from . import grouped_gemm as G
+from .grouped_gemm import QTensor
 from .permute import PermuteMeta, gather_reduce, permute_metadata
 
 
@@ -46,3 +48,34 @@ def experts_backward_weight(dout, x, dpre, hw, meta: PermuteMeta, need_up: bool,
     dw_down = G.wgrad_down(dout, hw, meta) if need_down else None
     dw_up = G.wgrad_up(dpre, x, meta) if need_up else None
     return dw_up, dw_down
+
+
+def quantize_rows(x, mode: int) -> QTensor:
+    """Activations ``[M, K]`` → ``QTensor`` (fp8: scales per 128 columns; int8: per row)."""
+    if mode == G.QUANT_FP8:
+        return QTensor(*Q.quantize_fp8_rows(x))
+    return QTensor(*Q.quantize_int8_rows(x))
+
+
+def experts_forward_quant(x, topk_ids, topk_weights, w_up: QTensor, w_down: QTensor, act: int,
+                          gated: bool, out_dtype, save_pre: bool = False, meta=None):
+    """The routed experts on quantised operands (fp8 blocks or int8 W8A8): ``x [N, D]``
+    (high precision, quantised here per token / per 128-group), ``w_up``/``w_down`` quantised
+    expert weights. fp8: h is quantised in GEMM1's epilogue; int8: h (bf16) is quantised per
+    row after GEMM1. Returns ``(out [N, D] out_dtype, meta, pre | None)``."""
+    mode = w_up.mode
+    if meta is None:
+        meta = permute_metadata(topk_ids, w_up.shape[0])
+    xq = quantize_rows(x, mode)
+    if mode == G.QUANT_FP8:
+        pre, hq = G.expert_up(xq, w_up, meta, act, gated, store_pre=save_pre, store_h=False,
+                              out_dtype=out_dtype, quant_h=True)
+    else:
+        pre, h = G.expert_up(xq, w_up, meta, act, gated, store_pre=save_pre, store_h=True,
+                             out_dtype=out_dtype)
+        hq = quantize_rows(h, mode)
+        del h
+    y = G.expert_down(hq, w_down, meta, out_dtype=out_dtype)
+    del hq
+    out = gather_reduce(y, meta, topk_weights, out_dtype=out_dtype)
+    return out, meta, pre

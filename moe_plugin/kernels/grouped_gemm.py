@@ -28,6 +28,8 @@ get zeros.
 Every output element is computed by exactly one program in a fixed order: results are
 bitwise reproducible for a given configuration.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -39,6 +41,10 @@ from .permute import PermuteMeta
 EPI_STORE = 0
 EPI_ACT_FWD = 1
 EPI_ACT_BWD = 2
+
+QUANT_NONE = 0
+QUANT_FP8 = 1   # e4m3 operands, A scales per (row, 128 columns of K), B per 128 x 128 block
+QUANT_INT8 = 2  # int8 operands, A scales per row, B per output column; int32 accumulation
 
 
 @triton.jit
@@ -55,6 +61,24 @@ def _expert_of_tile(tile_m, counts_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constex
 
 
 @triton.jit
+def _round_e4m3(v):
+    """``v`` (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32
+    arithmetic. Used under the Triton interpreter only: its fp32 -> float8e4nv cast (Triton 3.9)
+    drops the carry when rounding up into the next binade (124.6 becomes 64); exactly
+    representable values then convert exactly. The GPU's conversion instruction is correct."""
+    ax = tl.abs(v)
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(ax, 1e-30))), -6.0)  # subnormals below 2^-6
+    ulp = tl.exp2(e - 3.0)
+    r = ax / ulp
+    f = tl.floor(r)
+    d = r - f
+    odd = f - 2.0 * tl.floor(f * 0.5)
+    rr = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+    out = tl.minimum(rr * ulp, 448.0)
+    return tl.where(v < 0, -out, out)
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -65,13 +89,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def _grouped_mm_kernel(
         a_ptr, b_ptr, c_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, gather_ptr, counts_ptr, offsets_ptr,
+        sa_ptr, sb_ptr, hs_ptr,
         E, N, K, num_m_tiles,
         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_pm, stride_dwp,
-        stride_hw,
+        stride_hw, stride_sa, stride_sbe, stride_sbk, stride_sbn, stride_hs,
         TOPK: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, EPI: tl.constexpr,
         ACT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr, IEEE: tl.constexpr,
-        EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr):
+        EVEN_K: tl.constexpr, QUANT: tl.constexpr, QOUT: tl.constexpr, FP8_EMU: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     per_group = GROUP_M * num_n
@@ -98,11 +124,22 @@ def _grouped_mm_kernel(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = (b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk
               + offs_n[None, :] * stride_bn)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if QUANT == 2:  # int8: exact int32 accumulation, scales applied once after the loop
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     # a second accumulator (up columns F + n of W_up) only for the gated GEMM1
     if GATED and EPI == 1:
-        acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+        if QUANT == 2:
+            acc2 = tl.zeros([BM, BN], dtype=tl.int32)
+        else:
+            acc2 = tl.zeros([BM, BN], dtype=tl.float32)
         b2_ptrs = b_ptrs + N * stride_bn
+    if QUANT == 1:  # fp8 blocks: per k-block scales of A's rows and of B's column blocks
+        sa_ptrs = sa_ptr + a_rows * stride_sa
+        sb_ptrs = sb_ptr + e.to(tl.int64) * stride_sbe + (offs_n // 128) * stride_sbn
+        if GATED and EPI == 1:
+            sb2_ptrs = sb_ptr + e.to(tl.int64) * stride_sbe + ((offs_n + N) // 128) * stride_sbn
     for k0 in range(0, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
@@ -111,16 +148,38 @@ def _grouped_mm_kernel(
             kmask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+        if QUANT == 1:
+            kb = k0 // 128  # BK divides 128: one scale per row / column block in this step
+            sa = tl.load(sa_ptrs + kb, mask=rmask, other=0.0)
+            sb = tl.load(sb_ptrs + kb * stride_sbk, mask=nmask, other=0.0)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        elif QUANT == 2:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        else:
+            acc = _dot(a, b, acc, IEEE)
         if GATED and EPI == 1:
             if EVEN_K:
                 b2 = tl.load(b2_ptrs, mask=nmask[None, :], other=0.0)
             else:
                 b2 = tl.load(b2_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc2 = _dot(a, b2, acc2, IEEE)
+            if QUANT == 1:
+                sb2 = tl.load(sb2_ptrs + kb * stride_sbk, mask=nmask, other=0.0)
+                acc2 += tl.dot(a, b2) * (sa[:, None] * sb2[None, :])
+            elif QUANT == 2:
+                acc2 = tl.dot(a, b2, acc2, out_dtype=tl.int32)
+            else:
+                acc2 = _dot(a, b2, acc2, IEEE)
             b2_ptrs += BK * stride_bk
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
+    if QUANT == 2:  # per-row (token) scale of A x per-column (output channel) scale of B
+        sa = tl.load(sa_ptr + a_rows * stride_sa, mask=rmask, other=0.0)
+        sb_base = sb_ptr + e.to(tl.int64) * stride_sbe
+        sb = tl.load(sb_base + offs_n * stride_sbn, mask=nmask, other=0.0)
+        acc = acc.to(tl.float32) * (sa[:, None] * sb[None, :])
+        if GATED and EPI == 1:
+            sb2 = tl.load(sb_base + (offs_n + N) * stride_sbn, mask=nmask, other=0.0)
+            acc2 = acc2.to(tl.float32) * (sa[:, None] * sb2[None, :])
 
     cmask = rmask[:, None] & nmask[None, :]
     rows64 = rows.to(tl.int64)
@@ -128,20 +187,40 @@ def _grouped_mm_kernel(
         tl.store(c_ptr + rows64[:, None] * stride_cm + offs_n[None, :],
                  acc.to(c_ptr.dtype.element_ty), mask=cmask)
     elif EPI == 1:
-        g = acc.to(c_ptr.dtype.element_ty)
+        # h is computed from the pre-activation rounded to its storage dtype (pre's; with QOUT
+        # c holds e4m3, so pre_ptr is then always a tensor of that dtype, perhaps empty), so
+        # that it is the same whether pre is stored or recomputed in backward
+        if STORE_PRE or QOUT:
+            g = acc.to(pre_ptr.dtype.element_ty)
+        else:
+            g = acc.to(c_ptr.dtype.element_ty)
         pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
         if STORE_PRE:
             tl.store(pre_ptrs, g, mask=cmask)
         if GATED:
-            u = acc2.to(c_ptr.dtype.element_ty)
+            if STORE_PRE or QOUT:
+                u = acc2.to(pre_ptr.dtype.element_ty)
+            else:
+                u = acc2.to(c_ptr.dtype.element_ty)
             if STORE_PRE:
                 tl.store(pre_ptrs + N, u, mask=cmask)
         else:
             u = g
         if STORE_H:
             h = act_fwd(g.to(tl.float32), u.to(tl.float32), ACT)
-            tl.store(c_ptr + rows64[:, None] * stride_cm + offs_n[None, :],
-                     h.to(c_ptr.dtype.element_ty), mask=cmask)
+            c_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :]
+            if QOUT:
+                # h quantised to e4m3 in groups of 128 columns (BN == 128: one group per
+                # tile): the A operand of an fp8 GEMM2, with its scales
+                amax = tl.max(tl.where(cmask, tl.abs(h), 0.0), 1)
+                hsc = tl.maximum(amax, 1e-12) / 448.0
+                hq = tl.minimum(tl.maximum(h / hsc[:, None], -448.0), 448.0)
+                if FP8_EMU:
+                    hq = _round_e4m3(hq)
+                tl.store(c_ptrs, hq.to(c_ptr.dtype.element_ty), mask=cmask)
+                tl.store(hs_ptr + rows64 * stride_hs + pid_n, hsc, mask=rmask)
+            else:
+                tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=cmask)
     else:
         pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
         g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
@@ -215,12 +294,22 @@ def _segment_mm_kernel(
 CONFIG_OVERRIDES: dict = {}
 
 
-def _mm_config(kind: str, dtype: torch.dtype, gated: bool, n: int) -> dict:
+def _mm_config(kind: str, dtype: torch.dtype, gated: bool, n: int, quant: int = QUANT_NONE,
+               qout: bool = False) -> dict:
     """Tile configuration of a row-grouped GEMM (``n``: output columns per accumulator).
 
-    bf16/fp16 defaults come from ``benchmarks/tune_kernels.py`` on an H100 (NOTES.md)."""
+    bf16/fp16 defaults come from ``benchmarks/tune_kernels.py`` on an H100 (NOTES.md).
+    Quantised operands: BK divides 128 (fp8: one scale per k-step); ``qout`` (h quantised in
+    groups of 128 in the epilogue) needs BN = 128. The fp8/int8 GPU tiles are first guesses,
+    not tuned yet."""
     if kind in CONFIG_OVERRIDES:
         return dict(CONFIG_OVERRIDES[kind])
+    if quant != QUANT_NONE:
+        if interpret_mode():
+            return dict(BM=16, BN=128 if qout else 32, BK=32, GROUP_M=4, num_warps=4,
+                        num_stages=1)
+        bm = 64 if (gated and kind == "up") or kind == "up_bwd" else 128
+        return dict(BM=bm, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
     if interpret_mode():
         return dict(BM=16, BN=32, BK=32, GROUP_M=4, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -247,13 +336,24 @@ def _seg_config(kind: str, dtype: torch.dtype) -> dict:
 def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, stride_a,
                     stride_b, gather: bool, gated: bool = False, epi: int = EPI_STORE,
                     act: int = 0, pre=None, weights=None, dwp=None, hw=None,
-                    store_pre=False, store_h=False):
+                    store_pre=False, store_h=False, quant: int = QUANT_NONE, sa=None, sb=None,
+                    stride_sb=(0, 0, 0), hs=None):
+    """``quant``: A and B are quantised (``QUANT_FP8`` / ``QUANT_INT8``) with scales ``sa``
+    (per A row: ``[rows, K/128]`` fp8, ``[rows]`` int8) and ``sb`` (``stride_sb`` = (expert,
+    k, n) strides of B's scales: per 128-block for fp8, per column n for int8). ``hs``: GEMM1
+    writes h as e4m3 into ``c`` with its group scales ``[S, n/128]`` here."""
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
         return
-    cfg = _mm_config(kind, a.dtype, gated, n)
+    qout = hs is not None
+    cfg = _mm_config(kind, a.dtype, gated, n, quant, qout)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    if quant == QUANT_FP8 and 128 % bk:
+        raise ValueError(f"fp8 GEMM '{kind}': BK={bk} must divide 128")
+    if qout and bn != 128:
+        raise ValueError(f"fp8 GEMM '{kind}': quantising h in the epilogue needs BN=128, "
+                         f"got {bn}")
     num_m_tiles = triton.cdiv(S, bm) + min(E, S)
     grid = (num_m_tiles * triton.cdiv(n, bn),)
     dummy = meta.counts
@@ -261,12 +361,17 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
         a, b, c if c is not None else pre, pre if pre is not None else dummy,
         weights if weights is not None else dummy, dwp if dwp is not None else dummy,
         hw if hw is not None else dummy, meta.sorted_slot, meta.counts, meta.offsets,
+        sa if sa is not None else dummy, sb if sb is not None else dummy,
+        hs if hs is not None else dummy,
         E, n, k, num_m_tiles, stride_a[0], stride_a[1], stride_b[0], stride_b[1], stride_b[2],
         c.stride(0) if c is not None else 0, pre.stride(0) if pre is not None else 0,
         dwp.stride(0) if dwp is not None else 0, hw.stride(0) if hw is not None else 0,
+        sa.stride(0) if sa is not None else 0, stride_sb[0], stride_sb[1], stride_sb[2],
+        hs.stride(0) if hs is not None else 0,
         TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=epi, ACT=act, STORE_PRE=store_pre,
-        STORE_H=store_h, IEEE=a.dtype == torch.float32, EVEN_K=k % bk == 0,
-        BM=bm, BN=bn, BK=bk, BLOCK_E=next_pow2(E), **cfg)
+        STORE_H=store_h, IEEE=a.dtype == torch.float32, EVEN_K=k % bk == 0, QUANT=quant,
+        QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
+        BLOCK_E=next_pow2(E), **cfg)
 
 
 def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a,
@@ -285,29 +390,86 @@ def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, 
 # ----------------------------------------------------------------------------------------------
 # The expert GEMMs of the forward and backward passes (shapes: S = N·k slots, D, F, E)
 
+@dataclass
+class QTensor:
+    """A quantised GEMM operand: values ``q`` (e4m3 or int8) and fp32 ``scale``, in the layouts
+    of ``moe_plugin/quant.py`` (activations ``[M, K]`` with ``[M, K/128]`` or ``[M]`` scales,
+    expert weights ``[E, N, K]`` with ``[E, N/128, K/128]`` or ``[E, N]`` scales)."""
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def mode(self) -> int:
+        return QUANT_INT8 if self.q.dtype == torch.int8 else QUANT_FP8
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+def _operands(a, w, w_transposed: bool):
+    """``(a values, a scales, W values, W scales, W-scale strides (expert, k, n), mode)`` for
+    a row-grouped GEMM with B = W[e]ᵀ (``w_transposed``: k runs along W's last dim) or W[e]."""
+    if not isinstance(w, QTensor):
+        if isinstance(a, QTensor):
+            raise TypeError("quantised activations need quantised weights")
+        return a, None, w, None, (0, 0, 0), QUANT_NONE
+    if not isinstance(a, QTensor) or a.mode != w.mode:
+        raise TypeError("quantised weights need activations quantised in the same format")
+    sc = w.scale
+    if sc.dim() == 2:  # int8: one scale per output channel n = W's rows
+        if not w_transposed:
+            raise ValueError("int8 per-channel weight scales serve B = W[e]ᵀ only")
+        strides = (sc.stride(0), 0, sc.stride(1))
+    elif w_transposed:
+        strides = (sc.stride(0), sc.stride(2), sc.stride(1))
+    else:
+        strides = (sc.stride(0), sc.stride(1), sc.stride(2))
+    return a.q, a.scale, w.q, sc, strides, w.mode
+
+
 def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: bool,
-              store_h: bool):
+              store_h: bool, out_dtype=None, quant_h: bool = False):
     """GEMM1 + activation. ``x [N, D]`` rows gathered → ``pre [S, 2F|F]`` (if store_pre) and
-    ``h [S, F]`` (if store_h), in expert order."""
+    ``h [S, F]`` (if store_h), in expert order.
+
+    ``x`` and ``w_up`` may be ``QTensor``s (fp8 blocks or int8); ``pre`` and ``h`` are then in
+    ``out_dtype`` (default bf16). ``quant_h`` (fp8 only): h is written as e4m3 with its scales
+    per 128 columns, returned as a ``QTensor``."""
+    a, sa, w, sb, stride_sb, quant = _operands(x, w_up, True)
     S = meta.sorted_slot.numel()
-    f = w_up.shape[1] // 2 if gated else w_up.shape[1]
-    pre = torch.empty(S, w_up.shape[1], dtype=x.dtype, device=x.device) if store_pre else None
-    h = torch.empty(S, f, dtype=x.dtype, device=x.device) if store_h else None
-    _launch_grouped("up", x, w_up, h, meta, n=f, k=x.shape[1], stride_a=x.stride(),
-                    stride_b=(w_up.stride(0), w_up.stride(2), w_up.stride(1)), gather=True,
+    f = w.shape[1] // 2 if gated else w.shape[1]
+    dt = a.dtype if quant == QUANT_NONE else (out_dtype or torch.bfloat16)
+    pre = torch.empty(S, w.shape[1], dtype=dt, device=a.device) if store_pre else None
+    hs = None
+    if quant_h:
+        if quant != QUANT_FP8:
+            raise ValueError("quant_h: h is quantised in the epilogue for fp8 GEMMs only")
+        h = torch.empty(S, f, dtype=torch.float8_e4m3fn, device=a.device)
+        hs = torch.empty(S, triton.cdiv(f, 128), dtype=torch.float32, device=a.device)
+        if pre is None:  # carries the rounding dtype of the pre-activation into the kernel
+            pre = torch.empty(0, w.shape[1], dtype=dt, device=a.device)
+    else:
+        h = torch.empty(S, f, dtype=dt, device=a.device) if store_h else None
+    _launch_grouped("up", a, w, h, meta, n=f, k=a.shape[1], stride_a=a.stride(),
+                    stride_b=(w.stride(0), w.stride(2), w.stride(1)), gather=True,
                     gated=gated, epi=EPI_ACT_FWD, act=act, pre=pre, store_pre=store_pre,
-                    store_h=store_h)
-    return pre, h
+                    store_h=store_h or quant_h, quant=quant, sa=sa, sb=sb,
+                    stride_sb=stride_sb, hs=hs)
+    return (pre if store_pre else None), (QTensor(h, hs) if quant_h else h)
 
 
-def expert_down(h, w_down, meta: PermuteMeta):
-    """GEMM2: ``y [S, D] = h [S, F] · W_down[e]ᵀ`` in expert order."""
-    S = h.shape[0]
-    d = w_down.shape[1]
-    y = torch.empty(S, d, dtype=h.dtype, device=h.device)
-    _launch_grouped("down", h, w_down, y, meta, n=d, k=h.shape[1], stride_a=h.stride(),
-                    stride_b=(w_down.stride(0), w_down.stride(2), w_down.stride(1)),
-                    gather=False)
+def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None):
+    """GEMM2: ``y [S, D] = h [S, F] · W_down[e]ᵀ`` in expert order (``h``/``w_down`` may be
+    ``QTensor``s: y in ``out_dtype``, default bf16)."""
+    a, sa, w, sb, stride_sb, quant = _operands(h, w_down, True)
+    S = a.shape[0]
+    d = w.shape[1]
+    dt = a.dtype if quant == QUANT_NONE else (out_dtype or torch.bfloat16)
+    y = torch.empty(S, d, dtype=dt, device=a.device)
+    _launch_grouped("down", a, w, y, meta, n=d, k=a.shape[1], stride_a=a.stride(),
+                    stride_b=(w.stride(0), w.stride(2), w.stride(1)), gather=False,
+                    quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
     return y
 
 
@@ -316,28 +478,34 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
 
     Returns ``dpre [S, 2F|F]`` (gradient of the pre-activation, weight applied),
     ``hw [S, F]`` (``w_p · act(pre[p])``, the operand of dW_down) and ``dw_perm fp32 [S]``
-    (gradient of each slot's routing weight, in expert order)."""
+    (gradient of each slot's routing weight, in expert order). ``dout`` and ``w_down`` may be
+    fp8 ``QTensor``s (dgrad in fp8); the outputs are then in ``pre``'s dtype."""
+    a, sa, w, sb, stride_sb, quant = _operands(dout, w_down, False)
     S = pre.shape[0]
-    f = w_down.shape[2]
-    bn = _mm_config("up_bwd", dout.dtype, gated, f)["BN"]
+    f = w.shape[2]
+    bn = _mm_config("up_bwd", a.dtype, gated, f, quant)["BN"]
     dpre = torch.empty_like(pre)
     hw = torch.empty(S, f, dtype=pre.dtype, device=pre.device)
-    dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=dout.device)
-    _launch_grouped("up_bwd", dout, w_down, dpre, meta, n=f, k=dout.shape[1],
-                    stride_a=dout.stride(),
-                    stride_b=(w_down.stride(0), w_down.stride(1), w_down.stride(2)),
+    dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
+    _launch_grouped("up_bwd", a, w, dpre, meta, n=f, k=a.shape[1], stride_a=a.stride(),
+                    stride_b=(w.stride(0), w.stride(1), w.stride(2)),
                     gather=True, gated=gated, epi=EPI_ACT_BWD, act=act, pre=pre,
-                    weights=topk_weights.reshape(-1).contiguous(), dwp=dwp, hw=hw)
+                    weights=topk_weights.reshape(-1).contiguous(), dwp=dwp, hw=hw,
+                    quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
     return dpre, hw, dwp.sum(0)
 
 
-def expert_dx(dpre, w_up, meta: PermuteMeta):
-    """``dx_perm [S, D] = dpre [S, 2F|F] · W_up[e]`` in expert order."""
-    S = dpre.shape[0]
-    d = w_up.shape[2]
-    dxp = torch.empty(S, d, dtype=dpre.dtype, device=dpre.device)
-    _launch_grouped("dx", dpre, w_up, dxp, meta, n=d, k=dpre.shape[1], stride_a=dpre.stride(),
-                    stride_b=w_up.stride(), gather=False)
+def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None):
+    """``dx_perm [S, D] = dpre [S, 2F|F] · W_up[e]`` in expert order (fp8 ``QTensor``
+    operands: dx in ``out_dtype``, default bf16)."""
+    a, sa, w, sb, stride_sb, quant = _operands(dpre, w_up, False)
+    S = a.shape[0]
+    d = w.shape[2]
+    dt = a.dtype if quant == QUANT_NONE else (out_dtype or torch.bfloat16)
+    dxp = torch.empty(S, d, dtype=dt, device=a.device)
+    _launch_grouped("dx", a, w, dxp, meta, n=d, k=a.shape[1], stride_a=a.stride(),
+                    stride_b=w.stride(), gather=False, quant=quant, sa=sa, sb=sb,
+                    stride_sb=stride_sb)
     return dxp
 
 

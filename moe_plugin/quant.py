@@ -1,0 +1,147 @@
+"""Quantised formats of the expert GEMMs' operands, and the helpers that produce them.
+
+Two formats (``QUANT_MODES``):
+
+``"fp8"`` (``quant="fp8_block"`` in training) -- DeepSeek-V3's block-scaled e4m3:
+
+* activations ``[M, K]``: one fp32 scale per row and group of ``GROUP`` = 128 consecutive
+  columns along K (``scale [M, ceil(K/128)]``); ``x ≈ q · scale``.
+* weights ``[E, N, K]``: one fp32 scale per 128 × 128 block (``scale [E, ceil(N/128),
+  ceil(K/128)]``). A square block keeps its scale when the GEMM uses the weight transposed
+  (the backward's dgrad), so one quantised copy serves both directions.
+* scale = amax / 448 (e4m3's largest finite value) of the group or block, at least
+  ``1e-12 / 448`` so an all-zero group quantises to zeros.
+
+``"int8"`` -- W8A8 with symmetric scales:
+
+* activations ``[M, K]``: one scale per row (per token, computed on the fly): ``scale [M]``.
+* weights ``[E, N, K]``: one scale per output channel (row ``n`` of ``W[e]``): ``scale [E, N]``.
+* scale = amax / 127; values are rounded to nearest (ties to even) and clamped to ±127.
+
+Everything here is plain PyTorch (no host synchronisation); the GEMM kernels consume these
+tensors directly (``kernels/grouped_gemm.py``, ``QUANT``).
+
+``cached_weight`` keeps one quantised copy per weight tensor and re-quantises only after the
+tensor was modified in place (its ``_version`` changed -- an optimizer step): micro-batches of
+one step share the copy.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["QUANT_MODES", "GROUP", "FP8_MAX", "INT8_MAX", "quantize_fp8_rows",
+           "quantize_fp8_blocks", "quantize_int8_rows", "quantize_int8_channels",
+           "dequantize_rows", "dequantize_weight", "quantize_expert_weights", "cached_weight"]
+
+QUANT_MODES = ("fp8", "int8")
+GROUP = 128          # fp8: columns per activation scale, rows and columns per weight block
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+_TINY = 1e-12
+
+
+def _check_float(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if not t.is_floating_point() or t.dtype == FP8_DTYPE:
+        raise TypeError(f"{name}: expected a floating-point (unquantised) tensor, got {t.dtype}")
+
+
+def _pad_last(t: torch.Tensor, mult: int) -> torch.Tensor:
+    pad = -t.shape[-1] % mult
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
+def quantize_fp8_rows(x: torch.Tensor, group: int = GROUP):
+    """``x [M, K]`` → ``(q e4m3 [M, K], scale fp32 [M, ceil(K/group)])``, one scale per row
+    and ``group`` consecutive columns."""
+    _check_float("x", x, 2)
+    m, k = x.shape
+    groups = -(-k // group)
+    xp = _pad_last(x.float(), group).view(m, groups, group)
+    scale = xp.abs().amax(-1).clamp(min=_TINY) / FP8_MAX
+    q = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(m, groups * group)[:, :k].contiguous(), scale.contiguous()
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: int = GROUP):
+    """``w [E, N, K]`` → ``(q e4m3 [E, N, K], scale fp32 [E, ceil(N/block), ceil(K/block)])``,
+    one scale per ``block × block`` tile."""
+    _check_float("w", w, 3)
+    e, n, k = w.shape
+    wp = _pad_last(w.float(), block)
+    wp = _pad_last(wp.transpose(1, 2), block).transpose(1, 2)  # pad N too
+    nb, kb = wp.shape[1] // block, wp.shape[2] // block
+    tiles = wp.reshape(e, nb, block, kb, block)
+    scale = tiles.abs().amax(dim=(2, 4)).clamp(min=_TINY) / FP8_MAX
+    q = (tiles / scale[:, :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.reshape(e, nb * block, kb * block)[:, :n, :k].contiguous(), scale.contiguous()
+
+
+def quantize_int8_rows(x: torch.Tensor):
+    """``x [M, K]`` → ``(q int8 [M, K], scale fp32 [M])``, one scale per row (per token)."""
+    _check_float("x", x, 2)
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp(min=_TINY) / INT8_MAX
+    q = torch.round(xf / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_int8_channels(w: torch.Tensor):
+    """``w [E, N, K]`` → ``(q int8 [E, N, K], scale fp32 [E, N])``, one scale per output
+    channel (row ``n`` of each expert's matrix)."""
+    _check_float("w", w, 3)
+    wf = w.float()
+    scale = wf.abs().amax(-1).clamp(min=_TINY) / INT8_MAX
+    q = torch.round(wf / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of ``quantize_fp8_rows`` (2-D scale) or ``quantize_int8_rows`` (1-D scale)."""
+    m, k = q.shape
+    if scale.dim() == 1:
+        return (q.to(dtype) * scale.to(dtype)[:, None])
+    full = scale.to(dtype).repeat_interleave(GROUP, dim=1)[:, :k]
+    return q.to(dtype) * full
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of ``quantize_fp8_blocks`` (3-D scale) or ``quantize_int8_channels`` (2-D)."""
+    e, n, k = q.shape
+    if scale.dim() == 2:
+        return q.to(dtype) * scale.to(dtype)[..., None]
+    full = scale.to(dtype).repeat_interleave(GROUP, 1).repeat_interleave(GROUP, 2)[:, :n, :k]
+    return q.to(dtype) * full
+
+
+def quantize_expert_weights(w_up: torch.Tensor, w_down: torch.Tensor, quant_mode: str):
+    """``(w_up_q, w_up_scale, w_down_q, w_down_scale)`` for ``fused_moe_quantized``: fp8
+    128 × 128 blocks or int8 per output channel, from high-precision ``w_up [E, 2F|F, D]`` and
+    ``w_down [E, D, F]``."""
+    if quant_mode not in QUANT_MODES:
+        raise ValueError(f"quant_mode: expected one of {list(QUANT_MODES)}, got {quant_mode!r}")
+    fn = quantize_fp8_blocks if quant_mode == "fp8" else quantize_int8_channels
+    with torch.no_grad():
+        return (*fn(w_up.detach()), *fn(w_down.detach()))
+
+
+def cached_weight(w: torch.Tensor, quant_mode: str):
+    """``(q, scale)`` of weight ``w`` in ``quant_mode``, quantised once per modification of
+    ``w``: the copy is kept on the tensor and reused while ``w._version`` (bumped by every
+    in-place update, e.g. the optimizer's) and its storage are unchanged."""
+    key = (quant_mode, w._version, w.data_ptr(), tuple(w.shape), w.dtype)
+    cache = getattr(w, "_moe_quant_cache", None)
+    if cache is not None and cache[0] == key:
+        return cache[1], cache[2]
+    fn = quantize_fp8_blocks if quant_mode == "fp8" else quantize_int8_channels
+    with torch.no_grad():
+        q, s = fn(w.detach())
+    try:
+        w._moe_quant_cache = (key, q, s)
+    except (AttributeError, RuntimeError):  # tensors that refuse attributes: no cache
+        pass
+    return q, s
