@@ -127,7 +127,8 @@ def model_config(args) -> MoEPluginConfig:
         normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0,
         expert_model_parallel_size=args.expert_model_parallel_size,
         use_cpu_initialization=not torch.cuda.is_available(), params_dtype=dtype,
-        bf16=args.bf16, pipeline_dtype=dtype, moe_use_plugin=args.moe_use_plugin)
+        bf16=args.bf16, pipeline_dtype=dtype, moe_use_plugin=args.moe_use_plugin,
+        moe_plugin_quant=args.moe_plugin_quant)
 
 
 def model_flops_per_token(cfg, seq: int, vocab: int) -> float:

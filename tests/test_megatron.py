@@ -132,11 +132,48 @@ def test_cli_flag():
     ("moe_router_num_groups", dict(moe_router_num_groups=2, moe_router_group_topk=1)),
     ("glu_linear_offset", dict(glu_linear_offset=0.5)),
     ("context_parallel_size", dict(context_parallel_size=2)),
+    ("moe_plugin_quant", dict(moe_plugin_quant="int8")),
+    ("expert_model_parallel_size", dict(moe_plugin_quant="fp8_block",
+                                        expert_model_parallel_size=2)),
 ])
 def test_unsupported_settings_name_the_field(field, kw):
     from moe_plugin.megatron import UnsupportedConfigError
     with pytest.raises((UnsupportedConfigError, ValueError), match=field):
         _cfg(**kw)
+
+
+@pytest.mark.parametrize("fields,error", [
+    (dict(fp8="e4m3", fp8_recipe="blockwise"), None),
+    (dict(fp8="e4m3", fp8_recipe="delayed"), "fp8_recipe"),
+    (dict(fp8="hybrid", fp8_recipe="blockwise"), "fp8"),
+    (dict(fp8="e4m3", fp8_recipe="blockwise", fp8_param=True), "fp8_param"),
+    (dict(fp4="nvfp4"), "fp4"),
+])
+def test_megatron_fp8_settings_map_to_quant(fields, error):
+    """Megatron's own FP8 fields (which megatron-core accepts for MoE models only with
+    TransformerEngine installed, so they are set on a built config here): the blockwise e4m3
+    recipe maps to quant='fp8_block', everything else raises naming the field."""
+    from moe_plugin.megatron import UnsupportedConfigError
+    from moe_plugin.megatron.options import plugin_options
+    cfg = _cfg()
+    assert plugin_options(cfg).quant is None
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    if error is None:
+        assert plugin_options(cfg).quant == "fp8_block"
+    else:
+        with pytest.raises(UnsupportedConfigError, match=error):
+            plugin_options(cfg)
+
+
+def test_plugin_quant_flag():
+    import argparse
+    from moe_plugin.megatron import add_plugin_args
+    from moe_plugin.megatron.options import plugin_options
+    p = add_plugin_args(argparse.ArgumentParser())
+    assert p.parse_args(["--moe-plugin-quant", "fp8_block"]).moe_plugin_quant == "fp8_block"
+    assert p.parse_args([]).moe_plugin_quant is None
+    assert plugin_options(_cfg(moe_plugin_quant="fp8_block")).quant == "fp8_block"
 
 
 def test_unsupported_only_when_flag_on():

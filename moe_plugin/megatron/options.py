@@ -65,6 +65,7 @@ class PluginOptions:
     max_tokens_per_rank: Optional[int] = None
     ep_group: object = None
     training: bool = True
+    quant: Optional[str] = None  # "fp8_block" from fp8 + fp8_recipe="blockwise"
 
 
 def plugin_options(config) -> PluginOptions:
@@ -133,6 +134,7 @@ def plugin_options(config) -> PluginOptions:
     if getattr(config, "moe_latent_size", None):
         _fail("moe_latent_size", config.moe_latent_size, "not supported by the Megatron "
               "adapter yet (moe_plugin.MoELayer has latent_dim)")
+    quant = _quant_mode(config)
     modules = set(config.recompute_modules or ()) \
         if config.recompute_granularity == "selective" else set()
     ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
@@ -150,7 +152,40 @@ def plugin_options(config) -> PluginOptions:
         shared_expert_gate=bool(config.moe_shared_expert_gate),
         shared_expert_overlap=bool(config.moe_shared_expert_overlap),
         recompute="moe_act" in modules, recompute_layer="moe" in modules,
-        apply_weight_to_input=bool(getattr(config, "moe_apply_probs_on_input", False)))
+        apply_weight_to_input=bool(getattr(config, "moe_apply_probs_on_input", False)),
+        quant=quant)
+
+
+def _quant_mode(config) -> Optional[str]:
+    """The routed experts' ``quant``: ``moe_plugin_quant`` (``MoEPluginConfig``), or Megatron's
+    own FP8 settings where they exist -- ``fp8="e4m3"`` with ``fp8_recipe="blockwise"``
+    (DeepSeek-V3's 1x128 / 128x128 scaling) maps to ``"fp8_block"`` (wgrad stays in bf16
+    whatever ``fp8_wgrad`` says; docs/quantization.md). Every other FP8/FP4 setting raises,
+    naming the field."""
+    if getattr(config, "fp4", None):
+        _fail("fp4", config.fp4, "FP4 experts are not supported")
+    own = getattr(config, "moe_plugin_quant", None)
+    if own not in (None, "fp8_block"):
+        _fail("moe_plugin_quant", own, "supported: None, 'fp8_block'")
+    fp8 = getattr(config, "fp8", None)
+    if fp8:
+        recipe = str(getattr(config, "fp8_recipe", "delayed")).split(".")[-1]  # enum or str
+        if recipe != "blockwise":
+            _fail("fp8_recipe", recipe, "moe_plugin's FP8 experts implement the 'blockwise' "
+                  "recipe (1x128 activation / 128x128 weight scales) only")
+        if fp8 != "e4m3":
+            _fail("fp8", fp8, "the blockwise recipe runs e4m3 for activations, weights and "
+                  "gradients: set fp8='e4m3'")
+    quant = own or ("fp8_block" if fp8 else None)
+    if quant is None:
+        return None
+    if (getattr(config, "expert_model_parallel_size", 1) or 1) > 1:
+        _fail("expert_model_parallel_size", config.expert_model_parallel_size, "FP8 experts "
+              "(fp8_recipe='blockwise') do not support expert parallelism yet")
+    if getattr(config, "fp8_param", False):
+        _fail("fp8_param", True, "FP8 parameters are not supported: weights stay in "
+              "params_dtype and are quantised once per update")
+    return "fp8_block"
 
 
 def params_dtype(config) -> torch.dtype:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer as _MCoreMoELayer
@@ -25,8 +26,12 @@ from .options import plugin_options
 @dataclass
 class MoEPluginConfig(TransformerConfig):
     """``TransformerConfig`` with the plugin flag: ``moe_use_plugin=True`` swaps every MoE
-    layer for moe_plugin's (through ``gpt_decoder_block_spec``)."""
+    layer for moe_plugin's (through ``gpt_decoder_block_spec``); ``moe_plugin_quant="fp8_block"``
+    runs their expert GEMMs in FP8 with block scales (the same as Megatron's ``fp8="e4m3"`` +
+    ``fp8_recipe="blockwise"``, which megatron-core accepts for MoE models only with
+    TransformerEngine installed)."""
     moe_use_plugin: bool = False
+    moe_plugin_quant: Optional[str] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,8 +64,13 @@ def gpt_decoder_block_spec(config, use_transformer_engine: bool = False, **kwarg
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``--moe-use-plugin`` (Megatron-LM style: dest ``moe_use_plugin``)."""
+    """Adds ``--moe-use-plugin`` and ``--moe-plugin-quant`` (Megatron-LM style: dest
+    ``moe_use_plugin``, ``moe_plugin_quant``)."""
     group = parser.add_argument_group("moe_plugin")
     group.add_argument("--moe-use-plugin", action="store_true", dest="moe_use_plugin",
                        help="run every MoE layer with moe_plugin's fused kernels")
+    group.add_argument("--moe-plugin-quant", choices=["fp8_block"], default=None,
+                       dest="moe_plugin_quant",
+                       help="moe_plugin's expert GEMMs in FP8 with 1x128 / 128x128 block scales "
+                            "(wgrad in bf16)")
     return parser
