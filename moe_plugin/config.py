@@ -41,17 +41,12 @@ def check_activation(activation) -> tuple:
     return ACTIVATIONS[activation]
 
 
-def check_quant(quant, *, use_triton: bool, ep_group=None) -> None:
+def check_quant(quant, *, use_triton: bool) -> None:
     """``quant`` of the training entry points: None or ``"fp8_block"``."""
     check_choice("quant", quant, TRAIN_QUANTS)
-    if quant is None:
-        return
-    if not use_triton:
+    if quant is not None and not use_triton:
         raise ValueError(f"quant: {quant!r} runs the Triton kernels (CUDA, or TRITON_INTERPRET=1 "
                          f"on CPU); the 'torch' backend has no quantised path")
-    if ep_group is not None:
-        raise ValueError(f"quant: {quant!r} is not supported with expert parallelism "
-                         f"(ep_group) yet")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -88,8 +88,8 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
         quant: ``None`` (GEMMs in the input dtype) or ``"fp8_block"``: FP8 e4m3 expert GEMMs
             with DeepSeek-V3 block scales (activations per token and 128 columns, weights per
             128 x 128 block, fp32 accumulation), dgrad in FP8, wgrad in the input dtype; the
-            quantised weight copy is made once per weight update. Triton backend only; not
-            with expert parallelism yet; see ``docs/quantization.md`` for its accuracy.
+            quantised weight copy is made once per weight update. Triton backend only; see
+            ``docs/quantization.md`` for its accuracy.
         deterministic: require bitwise-reproducible outputs and gradients. Every kernel of
             this path is already deterministic (no floating-point atomics, fixed launch
             configurations), so this only guards future non-deterministic variants.
@@ -195,7 +195,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
                        w_up, w_down, activation)
     _check_flags(recompute=recompute, deterministic=deterministic)
     use_triton = _use_triton(backend, x)
-    check_quant(quant, use_triton=use_triton, ep_group=ep_group)
+    check_quant(quant, use_triton=use_triton)
     ids, weights, aux, z = route_tokens(
         x, gate_weight, top_k, score_func=score_func, renormalize=renormalize,
         expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
@@ -240,7 +240,6 @@ def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recomp
         out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton,
                                recompute, quant)
         return out, counts, None
-    check_quant(quant, use_triton=use_triton, ep_group=ep_group)
     from .comm.ep import ep_experts
     act_code, gated = check_activation(activation)
     if not use_triton:
@@ -249,7 +248,7 @@ def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recomp
     out, recv = ep_experts(x, ids, weights, w_up, w_down, num_experts=num_experts,
                            act=act_code, gated=gated, recompute=recompute, group=ep_group,
                            backend=ep_backend, max_tokens_per_rank=max_tokens_per_rank,
-                           allow_drop=allow_drop)
+                           allow_drop=allow_drop, quant=quant)
     flat = ids.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     counts.index_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int32))

@@ -31,6 +31,11 @@ CASES = {
     "recompute": (8, 32, 16, 8, 2, "geglu", "random", {"recompute": True}),
     "fixed_size": (8, 32, 16, 8, 2, "swiglu", "skewed", {"max_tokens_per_rank": 8}),
     "unused_slots": (8, 32, 16, 8, 3, "relu2", "minus_one", {}),
+    # FP8 experts: quantisation is per token / per expert block, so EP and one process quantise
+    # the same values and agree to accumulation order
+    "fp8_train": (8, 32, 16, 8, 2, "swiglu", "minus_one", {"quant": "fp8_block"}),
+    "fp8_train_recompute": (8, 32, 16, 8, 2, "swiglu", "random",
+                            {"quant": "fp8_block", "recompute": True}),
 }
 
 
@@ -83,13 +88,20 @@ def run_case(name, spec, group, device, dtype):
     wu, wd = leaf(w_up[el_sl]), leaf(w_down[el_sl])
     out, counts, recv = routed_experts(
         x, ids[sl].to(device), wt, wu, wd, act, True, opts.get("recompute", False),
-        num_experts=e, ep_group=group, max_tokens_per_rank=opts.get("max_tokens_per_rank"))
+        num_experts=e, ep_group=group, max_tokens_per_rank=opts.get("max_tokens_per_rank"),
+        quant=opts.get("quant"))
     (out.float() * g[sl].to(device)).sum().backward()
     # single process, all tokens, all experts
     xa, wta = leaf(x_all), leaf(w).detach().float().requires_grad_()
     wua, wda = leaf(w_up), leaf(w_down)
-    ref = moe_plugin.fused_experts(xa, ids.to(device), wta, wua, wda, act)
+    ref = moe_plugin.fused_experts(xa, ids.to(device), wta, wua, wda, act,
+                                   quant=opts.get("quant"))
     (ref.float() * g.to(device)).sum().backward()
+    extra = {}
+    if opts.get("quant"):  # the FP8 path did run: it differs from the unquantised experts
+        with torch.no_grad():
+            plain = moe_plugin.fused_experts(xa, ids.to(device), wta, wua, wda, act)
+        extra["quantised"] = rel(out, plain[sl]) > 1e-3
     valid = ids[sl][ids[sl] >= 0]
     recv_total = torch.tensor([int(recv.sum())], dtype=torch.int64, device=device)
     dist.all_reduce(recv_total, group=group)
@@ -101,6 +113,7 @@ def run_case(name, spec, group, device, dtype):
         "counts_ok": bool(torch.equal(counts.cpu().long(),
                                       torch.bincount(valid, minlength=e))),
         "dropped_weight_grads_zero": bool((wt.grad[ids[sl].to(device) < 0] == 0).all()),
+        **extra,
     }
 
 

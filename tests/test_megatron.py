@@ -133,8 +133,6 @@ def test_cli_flag():
     ("glu_linear_offset", dict(glu_linear_offset=0.5)),
     ("context_parallel_size", dict(context_parallel_size=2)),
     ("moe_plugin_quant", dict(moe_plugin_quant="int8")),
-    ("expert_model_parallel_size", dict(moe_plugin_quant="fp8_block",
-                                        expert_model_parallel_size=2)),
 ])
 def test_unsupported_settings_name_the_field(field, kw):
     from moe_plugin.megatron import UnsupportedConfigError

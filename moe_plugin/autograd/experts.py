@@ -98,35 +98,15 @@ class FusedExpertsFP8Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dcounts):
-        from ..kernels import grouped_gemm as G
-        from ..kernels.experts import quantize_rows
+        from ..kernels import experts as X
         from ..kernels.grouped_gemm import QTensor
-        from ..kernels.permute import PermuteMeta, gather_reduce
+        from ..kernels.permute import PermuteMeta
         x, topk_weights, uq, us, dq, ds, *rest = ctx.saved_tensors
         meta = PermuteMeta.from_tensors(rest[:4], ctx.num_experts, topk_weights.shape[1])
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
-        wq_up, wq_down = QTensor(uq, us), QTensor(dq, ds)
-        act, gated = ctx.act_code, ctx.gated
-        if len(rest) > 4:
-            pre = rest[4]
-        else:  # the forward's GEMM1 again, same flags (same tiles): the same pre bitwise
-            pre, _ = G.expert_up(quantize_rows(x, G.QUANT_FP8), wq_up, meta, act, gated,
-                                 store_pre=True, store_h=False, out_dtype=x.dtype,
-                                 quant_h=True)
         dout = dout.contiguous()
-        dpre, hw, dw_perm = G.expert_up_bwd(quantize_rows(dout, G.QUANT_FP8), wq_down, pre,
-                                            meta, topk_weights, act, gated)
-        del pre
-        dx = dw_topk = dw_up = dw_down = None
-        if need_w:
-            pos = meta.slot_pos.view(topk_weights.shape).long()
-            dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
-        if need_x:
-            dxp = G.expert_dx(quantize_rows(dpre, G.QUANT_FP8), wq_up, meta, out_dtype=x.dtype)
-            dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype)
-            del dxp
-        if need_down:
-            dw_down = G.wgrad_down(dout, hw, meta)
-        if need_up:
-            dw_up = G.wgrad_up(dpre, x, meta)
+        dx, dw_topk, dpre, hw = X.experts_backward_data(
+            dout, x, topk_weights, QTensor(uq, us), QTensor(dq, ds), meta,
+            rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
+        dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down)
         return dx, None, dw_topk, dw_up, dw_down, None, None, None

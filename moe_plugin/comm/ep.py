@@ -216,11 +216,19 @@ class EPExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, num_experts, act, gated,
-                recompute, group, backend, max_tokens_per_rank, allow_drop):
+                recompute, group, backend, max_tokens_per_rank, allow_drop, quant):
         d = x.shape[1]
         layout, recv = ep_dispatch(x, topk_ids, topk_weights, num_experts, group, backend,
                                    max_tokens_per_rank)
         recv_buf = recv.buf
+        if quant:  # fp8 experts: the weights' cached block-quantised copies
+            from ..kernels.grouped_gemm import QTensor
+            from ..quant import cached_weight
+            w_up, w_down = QTensor(*cached_weight(w_up, "fp8")), \
+                QTensor(*cached_weight(w_down, "fp8"))
+            weights = (w_up.q, w_up.scale, w_down.q, w_down.scale)
+        else:
+            weights = (w_up, w_down)
         y_recv, emeta, pre = X.experts_forward(
             recv.payload, recv.ids.view(-1, 1), recv.weights.contiguous().view(-1, 1), w_up,
             w_down, act, gated, save_pre=not recompute)
@@ -228,15 +236,21 @@ class EPExpertsFunction(torch.autograd.Function):
         e_loc = w_up.shape[0]
         ctx.layout = layout
         ctx.act, ctx.gated, ctx.group, ctx.backend = act, gated, group, backend
-        ctx.d, ctx.dtype, ctx.e_loc = d, x.dtype, e_loc
-        ctx.save_for_backward(recv_buf, w_up, w_down, topk_weights, *emeta.tensors(),
+        ctx.d, ctx.dtype, ctx.e_loc, ctx.n_w = d, x.dtype, e_loc, len(weights)
+        ctx.save_for_backward(recv_buf, topk_weights, *weights, *emeta.tensors(),
                               *((pre,) if pre is not None else ()))
         ctx.mark_non_differentiable(emeta.counts)
         return out, emeta.counts
 
     @staticmethod
     def backward(ctx, dout, _dcounts):
-        recv_buf, w_up, w_down, topk_weights, *rest = ctx.saved_tensors
+        recv_buf, topk_weights, *rest = ctx.saved_tensors
+        weights, rest = rest[:ctx.n_w], rest[ctx.n_w:]
+        if ctx.n_w == 4:
+            from ..kernels.grouped_gemm import QTensor
+            w_up, w_down = QTensor(*weights[:2]), QTensor(*weights[2:])
+        else:
+            w_up, w_down = weights
         emeta = PermuteMeta.from_tensors(rest[:4], ctx.e_loc, 1)
         pre = rest[4] if len(rest) > 4 else None
         L, group, backend = ctx.layout, ctx.group, ctx.backend
@@ -270,13 +284,17 @@ class EPExpertsFunction(torch.autograd.Function):
             pos = L.src_meta.slot_pos.view(topk_weights.shape).long()
             dw_topk = torch.where(pos >= 0, home.weights[pos.clamp(min=0)],
                                   0.0).to(topk_weights.dtype)
-        return (dx, None, dw_topk, dw_up, dw_down) + (None,) * 8
+        return (dx, None, dw_topk, dw_up, dw_down) + (None,) * 9
 
 
 def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act: int,
                gated: bool, recompute: bool, group, backend: str = "nccl",
-               max_tokens_per_rank: Optional[int] = None, allow_drop: bool = False):
-    """Routed experts under expert parallelism. Returns ``(out [N, D], recv_count [E/P])``."""
+               max_tokens_per_rank: Optional[int] = None, allow_drop: bool = False,
+               quant: Optional[str] = None):
+    """Routed experts under expert parallelism. Returns ``(out [N, D], recv_count [E/P])``.
+
+    ``quant="fp8_block"``: the local experts' GEMMs in FP8 as in ``FusedExpertsFP8Function``
+    (tokens travel in the input dtype and are quantised on the receiving rank)."""
     P = dist.get_world_size(group)
     if num_experts % P:
         raise ValueError(f"ep_group: num_experts={num_experts} is not divisible by the "
@@ -291,4 +309,4 @@ def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act
                          f"capacity dropping (capacity_factor)")
     return EPExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, num_experts, act,
                                    gated, recompute, group, get_backend(backend),
-                                   max_tokens_per_rank, allow_drop)
+                                   max_tokens_per_rank, allow_drop, quant == "fp8_block")

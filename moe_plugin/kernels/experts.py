@@ -14,7 +14,11 @@ from .permute import PermuteMeta, gather_reduce, permute_metadata
 
 def experts_forward(x, topk_ids, topk_weights, w_up, w_down, act: int, gated: bool,
                     save_pre: bool):
-    """Returns ``(out [N, D], meta, pre [S, 2F|F] or None)``."""
+    """Returns ``(out [N, D], meta, pre [S, 2F|F] or None)``. ``w_up``/``w_down`` given as
+    ``QTensor``s: the quantised path (``experts_forward_quant``)."""
+    if isinstance(w_up, QTensor):
+        return experts_forward_quant(x, topk_ids, topk_weights, w_up, w_down, act, gated,
+                                     x.dtype, save_pre=save_pre)
     meta = permute_metadata(topk_ids, w_up.shape[0])
     pre, h = G.expert_up(x, w_up, meta, act, gated, store_pre=save_pre, store_h=True)
     y = G.expert_down(h, w_down, meta)
@@ -27,17 +31,25 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
                           act: int, gated: bool, need_x: bool, need_w: bool, dx_out=None):
     """Returns ``(dx | None, d_topk_weights | None, dpre, hw)``; ``pre`` None = recompute it.
 
-    ``dx_out``: optional preallocated ``[N, D]`` view for dx."""
+    ``dx_out``: optional preallocated ``[N, D]`` view for dx. ``w_up``/``w_down`` given as fp8
+    ``QTensor``s: dgrad in FP8 -- ``dout`` and ``dpre`` are quantised per row and 128 columns
+    (and ``x`` for a recomputed GEMM1, with the forward's flags: the same ``pre`` bitwise);
+    ``dpre`` and ``hw`` (the weight-gradient operands) stay in the input dtype."""
+    quant = isinstance(w_up, QTensor)
+
+    def q(t):
+        return quantize_rows(t, G.QUANT_FP8) if quant else t
     if pre is None:
-        pre, _ = G.expert_up(x, w_up, meta, act, gated, store_pre=True, store_h=False)
-    dpre, hw, dw_perm = G.expert_up_bwd(dout, w_down, pre, meta, topk_weights, act, gated)
+        pre, _ = G.expert_up(q(x), w_up, meta, act, gated, store_pre=True, store_h=False,
+                             out_dtype=x.dtype, quant_h=quant)
+    dpre, hw, dw_perm = G.expert_up_bwd(q(dout), w_down, pre, meta, topk_weights, act, gated)
     del pre
     dx = dw_topk = None
     if need_w:
         pos = meta.slot_pos.view(topk_weights.shape).long()
         dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
     if need_x:
-        dxp = G.expert_dx(dpre, w_up, meta)
+        dxp = G.expert_dx(q(dpre), w_up, meta, out_dtype=x.dtype)
         dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype, out=dx_out)
     return dx, dw_topk, dpre, hw
 

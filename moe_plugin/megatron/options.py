@@ -179,9 +179,6 @@ def _quant_mode(config) -> Optional[str]:
     quant = own or ("fp8_block" if fp8 else None)
     if quant is None:
         return None
-    if (getattr(config, "expert_model_parallel_size", 1) or 1) > 1:
-        _fail("expert_model_parallel_size", config.expert_model_parallel_size, "FP8 experts "
-              "(fp8_recipe='blockwise') do not support expert parallelism yet")
     if getattr(config, "fp8_param", False):
         _fail("fp8_param", True, "FP8 parameters are not supported: weights stay in "
               "params_dtype and are quantised once per update")
