@@ -45,6 +45,15 @@ def test_ep_matches_single_process_gloo(nproc, tmp_path):
     _check(_run(nproc, tmp_path), FP32_TOL, nproc)
 
 
+def test_ep_8_ranks_gloo(tmp_path):
+    """EP=8 on CPU (gloo, 8 processes; one expert per rank at E=8, 33 at E=264): the part of
+    the 8-GPU correctness check that runs without GPUs."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU gloo variant")
+    _check(_run(8, tmp_path, "--cases", "balanced", "skewed", "fixed_size", "unused_slots",
+                "E264", "fp8_train", "errors"), FP32_TOL, 8)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_ep_matches_single_process_nccl_bf16(tmp_path):
