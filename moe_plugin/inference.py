@@ -13,7 +13,7 @@ import torch
 from . import quant as Q
 from .config import check_activation, check_choice, check_positive_int, check_tensor
 from .functional import _check_ids, _use_triton
-from .kernels.experts import experts_forward_quant
+from .kernels.experts import experts_forward
 from .kernels.grouped_gemm import QTensor
 
 __all__ = ["fused_moe_quantized"]
@@ -108,8 +108,8 @@ def fused_moe_quantized(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
 
     if ep_group is None:
         _check_ids(topk_ids, e_loc, validate_ids)
-        out, meta, _ = experts_forward_quant(x, topk_ids, topk_weights, w_up, w_down, act,
-                                             gated, x.dtype)
+        out, meta, _ = experts_forward(x, topk_ids, topk_weights, w_up, w_down, act, gated,
+                                       save_pre=False)
         return out, meta.counts
 
     import torch.distributed as dist
@@ -122,8 +122,8 @@ def fused_moe_quantized(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     backend = get_backend("nccl")
     layout, recv = ep_dispatch(x, topk_ids, topk_weights, num_experts, ep_group, backend,
                                num_max_tokens_per_rank)
-    y, meta, _ = experts_forward_quant(recv.payload, recv.ids.view(-1, 1),
-                                       recv.weights.contiguous().view(-1, 1), w_up, w_down,
-                                       act, gated, x.dtype)
+    y, meta, _ = experts_forward(recv.payload, recv.ids.view(-1, 1),
+                                 recv.weights.contiguous().view(-1, 1), w_up, w_down, act,
+                                 gated, save_pre=False)
     out = ep_combine(y, layout, ep_group, backend, x.dtype)
     return out, meta.counts

@@ -1,7 +1,11 @@
 """Autograd Function for the routed experts (routing given)."""
 import torch
 
+from ..kernels import experts as X
 from ..kernels import ops  # noqa: F401  (registers torch.ops.moe_plugin.*)
+from ..kernels.grouped_gemm import QTensor
+from ..kernels.permute import PermuteMeta
+from ..quant import cached_weight
 
 
 class FusedExpertsFunction(torch.autograd.Function):
@@ -82,14 +86,10 @@ class FusedExpertsFP8Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
                 recompute: bool):
-        from ..kernels import experts as X
-        from ..kernels.grouped_gemm import QTensor
-        from ..quant import cached_weight
         wq_up = QTensor(*cached_weight(w_up, "fp8"))
         wq_down = QTensor(*cached_weight(w_down, "fp8"))
-        out, meta, pre = X.experts_forward_quant(x, topk_ids, topk_weights, wq_up, wq_down,
-                                                 act_code, gated, x.dtype,
-                                                 save_pre=not recompute)
+        out, meta, pre = X.experts_forward(x, topk_ids, topk_weights, wq_up, wq_down, act_code,
+                                           gated, save_pre=not recompute)
         ctx.act_code, ctx.gated, ctx.num_experts = act_code, gated, w_up.shape[0]
         ctx.save_for_backward(x, topk_weights, wq_up.q, wq_up.scale, wq_down.q, wq_down.scale,
                               *meta.tensors(), *((pre,) if pre is not None else ()))
@@ -98,9 +98,6 @@ class FusedExpertsFP8Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dcounts):
-        from ..kernels import experts as X
-        from ..kernels.grouped_gemm import QTensor
-        from ..kernels.permute import PermuteMeta
         x, topk_weights, uq, us, dq, ds, *rest = ctx.saved_tensors
         meta = PermuteMeta.from_tensors(rest[:4], ctx.num_experts, topk_weights.shape[1])
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]

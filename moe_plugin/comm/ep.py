@@ -40,7 +40,9 @@ import triton.language as tl
 
 from ..kernels import experts as X
 from ..kernels.common import interpret_mode, next_pow2
+from ..kernels.grouped_gemm import QTensor
 from ..kernels.permute import PermuteMeta, gather_reduce, gather_rows, permute_metadata
+from ..quant import cached_weight
 
 _ALIGN = 16  # bytes; packed rows keep 16-byte alignment for vector loads
 
@@ -222,8 +224,6 @@ class EPExpertsFunction(torch.autograd.Function):
                                    max_tokens_per_rank)
         recv_buf = recv.buf
         if quant:  # fp8 experts: the weights' cached block-quantised copies
-            from ..kernels.grouped_gemm import QTensor
-            from ..quant import cached_weight
             w_up, w_down = QTensor(*cached_weight(w_up, "fp8")), \
                 QTensor(*cached_weight(w_down, "fp8"))
             weights = (w_up.q, w_up.scale, w_down.q, w_down.scale)
@@ -247,7 +247,6 @@ class EPExpertsFunction(torch.autograd.Function):
         recv_buf, topk_weights, *rest = ctx.saved_tensors
         weights, rest = rest[:ctx.n_w], rest[ctx.n_w:]
         if ctx.n_w == 4:
-            from ..kernels.grouped_gemm import QTensor
             w_up, w_down = QTensor(*weights[:2]), QTensor(*weights[2:])
         else:
             w_up, w_down = weights

@@ -15,11 +15,11 @@ from .permute import PermuteMeta, gather_reduce, permute_metadata
 def experts_forward(x, topk_ids, topk_weights, w_up, w_down, act: int, gated: bool,
                     save_pre: bool):
     """Returns ``(out [N, D], meta, pre [S, 2F|F] or None)``. ``w_up``/``w_down`` given as
-    ``QTensor``s: the quantised path (``experts_forward_quant``)."""
-    if isinstance(w_up, QTensor):
-        return experts_forward_quant(x, topk_ids, topk_weights, w_up, w_down, act, gated,
-                                     x.dtype, save_pre=save_pre)
+    ``QTensor``s: the quantised path (``_experts_forward_quant``)."""
     meta = permute_metadata(topk_ids, w_up.shape[0])
+    if isinstance(w_up, QTensor):
+        return _experts_forward_quant(x, topk_weights, w_up, w_down, meta, act, gated,
+                                      save_pre)
     pre, h = G.expert_up(x, w_up, meta, act, gated, store_pre=save_pre, store_h=True)
     y = G.expert_down(h, w_down, meta)
     del h
@@ -69,25 +69,23 @@ def quantize_rows(x, mode: int) -> QTensor:
     return QTensor(*Q.quantize_int8_rows(x))
 
 
-def experts_forward_quant(x, topk_ids, topk_weights, w_up: QTensor, w_down: QTensor, act: int,
-                          gated: bool, out_dtype, save_pre: bool = False, meta=None):
+def _experts_forward_quant(x, topk_weights, w_up: QTensor, w_down: QTensor,
+                           meta: PermuteMeta, act: int, gated: bool, save_pre: bool):
     """The routed experts on quantised operands (fp8 blocks or int8 W8A8): ``x [N, D]``
     (high precision, quantised here per token / per 128-group), ``w_up``/``w_down`` quantised
-    expert weights. fp8: h is quantised in GEMM1's epilogue; int8: h (bf16) is quantised per
-    row after GEMM1. Returns ``(out [N, D] out_dtype, meta, pre | None)``."""
+    expert weights; outputs in x's dtype. fp8: h is quantised in GEMM1's epilogue; int8: h is
+    quantised per row after GEMM1. Returns ``(out [N, D], meta, pre | None)``."""
     mode = w_up.mode
-    if meta is None:
-        meta = permute_metadata(topk_ids, w_up.shape[0])
     xq = quantize_rows(x, mode)
     if mode == G.QUANT_FP8:
         pre, hq = G.expert_up(xq, w_up, meta, act, gated, store_pre=save_pre, store_h=False,
-                              out_dtype=out_dtype, quant_h=True)
+                              out_dtype=x.dtype, quant_h=True)
     else:
         pre, h = G.expert_up(xq, w_up, meta, act, gated, store_pre=save_pre, store_h=True,
-                             out_dtype=out_dtype)
+                             out_dtype=x.dtype)
         hq = quantize_rows(h, mode)
         del h
-    y = G.expert_down(hq, w_down, meta, out_dtype=out_dtype)
+    y = G.expert_down(hq, w_down, meta, out_dtype=x.dtype)
     del hq
-    out = gather_reduce(y, meta, topk_weights, out_dtype=out_dtype)
+    out = gather_reduce(y, meta, topk_weights, out_dtype=x.dtype)
     return out, meta, pre

@@ -407,13 +407,15 @@ class QTensor:
         return self.q.shape
 
 
-def _operands(a, w, w_transposed: bool):
-    """``(a values, a scales, W values, W scales, W-scale strides (expert, k, n), mode)`` for
-    a row-grouped GEMM with B = W[e]ᵀ (``w_transposed``: k runs along W's last dim) or W[e]."""
+def _operands(a, w, w_transposed: bool, out_dtype=None):
+    """``(a values, a scales, W values, W scales, W-scale strides (expert, k, n), mode,
+    output dtype)`` for a row-grouped GEMM with B = W[e]ᵀ (``w_transposed``: k runs along W's
+    last dim) or W[e]. The output dtype is a's, or for quantised operands ``out_dtype``
+    (default bf16)."""
     if not isinstance(w, QTensor):
         if isinstance(a, QTensor):
             raise TypeError("quantised activations need quantised weights")
-        return a, None, w, None, (0, 0, 0), QUANT_NONE
+        return a, None, w, None, (0, 0, 0), QUANT_NONE, a.dtype
     if not isinstance(a, QTensor) or a.mode != w.mode:
         raise TypeError("quantised weights need activations quantised in the same format")
     sc = w.scale
@@ -425,7 +427,7 @@ def _operands(a, w, w_transposed: bool):
         strides = (sc.stride(0), sc.stride(2), sc.stride(1))
     else:
         strides = (sc.stride(0), sc.stride(1), sc.stride(2))
-    return a.q, a.scale, w.q, sc, strides, w.mode
+    return a.q, a.scale, w.q, sc, strides, w.mode, out_dtype or torch.bfloat16
 
 
 def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: bool,
@@ -436,10 +438,9 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
     ``x`` and ``w_up`` may be ``QTensor``s (fp8 blocks or int8); ``pre`` and ``h`` are then in
     ``out_dtype`` (default bf16). ``quant_h`` (fp8 only): h is written as e4m3 with its scales
     per 128 columns, returned as a ``QTensor``."""
-    a, sa, w, sb, stride_sb, quant = _operands(x, w_up, True)
+    a, sa, w, sb, stride_sb, quant, dt = _operands(x, w_up, True, out_dtype)
     S = meta.sorted_slot.numel()
     f = w.shape[1] // 2 if gated else w.shape[1]
-    dt = a.dtype if quant == QUANT_NONE else (out_dtype or torch.bfloat16)
     pre = torch.empty(S, w.shape[1], dtype=dt, device=a.device) if store_pre else None
     hs = None
     if quant_h:
@@ -462,10 +463,9 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
 def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None):
     """GEMM2: ``y [S, D] = h [S, F] · W_down[e]ᵀ`` in expert order (``h``/``w_down`` may be
     ``QTensor``s: y in ``out_dtype``, default bf16)."""
-    a, sa, w, sb, stride_sb, quant = _operands(h, w_down, True)
+    a, sa, w, sb, stride_sb, quant, dt = _operands(h, w_down, True, out_dtype)
     S = a.shape[0]
     d = w.shape[1]
-    dt = a.dtype if quant == QUANT_NONE else (out_dtype or torch.bfloat16)
     y = torch.empty(S, d, dtype=dt, device=a.device)
     _launch_grouped("down", a, w, y, meta, n=d, k=a.shape[1], stride_a=a.stride(),
                     stride_b=(w.stride(0), w.stride(2), w.stride(1)), gather=False,
@@ -480,7 +480,7 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     ``hw [S, F]`` (``w_p · act(pre[p])``, the operand of dW_down) and ``dw_perm fp32 [S]``
     (gradient of each slot's routing weight, in expert order). ``dout`` and ``w_down`` may be
     fp8 ``QTensor``s (dgrad in fp8); the outputs are then in ``pre``'s dtype."""
-    a, sa, w, sb, stride_sb, quant = _operands(dout, w_down, False)
+    a, sa, w, sb, stride_sb, quant, _ = _operands(dout, w_down, False)
     S = pre.shape[0]
     f = w.shape[2]
     bn = _mm_config("up_bwd", a.dtype, gated, f, quant)["BN"]
@@ -498,10 +498,9 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
 def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None):
     """``dx_perm [S, D] = dpre [S, 2F|F] · W_up[e]`` in expert order (fp8 ``QTensor``
     operands: dx in ``out_dtype``, default bf16)."""
-    a, sa, w, sb, stride_sb, quant = _operands(dpre, w_up, False)
+    a, sa, w, sb, stride_sb, quant, dt = _operands(dpre, w_up, False, out_dtype)
     S = a.shape[0]
     d = w.shape[2]
-    dt = a.dtype if quant == QUANT_NONE else (out_dtype or torch.bfloat16)
     dxp = torch.empty(S, d, dtype=dt, device=a.device)
     _launch_grouped("dx", a, w, dxp, meta, n=d, k=a.shape[1], stride_a=a.stride(),
                     stride_b=w.stride(), gather=False, quant=quant, sa=sa, sb=sb,
