@@ -27,6 +27,19 @@ GATED_CANDIDATES = [
     (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
     (128, 64, 128, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 32, 64, 4, 4),
 ]
+# fp8 (BK divides 128: one scale per k-step; GEMM1 quantises h per 128 columns: BN = 128)
+FP8_UP_CANDIDATES = [
+    (64, 128, 128, 4, 3), (64, 128, 128, 4, 4), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3),
+    (128, 128, 128, 8, 4), (128, 128, 64, 8, 4),
+]
+FP8_ROW_CANDIDATES = [
+    (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4),
+    (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
+]
+FP8_BWD_CANDIDATES = [
+    (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 128, 8, 3),
+    (64, 128, 128, 8, 4), (128, 128, 64, 8, 4),
+]
 SEG_CANDIDATES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
     (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
@@ -45,12 +58,40 @@ def main():
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--rep-ms", type=int, default=40)
     ap.add_argument("--kernels", nargs="*", default=None, help="subset of the GEMMs to tune")
+    ap.add_argument("--fp8", action="store_true",
+                    help="the FP8 block-scaled GEMMs (quant='fp8_block') instead of bf16")
     args = ap.parse_args()
     best = {}
     for name in args.configs:
-        tune_config(name, args, best)
+        (tune_fp8 if args.fp8 else tune_config)(name, args, best)
         torch.cuda.empty_cache()
     print(json.dumps({"best": best}))
+
+
+def sweep(name, jobs, args, best, prefix=""):
+    """Times each job ``kind: (candidates, group_m, flops, fn[, override kind])`` with every
+    candidate tile configuration (``CONFIG_OVERRIDES``) and prints TFLOP/s, best first."""
+    from triton.testing import do_bench
+    for kind, job in jobs.items():
+        cands, gm, flops, fn = job[:4]
+        okind = job[4] if len(job) > 4 else kind
+        if args.kernels and kind not in args.kernels:
+            continue
+        res = []
+        for c in cands:
+            GG.CONFIG_OVERRIDES[okind] = cfg(c, gm)
+            try:
+                fn()
+                t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
+                res.append((flops / t / 1e9, c, t))
+            except Exception as ex:  # out of shared memory etc.
+                res.append((0.0, c, repr(ex)[:80]))
+        GG.CONFIG_OVERRIDES.pop(okind)
+        res.sort(key=lambda r: -r[0])
+        best.setdefault(prefix + kind, {})[name] = res[0][1]
+        print(json.dumps({"config": name, "kernel": prefix + kind,
+                          "results": [[round(r[0], 1), r[1], r[2]] for r in res]}),
+              flush=True)
 
 
 def tune_config(name, args, best):
@@ -82,24 +123,60 @@ def tune_config(name, args, best):
         "wgrad_up": (SEG_CANDIDATES, False, 2 * M * 2 * F * D,
                      lambda: K.wgrad_up(dpre, x, meta)),
     }
-    for kind, (cands, gm, flops, fn) in jobs.items():
-        if args.kernels and kind not in args.kernels:
-            continue
-        res = []
-        for c in cands:
-            GG.CONFIG_OVERRIDES[kind] = cfg(c, gm)
-            try:
-                fn()
-                t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
-                res.append((flops / t / 1e9, c, t))
-            except Exception as ex:  # out of shared memory etc.
-                res.append((0.0, c, repr(ex)[:80]))
-        GG.CONFIG_OVERRIDES.pop(kind)
-        res.sort(key=lambda r: -r[0])
-        best.setdefault(kind, {})[name] = res[0][1]
-        print(json.dumps({"config": name, "kernel": kind,
-                          "results": [[round(r[0], 1), r[1], r[2]] for r in res]}),
-              flush=True)
+    sweep(name, jobs, args, best)
+
+
+def k_major(w: "GG.QTensor") -> "GG.QTensor":
+    """The same quantised weight stored transposed (its last two dims swapped in memory):
+    as B = W[e] of a dgrad GEMM the reduction dim is then the contiguous one."""
+    return GG.QTensor(w.q.transpose(1, 2).contiguous().transpose(1, 2), w.scale)
+
+
+def tune_fp8(name, args, best):
+    """The FP8 training path's GEMMs (fwd GEMM1 with h quantised in the epilogue, GEMM2, the
+    dgrad GEMMs on the weights as stored and on a K-major copy) and its quantisation passes."""
+    from triton.testing import do_bench
+    from moe_plugin import quant as Q
+    from moe_plugin.kernels.experts import quantize_rows
+    T, D, F, E, k = CONFIGS[name]
+    x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
+    M = T * k
+    meta = K.permute_metadata(ids, E)
+    fp8 = GG.QUANT_FP8
+    wu, wd = GG.QTensor(*Q.quantize_fp8_blocks(w_up)), GG.QTensor(*Q.quantize_fp8_blocks(w_down))
+    wu_k, wd_k = k_major(wu), k_major(wd)
+    xq = quantize_rows(x, fp8)
+    pre, hq = K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
+                          out_dtype=x.dtype, quant_h=True)
+    dout = torch.randn_like(x)
+    dq = quantize_rows(dout, fp8)
+    dpre, hw, _ = K.expert_up_bwd(dq, wd, pre, meta, w, 0, True)
+    dpq = quantize_rows(dpre, fp8)
+    passes = {"quant_x": lambda: quantize_rows(x, fp8), "quant_dout": lambda: quantize_rows(dout, fp8),
+              "quant_dpre": lambda: quantize_rows(dpre, fp8),
+              "quant_w": lambda: (Q.quantize_fp8_blocks(w_up), Q.quantize_fp8_blocks(w_down))}
+    print(json.dumps({"config": name, **{p + "_ms": do_bench(fn, rep=args.rep_ms,
+                                                              return_mode="median")
+                                         for p, fn in passes.items()}}), flush=True)
+    jobs = {
+        "up": (FP8_UP_CANDIDATES, True, 2 * M * D * 2 * F,
+               lambda: K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
+                                   out_dtype=x.dtype, quant_h=True)),
+        "down": (FP8_ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(hq, wd, meta)),
+        "up_bwd": (FP8_BWD_CANDIDATES, True, 2 * M * D * F,
+                   lambda: K.expert_up_bwd(dq, wd, pre, meta, w, 0, True)),
+        "up_bwd_kmajor": (FP8_BWD_CANDIDATES, True, 2 * M * D * F,
+                          lambda: K.expert_up_bwd(dq, wd_k, pre, meta, w, 0, True), "up_bwd"),
+        "dx": (FP8_ROW_CANDIDATES, True, 2 * M * 2 * F * D,
+               lambda: K.expert_dx(dpq, wu, meta, out_dtype=x.dtype)),
+        "dx_kmajor": (FP8_ROW_CANDIDATES, True, 2 * M * 2 * F * D,
+                      lambda: K.expert_dx(dpq, wu_k, meta, out_dtype=x.dtype), "dx"),
+        "wgrad_down": (SEG_CANDIDATES[:3], False, 2 * M * D * F,
+                       lambda: K.wgrad_down(dout, hw, meta)),
+        "wgrad_up": (SEG_CANDIDATES[:3], False, 2 * M * 2 * F * D,
+                     lambda: K.wgrad_up(dpre, x, meta)),
+    }
+    sweep(name, jobs, args, best, prefix="fp8_")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads 
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer  # noqa: E402
+from megatron.core.transformer.module import Float16Module  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
     MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
     reduce_aux_losses_tracker_across_ranks)
@@ -210,6 +211,8 @@ def main(argv=None):
     model = GPTModel(cfg, gpt_decoder_block_spec(cfg, use_transformer_engine=False),
                      vocab_size=args.vocab_size, max_sequence_length=args.seq_length,
                      share_embeddings_and_output_weights=True).to(device)
+    if args.bf16:  # as Megatron's training loop does: every module (norms included) in bf16,
+        model = Float16Module(cfg, model)  # float inputs cast in, the loss cast back to fp32
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
     model = DistributedDataParallel(cfg, ddp_cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -50,33 +50,57 @@ def _check_float(name: str, t, ndim: int) -> None:
         raise TypeError(f"{name}: expected a floating-point (unquantised) tensor, got {t.dtype}")
 
 
+def _div_fp8_max(amax: torch.Tensor) -> torch.Tensor:
+    """``amax / 448`` with IEEE division on every device (the fp8 scale): dividing by a Python
+    scalar, PyTorch's CUDA kernel multiplies by the reciprocal, which differs in the last bit
+    for some values (and from the Triton quantisers, which divide)."""
+    return amax / torch.full_like(amax, FP8_MAX)
+
+
 def _pad_last(t: torch.Tensor, mult: int) -> torch.Tensor:
     pad = -t.shape[-1] % mult
     return torch.nn.functional.pad(t, (0, pad)) if pad else t
 
 
-def quantize_fp8_rows(x: torch.Tensor, group: int = GROUP):
-    """``x [M, K]`` → ``(q e4m3 [M, K], scale fp32 [M, ceil(K/group)])``, one scale per row
-    and ``group`` consecutive columns."""
+def quantize_fp8_rows(x: torch.Tensor):
+    """``x [M, K]`` → ``(q e4m3 [M, K], scale fp32 [M, ceil(K/128)])``, one scale per row
+    and 128 consecutive columns. CUDA tensors: one Triton pass (``kernels/quantize.py``, the
+    same values bitwise); otherwise plain PyTorch."""
     _check_float("x", x, 2)
+    if x.is_cuda:
+        from .kernels.quantize import fp8_quantize_rows
+        return fp8_quantize_rows(x)
+    return _quantize_fp8_rows_torch(x)
+
+
+def _quantize_fp8_rows_torch(x: torch.Tensor, group: int = GROUP):
+    """The reference of ``quantize_fp8_rows`` in plain PyTorch."""
     m, k = x.shape
     groups = -(-k // group)
     xp = _pad_last(x.float(), group).view(m, groups, group)
-    scale = xp.abs().amax(-1).clamp(min=_TINY) / FP8_MAX
+    scale = _div_fp8_max(xp.abs().amax(-1).clamp(min=_TINY))
     q = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(m, groups * group)[:, :k].contiguous(), scale.contiguous()
 
 
-def quantize_fp8_blocks(w: torch.Tensor, block: int = GROUP):
-    """``w [E, N, K]`` → ``(q e4m3 [E, N, K], scale fp32 [E, ceil(N/block), ceil(K/block)])``,
-    one scale per ``block × block`` tile."""
+def quantize_fp8_blocks(w: torch.Tensor):
+    """``w [E, N, K]`` → ``(q e4m3 [E, N, K], scale fp32 [E, ceil(N/128), ceil(K/128)])``,
+    one scale per 128 × 128 tile. CUDA tensors: one Triton pass, else plain PyTorch."""
     _check_float("w", w, 3)
+    if w.is_cuda:
+        from .kernels.quantize import fp8_quantize_blocks
+        return fp8_quantize_blocks(w)[:2]
+    return _quantize_fp8_blocks_torch(w)
+
+
+def _quantize_fp8_blocks_torch(w: torch.Tensor, block: int = GROUP):
+    """The reference of ``quantize_fp8_blocks`` in plain PyTorch."""
     e, n, k = w.shape
     wp = _pad_last(w.float(), block)
     wp = _pad_last(wp.transpose(1, 2), block).transpose(1, 2)  # pad N too
     nb, kb = wp.shape[1] // block, wp.shape[2] // block
     tiles = wp.reshape(e, nb, block, kb, block)
-    scale = tiles.abs().amax(dim=(2, 4)).clamp(min=_TINY) / FP8_MAX
+    scale = _div_fp8_max(tiles.abs().amax(dim=(2, 4)).clamp(min=_TINY))
     q = (tiles / scale[:, :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.reshape(e, nb * block, kb * block)[:, :n, :k].contiguous(), scale.contiguous()
 
@@ -130,18 +154,28 @@ def quantize_expert_weights(w_up: torch.Tensor, w_down: torch.Tensor, quant_mode
 
 
 def cached_weight(w: torch.Tensor, quant_mode: str):
-    """``(q, scale)`` of weight ``w`` in ``quant_mode``, quantised once per modification of
-    ``w``: the copy is kept on the tensor and reused while ``w._version`` (bumped by every
-    in-place update, e.g. the optimizer's) and its storage are unchanged."""
+    """``(q, scale, q_t)`` of weight ``w`` in ``quant_mode``, quantised once per modification
+    of ``w``: the copy is kept on the tensor and reused while ``w._version`` (bumped by every
+    in-place update, e.g. the optimizer's) and its storage are unchanged.
+
+    ``q_t`` (fp8; None for int8): the same values stored transposed (K-major strides, shape
+    of ``q``), the operand layout of the dgrad GEMMs (``kernels/quantize.py``). On CPU it is
+    ``q`` itself (no tensor cores: the layout does not matter there)."""
     key = (quant_mode, w._version, w.data_ptr(), tuple(w.shape), w.dtype)
     cache = getattr(w, "_moe_quant_cache", None)
     if cache is not None and cache[0] == key:
-        return cache[1], cache[2]
-    fn = quantize_fp8_blocks if quant_mode == "fp8" else quantize_int8_channels
+        return cache[1]
     with torch.no_grad():
-        q, s = fn(w.detach())
+        if quant_mode != "fp8":
+            out = (*quantize_int8_channels(w.detach()), None)
+        elif w.is_cuda:
+            from .kernels.quantize import fp8_quantize_blocks
+            out = fp8_quantize_blocks(w.detach(), transposed=True)
+        else:
+            q, s = _quantize_fp8_blocks_torch(w.detach())
+            out = (q, s, q)
     try:
-        w._moe_quant_cache = (key, q, s)
+        w._moe_quant_cache = (key, out)
     except (AttributeError, RuntimeError):  # tensors that refuse attributes: no cache
         pass
-    return q, s
+    return out

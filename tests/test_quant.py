@@ -22,6 +22,7 @@ from conftest import BF16_TOL, DEVICE, FP32_TOL, HAS_CUDA, assert_close, rel_err
 from moe_plugin import MoELayer, fused_experts, fused_moe, fused_moe_quantized, quant as Q
 from moe_plugin import reference
 from moe_plugin.kernels import grouped_gemm as G
+from moe_plugin.kernels import quantize as KQ
 
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 TOL = BF16_TOL if HAS_CUDA else FP32_TOL
@@ -97,21 +98,55 @@ def test_quant_helpers_reject_bad_input():
 
 
 def test_cached_weight_requantises_only_after_an_update():
-    w = torch.nn.Parameter(torch.randn(2, 128, 128))
-    q1, s1 = Q.cached_weight(w, "fp8")
-    q2, _ = Q.cached_weight(w, "fp8")
+    w = torch.nn.Parameter(torch.randn(2, 256, 128, device=DEVICE))
+    q1, s1, t1 = Q.cached_weight(w, "fp8")
+    q2, _, _ = Q.cached_weight(w, "fp8")
     assert q2 is q1  # the same micro-batch or the next: no new copy
+    # the dgrad copy: the same values, K-major (on a GPU a separate transposed copy)
+    assert t1.shape == q1.shape
+    assert torch.equal(t1.contiguous().view(torch.uint8), q1.view(torch.uint8))
+    if HAS_CUDA:
+        assert t1.stride() == (256 * 128, 1, 256)
     with torch.no_grad():
         w.mul_(2)  # an optimizer step modifies the weight in place
-    q3, s3 = Q.cached_weight(w, "fp8")
+    q3, s3, _ = Q.cached_weight(w, "fp8")
     assert q3 is not q1 and torch.allclose(s3, 2 * s1)
+    assert Q.cached_weight(w, "int8")[2] is None
+
+
+@pytest.mark.parametrize("shape", [(37, 300), (8, 128), (1, 1000), (0, 64)])
+def test_fp8_rows_kernel_equals_torch(shape):
+    """The one-pass Triton quantiser (used for CUDA tensors) is bitwise the PyTorch reference:
+    scales, values, ragged last group, a row count that is no multiple of the row tile, an
+    all-zero row."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 3, shape[1])).to(DEVICE, DTYPE)
+    if shape[0] > 2:
+        x[2] = 0
+    q, s = KQ.fp8_quantize_rows(x)
+    q_ref, s_ref = Q._quantize_fp8_rows_torch(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_fp8_blocks_kernel_equals_torch():
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(3, 200, 300, generator=g) * 5).to(DEVICE, DTYPE)
+    w[1, :128, :128] = 0
+    q, s, q_t = KQ.fp8_quantize_blocks(w, transposed=True)
+    q_ref, s_ref = Q._quantize_fp8_blocks_torch(w)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert q_t.shape == q.shape and q_t.stride() == (300 * 200, 1, 200)
+    assert torch.equal(q_t.contiguous().view(torch.uint8), q.view(torch.uint8))
+    assert KQ.fp8_quantize_blocks(w)[2] is None
 
 
 @triton.jit
 def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + i, mask=i < n, other=0.0)
-    tl.store(y_ptr + i, G._round_e4m3(v), mask=i < n)
+    tl.store(y_ptr + i, KQ._round_e4m3(v), mask=i < n)
 
 
 def test_e4m3_rounding_emulation_matches_torch():

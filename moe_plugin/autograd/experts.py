@@ -68,7 +68,8 @@ class FusedExpertsFP8Function(torch.autograd.Function):
     stores the pre-activation (in x's dtype, unless ``recompute``) and writes h already
     quantised (e4m3 per 128 columns, in its epilogue) for GEMM2.
 
-    Saves: ``x``, ``topk_weights``, the quantised weights (the cached copies, no new memory),
+    Saves: ``x``, ``topk_weights``, the quantised weights (the cached copies, no new memory;
+    each also stored K-major, the layout of the dgrad GEMMs' B operand on Hopper),
     the permutation metadata and, unless ``recompute``, ``pre``.
 
     Backward: dgrad in FP8 -- ``dout`` quantised per token and 128 columns, ``dh' = dout ·
@@ -86,24 +87,25 @@ class FusedExpertsFP8Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
                 recompute: bool):
-        wq_up = QTensor(*cached_weight(w_up, "fp8"))
+        wq_up = QTensor(*cached_weight(w_up, "fp8"))  # with the K-major copy for dgrad
         wq_down = QTensor(*cached_weight(w_down, "fp8"))
         out, meta, pre = X.experts_forward(x, topk_ids, topk_weights, wq_up, wq_down, act_code,
                                            gated, save_pre=not recompute)
         ctx.act_code, ctx.gated, ctx.num_experts = act_code, gated, w_up.shape[0]
-        ctx.save_for_backward(x, topk_weights, wq_up.q, wq_up.scale, wq_down.q, wq_down.scale,
+        ctx.save_for_backward(x, topk_weights, *wq_up.tensors(), *wq_down.tensors(),
                               *meta.tensors(), *((pre,) if pre is not None else ()))
         ctx.mark_non_differentiable(meta.counts)
         return out, meta.counts
 
     @staticmethod
     def backward(ctx, dout, _dcounts):
-        x, topk_weights, uq, us, dq, ds, *rest = ctx.saved_tensors
+        x, topk_weights, *rest = ctx.saved_tensors
+        wq_up, wq_down, rest = QTensor(*rest[:3]), QTensor(*rest[3:6]), rest[6:]
         meta = PermuteMeta.from_tensors(rest[:4], ctx.num_experts, topk_weights.shape[1])
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
         dout = dout.contiguous()
         dx, dw_topk, dpre, hw = X.experts_backward_data(
-            dout, x, topk_weights, QTensor(uq, us), QTensor(dq, ds), meta,
+            dout, x, topk_weights, wq_up, wq_down, meta,
             rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
         dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down)
         return dx, None, dw_topk, dw_up, dw_down, None, None, None

@@ -226,7 +226,7 @@ class EPExpertsFunction(torch.autograd.Function):
         if quant:  # fp8 experts: the weights' cached block-quantised copies
             w_up, w_down = QTensor(*cached_weight(w_up, "fp8")), \
                 QTensor(*cached_weight(w_down, "fp8"))
-            weights = (w_up.q, w_up.scale, w_down.q, w_down.scale)
+            weights = (*w_up.tensors(), *w_down.tensors())
         else:
             weights = (w_up, w_down)
         y_recv, emeta, pre = X.experts_forward(
@@ -246,8 +246,8 @@ class EPExpertsFunction(torch.autograd.Function):
     def backward(ctx, dout, _dcounts):
         recv_buf, topk_weights, *rest = ctx.saved_tensors
         weights, rest = rest[:ctx.n_w], rest[ctx.n_w:]
-        if ctx.n_w == 4:
-            w_up, w_down = QTensor(*weights[:2]), QTensor(*weights[2:])
+        if ctx.n_w == 6:
+            w_up, w_down = QTensor(*weights[:3]), QTensor(*weights[3:])
         else:
             w_up, w_down = weights
         emeta = PermuteMeta.from_tensors(rest[:4], ctx.e_loc, 1)

@@ -29,6 +29,7 @@ Every output element is computed by exactly one program in a fixed order: result
 bitwise reproducible for a given configuration.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -37,6 +38,7 @@ import triton.language as tl
 from .activation import act_bwd, act_fwd
 from .common import interpret_mode, next_pow2
 from .permute import PermuteMeta
+from .quantize import _to_e4m3
 
 EPI_STORE = 0
 EPI_ACT_FWD = 1
@@ -61,27 +63,10 @@ def _expert_of_tile(tile_m, counts_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constex
 
 
 @triton.jit
-def _round_e4m3(v):
-    """``v`` (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32
-    arithmetic. Used under the Triton interpreter only: its fp32 -> float8e4nv cast (Triton 3.9)
-    drops the carry when rounding up into the next binade (124.6 becomes 64); exactly
-    representable values then convert exactly. The GPU's conversion instruction is correct."""
-    ax = tl.abs(v)
-    e = tl.maximum(tl.floor(tl.log2(tl.maximum(ax, 1e-30))), -6.0)  # subnormals below 2^-6
-    ulp = tl.exp2(e - 3.0)
-    r = ax / ulp
-    f = tl.floor(r)
-    d = r - f
-    odd = f - 2.0 * tl.floor(f * 0.5)
-    rr = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
-    out = tl.minimum(rr * ulp, 448.0)
-    return tl.where(v < 0, -out, out)
-
-
-@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+    if IEEE:  # fp32 operands; under the interpreter also 16-bit ones, whose tl.dot the
+        # Triton 3.9 interpreter gets wrong: upcast (exact), accumulate in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 
@@ -213,10 +198,8 @@ def _grouped_mm_kernel(
                 # h quantised to e4m3 in groups of 128 columns (BN == 128: one group per
                 # tile): the A operand of an fp8 GEMM2, with its scales
                 amax = tl.max(tl.where(cmask, tl.abs(h), 0.0), 1)
-                hsc = tl.maximum(amax, 1e-12) / 448.0
-                hq = tl.minimum(tl.maximum(h / hsc[:, None], -448.0), 448.0)
-                if FP8_EMU:
-                    hq = _round_e4m3(hq)
+                hsc = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+                hq = _to_e4m3(h, hsc[:, None], FP8_EMU)
                 tl.store(c_ptrs, hq.to(c_ptr.dtype.element_ty), mask=cmask)
                 tl.store(hs_ptr + rows64 * stride_hs + pid_n, hsc, mask=rmask)
             else:
@@ -300,15 +283,17 @@ def _mm_config(kind: str, dtype: torch.dtype, gated: bool, n: int, quant: int = 
 
     bf16/fp16 defaults come from ``benchmarks/tune_kernels.py`` on an H100 (NOTES.md).
     Quantised operands: BK divides 128 (fp8: one scale per k-step); ``qout`` (h quantised in
-    groups of 128 in the epilogue) needs BN = 128. The fp8/int8 GPU tiles are first guesses,
-    not tuned yet."""
+    groups of 128 in the epilogue) needs BN = 128. fp8 tiles: the best of the H100 sweep
+    (``tune_kernels.py --fp8``, NOTES.md) for mixtral and coarse_120b; int8 shares them."""
     if kind in CONFIG_OVERRIDES:
         return dict(CONFIG_OVERRIDES[kind])
     if quant != QUANT_NONE:
         if interpret_mode():
             return dict(BM=16, BN=128 if qout else 32, BK=32, GROUP_M=4, num_warps=4,
                         num_stages=1)
-        bm = 64 if (gated and kind == "up") or kind == "up_bwd" else 128
+        if kind == "up_bwd":  # H100 sweep (K-major W): 64x64 tiles, 4 warps, 4 stages best
+            return dict(BM=64, BN=64, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
+        bm = 64 if gated and kind == "up" else 128
         return dict(BM=bm, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
     if interpret_mode():
         return dict(BM=16, BN=32, BK=32, GROUP_M=4, num_warps=4, num_stages=1)
@@ -369,7 +354,8 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
         sa.stride(0) if sa is not None else 0, stride_sb[0], stride_sb[1], stride_sb[2],
         hs.stride(0) if hs is not None else 0,
         TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=epi, ACT=act, STORE_PRE=store_pre,
-        STORE_H=store_h, IEEE=a.dtype == torch.float32, EVEN_K=k % bk == 0, QUANT=quant,
+        STORE_H=store_h, IEEE=a.dtype == torch.float32 or interpret_mode(), EVEN_K=k % bk == 0,
+        QUANT=quant,
         QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
         BLOCK_E=next_pow2(E), **cfg)
 
@@ -383,7 +369,8 @@ def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, 
     _segment_mm_kernel[grid](
         a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
-        TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather, IEEE=c.dtype == torch.float32,
+        TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
+        IEEE=c.dtype == torch.float32 or interpret_mode(),
         BM=bm, BN=bn, BK=bk, **cfg)
 
 
@@ -397,6 +384,14 @@ class QTensor:
     expert weights ``[E, N, K]`` with ``[E, N/128, K/128]`` or ``[E, N]`` scales)."""
     q: torch.Tensor
     scale: torch.Tensor
+    # optional: q's values stored transposed (K-major strides, same shape): used where a GEMM
+    # reduces over W's rows (the dgrad GEMMs), the operand layout Hopper's FP8 MMA needs
+    q_t: Optional[torch.Tensor] = None
+
+    def tensors(self) -> tuple:
+        """``(q, scale, q_t)``: for ``save_for_backward`` (None entries are allowed there);
+        ``QTensor(*t)`` rebuilds it."""
+        return self.q, self.scale, self.q_t
 
     @property
     def mode(self) -> int:
@@ -419,6 +414,7 @@ def _operands(a, w, w_transposed: bool, out_dtype=None):
     if not isinstance(a, QTensor) or a.mode != w.mode:
         raise TypeError("quantised weights need activations quantised in the same format")
     sc = w.scale
+    wq = w.q
     if sc.dim() == 2:  # int8: one scale per output channel n = W's rows
         if not w_transposed:
             raise ValueError("int8 per-channel weight scales serve B = W[e]ᵀ only")
@@ -427,7 +423,9 @@ def _operands(a, w, w_transposed: bool, out_dtype=None):
         strides = (sc.stride(0), sc.stride(2), sc.stride(1))
     else:
         strides = (sc.stride(0), sc.stride(1), sc.stride(2))
-    return a.q, a.scale, w.q, sc, strides, w.mode, out_dtype or torch.bfloat16
+        if w.q_t is not None:
+            wq = w.q_t
+    return a.q, a.scale, wq, sc, strides, w.mode, out_dtype or torch.bfloat16
 
 
 def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: bool,

@@ -89,9 +89,9 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
         if NEED_AUX:
             if not AUX_SEPARATE:
                 cnt += tl.sum((hit & m).to(tl.int32), 0)
-    if RENORM:
+    if RENORM:  # (padding rows past N: denominator 1, not 0/0)
         if SCORE == 0:
-            wv = wv / tl.sum(wv, 1)[:, None]
+            wv = wv / tl.where(rows < N, tl.sum(wv, 1), 1.0)[:, None]
         else:
             wv = wv / (tl.sum(wv, 1)[:, None] + 1e-20)
     wv = wv * scaling
