@@ -10,7 +10,9 @@
 # Model (issue 7): d_model 1024, 16 heads, 24 layers (the first dense with FFN 4096, the rest
 # MoE), 8 routed experts of FFN 1536 + 1 shared expert of FFN 1536, top-2 softmax, vocab 50304,
 # sequence 1024, micro-batch 8. Environment: ITERS (200), LOG_INTERVAL (20), TLIM (seconds per
-# run, 280), PORT (29511), EXTRA (more flags for the plugin run only).
+# run, 280), PORT (29511), EXTRA (more flags for the plugin run only), ATTENTION (sdpa:
+# PyTorch's fused attention for both runs; megatron: Megatron's unfused DotProductAttention),
+# PROFILE=1 (each run also writes a torch.profiler table of two iterations, ${impl}_profile.txt).
 set -o pipefail
 OUT=${1:?usage: megatron_e2e.sh OUT_DIR [NPROC] [EP]}
 NPROC=${2:-1}
@@ -27,8 +29,9 @@ COMMON="--num-layers 24 --hidden-size 1024 --num-attention-heads 16 --first-dens
  --log-interval ${LOG_INTERVAL:-20} --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 20
  --expert-model-parallel-size $EP"
 for impl in stock plugin; do
-  flags=""
-  [ "$impl" = plugin ] && flags="--moe-use-plugin ${EXTRA:-}"
+  flags="--attention ${ATTENTION:-sdpa}"
+  [ "$impl" = plugin ] && flags="$flags --moe-use-plugin ${EXTRA:-}"
+  [ -n "${PROFILE:-}" ] && flags="$flags --profile $OUT/${impl}_profile.txt"
   # shellcheck disable=SC2086
   timeout "${TLIM:-280}" torchrun --nproc_per_node="$NPROC" --master_addr=127.0.0.1 \
       --master_port="${PORT:-29511}" "$HERE/examples/pretrain_gpt_moe.py" $flags $COMMON \

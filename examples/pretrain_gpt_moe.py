@@ -54,6 +54,7 @@ from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
     reduce_aux_losses_tracker_across_ranks)
 
 from moe_plugin.megatron import MoEPluginConfig, add_plugin_args, gpt_decoder_block_spec  # noqa
+from moe_plugin.megatron.attention import with_sdpa_attention  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -102,6 +103,14 @@ def parse_args(argv=None):
     g.add_argument("--log-interval", type=int, default=5)
     g.add_argument("--plot", default="loss_curve.png")
     g.add_argument("--log-json", default="train_log.json")
+    g.add_argument("--attention", choices=["sdpa", "megatron"], default="sdpa",
+                   help="core attention: PyTorch's fused scaled_dot_product_attention "
+                        "(moe_plugin.megatron.SDPAttention) or Megatron's unfused "
+                        "DotProductAttention (the local spec's); the same for stock and plugin")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="profile two iterations (after --profile-start) with torch.profiler; "
+                        "rank 0 writes the per-kernel table to FILE and prints its top rows")
+    g.add_argument("--profile-start", type=int, default=5)
     add_plugin_args(p)
     args = p.parse_args(argv)
     if args.ffn_hidden_size is None:
@@ -208,7 +217,10 @@ def main(argv=None):
     num_micro = args.global_batch_size // per_step
 
     cfg = model_config(args)
-    model = GPTModel(cfg, gpt_decoder_block_spec(cfg, use_transformer_engine=False),
+    spec = gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+    if args.attention == "sdpa":
+        spec = with_sdpa_attention(spec)
+    model = GPTModel(cfg, spec,
                      vocab_size=args.vocab_size, max_sequence_length=args.seq_length,
                      share_embeddings_and_output_weights=True).to(device)
     if args.bf16:  # as Megatron's training loop does: every module (norms included) in bf16,
@@ -219,7 +231,7 @@ def main(argv=None):
     # fp32 master weights for the optimizer (the model may hold bf16)
     master = [p.detach().clone().float().requires_grad_() for p in params]
     opt = torch.optim.AdamW(master, lr=args.lr, weight_decay=args.weight_decay,
-                            betas=(0.9, 0.95))
+                            betas=(0.9, 0.95), fused=cuda or None)
     start_iter, consumed = 0, 0
     if args.load:
         start_iter, consumed = load_checkpoint(args, model, opt, master, params, rank)
@@ -233,12 +245,22 @@ def main(argv=None):
               f"world {world} (EP {ep}, DP {dp_size}); params on rank 0: {n_params / 1e6:.2f}M; "
               f"{num_micro} micro-batches of {args.micro_batch_size} per rank per iteration; "
               f"device {device}", flush=True)
-    # explicit causal mask (True = masked): Megatron's default mask is built on CUDA only
-    causal = torch.triu(torch.ones(args.seq_length, args.seq_length, dtype=torch.bool,
-                                   device=device), diagonal=1)[None, None]
+    # explicit causal mask (True = masked): Megatron's default mask is built on CUDA only;
+    # SDPAttention takes None as causal (the fused kernels' own causal mode)
+    causal = None if args.attention == "sdpa" else torch.triu(
+        torch.ones(args.seq_length, args.seq_length, dtype=torch.bool, device=device),
+        diagonal=1)[None, None]
     log = []
     t_last, it_last = time.time(), start_iter
+    prof = None
     for it in range(start_iter, args.train_iters):
+        if args.profile and it == args.profile_start:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+            prof.__enter__()
+        if prof is not None and it == args.profile_start + 2:
+            finish_profile(prof, args.profile, rank, cuda)
+            prof = None
         model.train()
         model.zero_grad_buffer()
         MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / num_micro)
@@ -305,6 +327,19 @@ def main(argv=None):
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     return log
+
+
+def finish_profile(prof, path: str, rank: int, cuda: bool) -> None:
+    """Stops ``prof``; rank 0 writes the table of operators/kernels by device time."""
+    if cuda:
+        torch.cuda.synchronize()
+    prof.__exit__(None, None, None)
+    if rank == 0:
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
+        with open(path, "w") as fh:
+            fh.write(table)
+        print("\n" + "\n".join(table.splitlines()[:30]), flush=True)
 
 
 def save_checkpoint(args, model, opt, iteration, consumed, rank):

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from conftest import BF16_TOL, FP32_TOL, free_port, worker_env  # noqa: E402
+from conftest import BF16_TOL, FP32_TOL, assert_close, free_port, worker_env  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "megatron_equiv_worker.py")
 ERR_KEYS = ("loss", "grads", "bias_update", "router_loaded", "stock_ep1_to_plugin_ep2",
@@ -177,3 +177,41 @@ def test_plugin_quant_flag():
 def test_unsupported_only_when_flag_on():
     # the same setting is fine for stock Megatron-Core (flag off)
     _cfg(moe_use_plugin=False, moe_router_dtype="fp64")
+
+
+@pytest.mark.parametrize("groups,masked", [(4, False), (2, False), (4, True)])
+def test_sdpa_attention_matches_megatron_dot_product_attention(model_parallel_1, groups, masked):
+    """SDPAttention (the pretraining example's default core attention) against Megatron's
+    DotProductAttention: output and the gradients of q, k, v, fp32 -- causal through ``None``
+    and through an explicit mask, grouped-query attention, a padding mask."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from moe_plugin.megatron.attention import SDPAttention
+    model_parallel_cuda_manual_seed(0)  # DotProductAttention's dropout forks this RNG state
+    cfg = _cfg(num_query_groups=groups, attention_dropout=0.0)
+    s, b, h, d = 12, 2, cfg.num_attention_heads, cfg.kv_channels
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(s, b, h, d, generator=g)
+    k, v = (torch.randn(s, b, groups, d, generator=g) for _ in range(2))
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+    if masked:  # the last 3 keys of the second sequence are padding
+        causal = causal.repeat(b, 1, 1, 1)
+        causal[1, :, :, -3:] = True
+    outs = []
+    for cls, mask in ((DotProductAttention, causal), (SDPAttention, causal if masked else None)):
+        mod = cls(cfg, 1, AttnMaskType.causal, "self")
+        qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = mod(*qkv, mask)
+        out.backward(torch.ones_like(out) + out.detach())
+        outs.append([out.detach()] + [t.grad for t in qkv])
+    for a, ref, what in zip(*outs, ("out", "dq", "dk", "dv")):  # (no fully masked query row)
+        assert_close(a, ref, FP32_TOL, what)
+
+
+def test_sdpa_attention_rejects_unsupported_settings(model_parallel_1):
+    from megatron.core.transformer.enums import AttnMaskType
+    from moe_plugin.megatron import UnsupportedConfigError
+    from moe_plugin.megatron.attention import SDPAttention
+    with pytest.raises(UnsupportedConfigError, match="window_size"):
+        SDPAttention(_cfg(window_size=(4, 0)), 1, AttnMaskType.causal, "self")
