@@ -192,9 +192,10 @@ def test_sdpa_attention_matches_megatron_dot_product_attention(model_parallel_1,
     cfg = _cfg(num_query_groups=groups, attention_dropout=0.0)
     s, b, h, d = 12, 2, cfg.num_attention_heads, cfg.kv_channels
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(s, b, h, d, generator=g)
-    k, v = (torch.randn(s, b, groups, d, generator=g) for _ in range(2))
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Megatron's score buffer lives there
+    q = torch.randn(s, b, h, d, generator=g).to(dev)
+    k, v = (torch.randn(s, b, groups, d, generator=g).to(dev) for _ in range(2))
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=dev), diagonal=1)[None, None]
     if masked:  # the last 3 keys of the second sequence are padding
         causal = causal.repeat(b, 1, 1, 1)
         causal[1, :, :, -3:] = True
