@@ -72,6 +72,19 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, sa, sb, QUANT: tl.constexpr, IEEE: tl.constexpr):
+    """One k-step ``acc += a · b`` of the row-grouped kernel: fp8 with the step's scales of A's
+    rows (``sa``) and B's columns (``sb``) applied to the partial product, int8 in int32, else
+    in fp32 (``_dot``)."""
+    if QUANT == 1:
+        return acc + tl.dot(a, b) * (sa[:, None] * sb[None, :])
+    elif QUANT == 2:
+        return tl.dot(a, b, acc, out_dtype=tl.int32)
+    else:
+        return _dot(a, b, acc, IEEE)
+
+
+@triton.jit
 def _grouped_mm_kernel(
         a_ptr, b_ptr, c_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, gather_ptr, counts_ptr, offsets_ptr,
         sa_ptr, sb_ptr, hs_ptr,
@@ -137,11 +150,10 @@ def _grouped_mm_kernel(
             kb = k0 // 128  # BK divides 128: one scale per row / column block in this step
             sa = tl.load(sa_ptrs + kb, mask=rmask, other=0.0)
             sb = tl.load(sb_ptrs + kb * stride_sbk, mask=nmask, other=0.0)
-            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-        elif QUANT == 2:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         else:
-            acc = _dot(a, b, acc, IEEE)
+            sa = 0.0  # unused
+            sb = 0.0
+        acc = _mma(a, b, acc, sa, sb, QUANT, IEEE)
         if GATED and EPI == 1:
             if EVEN_K:
                 b2 = tl.load(b2_ptrs, mask=nmask[None, :], other=0.0)
@@ -149,11 +161,9 @@ def _grouped_mm_kernel(
                 b2 = tl.load(b2_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
             if QUANT == 1:
                 sb2 = tl.load(sb2_ptrs + kb * stride_sbk, mask=nmask, other=0.0)
-                acc2 += tl.dot(a, b2) * (sa[:, None] * sb2[None, :])
-            elif QUANT == 2:
-                acc2 = tl.dot(a, b2, acc2, out_dtype=tl.int32)
             else:
-                acc2 = _dot(a, b2, acc2, IEEE)
+                sb2 = 0.0  # unused
+            acc2 = _mma(a, b2, acc2, sa, sb2, QUANT, IEEE)
             b2_ptrs += BK * stride_bk
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
