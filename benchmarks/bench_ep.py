@@ -11,10 +11,10 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
+from report import emit, run_meta
 
 CONFIGS = {  # name: (tokens per rank, D, F, E, k, shared FFN)
     "fine_30b": (8192, 4096, 512, 128, 8, 2048),
@@ -123,10 +123,7 @@ def main():
     group = dist.group.WORLD
     rows = [bench_config(name, args, group) for name in args.configs]
     if dist.get_rank() == 0:
-        import triton
-        meta = {"device": torch.cuda.get_device_name(), "gpus": dist.get_world_size(),
-                "torch": torch.__version__, "triton": triton.__version__,
-                "date": time.strftime("%Y-%m-%d")}
+        meta = run_meta(gpus=dist.get_world_size())
         for r in rows:
             print(json.dumps(r), flush=True)
         md = [f"{meta['gpus']}× {meta['device']}, torch {meta['torch']}, triton "
@@ -146,14 +143,7 @@ def main():
                 f"{r['combine_vs_raw']:.2f} | {r['layer_fwd_bwd_ms_overlap_on']:.2f} / "
                 f"{r['layer_fwd_bwd_ms_overlap_off']:.2f} | {r['a2a_ms_per_fwd_bwd']:.2f} | "
                 f"{r['hidden_fraction'] * 100:.0f}% |")
-        table = "\n".join(md) + "\n"
-        print(table)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        if args.md:
-            with open(args.md, "w") as f:
-                f.write(table)
+        emit("\n".join(md) + "\n", args.md, args.json, {"meta": meta, "rows": rows})
     dist.destroy_process_group()
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -35,6 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from report import emit
 
 GPU_DEFAULTS = dict(d_model=1024, layers=16, heads=16, vocab=32768, seq=1024, batch=8,
                     dtype="bfloat16", iters=20, warmup=5)
@@ -270,14 +270,7 @@ def main():
             f"Overlap vs flat: {result['speedup_overlap_vs_flat']:.2f}x; gradients agree to "
             f"{result['grad_rel_err_overlap_vs_flat']:.1e} (relative L2).",
         ]
-        print("\n".join(lines), flush=True)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write("\n".join(lines) + "\n")
+        emit("\n".join(lines) + "\n", args.markdown, args.json, result)
     dist.destroy_process_group()
 
 

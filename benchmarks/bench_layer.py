@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 
 import torch
+from report import emit, run_meta
 
 CONFIGS = {  # name: (T, D, F, E, k)
     "mixtral": (8192, 4096, 14336, 8, 2),
@@ -183,11 +182,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
-    import triton
-    dev = torch.cuda.get_device_name()
-    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "ceilings": ceilings()}
+    meta = run_meta(ceilings=ceilings())
     print(json.dumps(meta), flush=True)
     rows = []
     for name in args.configs:
@@ -223,14 +218,7 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
             del inputs
             torch.cuda.empty_cache()
-    table = markdown(meta, rows)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(table)
+    emit(markdown(meta, rows), args.md, args.json, {"meta": meta, "rows": rows})
 
 
 def markdown(meta, rows):

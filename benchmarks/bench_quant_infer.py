@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
+from report import emit, run_meta
 
 
 def _timer(device):
@@ -51,8 +51,6 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    import triton
-
     import moe_plugin
     from moe_plugin import quant as Q
     D, F, E, K = args.shape
@@ -62,10 +60,7 @@ def main(argv=None):
     w_down = torch.randn(E, D, F, device=device, dtype=dtype, generator=g) / F ** 0.5
     qw = {m: Q.quantize_expert_weights(w_up, w_down, m) for m in Q.QUANT_MODES}
     timer = _timer(device)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "shape": {"D": D, "F": F, "E": E, "k": K}}
+    meta = run_meta(device, shape={"D": D, "F": F, "E": E, "k": K})
     print(json.dumps(meta), flush=True)
     rows = []
     for n in args.tokens:
@@ -100,14 +95,7 @@ def main(argv=None):
         lines.append(f"| {r['tokens']} | {r['bf16_ms']:.3f} | {r['int8_ms']:.3f} | "
                      f"{r['int8_speedup']:.2f}x | {r['int8_rel_err']:.1e} | {r['fp8_ms']:.3f} | "
                      f"{r['fp8_speedup']:.2f}x | {r['fp8_rel_err']:.1e} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    if args.md:
-        with open(args.md, "w") as fh:
-            fh.write(table)
+    emit("\n".join(lines) + "\n", args.md, args.json, {"meta": meta, "rows": rows})
     return 0
 
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import sys
+from report import emit
 
 
 def summarize(log: list, skip: int) -> dict:
@@ -56,11 +57,7 @@ def main(argv=None):
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tflops_per_gpu']:.1f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
                      f"{r['peak_mem_gib']:.2f} | {r['final_loss']:.4f} ({r['final_iter']}) |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.md:
-        with open(args.md, "w") as fh:
-            fh.write(table)
+    emit("\n".join(lines) + "\n", args.md)
     if args.png:
         import matplotlib
         matplotlib.use("Agg")

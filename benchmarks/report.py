@@ -1,0 +1,28 @@
+"""What every benchmark script writes: the run's metadata, and its results table printed and
+saved (Markdown, and JSON of the raw figures)."""
+import json
+import os
+import platform
+import time
+
+import torch
+
+
+def run_meta(device="cuda", **extra) -> dict:
+    """Device name, library versions and date of this run, plus ``extra`` entries."""
+    import triton
+    dev = torch.device(device)
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), **extra}
+
+
+def emit(table: str, md_path=None, json_path=None, payload=None) -> None:
+    """Prints ``table``; writes it to ``md_path`` and ``payload`` to ``json_path`` when given."""
+    print(table, flush=True)
+    for path, write in ((json_path, lambda fh: json.dump(payload, fh, indent=1)),
+                        (md_path, lambda fh: fh.write(table))):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as fh:
+                write(fh)
