@@ -18,8 +18,10 @@ Two formats (``QUANT_MODES``):
 * weights ``[E, N, K]``: one scale per output channel (row ``n`` of ``W[e]``): ``scale [E, N]``.
 * scale = amax / 127; values are rounded to nearest (ties to even) and clamped to ±127.
 
-Everything here is plain PyTorch (no host synchronisation); the GEMM kernels consume these
-tensors directly (``kernels/grouped_gemm.py``, ``QUANT``).
+The fp8 quantisers run as one Triton pass each on CUDA tensors (``kernels/quantize.py``,
+bitwise the same as the plain-PyTorch references ``_quantize_fp8_*_torch`` used elsewhere);
+nothing here synchronises with the host. The GEMM kernels consume these tensors directly
+(``kernels/grouped_gemm.py``, ``QUANT``).
 
 ``cached_weight`` keeps one quantised copy per weight tensor and re-quantises only after the
 tensor was modified in place (its ``_version`` changed -- an optimizer step): micro-batches of
@@ -87,10 +89,17 @@ def quantize_fp8_blocks(w: torch.Tensor):
     """``w [E, N, K]`` → ``(q e4m3 [E, N, K], scale fp32 [E, ceil(N/128), ceil(K/128)])``,
     one scale per 128 × 128 tile. CUDA tensors: one Triton pass, else plain PyTorch."""
     _check_float("w", w, 3)
+    return _fp8_blocks(w, transposed=False)[:2]
+
+
+def _fp8_blocks(w: torch.Tensor, transposed: bool):
+    """``(q, scale, q_t)``: Triton on CUDA tensors (``q_t`` a K-major copy when
+    ``transposed``), else PyTorch (``q_t`` = ``q``: the layout matters to tensor cores only)."""
     if w.is_cuda:
         from .kernels.quantize import fp8_quantize_blocks
-        return fp8_quantize_blocks(w)[:2]
-    return _quantize_fp8_blocks_torch(w)
+        return fp8_quantize_blocks(w, transposed=transposed)
+    q, s = _quantize_fp8_blocks_torch(w)
+    return q, s, (q if transposed else None)
 
 
 def _quantize_fp8_blocks_torch(w: torch.Tensor, block: int = GROUP):
@@ -168,12 +177,8 @@ def cached_weight(w: torch.Tensor, quant_mode: str):
     with torch.no_grad():
         if quant_mode != "fp8":
             out = (*quantize_int8_channels(w.detach()), None)
-        elif w.is_cuda:
-            from .kernels.quantize import fp8_quantize_blocks
-            out = fp8_quantize_blocks(w.detach(), transposed=True)
         else:
-            q, s = _quantize_fp8_blocks_torch(w.detach())
-            out = (q, s, q)
+            out = _fp8_blocks(w.detach(), transposed=True)
     try:
         w._moe_quant_cache = (key, out)
     except (AttributeError, RuntimeError):  # tensors that refuse attributes: no cache

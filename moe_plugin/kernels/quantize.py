@@ -19,11 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant import GROUP
 from .common import interpret_mode
-
-GROUP = 128
-FP8_MAX = 448.0
-TINY = 1e-12
 
 
 @triton.jit
