@@ -257,7 +257,7 @@ def main(argv=None):
         if args.profile and it == args.profile_start:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if cuda else []))
-            prof.__enter__()
+            prof.start()
         if prof is not None and it == args.profile_start + 2:
             finish_profile(prof, args.profile, rank, cuda)
             prof = None
@@ -315,6 +315,8 @@ def main(argv=None):
                       f"peak mem {row['peak_mem_gib']:.2f} GiB", flush=True)
         if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
             save_checkpoint(args, model, opt, it + 1, consumed, rank)
+    if prof is not None:  # the run ended inside the profiled window
+        finish_profile(prof, args.profile, rank, cuda)
     if args.save:
         save_checkpoint(args, model, opt, args.train_iters, consumed, rank)
     if rank == 0:
@@ -333,7 +335,7 @@ def finish_profile(prof, path: str, rank: int, cuda: bool) -> None:
     """Stops ``prof``; rank 0 writes the table of operators/kernels by device time."""
     if cuda:
         torch.cuda.synchronize()
-    prof.__exit__(None, None, None)
+    prof.stop()
     if rank == 0:
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
