@@ -126,12 +126,6 @@ def tune_config(name, args, best):
     sweep(name, jobs, args, best)
 
 
-def k_major(w: "GG.QTensor") -> "GG.QTensor":
-    """The same quantised weight stored transposed (its last two dims swapped in memory):
-    as B = W[e] of a dgrad GEMM the reduction dim is then the contiguous one."""
-    return GG.QTensor(w.q.transpose(1, 2).contiguous().transpose(1, 2), w.scale)
-
-
 def tune_fp8(name, args, best):
     """The FP8 training path's GEMMs (fwd GEMM1 with h quantised in the epilogue, GEMM2, the
     dgrad GEMMs on the weights as stored and on a K-major copy) and its quantisation passes."""
@@ -143,8 +137,9 @@ def tune_fp8(name, args, best):
     M = T * k
     meta = K.permute_metadata(ids, E)
     fp8 = GG.QUANT_FP8
+    # as stored ([E, N, K], N-major as the dgrad's B operand) and with the K-major copy
     wu, wd = GG.QTensor(*Q.quantize_fp8_blocks(w_up)), GG.QTensor(*Q.quantize_fp8_blocks(w_down))
-    wu_k, wd_k = k_major(wu), k_major(wd)
+    wu_k, wd_k = (GG.QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))
     xq = quantize_rows(x, fp8)
     pre, hq = K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
                           out_dtype=x.dtype, quant_h=True)
