@@ -17,13 +17,15 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "pretrain_gpt_moe.py")
 
 
-def _train(tmp_path, name, *extra):
+def _train(tmp_path, name, *extra, nproc=2, gpu=False):
     log = tmp_path / f"{name}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", SCRIPT,
            "--moe-use-plugin", "--log-interval", "1", "--log-json", str(log), "--plot",
            str(tmp_path / f"{name}.png"), *extra]
-    proc = subprocess.run(cmd, env=worker_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=900,
+    env = worker_env(OMP_NUM_THREADS="1") if gpu else worker_env(OMP_NUM_THREADS="1",
+                                                                   CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {r["iter"]: r for r in json.loads(log.read_text())["log"]}
@@ -60,3 +62,31 @@ def test_fp8_experts_loss_within_2_percent(tmp_path):
     assert fp8[12]["loss"] < fp8[4]["loss"]
     assert abs(fp8[12]["loss"] - base[12]["loss"]) <= 0.02 * base[12]["loss"]
     assert fp8[4]["loss"] != base[4]["loss"]  # the FP8 path did run
+
+
+def test_cuda_graph_flag_needs_cuda():
+    """A clear command-line error, naming the flag, where capture cannot work (no CUDA here)."""
+    proc = subprocess.run([sys.executable, SCRIPT, "--cuda-graph", "--moe-use-plugin"],
+                          env=worker_env(CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "--cuda-graph: it needs CUDA" in proc.stderr, proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_run_matches_eager_gpu(tmp_path):
+    """--cuda-graph (each micro-batch's forward + backward replayed from one CUDA graph, two
+    micro-batches per step: gradients accumulate across replays) trains with the losses of
+    the eager run, step for step."""
+    small = ["--train-iters", "6", "--num-layers", "3", "--first-dense-layers", "1",
+             "--hidden-size", "256", "--num-attention-heads", "4", "--num-experts", "8",
+             "--moe-ffn-hidden-size", "256", "--moe-shared-expert-intermediate-size", "256",
+             "--seq-length", "256", "--micro-batch-size", "4", "--global-batch-size", "8",
+             "--vocab-size", "1024"]
+    eager = _train(tmp_path, "eager", *small, nproc=1, gpu=True)
+    graph = _train(tmp_path, "graph", *small, "--cuda-graph", nproc=1, gpu=True)
+    assert sorted(graph) == sorted(eager) == list(range(1, 7))
+    for it in eager:
+        assert graph[it]["loss"] == pytest.approx(eager[it]["loss"], rel=1e-5, abs=0), it
+        assert graph[it]["grad_norm"] == pytest.approx(eager[it]["grad_norm"], rel=1e-5), it
+    assert graph[6]["loss"] < graph[1]["loss"]

@@ -1,0 +1,77 @@
+"""A training step's forward + backward captured in one CUDA graph.
+
+Small models train host-bound: the GPU finishes each kernel before Python has launched the
+next one (the 24-layer pretraining model of ``docs/megatron.md`` keeps the H100 busy for about
+half of each eager step). Replaying a captured graph launches the whole forward + backward with
+one call. moe_plugin's single-GPU MoE path has no host synchronisation, so it captures; stock
+Megatron-Core's MoE layers (host-side token counts) and the expert-parallel path (one host
+synchronisation per layer to size its receive buffers) do not.
+
+What a captured step may do: its inputs are copied into static buffers before every replay,
+and it must not synchronise with the host or depend on host-side values that change between
+steps. Gradients must land in memory that outlives the capture: either every parameter holds
+a ``.grad`` before capture (zero it in place between steps: ``zero_grad(set_to_none=False)``),
+or hooks accumulate into persistent buffers, as Megatron's ``DistributedDataParallel`` does
+with ``main_grad``. The warm-up runs (before capture, on a side stream, as PyTorch requires)
+execute ``fn`` for real: reset what they accumulated (gradients, loss trackers) afterwards.
+
+A parameter's gradient-accumulator node, once created, records the stream current at that
+moment, and backward accumulates its gradient there. Wrappers that take these nodes to hook
+them (Megatron's ``DistributedDataParallel``, PyTorch's DDP) must therefore be built under a
+side stream (``with torch.cuda.stream(torch.cuda.Stream()): ...``): built on the default
+stream, capture fails with "operation would make the legacy stream depend on a capturing
+blocking stream".
+"""
+from typing import Any, Callable, Dict
+
+import torch
+
+
+class GraphedStep:
+    """``fn(**inputs)`` (a forward + backward returning tensors, e.g. the loss) as a CUDA graph.
+
+    Args:
+        fn: the step; called ``warmup`` times eagerly, then once under capture.
+        inputs: example CUDA tensors by name; the graph keeps static copies of them.
+        warmup: eager runs before capture (first-call work: Triton compiles, cuBLAS handles,
+            lazily allocated state).
+
+    Calling ``step(**inputs)`` copies the inputs into the static buffers (same names, shapes
+    and dtypes), replays the graph and returns the static output: the next replay overwrites
+    it, so consume it (stream-ordered ops are fine) before calling again. ``fn`` may return a
+    tensor or a tuple of tensors (e.g. the loss and ``torch.autograd.grad``'s gradients).
+    """
+
+    def __init__(self, fn: Callable[..., Any], inputs: Dict[str, torch.Tensor], *,
+                 warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphedStep needs CUDA")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (first calls compile and allocate), "
+                             f"got {warmup}")
+        for name, t in inputs.items():
+            if not isinstance(t, torch.Tensor) or not t.is_cuda:
+                raise ValueError(f"inputs['{name}'] must be a CUDA tensor")
+        self.inputs = {name: t.detach().clone() for name, t in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(**self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(**self.inputs)
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        if inputs.keys() != self.inputs.keys():
+            raise ValueError(f"GraphedStep inputs: expected {sorted(self.inputs)}, "
+                             f"got {sorted(inputs)}")
+        for name, t in inputs.items():
+            dst = self.inputs[name]
+            if t.shape != dst.shape or t.dtype != dst.dtype:
+                raise ValueError(f"inputs['{name}']: captured with {tuple(dst.shape)} "
+                                 f"{dst.dtype}, got {tuple(t.shape)} {t.dtype}")
+            dst.copy_(t, non_blocking=True)
+        self.graph.replay()
+        return self.output
