@@ -30,6 +30,8 @@ CONFIGS = {  # name: (T, D, F, E, k)
     "fine_30b": (32768, 4096, 512, 128, 8),
     "coarse_120b": (32768, 4096, 2048, 64, 4),
     "dsv3_ep8_slice": (16384, 7168, 2048, 32, 8),
+    # the MoE layer of issue 7's pretraining model (micro-batch 8 x 1024 tokens)
+    "pretrain_e2e": (8192, 1024, 1536, 8, 2),
 }
 
 

@@ -58,6 +58,9 @@ def main():
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--rep-ms", type=int, default=40)
     ap.add_argument("--kernels", nargs="*", default=None, help="subset of the GEMMs to tune")
+    ap.add_argument("--accumulate", action="store_true",
+                    help="also the weight-gradient kernels adding into an fp32 buffer "
+                         "(gradient-accumulation fusion), by atomics and read-modify-write")
     ap.add_argument("--fp8", action="store_true",
                     help="the FP8 block-scaled GEMMs (quant='fp8_block') instead of bf16")
     args = ap.parse_args()
@@ -94,6 +97,17 @@ def sweep(name, jobs, args, best, prefix=""):
               flush=True)
 
 
+def split_up_bwd(split: bool, fn):
+    """``fn`` run with ``SPLIT_UP_BWD`` set to ``split``."""
+    def run():
+        saved, GG.SPLIT_UP_BWD = GG.SPLIT_UP_BWD, split
+        try:
+            fn()
+        finally:
+            GG.SPLIT_UP_BWD = saved
+    return run
+
+
 def tune_config(name, args, best):
     """Times every GEMM of one benchmark config with each candidate tile configuration."""
     from triton.testing import do_bench
@@ -116,13 +130,38 @@ def tune_config(name, args, best):
                lambda: K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)),
         "down": (ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(h, w_down, meta)),
         "up_bwd": (GATED_CANDIDATES, True, 2 * M * D * F,
-                   lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)),
+                   split_up_bwd(False, lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0,
+                                                               True))),
+        # the split form: the dh' GEMM's tiles (the activation-backward pass included)
+        "dh": (ROW_CANDIDATES, True, 2 * M * D * F,
+               split_up_bwd(True, lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0,
+                                                          True))),
         "dx": (ROW_CANDIDATES, True, 2 * M * 2 * F * D, lambda: K.expert_dx(dpre, w_up, meta)),
         "wgrad_down": (SEG_CANDIDATES, False, 2 * M * D * F,
                        lambda: K.wgrad_down(dout, hw, meta)),
         "wgrad_up": (SEG_CANDIDATES, False, 2 * M * 2 * F * D,
                      lambda: K.wgrad_up(dpre, x, meta)),
     }
+    if args.accumulate:
+        acc_down = torch.zeros(E, D, F, device=x.device)
+        acc_up = torch.zeros(E, 2 * F, D, device=x.device)
+
+        def accumulating(mode, fn):
+            def run():
+                GG.WGRAD_ACCUM_MODE = mode
+                try:
+                    fn()
+                finally:
+                    GG.WGRAD_ACCUM_MODE = None
+            return run
+        for mode, tag in ((1, "atomic"), (2, "rmw")):
+            jobs[f"wgrad_down_acc_{tag}"] = (
+                SEG_CANDIDATES, False, 2 * M * D * F,
+                accumulating(mode, lambda: K.wgrad_down(dout, hw, meta, out=acc_down)),
+                "wgrad_down")
+            jobs[f"wgrad_up_acc_{tag}"] = (
+                SEG_CANDIDATES, False, 2 * M * 2 * F * D,
+                accumulating(mode, lambda: K.wgrad_up(dpre, x, meta, out=acc_up)), "wgrad_up")
     sweep(name, jobs, args, best)
 
 

@@ -172,3 +172,62 @@ def test_route_kernels(case, n, e, k, seed):
                               score_func=kw["score_func"], renormalize=kw["renormalize"],
                               scaling_factor=kw["scaling_factor"])
         assert_close(dl, r_dl, FP32_TOL, f"dlogits {use}")
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["atomic", "read_modify_write"])
+@pytest.mark.parametrize("which", ["wgrad_up", "wgrad_down"])
+def test_wgrad_accumulates_into_buffer(which, mode, seed, monkeypatch):
+    """``out=``: the weight gradient is added into an fp32 buffer (gradient-accumulation
+    fusion), experts without rows keep the buffer's values; the same as buffer + the plain
+    kernel's fp32 result, by atomic adds and by read-modify-write."""
+    from moe_plugin.kernels import grouped_gemm as G
+    monkeypatch.setattr(G, "WGRAD_ACCUM_MODE", mode)
+    n, d, f, e, k = 40, 24, 16, 6, 2
+    ids = _ids_with_holes(seed, n, e, k, experts=[0, 2, 5])
+    meta = K.permute_metadata(ids.to(DEVICE), e)
+    gen = torch.Generator().manual_seed(seed)
+    s = n * k
+    x = torch.randn(n, d, generator=gen).to(DEVICE)
+    rows = torch.randn(s, 2 * f if which == "wgrad_up" else f, generator=gen).to(DEVICE)
+    fn = G.wgrad_up if which == "wgrad_up" else G.wgrad_down
+    plain = fn(rows, x, meta) if which == "wgrad_up" else fn(x, rows, meta)
+    buf = torch.randn(plain.shape, generator=gen).to(DEVICE)
+    start = buf.clone()
+    got = fn(rows, x, meta, out=buf) if which == "wgrad_up" else fn(x, rows, meta, out=buf)
+    assert got is buf
+    assert torch.equal(buf[[1, 3, 4]], start[[1, 3, 4]])  # no rows: untouched
+    assert plain[[0, 2, 5]].norm() > 0
+    assert_close(buf, start + plain, FP32_TOL, which)
+    with pytest.raises(ValueError, match="accumulation buffer"):
+        fn(rows, x, meta, out=buf[:, :-1]) if which == "wgrad_up" else \
+            fn(x, rows, meta, out=buf[:, :-1])
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_split_activation_backward_matches_fused_epilogue(activation, seed, monkeypatch):
+    """``expert_up_bwd``: the split form (dh' stored, then ``_act_bwd_kernel``) gives the
+    fused epilogue's dpre, hw and routing-weight gradient (fp32: dh' is stored unrounded),
+    for experts without rows and unused slots too."""
+    from moe_plugin.config import check_activation
+    from moe_plugin.kernels import grouped_gemm as G
+    act, gated = check_activation(activation)
+    n, d, f, e, k = 37, 24, 40, 6, 2
+    ids = _ids_with_holes(seed, n, e, k, experts=[0, 2, 3, 5])
+    meta = K.permute_metadata(ids.to(DEVICE), e)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen).to(DEVICE)
+    w_up = (torch.randn(e, 2 * f if gated else f, d, generator=gen) / d ** 0.5).to(DEVICE)
+    w_down = (torch.randn(e, d, f, generator=gen) / f ** 0.5).to(DEVICE)
+    weights = torch.rand(n, k, generator=gen).to(DEVICE)
+    dout = torch.randn(n, d, generator=gen).to(DEVICE)
+    pre, _ = K.expert_up(x, w_up, meta, act, gated, store_pre=True, store_h=False)
+    valid = int(meta.offsets[-1])
+    out = {}
+    for split in (False, True):
+        monkeypatch.setattr(G, "SPLIT_UP_BWD", split)
+        dpre, hw, dwp = K.expert_up_bwd(dout, w_down, pre, meta, weights, act, gated)
+        out[split] = (dpre[:valid], hw[:valid], dwp[:valid])
+    assert 0 < valid < n * k
+    for name, a, b in zip(("dpre", "hw", "dw_perm"), out[True], out[False]):
+        assert b.norm() > 0, name
+        assert_close(a, b, FP32_TOL, name)

@@ -7,6 +7,37 @@ from ..kernels.grouped_gemm import QTensor
 from ..kernels.permute import PermuteMeta
 from ..quant import cached_weight
 
+# Gradient-accumulation fusion (Megatron's ``gradient_accumulation_fusion`` for the experts): a
+# weight with this attribute set true (``moe_plugin.megatron`` sets it on its expert weights)
+# that Megatron's DDP gave a ``main_grad`` buffer gets its gradient added into that buffer by
+# the weight-gradient kernel itself, in fp32, instead of being returned and added by DDP's hook.
+ACCUMULATE_WGRAD_ATTR = "moe_plugin_accumulate_wgrad"
+
+
+def wgrad_fusion_target(w):
+    """``w`` if its gradient is to be added into ``w.main_grad`` in the kernel, else None."""
+    main_grad = getattr(w, "main_grad", None)
+    if (getattr(w, ACCUMULATE_WGRAD_ATTR, False) and main_grad is not None
+            and hasattr(w, "grad_added_to_main_grad") and main_grad.shape == w.shape):
+        return w
+    return None
+
+
+def accumulation_buffer(target, need: bool, like):
+    """The buffer a weight gradient is added into (``target.main_grad``), or an empty tensor
+    (no fusion) -- the form ``torch.ops.moe_plugin.experts_bwd`` takes."""
+    return target.main_grad if target is not None and need else like.new_empty(0)
+
+
+def fused_wgrad_result(target):
+    """What backward returns for a weight whose gradient went into ``main_grad``, Megatron's
+    way: the parameter is flagged (DDP's hook then skips its own add, yet still runs, as its
+    overlapped gradient reduction needs) and an uninitialised tensor stands in for the
+    gradient (zeros where Megatron asks for them with ``zero_out_wgrad``)."""
+    target.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(target, "zero_out_wgrad", False) else torch.empty
+    return make(target.shape, dtype=target.dtype, device=target.device)
+
 
 class FusedExpertsFunction(torch.autograd.Function):
     """``out [N, D] = Σ_j w[t, j] · W_down[e] · act(W_up[e] · x[t])``, e = ids[t, j].
@@ -39,6 +70,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         out, counts, offsets, sorted_slot, slot_pos, pre = torch.ops.moe_plugin.experts_fwd(
             x, topk_ids, topk_weights, w_up, w_down, act_code, gated, not recompute)
         ctx.act_code, ctx.gated = act_code, gated
+        ctx.fuse_up, ctx.fuse_down = wgrad_fusion_target(w_up), wgrad_fusion_target(w_down)
         ctx.save_for_backward(x, topk_weights, w_up, w_down, counts, offsets, sorted_slot,
                               slot_pos, pre)
         ctx.mark_non_differentiable(counts)
@@ -51,10 +83,20 @@ class FusedExpertsFunction(torch.autograd.Function):
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
         grads = torch.ops.moe_plugin.experts_bwd(
             dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre,
-            ctx.act_code, ctx.gated, need_x, need_w, need_up, need_down)
+            ctx.act_code, ctx.gated, need_x, need_w, need_up, need_down,
+            accumulation_buffer(ctx.fuse_up, need_up, x),
+            accumulation_buffer(ctx.fuse_down, need_down, x))
         dx, dw_topk, dw_up, dw_down = (g if need else None for g, need in
                                        zip(grads, (need_x, need_w, need_up, need_down)))
-        return dx, None, dw_topk, dw_up, dw_down, None, None, None
+        return (dx, None, dw_topk) + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
+            + (None, None, None)
+
+
+def returned_weight_grads(ctx, dw_up, dw_down, need_up: bool, need_down: bool):
+    """The weight gradients backward returns, the fused ones replaced by their stand-ins."""
+    return tuple(fused_wgrad_result(t) if t is not None and need else g
+                 for g, t, need in ((dw_up, ctx.fuse_up, need_up),
+                                    (dw_down, ctx.fuse_down, need_down)))
 
 
 class FusedExpertsFP8Function(torch.autograd.Function):
@@ -92,6 +134,7 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         out, meta, pre = X.experts_forward(x, topk_ids, topk_weights, wq_up, wq_down, act_code,
                                            gated, save_pre=not recompute)
         ctx.act_code, ctx.gated, ctx.num_experts = act_code, gated, w_up.shape[0]
+        ctx.fuse_up, ctx.fuse_down = wgrad_fusion_target(w_up), wgrad_fusion_target(w_down)
         ctx.save_for_backward(x, topk_weights, *wq_up.tensors(), *wq_down.tensors(),
                               *meta.tensors(), *((pre,) if pre is not None else ()))
         ctx.mark_non_differentiable(meta.counts)
@@ -107,5 +150,9 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         dx, dw_topk, dpre, hw = X.experts_backward_data(
             dout, x, topk_weights, wq_up, wq_down, meta,
             rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
-        dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down)
-        return dx, None, dw_topk, dw_up, dw_down, None, None, None
+        dw_up, dw_down = X.experts_backward_weight(
+            dout, x, dpre, hw, meta, need_up, need_down,
+            ctx.fuse_up.main_grad if ctx.fuse_up is not None else None,
+            ctx.fuse_down.main_grad if ctx.fuse_down is not None else None)
+        return (dx, None, dw_topk) + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
+            + (None, None, None)

@@ -55,10 +55,11 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
 
 
 def experts_backward_weight(dout, x, dpre, hw, meta: PermuteMeta, need_up: bool,
-                            need_down: bool):
-    """Returns ``(dW_up | None, dW_down | None)``."""
-    dw_down = G.wgrad_down(dout, hw, meta) if need_down else None
-    dw_up = G.wgrad_up(dpre, x, meta) if need_up else None
+                            need_down: bool, acc_up=None, acc_down=None):
+    """Returns ``(dW_up | None, dW_down | None)``. ``acc_up``/``acc_down``: buffers the
+    gradient is added into (returned in its place), e.g. Megatron's ``main_grad``."""
+    dw_down = G.wgrad_down(dout, hw, meta, out=acc_down) if need_down else None
+    dw_up = G.wgrad_up(dpre, x, meta, out=acc_up) if need_up else None
     return dw_up, dw_down
 
 

@@ -14,7 +14,9 @@ the grid is sized for the worst case and idle programs exit). Epilogues:
   columns ``F + n`` of ``W_up[e]``. Stores the pre-activation (rounded to the storage dtype)
   when ``STORE_PRE`` and ``h = act(pre)`` (computed from the rounded pre-activation, exactly as
   the backward recomputes it) when ``STORE_H``.
-* ``EPI_ACT_BWD``: ``acc = dh' = dout[row(p)] · W_down[e]`` (unweighted). Loads the saved
+* ``EPI_ACT_BWD`` (the fused form; by default ``expert_up_bwd`` stores dh' with ``EPI_STORE``
+  and runs the same tile math, ``_act_bwd_tile``, in ``_act_bwd_kernel``):
+  ``acc = dh' = dout[row(p)] · W_down[e]`` (unweighted). Loads the saved
   pre-activation, recomputes ``h``, writes the partial row sums ``Σ_n dh'·h`` (the gradient of
   the routing weight, one partial per column tile: summed afterwards, no atomics),
   ``hw = w_p · h`` (the B operand of dW_down) and ``dpre = act'(pre) ⊙ (w_p · dh')`` in the
@@ -23,7 +25,10 @@ the grid is sized for the worst case and idle programs exit). Epilogues:
 ``_segment_mm_kernel`` (weight gradients): ``C[e] = Σ_{p in segment e} A[p, :]ᵀ · B[p, :]``, one
 program per (expert, output tile), looping over the expert's rows. ``A_GATHER`` / ``B_GATHER``
 read the rows of A / B as gathered token rows ``sorted_slot[p] // TOPK``. Experts with no rows
-get zeros.
+get zeros. ``ACCUM``: ``C[e] += ...`` instead (gradient-accumulation fusion into a persistent
+buffer such as Megatron's fp32 ``main_grad``: the fp32 sum is added without rounding to the
+weights' dtype first), by atomic adds (1; one per element, so still deterministic) or a
+read-modify-write (2).
 
 Every output element is computed by exactly one program in a fixed order: results are
 bitwise reproducible for a given configuration.
@@ -215,23 +220,57 @@ def _grouped_mm_kernel(
             else:
                 tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=cmask)
     else:
-        pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
-        g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
-        if GATED:
-            u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            u = g
-        h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(tl.float32)
-        dwp = tl.sum(tl.where(cmask, acc * h, 0.0), 1)
-        tl.store(dwp_ptr + pid_n.to(tl.int64) * stride_dwp + rows64, dwp, mask=rmask)
-        wp = tl.load(w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(hw_ptr + rows64[:, None] * stride_hw + offs_n[None, :],
-                 (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
-        dg, du = act_bwd(g, u, acc * wp[:, None], ACT)
-        c_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
-        if GATED:
-            tl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
+        _act_bwd_tile(acc, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr, dwp_ptr,
+                      hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm, GATED, ACT)
+
+
+@triton.jit
+def _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr, dwp_ptr,
+                  hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm,
+                  GATED: tl.constexpr, ACT: tl.constexpr):
+    """The activation backward of one [rows, columns] tile, given ``dh = dh'`` (unweighted,
+    fp32): loads the saved pre-activation, recomputes ``h`` (rounded like the forward's), writes
+    the partial routing-weight gradient ``Σ_n dh'·h`` (one per column tile), ``hw = w·h`` and
+    ``dpre = act'(pre) ⊙ (w·dh')`` (into ``c``, the layout of ``pre``)."""
+    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
+    g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
+    if GATED:
+        u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        u = g
+    h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(tl.float32)
+    dwp = tl.sum(tl.where(cmask, dh * h, 0.0), 1)
+    tl.store(dwp_ptr + pid_n.to(tl.int64) * stride_dwp + rows64, dwp, mask=rmask)
+    wp = tl.load(w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(hw_ptr + rows64[:, None] * stride_hw + offs_n[None, :],
+             (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
+    dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
+    c_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
+    if GATED:
+        tl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _act_bwd_kernel(dh_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, c_ptr, gather_ptr, offsets_ptr,
+                    E, N, stride_dh, stride_pm, stride_dwp, stride_hw, stride_cm,
+                    GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr):
+    """The split form of ``EPI_ACT_BWD``: ``_act_bwd_tile`` on a stored ``dh' [S, N]`` for
+    the rows of every expert (``[0, offsets[E])``, expert order). ``hw`` may be ``dh``'s own
+    memory: a program loads its dh' tile before it writes that tile of hw."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < tl.load(offsets_ptr + E)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    cmask = rmask[:, None] & (offs_n < N)[None, :]
+    rows64 = rows.to(tl.int64)
+    slot = tl.load(gather_ptr + rows, mask=rmask, other=0)
+    dh = tl.load(dh_ptr + rows64[:, None] * stride_dh + offs_n[None, :], mask=cmask,
+                 other=0.0).to(tl.float32)
+    _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr, dwp_ptr,
+                  hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm, GATED, ACT)
 
 
 @triton.jit
@@ -239,7 +278,7 @@ def _segment_mm_kernel(
         a_ptr, b_ptr, c_ptr, gather_ptr, counts_ptr, offsets_ptr,
         MO, NO, stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_cm, stride_cn,
         TOPK: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, IEEE: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(MO, BM)
     tiles_n = tl.cdiv(NO, BN)
@@ -273,17 +312,29 @@ def _segment_mm_kernel(
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                     mask=pmask[:, None] & nmask[None, :], other=0.0)
         acc = _dot(tl.trans(a), b, acc, IEEE)
-    tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm
-             + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    c_ptrs = (c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm
+              + offs_n[None, :] * stride_cn)
+    cmask = mmask[:, None] & nmask[None, :]
+    if ACCUM == 1:  # C += the fp32 sum (C: e.g. Megatron's fp32 main_grad); no rows: C
+        # unchanged. One atomic add per element, from the one program that owns it:
+        # deterministic, and no read of C in the epilogue
+        if cnt > 0:
+            tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask, sem="relaxed")
+    elif ACCUM == 2:  # the same as a read-modify-write (any dtype of C)
+        if cnt > 0:
+            acc += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 
 # Per-GEMM overrides, e.g. ``CONFIG_OVERRIDES["up"] = dict(BM=64, ...)`` (used by the tuning
-# benchmark). Keys: "up" (GEMM1 + activation), "down" (GEMM2), "up_bwd" (dh' + activation
-# backward), "dx" (dpre · W_up), "wgrad_down", "wgrad_up".
+# benchmark). Keys: "up" (GEMM1 + activation), "down" (GEMM2), "dh" (dh' = dout · W_down, the
+# split activation backward's GEMM; default: GEMM2's configuration), "up_bwd" (dh' fused with
+# the activation backward), "dx" (dpre · W_up), "wgrad_down", "wgrad_up".
 CONFIG_OVERRIDES: dict = {}
 
 
@@ -297,6 +348,8 @@ def _mm_config(kind: str, dtype: torch.dtype, gated: bool, n: int, quant: int = 
     (``tune_kernels.py --fp8``, NOTES.md) for mixtral and coarse_120b; int8 shares them."""
     if kind in CONFIG_OVERRIDES:
         return dict(CONFIG_OVERRIDES[kind])
+    if kind == "dh":  # dh' of the split activation backward: a plain-store GEMM like GEMM2
+        kind = "down"
     if quant != QUANT_NONE:
         if interpret_mode():
             return dict(BM=16, BN=128 if qout else 32, BK=32, GROUP_M=4, num_warps=4,
@@ -370,17 +423,25 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
         BLOCK_E=next_pow2(E), **cfg)
 
 
+# How the weight-gradient kernels add into an accumulation buffer: 1 atomic adds (fp32 buffers
+# only), 2 read-modify-write; None: 1 for fp32 buffers, else 2 (the tuning benchmark sets it)
+WGRAD_ACCUM_MODE: Optional[int] = None
+
+
 def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a,
-                    stride_b, a_gather=False, b_gather=False):
-    cfg = _seg_config(kind, c.dtype)
+                    stride_b, a_gather=False, b_gather=False, accumulate=False):
+    cfg = _seg_config(kind, a.dtype)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     E = meta.num_experts
     grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
+    accum = 0
+    if accumulate:
+        accum = WGRAD_ACCUM_MODE or (1 if c.dtype == torch.float32 else 2)
     _segment_mm_kernel[grid](
         a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
         TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
-        IEEE=c.dtype == torch.float32 or interpret_mode(),
+        IEEE=a.dtype == torch.float32 or interpret_mode(), ACCUM=accum,
         BM=bm, BN=bn, BK=bk, **cfg)
 
 
@@ -481,25 +542,47 @@ def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None):
     return y
 
 
+# The activation backward after ``dh' = dout · W_down``: True runs it as a separate pass over
+# the stored dh' (``_act_bwd_kernel``; the GEMM keeps a plain, fast epilogue), False in the
+# GEMM's epilogue (``EPI_ACT_BWD``; no dh' round trip through memory, but a heavy epilogue
+# that keeps the GEMM far below its peak). The tuning benchmark times both (NOTES.md).
+SPLIT_UP_BWD = True
+ACT_BWD_BLOCK = (32, 128, 4)  # rows, columns, warps of _act_bwd_kernel
+
+
 def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool):
-    """``dh' = dout[row(p)] · W_down[e]``, fused with the activation backward.
+    """``dh' = dout[row(p)] · W_down[e]`` and the activation backward (``SPLIT_UP_BWD``).
 
     Returns ``dpre [S, 2F|F]`` (gradient of the pre-activation, weight applied),
     ``hw [S, F]`` (``w_p · act(pre[p])``, the operand of dW_down) and ``dw_perm fp32 [S]``
     (gradient of each slot's routing weight, in expert order). ``dout`` and ``w_down`` may be
-    fp8 ``QTensor``s (dgrad in fp8); the outputs are then in ``pre``'s dtype."""
+    fp8 ``QTensor``s (dgrad in fp8); the outputs are then in ``pre``'s dtype (and so is the
+    stored dh' of the split form: it rounds dh' once more than the fused epilogue does)."""
     a, sa, w, sb, stride_sb, quant, _ = _operands(dout, w_down, False)
     S = pre.shape[0]
     f = w.shape[2]
-    bn = _mm_config("up_bwd", a.dtype, gated, f, quant)["BN"]
+    weights = topk_weights.reshape(-1).contiguous()
     dpre = torch.empty_like(pre)
     hw = torch.empty(S, f, dtype=pre.dtype, device=pre.device)
+    args = dict(stride_a=a.stride(), stride_b=(w.stride(0), w.stride(1), w.stride(2)),
+                gather=True, quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
+    if SPLIT_UP_BWD and S:
+        bm, bn, warps = (16, 32, 4) if interpret_mode() else ACT_BWD_BLOCK
+        # dh' goes into hw's memory: each program of the activation pass reads its dh' tile
+        # and then writes hw over the same tile (no extra [S, F] buffer)
+        dh = hw
+        _launch_grouped("dh", a, w, dh, meta, n=f, k=a.shape[1], **args)
+        dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
+        _act_bwd_kernel[(triton.cdiv(S, bm), triton.cdiv(f, bn))](
+            dh, pre, weights, dwp, hw, dpre, meta.sorted_slot, meta.offsets, meta.num_experts,
+            f, dh.stride(0), pre.stride(0), dwp.stride(0), hw.stride(0), dpre.stride(0),
+            GATED=gated, ACT=act, BM=bm, BN=bn, num_warps=warps)
+        return dpre, hw, dwp.sum(0)
+    bn = _mm_config("up_bwd", a.dtype, gated, f, quant)["BN"]
     dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
-    _launch_grouped("up_bwd", a, w, dpre, meta, n=f, k=a.shape[1], stride_a=a.stride(),
-                    stride_b=(w.stride(0), w.stride(1), w.stride(2)),
-                    gather=True, gated=gated, epi=EPI_ACT_BWD, act=act, pre=pre,
-                    weights=topk_weights.reshape(-1).contiguous(), dwp=dwp, hw=hw,
-                    quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
+    _launch_grouped("up_bwd", a, w, dpre, meta, n=f, k=a.shape[1], gated=gated,
+                    epi=EPI_ACT_BWD, act=act, pre=pre, weights=weights, dwp=dwp, hw=hw,
+                    **args)
     return dpre, hw, dwp.sum(0)
 
 
@@ -516,19 +599,31 @@ def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None):
     return dxp
 
 
-def wgrad_down(dout, hw, meta: PermuteMeta):
-    """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` (``hw = w_p · h_p``)."""
-    E = meta.num_experts
-    dw = torch.empty(E, dout.shape[1], hw.shape[1], dtype=hw.dtype, device=hw.device)
+def _wgrad_out(shape, like, out):
+    """A new ``[E, M, N]`` tensor in ``like``'s dtype, or ``out`` (accumulated into) checked."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device), False
+    if tuple(out.shape) != tuple(shape) or out.device != like.device or not out.is_contiguous():
+        raise ValueError(f"weight-gradient accumulation buffer: expected a contiguous "
+                         f"{tuple(shape)} tensor on {like.device}, got {tuple(out.shape)} "
+                         f"on {out.device}")
+    return out, True
+
+
+def wgrad_down(dout, hw, meta: PermuteMeta, out=None):
+    """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` (``hw = w_p · h_p``); with ``out``
+    (``[E, D, F]``, any float dtype) added into it instead and returned."""
+    dw, acc = _wgrad_out((meta.num_experts, dout.shape[1], hw.shape[1]), hw, out)
     _launch_segment("wgrad_down", dout, hw, dw, meta, mo=dout.shape[1], no=hw.shape[1],
-                    stride_a=dout.stride(), stride_b=hw.stride(), a_gather=True)
+                    stride_a=dout.stride(), stride_b=hw.stride(), a_gather=True,
+                    accumulate=acc)
     return dw
 
 
-def wgrad_up(dpre, x, meta: PermuteMeta):
-    """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``."""
-    E = meta.num_experts
-    dw = torch.empty(E, dpre.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+def wgrad_up(dpre, x, meta: PermuteMeta, out=None):
+    """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``; with ``out`` added into it."""
+    dw, acc = _wgrad_out((meta.num_experts, dpre.shape[1], x.shape[1]), x, out)
     _launch_segment("wgrad_up", dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1],
-                    stride_a=dpre.stride(), stride_b=x.stride(), b_gather=True)
+                    stride_a=dpre.stride(), stride_b=x.stride(), b_gather=True,
+                    accumulate=acc)
     return dw

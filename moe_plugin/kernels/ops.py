@@ -5,7 +5,7 @@ the fake implementations give output shapes) and contain no host synchronisation
 autograd Functions built on them compile with ``fullgraph=True`` and capture in CUDA graphs.
 Optional outputs are returned as empty tensors (custom ops cannot return None).
 """
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -44,33 +44,46 @@ def _(x, topk_ids, topk_weights, w_up, w_down, act, gated, save_pre):
             x.new_empty(s if save_pre else 0, w_up.shape[1])]
 
 
-@torch.library.custom_op("moe_plugin::experts_bwd", mutates_args=())
+@torch.library.custom_op("moe_plugin::experts_bwd", mutates_args=("acc_up", "acc_down"))
 def experts_bwd(dout: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
                 w_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
                 offsets: torch.Tensor, sorted_slot: torch.Tensor, slot_pos: torch.Tensor,
                 pre: torch.Tensor, act: int, gated: bool, need_x: bool, need_w: bool,
-                need_up: bool, need_down: bool) -> List[torch.Tensor]:
+                need_up: bool, need_down: bool, acc_up: torch.Tensor,
+                acc_down: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``[dx, d_topk_weights, dw_up, dw_down]``; a gradient not needed is empty.
 
-    ``pre`` empty means recompute it (GEMM1 again, same kernel and configuration)."""
+    ``pre`` empty means recompute it (GEMM1 again, same kernel and configuration).
+    ``acc_up``/``acc_down`` non-empty: that weight gradient is added into it (gradient-
+    accumulation fusion) and returned empty."""
     meta = _meta(counts, offsets, sorted_slot, slot_pos, topk_weights.shape[1])
     recompute = pre.numel() == 0 and sorted_slot.numel() > 0
     dout = dout.contiguous()
     dx, dw_topk, dpre, hw = X.experts_backward_data(
         dout, x, topk_weights, w_up, w_down, meta, None if recompute else pre, act, gated,
         need_x, need_w)
-    dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down)
-    # custom ops return no None and no aliases: a gradient not asked for is a fresh empty
-    return [g if g is not None else x.new_empty(0) for g in (dx, dw_topk, dw_up, dw_down)]
+    fuse_up, fuse_down = acc_up.numel() > 0, acc_down.numel() > 0
+    dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
+                                               acc_up if fuse_up else None,
+                                               acc_down if fuse_down else None)
+    # custom ops return no None and no aliases: a gradient not asked for (or added into its
+    # accumulation buffer) is a fresh empty
+    dw_up = None if fuse_up else dw_up
+    dw_down = None if fuse_down else dw_down
+    # (a tuple, not a list: functionalisation, e.g. under torch.compile, takes ops that
+    # mutate an argument only with fixed outputs)
+    return tuple(g if g is not None else x.new_empty(0) for g in (dx, dw_topk, dw_up, dw_down))
 
 
 @experts_bwd.register_fake
 def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, act,
-      gated, need_x, need_w, need_up, need_down):
+      gated, need_x, need_w, need_up, need_down, acc_up, acc_down):
     def maybe(flag, like):
         return torch.empty_like(like) if flag else x.new_empty(0)
-    return [maybe(need_x, x), maybe(need_w, topk_weights), maybe(need_up, w_up),
-            maybe(need_down, w_down)]
+    return (maybe(need_x, x), maybe(need_w, topk_weights),
+            maybe(need_up and acc_up.numel() == 0, w_up),
+            maybe(need_down and acc_down.numel() == 0, w_down))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ layer is treated as an MoE layer everywhere) but builds its own submodules:
   ``SequentialMLP`` (``local_experts.{i}.linear_fc1.weight`` / ``linear_fc2.weight``) and
   their ``sharded_state_dict`` uses the same keys and global shapes as ``SequentialMLP`` under
   ``dist_checkpointing`` (expert axis sharded over the EP group, replicas over expert-DP).
-  Parameters carry ``allreduce=False`` under EP (Megatron's flag) and ``moe_expert=True``.
+  Parameters carry ``allreduce=False`` under EP (Megatron's flag) and ``moe_expert=True``;
+  under Megatron's DDP their gradients are added into ``main_grad`` by the weight-gradient
+  kernels (``moe_plugin_accumulate_wgrad``, default on).
 * ``shared_experts``: Megatron's own ``SharedExpertMLP`` from the spec (same weights, keys
   and checkpoint format as stock), run on a side CUDA stream.
 
@@ -35,6 +37,7 @@ from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
+from ..autograd.experts import ACCUMULATE_WGRAD_ATTR
 from ..layer import moe_forward
 from .options import params_dtype, plugin_options
 
@@ -86,6 +89,9 @@ class _Experts(MegatronModule):
         ep_size = ep_group.size() if ep_group is not None else 1
         for p in (self.w_up, self.w_down):
             p.moe_expert = True
+            # gradient-accumulation fusion into Megatron DDP's main_grad (autograd/experts.py)
+            setattr(p, ACCUMULATE_WGRAD_ATTR,
+                    bool(getattr(config, "moe_plugin_accumulate_wgrad", True)))
             if ep_size > 1:
                 p.allreduce = False  # Megatron's DDP reduces these over the expert-DP group
         self.ep_group = ep_group

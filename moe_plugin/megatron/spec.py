@@ -29,9 +29,15 @@ class MoEPluginConfig(TransformerConfig):
     layer for moe_plugin's (through ``gpt_decoder_block_spec``); ``moe_plugin_quant="fp8_block"``
     runs their expert GEMMs in FP8 with block scales (the same as Megatron's ``fp8="e4m3"`` +
     ``fp8_recipe="blockwise"``, which megatron-core accepts for MoE models only with
-    TransformerEngine installed)."""
+    TransformerEngine installed). ``moe_plugin_accumulate_wgrad`` (default on): under
+    Megatron's ``DistributedDataParallel`` the expert weight-gradient kernels add into the
+    parameters' fp32 ``main_grad`` directly (what ``gradient_accumulation_fusion`` does for
+    Megatron's linear layers, without apex), instead of writing a bf16 gradient that DDP's
+    hook then adds. As with Megatron's fusion, what autograd then hands back for those weights
+    is a placeholder: read their gradients from ``main_grad``."""
     moe_use_plugin: bool = False
     moe_plugin_quant: Optional[str] = None
+    moe_plugin_accumulate_wgrad: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,8 +70,9 @@ def gpt_decoder_block_spec(config, use_transformer_engine: bool = False, **kwarg
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``--moe-use-plugin`` and ``--moe-plugin-quant`` (Megatron-LM style: dest
-    ``moe_use_plugin``, ``moe_plugin_quant``)."""
+    """Adds ``--moe-use-plugin``, ``--moe-plugin-quant`` and
+    ``--no-moe-plugin-accumulate-wgrad`` (Megatron-LM style: dest ``moe_use_plugin``,
+    ``moe_plugin_quant``, ``moe_plugin_accumulate_wgrad``)."""
     group = parser.add_argument_group("moe_plugin")
     group.add_argument("--moe-use-plugin", action="store_true", dest="moe_use_plugin",
                        help="run every MoE layer with moe_plugin's fused kernels")
@@ -73,4 +80,8 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        dest="moe_plugin_quant",
                        help="moe_plugin's expert GEMMs in FP8 with 1x128 / 128x128 block scales "
                             "(wgrad in bf16)")
+    group.add_argument("--no-moe-plugin-accumulate-wgrad", action="store_false",
+                       dest="moe_plugin_accumulate_wgrad",
+                       help="return the expert weight gradients to Megatron's DDP instead of "
+                            "adding them into main_grad inside the kernels")
     return parser
