@@ -12,7 +12,9 @@
 # sequence 1024, micro-batch 8. Environment: ITERS (200), LOG_INTERVAL (20), TLIM (seconds per
 # run, 280), PORT (29511), EXTRA (more flags for the plugin run only), ATTENTION (sdpa:
 # PyTorch's fused attention for both runs; megatron: Megatron's unfused DotProductAttention),
-# PROFILE=1 (each run also writes a torch.profiler table of two iterations, ${impl}_profile.txt).
+# PROFILE=1 (each run also writes a torch.profiler table of two iterations, ${impl}_profile.txt),
+# BOTH (more flags for every run, e.g. "--cross-entropy-fusion"), GRAPH=1 (a third run:
+# moe_plugin with --cuda-graph, each micro-batch's forward + backward replayed as one graph).
 set -o pipefail
 OUT=${1:?usage: megatron_e2e.sh OUT_DIR [NPROC] [EP]}
 NPROC=${2:-1}
@@ -28,9 +30,12 @@ COMMON="--num-layers 24 --hidden-size 1024 --num-attention-heads 16 --first-dens
  --seq-length 1024 --micro-batch-size 8 --global-batch-size $GBS --train-iters $ITERS
  --log-interval ${LOG_INTERVAL:-20} --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 20
  --expert-model-parallel-size $EP"
-for impl in stock plugin; do
-  flags="--attention ${ATTENTION:-sdpa}"
-  [ "$impl" = plugin ] && flags="$flags --moe-use-plugin ${EXTRA:-}"
+IMPLS="stock plugin"
+[ -n "${GRAPH:-}" ] && IMPLS="$IMPLS plugin_graph"
+for impl in $IMPLS; do
+  flags="--attention ${ATTENTION:-sdpa} ${BOTH:-}"
+  [ "$impl" != stock ] && flags="$flags --moe-use-plugin ${EXTRA:-}"
+  [ "$impl" = plugin_graph ] && flags="$flags --cuda-graph"
   [ -n "${PROFILE:-}" ] && flags="$flags --profile $OUT/${impl}_profile.txt"
   # shellcheck disable=SC2086
   timeout "${TLIM:-280}" torchrun --nproc_per_node="$NPROC" --master_addr=127.0.0.1 \
@@ -38,5 +43,8 @@ for impl in stock plugin; do
       --log-json "$OUT/${impl}.json" --plot "$OUT/${impl}.png" 2>&1 | tr '\r' '\n' \
       | grep -v '^\[#*\.*\]' | tee "$OUT/${impl}.log" | grep -E "^iter|Error|error" | tail -12
 done
-python3 "$HERE/benchmarks/compare_pretrain_runs.py" "stock=$OUT/stock.json" \
-    "moe_plugin=$OUT/plugin.json" --md "$OUT/e2e.md" --png "$OUT/e2e_loss.png"
+RUNS="stock=$OUT/stock.json moe_plugin=$OUT/plugin.json"
+[ -n "${GRAPH:-}" ] && RUNS="$RUNS moe_plugin_cuda_graph=$OUT/plugin_graph.json"
+# shellcheck disable=SC2086
+python3 "$HERE/benchmarks/compare_pretrain_runs.py" $RUNS --md "$OUT/e2e.md" \
+    --png "$OUT/e2e_loss.png"

@@ -54,7 +54,9 @@ from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
     reduce_aux_losses_tracker_across_ranks)
 
 from moe_plugin.megatron import MoEPluginConfig, add_plugin_args, gpt_decoder_block_spec  # noqa
+from moe_plugin.graphs import GraphedStep  # noqa: E402
 from moe_plugin.megatron.attention import with_sdpa_attention  # noqa: E402
+from moe_plugin.megatron.loss import use_fused_cross_entropy  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -111,12 +113,32 @@ def parse_args(argv=None):
                    help="profile two iterations (after --profile-start) with torch.profiler; "
                         "rank 0 writes the per-kernel table to FILE and prints its top rows")
     g.add_argument("--profile-start", type=int, default=5)
+    g.add_argument("--cross-entropy", choices=["megatron", "megatron_fused", "triton"],
+                   default="megatron",
+                   help="the language-model loss: Megatron's vocab_parallel_cross_entropy, "
+                        "Megatron's cross_entropy_loss_fusion (native, torch.compile'd), or "
+                        "moe_plugin's one-pass Triton kernels (moe_plugin.megatron.loss); the "
+                        "same for stock and plugin runs")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay each micro-batch's forward + backward as one CUDA graph "
+                        "(moe_plugin.graphs.GraphedStep): removes the host launch overhead "
+                        "that bounds small models; needs CUDA, --moe-use-plugin and "
+                        "--expert-model-parallel-size 1")
     add_plugin_args(p)
     args = p.parse_args(argv)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.bf16 is None:
         args.bf16 = torch.cuda.is_available()
+    if args.cuda_graph:
+        why = ("it needs CUDA" if not torch.cuda.is_available() else
+               "it needs --moe-use-plugin (stock Megatron-Core's MoE layers read token counts "
+               "on the host, which graph capture forbids)" if not args.moe_use_plugin else
+               "it needs --expert-model-parallel-size 1 (the expert-parallel dispatch sizes "
+               "its receive buffers on the host)" if args.expert_model_parallel_size != 1
+               else None)
+        if why:
+            p.error(f"--cuda-graph: {why}")
     return args
 
 
@@ -138,7 +160,10 @@ def model_config(args) -> MoEPluginConfig:
         expert_model_parallel_size=args.expert_model_parallel_size,
         use_cpu_initialization=not torch.cuda.is_available(), params_dtype=dtype,
         bf16=args.bf16, pipeline_dtype=dtype, moe_use_plugin=args.moe_use_plugin,
-        moe_plugin_quant=args.moe_plugin_quant)
+        moe_plugin_quant=args.moe_plugin_quant,
+        moe_plugin_accumulate_wgrad=args.moe_plugin_accumulate_wgrad,
+        cross_entropy_loss_fusion=args.cross_entropy == "megatron_fused",
+        cross_entropy_fusion_impl="native")
 
 
 def model_flops_per_token(cfg, seq: int, vocab: int) -> float:
@@ -171,9 +196,14 @@ def build_data(args, dp_rank: int, dp_size: int, num_samples: int):
 
 
 def batch_at(data, start: int, count: int, device):
+    """The micro-batch of samples ``[start, start + count)``; on CUDA copied from pinned
+    memory without waiting (the host does not stall on the GPU's queue)."""
     items = [data[i] for i in range(start, start + count)]
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device)
-            for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    out = {}
+    for k in ("tokens", "labels", "loss_mask", "position_ids"):
+        t = torch.stack([torch.as_tensor(it[k]) for it in items])
+        out[k] = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return out
 
 
 def lr_at(args, it: int) -> float:
@@ -223,10 +253,23 @@ def main(argv=None):
     model = GPTModel(cfg, spec,
                      vocab_size=args.vocab_size, max_sequence_length=args.seq_length,
                      share_embeddings_and_output_weights=True).to(device)
+    if args.cross_entropy == "triton":
+        use_fused_cross_entropy(model)
     if args.bf16:  # as Megatron's training loop does: every module (norms included) in bf16,
         model = Float16Module(cfg, model)  # float inputs cast in, the loss cast back to fp32
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    model = DistributedDataParallel(cfg, ddp_cfg, model)
+    if args.cuda_graph:
+        # DDP takes each parameter's gradient-accumulator node to hook it; a node records the
+        # stream current at its creation and backward accumulates there. Created on the
+        # default (legacy) stream, capture fails ("would make the legacy stream depend on a
+        # capturing blocking stream"): build it under a side stream (PyTorch's CUDA-graph notes)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model = DistributedDataParallel(cfg, ddp_cfg, model)
+        torch.cuda.current_stream().wait_stream(side)
+    else:
+        model = DistributedDataParallel(cfg, ddp_cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
     # fp32 master weights for the optimizer (the model may hold bf16)
     master = [p.detach().clone().float().requires_grad_() for p in params]
@@ -250,7 +293,28 @@ def main(argv=None):
     causal = None if args.attention == "sdpa" else torch.triu(
         torch.ones(args.seq_length, args.seq_length, dtype=torch.bool, device=device),
         diagonal=1)[None, None]
+    # the aux losses' backward scale: one tensor for the whole run (a captured graph reads it)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / num_micro)
+
+    def forward_backward(tokens, position_ids, labels, loss_mask):
+        losses = model(tokens, position_ids, causal, labels=labels)
+        loss = (losses.float() * loss_mask).sum() / loss_mask.sum()
+        (loss / num_micro).backward()
+        return loss.detach()
+
+    step = forward_backward
+    if args.cuda_graph:
+        example = batch_at(data, consumed + dp_rank * args.micro_batch_size,
+                           args.micro_batch_size, device)
+        step = GraphedStep(forward_backward, example, warmup=2)
+        # undo what the eager warm-up runs accumulated
+        model.zero_grad_buffer()
+        clear_aux_losses_tracker()
+        for mod in model.modules():
+            if isinstance(getattr(mod, "local_tokens_per_expert", None), torch.Tensor):
+                mod.local_tokens_per_expert.zero_()
     log = []
+    pending = None  # (iteration, loss on the host, copy-done event): read one step later
     t_last, it_last = time.time(), start_iter
     prof = None
     for it in range(start_iter, args.train_iters):
@@ -263,34 +327,50 @@ def main(argv=None):
             prof = None
         model.train()
         model.zero_grad_buffer()
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / num_micro)
         loss_sum = torch.zeros((), device=device)
         for m in range(num_micro):
             base = consumed + (m * dp_size + dp_rank) * args.micro_batch_size
             b = batch_at(data, base, args.micro_batch_size, device)
-            losses = model(b["tokens"], b["position_ids"], causal, labels=b["labels"])
-            loss = (losses.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
-            (loss / num_micro).backward()
-            loss_sum += loss.detach() / num_micro
+            loss_sum += step(**b) / num_micro
         finalize_model_grads([model])  # DP / expert-DP reduction, expert-bias updates
         consumed += args.global_batch_size
         grads = [(p.main_grad if getattr(p, "main_grad", None) is not None else p.grad)
                  for p in params]
         for mp, g in zip(master, grads):
             mp.grad = g.float() if g is not None else None
-        gnorm = torch.nn.utils.clip_grad_norm_(master, args.clip_grad)
+        if cuda:  # the clip factor becomes fused AdamW's gradient divisor (the grad_scale a
+            # GradScaler sets): one pass over the gradients fewer than clip_grad_norm_'s
+            gnorm = torch.nn.utils.get_total_norm(
+                [mp.grad for mp in master if mp.grad is not None], foreach=True)
+            opt.grad_scale = torch.clamp((gnorm + 1e-6) / args.clip_grad, min=1.0).reshape(1)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(master, args.clip_grad)
         for grp in opt.param_groups:
             grp["lr"] = lr_at(args, it)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for p, mp in zip(params, master):
-                p.copy_(mp)
+            torch._foreach_copy_(params, master)
         dist.all_reduce(loss_sum)
-        loss_val = loss_sum.item() / world
-        if rank == 0:
-            progress(it + 1, args.train_iters, f"loss {loss_val:.4f}")
+        # the loss goes to the host without stalling it: the progress bar shows a step's loss
+        # once the next step is queued, so the host keeps the GPU's queue full
+        if cuda:
+            host = torch.empty((), dtype=loss_sum.dtype, pin_memory=True)
+            host.copy_(loss_sum, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = loss_sum, None
+        if pending is not None and rank == 0:
+            progress(pending[0] + 1, args.train_iters, f"loss {_read(pending) / world:.4f}")
+        pending = (it, host, done)
         if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
+            loss_val = _read(pending) / world
+            if rank == 0:
+                progress(it + 1, args.train_iters, f"loss {loss_val:.4f}")
+            pending = None
+            if cuda:
+                torch.cuda.synchronize()
             dt = time.time() - t_last
             its = it + 1 - it_last
             t_last, it_last = time.time(), it + 1
@@ -329,6 +409,14 @@ def main(argv=None):
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     return log
+
+
+def _read(pending) -> float:
+    """The loss of a queued step, waiting for its copy to the host only."""
+    _, host, done = pending
+    if done is not None:
+        done.synchronize()
+    return float(host)
 
 
 def finish_profile(prof, path: str, rank: int, cuda: bool) -> None:

@@ -216,3 +216,90 @@ def test_sdpa_attention_rejects_unsupported_settings(model_parallel_1):
     from moe_plugin.megatron.attention import SDPAttention
     with pytest.raises(UnsupportedConfigError, match="window_size"):
         SDPAttention(_cfg(window_size=(4, 0)), 1, AttnMaskType.causal, "self")
+
+
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _gpt_ddp(cfg, state=None):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from moe_plugin.megatron import gpt_decoder_block_spec
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    model = GPTModel(cfg, gpt_decoder_block_spec(cfg, use_transformer_engine=False),
+                     vocab_size=64, max_sequence_length=16)
+    if state is not None:
+        model.load_state_dict(state)
+    model.to(_DEV)
+    return DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                   model)
+
+
+def test_expert_wgrad_accumulates_into_main_grad(model_parallel_1):
+    """Gradient-accumulation fusion (``moe_plugin_accumulate_wgrad``, on by default): under
+    Megatron's DDP, over two micro-batches, the expert weights' ``main_grad`` equals the one
+    built the stock way (gradient returned, added by DDP's hook), the parameters are flagged
+    ``grad_added_to_main_grad`` and keep no ``.grad``; every other gradient is unchanged.
+    (fp32; on CPU through the Triton interpreter, on a GPU the compiled kernels.)"""
+    runs = {}
+    state = None
+    for fuse in (False, True):
+        ddp = _gpt_ddp(_cfg(moe_plugin_accumulate_wgrad=fuse, moe_aux_loss_coeff=0.01), state)
+        state = state or ddp.module.state_dict()
+        ddp.zero_grad_buffer()
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            tokens = torch.randint(0, 64, (2, 16), generator=g).to(_DEV)
+            pos = torch.arange(16, device=_DEV)[None].expand(2, 16)
+            causal = torch.triu(torch.ones(16, 16, dtype=torch.bool, device=_DEV),
+                                diagonal=1)[None, None]
+            ddp(tokens, pos, causal, labels=tokens).float().mean().backward()
+        runs[fuse] = {n: (p, p.main_grad.clone()) for n, p in ddp.module.named_parameters()}
+    experts = [n for n in runs[True] if ".experts.w_" in n]
+    assert len(experts) == 4  # w_up, w_down of two MoE layers
+    for n, (p, main_grad) in runs[True].items():
+        ref_p, ref = runs[False][n]
+        assert ref.norm() > 0, n
+        assert_close(main_grad, ref, FP32_TOL, n)
+        assert p.grad is None, n
+        fused = n in experts
+        assert getattr(p, "grad_added_to_main_grad") is fused, n
+        assert getattr(p, "moe_plugin_accumulate_wgrad", False) is fused, n
+        assert ref_p.grad_added_to_main_grad is False, n
+
+
+def test_fused_cross_entropy_matches_megatron_loss(model_parallel_1, monkeypatch):
+    """``use_fused_cross_entropy``: a GPTModel's per-token loss and every parameter gradient
+    equal those of Megatron's own cross entropy (fp32); tensor parallelism is refused."""
+    from moe_plugin.megatron import UnsupportedConfigError
+    from moe_plugin.megatron.loss import use_fused_cross_entropy
+    # (gradients read with autograd.grad: no accumulation into main_grad)
+    ddp = _gpt_ddp(_cfg(hidden_dropout=0.0, attention_dropout=0.0,
+                        moe_plugin_accumulate_wgrad=False))
+    model = ddp.module
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 64, (2, 16), generator=g).to(_DEV)
+    labels = torch.randint(0, 64, (2, 16), generator=g).to(_DEV)
+    pos = torch.arange(16, device=_DEV)[None].expand(2, 16)
+    causal = torch.triu(torch.ones(16, 16, dtype=torch.bool, device=_DEV), diagonal=1)[None, None]
+    results = []
+    for fused in (False, True):
+        if fused:
+            use_fused_cross_entropy(model)
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens, pos, causal, labels=labels)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, 32).view(2, 16).to(_DEV))
+                                    .sum(), params)
+        results.append((loss.detach(), grads))
+    (ref, ref_grads), (got, got_grads) = results
+    assert got.shape == ref.shape == (2, 16) and got.dtype == ref.dtype == torch.float32
+    assert_close(got, ref, FP32_TOL, "loss")
+    for i, (a, b) in enumerate(zip(got_grads, ref_grads)):
+        assert_close(a, b, FP32_TOL, f"grad {i}")
+    monkeypatch.setattr("megatron.core.parallel_state.get_tensor_model_parallel_world_size",
+                        lambda: 2)
+    with pytest.raises(UnsupportedConfigError, match="tensor_model_parallel_size"):
+        use_fused_cross_entropy(model)
