@@ -9,10 +9,12 @@ synchronisation per layer to size its receive buffers) do not.
 
 What a captured step may do: its inputs are copied into static buffers before every replay,
 and it must not synchronise with the host or depend on host-side values that change between
-steps. Gradients must land in memory that outlives the capture: either every parameter holds
-a ``.grad`` before capture (zero it in place between steps: ``zero_grad(set_to_none=False)``),
-or hooks accumulate into persistent buffers, as Megatron's ``DistributedDataParallel`` does
-with ``main_grad``. The warm-up runs (before capture, on a side stream, as PyTorch requires)
+steps. Gradients: a parameter whose ``.grad`` is None at capture gets a tensor from the graph's
+memory pool that each replay overwrites (PyTorch's whole-network recipe: one backward per
+step). To accumulate over replays (micro-batches), the gradients must be in memory that
+outlives the capture: every parameter holds a ``.grad`` before capture (zeroed in place between
+steps: ``zero_grad(set_to_none=False)``), or hooks accumulate into persistent buffers, as
+Megatron's ``DistributedDataParallel`` does with ``main_grad``. The warm-up runs (before capture, on a side stream, as PyTorch requires)
 execute ``fn`` for real: reset what they accumulated (gradients, loss trackers) afterwards.
 
 A parameter's gradient-accumulator node, once created, records the stream current at that
