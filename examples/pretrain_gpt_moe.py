@@ -27,6 +27,7 @@ per-rank file for the optimizer and the data position, so a resumed run continue
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -60,7 +61,7 @@ from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
     reduce_aux_losses_tracker_across_ranks)
 
 from moe_plugin.megatron import MoEPluginConfig, add_plugin_args, gpt_decoder_block_spec  # noqa
-from moe_plugin.graphs import GraphedStep  # noqa: E402
+from moe_plugin.graphs import GraphedStep, side_stream  # noqa: E402
 from moe_plugin.megatron.attention import with_sdpa_attention  # noqa: E402
 from moe_plugin.megatron.loss import use_fused_cross_entropy  # noqa: E402
 
@@ -264,17 +265,11 @@ def main(argv=None):
     if args.bf16:  # as Megatron's training loop does: every module (norms included) in bf16,
         model = Float16Module(cfg, model)  # float inputs cast in, the loss cast back to fp32
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    if args.cuda_graph:
-        # DDP takes each parameter's gradient-accumulator node to hook it; a node records the
-        # stream current at its creation and backward accumulates there. Created on the
-        # default (legacy) stream, capture fails ("would make the legacy stream depend on a
-        # capturing blocking stream"): build it under a side stream (PyTorch's CUDA-graph notes)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            model = DistributedDataParallel(cfg, ddp_cfg, model)
-        torch.cuda.current_stream().wait_stream(side)
-    else:
+    # DDP takes each parameter's gradient-accumulator node to hook it; a node records the
+    # stream current at its creation and backward accumulates there. Created on the default
+    # (legacy) stream, capture fails ("would make the legacy stream depend on a capturing
+    # blocking stream"): for --cuda-graph it is built under a side stream (graphs.py)
+    with side_stream() if args.cuda_graph else contextlib.nullcontext():
         model = DistributedDataParallel(cfg, ddp_cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
     # fp32 master weights for the optimizer (the model may hold bf16)

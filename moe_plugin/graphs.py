@@ -14,19 +14,32 @@ memory pool that each replay overwrites (PyTorch's whole-network recipe: one bac
 step). To accumulate over replays (micro-batches), the gradients must be in memory that
 outlives the capture: every parameter holds a ``.grad`` before capture (zeroed in place between
 steps: ``zero_grad(set_to_none=False)``), or hooks accumulate into persistent buffers, as
-Megatron's ``DistributedDataParallel`` does with ``main_grad``. The warm-up runs (before capture, on a side stream, as PyTorch requires)
-execute ``fn`` for real: reset what they accumulated (gradients, loss trackers) afterwards.
+Megatron's ``DistributedDataParallel`` does with ``main_grad``. The warm-up runs (before
+capture, on a side stream, as PyTorch requires) execute ``fn`` for real: reset what they
+accumulated (gradients, loss trackers) afterwards.
 
 A parameter's gradient-accumulator node, once created, records the stream current at that
 moment, and backward accumulates its gradient there. Wrappers that take these nodes to hook
 them (Megatron's ``DistributedDataParallel``, PyTorch's DDP) must therefore be built under a
-side stream (``with torch.cuda.stream(torch.cuda.Stream()): ...``): built on the default
-stream, capture fails with "operation would make the legacy stream depend on a capturing
-blocking stream".
+side stream (``with side_stream(): ...``): built on the default stream, capture fails with
+"operation would make the legacy stream depend on a capturing blocking stream".
 """
-from typing import Any, Callable, Dict
+import contextlib
+from typing import Any, Callable, Dict, Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def side_stream() -> Iterator[torch.cuda.Stream]:
+    """Runs the block on a fresh CUDA stream that first waits for the current one, and makes
+    the current stream wait for it afterwards: the way PyTorch asks for work that must not
+    happen on the default stream before a capture (warm-up runs, building DDP wrappers)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield side
+    torch.cuda.current_stream().wait_stream(side)
 
 
 class GraphedStep:
@@ -55,12 +68,9 @@ class GraphedStep:
             if not isinstance(t, torch.Tensor) or not t.is_cuda:
                 raise ValueError(f"inputs['{name}'] must be a CUDA tensor")
         self.inputs = {name: t.detach().clone() for name, t in inputs.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with side_stream():
             for _ in range(warmup):
                 fn(**self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.output = fn(**self.inputs)
