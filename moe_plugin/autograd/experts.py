@@ -14,7 +14,7 @@ from ..quant import cached_weight
 ACCUMULATE_WGRAD_ATTR = "moe_plugin_accumulate_wgrad"
 
 
-def wgrad_fusion_target(w):
+def _wgrad_fusion_target(w):
     """``w`` if its gradient is to be added into ``w.main_grad`` in the kernel, else None."""
     main_grad = getattr(w, "main_grad", None)
     if (getattr(w, ACCUMULATE_WGRAD_ATTR, False) and main_grad is not None
@@ -23,10 +23,16 @@ def wgrad_fusion_target(w):
     return None
 
 
-def accumulation_buffer(target, need: bool, like):
-    """The buffer a weight gradient is added into (``target.main_grad``), or an empty tensor
-    (no fusion) -- the form ``torch.ops.moe_plugin.experts_bwd`` takes."""
-    return target.main_grad if target is not None and need else like.new_empty(0)
+def remember_wgrad_fusion(ctx, w_up, w_down) -> None:
+    """In forward: which of the two expert weights get their gradient added into
+    ``main_grad`` by the kernel (``ctx.fuse_up`` / ``ctx.fuse_down``: the parameter or None)."""
+    ctx.fuse_up, ctx.fuse_down = _wgrad_fusion_target(w_up), _wgrad_fusion_target(w_down)
+
+
+def accumulation_buffers(ctx):
+    """In backward: ``(main_grad of w_up | None, main_grad of w_down | None)``, the buffers
+    the weight-gradient kernels add into."""
+    return tuple(t.main_grad if t is not None else None for t in (ctx.fuse_up, ctx.fuse_down))
 
 
 def fused_wgrad_result(target):
@@ -70,7 +76,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         out, counts, offsets, sorted_slot, slot_pos, pre = torch.ops.moe_plugin.experts_fwd(
             x, topk_ids, topk_weights, w_up, w_down, act_code, gated, not recompute)
         ctx.act_code, ctx.gated = act_code, gated
-        ctx.fuse_up, ctx.fuse_down = wgrad_fusion_target(w_up), wgrad_fusion_target(w_down)
+        remember_wgrad_fusion(ctx, w_up, w_down)
         ctx.save_for_backward(x, topk_weights, w_up, w_down, counts, offsets, sorted_slot,
                               slot_pos, pre)
         ctx.mark_non_differentiable(counts)
@@ -81,14 +87,16 @@ class FusedExpertsFunction(torch.autograd.Function):
         x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre = \
             ctx.saved_tensors
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
+        # the custom op takes "no buffer" as an empty tensor
+        acc_up, acc_down = (b if b is not None and need else x.new_empty(0) for b, need in
+                            zip(accumulation_buffers(ctx), (need_up, need_down)))
         grads = torch.ops.moe_plugin.experts_bwd(
             dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre,
-            ctx.act_code, ctx.gated, need_x, need_w, need_up, need_down,
-            accumulation_buffer(ctx.fuse_up, need_up, x),
-            accumulation_buffer(ctx.fuse_down, need_down, x))
+            ctx.act_code, ctx.gated, need_x, need_w, need_up, need_down, acc_up, acc_down)
         dx, dw_topk, dw_up, dw_down = (g if need else None for g, need in
                                        zip(grads, (need_x, need_w, need_up, need_down)))
-        return (dx, None, dw_topk) + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
+        return (dx, None, dw_topk) \
+            + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
             + (None, None, None)
 
 
@@ -134,7 +142,7 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         out, meta, pre = X.experts_forward(x, topk_ids, topk_weights, wq_up, wq_down, act_code,
                                            gated, save_pre=not recompute)
         ctx.act_code, ctx.gated, ctx.num_experts = act_code, gated, w_up.shape[0]
-        ctx.fuse_up, ctx.fuse_down = wgrad_fusion_target(w_up), wgrad_fusion_target(w_down)
+        remember_wgrad_fusion(ctx, w_up, w_down)
         ctx.save_for_backward(x, topk_weights, *wq_up.tensors(), *wq_down.tensors(),
                               *meta.tensors(), *((pre,) if pre is not None else ()))
         ctx.mark_non_differentiable(meta.counts)
@@ -150,9 +158,8 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         dx, dw_topk, dpre, hw = X.experts_backward_data(
             dout, x, topk_weights, wq_up, wq_down, meta,
             rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
-        dw_up, dw_down = X.experts_backward_weight(
-            dout, x, dpre, hw, meta, need_up, need_down,
-            ctx.fuse_up.main_grad if ctx.fuse_up is not None else None,
-            ctx.fuse_down.main_grad if ctx.fuse_down is not None else None)
-        return (dx, None, dw_topk) + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
+        dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
+                                                   *accumulation_buffers(ctx))
+        return (dx, None, dw_topk) \
+            + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
             + (None, None, None)

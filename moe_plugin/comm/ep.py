@@ -38,7 +38,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..autograd.experts import returned_weight_grads, wgrad_fusion_target
+from ..autograd.experts import (accumulation_buffers, remember_wgrad_fusion,
+                                returned_weight_grads)
 from ..kernels import experts as X
 from ..kernels.common import interpret_mode, next_pow2
 from ..kernels.grouped_gemm import QTensor
@@ -237,8 +238,7 @@ class EPExpertsFunction(torch.autograd.Function):
         out = ep_combine(y_recv, layout, group, backend, x.dtype)
         e_loc = w_up.shape[0]
         ctx.layout = layout
-        ctx.fuse_up, ctx.fuse_down = wgrad_fusion_target(w_up_param), \
-            wgrad_fusion_target(w_down_param)
+        remember_wgrad_fusion(ctx, w_up_param, w_down_param)
         ctx.act, ctx.gated, ctx.group, ctx.backend = act, gated, group, backend
         ctx.d, ctx.dtype, ctx.e_loc, ctx.n_w = d, x.dtype, e_loc, len(weights)
         ctx.save_for_backward(recv_buf, topk_weights, *weights, *emeta.tensors(),
@@ -274,10 +274,9 @@ class EPExpertsFunction(torch.autograd.Function):
         # dispatch's backward: send them home, overlapped with the weight gradients
         home, work = backend.exchange(back.buf, L.recv_splits, L.send_splits, group,
                                       async_op=True)
-        dw_up, dw_down = X.experts_backward_weight(
-            dy_recv, recv.payload, dpre, hw, emeta, need_up, need_down,
-            ctx.fuse_up.main_grad if ctx.fuse_up is not None else None,
-            ctx.fuse_down.main_grad if ctx.fuse_down is not None else None)
+        dw_up, dw_down = X.experts_backward_weight(dy_recv, recv.payload, dpre, hw, emeta,
+                                                   need_up, need_down,
+                                                   *accumulation_buffers(ctx))
         del dpre, hw, dy_recv
         if work is not None:
             work.wait()
@@ -289,7 +288,8 @@ class EPExpertsFunction(torch.autograd.Function):
             pos = L.src_meta.slot_pos.view(topk_weights.shape).long()
             dw_topk = torch.where(pos >= 0, home.weights[pos.clamp(min=0)],
                                   0.0).to(topk_weights.dtype)
-        return (dx, None, dw_topk) + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
+        return (dx, None, dw_topk) \
+            + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
             + (None,) * 9
 
 
