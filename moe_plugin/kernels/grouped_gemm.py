@@ -381,6 +381,12 @@ def _seg_config(kind: str, dtype: torch.dtype) -> dict:
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
+def _ieee(dtype: torch.dtype) -> bool:
+    """The kernels' ``IEEE`` flag: fp32 operands, and under the interpreter every dtype
+    (``_dot`` upcasts there: the interpreter's 16-bit ``tl.dot`` is wrong)."""
+    return dtype == torch.float32 or interpret_mode()
+
+
 def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, stride_a,
                     stride_b, gather: bool, gated: bool = False, epi: int = EPI_STORE,
                     act: int = 0, pre=None, weights=None, dwp=None, hw=None,
@@ -417,7 +423,7 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
         sa.stride(0) if sa is not None else 0, stride_sb[0], stride_sb[1], stride_sb[2],
         hs.stride(0) if hs is not None else 0,
         TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=epi, ACT=act, STORE_PRE=store_pre,
-        STORE_H=store_h, IEEE=a.dtype == torch.float32 or interpret_mode(), EVEN_K=k % bk == 0,
+        STORE_H=store_h, IEEE=_ieee(a.dtype), EVEN_K=k % bk == 0,
         QUANT=quant,
         QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
         BLOCK_E=next_pow2(E), **cfg)
@@ -441,7 +447,7 @@ def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, 
         a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
         TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
-        IEEE=a.dtype == torch.float32 or interpret_mode(), ACCUM=accum,
+        IEEE=_ieee(a.dtype), ACCUM=accum,
         BM=bm, BN=bn, BK=bk, **cfg)
 
 
