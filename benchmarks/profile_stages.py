@@ -15,15 +15,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import CONFIGS, make_inputs  # noqa: E402
+from tune_kernels import Stages  # noqa: E402
 
 from moe_plugin import kernels as K  # noqa: E402
 
 
-def stages(name, rep_ms):
-    from triton.testing import do_bench
+def memory_walk(name):
+    """The forward + backward of ``FusedExpertsFunction``, stage by stage, keeping what it
+    keeps: ``{stage: [GiB held after it, GiB peak during it]}`` over the memory held before
+    (inputs, weights, ``dout``)."""
     T, D, F, E, k = CONFIGS[name]
     x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
-    S = T * k
     dout = torch.randn_like(x)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -31,13 +33,11 @@ def stages(name, rep_ms):
     mem = {}
 
     def held(tag):
-        """Memory held after the stage and the peak during it, over ``base`` (GiB)."""
         torch.cuda.synchronize()
         mem[tag] = [(torch.cuda.memory_allocated() - base) / 2 ** 30,
                     (torch.cuda.max_memory_allocated() - base) / 2 ** 30]
         torch.cuda.reset_peak_memory_stats()
 
-    # the forward + backward of FusedExpertsFunction, stage by stage, keeping what it keeps
     meta = K.permute_metadata(ids, E)
     pre, h = K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)
     held("fwd: pre + h")
@@ -47,10 +47,8 @@ def stages(name, rep_ms):
     out = K.gather_reduce(y, meta, w, out_dtype=x.dtype)
     del y
     held("after fwd: pre saved + out")
-    dpre, hw, dwp = K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)
-    held("bwd: + dpre, hw")
-    pre_keep = pre
-    del pre
+    dpre, hw, _ = K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)
+    held("bwd: + dpre, hw")  # pre stays: autograd holds saved tensors through the backward
     dxp = K.expert_dx(dpre, w_up, meta)
     held("bwd: + dx_perm")
     dx = K.gather_reduce(dxp, meta, None, out_dtype=x.dtype)
@@ -60,34 +58,36 @@ def stages(name, rep_ms):
     held("bwd: + dW_down")
     dw_up = K.wgrad_up(dpre, x, meta)
     held("bwd: + dW_up")
-    del dx, dw_down, dw_up, out
+    del dx, dw_down, dw_up, out, pre
+    return mem
 
-    t = {}
-    t["permute"] = do_bench(lambda: K.permute_metadata(ids, E), rep=rep_ms)
-    h = K.expert_up(x, w_up, meta, 0, True, store_pre=False, store_h=True)[1]
-    t["up (GEMM1 + act)"] = do_bench(
-        lambda: K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True), rep=rep_ms)
-    t["down (GEMM2)"] = do_bench(lambda: K.expert_down(h, w_down, meta), rep=rep_ms)
-    y = K.expert_down(h, w_down, meta)
-    t["reduce (weighted)"] = do_bench(lambda: K.gather_reduce(y, meta, w, out_dtype=x.dtype),
-                                      rep=rep_ms)
-    del y, h
-    t["dh' + act bwd"] = do_bench(
-        lambda: K.expert_up_bwd(dout, w_down, pre_keep, meta, w, 0, True), rep=rep_ms)
-    t["dx (dpre W_up)"] = do_bench(lambda: K.expert_dx(dpre, w_up, meta), rep=rep_ms)
-    dxp = K.expert_dx(dpre, w_up, meta)
-    t["dx reduce"] = do_bench(lambda: K.gather_reduce(dxp, meta, None, out_dtype=x.dtype),
-                              rep=rep_ms)
-    del dxp
-    t["wgrad_down"] = do_bench(lambda: K.wgrad_down(dout, hw, meta), rep=rep_ms)
-    t["wgrad_up"] = do_bench(lambda: K.wgrad_up(dpre, x, meta), rep=rep_ms)
-    flops = {"up (GEMM1 + act)": 4 * S * D * F, "down (GEMM2)": 2 * S * D * F,
-             "dh' + act bwd": 2 * S * D * F, "dx (dpre W_up)": 4 * S * D * F,
-             "wgrad_down": 2 * S * D * F, "wgrad_up": 4 * S * D * F}
-    rows = [{"stage": s, "ms": ms, "tflops": flops[s] / ms / 1e9 if s in flops else None}
-            for s, ms in t.items()]
-    return {"config": name, "stages": rows, "fwd_ms": sum(t[s] for s in list(t)[:4]),
-            "bwd_ms": sum(t[s] for s in list(t)[4:]), "memory_gib": mem}
+
+# stage label: tune_kernels' GEMM kind (None: not a GEMM)
+STAGES = {"permute": None, "up (GEMM1 + act)": "up", "down (GEMM2)": "down",
+          "reduce (weighted)": None, "dh' + act bwd": "dh", "dx (dpre W_up)": "dx",
+          "dx reduce": None, "wgrad_down": "wgrad_down", "wgrad_up": "wgrad_up"}
+FWD_STAGES = 4
+
+
+def stages(name, rep_ms):
+    from triton.testing import do_bench
+    mem = memory_walk(name)
+    torch.cuda.empty_cache()
+    st = Stages(name)
+    E = st.shape[3]
+    dxp = K.expert_dx(st.dpre, st.w_up, st.meta)
+    other = {"permute": lambda: K.permute_metadata(st.ids, E),
+             "reduce (weighted)": lambda: K.gather_reduce(st.y, st.meta, st.w,
+                                                          out_dtype=st.x.dtype),
+             "dx reduce": lambda: K.gather_reduce(dxp, st.meta, None, out_dtype=st.x.dtype)}
+    rows = []
+    for stage, kind in STAGES.items():
+        flops, fn = st.gemms[kind] if kind else (None, other[stage])
+        ms = do_bench(fn, rep=rep_ms)
+        rows.append({"stage": stage, "ms": ms, "tflops": flops / ms / 1e9 if flops else None})
+    return {"config": name, "stages": rows,
+            "fwd_ms": sum(r["ms"] for r in rows[:FWD_STAGES]),
+            "bwd_ms": sum(r["ms"] for r in rows[FWD_STAGES:]), "memory_gib": mem}
 
 
 def main():

@@ -97,71 +97,82 @@ def sweep(name, jobs, args, best, prefix=""):
               flush=True)
 
 
-def split_up_bwd(split: bool, fn):
-    """``fn`` run with ``SPLIT_UP_BWD`` set to ``split``."""
+def with_setting(attr: str, value, fn):
+    """``fn`` run with the module setting ``grouped_gemm.<attr>`` set to ``value``."""
     def run():
-        saved, GG.SPLIT_UP_BWD = GG.SPLIT_UP_BWD, split
+        saved = getattr(GG, attr)
+        setattr(GG, attr, value)
         try:
             fn()
         finally:
-            GG.SPLIT_UP_BWD = saved
+            setattr(GG, attr, saved)
     return run
+
+
+class Stages:
+    """One config's inputs and every intermediate of a bf16 forward + backward (SwiGLU), and
+    ``gemms``: each GEMM of that pass as ``kind: (FLOPs, fn)`` (kinds of ``CONFIG_OVERRIDES``;
+    "dh" is the split activation backward, its elementwise pass included, "up_bwd" the fused
+    form). Shared by this sweep and ``profile_stages.py``."""
+
+    def __init__(self, name):
+        T, D, F, E, k = self.shape = CONFIGS[name]
+        self.x, self.ids, self.w, self.w_up, self.w_down = make_inputs(T, D, F, E, k)
+        x, w, w_up, w_down = self.x, self.w, self.w_up, self.w_down
+        M = T * k
+        self.meta = meta = K.permute_metadata(self.ids, E)
+        self.pre, self.h = K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)
+        self.y = K.expert_down(self.h, w_down, meta)
+        self.dout = dout = torch.randn_like(x)
+        self.dpre, self.hw, _ = K.expert_up_bwd(dout, w_down, self.pre, meta, w, 0, True)
+
+        def up_bwd():
+            K.expert_up_bwd(dout, w_down, self.pre, meta, w, 0, True)
+        self.gemms = {
+            "up": (2 * M * D * 2 * F,
+                   lambda: K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)),
+            "down": (2 * M * F * D, lambda: K.expert_down(self.h, w_down, meta)),
+            "up_bwd": (2 * M * D * F, with_setting("SPLIT_UP_BWD", False, up_bwd)),
+            "dh": (2 * M * D * F, with_setting("SPLIT_UP_BWD", True, up_bwd)),
+            "dx": (2 * M * 2 * F * D, lambda: K.expert_dx(self.dpre, w_up, meta)),
+            "wgrad_down": (2 * M * D * F, lambda: K.wgrad_down(dout, self.hw, meta)),
+            "wgrad_up": (2 * M * 2 * F * D, lambda: K.wgrad_up(self.dpre, x, meta)),
+        }
+
+
+CANDIDATES = {"up": (GATED_CANDIDATES, True), "down": (ROW_CANDIDATES, True),
+              "up_bwd": (GATED_CANDIDATES, True), "dh": (ROW_CANDIDATES, True),
+              "dx": (ROW_CANDIDATES, True), "wgrad_down": (SEG_CANDIDATES, False),
+              "wgrad_up": (SEG_CANDIDATES, False)}
 
 
 def tune_config(name, args, best):
     """Times every GEMM of one benchmark config with each candidate tile configuration."""
     from triton.testing import do_bench
-    T, D, F, E, k = CONFIGS[name]
-    x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
+    st = Stages(name)
+    T, D, F, E, k = st.shape
     M = T * k
-    meta = K.permute_metadata(ids, E)
-    pre, h = K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)
-    dout = torch.randn_like(x)
-    t_perm = do_bench(lambda: K.permute_metadata(ids, E), rep=args.rep_ms,
+    t_perm = do_bench(lambda: K.permute_metadata(st.ids, E), rep=args.rep_ms,
                       return_mode="median")
-    y = K.expert_down(h, w_down, meta)
-    t_red = do_bench(lambda: K.gather_reduce(y, meta, w), rep=args.rep_ms,
+    t_red = do_bench(lambda: K.gather_reduce(st.y, st.meta, st.w), rep=args.rep_ms,
                      return_mode="median")
-    dpre, hw, _ = K.expert_up_bwd(dout, w_down, pre, meta, w, 0, True)
     print(json.dumps({"config": name, "permute_ms": t_perm, "reduce_ms": t_red,
                       "reduce_TBps": (M * D * 2 + T * D * 2) / t_red / 1e9}), flush=True)
-    jobs = {
-        "up": (GATED_CANDIDATES, True, 2 * M * D * 2 * F,
-               lambda: K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)),
-        "down": (ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(h, w_down, meta)),
-        "up_bwd": (GATED_CANDIDATES, True, 2 * M * D * F,
-                   split_up_bwd(False, lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0,
-                                                               True))),
-        # the split form: the dh' GEMM's tiles (the activation-backward pass included)
-        "dh": (ROW_CANDIDATES, True, 2 * M * D * F,
-               split_up_bwd(True, lambda: K.expert_up_bwd(dout, w_down, pre, meta, w, 0,
-                                                          True))),
-        "dx": (ROW_CANDIDATES, True, 2 * M * 2 * F * D, lambda: K.expert_dx(dpre, w_up, meta)),
-        "wgrad_down": (SEG_CANDIDATES, False, 2 * M * D * F,
-                       lambda: K.wgrad_down(dout, hw, meta)),
-        "wgrad_up": (SEG_CANDIDATES, False, 2 * M * 2 * F * D,
-                     lambda: K.wgrad_up(dpre, x, meta)),
-    }
+    jobs = {kind: (*CANDIDATES[kind], flops, fn) for kind, (flops, fn) in st.gemms.items()}
     if args.accumulate:
-        acc_down = torch.zeros(E, D, F, device=x.device)
-        acc_up = torch.zeros(E, 2 * F, D, device=x.device)
-
-        def accumulating(mode, fn):
-            def run():
-                GG.WGRAD_ACCUM_MODE = mode
-                try:
-                    fn()
-                finally:
-                    GG.WGRAD_ACCUM_MODE = None
-            return run
+        acc_down = torch.zeros(E, D, F, device=st.x.device)
+        acc_up = torch.zeros(E, 2 * F, D, device=st.x.device)
         for mode, tag in ((1, "atomic"), (2, "rmw")):
             jobs[f"wgrad_down_acc_{tag}"] = (
                 SEG_CANDIDATES, False, 2 * M * D * F,
-                accumulating(mode, lambda: K.wgrad_down(dout, hw, meta, out=acc_down)),
+                with_setting("WGRAD_ACCUM_MODE", mode,
+                             lambda: K.wgrad_down(st.dout, st.hw, st.meta, out=acc_down)),
                 "wgrad_down")
             jobs[f"wgrad_up_acc_{tag}"] = (
                 SEG_CANDIDATES, False, 2 * M * 2 * F * D,
-                accumulating(mode, lambda: K.wgrad_up(dpre, x, meta, out=acc_up)), "wgrad_up")
+                with_setting("WGRAD_ACCUM_MODE", mode,
+                             lambda: K.wgrad_up(st.dpre, st.x, st.meta, out=acc_up)),
+                "wgrad_up")
     sweep(name, jobs, args, best)
 
 

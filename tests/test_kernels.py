@@ -189,18 +189,18 @@ def test_wgrad_accumulates_into_buffer(which, mode, seed, monkeypatch):
     s = n * k
     x = torch.randn(n, d, generator=gen).to(DEVICE)
     rows = torch.randn(s, 2 * f if which == "wgrad_up" else f, generator=gen).to(DEVICE)
-    fn = G.wgrad_up if which == "wgrad_up" else G.wgrad_down
-    plain = fn(rows, x, meta) if which == "wgrad_up" else fn(x, rows, meta)
+    fn = getattr(G, which)
+    operands = (rows, x) if which == "wgrad_up" else (x, rows)
+    plain = fn(*operands, meta)
     buf = torch.randn(plain.shape, generator=gen).to(DEVICE)
     start = buf.clone()
-    got = fn(rows, x, meta, out=buf) if which == "wgrad_up" else fn(x, rows, meta, out=buf)
+    got = fn(*operands, meta, out=buf)
     assert got is buf
     assert torch.equal(buf[[1, 3, 4]], start[[1, 3, 4]])  # no rows: untouched
     assert plain[[0, 2, 5]].norm() > 0
     assert_close(buf, start + plain, FP32_TOL, which)
     with pytest.raises(ValueError, match="accumulation buffer"):
-        fn(rows, x, meta, out=buf[:, :-1]) if which == "wgrad_up" else \
-            fn(x, rows, meta, out=buf[:, :-1])
+        fn(*operands, meta, out=buf[:, :-1])
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu2"])
