@@ -98,6 +98,8 @@ IMPLS = {
     # cached per weight version, so a timed step includes no weight quantisation (as in
     # training, where it happens once per optimizer step, not per micro-batch)
     "moe_plugin_fp8": moe_plugin_impl(False, "fp8_block"),
+    # the same with the weight gradients in FP8 too (operands per column and 128 tokens)
+    "moe_plugin_fp8w": moe_plugin_impl(False, "fp8_block_wgrad"),
     "grouped_mm": grouped_mm_pipeline,
     "loop": loop_experts,
 }

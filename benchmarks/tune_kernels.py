@@ -40,6 +40,11 @@ FP8_BWD_CANDIDATES = [
     (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 128, 8, 3),
     (64, 128, 128, 8, 4), (128, 128, 64, 8, 4),
 ]
+# the FP8 weight-gradient kernel (both operands K-major; BK divides 128)
+FP8_SEG_CANDIDATES = [
+    (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4),
+    (128, 128, 64, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4),
+]
 SEG_CANDIDATES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
     (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
@@ -78,7 +83,7 @@ def sweep(name, jobs, args, best, prefix=""):
     for kind, job in jobs.items():
         cands, gm, flops, fn = job[:4]
         okind = job[4] if len(job) > 4 else kind
-        if args.kernels and kind not in args.kernels:
+        if args.kernels and kind not in args.kernels and okind not in args.kernels:
             continue
         res = []
         for c in cands:
@@ -178,18 +183,19 @@ def tune_config(name, args, best):
 
 def tune_fp8(name, args, best):
     """The FP8 training path's GEMMs (fwd GEMM1 with h quantised in the epilogue, GEMM2, the
-    dgrad GEMMs on the weights as stored and on a K-major copy) and its quantisation passes."""
+    dgrad GEMMs on the K-major weight copy -- dh' with its activation pass -- and the weight
+    gradients in bf16 and in FP8, the latter with their operand quantisation) and its
+    quantisation passes."""
     from triton.testing import do_bench
     from moe_plugin import quant as Q
+    from moe_plugin.kernels import wgrad_fp8 as W8
     from moe_plugin.kernels.experts import quantize_rows
     T, D, F, E, k = CONFIGS[name]
     x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
     M = T * k
     meta = K.permute_metadata(ids, E)
     fp8 = GG.QUANT_FP8
-    # as stored ([E, N, K], N-major as the dgrad's B operand) and with the K-major copy
-    wu, wd = GG.QTensor(*Q.quantize_fp8_blocks(w_up)), GG.QTensor(*Q.quantize_fp8_blocks(w_down))
-    wu_k, wd_k = (GG.QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))
+    wu, wd = (GG.QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))  # K-major copy
     xq = quantize_rows(x, fp8)
     pre, hq = K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
                           out_dtype=x.dtype, quant_h=True)
@@ -197,9 +203,14 @@ def tune_fp8(name, args, best):
     dq = quantize_rows(dout, fp8)
     dpre, hw, _ = K.expert_up_bwd(dq, wd, pre, meta, w, 0, True)
     dpq = quantize_rows(dpre, fp8)
-    passes = {"quant_x": lambda: quantize_rows(x, fp8), "quant_dout": lambda: quantize_rows(dout, fp8),
+    passes = {"quant_x": lambda: quantize_rows(x, fp8),
               "quant_dpre": lambda: quantize_rows(dpre, fp8),
-              "quant_w": lambda: (Q.quantize_fp8_blocks(w_up), Q.quantize_fp8_blocks(w_down))}
+              "quant_w": lambda: (Q.quantize_fp8_blocks(w_up), Q.quantize_fp8_blocks(w_down)),
+              # the FP8 wgrad operands: per column and 128 tokens, transposed
+              "quant_cols_x": lambda: W8.quantize_cols_grouped(x, meta, True),
+              "quant_cols_dout": lambda: W8.quantize_cols_grouped(dout, meta, True),
+              "quant_cols_hw": lambda: W8.quantize_cols_grouped(hw, meta, False),
+              "quant_cols_dpre": lambda: W8.quantize_cols_grouped(dpre, meta, False)}
     print(json.dumps({"config": name, **{p + "_ms": do_bench(fn, rep=args.rep_ms,
                                                               return_mode="median")
                                          for p, fn in passes.items()}}), flush=True)
@@ -208,18 +219,18 @@ def tune_fp8(name, args, best):
                lambda: K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
                                    out_dtype=x.dtype, quant_h=True)),
         "down": (FP8_ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(hq, wd, meta)),
-        "up_bwd": (FP8_BWD_CANDIDATES, True, 2 * M * D * F,
-                   lambda: K.expert_up_bwd(dq, wd, pre, meta, w, 0, True)),
-        "up_bwd_kmajor": (FP8_BWD_CANDIDATES, True, 2 * M * D * F,
-                          lambda: K.expert_up_bwd(dq, wd_k, pre, meta, w, 0, True), "up_bwd"),
+        "dh": (FP8_ROW_CANDIDATES, True, 2 * M * D * F,
+               lambda: K.expert_up_bwd(dq, wd, pre, meta, w, 0, True)),
         "dx": (FP8_ROW_CANDIDATES, True, 2 * M * 2 * F * D,
                lambda: K.expert_dx(dpq, wu, meta, out_dtype=x.dtype)),
-        "dx_kmajor": (FP8_ROW_CANDIDATES, True, 2 * M * 2 * F * D,
-                      lambda: K.expert_dx(dpq, wu_k, meta, out_dtype=x.dtype), "dx"),
-        "wgrad_down": (SEG_CANDIDATES[:3], False, 2 * M * D * F,
+        "wgrad_down": (SEG_CANDIDATES[:1], False, 2 * M * D * F,
                        lambda: K.wgrad_down(dout, hw, meta)),
-        "wgrad_up": (SEG_CANDIDATES[:3], False, 2 * M * 2 * F * D,
+        "wgrad_up": (SEG_CANDIDATES[:1], False, 2 * M * 2 * F * D,
                      lambda: K.wgrad_up(dpre, x, meta)),
+        "wgrad_down_fp8": (FP8_SEG_CANDIDATES, False, 2 * M * D * F,
+                           lambda: W8.wgrad_down_fp8(dout, hw, meta)),
+        "wgrad_up_fp8": (FP8_SEG_CANDIDATES, False, 2 * M * 2 * F * D,
+                         lambda: W8.wgrad_up_fp8(dpre, x, meta)),
     }
     sweep(name, jobs, args, best, prefix="fp8_")
 

@@ -30,7 +30,10 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 BACKENDS = ("auto", "triton", "torch")
 DROP_POLICIES = ("probs", "position")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-TRAIN_QUANTS = (None, "fp8_block")  # quantised expert GEMMs in training (docs/quantization.md)
+# quantised expert GEMMs in training (docs/quantization.md): "fp8_block" runs the forward and
+# dgrad GEMMs in FP8 (wgrad in the input dtype), "fp8_block_wgrad" the weight gradients too
+TRAIN_QUANTS = (None, "fp8_block", "fp8_block_wgrad")
+FP8_TRAIN_QUANTS = ("fp8_block", "fp8_block_wgrad")
 
 
 def check_activation(activation) -> tuple:
@@ -42,7 +45,7 @@ def check_activation(activation) -> tuple:
 
 
 def check_quant(quant, *, use_triton: bool) -> None:
-    """``quant`` of the training entry points: None or ``"fp8_block"``."""
+    """``quant`` of the training entry points: one of ``TRAIN_QUANTS``."""
     check_choice("quant", quant, TRAIN_QUANTS)
     if quant is not None and not use_triton:
         raise ValueError(f"quant: {quant!r} runs the Triton kernels (CUDA, or TRITON_INTERPRET=1 "

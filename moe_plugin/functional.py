@@ -58,8 +58,11 @@ def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, re
     """Returns ``(out [N, D], tokens_per_expert int [E])``."""
     act_code, gated = check_activation(activation)
     if use_triton:
-        fn = FusedExpertsFP8Function if quant == "fp8_block" else FusedExpertsFunction
-        return fn.apply(x, topk_ids, topk_weights, w_up, w_down, act_code, gated, recompute)
+        if quant is None:
+            return FusedExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
+                                              gated, recompute)
+        return FusedExpertsFP8Function.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
+                                             gated, recompute, quant == "fp8_block_wgrad")
     out = reference.experts(x, topk_ids, topk_weights, w_up, w_down, activation)
     valid = topk_ids.reshape(-1)
     counts = torch.zeros(w_up.shape[0], dtype=torch.int32, device=x.device)
@@ -88,8 +91,10 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
         quant: ``None`` (GEMMs in the input dtype) or ``"fp8_block"``: FP8 e4m3 expert GEMMs
             with DeepSeek-V3 block scales (activations per token and 128 columns, weights per
             128 x 128 block, fp32 accumulation), dgrad in FP8, wgrad in the input dtype; the
-            quantised weight copy is made once per weight update. Triton backend only; see
-            ``docs/quantization.md`` for its accuracy.
+            quantised weight copy is made once per weight update. ``"fp8_block_wgrad"``: the
+            same with the weight gradients in FP8 too (operands per column and 128 tokens,
+            DeepSeek-V3's full recipe; faster, less accurate). Triton backend only; see
+            ``docs/quantization.md`` for their accuracy.
         deterministic: require bitwise-reproducible outputs and gradients. Every kernel of
             this path is already deterministic (no floating-point atomics, fixed launch
             configurations), so this only guards future non-deterministic variants.
@@ -170,7 +175,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     slots), ``topk_weights`` (fp32 [N, k]) and under EP ``ep_recv_count`` (int32 [E/P], rows
     this rank's experts received).
 
-    ``quant``: ``None`` or ``"fp8_block"`` (FP8 expert GEMMs, see ``fused_experts``).
+    ``quant``: ``None``, ``"fp8_block"`` or ``"fp8_block_wgrad"`` (FP8 expert GEMMs, see
+    ``fused_experts``).
     """
     x = hidden_states
     check_tensor("hidden_states", x, ndim=2, dtypes=FLOAT_DTYPES)

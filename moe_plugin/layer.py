@@ -59,8 +59,9 @@ class MoELayer(nn.Module):
             experts [r·E/P, (r+1)·E/P)); tokens travel by all-to-all (see ``fused_moe``).
             ``shard_experts(group)`` does the same for a layer built with all experts.
         ep_backend, max_tokens_per_rank: as in ``fused_moe``.
-        quant: ``None`` or ``"fp8_block"``: the routed experts' GEMMs in FP8 with block scales
-            (see ``fused_experts``; the shared experts and the router stay in ``dtype``).
+        quant: ``None``, ``"fp8_block"`` or ``"fp8_block_wgrad"``: the routed experts' GEMMs
+            in FP8 with block scales, the weight gradients in ``dtype`` or in FP8 too (see
+            ``fused_experts``; the shared experts and the router stay in ``dtype``).
         dtype, device: of the parameters.
 
     ``forward(x [..., D]) -> (out [..., D], info)`` with ``info``: ``aux_loss``, ``z_loss``

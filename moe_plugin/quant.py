@@ -169,16 +169,24 @@ def cached_weight(w: torch.Tensor, quant_mode: str):
 
     ``q_t`` (fp8; None for int8): the same values stored transposed (K-major strides, shape
     of ``q``), the operand layout of the dgrad GEMMs (``kernels/quantize.py``). On CPU it is
-    ``q`` itself (no tensor cores: the layout does not matter there)."""
+    ``q`` itself (no tensor cores: the layout does not matter there).
+
+    Under CUDA graph capture the weight is always quantised (and nothing cached): the graph
+    then re-quantises on every replay. A cached copy would be baked into the graph and go
+    stale after the first optimizer step, silently (the version check runs on the host, at
+    capture only)."""
+    capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (quant_mode, w._version, w.data_ptr(), tuple(w.shape), w.dtype)
     cache = getattr(w, "_moe_quant_cache", None)
-    if cache is not None and cache[0] == key:
+    if cache is not None and cache[0] == key and not capturing:
         return cache[1]
     with torch.no_grad():
         if quant_mode != "fp8":
             out = (*quantize_int8_channels(w.detach()), None)
         else:
             out = _fp8_blocks(w.detach(), transposed=True)
+    if capturing:  # memory of the graph's pool, rewritten by each replay: not for eager use
+        return out
     try:
         w._moe_quant_cache = (key, out)
     except (AttributeError, RuntimeError):  # tensors that refuse attributes: no cache

@@ -140,27 +140,30 @@ def test_unsupported_settings_name_the_field(field, kw):
         _cfg(**kw)
 
 
-@pytest.mark.parametrize("fields,error", [
-    (dict(fp8="e4m3", fp8_recipe="blockwise"), None),
+@pytest.mark.parametrize("fields,expect", [
+    (dict(fp8="e4m3", fp8_recipe="blockwise"), "fp8_block_wgrad"),  # fp8_wgrad defaults on
+    (dict(fp8="e4m3", fp8_recipe="blockwise", fp8_wgrad=True), "fp8_block_wgrad"),
+    (dict(fp8="e4m3", fp8_recipe="blockwise", fp8_wgrad=False), "fp8_block"),
     (dict(fp8="e4m3", fp8_recipe="delayed"), "fp8_recipe"),
     (dict(fp8="hybrid", fp8_recipe="blockwise"), "fp8"),
     (dict(fp8="e4m3", fp8_recipe="blockwise", fp8_param=True), "fp8_param"),
     (dict(fp4="nvfp4"), "fp4"),
 ])
-def test_megatron_fp8_settings_map_to_quant(fields, error):
+def test_megatron_fp8_settings_map_to_quant(fields, expect):
     """Megatron's own FP8 fields (which megatron-core accepts for MoE models only with
     TransformerEngine installed, so they are set on a built config here): the blockwise e4m3
-    recipe maps to quant='fp8_block', everything else raises naming the field."""
+    recipe maps to quant='fp8_block_wgrad', or 'fp8_block' with fp8_wgrad off; everything
+    else raises naming the field."""
     from moe_plugin.megatron import UnsupportedConfigError
     from moe_plugin.megatron.options import plugin_options
     cfg = _cfg()
     assert plugin_options(cfg).quant is None
     for name, value in fields.items():
         setattr(cfg, name, value)
-    if error is None:
-        assert plugin_options(cfg).quant == "fp8_block"
+    if expect.startswith("fp8_block"):  # the quant it maps to, else the field named
+        assert plugin_options(cfg).quant == expect
     else:
-        with pytest.raises(UnsupportedConfigError, match=error):
+        with pytest.raises(UnsupportedConfigError, match=expect):
             plugin_options(cfg)
 
 
@@ -172,6 +175,9 @@ def test_plugin_quant_flag():
     assert p.parse_args(["--moe-plugin-quant", "fp8_block"]).moe_plugin_quant == "fp8_block"
     assert p.parse_args([]).moe_plugin_quant is None
     assert plugin_options(_cfg(moe_plugin_quant="fp8_block")).quant == "fp8_block"
+    assert p.parse_args(["--moe-plugin-quant", "fp8_block_wgrad"]).moe_plugin_quant \
+        == "fp8_block_wgrad"
+    assert plugin_options(_cfg(moe_plugin_quant="fp8_block_wgrad")).quant == "fp8_block_wgrad"
 
 
 def test_unsupported_only_when_flag_on():

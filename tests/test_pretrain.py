@@ -52,16 +52,21 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) variant")
 def test_fp8_experts_loss_within_2_percent(tmp_path):
-    """The tiny GPT trained with the experts' GEMMs in FP8 (--moe-plugin-quant fp8_block)
-    ends within 2% of the unquantised run's loss after 12 steps (same data and init; on CPU
-    the unquantised run is fp32, the FP8 one quantises the same fp32 tensors), and it learns."""
+    """The tiny GPT trained with the experts' GEMMs in FP8 (--moe-plugin-quant fp8_block, and
+    fp8_block_wgrad: weight gradients in FP8 too) ends within 2% of the unquantised run's
+    loss after 12 steps (same data and init; on CPU the unquantised run is fp32, the FP8 ones
+    quantise the same fp32 tensors), and it learns."""
     steps = ["--train-iters", "12", "--log-interval", "4"]
     base = _train(tmp_path, "base", *steps)
-    fp8 = _train(tmp_path, "fp8", *steps, "--moe-plugin-quant", "fp8_block")
-    assert sorted(fp8) == [4, 8, 12]
-    assert fp8[12]["loss"] < fp8[4]["loss"]
-    assert abs(fp8[12]["loss"] - base[12]["loss"]) <= 0.02 * base[12]["loss"]
-    assert fp8[4]["loss"] != base[4]["loss"]  # the FP8 path did run
+    runs = {q: _train(tmp_path, q, *steps, "--moe-plugin-quant", q)
+            for q in ("fp8_block", "fp8_block_wgrad")}
+    for q, fp8 in runs.items():
+        assert sorted(fp8) == [4, 8, 12], q
+        assert fp8[12]["loss"] < fp8[4]["loss"], q
+        assert abs(fp8[12]["loss"] - base[12]["loss"]) <= 0.02 * base[12]["loss"], q
+        assert fp8[4]["loss"] != base[4]["loss"], q  # the FP8 path did run
+    # the weight gradients differ: the second run's wgrad did run in FP8
+    assert runs["fp8_block"][12]["loss"] != runs["fp8_block_wgrad"][12]["loss"]
 
 
 def test_cuda_graph_flag_needs_cuda():

@@ -214,11 +214,19 @@ def test_fused_moe_quantized_bad_input():
 # FP8 training
 
 
-def _fp8_train_sim(x, ids, w, w_up, w_down, dout, activation="swiglu"):
+def _fp8_cols(a: torch.Tensor) -> torch.Tensor:
+    """FP8 wgrad operand ``a [P, C]`` (the rows of one expert, in order) quantised per column
+    and group of 128 rows, dequantised (float64)."""
+    q, s = Q._quantize_fp8_rows_torch(a.float().t().contiguous())
+    return Q.dequantize_rows(q, s, torch.float64).t()
+
+
+def _fp8_train_sim(x, ids, w, w_up, w_down, dout, activation="swiglu", fp8_wgrad=False):
     """The FP8 training path's forward and backward, simulated in float64 from its
     definition (FusedExpertsFP8Function's docstring): quantised x, weights, h (forward),
-    dout and dpre (dgrad); straight-through h and unquantised x, dout in the weight
-    gradients."""
+    dout and dpre (dgrad); straight-through h in the weight gradients, whose operands are
+    unquantised, or with ``fp8_wgrad`` quantised per column and 128 tokens of the expert."""
+    wq = _fp8_cols if fp8_wgrad else (lambda t: t.to(torch.float64))
     f64 = torch.float64
     wu_q = Q.dequantize_weight(*Q.quantize_fp8_blocks(w_up), f64)
     wd_q = Q.dequantize_weight(*Q.quantize_fp8_blocks(w_down), f64)
@@ -242,21 +250,23 @@ def _fp8_train_sim(x, ids, w, w_up, w_down, dout, activation="swiglu"):
         (dpre,) = torch.autograd.grad(h, pre, dh * wt)
         dpq = Q.dequantize_rows(*Q.quantize_fp8_rows(dpre.float()), dtype=f64)
         dx.index_add_(0, tok, dpq @ wu_q[ex])         # dgrad 2, fp8 operands
-        dwd[ex] = d64[tok].t() @ (h.detach() * wt)    # wgrad, high precision
-        dwu[ex] = dpre.t() @ x64[tok]
+        dwd[ex] = wq(d64[tok]).t() @ wq(h.detach() * wt)    # wgrad
+        dwu[ex] = wq(dpre).t() @ wq(x64[tok])
     return out, dx, dw, dwu, dwd
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_fp8_training_matches_simulation_and_bounds(recompute, seed):
+@pytest.mark.parametrize("quant,recompute", [("fp8_block", False), ("fp8_block", True),
+                                             ("fp8_block_wgrad", False)])
+def test_fp8_training_matches_simulation_and_bounds(quant, recompute, seed):
     x, ids, w, w_up, w_down = _problem(seed)
     ids[5, 0] = -1
     leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
-    out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], quant="fp8_block",
+    out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], quant=quant,
                         recompute=recompute)
     grads = torch.autograd.grad(out, leaves, dout)
-    sim = _fp8_train_sim(x.float(), ids, w, w_up.float(), w_down.float(), dout.float())
+    sim = _fp8_train_sim(x.float(), ids, w, w_up.float(), w_down.float(), dout.float(),
+                         fp8_wgrad=quant == "fp8_block_wgrad")
     names = ("out", "dx", "d_topk_weights", "dw_up", "dw_down")
     for name, got, want in zip(names, (out, *grads), sim):
         assert_close(got, want, REQUANT_TOL, f"fp8 training {name} vs simulation")
@@ -265,6 +275,42 @@ def test_fp8_training_matches_simulation_and_bounds(recompute, seed):
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     for name, got, want in zip(names, (out, *grads), (ref, *ref_grads)):
         assert_close(got, want, FORMAT_TOL["fp8"], f"fp8 training {name} vs unquantised")
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_fp8_wgrad_kernel_matches_simulation(accumulate):
+    """The FP8 weight-gradient GEMM (``kernels/wgrad_fp8.py``) on experts with several
+    128-token groups (a partial last one), an empty expert and gathered token rows: exactly
+    ``Σ_p q(A)[p]ᵀ q(B)[p]`` with both operands quantised per column and 128 tokens of the
+    expert, to fp32 (CPU) / accumulation-order (GPU) accuracy; added into a buffer with
+    ``out``."""
+    from moe_plugin.kernels import wgrad_fp8 as W8
+    from moe_plugin.kernels.permute import permute_metadata
+    g = torch.Generator().manual_seed(3)
+    n, k, e, mo, no = 250, 2, 4, 40, 72
+    ids = torch.randint(0, e - 1, (n, k), generator=g, dtype=torch.int32)  # expert 3: empty
+    ids[3, 1] = -1
+    meta = permute_metadata(ids.to(DEVICE), e)
+    s = int(meta.offsets[-1])
+    # operands rounded to the kernels' dtype first: the simulation quantises the same values
+    a_tok = torch.randn(n, mo, generator=g).to(DTYPE).float()  # read through the gather (x)
+    b_perm = torch.randn(meta.sorted_slot.numel(), no, generator=g)  # expert order (hw)
+    b_perm[5] *= 100                                            # an outlier token
+    b_perm = b_perm.to(DTYPE).float()
+    off, cnt = meta.offsets.tolist(), meta.counts.tolist()
+    assert max(cnt) > 128 and cnt[3] == 0
+    want = torch.zeros(e, mo, no, dtype=torch.float64)
+    for ex in range(e):
+        if cnt[ex]:
+            p = meta.sorted_slot[off[ex]:off[ex] + cnt[ex]].long().cpu()
+            want[ex] = _fp8_cols(a_tok[p // k]).t() @ _fp8_cols(b_perm[off[ex]:off[ex] + cnt[ex]])
+    to = dict(device=DEVICE, dtype=DTYPE)
+    out = torch.ones(e, mo, no, device=DEVICE) if accumulate else None
+    got = W8.wgrad_fp8("t", a_tok.to(**to), True, b_perm[:s].to(**to), False, meta, out=out)
+    if accumulate:
+        assert got is out
+        got = got - 1
+    assert_close(got, want, TOL, "fp8 wgrad vs simulation")
 
 
 def test_fp8_recompute_gives_identical_results():
@@ -306,3 +352,33 @@ def test_fp8_moe_layer_and_fused_moe_train():
     o, _ = fused_moe(x.reshape(-1, 128), gate, layer.w_up, layer.w_down, 2, quant="fp8_block")
     o2, _ = fused_moe(x.reshape(-1, 128), gate, layer.w_up, layer.w_down, 2)
     assert_close(o, o2, FORMAT_TOL["fp8"], "fused_moe fp8 vs unquantised")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("quant", ["fp8_block", "fp8_block_wgrad"])
+def test_fp8_cuda_graph_follows_weight_updates(quant):
+    """FP8 experts captured in a CUDA graph (``moe_plugin.graphs.GraphedStep``) and replayed
+    after in-place weight updates (an optimizer step) give the eager results on the updated
+    weights: the weights' quantisation is part of the graph, not a stale cached copy."""
+    from moe_plugin.graphs import GraphedStep
+    x, ids, w, w_up, w_down = _problem(5, n=256, d=256, f=256, e=8)
+    w_up.requires_grad_()
+    w_down.requires_grad_()
+
+    def step(x, gout):
+        out = fused_experts(x, ids, w, w_up, w_down, quant=quant)
+        return (out.detach(), *torch.autograd.grad(out, [w_up, w_down], gout))
+
+    gout = torch.randn_like(x)
+    graphed = GraphedStep(step, dict(x=x, gout=gout))
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    for it in range(3):
+        with torch.no_grad():  # the "optimizer step": in place, as Megatron's and torch's
+            w_up.add_(torch.randn(w_up.shape, generator=g, device=DEVICE).to(w_up.dtype), alpha=0.1)
+            w_down.mul_(0.9)
+        x2 = torch.randn(x.shape, generator=g, device=DEVICE).to(x.dtype)
+        got = [t.clone() for t in graphed(x=x2, gout=gout)]
+        want = step(x2, gout)
+        for name, a, b in zip(("out", "dw_up", "dw_down"), got, want):
+            assert torch.equal(a, b), f"iteration {it}: {name} differs from eager"

@@ -125,10 +125,11 @@ class FusedExpertsFP8Function(torch.autograd.Function):
     Backward: dgrad in FP8 -- ``dout`` quantised per token and 128 columns, ``dh' = dout ·
     W_down`` on the same block-quantised W_down (a 128 x 128 block keeps its scale when the
     matrix is used transposed), activation backward fused as in bf16, then ``dpre`` quantised
-    per row and 128 columns and ``dx = dpre · W_up``. wgrad in x's dtype (bf16): ``dW_down``
-    from ``dout`` and ``w·h``, ``dW_up`` from ``dpre`` and ``x`` -- the weight gradients are what
-    the optimizer accumulates, and keeping them out of fp8 costs 1/3 of the backward GEMM FLOPs
-    at bf16 speed (docs/quantization.md gives the measured error). ``h`` in backward is
+    per row and 128 columns and ``dx = dpre · W_up``. wgrad (``dW_down`` from ``dout`` and
+    ``w·h``, ``dW_up`` from ``dpre`` and ``x``) in x's dtype (bf16), or with ``fp8_wgrad``
+    (``quant="fp8_block_wgrad"``) in FP8 too, its operands quantised per column and 128 tokens
+    of one expert (``kernels/wgrad_fp8.py``; docs/quantization.md gives the measured error of
+    both choices). ``h`` in backward is
     ``act(pre)`` unquantised (the straight-through estimate of the quantisation in forward);
     ``recompute`` runs GEMM1 again with the same kernel and configuration (bitwise the same
     ``pre``).
@@ -136,12 +137,13 @@ class FusedExpertsFP8Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
-                recompute: bool):
+                recompute: bool, fp8_wgrad: bool = False):
         wq_up = QTensor(*cached_weight(w_up, "fp8"))  # with the K-major copy for dgrad
         wq_down = QTensor(*cached_weight(w_down, "fp8"))
         out, meta, pre = X.experts_forward(x, topk_ids, topk_weights, wq_up, wq_down, act_code,
                                            gated, save_pre=not recompute)
         ctx.act_code, ctx.gated, ctx.num_experts = act_code, gated, w_up.shape[0]
+        ctx.fp8_wgrad = fp8_wgrad
         remember_wgrad_fusion(ctx, w_up, w_down)
         ctx.save_for_backward(x, topk_weights, *wq_up.tensors(), *wq_down.tensors(),
                               *meta.tensors(), *((pre,) if pre is not None else ()))
@@ -159,7 +161,8 @@ class FusedExpertsFP8Function(torch.autograd.Function):
             dout, x, topk_weights, wq_up, wq_down, meta,
             rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
         dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
-                                                   *accumulation_buffers(ctx))
+                                                   *accumulation_buffers(ctx),
+                                                   fp8=ctx.fp8_wgrad)
         return (dx, None, dw_topk) \
             + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
-            + (None, None, None)
+            + (None, None, None, None)

@@ -226,7 +226,7 @@ class EPExpertsFunction(torch.autograd.Function):
                                    max_tokens_per_rank)
         recv_buf = recv.buf
         w_up_param, w_down_param = w_up, w_down
-        if quant:  # fp8 experts: the weights' cached block-quantised copies
+        if quant:  # fp8 experts ("fp8_block[_wgrad]"): the weights' cached quantised copies
             w_up, w_down = QTensor(*cached_weight(w_up, "fp8")), \
                 QTensor(*cached_weight(w_down, "fp8"))
             weights = (*w_up.tensors(), *w_down.tensors())
@@ -240,6 +240,7 @@ class EPExpertsFunction(torch.autograd.Function):
         ctx.layout = layout
         remember_wgrad_fusion(ctx, w_up_param, w_down_param)
         ctx.act, ctx.gated, ctx.group, ctx.backend = act, gated, group, backend
+        ctx.fp8_wgrad = quant == "fp8_block_wgrad"
         ctx.d, ctx.dtype, ctx.e_loc, ctx.n_w = d, x.dtype, e_loc, len(weights)
         ctx.save_for_backward(recv_buf, topk_weights, *weights, *emeta.tensors(),
                               *((pre,) if pre is not None else ()))
@@ -276,7 +277,8 @@ class EPExpertsFunction(torch.autograd.Function):
                                       async_op=True)
         dw_up, dw_down = X.experts_backward_weight(dy_recv, recv.payload, dpre, hw, emeta,
                                                    need_up, need_down,
-                                                   *accumulation_buffers(ctx))
+                                                   *accumulation_buffers(ctx),
+                                                   fp8=ctx.fp8_wgrad)
         del dpre, hw, dy_recv
         if work is not None:
             work.wait()
@@ -299,8 +301,9 @@ def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act
                quant: Optional[str] = None):
     """Routed experts under expert parallelism. Returns ``(out [N, D], recv_count [E/P])``.
 
-    ``quant="fp8_block"``: the local experts' GEMMs in FP8 as in ``FusedExpertsFP8Function``
-    (tokens travel in the input dtype and are quantised on the receiving rank)."""
+    ``quant="fp8_block"`` / ``"fp8_block_wgrad"``: the local experts' GEMMs in FP8 as in
+    ``FusedExpertsFP8Function`` (tokens travel in the input dtype and are quantised on the
+    receiving rank)."""
     P = dist.get_world_size(group)
     if num_experts % P:
         raise ValueError(f"ep_group: num_experts={num_experts} is not divisible by the "
@@ -315,4 +318,4 @@ def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act
                          f"capacity dropping (capacity_factor)")
     return EPExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, num_experts, act,
                                    gated, recompute, group, get_backend(backend),
-                                   max_tokens_per_rank, allow_drop, quant == "fp8_block")
+                                   max_tokens_per_rank, allow_drop, quant)

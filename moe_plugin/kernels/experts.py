@@ -8,6 +8,7 @@ import torch
 
 from .. import quant as Q
 from . import grouped_gemm as G
+from . import wgrad_fp8 as W8
 from .grouped_gemm import QTensor
 from .permute import PermuteMeta, gather_reduce, permute_metadata
 
@@ -55,11 +56,13 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
 
 
 def experts_backward_weight(dout, x, dpre, hw, meta: PermuteMeta, need_up: bool,
-                            need_down: bool, acc_up=None, acc_down=None):
+                            need_down: bool, acc_up=None, acc_down=None, fp8: bool = False):
     """Returns ``(dW_up | None, dW_down | None)``. ``acc_up``/``acc_down``: buffers the
-    gradient is added into (returned in its place), e.g. Megatron's ``main_grad``."""
-    dw_down = G.wgrad_down(dout, hw, meta, out=acc_down) if need_down else None
-    dw_up = G.wgrad_up(dpre, x, meta, out=acc_up) if need_up else None
+    gradient is added into (returned in its place), e.g. Megatron's ``main_grad``. ``fp8``:
+    the operands quantised per column and 128 tokens, FP8 GEMMs (``wgrad_fp8``)."""
+    down, up = (W8.wgrad_down_fp8, W8.wgrad_up_fp8) if fp8 else (G.wgrad_down, G.wgrad_up)
+    dw_down = down(dout, hw, meta, out=acc_down) if need_down else None
+    dw_up = up(dpre, x, meta, out=acc_up) if need_up else None
     return dw_up, dw_down
 
 

@@ -312,6 +312,14 @@ def _segment_mm_kernel(
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                     mask=pmask[:, None] & nmask[None, :], other=0.0)
         acc = _dot(tl.trans(a), b, acc, IEEE)
+    _store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
+                 stride_cn, ACCUM)
+
+
+@triton.jit
+def _store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
+                 stride_cn, ACCUM: tl.constexpr):
+    """Epilogue of the weight-gradient kernels: ``C[e]`` tile ``= acc`` or ``+= acc``."""
     c_ptrs = (c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm
               + offs_n[None, :] * stride_cn)
     cmask = mmask[:, None] & nmask[None, :]
@@ -424,8 +432,7 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
         hs.stride(0) if hs is not None else 0,
         TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=epi, ACT=act, STORE_PRE=store_pre,
         STORE_H=store_h, IEEE=_ieee(a.dtype), EVEN_K=k % bk == 0,
-        QUANT=quant,
-        QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
+        QUANT=quant, QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
         BLOCK_E=next_pow2(E), **cfg)
 
 
@@ -434,20 +441,24 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
 WGRAD_ACCUM_MODE: Optional[int] = None
 
 
+def accum_mode(c: torch.Tensor, accumulate: bool) -> int:
+    """The weight-gradient kernels' ``ACCUM`` for output ``c``: 0 = store."""
+    if not accumulate:
+        return 0
+    return WGRAD_ACCUM_MODE or (1 if c.dtype == torch.float32 else 2)
+
+
 def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a,
                     stride_b, a_gather=False, b_gather=False, accumulate=False):
     cfg = _seg_config(kind, a.dtype)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     E = meta.num_experts
     grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
-    accum = 0
-    if accumulate:
-        accum = WGRAD_ACCUM_MODE or (1 if c.dtype == torch.float32 else 2)
     _segment_mm_kernel[grid](
         a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
         TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
-        IEEE=_ieee(a.dtype), ACCUM=accum,
+        IEEE=_ieee(a.dtype), ACCUM=accum_mode(c, accumulate),
         BM=bm, BN=bn, BK=bk, **cfg)
 
 
@@ -605,7 +616,7 @@ def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None):
     return dxp
 
 
-def _wgrad_out(shape, like, out):
+def wgrad_out(shape, like, out):
     """A new ``[E, M, N]`` tensor in ``like``'s dtype, or ``out`` (accumulated into) checked."""
     if out is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device), False
@@ -619,7 +630,7 @@ def _wgrad_out(shape, like, out):
 def wgrad_down(dout, hw, meta: PermuteMeta, out=None):
     """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` (``hw = w_p · h_p``); with ``out``
     (``[E, D, F]``, any float dtype) added into it instead and returned."""
-    dw, acc = _wgrad_out((meta.num_experts, dout.shape[1], hw.shape[1]), hw, out)
+    dw, acc = wgrad_out((meta.num_experts, dout.shape[1], hw.shape[1]), hw, out)
     _launch_segment("wgrad_down", dout, hw, dw, meta, mo=dout.shape[1], no=hw.shape[1],
                     stride_a=dout.stride(), stride_b=hw.stride(), a_gather=True,
                     accumulate=acc)
@@ -628,7 +639,7 @@ def wgrad_down(dout, hw, meta: PermuteMeta, out=None):
 
 def wgrad_up(dpre, x, meta: PermuteMeta, out=None):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``; with ``out`` added into it."""
-    dw, acc = _wgrad_out((meta.num_experts, dpre.shape[1], x.shape[1]), x, out)
+    dw, acc = wgrad_out((meta.num_experts, dpre.shape[1], x.shape[1]), x, out)
     _launch_segment("wgrad_up", dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1],
                     stride_a=dpre.stride(), stride_b=x.stride(), b_gather=True,
                     accumulate=acc)

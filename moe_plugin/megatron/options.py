@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import TRAIN_QUANTS
+
 
 class UnsupportedConfigError(ValueError):
     """A TransformerConfig setting moe_plugin's Megatron layer does not support."""
@@ -65,7 +67,7 @@ class PluginOptions:
     max_tokens_per_rank: Optional[int] = None
     ep_group: object = None
     training: bool = True
-    quant: Optional[str] = None  # "fp8_block" from fp8 + fp8_recipe="blockwise"
+    quant: Optional[str] = None  # "fp8_block[_wgrad]", also from fp8 + fp8_recipe="blockwise"
 
 
 def plugin_options(config) -> PluginOptions:
@@ -159,14 +161,14 @@ def plugin_options(config) -> PluginOptions:
 def _quant_mode(config) -> Optional[str]:
     """The routed experts' ``quant``: ``moe_plugin_quant`` (``MoEPluginConfig``), or Megatron's
     own FP8 settings where they exist -- ``fp8="e4m3"`` with ``fp8_recipe="blockwise"``
-    (DeepSeek-V3's 1x128 / 128x128 scaling) maps to ``"fp8_block"`` (wgrad stays in bf16
-    whatever ``fp8_wgrad`` says; docs/quantization.md). Every other FP8/FP4 setting raises,
-    naming the field."""
+    (DeepSeek-V3's 1x128 / 128x128 scaling) maps to ``"fp8_block_wgrad"``, or with
+    ``fp8_wgrad=False`` (weight gradients in high precision) to ``"fp8_block"``
+    (docs/quantization.md). Every other FP8/FP4 setting raises, naming the field."""
     if getattr(config, "fp4", None):
         _fail("fp4", config.fp4, "FP4 experts are not supported")
     own = getattr(config, "moe_plugin_quant", None)
-    if own not in (None, "fp8_block"):
-        _fail("moe_plugin_quant", own, "supported: None, 'fp8_block'")
+    if own not in TRAIN_QUANTS:
+        _fail("moe_plugin_quant", own, f"supported: {', '.join(map(repr, TRAIN_QUANTS))}")
     fp8 = getattr(config, "fp8", None)
     if fp8:
         recipe = str(getattr(config, "fp8_recipe", "delayed")).split(".")[-1]  # enum or str
@@ -176,13 +178,14 @@ def _quant_mode(config) -> Optional[str]:
         if fp8 != "e4m3":
             _fail("fp8", fp8, "the blockwise recipe runs e4m3 for activations, weights and "
                   "gradients: set fp8='e4m3'")
-    quant = own or ("fp8_block" if fp8 else None)
-    if quant is None:
+    if own is None and fp8:
+        own = "fp8_block_wgrad" if getattr(config, "fp8_wgrad", True) else "fp8_block"
+    if own is None:
         return None
     if getattr(config, "fp8_param", False):
         _fail("fp8_param", True, "FP8 parameters are not supported: weights stay in "
               "params_dtype and are quantised once per update")
-    return "fp8_block"
+    return own
 
 
 def params_dtype(config) -> torch.dtype:

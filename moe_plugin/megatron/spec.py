@@ -19,6 +19,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer as _MCoreMoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..config import TRAIN_QUANTS
 from .layer import PluginMoELayer
 from .options import plugin_options
 
@@ -27,8 +28,9 @@ from .options import plugin_options
 class MoEPluginConfig(TransformerConfig):
     """``TransformerConfig`` with the plugin flag: ``moe_use_plugin=True`` swaps every MoE
     layer for moe_plugin's (through ``gpt_decoder_block_spec``); ``moe_plugin_quant="fp8_block"``
-    runs their expert GEMMs in FP8 with block scales (the same as Megatron's ``fp8="e4m3"`` +
-    ``fp8_recipe="blockwise"``, which megatron-core accepts for MoE models only with
+    runs their expert GEMMs in FP8 with block scales, ``"fp8_block_wgrad"`` the weight
+    gradients too (the same as Megatron's ``fp8="e4m3"`` + ``fp8_recipe="blockwise"`` with
+    ``fp8_wgrad`` off / on, which megatron-core accepts for MoE models only with
     TransformerEngine installed). ``moe_plugin_accumulate_wgrad`` (default on): under
     Megatron's ``DistributedDataParallel`` the expert weight-gradient kernels add into the
     parameters' fp32 ``main_grad`` directly (what ``gradient_accumulation_fusion`` does for
@@ -76,10 +78,11 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("moe_plugin")
     group.add_argument("--moe-use-plugin", action="store_true", dest="moe_use_plugin",
                        help="run every MoE layer with moe_plugin's fused kernels")
-    group.add_argument("--moe-plugin-quant", choices=["fp8_block"], default=None,
-                       dest="moe_plugin_quant",
-                       help="moe_plugin's expert GEMMs in FP8 with 1x128 / 128x128 block scales "
-                            "(wgrad in bf16)")
+    group.add_argument("--moe-plugin-quant", choices=[q for q in TRAIN_QUANTS if q],
+                       default=None, dest="moe_plugin_quant",
+                       help="moe_plugin's expert GEMMs in FP8 with 1x128 / 128x128 block scales: "
+                            "fp8_block keeps the weight gradients in bf16, fp8_block_wgrad "
+                            "computes them in FP8 too")
     group.add_argument("--no-moe-plugin-accumulate-wgrad", action="store_false",
                        dest="moe_plugin_accumulate_wgrad",
                        help="return the expert weight gradients to Megatron's DDP instead of "
