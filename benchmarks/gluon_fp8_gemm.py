@@ -1,12 +1,11 @@
-"""Experiment (session 13): the FP8 block-scaled row-grouped GEMM in Gluon, with the k-step
-promotion taken off the MMA path, against moe_plugin's Triton FP8 GEMM.
+"""Experiment (session 13): the FP8 block-scaled row-grouped GEMM in Gluon with cp.async loads
+(row gathers as pointer tensors) and the k-step promotion overlapped with the next MMA, against
+moe_plugin's Triton FP8 GEMM and the package's Gluon TMA kernel (``kernels/gluon_fp8.py``).
 
-Measured on the H100 (NOTES.md, session 13): bitwise the same results as the Triton kernel,
-+10% on GEMM2 (714 vs 646 TFLOP/s, mixtral), +0-13% on dx and dh'. The overlap works (the PTX
-has ``wgmma.wait_group 1``), yet the kernel stays near 50-57% of the fp8 ceiling: a 128 x 128 x
-128 fp8 tile reads 32 KB per 4.2 MFLOP (128 FLOP/B), and the three fp32 accumulators of the
-overlap (sum, step k, step k-1: 243 registers) leave no room for a larger tile. Not used by the
-package (the gain does not pay for a second, GPU-only code path); kept to be re-run:
+Measured on the H100 (NOTES.md, session 13; ``results/h100_gluon_fp8_gemm.log``): all three
+bitwise equal. Mixtral GEMM2: Triton 652, this kernel 714, TMA 834 TFLOP/s; dx 645 / 635 / 816.
+The overlap alone buys little; the TMA loads most of the rest: the package uses the TMA kernel
+(non-gathered operands), this one only documents the step between. Re-run with
 
     python benchmarks/gluon_fp8_gemm.py mixtral coarse_120b
 
@@ -34,8 +33,7 @@ try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        async_copy, fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        async_copy, fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
     _HAVE_GLUON = True
 except Exception:  # pragma: no cover - older Triton
     _HAVE_GLUON = False
@@ -206,127 +204,6 @@ def grouped_mm_fp8(a, sa, b, stride_b, sb, stride_sb, c, meta, *, n: int, k: int
     return c
 
 
-if _HAVE_GLUON:
-    @gluon.jit
-    def _fp8_grouped_mm_tma(
-            a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr,
-            E, N, K, num_m_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
-            BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-            GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
-        """The same GEMM without the row gather, its operand tiles loaded by TMA (one thread
-        issues a tile; the copy engine fills shared memory and signals an mbarrier): A rows
-        ``row0..row0+BM`` of ``a_desc`` ([S, K]), B rows ``e·N + n0..`` of ``b_desc``
-        ([E·N, K]). Rows past the expert's segment or past N belong to neighbours (or are
-        zero-filled past the tensor) and are masked at the store."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
-                                                      warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BN, 32])
-        st: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-        e1: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-
-        pid = gl.program_id(0)
-        num_n = gl.cdiv(N, BN)
-        per_group = GROUP_M * num_n
-        group = pid // per_group
-        first_m = group * GROUP_M
-        size_m = gl.minimum(num_m_tiles - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size_m
-        pid_n = (pid % per_group) // size_m
-        ex = gl.arange(0, BLOCK_E, layout=e1)
-        cum = gl.load(tiles_cum_ptr + ex, mask=ex < E, other=2147483647)
-        e = gl.sum((cum <= pid_m).to(gl.int32), 0)
-        if e >= E:
-            return
-        first = gl.sum(gl.where(ex == e - 1, cum, 0), 0)
-        seg0 = gl.load(offsets_ptr + e)
-        seg_end = seg0 + gl.load(counts_ptr + e)
-        row0 = seg0 + (pid_m - first) * BM
-        brow0 = e * N + pid_n * BN
-
-        rows_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-        rmask_m = rows_m < seg_end
-        sa_base = sa_ptr + gl.where(rmask_m, rows_m, 0).to(gl.int64) * stride_sa
-        sb_base = sb_ptr + e.to(gl.int64) * stride_sbe + ((pid_n * BN) // 128) * stride_sbn
-
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(bars.index(s), count=1)
-        nbytes: gl.constexpr = (BM + BN) * BK
-        nk = K // BK
-        for s in gl.static_range(STAGES - 1):
-            mbarrier.expect(bars.index(s), nbytes, pred=s < nk)
-            tma.async_copy_global_to_shared(a_desc, [row0, s * BK], bars.index(s),
-                                            a_bufs.index(s), pred=s < nk)
-            tma.async_copy_global_to_shared(b_desc, [brow0, s * BK], bars.index(s),
-                                            b_bufs.index(s), pred=s < nk)
-
-        acc = gl.zeros([BM, BN], gl.float32, layout=mma)
-        zero = gl.zeros([BM, BN], gl.float32, layout=mma)
-        mbarrier.wait(bars.index(0), 0)
-        prev = warpgroup_mma(a_bufs.index(0), b_bufs.index(0).permute((1, 0)), zero,
-                             use_acc=False, is_async=True)
-        s_prev = gl.load(sa_base, mask=rmask_m, other=0.0) * gl.load(sb_base)
-        nx: gl.constexpr = STAGES - 1
-        mbarrier.expect(bars.index(nx), nbytes, pred=nx < nk)
-        tma.async_copy_global_to_shared(a_desc, [row0, nx * BK], bars.index(nx),
-                                        a_bufs.index(nx), pred=nx < nk)
-        tma.async_copy_global_to_shared(b_desc, [brow0, nx * BK], bars.index(nx),
-                                        b_bufs.index(nx), pred=nx < nk)
-        for ks in range(1, nk):
-            slot_k = ks % STAGES
-            mbarrier.wait(bars.index(slot_k), (ks // STAGES) & 1)
-            cur = warpgroup_mma(a_bufs.index(slot_k), b_bufs.index(slot_k).permute((1, 0)),
-                                zero, use_acc=False, is_async=True)
-            s_cur = gl.load(sa_base + ks, mask=rmask_m, other=0.0) \
-                * gl.load(sb_base + ks * stride_sbk)
-            p = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
-            acc = acc + p * s_prev[:, None]
-            gl.thread_barrier()  # every warpgroup's step ks-1 MMA done: its slot is free
-            nxt = ks + STAGES - 1
-            sl = nxt % STAGES
-            mbarrier.expect(bars.index(sl), nbytes, pred=nxt < nk)
-            tma.async_copy_global_to_shared(a_desc, [row0, nxt * BK], bars.index(sl),
-                                            a_bufs.index(sl), pred=nxt < nk)
-            tma.async_copy_global_to_shared(b_desc, [brow0, nxt * BK], bars.index(sl),
-                                            b_bufs.index(sl), pred=nxt < nk)
-            prev = cur
-            s_prev = s_cur
-        p = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
-        acc = acc + p * s_prev[:, None]
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(s))
-
-        out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
-        rows_s = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st))
-        cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-        cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
-        gl.store(c_ptr + rows_s.to(gl.int64)[:, None] * stride_cm + cols_s[None, :], out,
-                 mask=cmask)
-
-
-def grouped_mm_fp8_tma(a, sa, b2d, sb, stride_sb, c, meta, *, n: int, k: int,
-                       config: dict = None):
-    """``grouped_mm_fp8`` without gather, through TMA: ``a [S, k]`` e4m3 contiguous,
-    ``b2d [E·n, k]`` e4m3 contiguous (expert e's B rows ``e·n ...``, K-major)."""
-    cfg = dict(CONFIG if config is None else config)
-    bm, bn = cfg.pop("BM"), cfg.pop("BN")
-    S = meta.sorted_slot.numel()
-    E = meta.num_experts
-    lay = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    a_desc = TensorDescriptor.from_tensor(a, [bm, 128], lay)
-    b_desc = TensorDescriptor.from_tensor(b2d, [bn, 128], lay)
-    tiles_cum = torch.cumsum((meta.counts + bm - 1) // bm, 0, dtype=torch.int32)
-    num_m_tiles = triton.cdiv(S, bm) + min(E, S)
-    grid = (num_m_tiles * triton.cdiv(n, bn),)
-    _fp8_grouped_mm_tma[grid](
-        a_desc, b_desc, c, sa, sb, tiles_cum, meta.counts, meta.offsets, E, n, k, num_m_tiles,
-        c.stride(0), sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2], BM=bm, BN=bn,
-        BK=128, BLOCK_E=max(32, triton.next_power_of_2(E)), **cfg)
-    return c
-
-
 CANDIDATES = [dict(BM=128, BN=128, STAGES=4, GROUP_M=8, num_warps=8),
               dict(BM=128, BN=128, STAGES=3, GROUP_M=8, num_warps=8),
               dict(BM=64, BN=128, STAGES=4, GROUP_M=8, num_warps=4),
@@ -343,6 +220,7 @@ def main(names):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_layer import CONFIGS, make_inputs
     from moe_plugin import quant as Q
+    from moe_plugin.kernels import gluon_fp8 as GFP
     from moe_plugin.kernels import grouped_gemm as GG
     from moe_plugin.kernels.experts import quantize_rows
     from moe_plugin.kernels.permute import permute_metadata
@@ -386,12 +264,11 @@ def main(names):
                 err = ((c.float() - ref.float()).norm() / ref.float().norm()).item()
                 t = do_bench(fn, rep=30, return_mode="median")
                 res[tag] = [round(flops / t / 1e9, 1), f"{err:.1e}"]
-                if not gather:  # the same through TMA: B as [E·n, k] rows (K-major storage)
-                    b2d = (b if w_t else b.transpose(1, 2)).reshape(-1, kk)
+                if not gather:  # the package's kernel: the same with TMA loads
 
                     def fn_tma():
-                        return grouped_mm_fp8_tma(a, sa, b2d, sb, ssb, c, meta, n=n, k=kk,
-                                                  config=cfg)
+                        return GFP.grouped_mm(a, sa, b, sb, ssb, c, meta, n=n, k=kk,
+                                              config=cfg)
                     c.zero_()
                     fn_tma()
                     err = ((c.float() - ref.float()).norm() / ref.float().norm()).item()

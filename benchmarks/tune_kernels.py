@@ -102,15 +102,16 @@ def sweep(name, jobs, args, best, prefix=""):
               flush=True)
 
 
-def with_setting(attr: str, value, fn):
-    """``fn`` run with the module setting ``grouped_gemm.<attr>`` set to ``value``."""
+def with_setting(attr: str, value, fn, module=GG):
+    """``fn`` run with the module setting ``module.<attr>`` (default ``grouped_gemm``) set to
+    ``value``."""
     def run():
-        saved = getattr(GG, attr)
-        setattr(GG, attr, value)
+        saved = getattr(module, attr)
+        setattr(module, attr, value)
         try:
             fn()
         finally:
-            setattr(GG, attr, saved)
+            setattr(module, attr, saved)
     return run
 
 
@@ -188,8 +189,9 @@ def tune_fp8(name, args, best):
     quantisation passes."""
     from triton.testing import do_bench
     from moe_plugin import quant as Q
+    from moe_plugin.kernels import gluon_fp8 as GF
     from moe_plugin.kernels import wgrad_fp8 as W8
-    from moe_plugin.kernels.experts import quantize_rows
+    from moe_plugin.kernels.experts import quantize_rows, quantize_rows_expert_order
     T, D, F, E, k = CONFIGS[name]
     x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
     M = T * k
@@ -200,8 +202,8 @@ def tune_fp8(name, args, best):
     pre, hq = K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
                           out_dtype=x.dtype, quant_h=True)
     dout = torch.randn_like(x)
-    dq = quantize_rows(dout, fp8)
-    dpre, hw, _ = K.expert_up_bwd(dq, wd, pre, meta, w, 0, True)
+    dq = quantize_rows_expert_order(dout, meta)  # dh' reads dout's rows in expert order
+    dpre, hw, _ = K.expert_up_bwd(dq, wd, pre, meta, w, 0, True, expert_order=True)
     dpq = quantize_rows(dpre, fp8)
     passes = {"quant_x": lambda: quantize_rows(x, fp8),
               "quant_dpre": lambda: quantize_rows(dpre, fp8),
@@ -220,7 +222,7 @@ def tune_fp8(name, args, best):
                                    out_dtype=x.dtype, quant_h=True)),
         "down": (FP8_ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(hq, wd, meta)),
         "dh": (FP8_ROW_CANDIDATES, True, 2 * M * D * F,
-               lambda: K.expert_up_bwd(dq, wd, pre, meta, w, 0, True)),
+               lambda: K.expert_up_bwd(dq, wd, pre, meta, w, 0, True, expert_order=True)),
         "dx": (FP8_ROW_CANDIDATES, True, 2 * M * 2 * F * D,
                lambda: K.expert_dx(dpq, wu, meta, out_dtype=x.dtype)),
         "wgrad_down": (SEG_CANDIDATES[:1], False, 2 * M * D * F,
@@ -232,7 +234,18 @@ def tune_fp8(name, args, best):
         "wgrad_up_fp8": (FP8_SEG_CANDIDATES, False, 2 * M * 2 * F * D,
                          lambda: W8.wgrad_up_fp8(dpre, x, meta)),
     }
-    sweep(name, jobs, args, best, prefix="fp8_")
+    # the Triton kernels' tile sweep (Gluon off), then the Gluon kernels (their own tiles,
+    # gluon_fp8.CONFIG) where the GPU has them
+    gluon = {kind + "_gluon": (jobs[kind][0][:1], jobs[kind][1], jobs[kind][2],
+                               with_setting("ENABLED", True, jobs[kind][3], GF), kind)
+             for kind in ("down", "dh", "dx")}
+    saved, GF.ENABLED = GF.ENABLED, False
+    try:
+        sweep(name, jobs, args, best, prefix="fp8_")
+        if GF._HAVE_GLUON:
+            sweep(name, gluon, args, best, prefix="fp8_")
+    finally:
+        GF.ENABLED = saved
 
 
 if __name__ == "__main__":

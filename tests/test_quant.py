@@ -129,6 +129,27 @@ def test_fp8_rows_kernel_equals_torch(shape):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+def test_fp8_rows_kernel_in_expert_order():
+    """dout quantised straight into expert order (the FP8 dh' GEMM's A operand): row p is the
+    quantised token row ``sorted_slot[p] // k``, bitwise the reference on the gathered rows;
+    rows past the routed slots (unused slots) are zeros."""
+    from moe_plugin.kernels.experts import quantize_rows_expert_order
+    from moe_plugin.kernels.permute import permute_metadata
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(9, 300, generator=g) * 3).to(DEVICE, DTYPE)
+    ids = torch.randint(0, 3, (9, 2), generator=g, dtype=torch.int32)
+    ids[1, 0] = ids[6, 1] = -1
+    meta = permute_metadata(ids.to(DEVICE), 3)
+    got = quantize_rows_expert_order(x, meta)
+    valid = int(meta.offsets[-1])
+    rows = meta.sorted_slot[:valid].long() // 2
+    q_ref, s_ref = Q._quantize_fp8_rows_torch(x[rows])
+    assert got.q.shape == (18, 300) and valid == 16
+    assert torch.equal(got.scale[:valid], s_ref)
+    assert torch.equal(got.q[:valid].view(torch.uint8), q_ref.view(torch.uint8))
+    assert not got.q[valid:].view(torch.uint8).any()
+
+
 def test_fp8_blocks_kernel_equals_torch():
     g = torch.Generator().manual_seed(2)
     w = (torch.randn(3, 200, 300, generator=g) * 5).to(DEVICE, DTYPE)
@@ -382,3 +403,32 @@ def test_fp8_cuda_graph_follows_weight_updates(quant):
         want = step(x2, gout)
         for name, a, b in zip(("out", "dw_up", "dw_down"), got, want):
             assert torch.equal(a, b), f"iteration {it}: {name} differs from eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("quant", ["fp8_block", "fp8_block_wgrad"])
+def test_fp8_gluon_kernels_equal_triton_kernels(quant):
+    """On Hopper the FP8 GEMMs without a row gather (GEMM2, dh' on expert-order dout, dx, FP8
+    wgrad) run as Gluon kernels (``kernels/gluon_fp8.py``: TMA loads, the promotion overlapped
+    with the next MMA); they compute the same sums in the same order as the Triton kernels:
+    outputs and every gradient bitwise equal, with uneven experts (one empty, segments not
+    multiples of the tile) and unused slots."""
+    from moe_plugin.kernels import gluon_fp8 as GF
+    if not GF.available(torch.empty(0, device=DEVICE)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    x, ids, w, w_up, w_down = _problem(11, n=700, d=384, f=256, e=8, k=2)
+    ids[ids == 5] = 4   # expert 5: no tokens
+    ids[:7, 1] = -1     # unused slots
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
+    res = []
+    for enabled in (False, True):
+        GF.ENABLED = enabled
+        try:
+            leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
+            out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], quant=quant)
+            res.append((out, *torch.autograd.grad(out, leaves, dout)))
+        finally:
+            GF.ENABLED = True
+    for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
+        assert torch.equal(a, b), f"{quant} {name}: Gluon and Triton kernels differ"

@@ -10,7 +10,9 @@ from .. import quant as Q
 from . import grouped_gemm as G
 from . import wgrad_fp8 as W8
 from .grouped_gemm import QTensor
+from .common import interpret_mode
 from .permute import PermuteMeta, gather_reduce, permute_metadata
+from .quantize import fp8_quantize_rows
 
 
 def experts_forward(x, topk_ids, topk_weights, w_up, w_down, act: int, gated: bool,
@@ -43,7 +45,11 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
     if pre is None:
         pre, _ = G.expert_up(q(x), w_up, meta, act, gated, store_pre=True, store_h=False,
                              out_dtype=x.dtype, quant_h=quant)
-    dpre, hw, dw_perm = G.expert_up_bwd(q(dout), w_down, pre, meta, topk_weights, act, gated)
+    # fp8: dout quantised straight into expert order (one row per slot), so that the dh' GEMM
+    # reads contiguous rows (TMA-loadable) instead of gathering token rows
+    dpre, hw, dw_perm = G.expert_up_bwd(
+        quantize_rows_expert_order(dout, meta) if quant else dout, w_down, pre, meta,
+        topk_weights, act, gated, expert_order=quant)
     del pre
     dx = dw_topk = None
     if need_w:
@@ -64,6 +70,18 @@ def experts_backward_weight(dout, x, dpre, hw, meta: PermuteMeta, need_up: bool,
     dw_down = down(dout, hw, meta, out=acc_down) if need_down else None
     dw_up = up(dpre, x, meta, out=acc_up) if need_up else None
     return dw_up, dw_down
+
+
+def quantize_rows_expert_order(x, meta: PermuteMeta) -> QTensor:
+    """fp8 ``QTensor`` of ``x``'s token rows in expert order: row p = ``x[sorted_slot[p] //
+    top_k]`` quantised per 128 columns (zeros past the routed slots)."""
+    valid = meta.offsets[meta.num_experts:]
+    if x.is_cuda or interpret_mode():
+        return QTensor(*fp8_quantize_rows(x, gather=(meta.sorted_slot, valid, meta.top_k)))
+    p = torch.arange(meta.sorted_slot.numel(), device=x.device)
+    rows = torch.where(p < valid, meta.sorted_slot.long() // meta.top_k, 0)
+    q, s = Q.quantize_fp8_rows(x[rows] * (p < valid)[:, None].to(x.dtype))
+    return QTensor(q, s)
 
 
 def quantize_rows(x, mode: int) -> QTensor:

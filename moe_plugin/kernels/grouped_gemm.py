@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gluon_fp8 as GF
 from .activation import act_bwd, act_fwd
 from .common import interpret_mode, next_pow2
 from .permute import PermuteMeta
@@ -416,6 +417,12 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
     if qout and bn != 128:
         raise ValueError(f"fp8 GEMM '{kind}': quantising h in the epilogue needs BN=128, "
                          f"got {bn}")
+    if (quant == QUANT_FP8 and epi == EPI_STORE and not gather and GF.available(a)
+            and GF.grouped_fits(a, b, stride_b, n, k)):
+        # Hopper: the Gluon kernel (TMA loads, promotion overlapped with the next MMA), the
+        # same sums in the same order
+        GF.grouped_mm(a, sa, b, sb, stride_sb, c, meta, n=n, k=k)
+        return
     num_m_tiles = triton.cdiv(S, bm) + min(E, S)
     grid = (num_m_tiles * triton.cdiv(n, bn),)
     dummy = meta.counts
@@ -567,8 +574,11 @@ SPLIT_UP_BWD = True
 ACT_BWD_BLOCK = (32, 128, 4)  # rows, columns, warps of _act_bwd_kernel
 
 
-def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool):
+def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool,
+                  expert_order: bool = False):
     """``dh' = dout[row(p)] · W_down[e]`` and the activation backward (``SPLIT_UP_BWD``).
+    ``expert_order``: ``dout`` holds one row per slot in expert order already (``[S, D]``:
+    no gather; the FP8 path quantises it that way).
 
     Returns ``dpre [S, 2F|F]`` (gradient of the pre-activation, weight applied),
     ``hw [S, F]`` (``w_p · act(pre[p])``, the operand of dW_down) and ``dw_perm fp32 [S]``
@@ -582,7 +592,7 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     dpre = torch.empty_like(pre)
     hw = torch.empty(S, f, dtype=pre.dtype, device=pre.device)
     args = dict(stride_a=a.stride(), stride_b=(w.stride(0), w.stride(1), w.stride(2)),
-                gather=True, quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
+                gather=not expert_order, quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
     if SPLIT_UP_BWD and S:
         bm, bn, warps = (16, 32, 4) if interpret_mode() else ACT_BWD_BLOCK
         # dh' goes into hw's memory: each program of the activation pass reads its dh' tile

@@ -2,7 +2,8 @@
 
 * ``fp8_quantize_rows``: activations ``x [M, K]`` → ``q [M, K]`` e4m3 and ``scale [M, K/128]``
   (one per row and 128 columns). One read of x, one write of q: used for the GEMM operands of
-  the FP8 training path (x, dout, dpre), where the plain PyTorch version made ~6 passes.
+  the FP8 training path (x, dout, dpre), where the plain PyTorch version made ~6 passes;
+  optionally reading its rows through a gather index (dout in expert order for dh').
 * ``fp8_quantize_blocks``: weights ``w [E, N, K]`` → ``q`` and ``scale [E, N/128, K/128]`` (one per
   128 × 128 block) and, with ``transposed=True``, the same values also stored transposed
   (``q_t``: shape ``[E, N, K]``, K-major strides). The dgrad GEMMs reduce over W's rows; Hopper's
@@ -51,19 +52,27 @@ def _to_e4m3(v, scale, EMU: tl.constexpr):
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
-                     EMU: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, gather_ptr, valid_ptr, M, K, stride_xm, stride_qm,
+                     stride_sm, TOPK: tl.constexpr, GATHER: tl.constexpr, EMU: tl.constexpr,
+                     BM: tl.constexpr, G: tl.constexpr):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     cols = g * G + tl.arange(0, G)
-    mask = (rows < M)[:, None] & (cols < K)[None, :]
-    v = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask,
+    if GATHER:  # output row p = input row gather[p] // TOPK, for the first *valid_ptr rows
+        rmask = rows < tl.load(valid_ptr)
+        src = (tl.load(gather_ptr + rows, mask=rmask, other=0) // TOPK).to(tl.int64)
+    else:
+        rmask = rows < M
+        src = rows
+    mask = rmask[:, None] & (cols < K)[None, :]
+    v = tl.load(x_ptr + src[:, None] * stride_xm + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 1), 1e-12), 448.0)
     q = _to_e4m3(v, scale[:, None], EMU)
+    # every output row is written (rows past the valid ones of a gather: zeros)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
-             mask=mask)
+             mask=(rows < M)[:, None] & (cols < K)[None, :])
     tl.store(s_ptr + rows * stride_sm + g, scale, mask=rows < M)
 
 
@@ -96,19 +105,25 @@ def _fp8_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, 
     tl.store(s_ptr + e * stride_se + bn * stride_sn + bk, scale)
 
 
-def fp8_quantize_rows(x: torch.Tensor):
+def fp8_quantize_rows(x: torch.Tensor, gather=None):
     """``x [M, K]`` → ``(q e4m3 [M, K], scale fp32 [M, ceil(K/128)])`` (arguments checked by
-    the public ``quant.quantize_fp8_rows``)."""
+    the public ``quant.quantize_fp8_rows``). ``gather = (rows [P] int32, valid int32 [1],
+    top_k)``: output row p quantises input row ``rows[p] // top_k`` for ``p < valid`` (zeros
+    beyond): the rows in expert order, read through the permutation (``PermuteMeta``)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
+    if gather is not None:
+        rows, valid, top_k = gather
+        m = rows.numel()
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, triton.cdiv(k, GROUP), dtype=torch.float32, device=x.device)
     if m and k:
         bm = 8 if interpret_mode() else 32
         _fp8_rows_kernel[(triton.cdiv(m, bm), s.shape[1])](
-            x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), EMU=interpret_mode(), BM=bm,
-            G=GROUP, num_warps=4)
+            x, q, s, rows if gather is not None else s, valid if gather is not None else s,
+            m, k, x.stride(0), q.stride(0), s.stride(0), TOPK=top_k if gather is not None else 1,
+            GATHER=gather is not None, EMU=interpret_mode(), BM=bm, G=GROUP, num_warps=4)
     return q, s
 
 

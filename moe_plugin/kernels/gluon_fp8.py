@@ -1,0 +1,161 @@
+"""FP8 block-scaled expert GEMM in Gluon on Hopper: TMA loads.
+
+The Triton FP8 kernel (``grouped_gemm.py`` with ``QUANT_FP8``) loads its operand tiles with
+per-thread cp.async copies (Triton 3.6 has no TMA for pointer-tensor loads) and reaches about
+half of the H100's fp8 ceiling. This kernel computes the same sums in the same order (bitwise
+the same results on the H100) with TMA loads: one thread issues each operand tile, the copy
+engine fills a ring of ``STAGES`` shared-memory buffers and signals an mbarrier per buffer;
+each k-step's MMA result is promoted (scaled, added) as in the Triton kernel, after which a
+CTA barrier frees its ring slot for the load ``STAGES`` steps ahead.
+
+H100 (``results/h100_gluon_fp8_sweep.log``, NOTES.md session 13), mixtral's shapes: GEMM2
+652 → 935 TFLOP/s, dx 645 → 882, dh' 585 → 787. (Overlapping the promotion with the next MMA
+was tried first: ptxas serialises the wgmma when accumulator registers are read while another
+is in flight, warning C7514, and the kernel was slower.)
+
+``_fp8_grouped_mm_tma`` is the row-grouped GEMM with a plain store (GEMM2, dh' on expert-order
+quantised dout, dx): ``C[p, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · sa[p, kb] · sb[e, kb, n/128]``,
+A ``[S, K]`` rows in expert order, B stored ``[E·N, K]`` (K-major). The weight gradients stay
+on the Triton kernel (``wgrad_fp8.py``): a TMA version measured the same there.
+
+Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``ENABLED``) and
+the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
+interpreter (Gluon has none), the Triton kernels run. Tile rows of A past an expert's segment
+(or columns of B past N) read the neighbours' rows and are masked at the store; past the end
+of a tensor TMA fills zeros.
+"""
+import torch
+import triton
+
+try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    _HAVE_GLUON = True
+except Exception:  # pragma: no cover - a Triton without Gluon
+    _HAVE_GLUON = False
+
+ENABLED = True  # the tests and benchmarks switch it off to time / compare the Triton kernels
+CONFIG = dict(BM=128, BN=128, STAGES=3, GROUP_M=8, num_warps=8)   # H100 sweep (NOTES.md)
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the Gluon kernels can run on ``t``'s device."""
+    return (ENABLED and _HAVE_GLUON and t.is_cuda
+            and torch.cuda.get_device_capability(t.device)[0] == 9)
+
+
+def _smem_layout():
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+
+
+if _HAVE_GLUON:
+    @gluon.jit
+    def _fp8_grouped_mm_tma(
+            a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr,
+            E, N, K, num_m_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
+            BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+            GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
+        """Row-grouped FP8 GEMM, plain store (module doc): A rows ``row0..row0+BM`` of
+        ``a_desc`` ([S, K]), B rows ``e·N + n0..`` of ``b_desc`` ([E·N, K])."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
+                                                      warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BN, 32])
+        st: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+        e1: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+
+        pid = gl.program_id(0)
+        num_n = gl.cdiv(N, BN)
+        per_group = GROUP_M * num_n
+        group = pid // per_group
+        first_m = group * GROUP_M
+        size_m = gl.minimum(num_m_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+        ex = gl.arange(0, BLOCK_E, layout=e1)
+        cum = gl.load(tiles_cum_ptr + ex, mask=ex < E, other=2147483647)
+        e = gl.sum((cum <= pid_m).to(gl.int32), 0)
+        if e >= E:
+            return
+        first = gl.sum(gl.where(ex == e - 1, cum, 0), 0)
+        seg0 = gl.load(offsets_ptr + e)
+        seg_end = seg0 + gl.load(counts_ptr + e)
+        row0 = seg0 + (pid_m - first) * BM
+        brow0 = e * N + pid_n * BN
+
+        rows_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+        rmask_m = rows_m < seg_end
+        sa_base = sa_ptr + gl.where(rmask_m, rows_m, 0).to(gl.int64) * stride_sa
+        sb_base = sb_ptr + e.to(gl.int64) * stride_sbe + ((pid_n * BN) // 128) * stride_sbn
+
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bars.index(s), count=1)
+        nbytes: gl.constexpr = (BM + BN) * BK
+        nk = K // BK
+        for s in gl.static_range(STAGES):
+            mbarrier.expect(bars.index(s), nbytes, pred=s < nk)
+            tma.async_copy_global_to_shared(a_desc, [row0, s * BK], bars.index(s),
+                                            a_bufs.index(s), pred=s < nk)
+            tma.async_copy_global_to_shared(b_desc, [brow0, s * BK], bars.index(s),
+                                            b_bufs.index(s), pred=s < nk)
+        acc = gl.zeros([BM, BN], gl.float32, layout=mma)
+        zero = gl.zeros([BM, BN], gl.float32, layout=mma)
+        for ks in range(0, nk):
+            slot = ks % STAGES
+            mbarrier.wait(bars.index(slot), (ks // STAGES) & 1)
+            tok = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero,
+                                use_acc=False, is_async=True)
+            sc = gl.load(sa_base + ks, mask=rmask_m, other=0.0) * gl.load(sb_base + ks * stride_sbk)
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+            acc = acc + p * sc[:, None]
+            gl.thread_barrier()  # every warpgroup is done with the slot: refill it
+            nxt = ks + STAGES
+            mbarrier.expect(bars.index(slot), nbytes, pred=nxt < nk)
+            tma.async_copy_global_to_shared(a_desc, [row0, nxt * BK], bars.index(slot),
+                                            a_bufs.index(slot), pred=nxt < nk)
+            tma.async_copy_global_to_shared(b_desc, [brow0, nxt * BK], bars.index(slot),
+                                            b_bufs.index(slot), pred=nxt < nk)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))
+
+        out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
+        rows_s = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st))
+        cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+        cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
+        gl.store(c_ptr + rows_s.to(gl.int64)[:, None] * stride_cm + cols_s[None, :], out,
+                 mask=cmask)
+
+
+def grouped_fits(a, b, stride_b, n: int, k: int) -> bool:
+    """Whether ``grouped_mm`` serves these operands: K a multiple of 128, ``a [S, k]`` with
+    contiguous 16-byte aligned rows, B (strides (expert, k, n)) stored as ``[E·n, k]``."""
+    return (k % 128 == 0 and a.stride(1) == 1 and a.stride(0) % 16 == 0
+            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+            and stride_b[1] == 1 and stride_b[2] == k and stride_b[0] == n * k)
+
+
+def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict = None):
+    """``c [S, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · scales`` (``grouped_fits`` operands; A rows
+    in expert order: no gather). ``stride_sb``: B scales' (expert, k-block, n-block) strides."""
+    cfg = dict(CONFIG if config is None else config)
+    bm, bn = cfg.pop("BM"), cfg.pop("BN")
+    S = meta.sorted_slot.numel()
+    E = meta.num_experts
+    if S == 0:
+        return c
+    b2d = b.as_strided((E * n, k), (k, 1))
+    a_desc = TensorDescriptor.from_tensor(a, [bm, 128], _smem_layout())
+    b_desc = TensorDescriptor.from_tensor(b2d, [bn, 128], _smem_layout())
+    tiles_cum = torch.cumsum((meta.counts + bm - 1) // bm, 0, dtype=torch.int32)
+    num_m_tiles = triton.cdiv(S, bm) + min(E, S)
+    grid = (num_m_tiles * triton.cdiv(n, bn),)
+    _fp8_grouped_mm_tma[grid](
+        a_desc, b_desc, c, sa, sb, tiles_cum, meta.counts, meta.offsets, E, n, k, num_m_tiles,
+        c.stride(0), sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2], BM=bm, BN=bn,
+        BK=128, BLOCK_E=max(32, triton.next_power_of_2(E)), **cfg)
+    return c
