@@ -150,6 +150,45 @@ def test_fp8_rows_kernel_in_expert_order():
     assert not got.q[valid:].view(torch.uint8).any()
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_act_quant_pass_equals_fused_gemm1_epilogue(activation):
+    """Where GEMM1 runs as the Gluon kernel (Hopper), h comes from a pass over the stored
+    pre-activation (``act_quant``); it must give the fused Triton epilogue's h and scales
+    bitwise, for the routed rows."""
+    from moe_plugin.config import check_activation
+    from moe_plugin.kernels.experts import quantize_rows_expert_order
+    from moe_plugin.kernels.permute import permute_metadata
+    act, gated = check_activation(activation)
+    x, ids, w, w_up, w_down = _problem(6, n=40, d=128, f=256, e=4)
+    if not gated:
+        w_up = w_up[:, :256].contiguous()
+    ids[3, 1] = -1
+    meta = permute_metadata(ids, 4)
+    wq = G.QTensor(*Q.cached_weight(w_up, "fp8"))
+    GF_enabled = _gluon_off()
+    try:
+        pre, hq = G.expert_up(quantize_rows_expert_order(x, meta), wq, meta, act, gated,
+                              store_pre=True, store_h=False, out_dtype=x.dtype, quant_h=True,
+                              expert_order=True)
+    finally:
+        _gluon_restore(GF_enabled)
+    got = G.act_quant(pre, meta, act, gated)
+    valid = int(meta.offsets[-1])
+    assert torch.equal(got.scale[:valid], hq.scale[:valid])
+    assert torch.equal(got.q[:valid].view(torch.uint8), hq.q[:valid].view(torch.uint8))
+
+
+def _gluon_off():
+    from moe_plugin.kernels import gluon_fp8 as GF
+    saved, GF.ENABLED = GF.ENABLED, False
+    return saved
+
+
+def _gluon_restore(saved):
+    from moe_plugin.kernels import gluon_fp8 as GF
+    GF.ENABLED = saved
+
+
 def test_fp8_blocks_kernel_equals_torch():
     g = torch.Generator().manual_seed(2)
     w = (torch.randn(3, 200, 300, generator=g) * 5).to(DEVICE, DTYPE)

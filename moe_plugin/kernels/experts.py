@@ -42,9 +42,10 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
 
     def q(t):
         return quantize_rows(t, G.QUANT_FP8) if quant else t
-    if pre is None:
-        pre, _ = G.expert_up(q(x), w_up, meta, act, gated, store_pre=True, store_h=False,
-                             out_dtype=x.dtype, quant_h=quant)
+    if pre is None:  # recompute GEMM1 exactly as the forward ran it
+        pre, _ = G.expert_up(quantize_rows_expert_order(x, meta) if quant else x, w_up, meta,
+                             act, gated, store_pre=True, store_h=False, out_dtype=x.dtype,
+                             quant_h=quant, expert_order=quant)
     # fp8: dout quantised straight into expert order (one row per slot), so that the dh' GEMM
     # reads contiguous rows (TMA-loadable) instead of gathering token rows
     dpre, hw, dw_perm = G.expert_up_bwd(
@@ -98,11 +99,14 @@ def _experts_forward_quant(x, topk_weights, w_up: QTensor, w_down: QTensor,
     expert weights; outputs in x's dtype. fp8: h is quantised in GEMM1's epilogue; int8: h is
     quantised per row after GEMM1. Returns ``(out [N, D], meta, pre | None)``."""
     mode = w_up.mode
-    xq = quantize_rows(x, mode)
     if mode == G.QUANT_FP8:
-        pre, hq = G.expert_up(xq, w_up, meta, act, gated, store_pre=save_pre, store_h=False,
-                              out_dtype=x.dtype, quant_h=True)
+        # x quantised straight into expert order (one row per slot): GEMM1 reads contiguous
+        # rows (the Gluon TMA kernel on Hopper)
+        pre, hq = G.expert_up(quantize_rows_expert_order(x, meta), w_up, meta, act, gated,
+                              store_pre=save_pre, store_h=False, out_dtype=x.dtype,
+                              quant_h=True, expert_order=True)
     else:
+        xq = quantize_rows(x, mode)
         pre, h = G.expert_up(xq, w_up, meta, act, gated, store_pre=save_pre, store_h=True,
                              out_dtype=x.dtype)
         hq = quantize_rows(h, mode)

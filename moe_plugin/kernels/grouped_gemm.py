@@ -213,16 +213,47 @@ def _grouped_mm_kernel(
             if QOUT:
                 # h quantised to e4m3 in groups of 128 columns (BN == 128: one group per
                 # tile): the A operand of an fp8 GEMM2, with its scales
-                amax = tl.max(tl.where(cmask, tl.abs(h), 0.0), 1)
-                hsc = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
-                hq = _to_e4m3(h, hsc[:, None], FP8_EMU)
-                tl.store(c_ptrs, hq.to(c_ptr.dtype.element_ty), mask=cmask)
-                tl.store(hs_ptr + rows64 * stride_hs + pid_n, hsc, mask=rmask)
+                _store_h_e4m3(h, c_ptrs, hs_ptr + rows64 * stride_hs + pid_n, cmask, rmask,
+                              FP8_EMU)
             else:
                 tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=cmask)
     else:
         _act_bwd_tile(acc, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr, dwp_ptr,
                       hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm, GATED, ACT)
+
+
+@triton.jit
+def _store_h_e4m3(h, c_ptrs, hs_ptrs, cmask, rmask, EMU: tl.constexpr):
+    """A ``[rows, 128]`` tile of h quantised to e4m3 with one scale per row (one group)."""
+    amax = tl.max(tl.where(cmask, tl.abs(h), 0.0), 1)
+    hsc = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    hq = _to_e4m3(h, hsc[:, None], EMU)
+    tl.store(c_ptrs, hq.to(c_ptrs.dtype.element_ty), mask=cmask)
+    tl.store(hs_ptrs, hsc, mask=rmask)
+
+
+@triton.jit
+def _act_quant_kernel(pre_ptr, h_ptr, hs_ptr, offsets_ptr, E, N, stride_pm, stride_hm,
+                      stride_hs, GATED: tl.constexpr, ACT: tl.constexpr, EMU: tl.constexpr,
+                      BM: tl.constexpr):
+    """``h = act(pre)`` quantised per 128 columns (``_store_h_e4m3``) for the rows of every
+    expert: the GEMM1 epilogue of the fused kernel as a pass over a stored pre-activation."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < tl.load(offsets_ptr + E)
+    offs_n = pid_n * 128 + tl.arange(0, 128)
+    cmask = rmask[:, None] & (offs_n < N)[None, :]
+    rows64 = rows.to(tl.int64)
+    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
+    g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
+    if GATED:
+        u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        u = g
+    h = act_fwd(g, u, ACT)
+    _store_h_e4m3(h, h_ptr + rows64[:, None] * stride_hm + offs_n[None, :],
+                  hs_ptr + rows64 * stride_hs + pid_n, cmask, rmask, EMU)
 
 
 @triton.jit
@@ -524,16 +555,26 @@ def _operands(a, w, w_transposed: bool, out_dtype=None):
 
 
 def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: bool,
-              store_h: bool, out_dtype=None, quant_h: bool = False):
+              store_h: bool, out_dtype=None, quant_h: bool = False,
+              expert_order: bool = False):
     """GEMM1 + activation. ``x [N, D]`` rows gathered → ``pre [S, 2F|F]`` (if store_pre) and
     ``h [S, F]`` (if store_h), in expert order.
 
     ``x`` and ``w_up`` may be ``QTensor``s (fp8 blocks or int8); ``pre`` and ``h`` are then in
     ``out_dtype`` (default bf16). ``quant_h`` (fp8 only): h is written as e4m3 with its scales
-    per 128 columns, returned as a ``QTensor``."""
+    per 128 columns, returned as a ``QTensor``. ``expert_order``: ``x`` holds one row per slot
+    in expert order already (``[S, D]``, no gather); on Hopper the fp8 GEMM then runs as the
+    Gluon kernel (``gluon_fp8``), storing pre, and h comes from one pass over it
+    (``_act_quant_kernel``: the fused epilogue's arithmetic, the same h bitwise)."""
     a, sa, w, sb, stride_sb, quant, dt = _operands(x, w_up, True, out_dtype)
     S = meta.sorted_slot.numel()
     f = w.shape[1] // 2 if gated else w.shape[1]
+    stride_b = (w.stride(0), w.stride(2), w.stride(1))
+    if (quant_h and quant == QUANT_FP8 and expert_order and S and GF.available(a)
+            and GF.grouped_fits(a, w, stride_b, w.shape[1], a.shape[1])):
+        pre = torch.empty(S, w.shape[1], dtype=dt, device=a.device)
+        GF.grouped_mm(a, sa, w, sb, stride_sb, pre, meta, n=w.shape[1], k=a.shape[1])
+        return (pre if store_pre else None), act_quant(pre, meta, act, gated)
     pre = torch.empty(S, w.shape[1], dtype=dt, device=a.device) if store_pre else None
     hs = None
     if quant_h:
@@ -546,11 +587,26 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
     else:
         h = torch.empty(S, f, dtype=dt, device=a.device) if store_h else None
     _launch_grouped("up", a, w, h, meta, n=f, k=a.shape[1], stride_a=a.stride(),
-                    stride_b=(w.stride(0), w.stride(2), w.stride(1)), gather=True,
+                    stride_b=stride_b, gather=not expert_order,
                     gated=gated, epi=EPI_ACT_FWD, act=act, pre=pre, store_pre=store_pre,
                     store_h=store_h or quant_h, quant=quant, sa=sa, sb=sb,
                     stride_sb=stride_sb, hs=hs)
     return (pre if store_pre else None), (QTensor(h, hs) if quant_h else h)
+
+
+def act_quant(pre, meta: PermuteMeta, act: int, gated: bool) -> QTensor:
+    """``h = act(pre)`` for the routed rows of ``pre [S, 2F|F]``, as e4m3 with one scale per
+    row and 128 columns (``_act_quant_kernel``: the fused GEMM1 epilogue's arithmetic)."""
+    S = pre.shape[0]
+    f = pre.shape[1] // 2 if gated else pre.shape[1]
+    h = torch.empty(S, f, dtype=torch.float8_e4m3fn, device=pre.device)
+    hs = torch.empty(S, triton.cdiv(f, 128), dtype=torch.float32, device=pre.device)
+    if S and f:
+        bm = 8 if interpret_mode() else 32
+        _act_quant_kernel[(triton.cdiv(S, bm), triton.cdiv(f, 128))](
+            pre, h, hs, meta.offsets, meta.num_experts, f, pre.stride(0), h.stride(0),
+            hs.stride(0), GATED=gated, ACT=act, EMU=interpret_mode(), BM=bm, num_warps=4)
+    return QTensor(h, hs)
 
 
 def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None):
