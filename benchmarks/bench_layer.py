@@ -17,6 +17,7 @@ forward+backward over the memory held before it (inputs, weights, gradient buffe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 
@@ -220,6 +221,10 @@ def main(argv=None):
                        "dx_rel_err_vs_grouped_mm": err_dx}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                # each implementation starts from an empty cache: a later one inheriting the
+                # segments of an earlier one measured up to 10% slower (NOTES.md, session 13)
+                gc.collect()
+                torch.cuda.empty_cache()
             del inputs
             torch.cuda.empty_cache()
     emit(markdown(meta, rows), args.md, args.json, {"meta": meta, "rows": rows})
