@@ -3,9 +3,11 @@
 moe_plugin's Triton FP8 GEMM and the package's Gluon TMA kernel (``kernels/gluon_fp8.py``).
 
 Measured on the H100 (NOTES.md, session 13; ``results/h100_gluon_fp8_gemm.log``): all three
-bitwise equal. Mixtral GEMM2: Triton 652, this kernel 714, TMA 834 TFLOP/s; dx 645 / 635 / 816.
-The overlap alone buys little; the TMA loads most of the rest: the package uses the TMA kernel
-(non-gathered operands), this one only documents the step between. Re-run with
+bitwise equal. Mixtral GEMM2: Triton 652, this kernel 714, TMA 834 TFLOP/s; dx 645 / 635 / 816
+(the TMA kernel then also overlapped the promotion; ptxas serialises that overlap (warning
+C7514), and without it the package's TMA kernel reaches 935 / 882, ``h100_gluon_fp8_sweep.log``).
+The overlap buys little, the TMA loads the rest: the package uses the TMA kernel; this one only
+documents the step between. Re-run with
 
     python benchmarks/gluon_fp8_gemm.py mixtral coarse_120b
 
