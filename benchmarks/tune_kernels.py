@@ -238,7 +238,7 @@ def tune_fp8(name, args, best):
     # gluon_fp8.CONFIG) where the GPU has them
     gluon = {kind + "_gluon": (jobs[kind][0][:1], jobs[kind][1], jobs[kind][2],
                                with_setting("ENABLED", True, jobs[kind][3], GF), kind)
-             for kind in ("down", "dh", "dx")}
+             for kind in ("down", "dh", "dx", "wgrad_down_fp8", "wgrad_up_fp8")}
     saved, GF.ENABLED = GF.ENABLED, False
     try:
         sweep(name, jobs, args, best, prefix="fp8_")

@@ -13,10 +13,14 @@ H100 (``results/h100_gluon_fp8_sweep.log``, NOTES.md session 13), mixtral's shap
 was tried first: ptxas serialises the wgmma when accumulator registers are read while another
 is in flight, warning C7514, and the kernel was slower.)
 
-``_fp8_grouped_mm_tma`` is the row-grouped GEMM with a plain store (GEMM2, dh' on expert-order
-quantised dout, dx): ``C[p, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · sa[p, kb] · sb[e, kb, n/128]``,
-A ``[S, K]`` rows in expert order, B stored ``[E·N, K]`` (K-major). The weight gradients stay
-on the Triton kernel (``wgrad_fp8.py``): a TMA version measured the same there.
+``_fp8_grouped_mm_tma`` is the row-grouped GEMM with a plain store (GEMM1 storing pre, GEMM2,
+dh' on expert-order quantised dout, dx): ``C[p, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · sa[p, kb] ·
+sb[e, kb, n/128]``, A ``[S, K]`` rows in expert order, B stored ``[E·N, K]`` (K-major).
+
+``_fp8_segment_mm_tma`` is the FP8 weight gradient of ``wgrad_fp8.py`` on its padded group
+layout, the per-group scale vectors staged in shared memory by TMA with the tiles: 2-10% over
+the Triton kernel (``results/h100_gluon_fp8_wgrad_sweep.log``). Its limit is the rank-1 scale
+application per k-step (NOTES.md).
 
 Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``ENABLED``) and
 the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
@@ -158,4 +162,134 @@ def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict
         a_desc, b_desc, c, sa, sb, tiles_cum, meta.counts, meta.offsets, E, n, k, num_m_tiles,
         c.stride(0), sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2], BM=bm, BN=bn,
         BK=128, BLOCK_E=max(32, triton.next_power_of_2(E)), **cfg)
+    return c
+
+
+if _HAVE_GLUON:
+    @gluon.jit
+    def _fp8_segment_mm_tma(
+            a_desc, b_desc, sa_desc, sb_desc, c_ptr, counts_ptr, MO, NO, E, stride_ce, stride_cm,
+            stride_cn, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
+            BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr,
+            num_warps: gl.constexpr):
+        """FP8 weight gradient on the padded group layout (``wgrad_fp8.py``): program (e, MO
+        tile, NO tile) reduces over expert e's groups. Each k-step's operand tiles *and* its
+        two scale vectors (``sa[g, m0:m0+BM]``, ``sb[g, n0:n0+BN]``) arrive by TMA in the same
+        ring stage, so the per-k-step rank-1 scale application reads shared memory instead of
+        issuing one global load per accumulator column (what kept the Triton kernel at ~580
+        TFLOP/s, NOTES.md)."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
+                                                      warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BN, 32])
+        st: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+        e1: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        pid = gl.program_id(0)
+        tiles_m = gl.cdiv(MO, BM)
+        tiles_n = gl.cdiv(NO, BN)
+        e = pid // (tiles_m * tiles_n)
+        r = pid % (tiles_m * tiles_n)
+        tm = r // tiles_n
+        tn = r % tiles_n
+        ex = gl.arange(0, BLOCK_E, layout=e1)
+        cnt_v = gl.load(counts_ptr + ex, mask=ex < E, other=0)
+        groups = (cnt_v + GS - 1) // GS
+        first = gl.sum(gl.where(ex < e, groups, 0), 0)
+        ng = gl.sum(gl.where(ex == e, groups, 0), 0)
+
+        acc = gl.zeros([BM, BN], gl.float32, layout=mma)
+        if ng > 0:
+            a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, GS], a_desc.layout)
+            b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, GS], b_desc.layout)
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
+            sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sb_desc.layout)
+            bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for s in gl.static_range(STAGES):
+                mbarrier.init(bars.index(s), count=1)
+            nbytes: gl.constexpr = (BM + BN) * GS + (BM + BN) * 4
+            for s in gl.static_range(STAGES):
+                _seg_stage_load(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs,
+                                sb_bufs, bars, s, first + s, tm, tn, MO, NO, nbytes, s < ng,
+                                BM, BN, GS)
+            zero = gl.zeros([BM, BN], gl.float32, layout=mma)
+            for ks in range(0, ng):
+                slot = ks % STAGES
+                mbarrier.wait(bars.index(slot), (ks // STAGES) & 1)
+                tok = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
+                                    zero, use_acc=False, is_async=True)
+                sa = sa_bufs.index(slot).load(gl.SliceLayout(1, mma))
+                sb = sb_bufs.index(slot).load(gl.SliceLayout(0, mma))
+                p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+                acc = acc + p * (sa[:, None] * sb[None, :])
+                gl.thread_barrier()  # every warpgroup is done with the slot: refill it
+                nxt = ks + STAGES
+                _seg_stage_load(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs,
+                                sb_bufs, bars, slot, first + nxt, tm, tn, MO, NO, nbytes,
+                                nxt < ng, BM, BN, GS)
+            for s in gl.static_range(STAGES):
+                mbarrier.invalidate(bars.index(s))
+
+        out = gl.convert_layout(acc, st)
+        om = tm * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, st))
+        on = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+        c_ptrs = (c_ptr + e.to(gl.int64) * stride_ce + om[:, None].to(gl.int64) * stride_cm
+                  + on[None, :] * stride_cn)
+        cmask = (om < MO)[:, None] & (on < NO)[None, :]
+        if ACCUM == 1:  # one atomic add per element (deterministic); no tokens: unchanged
+            if ng > 0:
+                gl.atomic_add(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask, sem="relaxed")
+        elif ACCUM == 2:
+            if ng > 0:
+                out = out + gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
+                gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+        else:
+            gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+
+    @gluon.jit
+    def _seg_stage_load(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, bars,
+                        slot, g, tm, tn, MO, NO, nbytes: gl.constexpr, pred, BM: gl.constexpr,
+                        BN: gl.constexpr, GS: gl.constexpr):
+        """One ring stage: group g's A and B tiles and their scale vectors (flat [G·MO] /
+        [G·NO] scale tensors: row g starts at g·MO)."""
+        bar = bars.index(slot)
+        mbarrier.expect(bar, nbytes, pred=pred)
+        tma.async_copy_global_to_shared(a_desc, [tm * BM, g * GS], bar, a_bufs.index(slot),
+                                        pred=pred)
+        tma.async_copy_global_to_shared(b_desc, [tn * BN, g * GS], bar, b_bufs.index(slot),
+                                        pred=pred)
+        tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar, sa_bufs.index(slot),
+                                        pred=pred)
+        tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar, sb_bufs.index(slot),
+                                        pred=pred)
+
+
+SEG_CONFIG = dict(BM=128, BN=128, STAGES=3, num_warps=8)
+
+
+def segment_fits(qa, sa, qb, sb) -> bool:
+    """Whether ``segment_mm`` serves the padded-layout operands: 16-byte aligned rows and
+    scale rows (MO, NO multiples of 4), at least one group."""
+    return (all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+                and t.shape[1] > 0 for t in (qa, qb))
+            and all(s.is_contiguous() and s.shape[1] % 4 == 0 and s.data_ptr() % 16 == 0
+                    for s in (sa, sb)))
+
+
+def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
+    """``c[e] (+)= Σ_g (qa[:, g] · qb[:, g]ᵀ) · (sa[g] ⊗ sb[g])`` over expert e's groups g of
+    the padded layout (``wgrad_fp8.quantize_cols_grouped``'s outputs; ``accum``: the Triton
+    kernel's ``ACCUM`` modes)."""
+    cfg = dict(SEG_CONFIG if config is None else config)
+    bm, bn = cfg.pop("BM"), cfg.pop("BN")
+    mo, no = qa.shape[0], qb.shape[0]
+    E = meta.num_experts
+    s1 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    a_desc = TensorDescriptor.from_tensor(qa, [bm, 128], _smem_layout())
+    b_desc = TensorDescriptor.from_tensor(qb, [bn, 128], _smem_layout())
+    sa_desc = TensorDescriptor.from_tensor(sa.view(-1), [bm], s1)
+    sb_desc = TensorDescriptor.from_tensor(sb.view(-1), [bn], s1)
+    grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
+    _fp8_segment_mm_tma[grid](
+        a_desc, b_desc, sa_desc, sb_desc, c, meta.counts, mo, no, E, c.stride(0), c.stride(1),
+        c.stride(2), ACCUM=accum, GS=128, BM=bm, BN=bn,
+        BLOCK_E=max(32, triton.next_power_of_2(E)), **cfg)
     return c

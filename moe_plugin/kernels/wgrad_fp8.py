@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..quant import GROUP
+from . import gluon_fp8 as GF
 from . import grouped_gemm as G
 from .common import interpret_mode, next_pow2
 from .permute import PermuteMeta
@@ -158,6 +159,10 @@ def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta
     dw, accumulate = G.wgrad_out((meta.num_experts, mo, no), b, out)
     qa, sa = quantize_cols_grouped(a, meta, a_gather)
     qb, sb = quantize_cols_grouped(b, meta, b_gather)
+    if GF.available(qa) and GF.segment_fits(qa, sa, qb, sb):
+        # Hopper: the Gluon kernel (TMA for the tiles and their scale vectors), the same sums
+        # in the same order
+        return GF.segment_mm(qa, sa, qb, sb, dw, meta, G.accum_mode(dw, accumulate))
     cfg = _config(kind)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     if GROUP % bk:
