@@ -102,16 +102,15 @@ def sweep(name, jobs, args, best, prefix=""):
               flush=True)
 
 
-def with_setting(attr: str, value, fn, module=GG):
-    """``fn`` run with the module setting ``module.<attr>`` (default ``grouped_gemm``) set to
-    ``value``."""
+def with_setting(attr: str, value, fn):
+    """``fn`` run with the module setting ``grouped_gemm.<attr>`` set to ``value``."""
     def run():
-        saved = getattr(module, attr)
-        setattr(module, attr, value)
+        saved = getattr(GG, attr)
+        setattr(GG, attr, value)
         try:
             fn()
         finally:
-            setattr(module, attr, saved)
+            setattr(GG, attr, saved)
     return run
 
 
@@ -183,10 +182,11 @@ def tune_config(name, args, best):
 
 
 def tune_fp8(name, args, best):
-    """The FP8 training path's GEMMs (fwd GEMM1 with h quantised in the epilogue, GEMM2, the
-    dgrad GEMMs on the K-major weight copy -- dh' with its activation pass -- and the weight
-    gradients in bf16 and in FP8, the latter with their operand quantisation) and its
-    quantisation passes."""
+    """The FP8 training path's GEMMs as the package runs them (GEMM1 on x's rows in expert
+    order with h quantised -- in the epilogue, or by the activation pass after the Gluon GEMM
+    --, GEMM2, the dgrad GEMMs on the K-major weight copy -- dh' with its activation pass --
+    and the weight gradients in bf16 and in FP8, the latter with their operand quantisation)
+    and its quantisation passes: the Triton kernels' tile sweep, then the Gluon kernels."""
     from triton.testing import do_bench
     from moe_plugin import quant as Q
     from moe_plugin.kernels import gluon_fp8 as GF
@@ -198,14 +198,17 @@ def tune_fp8(name, args, best):
     meta = K.permute_metadata(ids, E)
     fp8 = GG.QUANT_FP8
     wu, wd = (GG.QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))  # K-major copy
-    xq = quantize_rows(x, fp8)
-    pre, hq = K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
-                          out_dtype=x.dtype, quant_h=True)
+    xq = quantize_rows_expert_order(x, meta)  # GEMM1 reads x's rows in expert order
+
+    def up():
+        return K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
+                           out_dtype=x.dtype, quant_h=True, expert_order=True)
+    pre, hq = up()
     dout = torch.randn_like(x)
     dq = quantize_rows_expert_order(dout, meta)  # dh' reads dout's rows in expert order
     dpre, hw, _ = K.expert_up_bwd(dq, wd, pre, meta, w, 0, True, expert_order=True)
     dpq = quantize_rows(dpre, fp8)
-    passes = {"quant_x": lambda: quantize_rows(x, fp8),
+    passes = {"quant_x": lambda: quantize_rows_expert_order(x, meta),
               "quant_dpre": lambda: quantize_rows(dpre, fp8),
               "quant_w": lambda: (Q.quantize_fp8_blocks(w_up), Q.quantize_fp8_blocks(w_down)),
               # the FP8 wgrad operands: per column and 128 tokens, transposed
@@ -217,9 +220,7 @@ def tune_fp8(name, args, best):
                                                               return_mode="median")
                                          for p, fn in passes.items()}}), flush=True)
     jobs = {
-        "up": (FP8_UP_CANDIDATES, True, 2 * M * D * 2 * F,
-               lambda: K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
-                                   out_dtype=x.dtype, quant_h=True)),
+        "up": (FP8_UP_CANDIDATES, True, 2 * M * D * 2 * F, up),
         "down": (FP8_ROW_CANDIDATES, True, 2 * M * F * D, lambda: K.expert_down(hq, wd, meta)),
         "dh": (FP8_ROW_CANDIDATES, True, 2 * M * D * F,
                lambda: K.expert_up_bwd(dq, wd, pre, meta, w, 0, True, expert_order=True)),
@@ -236,16 +237,18 @@ def tune_fp8(name, args, best):
     }
     # the Triton kernels' tile sweep (Gluon off), then the Gluon kernels (their own tiles,
     # gluon_fp8.CONFIG) where the GPU has them
+    def on_gluon(fn):
+        def run():
+            with GF.enabled(True):
+                fn()
+        return run
     gluon = {kind + "_gluon": (jobs[kind][0][:1], jobs[kind][1], jobs[kind][2],
-                               with_setting("ENABLED", True, jobs[kind][3], GF), kind)
-             for kind in ("down", "dh", "dx", "wgrad_down_fp8", "wgrad_up_fp8")}
-    saved, GF.ENABLED = GF.ENABLED, False
-    try:
+                               on_gluon(jobs[kind][3]), kind)
+             for kind in ("up", "down", "dh", "dx", "wgrad_down_fp8", "wgrad_up_fp8")}
+    with GF.enabled(False):
         sweep(name, jobs, args, best, prefix="fp8_")
         if GF._HAVE_GLUON:
             sweep(name, gluon, args, best, prefix="fp8_")
-    finally:
-        GF.ENABLED = saved
 
 
 if __name__ == "__main__":

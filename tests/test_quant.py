@@ -21,6 +21,7 @@ import triton.language as tl
 from conftest import BF16_TOL, DEVICE, FP32_TOL, HAS_CUDA, assert_close, rel_err
 from moe_plugin import MoELayer, fused_experts, fused_moe, fused_moe_quantized, quant as Q
 from moe_plugin import reference
+from moe_plugin.kernels import gluon_fp8 as GF
 from moe_plugin.kernels import grouped_gemm as G
 from moe_plugin.kernels import quantize as KQ
 
@@ -165,28 +166,14 @@ def test_act_quant_pass_equals_fused_gemm1_epilogue(activation):
     ids[3, 1] = -1
     meta = permute_metadata(ids, 4)
     wq = G.QTensor(*Q.cached_weight(w_up, "fp8"))
-    GF_enabled = _gluon_off()
-    try:
+    with GF.enabled(False):  # the fused Triton epilogue, even on Hopper
         pre, hq = G.expert_up(quantize_rows_expert_order(x, meta), wq, meta, act, gated,
                               store_pre=True, store_h=False, out_dtype=x.dtype, quant_h=True,
                               expert_order=True)
-    finally:
-        _gluon_restore(GF_enabled)
     got = G.act_quant(pre, meta, act, gated)
     valid = int(meta.offsets[-1])
     assert torch.equal(got.scale[:valid], hq.scale[:valid])
     assert torch.equal(got.q[:valid].view(torch.uint8), hq.q[:valid].view(torch.uint8))
-
-
-def _gluon_off():
-    from moe_plugin.kernels import gluon_fp8 as GF
-    saved, GF.ENABLED = GF.ENABLED, False
-    return saved
-
-
-def _gluon_restore(saved):
-    from moe_plugin.kernels import gluon_fp8 as GF
-    GF.ENABLED = saved
 
 
 def test_fp8_blocks_kernel_equals_torch():
@@ -453,7 +440,6 @@ def test_fp8_gluon_kernels_equal_triton_kernels(quant):
     with the next MMA); they compute the same sums in the same order as the Triton kernels:
     outputs and every gradient bitwise equal, with uneven experts (one empty, segments not
     multiples of the tile) and unused slots."""
-    from moe_plugin.kernels import gluon_fp8 as GF
     if not GF.available(torch.empty(0, device=DEVICE)):
         pytest.skip("Gluon Hopper kernels not available here")
     x, ids, w, w_up, w_down = _problem(11, n=700, d=384, f=256, e=8, k=2)
@@ -462,12 +448,9 @@ def test_fp8_gluon_kernels_equal_triton_kernels(quant):
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
     res = []
     for enabled in (False, True):
-        GF.ENABLED = enabled
-        try:
+        with GF.enabled(enabled):
             leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
             out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], quant=quant)
             res.append((out, *torch.autograd.grad(out, leaves, dout)))
-        finally:
-            GF.ENABLED = True
     for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
         assert torch.equal(a, b), f"{quant} {name}: Gluon and Triton kernels differ"

@@ -28,6 +28,8 @@ interpreter (Gluon has none), the Triton kernels run. Tile rows of A past an exp
 (or columns of B past N) read the neighbours' rows and are masked at the store; past the end
 of a tensor TMA fills zeros.
 """
+import contextlib
+
 import torch
 import triton
 
@@ -45,6 +47,18 @@ ENABLED = True  # the tests and benchmarks switch it off to time / compare the T
 CONFIG = dict(BM=128, BN=128, STAGES=3, GROUP_M=8, num_warps=8)   # H100 sweep (NOTES.md)
 
 
+@contextlib.contextmanager
+def enabled(flag: bool):
+    """Within the block the FP8 GEMMs use the Gluon kernels where available (True) or the
+    Triton kernels everywhere (False): for tests and benchmarks comparing the two."""
+    global ENABLED
+    saved, ENABLED = ENABLED, flag
+    try:
+        yield
+    finally:
+        ENABLED = saved
+
+
 def available(t: torch.Tensor) -> bool:
     """Whether the Gluon kernels can run on ``t``'s device."""
     return (ENABLED and _HAVE_GLUON and t.is_cuda
@@ -56,6 +70,45 @@ def _smem_layout():
 
 
 if _HAVE_GLUON:
+    @gluon.constexpr_function
+    def _mma_layout(BN, num_warps):
+        """The wgmma accumulator layout: m16 x BN x k32 (fp8) instructions, warps along M."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                         instr_shape=[16, BN, 32])
+
+    @gluon.constexpr_function
+    def _store_layout(num_warps):
+        """Row-major tiles for the epilogue stores: 8 consecutive columns per thread."""
+        return gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+
+    @gluon.constexpr_function
+    def _vector_layout(num_warps):
+        return gl.BlockedLayout([1], [32], [num_warps], [0])
+
+    @gluon.jit
+    def _grouped_tile(pid, tiles_cum_ptr, offsets_ptr, counts_ptr, E, N, num_m_tiles,
+                      BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr,
+                      BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
+        """A row-grouped program's (expert, column tile, first row, end of the expert's rows):
+        row tiles grouped GROUP_M at a time over the columns, the expert found from the
+        inclusive cumulative tile counts; expert E: an idle program (the grid is sized for
+        the worst case)."""
+        num_n = gl.cdiv(N, BN)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        size_m = gl.minimum(num_m_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps))
+        cum = gl.load(tiles_cum_ptr + ex, mask=ex < E, other=2147483647)
+        e = gl.sum((cum <= pid_m).to(gl.int32), 0)
+        first = gl.sum(gl.where(ex == e - 1, cum, 0), 0)
+        seg0 = gl.load(offsets_ptr + e)  # offsets has E + 1 entries
+        seg_end = seg0 + gl.load(counts_ptr + e, mask=e < E, other=0)
+        return e, pid_n, seg0 + (pid_m - first) * BM, seg_end
+
+
+if _HAVE_GLUON:
     @gluon.jit
     def _fp8_grouped_mm_tma(
             a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr,
@@ -64,29 +117,13 @@ if _HAVE_GLUON:
             GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
         """Row-grouped FP8 GEMM, plain store (module doc): A rows ``row0..row0+BM`` of
         ``a_desc`` ([S, K]), B rows ``e·N + n0..`` of ``b_desc`` ([E·N, K])."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
-                                                      warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BN, 32])
-        st: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-        e1: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-
-        pid = gl.program_id(0)
-        num_n = gl.cdiv(N, BN)
-        per_group = GROUP_M * num_n
-        group = pid // per_group
-        first_m = group * GROUP_M
-        size_m = gl.minimum(num_m_tiles - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size_m
-        pid_n = (pid % per_group) // size_m
-        ex = gl.arange(0, BLOCK_E, layout=e1)
-        cum = gl.load(tiles_cum_ptr + ex, mask=ex < E, other=2147483647)
-        e = gl.sum((cum <= pid_m).to(gl.int32), 0)
+        mma: gl.constexpr = _mma_layout(BN, num_warps)
+        st: gl.constexpr = _store_layout(num_warps)
+        e, pid_n, row0, seg_end = _grouped_tile(gl.program_id(0), tiles_cum_ptr, offsets_ptr,
+                                                counts_ptr, E, N, num_m_tiles, BM, BN, GROUP_M,
+                                                BLOCK_E, num_warps)
         if e >= E:
             return
-        first = gl.sum(gl.where(ex == e - 1, cum, 0), 0)
-        seg0 = gl.load(offsets_ptr + e)
-        seg_end = seg0 + gl.load(counts_ptr + e)
-        row0 = seg0 + (pid_m - first) * BM
         brow0 = e * N + pid_n * BN
 
         rows_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
@@ -155,14 +192,21 @@ def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict
     b2d = b.as_strided((E * n, k), (k, 1))
     a_desc = TensorDescriptor.from_tensor(a, [bm, 128], _smem_layout())
     b_desc = TensorDescriptor.from_tensor(b2d, [bn, 128], _smem_layout())
-    tiles_cum = torch.cumsum((meta.counts + bm - 1) // bm, 0, dtype=torch.int32)
-    num_m_tiles = triton.cdiv(S, bm) + min(E, S)
-    grid = (num_m_tiles * triton.cdiv(n, bn),)
+    tiles_cum, num_m_tiles, grid = grouped_schedule(meta, bm, bn, n)
     _fp8_grouped_mm_tma[grid](
         a_desc, b_desc, c, sa, sb, tiles_cum, meta.counts, meta.offsets, E, n, k, num_m_tiles,
         c.stride(0), sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2], BM=bm, BN=bn,
         BK=128, BLOCK_E=max(32, triton.next_power_of_2(E)), **cfg)
     return c
+
+
+def grouped_schedule(meta, bm: int, bn: int, n: int):
+    """``_grouped_tile``'s inputs for a row-grouped launch: the inclusive cumulative row-tile
+    counts per expert (on the device), the worst-case row-tile count and the grid."""
+    S = meta.sorted_slot.numel()
+    tiles_cum = torch.cumsum((meta.counts + bm - 1) // bm, 0, dtype=torch.int32)
+    num_m_tiles = triton.cdiv(S, bm) + min(meta.num_experts, S)
+    return tiles_cum, num_m_tiles, (num_m_tiles * triton.cdiv(n, bn),)
 
 
 if _HAVE_GLUON:
@@ -178,11 +222,8 @@ if _HAVE_GLUON:
         ring stage, so the per-k-step rank-1 scale application reads shared memory instead of
         issuing one global load per accumulator column (what kept the Triton kernel at ~580
         TFLOP/s, NOTES.md)."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
-                                                      warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BN, 32])
-        st: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-        e1: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        mma: gl.constexpr = _mma_layout(BN, num_warps)
+        st: gl.constexpr = _store_layout(num_warps)
         pid = gl.program_id(0)
         tiles_m = gl.cdiv(MO, BM)
         tiles_n = gl.cdiv(NO, BN)
@@ -190,7 +231,7 @@ if _HAVE_GLUON:
         r = pid % (tiles_m * tiles_n)
         tm = r // tiles_n
         tn = r % tiles_n
-        ex = gl.arange(0, BLOCK_E, layout=e1)
+        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps))
         cnt_v = gl.load(counts_ptr + ex, mask=ex < E, other=0)
         groups = (cnt_v + GS - 1) // GS
         first = gl.sum(gl.where(ex < e, groups, 0), 0)

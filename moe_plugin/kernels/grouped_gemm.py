@@ -233,18 +233,25 @@ def _store_h_e4m3(h, c_ptrs, hs_ptrs, cmask, rmask, EMU: tl.constexpr):
 
 
 @triton.jit
+def _routed_tile(offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr):
+    """The [BM, BN] tile (program ids 0, 1) of an elementwise pass over the routed rows
+    ``[0, offsets[E])`` of an ``[S, N]`` tensor: (rows, rows as int64, row mask, columns,
+    tile mask)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < tl.load(offsets_ptr + E)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = rmask[:, None] & (offs_n < N)[None, :]
+    return rows, rows.to(tl.int64), rmask, offs_n, cmask
+
+
+@triton.jit
 def _act_quant_kernel(pre_ptr, h_ptr, hs_ptr, offsets_ptr, E, N, stride_pm, stride_hm,
                       stride_hs, GATED: tl.constexpr, ACT: tl.constexpr, EMU: tl.constexpr,
                       BM: tl.constexpr):
     """``h = act(pre)`` quantised per 128 columns (``_store_h_e4m3``) for the rows of every
     expert: the GEMM1 epilogue of the fused kernel as a pass over a stored pre-activation."""
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < tl.load(offsets_ptr + E)
-    offs_n = pid_n * 128 + tl.arange(0, 128)
-    cmask = rmask[:, None] & (offs_n < N)[None, :]
-    rows64 = rows.to(tl.int64)
+    rows, rows64, rmask, offs_n, cmask = _routed_tile(offsets_ptr, E, N, BM, 128)
     pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
     g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
     if GATED:
@@ -291,13 +298,8 @@ def _act_bwd_kernel(dh_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, c_ptr, gather_ptr, 
     """The split form of ``EPI_ACT_BWD``: ``_act_bwd_tile`` on a stored ``dh' [S, N]`` for
     the rows of every expert (``[0, offsets[E])``, expert order). ``hw`` may be ``dh``'s own
     memory: a program loads its dh' tile before it writes that tile of hw."""
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < tl.load(offsets_ptr + E)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    cmask = rmask[:, None] & (offs_n < N)[None, :]
-    rows64 = rows.to(tl.int64)
+    rows, rows64, rmask, offs_n, cmask = _routed_tile(offsets_ptr, E, N, BM, BN)
     slot = tl.load(gather_ptr + rows, mask=rmask, other=0)
     dh = tl.load(dh_ptr + rows64[:, None] * stride_dh + offs_n[None, :], mask=cmask,
                  other=0.0).to(tl.float32)
@@ -306,24 +308,27 @@ def _act_bwd_kernel(dh_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, c_ptr, gather_ptr, 
 
 
 @triton.jit
+def _segment_tile(MO, NO, BM: tl.constexpr, BN: tl.constexpr):
+    """A weight-gradient program's (expert, rows, columns, row mask, column mask) of the
+    ``[E, MO, NO]`` output: programs run expert-major, then row tiles, then column tiles."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(MO, BM)
+    tiles_n = tl.cdiv(NO, BN)
+    r = pid % (tiles_m * tiles_n)
+    offs_m = (r // tiles_n) * BM + tl.arange(0, BM)
+    offs_n = (r % tiles_n) * BN + tl.arange(0, BN)
+    return pid // (tiles_m * tiles_n), offs_m, offs_n, offs_m < MO, offs_n < NO
+
+
+@triton.jit
 def _segment_mm_kernel(
         a_ptr, b_ptr, c_ptr, gather_ptr, counts_ptr, offsets_ptr,
         MO, NO, stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_cm, stride_cn,
         TOPK: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, IEEE: tl.constexpr,
         ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(MO, BM)
-    tiles_n = tl.cdiv(NO, BN)
-    e = pid // (tiles_m * tiles_n)
-    r = pid % (tiles_m * tiles_n)
-    tm = r // tiles_n
-    tn = r % tiles_n
+    e, offs_m, offs_n, mmask, nmask = _segment_tile(MO, NO, BM, BN)
     seg0 = tl.load(offsets_ptr + e)
     cnt = tl.load(counts_ptr + e)
-    offs_m = tm * BM + tl.arange(0, BM)
-    offs_n = tn * BN + tl.arange(0, BN)
-    mmask = offs_m < MO
-    nmask = offs_n < NO
     offs_k = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, cnt, BK):

@@ -85,18 +85,8 @@ def _segment_mm_fp8_kernel(
         stride_a, stride_b, stride_sa, stride_sb, stride_ce, stride_cm, stride_cn,
         ACCUM: tl.constexpr, GS: tl.constexpr, BLOCK_E: tl.constexpr, BM: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(MO, BM)
-    tiles_n = tl.cdiv(NO, BN)
-    e = pid // (tiles_m * tiles_n)
-    r = pid % (tiles_m * tiles_n)
-    tm = r // tiles_n
-    tn = r % tiles_n
+    e, offs_m, offs_n, mmask, nmask = G._segment_tile(MO, NO, BM, BN)
     first, cnt = _first_group(e, counts_ptr, E, GS, BLOCK_E)
-    offs_m = tm * BM + tl.arange(0, BM)
-    offs_n = tn * BN + tl.arange(0, BN)
-    mmask = offs_m < MO
-    nmask = offs_n < NO
     offs_k = first.to(tl.int64) * GS + tl.arange(0, BK)
     # both operands K-major (tokens contiguous): A tile [BM, BK], B tile [BK, BN]
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_a + offs_k[None, :]
