@@ -198,14 +198,15 @@ def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 def test_e4m3_rounding_emulation_matches_torch():
     """The interpreter-only rounding helper equals torch's fp32 -> e4m3 cast (ties to even,
-    subnormals, the binade carries that the interpreter's own cast gets wrong)."""
+    subnormals, the binade carries that the interpreter's own cast gets wrong), bit for bit:
+    -0.0 (and negatives rounding to zero) keep their sign."""
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(3000, generator=g) * 100, torch.randn(1000, generator=g) * 1e-2,
-                   torch.tensor([0.0, 448.0, -448.0, 124.6, 2 ** -10, 1.5 * 2 ** -9, 17.0, 19.0,
-                                 9.0 * 2 ** -7])]).clamp(-448, 448).to(DEVICE)
+                   torch.tensor([0.0, -0.0, -1e-6, 448.0, -448.0, 124.6, 2 ** -10, 1.5 * 2 ** -9,
+                                 17.0, 19.0, 9.0 * 2 ** -7])]).clamp(-448, 448).to(DEVICE)
     y = torch.empty_like(x)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
-    assert torch.equal(y, x.to(torch.float8_e4m3fn).float())
+    assert torch.equal(y.view(torch.int32), x.to(torch.float8_e4m3fn).float().view(torch.int32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,12 +303,10 @@ def _fp8_train_sim(x, ids, w, w_up, w_down, dout, activation="swiglu", fp8_wgrad
     return out, dx, dw, dwu, dwd
 
 
-@pytest.mark.parametrize("quant,recompute,f", [
-    ("fp8_block", False, 128), ("fp8_block", True, 128), ("fp8_block_wgrad", False, 128),
-    # F not a multiple of 128: the separate activation and quantisation passes
-    ("fp8_block", False, 192), ("fp8_block_wgrad", False, 192)])
-def test_fp8_training_matches_simulation_and_bounds(quant, recompute, f, seed):
-    x, ids, w, w_up, w_down = _problem(seed, f=f)
+@pytest.mark.parametrize("quant,recompute", [("fp8_block", False), ("fp8_block", True),
+                                             ("fp8_block_wgrad", False)])
+def test_fp8_training_matches_simulation_and_bounds(quant, recompute, seed):
+    x, ids, w, w_up, w_down = _problem(seed)
     ids[5, 0] = -1
     leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
@@ -456,48 +455,3 @@ def test_fp8_gluon_kernels_equal_triton_kernels(quant):
             res.append((out, *torch.autograd.grad(out, leaves, dout)))
     for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
         assert torch.equal(a, b), f"{quant} {name}: Gluon and Triton kernels differ"
-
-
-@pytest.mark.parametrize("activation,cols", [("swiglu", True), ("swiglu", False),
-                                             ("gelu", True)])
-def test_act_bwd_quant_pass_equals_separate_passes(activation, cols):
-    """The FP8 backward's fused activation pass (``wgrad_fp8.act_bwd_quant``: activation
-    backward + dpre quantised per row for dx + dpre and hw quantised per column and 128 tokens
-    for the FP8 wgrad) gives bitwise what the separate passes give (``G.activation_bwd``, then
-    ``quantize_rows`` and ``quantize_cols_grouped`` on its stored outputs), on experts with
-    several 128-token groups, an empty one and an unrouted slot; the routing-weight gradient
-    to summation-order accuracy."""
-    from moe_plugin.config import check_activation
-    from moe_plugin.kernels import wgrad_fp8 as W8
-    from moe_plugin.kernels.experts import quantize_rows
-    from moe_plugin.kernels.permute import permute_metadata
-    act, gated = check_activation(activation)
-    g = torch.Generator().manual_seed(11)
-    n, k, e, f = 150, 2, 4, 256
-    ids = torch.randint(0, e - 1, (n, k), generator=g, dtype=torch.int32)  # expert 3: empty
-    ids[:90, 0] = 1  # expert 1: two groups, the second partial
-    ids[7, 1] = -1
-    weights = torch.rand(n, k, generator=g).to(DEVICE)
-    meta = permute_metadata(ids.to(DEVICE), e)
-    S, valid = meta.sorted_slot.numel(), int(meta.offsets[-1])
-    assert max(meta.counts.tolist()) > 128 and meta.counts[3] == 0
-    pre = (torch.randn(S, (2 if gated else 1) * f, generator=g) * 2).to(DEVICE, DTYPE)
-    dh = torch.randn(S, f, generator=g).to(DEVICE, DTYPE)
-    dh[3] *= 50  # an outlier row
-    dpre, hw, dwp = G.activation_bwd(dh.clone(), pre, meta, weights, act, gated)
-    rows, dpre_f, hw_f, dwp_f = W8.act_bwd_quant(dh.clone(), pre, meta, weights, act, gated,
-                                                 rows=True, cols=cols)
-    want_rows = quantize_rows(dpre[:valid], G.QUANT_FP8)
-    assert torch.equal(rows.scale[:valid], want_rows.scale)
-    assert torch.equal(rows.q[:valid].view(torch.uint8), want_rows.q.view(torch.uint8))
-    assert_close(dwp_f[:valid], dwp[:valid], TOL, "routing-weight gradient")
-    if not cols:
-        assert torch.equal(dpre_f[:valid], dpre[:valid]) and torch.equal(hw_f[:valid], hw[:valid])
-        return
-    groups = int(((meta.counts + 127) // 128).sum())
-    for got, src in ((dpre_f, dpre), (hw_f, hw)):
-        assert isinstance(got, W8.GroupedQ)
-        q, s = W8.quantize_cols_grouped(src, meta, False)
-        assert torch.equal(got.scale[:groups], s[:groups])
-        assert torch.equal(got.q[:, :groups * 128].view(torch.uint8),
-                           q[:, :groups * 128].view(torch.uint8))

@@ -159,8 +159,7 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         dout = dout.contiguous()
         dx, dw_topk, dpre, hw = X.experts_backward_data(
             dout, x, topk_weights, wq_up, wq_down, meta,
-            rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w,
-            fp8_wgrad=ctx.fp8_wgrad)
+            rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
         dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
                                                    *accumulation_buffers(ctx),
                                                    fp8=ctx.fp8_wgrad)

@@ -270,7 +270,7 @@ class EPExpertsFunction(torch.autograd.Function):
         back = PackedRows.empty(L.num_recv, ctx.d, ctx.dtype, dout.device)
         dx_r, dw_r, dpre, hw = X.experts_backward_data(
             dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1), w_up, w_down, emeta, pre,
-            ctx.act, ctx.gated, True, True, dx_out=back.payload, fp8_wgrad=ctx.fp8_wgrad)
+            ctx.act, ctx.gated, True, True, dx_out=back.payload)
         back.weights.copy_(dw_r.view(-1).float())
         # dispatch's backward: send them home, overlapped with the weight gradients
         home, work = backend.exchange(back.buf, L.recv_splits, L.send_splits, group,

@@ -649,51 +649,29 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     a, sa, w, sb, stride_sb, quant, _ = _operands(dout, w_down, False)
     S = pre.shape[0]
     f = w.shape[2]
+    weights = topk_weights.reshape(-1).contiguous()
+    dpre = torch.empty_like(pre)
     hw = torch.empty(S, f, dtype=pre.dtype, device=pre.device)
+    args = dict(stride_a=a.stride(), stride_b=(w.stride(0), w.stride(1), w.stride(2)),
+                gather=not expert_order, quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
     if SPLIT_UP_BWD and S:
+        bm, bn, warps = (16, 32, 4) if interpret_mode() else ACT_BWD_BLOCK
         # dh' goes into hw's memory: each program of the activation pass reads its dh' tile
         # and then writes hw over the same tile (no extra [S, F] buffer)
-        return activation_bwd(expert_dh(dout, w_down, meta, hw, expert_order), pre, meta,
-                              topk_weights, act, gated)
-    weights = topk_weights.reshape(-1).contiguous()
-    dpre = torch.empty_like(pre)
-    bn = _mm_config("up_bwd", a.dtype, gated, f, quant)["BN"]
-    dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
-    _launch_grouped("up_bwd", a, w, dpre, meta, n=f, k=a.shape[1], gated=gated,
-                    epi=EPI_ACT_BWD, act=act, pre=pre, weights=weights, dwp=dwp, hw=hw,
-                    **_dgrad_args(a, sa, w, sb, stride_sb, quant, expert_order))
-    return dpre, hw, dwp.sum(0)
-
-
-def activation_bwd(dh, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool):
-    """The activation backward (``_act_bwd_kernel``) on a stored ``dh' [S, F]``: returns
-    ``(dpre, hw, dw_perm)`` as ``expert_up_bwd``; ``hw`` is written over ``dh``."""
-    S, f = dh.shape
-    bm, bn, warps = (16, 32, 4) if interpret_mode() else ACT_BWD_BLOCK
-    weights = topk_weights.reshape(-1).contiguous()
-    dpre = torch.empty_like(pre)
-    hw = dh
-    dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=dh.device)
-    if S:
+        dh = hw
+        _launch_grouped("dh", a, w, dh, meta, n=f, k=a.shape[1], **args)
+        dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
         _act_bwd_kernel[(triton.cdiv(S, bm), triton.cdiv(f, bn))](
             dh, pre, weights, dwp, hw, dpre, meta.sorted_slot, meta.offsets, meta.num_experts,
             f, dh.stride(0), pre.stride(0), dwp.stride(0), hw.stride(0), dpre.stride(0),
             GATED=gated, ACT=act, BM=bm, BN=bn, num_warps=warps)
+        return dpre, hw, dwp.sum(0)
+    bn = _mm_config("up_bwd", a.dtype, gated, f, quant)["BN"]
+    dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
+    _launch_grouped("up_bwd", a, w, dpre, meta, n=f, k=a.shape[1], gated=gated,
+                    epi=EPI_ACT_BWD, act=act, pre=pre, weights=weights, dwp=dwp, hw=hw,
+                    **args)
     return dpre, hw, dwp.sum(0)
-
-
-def _dgrad_args(a, sa, w, sb, stride_sb, quant, expert_order):
-    return dict(stride_a=a.stride(), stride_b=(w.stride(0), w.stride(1), w.stride(2)),
-                gather=not expert_order, quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
-
-
-def expert_dh(dout, w_down, meta: PermuteMeta, out, expert_order: bool = False):
-    """``dh' [S, F] = dout[row(p)] · W_down[e]`` (unweighted, no activation backward) into
-    ``out``; ``expert_order`` and the fp8 ``QTensor`` operands as in ``expert_up_bwd``."""
-    a, sa, w, sb, stride_sb, quant, _ = _operands(dout, w_down, False)
-    _launch_grouped("dh", a, w, out, meta, n=w.shape[2], k=a.shape[1],
-                    **_dgrad_args(a, sa, w, sb, stride_sb, quant, expert_order))
-    return out
 
 
 def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None):
