@@ -434,15 +434,19 @@ def test_fp8_cuda_graph_follows_weight_updates(quant):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("quant", ["fp8_block", "fp8_block_wgrad"])
-def test_fp8_gluon_kernels_equal_triton_kernels(quant):
-    """On Hopper the FP8 GEMMs without a row gather (GEMM2, dh' on expert-order dout, dx, FP8
-    wgrad) run as Gluon kernels (``kernels/gluon_fp8.py``: TMA loads, the promotion overlapped
-    with the next MMA); they compute the same sums in the same order as the Triton kernels:
-    outputs and every gradient bitwise equal, with uneven experts (one empty, segments not
-    multiples of the tile) and unused slots."""
+@pytest.mark.parametrize("quant,programs", [("fp8_block", None), ("fp8_block_wgrad", None),
+                                            ("fp8_block_wgrad", 3)])
+def test_fp8_gluon_kernels_equal_triton_kernels(quant, programs, monkeypatch):
+    """On Hopper the FP8 GEMMs without a row gather (GEMM1 on expert-order x, GEMM2, dh' on
+    expert-order dout, dx, FP8 wgrad) run as Gluon kernels (``kernels/gluon_fp8.py``: TMA
+    loads, warp-specialised ping-pong consumers, persistent over tiles); they compute the same
+    sums in the same order as the Triton kernels: outputs and every gradient bitwise equal,
+    with uneven experts (one empty, segments not multiples of the tile) and unused slots;
+    ``programs``: the persistent kernels on 3 programs (many tiles, and empty experts' tiles,
+    through each program's ring)."""
     if not GF.available(torch.empty(0, device=DEVICE)):
         pytest.skip("Gluon Hopper kernels not available here")
+    monkeypatch.setattr(GF, "PROGRAMS", programs)
     x, ids, w, w_up, w_down = _problem(11, n=700, d=384, f=256, e=8, k=2)
     ids[ids == 5] = 4   # expert 5: no tokens
     ids[:7, 1] = -1     # unused slots

@@ -1,26 +1,40 @@
-"""FP8 block-scaled expert GEMM in Gluon on Hopper: TMA loads.
+"""FP8 block-scaled expert GEMMs in Gluon on Hopper: TMA loads, warp-specialised ping-pong.
 
-The Triton FP8 kernel (``grouped_gemm.py`` with ``QUANT_FP8``) loads its operand tiles with
-per-thread cp.async copies (Triton 3.6 has no TMA for pointer-tensor loads) and reaches about
-half of the H100's fp8 ceiling. This kernel computes the same sums in the same order (bitwise
-the same results on the H100) with TMA loads: one thread issues each operand tile, the copy
-engine fills a ring of ``STAGES`` shared-memory buffers and signals an mbarrier per buffer;
-each k-step's MMA result is promoted (scaled, added) as in the Triton kernel, after which a
-CTA barrier frees its ring slot for the load ``STAGES`` steps ahead.
+The Triton FP8 kernels (``grouped_gemm.py`` with ``QUANT_FP8``, ``wgrad_fp8.py``) load their
+operand tiles with per-thread cp.async copies and reach about half of the H100's fp8 ceiling.
+The kernels here compute the same sums in the same order (bitwise the same results on the
+H100; ``tests/test_quant.py``) with this structure (``gl.warp_specialize``):
 
-H100 (``results/h100_gluon_fp8_sweep.log``, NOTES.md session 13), mixtral's shapes: GEMM2
-652 → 935 TFLOP/s, dx 645 → 882, dh' 585 → 787. (Overlapping the promotion with the next MMA
-was tried first: ptxas serialises the wgmma when accumulator registers are read while another
-is in flight, warning C7514, and the kernel was slower.)
+* a producer partition (1 warp, few registers) runs a ring of ``STAGES`` shared-memory slots:
+  for each k-step it waits until both consumers released the slot (mbarrier ``empty``),
+  ``expect``s the bytes on mbarrier ``ready`` and issues the slot's TMA copies (the operand
+  tiles; for the weight gradient also the step's two scale vectors);
+* two consumer partitions (one warpgroup each; the default partition is consumer 0) own rows
+  ``[0, 64)`` and ``[64, 128)`` of the 128 x 128 output tile. Per k-step a consumer waits for
+  ``ready`` and for its *turn* (mbarrier ``turn``), issues its MMA (a fresh product, as the
+  Triton kernels), hands the turn to the other consumer, waits for its MMA, releases the slot
+  and promotes the product (scales it, adds it to its accumulator). The MMAs alternate between
+  the consumers, so one consumer's promotion runs while the other's MMA occupies the tensor
+  cores -- in a kernel whose warpgroups run in lockstep both promote while the tensor cores
+  idle (the block-scale promotion is what held the earlier lockstep TMA kernel to 550-600
+  TFLOP/s on the weight gradient; NOTES.md);
+* persistent: one program per SM walks the tiles ``pid, pid + grid, ...`` (tile t = program t
+  of a one-tile-per-program launch); the k-step counter runs on across tiles, so the producer
+  fills the ring for the next tile while the consumers run the epilogue.
 
-``_fp8_grouped_mm_tma`` is the row-grouped GEMM with a plain store (GEMM1 storing pre, GEMM2,
+Triton 3.6 lowers ``mbarrier.arrive`` to a partition-wide barrier and one arrive by the
+partition's first thread: ``empty`` counts 2 (one per consumer), ``turn`` 1, ``ready`` 1 (the
+producer's ``expect``).
+
+``_fp8_grouped_mm_ws``: the row-grouped GEMM with a plain store (GEMM1 storing pre, GEMM2,
 dh' on expert-order quantised dout, dx): ``C[p, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · sa[p, kb] ·
 sb[e, kb, n/128]``, A ``[S, K]`` rows in expert order, B stored ``[E·N, K]`` (K-major).
+``_fp8_segment_mm_ws``: the FP8 weight gradient of ``wgrad_fp8.py`` on its padded group layout
+(``acc + p · (sa ⊗ sb)`` per k-step).
 
-``_fp8_segment_mm_tma`` is the FP8 weight gradient of ``wgrad_fp8.py`` on its padded group
-layout, the per-group scale vectors staged in shared memory by TMA with the tiles: 2-10% over
-the Triton kernel (``results/h100_gluon_fp8_wgrad_sweep.log``). Its limit is the rank-1 scale
-application per k-step (NOTES.md).
+H100 (``results/h100_gluon_ws_experiment.log``, mixtral's shapes, against the lockstep TMA
+kernels these replaced): wgrad dW_up 594 → 781 TFLOP/s, dW_down 544 → 762; GEMM1 817 → 948,
+GEMM2 854 → 903.
 
 Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``ENABLED``) and
 the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
@@ -37,14 +51,21 @@ try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _HAVE_GLUON = True
 except Exception:  # pragma: no cover - a Triton without Gluon
     _HAVE_GLUON = False
 
 ENABLED = True  # the tests and benchmarks switch it off to time / compare the Triton kernels
-CONFIG = dict(BM=128, BN=128, STAGES=3, GROUP_M=8, num_warps=8)   # H100 sweep (NOTES.md)
+# H100 (NOTES.md, results/h100_gluon_ws_experiment.log): 128 x 128 tiles, 4 ring stages; the
+# 12 warps (3 warpgroups, the producer's padded) launch at MAXNREG registers, then the producer
+# drops to LOAD_REGS and the two consumers rise to MMA_REGS (3 * 168 = 2 * 232 + 40)
+CONFIG = dict(BM=128, BN=128, STAGES=4, GROUP_M=8, LOAD_REGS=40, MMA_REGS=232, MAXNREG=168)
+SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, LOAD_REGS=40, MMA_REGS=232, MAXNREG=168)
+# programs of the persistent kernels: None = one per SM (the tests set a few, to run many
+# tiles through each program)
+PROGRAMS = None
 
 
 @contextlib.contextmanager
@@ -110,66 +131,114 @@ if _HAVE_GLUON:
 
 if _HAVE_GLUON:
     @gluon.jit
-    def _fp8_grouped_mm_tma(
-            a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr,
-            E, N, K, num_m_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
-            BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-            GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
-        """Row-grouped FP8 GEMM, plain store (module doc): A rows ``row0..row0+BM`` of
-        ``a_desc`` ([S, K]), B rows ``e·N + n0..`` of ``b_desc`` ([E·N, K])."""
-        mma: gl.constexpr = _mma_layout(BN, num_warps)
-        st: gl.constexpr = _store_layout(num_warps)
-        e, pid_n, row0, seg_end = _grouped_tile(gl.program_id(0), tiles_cum_ptr, offsets_ptr,
-                                                counts_ptr, E, N, num_m_tiles, BM, BN, GROUP_M,
-                                                BLOCK_E, num_warps)
-        if e >= E:
-            return
-        brow0 = e * N + pid_n * BN
-
-        rows_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-        rmask_m = rows_m < seg_end
-        sa_base = sa_ptr + gl.where(rmask_m, rows_m, 0).to(gl.int64) * stride_sa
-        sb_base = sb_ptr + e.to(gl.int64) * stride_sbe + ((pid_n * BN) // 128) * stride_sbn
-
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(bars.index(s), count=1)
+    def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_cum_ptr, counts_ptr,
+                      offsets_ptr, E, N, K, num_m_tiles, num_tiles, BM: gl.constexpr,
+                      BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                      GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr):
         nbytes: gl.constexpr = (BM + BN) * BK
         nk = K // BK
-        for s in gl.static_range(STAGES):
-            mbarrier.expect(bars.index(s), nbytes, pred=s < nk)
-            tma.async_copy_global_to_shared(a_desc, [row0, s * BK], bars.index(s),
-                                            a_bufs.index(s), pred=s < nk)
-            tma.async_copy_global_to_shared(b_desc, [brow0, s * BK], bars.index(s),
-                                            b_bufs.index(s), pred=s < nk)
-        acc = gl.zeros([BM, BN], gl.float32, layout=mma)
-        zero = gl.zeros([BM, BN], gl.float32, layout=mma)
-        for ks in range(0, nk):
-            slot = ks % STAGES
-            mbarrier.wait(bars.index(slot), (ks // STAGES) & 1)
-            tok = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero,
-                                use_acc=False, is_async=True)
-            sc = gl.load(sa_base + ks, mask=rmask_m, other=0.0) * gl.load(sb_base + ks * stride_sbk)
-            p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-            acc = acc + p * sc[:, None]
-            gl.thread_barrier()  # every warpgroup is done with the slot: refill it
-            nxt = ks + STAGES
-            mbarrier.expect(bars.index(slot), nbytes, pred=nxt < nk)
-            tma.async_copy_global_to_shared(a_desc, [row0, nxt * BK], bars.index(slot),
-                                            a_bufs.index(slot), pred=nxt < nk)
-            tma.async_copy_global_to_shared(b_desc, [brow0, nxt * BK], bars.index(slot),
-                                            b_bufs.index(slot), pred=nxt < nk)
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(s))
+        it = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
+                                                    E, N, num_m_tiles, BM, BN, GROUP_M,
+                                                    BLOCK_E, gl.num_warps())
+            if e < E:  # expert E: an idle tile (the tile count is the worst case)
+                brow0 = e * N + pid_n * BN
+                for ks in range(0, nk):
+                    s = it % STAGES
+                    mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                    bar = ready.index(s)
+                    mbarrier.expect(bar, nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [row0, ks * BK], bar, a_bufs.index(s))
+                    tma.async_copy_global_to_shared(b_desc, [brow0, ks * BK], bar, b_bufs.index(s))
+                    it += 1
 
-        out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
-        rows_s = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st))
-        cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-        cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
-        gl.store(c_ptr + rows_s.to(gl.int64)[:, None] * stride_cm + cols_s[None, :], out,
-                 mask=cmask)
+
+    @gluon.jit
+    def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
+                      counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm,
+                      stride_sa, stride_sbe, stride_sbk, stride_sbn, HALF: gl.constexpr,
+                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                      GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr):
+        """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc)."""
+        HM: gl.constexpr = BM // 2
+        mma: gl.constexpr = _mma_layout(BN, 4)
+        st: gl.constexpr = _store_layout(4)
+        zero = gl.zeros([HM, BN], gl.float32, layout=mma)
+        my_turn = turn.index(HALF)
+        other_turn = turn.index(1 - HALF)
+        nk = K // BK
+        it = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
+                                                    E, N, num_m_tiles, BM, BN, GROUP_M,
+                                                    BLOCK_E, gl.num_warps())
+            if e < E:
+                rows_m = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
+                rmask_m = rows_m < seg_end
+                sa_base = sa_ptr + gl.where(rmask_m, rows_m, 0).to(gl.int64) * stride_sa
+                sb_base = (sb_ptr + e.to(gl.int64) * stride_sbe
+                           + ((pid_n * BN) // 128) * stride_sbn)
+                acc = gl.zeros([HM, BN], gl.float32, layout=mma)
+                for ks in range(0, nk):
+                    s = it % STAGES
+                    # the step's scales (global loads) first: their latency overlaps the waits
+                    sc = (gl.load(sa_base + ks, mask=rmask_m, other=0.0)
+                          * gl.load(sb_base + ks * stride_sbk))
+                    mbarrier.wait(my_turn, (it & 1) ^ (1 - HALF))  # ping-pong, as in _seg_consumer
+                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                    tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
+                                        b_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                                        is_async=True)
+                    mbarrier.arrive(other_turn)
+                    p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+                    mbarrier.arrive(empty.index(s))
+                    acc = acc + p * sc[:, None]
+                    it += 1
+
+                out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
+                rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
+                cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+                cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
+                gl.store(c_ptr + rows_s.to(gl.int64)[:, None] * stride_cm + cols_s[None, :], out,
+                         mask=cmask)
+
+
+    @gluon.jit
+    def _fp8_grouped_mm_ws(
+            a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr,
+            E, N, K, num_m_tiles, num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk,
+            stride_sbn, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+            STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
+            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
+            num_warps: gl.constexpr):
+        """The row-grouped FP8 GEMM: a producer + two ping-pong consumers (module doc)."""
+        gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
+        gl.static_assert(BM == 128, "two consumers of 64 rows")
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+
+        gl.warp_specialize([
+            (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr,
+                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
+                             0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E)),
+            (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr,
+                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
+                             1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E)),
+            (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_cum_ptr,
+                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, BM, BN, BK,
+                             STAGES, GROUP_M, BLOCK_E)),
+        ], [4, 1], [MMA_REGS, LOAD_REGS])
 
 
 def grouped_fits(a, b, stride_b, n: int, k: int) -> bool:
@@ -184,7 +253,7 @@ def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict
     """``c [S, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · scales`` (``grouped_fits`` operands; A rows
     in expert order: no gather). ``stride_sb``: B scales' (expert, k-block, n-block) strides."""
     cfg = dict(CONFIG if config is None else config)
-    bm, bn = cfg.pop("BM"), cfg.pop("BN")
+    bm, bn = cfg["BM"], cfg["BN"]
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
@@ -192,12 +261,21 @@ def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict
     b2d = b.as_strided((E * n, k), (k, 1))
     a_desc = TensorDescriptor.from_tensor(a, [bm, 128], _smem_layout())
     b_desc = TensorDescriptor.from_tensor(b2d, [bn, 128], _smem_layout())
-    tiles_cum, num_m_tiles, grid = grouped_schedule(meta, bm, bn, n)
-    _fp8_grouped_mm_tma[grid](
+    tiles_cum, num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
+    _fp8_grouped_mm_ws[(_programs(num_tiles, c.device),)](
         a_desc, b_desc, c, sa, sb, tiles_cum, meta.counts, meta.offsets, E, n, k, num_m_tiles,
-        c.stride(0), sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2], BM=bm, BN=bn,
-        BK=128, BLOCK_E=max(32, triton.next_power_of_2(E)), **cfg)
+        num_tiles, c.stride(0), sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2],
+        BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
+        BLOCK_E=max(32, triton.next_power_of_2(E)), LOAD_REGS=cfg["LOAD_REGS"],
+        MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
+
+
+def _programs(num_tiles: int, device) -> int:
+    """Grid of a persistent kernel: one program per SM (or ``PROGRAMS``), at most one per
+    tile."""
+    n = PROGRAMS or torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(num_tiles, n))
 
 
 def grouped_schedule(meta, bm: int, bn: int, n: int):
@@ -211,99 +289,141 @@ def grouped_schedule(meta, bm: int, bn: int, n: int):
 
 if _HAVE_GLUON:
     @gluon.jit
-    def _fp8_segment_mm_tma(
-            a_desc, b_desc, sa_desc, sb_desc, c_ptr, counts_ptr, MO, NO, E, stride_ce, stride_cm,
-            stride_cn, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
-            BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr,
-            num_warps: gl.constexpr):
-        """FP8 weight gradient on the padded group layout (``wgrad_fp8.py``): program (e, MO
-        tile, NO tile) reduces over expert e's groups. Each k-step's operand tiles *and* its
-        two scale vectors (``sa[g, m0:m0+BM]``, ``sb[g, n0:n0+BN]``) arrive by TMA in the same
-        ring stage, so the per-k-step rank-1 scale application reads shared memory instead of
-        issuing one global load per accumulator column (what kept the Triton kernel at ~580
-        TFLOP/s, NOTES.md)."""
-        mma: gl.constexpr = _mma_layout(BN, num_warps)
-        st: gl.constexpr = _store_layout(num_warps)
-        pid = gl.program_id(0)
+    def _seg_tile(t, counts_ptr, MO, NO, E, GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  BLOCK_E: gl.constexpr):
+        """Weight-gradient tile t's (expert, MO tile, NO tile, first group, groups): tiles run
+        expert-major, then MO tiles, then NO tiles."""
         tiles_m = gl.cdiv(MO, BM)
         tiles_n = gl.cdiv(NO, BN)
-        e = pid // (tiles_m * tiles_n)
-        r = pid % (tiles_m * tiles_n)
+        e = t // (tiles_m * tiles_n)
+        r = t % (tiles_m * tiles_n)
         tm = r // tiles_n
         tn = r % tiles_n
-        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps))
+        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(gl.num_warps()))
         cnt_v = gl.load(counts_ptr + ex, mask=ex < E, other=0)
         groups = (cnt_v + GS - 1) // GS
         first = gl.sum(gl.where(ex < e, groups, 0), 0)
         ng = gl.sum(gl.where(ex == e, groups, 0), 0)
+        return e, tm, tn, first, ng
 
-        acc = gl.zeros([BM, BN], gl.float32, layout=mma)
-        if ng > 0:
-            a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, GS], a_desc.layout)
-            b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, GS], b_desc.layout)
-            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
-            sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sb_desc.layout)
-            bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for s in gl.static_range(STAGES):
-                mbarrier.init(bars.index(s), count=1)
-            nbytes: gl.constexpr = (BM + BN) * GS + (BM + BN) * 4
-            for s in gl.static_range(STAGES):
-                _seg_stage_load(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs,
-                                sb_bufs, bars, s, first + s, tm, tn, MO, NO, nbytes, s < ng,
-                                BM, BN, GS)
-            zero = gl.zeros([BM, BN], gl.float32, layout=mma)
-            for ks in range(0, ng):
-                slot = ks % STAGES
-                mbarrier.wait(bars.index(slot), (ks // STAGES) & 1)
-                tok = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
-                                    zero, use_acc=False, is_async=True)
-                sa = sa_bufs.index(slot).load(gl.SliceLayout(1, mma))
-                sb = sb_bufs.index(slot).load(gl.SliceLayout(0, mma))
-                p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-                acc = acc + p * (sa[:, None] * sb[None, :])
-                gl.thread_barrier()  # every warpgroup is done with the slot: refill it
-                nxt = ks + STAGES
-                _seg_stage_load(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs,
-                                sb_bufs, bars, slot, first + nxt, tm, tn, MO, NO, nbytes,
-                                nxt < ng, BM, BN, GS)
-            for s in gl.static_range(STAGES):
-                mbarrier.invalidate(bars.index(s))
-
-        out = gl.convert_layout(acc, st)
-        om = tm * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, st))
-        on = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-        c_ptrs = (c_ptr + e.to(gl.int64) * stride_ce + om[:, None].to(gl.int64) * stride_cm
-                  + on[None, :] * stride_cn)
-        cmask = (om < MO)[:, None] & (on < NO)[None, :]
-        if ACCUM == 1:  # one atomic add per element (deterministic); no tokens: unchanged
-            if ng > 0:
-                gl.atomic_add(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask, sem="relaxed")
-        elif ACCUM == 2:
-            if ng > 0:
-                out = out + gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
-                gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
-        else:
-            gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
 
     @gluon.jit
-    def _seg_stage_load(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, bars,
-                        slot, g, tm, tn, MO, NO, nbytes: gl.constexpr, pred, BM: gl.constexpr,
-                        BN: gl.constexpr, GS: gl.constexpr):
-        """One ring stage: group g's A and B tiles and their scale vectors (flat [G·MO] /
-        [G·NO] scale tensors: row g starts at g·MO)."""
-        bar = bars.index(slot)
-        mbarrier.expect(bar, nbytes, pred=pred)
-        tma.async_copy_global_to_shared(a_desc, [tm * BM, g * GS], bar, a_bufs.index(slot),
-                                        pred=pred)
-        tma.async_copy_global_to_shared(b_desc, [tn * BN, g * GS], bar, b_bufs.index(slot),
-                                        pred=pred)
-        tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar, sa_bufs.index(slot),
-                                        pred=pred)
-        tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar, sb_bufs.index(slot),
-                                        pred=pred)
+    def _seg_producer(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready,
+                      empty, counts_ptr, MO, NO, E, num_tiles, GS: gl.constexpr, BM: gl.constexpr,
+                      BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr):
+        """1 warp: the TMA ring over this program's tiles and their k-steps (``it`` counts the
+        k-steps over all tiles: ring slot ``it % STAGES``, pass ``it // STAGES``)."""
+        nbytes: gl.constexpr = (BM + BN) * GS + (BM + BN) * 4
+        it = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            e, tm, tn, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
+            for ks in range(0, ng):
+                s = it % STAGES
+                # the slot's previous use released by both consumers (the first pass over the
+                # ring waits on the phase before the barrier's first: complete at init)
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                # the consumers read the slot's scale vectors with generic loads: order those
+                # before the TMA (async proxy) overwrite
+                fence_async_shared()
+                g = first + ks
+                bar = ready.index(s)
+                mbarrier.expect(bar, nbytes)
+                tma.async_copy_global_to_shared(a_desc, [tm * BM, g * GS], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [tn * BN, g * GS], bar, b_bufs.index(s))
+                tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar, sa_bufs.index(s))
+                tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar, sb_bufs.index(s))
+                it += 1
 
 
-SEG_CONFIG = dict(BM=128, BN=128, STAGES=3, num_warps=8)
+    @gluon.jit
+    def _seg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr, counts_ptr, MO,
+                      NO, E, num_tiles, stride_ce, stride_cm, stride_cn, HALF: gl.constexpr,
+                      ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                      STAGES: gl.constexpr, BLOCK_E: gl.constexpr):
+        """Consumer ``HALF`` (0 or 1, one warpgroup): rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of
+        each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``)."""
+        HM: gl.constexpr = BM // 2
+        mma: gl.constexpr = _mma_layout(BN, 4)
+        st: gl.constexpr = _store_layout(4)
+        zero = gl.zeros([HM, BN], gl.float32, layout=mma)
+        my_turn = turn.index(HALF)
+        other_turn = turn.index(1 - HALF)
+        it = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            e, tm, tn, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
+            acc = gl.zeros([HM, BN], gl.float32, layout=mma)
+            for ks in range(0, ng):
+                s = it % STAGES
+                # ping-pong: consumer 0's turn for step `it` comes when consumer 1 issued step
+                # it - 1 (step 0: the barrier's initial complete phase), consumer 1's when
+                # consumer 0 issued step it
+                mbarrier.wait(my_turn, (it & 1) ^ (1 - HALF))
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                # the scale vectors before the MMA (this order leaves Triton's partition barriers
+                # at 3 per k-step: before the first wait and before each arrive)
+                sa = sa_bufs.index(s).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
+                sb = sb_bufs.index(s).load(gl.SliceLayout(0, mma))
+                tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
+                                    b_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                                    is_async=True)
+                mbarrier.arrive(other_turn)
+                p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+                mbarrier.arrive(empty.index(s))  # this consumer is done with the slot
+                acc = acc + p * (sa[:, None] * sb[None, :])
+                it += 1
+
+            out = gl.convert_layout(acc, st)
+            om = tm * BM + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
+            on = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+            c_ptrs = (c_ptr + e.to(gl.int64) * stride_ce + om[:, None].to(gl.int64) * stride_cm
+                      + on[None, :] * stride_cn)
+            cmask = (om < MO)[:, None] & (on < NO)[None, :]
+            if ACCUM == 1:  # one atomic add per element; no tokens: unchanged
+                if ng > 0:
+                    gl.atomic_add(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask,
+                                  sem="relaxed")
+            elif ACCUM == 2:
+                if ng > 0:
+                    out = out + gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
+                    gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+            else:
+                gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+    @gluon.jit
+    def _fp8_segment_mm_ws(
+            a_desc, b_desc, sa_desc, sb_desc, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce,
+            stride_cm, stride_cn, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
+            BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr,
+            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """The FP8 weight gradient: a producer + two ping-pong consumers (module doc); program
+        i does tiles i, i + grid, ..."""
+        gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
+        gl.static_assert(BM == 128, "two consumers of 64 rows")
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, GS], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, GS], b_desc.layout)
+        sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
+        sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sb_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)            # the producer's expect
+            mbarrier.init(empty.index(s), count=2)  # both consumers
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+
+        gl.warp_specialize([
+            (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr,
+                             counts_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 0,
+                             ACCUM, GS, BM, BN, STAGES, BLOCK_E)),
+            (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr,
+                             counts_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 1,
+                             ACCUM, GS, BM, BN, STAGES, BLOCK_E)),
+            (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs,
+                             ready, empty, counts_ptr, MO, NO, E, num_tiles, GS, BM, BN, STAGES,
+                             BLOCK_E)),
+        ], [4, 1], [MMA_REGS, LOAD_REGS])
 
 
 def segment_fits(qa, sa, qb, sb) -> bool:
@@ -320,17 +440,20 @@ def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
     the padded layout (``wgrad_fp8.quantize_cols_grouped``'s outputs; ``accum``: the Triton
     kernel's ``ACCUM`` modes)."""
     cfg = dict(SEG_CONFIG if config is None else config)
-    bm, bn = cfg.pop("BM"), cfg.pop("BN")
+    bm, bn = cfg["BM"], cfg["BN"]
     mo, no = qa.shape[0], qb.shape[0]
     E = meta.num_experts
+    num_tiles = E * triton.cdiv(mo, bm) * triton.cdiv(no, bn)
+    if num_tiles == 0:
+        return c
     s1 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     a_desc = TensorDescriptor.from_tensor(qa, [bm, 128], _smem_layout())
     b_desc = TensorDescriptor.from_tensor(qb, [bn, 128], _smem_layout())
     sa_desc = TensorDescriptor.from_tensor(sa.view(-1), [bm], s1)
     sb_desc = TensorDescriptor.from_tensor(sb.view(-1), [bn], s1)
-    grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
-    _fp8_segment_mm_tma[grid](
-        a_desc, b_desc, sa_desc, sb_desc, c, meta.counts, mo, no, E, c.stride(0), c.stride(1),
-        c.stride(2), ACCUM=accum, GS=128, BM=bm, BN=bn,
-        BLOCK_E=max(32, triton.next_power_of_2(E)), **cfg)
+    _fp8_segment_mm_ws[(_programs(num_tiles, c.device),)](
+        a_desc, b_desc, sa_desc, sb_desc, c, meta.counts, mo, no, E, num_tiles, c.stride(0),
+        c.stride(1), c.stride(2), ACCUM=accum, GS=128, BM=bm, BN=bn, STAGES=cfg["STAGES"],
+        BLOCK_E=max(32, triton.next_power_of_2(E)), LOAD_REGS=cfg["LOAD_REGS"],
+        MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
     return c

@@ -39,7 +39,9 @@ def _round_e4m3(v):
     odd = f - 2.0 * tl.floor(f * 0.5)
     rr = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
     out = tl.minimum(rr * ulp, 448.0)
-    return tl.where(v.to(tl.int32, bitcast=True) < 0, -out, out)  # -0.0 stays -0.0, as cast
+    # the sign by a multiply: -0.0 where v < 0 rounds to zero, as the cast gives (a negation
+    # may compile to 0 - out, which is +0.0)
+    return out * tl.where(v.to(tl.int32, bitcast=True) < 0, -1.0, 1.0)
 
 
 @triton.jit
