@@ -34,7 +34,9 @@ sb[e, kb, n/128]``, A ``[S, K]`` rows in expert order, B stored ``[E·N, K]`` (K
 
 H100 (``results/h100_gluon_ws_experiment.log``, mixtral's shapes, against the lockstep TMA
 kernels these replaced): wgrad dW_up 594 → 781 TFLOP/s, dW_down 544 → 762; GEMM1 817 → 948,
-GEMM2 854 → 903.
+GEMM2 854 → 903. The row-grouped consumers then issue two k-steps per turn (``KPAIR``: the
+turn hand-over and its barriers once per 8 wgmma instead of 4; each product still promoted
+alone, in order): GEMM2 866 → 981, dx 804 → 937 (``results/h100_gluon_fp8_variants_s14.log``).
 
 Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``ENABLED``) and
 the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
@@ -61,7 +63,10 @@ ENABLED = True  # the tests and benchmarks switch it off to time / compare the T
 # H100 (NOTES.md, results/h100_gluon_ws_experiment.log): 128 x 128 tiles, 4 ring stages; the
 # 12 warps (3 warpgroups, the producer's padded) launch at MAXNREG registers, then the producer
 # drops to LOAD_REGS and the two consumers rise to MMA_REGS (3 * 168 = 2 * 232 + 40)
-CONFIG = dict(BM=128, BN=128, STAGES=4, GROUP_M=8, LOAD_REGS=40, MMA_REGS=232, MAXNREG=168)
+# the row-grouped GEMM issues two k-steps per turn (KPAIR) from a 5-slot ring
+# (results/h100_gluon_fp8_variants_s14.log)
+CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, LOAD_REGS=40, MMA_REGS=232,
+              MAXNREG=168)
 SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, LOAD_REGS=40, MMA_REGS=232, MAXNREG=168)
 # programs of the persistent kernels: None = one per SM (the tests set a few, to run many
 # tiles through each program)
@@ -155,11 +160,17 @@ if _HAVE_GLUON:
 
 
     @gluon.jit
+    def _step_scales(sa_base, sb_base, ks, rmask_m, stride_sbk):
+        """k-step ks's promotion factors of a consumer's rows: A row scale x B block scale."""
+        return (gl.load(sa_base + ks, mask=rmask_m, other=0.0)
+                * gl.load(sb_base + ks * stride_sbk))
+
+    @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
                       counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm,
                       stride_sa, stride_sbe, stride_sbk, stride_sbn, HALF: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                      GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr):
+                      GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc)."""
         HM: gl.constexpr = BM // 2
         mma: gl.constexpr = _mma_layout(BN, 4)
@@ -168,7 +179,8 @@ if _HAVE_GLUON:
         my_turn = turn.index(HALF)
         other_turn = turn.index(1 - HALF)
         nk = K // BK
-        it = 0
+        it = 0  # k-steps (ring slots) so far
+        tn = 0  # turns so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
                                                     E, N, num_m_tiles, BM, BN, GROUP_M,
@@ -180,12 +192,38 @@ if _HAVE_GLUON:
                 sb_base = (sb_ptr + e.to(gl.int64) * stride_sbe
                            + ((pid_n * BN) // 128) * stride_sbn)
                 acc = gl.zeros([HM, BN], gl.float32, layout=mma)
-                for ks in range(0, nk):
+                k0 = 0
+                if KPAIR:
+                    # two k-steps per turn: twice the MMA work between the turn hand-overs
+                    # (each step's product still promoted on its own, in order)
+                    for kp in range(0, nk // 2):
+                        s1 = it % STAGES
+                        s2 = (it + 1) % STAGES
+                        sc1 = _step_scales(sa_base, sb_base, 2 * kp, rmask_m, stride_sbk)
+                        sc2 = _step_scales(sa_base, sb_base, 2 * kp + 1, rmask_m, stride_sbk)
+                        mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
+                        mbarrier.wait(ready.index(s1), (it // STAGES) & 1)
+                        tok1 = warpgroup_mma(a_bufs.index(s1).slice(HALF * HM, HM),
+                                             b_bufs.index(s1).permute((1, 0)), zero,
+                                             use_acc=False, is_async=True)
+                        mbarrier.wait(ready.index(s2), ((it + 1) // STAGES) & 1)
+                        tok2 = warpgroup_mma(a_bufs.index(s2).slice(HALF * HM, HM),
+                                             b_bufs.index(s2).permute((1, 0)), zero,
+                                             use_acc=False, is_async=True)
+                        mbarrier.arrive(other_turn)
+                        p1, p2 = warpgroup_mma_wait(num_outstanding=0, deps=(tok1, tok2))
+                        mbarrier.arrive(empty.index(s1))
+                        mbarrier.arrive(empty.index(s2))
+                        acc = acc + p1 * sc1[:, None]
+                        acc = acc + p2 * sc2[:, None]
+                        it += 2
+                        tn += 1
+                    k0 = (nk // 2) * 2
+                for ks in range(k0, nk):
                     s = it % STAGES
                     # the step's scales (global loads) first: their latency overlaps the waits
-                    sc = (gl.load(sa_base + ks, mask=rmask_m, other=0.0)
-                          * gl.load(sb_base + ks * stride_sbk))
-                    mbarrier.wait(my_turn, (it & 1) ^ (1 - HALF))  # ping-pong, as in _seg_consumer
+                    sc = _step_scales(sa_base, sb_base, ks, rmask_m, stride_sbk)
+                    mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))  # as in _seg_consumer
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                     tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
                                         b_bufs.index(s).permute((1, 0)), zero, use_acc=False,
@@ -195,6 +233,7 @@ if _HAVE_GLUON:
                     mbarrier.arrive(empty.index(s))
                     acc = acc + p * sc[:, None]
                     it += 1
+                    tn += 1
 
                 out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
                 rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
@@ -210,7 +249,7 @@ if _HAVE_GLUON:
             E, N, K, num_m_tiles, num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk,
             stride_sbn, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
             STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
-            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
+            KPAIR: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
             num_warps: gl.constexpr):
         """The row-grouped FP8 GEMM: a producer + two ping-pong consumers (module doc)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
@@ -230,11 +269,11 @@ if _HAVE_GLUON:
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr,
                              tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
                              num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
-                             0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E)),
+                             0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr,
                              tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
                              num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
-                             1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E)),
+                             1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_cum_ptr,
                              counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, BM, BN, BK,
                              STAGES, GROUP_M, BLOCK_E)),
@@ -266,7 +305,7 @@ def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict
         a_desc, b_desc, c, sa, sb, tiles_cum, meta.counts, meta.offsets, E, n, k, num_m_tiles,
         num_tiles, c.stride(0), sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2],
         BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
-        BLOCK_E=max(32, triton.next_power_of_2(E)), LOAD_REGS=cfg["LOAD_REGS"],
+        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
 

@@ -107,6 +107,9 @@ def _fp8_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, 
     tl.store(s_ptr + e * stride_se + bn * stride_sn + bk, scale)
 
 
+ROWS_BLOCK = (32, 4)  # rows, warps of _fp8_rows_kernel (one 128-column group per program)
+
+
 def fp8_quantize_rows(x: torch.Tensor, gather=None):
     """``x [M, K]`` → ``(q e4m3 [M, K], scale fp32 [M, ceil(K/128)])`` (arguments checked by
     the public ``quant.quantize_fp8_rows``). ``gather = (rows [P] int32, valid int32 [1],
@@ -121,11 +124,11 @@ def fp8_quantize_rows(x: torch.Tensor, gather=None):
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, triton.cdiv(k, GROUP), dtype=torch.float32, device=x.device)
     if m and k:
-        bm = 8 if interpret_mode() else 32
+        bm, warps = (8, 4) if interpret_mode() else ROWS_BLOCK
         _fp8_rows_kernel[(triton.cdiv(m, bm), s.shape[1])](
             x, q, s, rows if gather is not None else s, valid if gather is not None else s,
             m, k, x.stride(0), q.stride(0), s.stride(0), TOPK=top_k if gather is not None else 1,
-            GATHER=gather is not None, EMU=interpret_mode(), BM=bm, G=GROUP, num_warps=4)
+            GATHER=gather is not None, EMU=interpret_mode(), BM=bm, G=GROUP, num_warps=warps)
     return q, s
 
 

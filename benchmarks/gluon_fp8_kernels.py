@@ -1,0 +1,100 @@
+"""The Gluon FP8 GEMMs of the package (``kernels/gluon_fp8.py``) under configuration variants:
+each variant's TFLOP/s per GEMM of the FP8 training path (as the package calls them) and
+whether its outputs equal the default configuration's bitwise.
+
+    python benchmarks/gluon_fp8_kernels.py --configs mixtral coarse_120b
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_layer import CONFIGS, make_inputs  # noqa: E402
+
+from moe_plugin import kernels as K  # noqa: E402
+from moe_plugin import quant as Q  # noqa: E402
+from moe_plugin.kernels import gluon_fp8 as GF  # noqa: E402
+from moe_plugin.kernels import grouped_gemm as GG  # noqa: E402
+from moe_plugin.kernels import wgrad_fp8 as W8  # noqa: E402
+from moe_plugin.kernels.experts import quantize_rows, quantize_rows_expert_order  # noqa: E402
+
+# row-grouped GEMM variants (overrides of GF.CONFIG); the first is the reference of the
+# bitwise check
+VARIANTS = {
+    "default": {},
+    "single_step": dict(KPAIR=False),
+    "kpair_stages5": dict(KPAIR=True, STAGES=5),
+    "kpair_stages6": dict(KPAIR=True, STAGES=6),
+    "kpair_group4": dict(KPAIR=True, GROUP_M=4),
+}
+SEG_VARIANTS = {"default": {}, "stages3": dict(STAGES=3), "stages5": dict(STAGES=5)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="*", default=["mixtral", "coarse_120b"])
+    ap.add_argument("--rep-ms", type=int, default=100)
+    args = ap.parse_args()
+    for name in args.configs:
+        run(name, args)
+        torch.cuda.empty_cache()
+
+
+def run(name, args):
+    T, D, F, E, k = CONFIGS[name]
+    x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
+    M = T * k
+    meta = K.permute_metadata(ids, E)
+    wu, wd = (GG.QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))
+    xq = quantize_rows_expert_order(x, meta)
+    pre, hq = K.expert_up(xq, wu, meta, 0, True, store_pre=True, store_h=False,
+                          out_dtype=x.dtype, quant_h=True, expert_order=True)
+    dout = torch.randn_like(x)
+    dq = quantize_rows_expert_order(dout, meta)
+    dpre, hw, _ = K.expert_up_bwd(dq, wd, pre, meta, w, 0, True, expert_order=True)
+    dpq = quantize_rows(dpre, GG.QUANT_FP8)
+    jobs = {  # name: (FLOPs, fn returning the GEMM's output)
+        "up": (2 * M * D * 2 * F, lambda: K.expert_up(
+            xq, wu, meta, 0, True, store_pre=True, store_h=False, out_dtype=x.dtype,
+            quant_h=True, expert_order=True)[0]),
+        "down": (2 * M * F * D, lambda: K.expert_down(hq, wd, meta)),
+        "dh_act": (2 * M * D * F, lambda: K.expert_up_bwd(dq, wd, pre, meta, w, 0, True,
+                                                           expert_order=True)[0]),
+        "dx": (2 * M * 2 * F * D, lambda: K.expert_dx(dpq, wu, meta, out_dtype=x.dtype)),
+    }
+    qx, qdout, qhw, qdpre = (W8.quantize_cols_grouped(t, meta, g) for t, g in
+                             ((x, True), (dout, True), (hw, False), (dpre, False)))
+
+    def seg(qa, qb, mo, no):
+        return lambda: GF.segment_mm(qa[0], qa[1], qb[0], qb[1],
+                                     torch.empty(E, mo, no, dtype=x.dtype, device="cuda"),
+                                     meta, 0)
+    seg_jobs = {"wgrad_down": (2 * M * D * F, seg(qdout, qhw, D, F)),
+                "wgrad_up": (2 * M * 2 * F * D, seg(qdpre, qx, 2 * F, D))}
+    for jobset, variants, attr in ((jobs, VARIANTS, "CONFIG"), (seg_jobs, SEG_VARIANTS,
+                                                                "SEG_CONFIG")):
+        base = dict(getattr(GF, attr))
+        for job, (flops, fn) in jobset.items():
+            res = {"config": name, "gemm": job}
+            ref = None
+            for vname, over in variants.items():
+                setattr(GF, attr, {**base, **over})
+                try:
+                    out = fn()
+                    same = True if ref is None else torch.equal(out, ref)
+                    ref = out if ref is None else ref
+                    ms = do_bench(fn, rep=args.rep_ms, return_mode="median")
+                    res[vname] = [round(flops / ms / 1e9, 1), "same" if same else "DIFFERS"]
+                except Exception as ex:  # a variant that does not fit (shared memory) is noted
+                    res[vname] = f"{type(ex).__name__}: {str(ex)[:80]}"
+                finally:
+                    setattr(GF, attr, base)
+            print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Block sizes of the FP8 quantisation passes (H100): ``quantize.ROWS_BLOCK`` (per row and 128
+columns: x and dout into expert order, dpre) and ``wgrad_fp8.COLS_BLOCK`` (per column and 128
+tokens into the padded group layout: x, dout, hw, dpre for the FP8 wgrad). Times each candidate
+(``do_bench`` median) on the layer shapes and prints the achieved bandwidth (bytes read and
+written / time) next to the measured copy bandwidth.
+
+    python benchmarks/tune_quant_passes.py --configs mixtral coarse_120b fine_30b
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_layer import CONFIGS, make_inputs  # noqa: E402
+
+from moe_plugin.kernels import quantize as KQ  # noqa: E402
+from moe_plugin.kernels import wgrad_fp8 as W8  # noqa: E402
+from moe_plugin.kernels.experts import quantize_rows_expert_order  # noqa: E402
+from moe_plugin.kernels.permute import permute_metadata  # noqa: E402
+
+ROWS = [(32, 4), (64, 4), (64, 8), (16, 4), (32, 8), (128, 8)]
+COLS = [(64, 8), (128, 8), (128, 16), (64, 4), (32, 4), (256, 16)]
+
+
+def bench(fn, rep):
+    return do_bench(fn, rep=rep, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="*", default=["mixtral", "coarse_120b", "fine_30b"])
+    ap.add_argument("--rep-ms", type=int, default=50)
+    args = ap.parse_args()
+    print(json.dumps({"copy_TBps": round(copy_bandwidth(), 3)}))
+    for name in args.configs:
+        run(name, args)
+        torch.cuda.empty_cache()
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 28
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n / bench(lambda: dst.copy_(src), 100) / 1e9
+
+
+def run(name, args):
+    T, D, F, E, k = CONFIGS[name]
+    x, ids, _, _, _ = make_inputs(T, D, F, E, k)
+    meta = permute_metadata(ids, E)
+    S = meta.sorted_slot.numel()
+    dpre = torch.randn(S, 2 * F, device="cuda", dtype=torch.bfloat16)
+    # operand: (tensor, gather, bytes of a pass: bf16 read + e4m3 written, per element)
+    ops = {"x": (x, True, S * D * 3), "dpre": (dpre, False, S * 2 * F * 3)}
+    defaults = (KQ.ROWS_BLOCK, W8.COLS_BLOCK)
+    for kind, cands in (("rows", ROWS), ("cols", COLS)):
+        for opname, (t, gather, nbytes) in ops.items():
+            res = {"config": name, "pass": kind, "operand": opname}
+            for c in cands:
+                if kind == "rows":
+                    KQ.ROWS_BLOCK = c
+                    fn = ((lambda: quantize_rows_expert_order(t, meta)) if gather
+                          else (lambda: KQ.fp8_quantize_rows(t)))
+                else:
+                    W8.COLS_BLOCK = c
+                    fn = (lambda: W8.quantize_cols_grouped(t, meta, gather))
+                ms = bench(fn, args.rep_ms)
+                res[f"{c[0]}x{c[1]}w"] = [round(ms, 3), round(nbytes / ms / 1e9, 2)]
+            print(json.dumps(res), flush=True)
+    KQ.ROWS_BLOCK, W8.COLS_BLOCK = defaults
+
+
+if __name__ == "__main__":
+    main()
