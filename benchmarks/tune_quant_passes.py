@@ -2,8 +2,7 @@
 columns: x and dout into expert order, dpre) and ``wgrad_fp8.COLS_BLOCK`` (per column and 128
 tokens into the padded group layout: x, dout, hw, dpre for the FP8 wgrad). Times each candidate
 (``do_bench`` median) on the layer shapes and prints the achieved bandwidth (bytes read and
-written / time) next to the measured copy bandwidth; then ``wgrad_fp8.ROWS_COLS_WARPS`` for
-both forms from one read (``quantize_cols_grouped(rows=True)``).
+written / time) next to the measured copy bandwidth.
 
     python benchmarks/tune_quant_passes.py --configs mixtral coarse_120b fine_30b
 """
@@ -25,7 +24,6 @@ from moe_plugin.kernels.permute import permute_metadata  # noqa: E402
 
 ROWS = [(32, 4), (64, 4), (64, 8), (16, 4), (32, 8), (128, 8)]
 COLS = [(64, 8), (128, 8), (128, 16), (64, 4), (32, 4), (256, 16)]
-ROWS_COLS_WARPS = [8, 16, 4]
 
 
 def bench(fn, rep):
@@ -74,18 +72,6 @@ def run(name, args):
                 res[f"{c[0]}x{c[1]}w"] = [round(ms, 3), round(nbytes / ms / 1e9, 2)]
             print(json.dumps(res), flush=True)
     KQ.ROWS_BLOCK, W8.COLS_BLOCK = defaults
-    # both forms from one read (quantize_cols_grouped(rows=True)); bytes: bf16 read once, two
-    # e4m3 forms written
-    warps0 = W8.ROWS_COLS_WARPS
-    for opname, (t, gather, nbytes) in ops.items():
-        res = {"config": name, "pass": "rows+cols", "operand": opname}
-        for warps in ROWS_COLS_WARPS:
-            W8.ROWS_COLS_WARPS = warps
-            ms = bench(lambda: W8.quantize_cols_grouped(t, meta, gather, rows=True),
-                       args.rep_ms)
-            res[f"128x{warps}w"] = [round(ms, 3), round(nbytes * 4 / 3 / ms / 1e9, 2)]
-        print(json.dumps(res), flush=True)
-    W8.ROWS_COLS_WARPS = warps0
 
 
 if __name__ == "__main__":

@@ -459,36 +459,3 @@ def test_fp8_gluon_kernels_equal_triton_kernels(quant, programs, monkeypatch):
             res.append((out, *torch.autograd.grad(out, leaves, dout)))
     for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
         assert torch.equal(a, b), f"{quant} {name}: Gluon and Triton kernels differ"
-
-
-@pytest.mark.parametrize("gather", [True, False])
-def test_rows_and_cols_quantised_from_one_read(gather):
-    """``wgrad_fp8.quantize_cols_grouped(rows=True)`` (dout and dpre in the FP8 backward with
-    FP8 wgrad): its column form equals ``quantize_cols_grouped`` and its row form the row
-    quantiser (``quantize_rows_expert_order`` for token rows read through the permutation,
-    ``quantize_rows`` for expert-order rows) bitwise, on the routed rows; experts with several
-    128-token groups, an empty one, an unrouted slot."""
-    from moe_plugin.kernels import wgrad_fp8 as W8
-    from moe_plugin.kernels.experts import quantize_rows, quantize_rows_expert_order
-    from moe_plugin.kernels.permute import permute_metadata
-    g = torch.Generator().manual_seed(12)
-    n, k, e, c = 150, 2, 4, 256
-    ids = torch.randint(0, e - 1, (n, k), generator=g, dtype=torch.int32)  # expert 3: empty
-    ids[:90, 0] = 1  # expert 1: two groups, the second partial
-    ids[7, 1] = -1
-    meta = permute_metadata(ids.to(DEVICE), e)
-    S, valid = meta.sorted_slot.numel(), int(meta.offsets[-1])
-    assert max(meta.counts.tolist()) > 128 and meta.counts[3] == 0
-    src = (torch.randn(n if gather else S, c, generator=g) * 3).to(DEVICE, DTYPE)
-    src[4, :128] *= 100  # an outlier row group
-    cols, rows = W8.quantize_cols_grouped(src, meta, gather, rows=True)
-    want_cols = W8.quantize_cols_grouped(src, meta, gather)
-    want_rows = quantize_rows_expert_order(src, meta) if gather else quantize_rows(src, G.QUANT_FP8)
-    groups = int(((meta.counts + 127) // 128).sum())
-    assert torch.equal(cols.scale[:groups], want_cols.scale[:groups])
-    assert torch.equal(cols.q[:, :groups * 128].view(torch.uint8),
-                       want_cols.q[:, :groups * 128].view(torch.uint8))
-    assert torch.equal(rows.scale[:valid], want_rows.scale[:valid])
-    assert torch.equal(rows.q[:valid].view(torch.uint8), want_rows.q[:valid].view(torch.uint8))
-    with pytest.raises(ValueError, match="multiple of 128"):
-        W8.quantize_cols_grouped(src[:, :200], meta, gather, rows=True)

@@ -157,11 +157,10 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         meta = PermuteMeta.from_tensors(rest[:4], ctx.num_experts, topk_weights.shape[1])
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
         dout = dout.contiguous()
-        dx, dw_topk, dpre, hw, dout_w = X.experts_backward_data(
+        dx, dw_topk, dpre, hw = X.experts_backward_data(
             dout, x, topk_weights, wq_up, wq_down, meta,
-            rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w,
-            fp8_wgrad=ctx.fp8_wgrad)
-        dw_up, dw_down = X.experts_backward_weight(dout_w, x, dpre, hw, meta, need_up, need_down,
+            rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
+        dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
                                                    *accumulation_buffers(ctx),
                                                    fp8=ctx.fp8_wgrad)
         return (dx, None, dw_topk) \

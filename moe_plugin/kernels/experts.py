@@ -31,58 +31,42 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, act: int, gated: bo
 
 
 def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta, pre,
-                          act: int, gated: bool, need_x: bool, need_w: bool, dx_out=None,
-                          fp8_wgrad: bool = False):
-    """Returns ``(dx | None, d_topk_weights | None, dpre, hw, dout_w)``; ``pre`` None =
-    recompute it. ``dpre``, ``hw`` and ``dout_w`` (``dout``) are the weight gradients'
-    operands, for ``experts_backward_weight``.
+                          act: int, gated: bool, need_x: bool, need_w: bool, dx_out=None):
+    """Returns ``(dx | None, d_topk_weights | None, dpre, hw)``; ``pre`` None = recompute it.
 
     ``dx_out``: optional preallocated ``[N, D]`` view for dx. ``w_up``/``w_down`` given as fp8
     ``QTensor``s: dgrad in FP8 -- ``dout`` and ``dpre`` are quantised per row and 128 columns
-    (and ``x`` for a recomputed GEMM1, with the forward's flags: the same ``pre`` bitwise).
-    With ``fp8_wgrad`` the FP8 wgrad's column quantisation of ``dout`` and ``dpre`` comes from
-    the same read as their row quantisation (``wgrad_fp8.quantize_cols_grouped(rows=True)``,
-    where the columns are a multiple of 128): ``dout_w`` and ``dpre`` are then
-    ``wgrad_fp8.GroupedQ``s."""
+    (and ``x`` for a recomputed GEMM1, with the forward's flags: the same ``pre`` bitwise);
+    ``dpre`` and ``hw`` (the weight-gradient operands) stay in the input dtype."""
     quant = isinstance(w_up, QTensor)
+
+    def q(t):
+        return quantize_rows(t, G.QUANT_FP8) if quant else t
     if pre is None:  # recompute GEMM1 exactly as the forward ran it
         pre, _ = G.expert_up(quantize_rows_expert_order(x, meta) if quant else x, w_up, meta,
                              act, gated, store_pre=True, store_h=False, out_dtype=x.dtype,
                              quant_h=quant, expert_order=quant)
-    dout_w, dpre_rows = dout, None
-    if quant:
-        # fp8: dout quantised straight into expert order (one row per slot), so that the dh'
-        # GEMM reads contiguous rows (TMA-loadable) instead of gathering token rows
-        if fp8_wgrad and W8.rows_fit(dout.shape[1]):
-            dout_w, dq = W8.quantize_cols_grouped(dout, meta, True, rows=True)
-        else:
-            dq = quantize_rows_expert_order(dout, meta)
-        dpre, hw, dw_perm = G.expert_up_bwd(dq, w_down, pre, meta, topk_weights, act, gated,
-                                            expert_order=True)
-        del dq
-        if fp8_wgrad and need_x and W8.rows_fit(dpre.shape[1]):
-            dpre, dpre_rows = W8.quantize_cols_grouped(dpre, meta, False, rows=True)
-        elif need_x:
-            dpre_rows = quantize_rows(dpre, G.QUANT_FP8)
-    else:
-        dpre, hw, dw_perm = G.expert_up_bwd(dout, w_down, pre, meta, topk_weights, act, gated)
+    # fp8: dout quantised straight into expert order (one row per slot), so that the dh' GEMM
+    # reads contiguous rows (TMA-loadable) instead of gathering token rows
+    dpre, hw, dw_perm = G.expert_up_bwd(
+        quantize_rows_expert_order(dout, meta) if quant else dout, w_down, pre, meta,
+        topk_weights, act, gated, expert_order=quant)
     del pre
     dx = dw_topk = None
     if need_w:
         pos = meta.slot_pos.view(topk_weights.shape).long()
         dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
     if need_x:
-        dxp = G.expert_dx(dpre_rows if quant else dpre, w_up, meta, out_dtype=x.dtype)
+        dxp = G.expert_dx(q(dpre), w_up, meta, out_dtype=x.dtype)
         dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype, out=dx_out)
-    return dx, dw_topk, dpre, hw, dout_w
+    return dx, dw_topk, dpre, hw
 
 
 def experts_backward_weight(dout, x, dpre, hw, meta: PermuteMeta, need_up: bool,
                             need_down: bool, acc_up=None, acc_down=None, fp8: bool = False):
     """Returns ``(dW_up | None, dW_down | None)``. ``acc_up``/``acc_down``: buffers the
     gradient is added into (returned in its place), e.g. Megatron's ``main_grad``. ``fp8``:
-    the operands quantised per column and 128 tokens, FP8 GEMMs (``wgrad_fp8``); ``dout``
-    (``experts_backward_data``'s ``dout_w``) and ``dpre`` may come quantised already."""
+    the operands quantised per column and 128 tokens, FP8 GEMMs (``wgrad_fp8``)."""
     down, up = (W8.wgrad_down_fp8, W8.wgrad_up_fp8) if fp8 else (G.wgrad_down, G.wgrad_up)
     dw_down = down(dout, hw, meta, out=acc_down) if need_down else None
     dw_up = up(dpre, x, meta, out=acc_up) if need_up else None

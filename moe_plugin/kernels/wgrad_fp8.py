@@ -22,8 +22,6 @@ are never written nor read).
   ``acc += (a · b) · (sa ⊗ sb)`` in fp32, the epilogue (store or accumulate) of the bf16
   weight-gradient kernel.
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -38,19 +36,13 @@ from .quantize import _to_e4m3
 # tile configurations (``G.CONFIG_OVERRIDES`` keys "wgrad_down_fp8" / "wgrad_up_fp8" win)
 FP8_SEG_CONFIG = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3)
 COLS_BLOCK = (64, 4)  # columns per program, warps of _fp8_cols_kernel (H100 sweep, NOTES)
-ROWS_COLS_WARPS = 8   # warps of _fp8_cols_kernel with ROWS (a [128, 128] tile per program)
 
 
 @triton.jit
-def _fp8_cols_kernel(src_ptr, gather_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr, rq_ptr, rs_ptr,
-                     C, E, stride_src, stride_q, stride_s, stride_rq, stride_rs,
-                     TOPK: tl.constexpr, GATHER: tl.constexpr, ROWS: tl.constexpr,
+def _fp8_cols_kernel(src_ptr, gather_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr, C, E,
+                     stride_src, stride_q, stride_s, TOPK: tl.constexpr, GATHER: tl.constexpr,
                      EMU: tl.constexpr, BC: tl.constexpr, GS: tl.constexpr,
                      BLOCK_E: tl.constexpr):
-    """Program (group g, ``BC`` columns): the group's ``[128 tokens, BC]`` tile quantised per
-    column into the padded layout and, with ``ROWS`` (``BC`` = 128, C a multiple of 128), also
-    per row into ``rq [S, C]`` (expert order, row p = the group's token, one scale per row and
-    128 columns: ``quantize.fp8_quantize_rows``' arithmetic) -- one read for both forms."""
     g = tl.program_id(0)
     cb = tl.program_id(1)
     e, first, n_e = G._expert_of_tile(g, counts_ptr, E, GS, BLOCK_E)
@@ -67,11 +59,6 @@ def _fp8_cols_kernel(src_ptr, gather_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr,
     cmask = cols < C
     v = tl.load(src_ptr + rows[:, None] * stride_src + cols[None, :],
                 mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-    if ROWS:
-        p64 = p.to(tl.int64)
-        G._store_h_e4m3(v, rq_ptr + p64[:, None] * stride_rq + cols[None, :],
-                        rs_ptr + p64 * stride_rs + cb, tmask[:, None] & cmask[None, :], tmask,
-                        EMU)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), 1e-12), 448.0)
     q = _to_e4m3(v, scale[None, :], EMU)
     # the padding tokens of the expert's last group are stored as zeros
@@ -126,51 +113,24 @@ def num_groups(meta: PermuteMeta) -> int:
     return triton.cdiv(S, GROUP) + min(meta.num_experts, S)
 
 
-def quantize_cols_grouped(src: torch.Tensor, meta: PermuteMeta, gather: bool, rows=False):
+def quantize_cols_grouped(src: torch.Tensor, meta: PermuteMeta, gather: bool):
     """``src [rows, C]`` (expert-order rows, or with ``gather`` token rows read through
-    ``sorted_slot // top_k``) → ``GroupedQ(q e4m3 [C, G·128], scale fp32 [G, C])`` in the padded
-    group layout of the module doc. ``rows`` (C a multiple of 128: ``rows_fit``): also the
-    rows in expert order quantised per row and 128 columns, from the same read: returns
-    ``(GroupedQ, QTensor [S, C])``, the QTensor's rows past the routed slots unwritten."""
+    ``sorted_slot // top_k``) → ``(q e4m3 [C, G·128], scale fp32 [G, C])`` in the padded group
+    layout of the module doc."""
     if src.stride(1) != 1:
         src = src.contiguous()
     c = src.shape[1]
     g = num_groups(meta)
-    dev = src.device
-    q = torch.empty(c, g * GROUP, dtype=torch.float8_e4m3fn, device=dev)
-    s = torch.empty(g, c, dtype=torch.float32, device=dev)
-    if rows:
-        if not rows_fit(c):
-            raise ValueError(f"quantize_cols_grouped(rows=True): {c} columns, not a multiple "
-                             f"of {GROUP}")
-        S = meta.sorted_slot.numel()
-        rq = torch.empty(S, c, dtype=torch.float8_e4m3fn, device=dev)
-        rs = torch.empty(S, c // GROUP, dtype=torch.float32, device=dev)
-        bc, warps = GROUP, ROWS_COLS_WARPS
-    else:
-        rq, rs = q, s  # not written
-        bc, warps = (32, 4) if interpret_mode() else COLS_BLOCK
+    q = torch.empty(c, g * GROUP, dtype=torch.float8_e4m3fn, device=src.device)
+    s = torch.empty(g, c, dtype=torch.float32, device=src.device)
     if g and c:
+        bc, warps = (32, 4) if interpret_mode() else COLS_BLOCK
         _fp8_cols_kernel[(g, triton.cdiv(c, bc))](
-            src, meta.sorted_slot, meta.counts, meta.offsets, q, s, rq, rs, c,
-            meta.num_experts, src.stride(0), q.stride(0), s.stride(0), rq.stride(0),
-            rs.stride(0), TOPK=meta.top_k, GATHER=gather, ROWS=rows, EMU=interpret_mode(),
-            BC=bc, GS=GROUP, BLOCK_E=next_pow2(meta.num_experts), num_warps=warps)
-    if rows:
-        return GroupedQ(q, s), G.QTensor(rq, rs)
-    return GroupedQ(q, s)
-
-
-def rows_fit(c: int) -> bool:
-    """Whether ``quantize_cols_grouped(..., rows=True)`` serves ``c`` columns."""
-    return c > 0 and c % GROUP == 0
-
-
-class GroupedQ(NamedTuple):
-    """An FP8 wgrad operand quantised into the padded group layout (``quantize_cols_grouped``):
-    values ``q [C, G·128]`` and scales ``[G, C]``."""
-    q: torch.Tensor
-    scale: torch.Tensor
+            src, meta.sorted_slot, meta.counts, meta.offsets, q, s, c, meta.num_experts,
+            src.stride(0), q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather,
+            EMU=interpret_mode(), BC=bc, GS=GROUP, BLOCK_E=next_pow2(meta.num_experts),
+            num_warps=warps)
+    return q, s
 
 
 def _config(kind: str) -> dict:
@@ -184,18 +144,11 @@ def _config(kind: str) -> dict:
 def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta, out=None):
     """``dW[e] [MO, NO] = Σ_p A[p]ᵀ · B[p]`` with both operands quantised here (per column and
     128 tokens); ``a [rows, MO]`` / ``b [rows, NO]`` high precision, ``*_gather``: token-order
-    rows; either may instead be a ``GroupedQ`` quantised already. Output in b's dtype (a's,
-    where b is a ``GroupedQ``), or added into ``out`` (fp32 accumulation either way)."""
-    def cols(t):
-        return t.q.shape[0] if isinstance(t, GroupedQ) else t.shape[1]
-    like = a if isinstance(b, GroupedQ) else b
-    if isinstance(like, GroupedQ):
-        raise TypeError("wgrad_fp8: one operand must be given in high precision (the output "
-                        "dtype)")
-    mo, no = cols(a), cols(b)
-    dw, accumulate = G.wgrad_out((meta.num_experts, mo, no), like, out)
-    qa, sa = a if isinstance(a, GroupedQ) else quantize_cols_grouped(a, meta, a_gather)
-    qb, sb = b if isinstance(b, GroupedQ) else quantize_cols_grouped(b, meta, b_gather)
+    rows. Output in b's dtype, or added into ``out`` (fp32 accumulation either way)."""
+    mo, no = a.shape[1], b.shape[1]
+    dw, accumulate = G.wgrad_out((meta.num_experts, mo, no), b, out)
+    qa, sa = quantize_cols_grouped(a, meta, a_gather)
+    qb, sb = quantize_cols_grouped(b, meta, b_gather)
     if GF.available(qa) and GF.segment_fits(qa, sa, qb, sb):
         # Hopper: the Gluon kernel (TMA for the tiles and their scale vectors), the same sums
         # in the same order
