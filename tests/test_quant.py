@@ -459,37 +459,3 @@ def test_fp8_gluon_kernels_equal_triton_kernels(quant, programs, monkeypatch):
             res.append((out, *torch.autograd.grad(out, leaves, dout)))
     for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
         assert torch.equal(a, b), f"{quant} {name}: Gluon and Triton kernels differ"
-
-
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_activation_pass_quantises_dpre_rows(activation):
-    """The FP8 backward's activation pass also writes dpre quantised per row and 128 columns
-    (``expert_up_bwd(..., rows_out=...)``, the dx GEMM's operand): bitwise what the row
-    quantiser gives on the stored dpre, for the routed rows; the other outputs unchanged."""
-    from moe_plugin.config import check_activation
-    from moe_plugin.kernels.experts import quantize_rows, quantize_rows_expert_order
-    from moe_plugin.kernels.permute import permute_metadata
-    act, gated = check_activation(activation)
-    x, ids, w, w_up, w_down = _problem(8, n=40, d=128, f=256, e=4)
-    ids[3, 1] = -1
-    meta = permute_metadata(ids, 4)
-    valid = int(meta.offsets[-1])
-    pre = (torch.randn(meta.sorted_slot.numel(), (2 if gated else 1) * 256,
-                       generator=torch.Generator().manual_seed(1)) * 2).to(DEVICE, DTYPE)
-    wd = G.QTensor(*Q.cached_weight(w_down, "fp8"))
-    dq = quantize_rows_expert_order(torch.randn_like(x), meta)
-    assert G.act_rows_fit(256) and not G.act_rows_fit(192)
-    rows = G.QTensor(torch.empty(pre.shape, dtype=torch.float8_e4m3fn, device=DEVICE),
-                     torch.empty(pre.shape[0], pre.shape[1] // 128, device=DEVICE))
-    dpre, hw, dwp = G.expert_up_bwd(dq, wd, pre, meta, w, act, gated, expert_order=True,
-                                    rows_out=rows)
-    ref_dpre, ref_hw, ref_dwp = G.expert_up_bwd(dq, wd, pre, meta, w, act, gated,
-                                                expert_order=True)
-    want = quantize_rows(dpre[:valid], G.QUANT_FP8)
-    assert torch.equal(rows.scale[:valid], want.scale)
-    assert torch.equal(rows.q[:valid].view(torch.uint8), want.q.view(torch.uint8))
-    assert torch.equal(dpre[:valid], ref_dpre[:valid]) and torch.equal(hw[:valid], ref_hw[:valid])
-    assert_close(dwp[:valid], ref_dwp[:valid], TOL, "routing-weight gradient")
-    with pytest.raises(ValueError, match="rows_out"):
-        G.expert_up_bwd(dq, wd, pre, meta, w, act, gated, expert_order=True,
-                        rows_out=G.QTensor(rows.q[:, :128], rows.scale))

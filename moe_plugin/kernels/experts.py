@@ -47,23 +47,17 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
                              act, gated, store_pre=True, store_h=False, out_dtype=x.dtype,
                              quant_h=quant, expert_order=quant)
     # fp8: dout quantised straight into expert order (one row per slot), so that the dh' GEMM
-    # reads contiguous rows (TMA-loadable) instead of gathering token rows; dpre quantised
-    # per row by the activation pass itself where it can (F a multiple of 128)
-    rows = None
-    if quant and need_x and G.act_rows_fit(w_down.shape[2]):
-        rows = QTensor(torch.empty(pre.shape, dtype=torch.float8_e4m3fn, device=pre.device),
-                       torch.empty(pre.shape[0], pre.shape[1] // Q.GROUP, dtype=torch.float32,
-                                   device=pre.device))
+    # reads contiguous rows (TMA-loadable) instead of gathering token rows
     dpre, hw, dw_perm = G.expert_up_bwd(
         quantize_rows_expert_order(dout, meta) if quant else dout, w_down, pre, meta,
-        topk_weights, act, gated, expert_order=quant, rows_out=rows)
+        topk_weights, act, gated, expert_order=quant)
     del pre
     dx = dw_topk = None
     if need_w:
         pos = meta.slot_pos.view(topk_weights.shape).long()
         dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
     if need_x:
-        dxp = G.expert_dx(rows if rows is not None else q(dpre), w_up, meta, out_dtype=x.dtype)
+        dxp = G.expert_dx(q(dpre), w_up, meta, out_dtype=x.dtype)
         dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype, out=dx_out)
     return dx, dw_topk, dpre, hw
 

@@ -219,8 +219,7 @@ def _grouped_mm_kernel(
                 tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=cmask)
     else:
         _act_bwd_tile(acc, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr, dwp_ptr,
-                      hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm, GATED, ACT,
-                      c_ptr, c_ptr, 0, 0, False, FP8_EMU)
+                      hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm, GATED, ACT)
 
 
 @triton.jit
@@ -267,15 +266,11 @@ def _act_quant_kernel(pre_ptr, h_ptr, hs_ptr, offsets_ptr, E, N, stride_pm, stri
 @triton.jit
 def _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr, dwp_ptr,
                   hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm,
-                  GATED: tl.constexpr, ACT: tl.constexpr, rq_ptr, rs_ptr, stride_rq, stride_rs,
-                  ROWQ: tl.constexpr, EMU: tl.constexpr):
+                  GATED: tl.constexpr, ACT: tl.constexpr):
     """The activation backward of one [rows, columns] tile, given ``dh = dh'`` (unweighted,
     fp32): loads the saved pre-activation, recomputes ``h`` (rounded like the forward's), writes
     the partial routing-weight gradient ``Σ_n dh'·h`` (one per column tile), ``hw = w·h`` and
-    ``dpre = act'(pre) ⊙ (w·dh')`` (into ``c``, the layout of ``pre``). ``ROWQ`` (the tile's
-    128 columns one scale group, N a multiple of 128): dpre also quantised per row and 128
-    columns into ``rq``/``rs`` (the FP8 dx GEMM's operand; ``quantize.fp8_quantize_rows``'
-    values bitwise, from the stored dtype's values) -- no pass re-reading dpre."""
+    ``dpre = act'(pre) ⊙ (w·dh')`` (into ``c``, the layout of ``pre``)."""
     pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
     g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
     if GATED:
@@ -290,25 +285,15 @@ def _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr,
              (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
     dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
     c_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :]
-    dt = c_ptr.dtype.element_ty
-    tl.store(c_ptrs, dg.to(dt), mask=cmask)
+    tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
     if GATED:
-        tl.store(c_ptrs + N, du.to(dt), mask=cmask)
-    if ROWQ:
-        rq_ptrs = rq_ptr + rows64[:, None] * stride_rq + offs_n[None, :]
-        rs_ptrs = rs_ptr + rows64 * stride_rs + pid_n
-        _store_h_e4m3(tl.where(cmask, dg.to(dt).to(tl.float32), 0.0), rq_ptrs, rs_ptrs, cmask,
-                      rmask, EMU)
-        if GATED:
-            _store_h_e4m3(tl.where(cmask, du.to(dt).to(tl.float32), 0.0), rq_ptrs + N,
-                          rs_ptrs + N // 128, cmask, rmask, EMU)
+        tl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
 def _act_bwd_kernel(dh_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, c_ptr, gather_ptr, offsets_ptr,
-                    rq_ptr, rs_ptr, E, N, stride_dh, stride_pm, stride_dwp, stride_hw, stride_cm,
-                    stride_rq, stride_rs, GATED: tl.constexpr, ACT: tl.constexpr,
-                    ROWQ: tl.constexpr, EMU: tl.constexpr, BM: tl.constexpr,
+                    E, N, stride_dh, stride_pm, stride_dwp, stride_hw, stride_cm,
+                    GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr):
     """The split form of ``EPI_ACT_BWD``: ``_act_bwd_tile`` on a stored ``dh' [S, N]`` for
     the rows of every expert (``[0, offsets[E])``, expert order). ``hw`` may be ``dh``'s own
@@ -319,8 +304,7 @@ def _act_bwd_kernel(dh_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, c_ptr, gather_ptr, 
     dh = tl.load(dh_ptr + rows64[:, None] * stride_dh + offs_n[None, :], mask=cmask,
                  other=0.0).to(tl.float32)
     _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr, dwp_ptr,
-                  hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm, GATED, ACT,
-                  rq_ptr, rs_ptr, stride_rq, stride_rs, ROWQ, EMU)
+                  hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm, GATED, ACT)
 
 
 @triton.jit
@@ -652,7 +636,7 @@ ACT_BWD_BLOCK = (32, 128, 4)  # rows, columns, warps of _act_bwd_kernel
 
 
 def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool,
-                  expert_order: bool = False, rows_out=None):
+                  expert_order: bool = False):
     """``dh' = dout[row(p)] · W_down[e]`` and the activation backward (``SPLIT_UP_BWD``).
     ``expert_order``: ``dout`` holds one row per slot in expert order already (``[S, D]``:
     no gather; the FP8 path quantises it that way).
@@ -661,10 +645,7 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     ``hw [S, F]`` (``w_p · act(pre[p])``, the operand of dW_down) and ``dw_perm fp32 [S]``
     (gradient of each slot's routing weight, in expert order). ``dout`` and ``w_down`` may be
     fp8 ``QTensor``s (dgrad in fp8); the outputs are then in ``pre``'s dtype (and so is the
-    stored dh' of the split form: it rounds dh' once more than the fused epilogue does).
-    ``rows_out`` (an fp8 ``QTensor`` of ``pre``'s shape, where ``act_rows_fit(F)``): dpre
-    also quantised per row and 128 columns into it by the activation pass, for the FP8 dx GEMM
-    (rows past the routed slots are not written)."""
+    stored dh' of the split form: it rounds dh' once more than the fused epilogue does)."""
     a, sa, w, sb, stride_sb, quant, _ = _operands(dout, w_down, False)
     S = pre.shape[0]
     f = w.shape[2]
@@ -673,23 +654,17 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     hw = torch.empty(S, f, dtype=pre.dtype, device=pre.device)
     args = dict(stride_a=a.stride(), stride_b=(w.stride(0), w.stride(1), w.stride(2)),
                 gather=not expert_order, quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
-    rowq = rows_out is not None
-    if rowq and not (act_rows_fit(f) and rows_out.q.shape == pre.shape):
-        raise ValueError(f"expert_up_bwd: rows_out needs F a multiple of 128 (F = {f}) and "
-                         f"the shape of pre {tuple(pre.shape)}")
     if SPLIT_UP_BWD and S:
-        bm, bn, warps = ((16, 128 if rowq else 32, 4) if interpret_mode() else ACT_BWD_BLOCK)
+        bm, bn, warps = (16, 32, 4) if interpret_mode() else ACT_BWD_BLOCK
         # dh' goes into hw's memory: each program of the activation pass reads its dh' tile
         # and then writes hw over the same tile (no extra [S, F] buffer)
         dh = hw
         _launch_grouped("dh", a, w, dh, meta, n=f, k=a.shape[1], **args)
         dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
-        rq, rs = (rows_out.q, rows_out.scale) if rowq else (dpre, dwp)
         _act_bwd_kernel[(triton.cdiv(S, bm), triton.cdiv(f, bn))](
-            dh, pre, weights, dwp, hw, dpre, meta.sorted_slot, meta.offsets, rq, rs,
-            meta.num_experts, f, dh.stride(0), pre.stride(0), dwp.stride(0), hw.stride(0),
-            dpre.stride(0), rq.stride(0), rs.stride(0), GATED=gated, ACT=act, ROWQ=rowq,
-            EMU=interpret_mode(), BM=bm, BN=bn, num_warps=warps)
+            dh, pre, weights, dwp, hw, dpre, meta.sorted_slot, meta.offsets, meta.num_experts,
+            f, dh.stride(0), pre.stride(0), dwp.stride(0), hw.stride(0), dpre.stride(0),
+            GATED=gated, ACT=act, BM=bm, BN=bn, num_warps=warps)
         return dpre, hw, dwp.sum(0)
     bn = _mm_config("up_bwd", a.dtype, gated, f, quant)["BN"]
     dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
@@ -697,14 +672,6 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
                     epi=EPI_ACT_BWD, act=act, pre=pre, weights=weights, dwp=dwp, hw=hw,
                     **args)
     return dpre, hw, dwp.sum(0)
-
-
-def act_rows_fit(f: int) -> bool:
-    """Whether ``expert_up_bwd(..., rows_out=...)`` serves experts of hidden size ``f``: the
-    split activation pass with 128-column tiles, ``f`` a multiple of 128 (a tile is then one
-    scale group of dpre's gate and of its up half)."""
-    return (SPLIT_UP_BWD and f > 0 and f % 128 == 0
-            and (interpret_mode() or ACT_BWD_BLOCK[1] == 128))
 
 
 def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None):
