@@ -31,13 +31,16 @@ VARIANTS = {
     "kpair_stages6": dict(KPAIR=True, STAGES=6),
     "kpair_group4": dict(KPAIR=True, GROUP_M=4),
 }
-SEG_VARIANTS = {"default": {}, "stages3": dict(STAGES=3), "stages5": dict(STAGES=5)}
+SEG_VARIANTS = {"default": {}, "single_step": dict(KPAIR=False), "kpair": dict(KPAIR=True),
+                "kpair_regs240": dict(KPAIR=True, LOAD_REGS=24, MMA_REGS=240),
+                "kpair_stages5": dict(KPAIR=True, STAGES=5)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="*", default=["mixtral", "coarse_120b"])
     ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--wgrad-only", action="store_true", help="only the weight-gradient GEMMs")
     args = ap.parse_args()
     for name in args.configs:
         run(name, args)
@@ -75,8 +78,10 @@ def run(name, args):
                                      meta, 0)
     seg_jobs = {"wgrad_down": (2 * M * D * F, seg(qdout, qhw, D, F)),
                 "wgrad_up": (2 * M * 2 * F * D, seg(qdpre, qx, 2 * F, D))}
-    for jobset, variants, attr in ((jobs, VARIANTS, "CONFIG"), (seg_jobs, SEG_VARIANTS,
-                                                                "SEG_CONFIG")):
+    sets = [(seg_jobs, SEG_VARIANTS, "SEG_CONFIG")]
+    if not args.wgrad_only:
+        sets.insert(0, (jobs, VARIANTS, "CONFIG"))
+    for jobset, variants, attr in sets:
         base = dict(getattr(GF, attr))
         for job, (flops, fn) in jobset.items():
             res = {"config": name, "gemm": job}

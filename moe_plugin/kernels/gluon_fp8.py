@@ -36,7 +36,9 @@ H100 (``results/h100_gluon_ws_experiment.log``, mixtral's shapes, against the lo
 kernels these replaced): wgrad dW_up 594 → 781 TFLOP/s, dW_down 544 → 762; GEMM1 817 → 948,
 GEMM2 854 → 903. The row-grouped consumers then issue two k-steps per turn (``KPAIR``: the
 turn hand-over and its barriers once per 8 wgmma instead of 4; each product still promoted
-alone, in order): GEMM2 866 → 981, dx 804 → 937 (``results/h100_gluon_fp8_variants_s14.log``).
+alone, in order): GEMM2 866 → 981, dx 804 → 937 (``results/h100_gluon_fp8_variants_s14.log``);
+the weight-gradient consumers likewise: dW_down 660 → 763, dW_up 766 → 800 on mixtral
+(``results/h100_gluon_fp8_seg_kpair_s14.log``).
 
 Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``ENABLED``) and
 the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
@@ -67,7 +69,9 @@ ENABLED = True  # the tests and benchmarks switch it off to time / compare the T
 # (results/h100_gluon_fp8_variants_s14.log)
 CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, LOAD_REGS=40, MMA_REGS=232,
               MAXNREG=168)
-SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, LOAD_REGS=40, MMA_REGS=232, MAXNREG=168)
+# the weight gradient too: two k-steps per turn (results/h100_gluon_fp8_seg_kpair_s14.log)
+SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, KPAIR=True, LOAD_REGS=40, MMA_REGS=232,
+                  MAXNREG=168)
 # programs of the persistent kernels: None = one per SM (the tests set a few, to run many
 # tiles through each program)
 PROGRAMS = None
@@ -378,7 +382,7 @@ if _HAVE_GLUON:
     def _seg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr, counts_ptr, MO,
                       NO, E, num_tiles, stride_ce, stride_cm, stride_cn, HALF: gl.constexpr,
                       ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                      STAGES: gl.constexpr, BLOCK_E: gl.constexpr):
+                      STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr):
         """Consumer ``HALF`` (0 or 1, one warpgroup): rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of
         each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``)."""
         HM: gl.constexpr = BM // 2
@@ -387,16 +391,46 @@ if _HAVE_GLUON:
         zero = gl.zeros([HM, BN], gl.float32, layout=mma)
         my_turn = turn.index(HALF)
         other_turn = turn.index(1 - HALF)
-        it = 0
+        it = 0  # k-steps (ring slots) so far
+        tn = 0  # turns so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            e, tm, tn, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
+            e, tm, tile_n, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
             acc = gl.zeros([HM, BN], gl.float32, layout=mma)
-            for ks in range(0, ng):
+            k0 = 0
+            if KPAIR:
+                # two k-steps per turn (as the row-grouped consumers); the scale vectors are
+                # read after the MMAs, before the slots are released
+                for kp in range(0, ng // 2):
+                    s1 = it % STAGES
+                    s2 = (it + 1) % STAGES
+                    mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
+                    mbarrier.wait(ready.index(s1), (it // STAGES) & 1)
+                    tok1 = warpgroup_mma(a_bufs.index(s1).slice(HALF * HM, HM),
+                                         b_bufs.index(s1).permute((1, 0)), zero,
+                                         use_acc=False, is_async=True)
+                    mbarrier.wait(ready.index(s2), ((it + 1) // STAGES) & 1)
+                    tok2 = warpgroup_mma(a_bufs.index(s2).slice(HALF * HM, HM),
+                                         b_bufs.index(s2).permute((1, 0)), zero,
+                                         use_acc=False, is_async=True)
+                    mbarrier.arrive(other_turn)
+                    p1, p2 = warpgroup_mma_wait(num_outstanding=0, deps=(tok1, tok2))
+                    sa = sa_bufs.index(s1).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
+                    sb = sb_bufs.index(s1).load(gl.SliceLayout(0, mma))
+                    acc = acc + p1 * (sa[:, None] * sb[None, :])
+                    sa = sa_bufs.index(s2).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
+                    sb = sb_bufs.index(s2).load(gl.SliceLayout(0, mma))
+                    acc = acc + p2 * (sa[:, None] * sb[None, :])
+                    mbarrier.arrive(empty.index(s1))
+                    mbarrier.arrive(empty.index(s2))
+                    it += 2
+                    tn += 1
+                k0 = (ng // 2) * 2
+            for ks in range(k0, ng):
                 s = it % STAGES
-                # ping-pong: consumer 0's turn for step `it` comes when consumer 1 issued step
-                # it - 1 (step 0: the barrier's initial complete phase), consumer 1's when
-                # consumer 0 issued step it
-                mbarrier.wait(my_turn, (it & 1) ^ (1 - HALF))
+                # ping-pong: consumer 0's turn for turn `tn` comes when consumer 1 issued turn
+                # tn - 1 (turn 0: the barrier's initial complete phase), consumer 1's when
+                # consumer 0 issued turn tn
+                mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 # the scale vectors before the MMA (this order leaves Triton's partition barriers
                 # at 3 per k-step: before the first wait and before each arrive)
@@ -410,10 +444,11 @@ if _HAVE_GLUON:
                 mbarrier.arrive(empty.index(s))  # this consumer is done with the slot
                 acc = acc + p * (sa[:, None] * sb[None, :])
                 it += 1
+                tn += 1
 
             out = gl.convert_layout(acc, st)
             om = tm * BM + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
-            on = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+            on = tile_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
             c_ptrs = (c_ptr + e.to(gl.int64) * stride_ce + om[:, None].to(gl.int64) * stride_cm
                       + on[None, :] * stride_cn)
             cmask = (om < MO)[:, None] & (on < NO)[None, :]
@@ -433,7 +468,7 @@ if _HAVE_GLUON:
     def _fp8_segment_mm_ws(
             a_desc, b_desc, sa_desc, sb_desc, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce,
             stride_cm, stride_cn, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
-            BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr,
+            BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
         """The FP8 weight gradient: a producer + two ping-pong consumers (module doc); program
         i does tiles i, i + grid, ..."""
@@ -455,10 +490,10 @@ if _HAVE_GLUON:
         gl.warp_specialize([
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr,
                              counts_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 0,
-                             ACCUM, GS, BM, BN, STAGES, BLOCK_E)),
+                             ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR)),
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr,
                              counts_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 1,
-                             ACCUM, GS, BM, BN, STAGES, BLOCK_E)),
+                             ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR)),
             (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs,
                              ready, empty, counts_ptr, MO, NO, E, num_tiles, GS, BM, BN, STAGES,
                              BLOCK_E)),
@@ -493,6 +528,6 @@ def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
     _fp8_segment_mm_ws[(_programs(num_tiles, c.device),)](
         a_desc, b_desc, sa_desc, sb_desc, c, meta.counts, mo, no, E, num_tiles, c.stride(0),
         c.stride(1), c.stride(2), ACCUM=accum, GS=128, BM=bm, BN=bn, STAGES=cfg["STAGES"],
-        BLOCK_E=max(32, triton.next_power_of_2(E)), LOAD_REGS=cfg["LOAD_REGS"],
+        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
