@@ -164,6 +164,27 @@ if _HAVE_GLUON:
 
 
     @gluon.jit
+    def _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn, zero, it, tn, HALF: gl.constexpr,
+                  HM: gl.constexpr, STAGES: gl.constexpr):
+        """A consumer's two-k-step turn (``KPAIR``): wait for the turn, issue the fresh MMAs of
+        ring slots ``it`` and ``it + 1`` (each once its data has landed) on the consumer's
+        rows, hand the turn over, wait for both products and return them (the caller promotes
+        them and releases the slots)."""
+        s1 = it % STAGES
+        s2 = (it + 1) % STAGES
+        mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
+        mbarrier.wait(ready.index(s1), (it // STAGES) & 1)
+        tok1 = warpgroup_mma(a_bufs.index(s1).slice(HALF * HM, HM),
+                             b_bufs.index(s1).permute((1, 0)), zero, use_acc=False,
+                             is_async=True)
+        mbarrier.wait(ready.index(s2), ((it + 1) // STAGES) & 1)
+        tok2 = warpgroup_mma(a_bufs.index(s2).slice(HALF * HM, HM),
+                             b_bufs.index(s2).permute((1, 0)), zero, use_acc=False,
+                             is_async=True)
+        mbarrier.arrive(other_turn)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(tok1, tok2))
+
+    @gluon.jit
     def _step_scales(sa_base, sb_base, ks, rmask_m, stride_sbk):
         """k-step ks's promotion factors of a consumer's rows: A row scale x B block scale."""
         return (gl.load(sa_base + ks, mask=rmask_m, other=0.0)
@@ -205,17 +226,8 @@ if _HAVE_GLUON:
                         s2 = (it + 1) % STAGES
                         sc1 = _step_scales(sa_base, sb_base, 2 * kp, rmask_m, stride_sbk)
                         sc2 = _step_scales(sa_base, sb_base, 2 * kp + 1, rmask_m, stride_sbk)
-                        mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
-                        mbarrier.wait(ready.index(s1), (it // STAGES) & 1)
-                        tok1 = warpgroup_mma(a_bufs.index(s1).slice(HALF * HM, HM),
-                                             b_bufs.index(s1).permute((1, 0)), zero,
-                                             use_acc=False, is_async=True)
-                        mbarrier.wait(ready.index(s2), ((it + 1) // STAGES) & 1)
-                        tok2 = warpgroup_mma(a_bufs.index(s2).slice(HALF * HM, HM),
-                                             b_bufs.index(s2).permute((1, 0)), zero,
-                                             use_acc=False, is_async=True)
-                        mbarrier.arrive(other_turn)
-                        p1, p2 = warpgroup_mma_wait(num_outstanding=0, deps=(tok1, tok2))
+                        p1, p2 = _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn, zero,
+                                           it, tn, HALF, HM, STAGES)
                         mbarrier.arrive(empty.index(s1))
                         mbarrier.arrive(empty.index(s2))
                         acc = acc + p1 * sc1[:, None]
@@ -403,17 +415,8 @@ if _HAVE_GLUON:
                 for kp in range(0, ng // 2):
                     s1 = it % STAGES
                     s2 = (it + 1) % STAGES
-                    mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
-                    mbarrier.wait(ready.index(s1), (it // STAGES) & 1)
-                    tok1 = warpgroup_mma(a_bufs.index(s1).slice(HALF * HM, HM),
-                                         b_bufs.index(s1).permute((1, 0)), zero,
-                                         use_acc=False, is_async=True)
-                    mbarrier.wait(ready.index(s2), ((it + 1) // STAGES) & 1)
-                    tok2 = warpgroup_mma(a_bufs.index(s2).slice(HALF * HM, HM),
-                                         b_bufs.index(s2).permute((1, 0)), zero,
-                                         use_acc=False, is_async=True)
-                    mbarrier.arrive(other_turn)
-                    p1, p2 = warpgroup_mma_wait(num_outstanding=0, deps=(tok1, tok2))
+                    p1, p2 = _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn, zero, it,
+                                       tn, HALF, HM, STAGES)
                     sa = sa_bufs.index(s1).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
                     sb = sb_bufs.index(s1).load(gl.SliceLayout(0, mma))
                     acc = acc + p1 * (sa[:, None] * sb[None, :])

@@ -245,6 +245,19 @@ def _routed_tile(offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED: tl.constexpr):
+    """A tile of the stored pre-activation as fp32 ``(gate part, up part)``: columns ``offs_n``
+    and, gated, ``N + offs_n`` (ungated: the one part twice)."""
+    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
+    g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
+    if GATED:
+        u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        u = g
+    return g, u
+
+
+@triton.jit
 def _act_quant_kernel(pre_ptr, h_ptr, hs_ptr, offsets_ptr, E, N, stride_pm, stride_hm,
                       stride_hs, GATED: tl.constexpr, ACT: tl.constexpr, EMU: tl.constexpr,
                       BM: tl.constexpr):
@@ -252,12 +265,7 @@ def _act_quant_kernel(pre_ptr, h_ptr, hs_ptr, offsets_ptr, E, N, stride_pm, stri
     expert: the GEMM1 epilogue of the fused kernel as a pass over a stored pre-activation."""
     pid_n = tl.program_id(1)
     rows, rows64, rmask, offs_n, cmask = _routed_tile(offsets_ptr, E, N, BM, 128)
-    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
-    g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
-    if GATED:
-        u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        u = g
+    g, u = _load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED)
     h = act_fwd(g, u, ACT)
     _store_h_e4m3(h, h_ptr + rows64[:, None] * stride_hm + offs_n[None, :],
                   hs_ptr + rows64 * stride_hs + pid_n, cmask, rmask, EMU)
@@ -271,12 +279,7 @@ def _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr,
     fp32): loads the saved pre-activation, recomputes ``h`` (rounded like the forward's), writes
     the partial routing-weight gradient ``Σ_n dh'·h`` (one per column tile), ``hw = w·h`` and
     ``dpre = act'(pre) ⊙ (w·dh')`` (into ``c``, the layout of ``pre``)."""
-    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
-    g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
-    if GATED:
-        u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        u = g
+    g, u = _load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED)
     h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(tl.float32)
     dwp = tl.sum(tl.where(cmask, dh * h, 0.0), 1)
     tl.store(dwp_ptr + pid_n.to(tl.int64) * stride_dwp + rows64, dwp, mask=rmask)
