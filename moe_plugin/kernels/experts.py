@@ -101,7 +101,7 @@ def _experts_forward_quant(x, topk_weights, w_up: QTensor, w_down: QTensor,
     mode = w_up.mode
     if mode == G.QUANT_FP8:
         # x quantised straight into expert order (one row per slot): GEMM1 reads contiguous
-        # rows (the Gluon TMA kernel on Hopper)
+        # rows (the Gluon kernels on Hopper)
         pre, hq = G.expert_up(quantize_rows_expert_order(x, meta), w_up, meta, act, gated,
                               store_pre=save_pre, store_h=False, out_dtype=x.dtype,
                               quant_h=True, expert_order=True)

@@ -458,7 +458,7 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
                          f"got {bn}")
     if (quant == QUANT_FP8 and epi == EPI_STORE and not gather and GF.available(a)
             and GF.grouped_fits(a, b, stride_b, n, k)):
-        # Hopper: the Gluon kernel (TMA loads, promotion overlapped with the next MMA), the
+        # Hopper: the Gluon kernel (TMA loads, warp-specialised ping-pong consumers), the
         # same sums in the same order
         GF.grouped_mm(a, sa, b, sb, stride_sb, c, meta, n=n, k=k)
         return
