@@ -62,11 +62,11 @@ except Exception:  # pragma: no cover - a Triton without Gluon
     _HAVE_GLUON = False
 
 ENABLED = True  # the tests and benchmarks switch it off to time / compare the Triton kernels
-# H100 (NOTES.md, results/h100_gluon_ws_experiment.log): 128 x 128 tiles, 4 ring stages; the
-# 12 warps (3 warpgroups, the producer's padded) launch at MAXNREG registers, then the producer
-# drops to LOAD_REGS and the two consumers rise to MMA_REGS (3 * 168 = 2 * 232 + 40)
-# the row-grouped GEMM issues two k-steps per turn (KPAIR) from a 5-slot ring
-# (results/h100_gluon_fp8_variants_s14.log)
+# H100 (NOTES.md, results/h100_gluon_ws_experiment.log): 128 x 128 tiles; the 12 warps (3
+# warpgroups, the producer's padded) launch at MAXNREG registers, then the producer drops to
+# LOAD_REGS and the two consumers rise to MMA_REGS (3 * 168 = 2 * 232 + 40). The row-grouped
+# GEMM issues two k-steps per turn (KPAIR) from a 5-slot ring
+# (results/h100_gluon_fp8_variants_s14.log), the weight gradient from a 4-slot one
 CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, LOAD_REGS=40, MMA_REGS=232,
               MAXNREG=168)
 # the weight gradient too: two k-steps per turn (results/h100_gluon_fp8_seg_kpair_s14.log)
