@@ -17,13 +17,20 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import CONFIGS, make_inputs  # noqa: E402
 
+from moe_plugin.kernels import gluon_fp8 as GF  # noqa: E402
 from moe_plugin.kernels import quantize as KQ  # noqa: E402
 from moe_plugin.kernels import wgrad_fp8 as W8  # noqa: E402
 from moe_plugin.kernels.experts import quantize_rows_expert_order  # noqa: E402
 from moe_plugin.kernels.permute import permute_metadata  # noqa: E402
 
-ROWS = [(32, 4), (64, 4), (64, 8), (16, 4), (32, 8), (128, 8)]
-COLS = [(64, 8), (128, 8), (128, 16), (64, 4), (32, 4), (256, 16)]
+ROWS = [(32, 4), (16, 4), (64, 8)]  # rows pass: (rows, warps)
+# column pass: ("triton", columns, warps) or ("gluon", columns, warps, warps along the columns)
+COLS = [("triton", 64, 4), ("triton", 32, 4), ("gluon", 64, 4, 4), ("gluon", 64, 4, 1),
+        ("gluon", 32, 4, 4), ("gluon", 32, 4, 1), ("gluon", 128, 8, 8)]
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)
 
 
 def bench(fn, rep):
@@ -55,23 +62,47 @@ def run(name, args):
     S = meta.sorted_slot.numel()
     dpre = torch.randn(S, 2 * F, device="cuda", dtype=torch.bfloat16)
     # operand: (tensor, gather, bytes of a pass: bf16 read + e4m3 written, per element)
-    ops = {"x": (x, True, S * D * 3), "dpre": (dpre, False, S * 2 * F * 3)}
-    defaults = (KQ.ROWS_BLOCK, W8.COLS_BLOCK)
+    hw = torch.randn(S, F, device="cuda", dtype=torch.bfloat16)
+    # operand: (tensor, gather, bytes of a pass: bf16 read + e4m3 written, per element)
+    ops = {"x": (x, True, S * D * 3), "dpre": (dpre, False, S * 2 * F * 3),
+           "hw": (hw, False, S * F * 3)}
+    defaults = (KQ.ROWS_BLOCK, W8.COLS_BLOCK, GF.COLS_CONFIG)
+    used = int(((meta.counts + 127) // 128).sum())  # groups written by the column pass
     for kind, cands in (("rows", ROWS), ("cols", COLS)):
         for opname, (t, gather, nbytes) in ops.items():
+            if kind == "rows" and opname == "hw":
+                continue
             res = {"config": name, "pass": kind, "operand": opname}
+            ref = None
             for c in cands:
                 if kind == "rows":
                     KQ.ROWS_BLOCK = c
                     fn = ((lambda: quantize_rows_expert_order(t, meta)) if gather
                           else (lambda: KQ.fp8_quantize_rows(t)))
+                    label = f"{c[0]}x{c[1]}w"
+                    got = fn()
+                    got = (got.q, got.scale) if hasattr(got, "scale") else got
                 else:
-                    W8.COLS_BLOCK = c
+                    W8.COLS_BLOCK = c[1:3]
+                    if c[0] == "gluon":
+                        GF.COLS_CONFIG = dict(BC=c[1], num_warps=c[2], WC=c[3])
                     fn = (lambda: W8.quantize_cols_grouped(t, meta, gather))
-                ms = bench(fn, args.rep_ms)
-                res[f"{c[0]}x{c[1]}w"] = [round(ms, 3), round(nbytes / ms / 1e9, 2)]
+                    label = f"{c[0]}_{c[1]}x{c[2]}w" + (f"_wc{c[3]}" if c[3:] else "")
+                    with GF.enabled(c[0] == "gluon"):
+                        q, sc = fn()
+                        got = (q[:used], sc[:used])
+                        ms = bench(fn, args.rep_ms)
+                if kind == "rows":
+                    ms = bench(fn, args.rep_ms)
+                same = None
+                if ref is None:
+                    ref = got
+                else:  # every candidate: the first one's values, bitwise
+                    same = all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, ref))
+                res[label] = [round(ms, 3), round(nbytes / ms / 1e9, 2)] + (
+                    [] if same is None else ["bitwise" if same else "DIFFERS"])
             print(json.dumps(res), flush=True)
-    KQ.ROWS_BLOCK, W8.COLS_BLOCK = defaults
+    KQ.ROWS_BLOCK, W8.COLS_BLOCK, GF.COLS_CONFIG = defaults
 
 
 if __name__ == "__main__":

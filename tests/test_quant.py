@@ -24,6 +24,7 @@ from moe_plugin import reference
 from moe_plugin.kernels import gluon_fp8 as GF
 from moe_plugin.kernels import grouped_gemm as G
 from moe_plugin.kernels import quantize as KQ
+from moe_plugin.kernels import wgrad_fp8 as W8
 
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 TOL = BF16_TOL if HAS_CUDA else FP32_TOL
@@ -332,7 +333,6 @@ def test_fp8_wgrad_kernel_matches_simulation(accumulate):
     ``Σ_p q(A)[p]ᵀ q(B)[p]`` with both operands quantised per column and 128 tokens of the
     expert, to fp32 (CPU) / accumulation-order (GPU) accuracy; added into a buffer with
     ``out``."""
-    from moe_plugin.kernels import wgrad_fp8 as W8
     from moe_plugin.kernels.permute import permute_metadata
     g = torch.Generator().manual_seed(3)
     n, k, e, mo, no = 250, 2, 4, 40, 72
@@ -430,6 +430,40 @@ def test_fp8_cuda_graph_follows_weight_updates(quant):
         want = step(x2, gout)
         for name, a, b in zip(("out", "dw_up", "dw_down"), got, want):
             assert torch.equal(a, b), f"iteration {it}: {name} differs from eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("config", [None, dict(BC=64, num_warps=4, WC=1)])
+def test_fp8_cols_gluon_pass_equals_triton(gather, config, monkeypatch):
+    """The column quantisation of the FP8 wgrad operands (per column and 128 tokens of one
+    expert, stored transposed in the padded group layout) runs on Hopper as a Gluon pass
+    (``gluon_fp8._fp8_cols_gl``): bitwise the Triton kernel's values and scales in every
+    written group, with an empty expert, segments not multiples of 128, unused slots and a
+    column count that is not a multiple of the column block."""
+    from moe_plugin.kernels.permute import permute_metadata
+    if not GF.available(torch.empty(0, device=DEVICE)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    if config is not None:
+        monkeypatch.setattr(GF, "COLS_CONFIG", config)
+    g = torch.Generator().manual_seed(8)
+    n, k, e, c = 500, 2, 6, 200
+    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
+    ids[ids == 2] = 3   # expert 2: no tokens
+    ids[:5, 0] = -1     # unused slots
+    meta = permute_metadata(ids.to(DEVICE), e)
+    rows = n if gather else meta.sorted_slot.numel()
+    src = (torch.randn(rows, c, generator=g) * 4).to(DEVICE, DTYPE)
+    src[3] = 0
+    used = int(((meta.counts + 127) // 128).sum())
+    res = []
+    for enabled in (False, True):
+        with GF.enabled(enabled):
+            q, sc = W8.quantize_cols_grouped(src, meta, gather)
+        res.append((q[:used].view(torch.uint8), sc[:used]))
+    assert torch.equal(res[0][1], res[1][1]), "scales differ"
+    assert torch.equal(res[0][0], res[1][0]), "quantised values differ"
 
 
 @pytest.mark.gpu

@@ -112,13 +112,21 @@ if _HAVE_GLUON:
         return gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
 
     @gluon.constexpr_function
-    def _vector_layout(num_warps):
-        return gl.BlockedLayout([1], [32], [num_warps], [0])
+    def _vector_layout(num_warps, n, replicated=False):
+        """An ``[n]`` vector (n a power of 2, >= 32) over the lanes and warps, or with
+        ``replicated`` over the lanes of each warp, the same in every warp: its reductions
+        then stay within a warp (no barrier)."""
+        if not replicated:
+            return gl.BlockedLayout([1], [32], [num_warps], [0])
+        return gl.DistributedLinearLayout(
+            [[32 << i] for i in range((n // 32).bit_length() - 1)],
+            [[1 << i] for i in range(5)], [[0]] * (num_warps.bit_length() - 1), [], [n])
 
     @gluon.jit
     def _grouped_tile(pid, tiles_cum_ptr, offsets_ptr, counts_ptr, E, N, num_m_tiles,
                       BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr,
-                      BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
+                      BLOCK_E: gl.constexpr, num_warps: gl.constexpr,
+                      REPLICATED: gl.constexpr = False):
         """A row-grouped program's (expert, column tile, first row, end of the expert's rows):
         row tiles grouped GROUP_M at a time over the columns, the expert found from the
         inclusive cumulative tile counts; expert E: an idle program (the grid is sized for
@@ -129,7 +137,7 @@ if _HAVE_GLUON:
         size_m = gl.minimum(num_m_tiles - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % size_m
         pid_n = (pid % per_group) // size_m
-        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps))
+        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps, BLOCK_E, REPLICATED))
         cum = gl.load(tiles_cum_ptr + ex, mask=ex < E, other=2147483647)
         e = gl.sum((cum <= pid_m).to(gl.int32), 0)
         first = gl.sum(gl.where(ex == e - 1, cum, 0), 0)
@@ -354,7 +362,7 @@ if _HAVE_GLUON:
         r = t % (tiles_m * tiles_n)
         tm = r // tiles_n
         tn = r % tiles_n
-        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(gl.num_warps()))
+        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(gl.num_warps(), BLOCK_E))
         cnt_v = gl.load(counts_ptr + ex, mask=ex < E, other=0)
         groups = (cnt_v + GS - 1) // GS
         first = gl.sum(gl.where(ex < e, groups, 0), 0)
@@ -383,8 +391,10 @@ if _HAVE_GLUON:
                 g = first + ks
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(a_desc, [tm * BM, g * GS], bar, a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [tn * BN, g * GS], bar, b_bufs.index(s))
+                tma.async_copy_global_to_shared(a_desc, [g * MO + tm * BM, 0], bar,
+                                                a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [g * NO + tn * BN, 0], bar,
+                                                b_bufs.index(s))
                 tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar, sa_bufs.index(s))
                 tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar, sb_bufs.index(s))
                 it += 1
@@ -504,9 +514,9 @@ if _HAVE_GLUON:
 
 
 def segment_fits(qa, sa, qb, sb) -> bool:
-    """Whether ``segment_mm`` serves the padded-layout operands: 16-byte aligned rows and
-    scale rows (MO, NO multiples of 4), at least one group."""
-    return (all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+    """Whether ``segment_mm`` serves the padded-layout operands (``[G, C, 128]``, contiguous):
+    16-byte aligned, scale rows too (MO, NO multiples of 4), at least one group and column."""
+    return (all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[0] > 0
                 and t.shape[1] > 0 for t in (qa, qb))
             and all(s.is_contiguous() and s.shape[1] % 4 == 0 and s.data_ptr() % 16 == 0
                     for s in (sa, sb)))
@@ -518,14 +528,16 @@ def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
     kernel's ``ACCUM`` modes)."""
     cfg = dict(SEG_CONFIG if config is None else config)
     bm, bn = cfg["BM"], cfg["BN"]
-    mo, no = qa.shape[0], qb.shape[0]
+    mo, no = qa.shape[1], qb.shape[1]
     E = meta.num_experts
     num_tiles = E * triton.cdiv(mo, bm) * triton.cdiv(no, bn)
     if num_tiles == 0:
         return c
     s1 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
-    a_desc = TensorDescriptor.from_tensor(qa, [bm, 128], _smem_layout())
-    b_desc = TensorDescriptor.from_tensor(qb, [bn, 128], _smem_layout())
+    # group-major operands as [G·MO, 128] / [G·NO, 128]: a tile's rows past MO read the next
+    # group's (masked at the store), past the end TMA fills zeros
+    a_desc = TensorDescriptor.from_tensor(qa.view(-1, 128), [bm, 128], _smem_layout())
+    b_desc = TensorDescriptor.from_tensor(qb.view(-1, 128), [bn, 128], _smem_layout())
     sa_desc = TensorDescriptor.from_tensor(sa.view(-1), [bm], s1)
     sb_desc = TensorDescriptor.from_tensor(sb.view(-1), [bn], s1)
     _fp8_segment_mm_ws[(_programs(num_tiles, c.device),)](
@@ -534,3 +546,86 @@ def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
         BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
+
+
+if _HAVE_GLUON:
+    @gluon.constexpr_function
+    def _cols_layout(BC, GS, num_warps, WC, tokens_fast):
+        """``[GS tokens, BC columns]`` tiles of the column quantisation: each thread holds 8
+        consecutive columns of RT consecutive tokens; lanes along the columns first; WC of the
+        warps side by side along the columns, the others along the tokens. The two forms differ
+        only in the order of a thread's registers -- columns first (16-byte loads along a token
+        row) or tokens first (8-byte stores along a transposed column) -- so converting
+        between them moves no data."""
+        col_lanes = BC // (8 * WC)
+        row_lanes = 32 // col_lanes
+        row_warps = num_warps // WC
+        rt = GS // (row_lanes * row_warps)
+        cols = [[0, 1 << i] for i in range(3)]
+        rows = [[1 << i, 0] for i in range(rt.bit_length() - 1)]
+        lanes = ([[0, 8 << i] for i in range(col_lanes.bit_length() - 1)]
+                 + [[rt << i, 0] for i in range(row_lanes.bit_length() - 1)])
+        warps = ([[0, 8 * col_lanes << i] for i in range(WC.bit_length() - 1)]
+                 + [[rt * row_lanes << i, 0] for i in range(row_warps.bit_length() - 1)])
+        return gl.DistributedLinearLayout(rows + cols if tokens_fast else cols + rows, lanes,
+                                          warps, [], [GS, BC])
+
+    @gluon.jit
+    def _fp8_cols_gl(src_ptr, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr,
+                     C, E, num_groups, stride_src, stride_q, stride_s, TOPK: gl.constexpr,
+                     GATHER: gl.constexpr, BC: gl.constexpr, WC: gl.constexpr, GS: gl.constexpr,
+                     BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
+        """``wgrad_fp8._fp8_cols_kernel``'s contract, arithmetic and program order (bitwise the
+        same), laid out so that no shared memory is needed for the transposed store
+        (``_cols_layout``) nor, with ``WC == num_warps``, for the column maxima."""
+        ld: gl.constexpr = _cols_layout(BC, GS, num_warps, WC, False)
+        st: gl.constexpr = _cols_layout(BC, GS, num_warps, WC, True)
+        ncb = gl.cdiv(C, BC)
+        g = gl.program_id(0) // ncb
+        cb = gl.program_id(0) % ncb
+        e, _n, p0, seg_end = _grouped_tile(g, groups_cum_ptr, offsets_ptr, counts_ptr, E, 1,
+                                           num_groups, GS, 1, 1, BLOCK_E, num_warps, True)
+        if e < E:
+            p = p0 + gl.arange(0, GS, layout=gl.SliceLayout(1, ld))
+            tmask = p < seg_end
+            if GATHER:
+                rows = (gl.load(gather_ptr + p, mask=tmask, other=0) // TOPK).to(gl.int64)
+            else:
+                rows = p.to(gl.int64)
+            cols = cb * BC + gl.arange(0, BC, layout=gl.SliceLayout(0, ld))
+            cmask = cols < C
+            v = gl.load(src_ptr + rows[:, None] * stride_src + cols[None, :],
+                        mask=tmask[:, None] & cmask[None, :], other=0.0).to(gl.float32)
+            scale = gl.div_rn(gl.maximum(gl.max(gl.abs(v), 0), 1e-12), 448.0)
+            q = gl.minimum(gl.maximum(gl.div_rn(v, scale[None, :]), -448.0), 448.0)
+            q = gl.convert_layout(q.to(q_ptr.dtype.element_ty), st, assert_trivial=True)
+            # the padding tokens of the expert's last group are stored as zeros
+            t = gl.arange(0, GS, layout=gl.SliceLayout(1, st))
+            cols_t = cb * BC + gl.arange(0, BC, layout=gl.SliceLayout(0, st))
+            gl.store(q_ptr + g.to(gl.int64) * stride_q + cols_t[None, :] * GS + t[:, None], q,
+                     mask=(cols_t < C)[None, :])
+            gl.store(s_ptr + g.to(gl.int64) * stride_s + cols, scale, mask=cmask)
+
+
+# column pass: BC columns per tile, WC of the warps along the columns
+COLS_CONFIG = dict(BC=32, num_warps=4, WC=4)
+
+
+def cols_fits(src) -> bool:
+    """Whether ``quantize_cols`` serves ``src``: 16-byte aligned rows."""
+    return src.stride(1) == 1 and src.stride(0) % 8 == 0 and src.data_ptr() % 16 == 0
+
+
+def quantize_cols(src, meta, q, s, gather: bool, config: dict = None):
+    """``wgrad_fp8.quantize_cols_grouped``'s pass (``q``, ``s`` its outputs) by
+    ``_fp8_cols_gl``."""
+    cfg = dict(COLS_CONFIG if config is None else config)
+    bc, warps = cfg["BC"], cfg["num_warps"]
+    groups_cum, num_groups, _ = grouped_schedule(meta, 128, 1, 1)
+    c = src.shape[1]
+    _fp8_cols_gl[(num_groups * triton.cdiv(c, bc),)](
+        src, meta.sorted_slot, groups_cum, meta.counts, meta.offsets, q, s, c, meta.num_experts,
+        num_groups, src.stride(0), q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather,
+        BC=bc, WC=cfg["WC"], GS=128, BLOCK_E=max(32, triton.next_power_of_2(meta.num_experts)),
+        num_warps=warps)
+    return q, s

@@ -9,9 +9,12 @@ Padded group layout. Groups never straddle two experts: expert e's tokens fill
 ``ceil(count_e / 128)`` groups, starting at group ``first_e`` (the cumulative sum of the
 earlier experts' group counts, computed on the device from ``counts``: no host
 synchronisation), and the last group of each expert is zero-padded. A quantised operand is
-``q [C, G·128]`` (e4m3, C = the operand's columns) with ``scale [G, C]`` (fp32), where
-``G = ceil(S / 128) + E`` is the worst case over all routings (groups beyond the last expert's
-are never written nor read).
+``q [G, C, 128]`` (e4m3, C = the operand's columns; group-major: group g's block is contiguous,
+in it column c's 128 tokens) with ``scale [G, C]`` (fp32), where ``G = ceil(S / 128) + E`` is
+the worst case over all routings (groups beyond the last expert's are never written nor read).
+Group-major rather than ``[C, G·128]``: the column pass then writes one contiguous block per
+program and reads whole token rows across neighbouring programs, instead of 128-byte pieces
+at a large stride on one side or the other (H100: NOTES.md).
 
 * ``_fp8_cols_kernel``: one pass over a ``[rows, C]`` high-precision operand (rows gathered
   by index for the token-order operands ``x`` and ``dout``): per (group, column block) a
@@ -43,14 +46,16 @@ def _fp8_cols_kernel(src_ptr, gather_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr,
                      stride_src, stride_q, stride_s, TOPK: tl.constexpr, GATHER: tl.constexpr,
                      EMU: tl.constexpr, BC: tl.constexpr, GS: tl.constexpr,
                      BLOCK_E: tl.constexpr):
-    g = tl.program_id(0)
-    cb = tl.program_id(1)
+    # the column blocks of a group run fastest (the module doc's layout)
+    ncb = tl.cdiv(C, BC)
+    g = tl.program_id(0) // ncb
+    cb = tl.program_id(0) % ncb
     e, first, n_e = G._expert_of_tile(g, counts_ptr, E, GS, BLOCK_E)
     if e >= E:
         return
-    t = (g - first) * GS + tl.arange(0, GS)
-    tmask = t < n_e
-    p = tl.load(offsets_ptr + e) + t
+    t = tl.arange(0, GS)
+    tmask = (g - first) * GS + t < n_e
+    p = tl.load(offsets_ptr + e) + (g - first) * GS + t
     if GATHER:
         rows = (tl.load(gather_ptr + p, mask=tmask, other=0) // TOPK).to(tl.int64)
     else:
@@ -62,8 +67,7 @@ def _fp8_cols_kernel(src_ptr, gather_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr,
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), 1e-12), 448.0)
     q = _to_e4m3(v, scale[None, :], EMU)
     # the padding tokens of the expert's last group are stored as zeros
-    tcol = (g * GS + tl.arange(0, GS)).to(tl.int64)
-    tl.store(q_ptr + cols[None, :].to(tl.int64) * stride_q + tcol[:, None],
+    tl.store(q_ptr + g.to(tl.int64) * stride_q + cols[None, :] * GS + t[:, None],
              q.to(q_ptr.dtype.element_ty), mask=cmask[None, :])
     tl.store(s_ptr + g.to(tl.int64) * stride_s + cols, scale, mask=cmask)
 
@@ -87,22 +91,22 @@ def _segment_mm_fp8_kernel(
         BN: tl.constexpr, BK: tl.constexpr):
     e, offs_m, offs_n, mmask, nmask = G._segment_tile(MO, NO, BM, BN)
     first, cnt = _first_group(e, counts_ptr, E, GS, BLOCK_E)
-    offs_k = first.to(tl.int64) * GS + tl.arange(0, BK)
-    # both operands K-major (tokens contiguous): A tile [BM, BK], B tile [BK, BN]
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_a + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_b + offs_k[:, None]
+    offs_k = tl.arange(0, BK)
+    # both operands K-major (a group's tokens contiguous per column): A tile [BM, BK], B tile
+    # [BK, BN]; stride_a / stride_b: one group's block
+    a_ptrs = a_ptr + first.to(tl.int64) * stride_a + offs_m[:, None] * GS + offs_k[None, :]
+    b_ptrs = b_ptr + first.to(tl.int64) * stride_b + offs_n[None, :] * GS + offs_k[:, None]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     sa_ptrs = sa_ptr + first.to(tl.int64) * stride_sa + offs_m
     sb_ptrs = sb_ptr + first.to(tl.int64) * stride_sb + offs_n
     for k0 in range(0, tl.cdiv(cnt, GS) * GS, BK):
-        a = tl.load(a_ptrs, mask=mmask[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
         grp = k0 // GS  # BK divides GS: one scale group per k-step
+        kin = k0 % GS
+        a = tl.load(a_ptrs + grp * stride_a + kin, mask=mmask[:, None], other=0.0)
+        b = tl.load(b_ptrs + grp * stride_b + kin, mask=nmask[None, :], other=0.0)
         sa = tl.load(sa_ptrs + grp * stride_sa, mask=mmask, other=0.0)
         sb = tl.load(sb_ptrs + grp * stride_sb, mask=nmask, other=0.0)
         acc = G._mma(a, b, acc, sa, sb, 1, False)
-        a_ptrs += BK
-        b_ptrs += BK
     G._store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
                    stride_cn, ACCUM)
 
@@ -115,17 +119,20 @@ def num_groups(meta: PermuteMeta) -> int:
 
 def quantize_cols_grouped(src: torch.Tensor, meta: PermuteMeta, gather: bool):
     """``src [rows, C]`` (expert-order rows, or with ``gather`` token rows read through
-    ``sorted_slot // top_k``) → ``(q e4m3 [C, G·128], scale fp32 [G, C])`` in the padded group
+    ``sorted_slot // top_k``) → ``(q e4m3 [G, C, 128], scale fp32 [G, C])`` in the padded group
     layout of the module doc."""
     if src.stride(1) != 1:
         src = src.contiguous()
     c = src.shape[1]
     g = num_groups(meta)
-    q = torch.empty(c, g * GROUP, dtype=torch.float8_e4m3fn, device=src.device)
+    q = torch.empty(g, c, GROUP, dtype=torch.float8_e4m3fn, device=src.device)
     s = torch.empty(g, c, dtype=torch.float32, device=src.device)
-    if g and c:
+    if g and c and GF.available(src) and GF.cols_fits(src):
+        # Hopper: the Gluon pass (no shared-memory transpose), the same values bitwise
+        GF.quantize_cols(src, meta, q, s, gather)
+    elif g and c:
         bc, warps = (32, 4) if interpret_mode() else COLS_BLOCK
-        _fp8_cols_kernel[(g, triton.cdiv(c, bc))](
+        _fp8_cols_kernel[(g * triton.cdiv(c, bc),)](
             src, meta.sorted_slot, meta.counts, meta.offsets, q, s, c, meta.num_experts,
             src.stride(0), q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather,
             EMU=interpret_mode(), BC=bc, GS=GROUP, BLOCK_E=next_pow2(meta.num_experts),
