@@ -56,7 +56,6 @@ try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _HAVE_GLUON = True
 except Exception:  # pragma: no cover - a Triton without Gluon
@@ -608,100 +607,6 @@ if _HAVE_GLUON:
             gl.store(s_ptr + g.to(gl.int64) * stride_s + cols, scale, mask=cmask)
 
 
-if _HAVE_GLUON:
-    @gluon.jit
-    def _rc_rows(t, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, E, num_groups, ncb,
-                 num_tiles, TOPK: gl.constexpr, GATHER: gl.constexpr, GS: gl.constexpr,
-                 BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
-        """Tile t of ``_fp8_rows_cols_gl``: (its source rows, which of them hold tokens, its
-        slot positions, its group, its column block, whether the group holds tokens)."""
-        ld: gl.constexpr = _cols_layout(GS, GS, num_warps, 1, False)
-        g = t // ncb
-        e, _n, p0, seg_end = _grouped_tile(g, groups_cum_ptr, offsets_ptr, counts_ptr, E, 1,
-                                           num_groups, GS, 1, 1, BLOCK_E, num_warps, True)
-        p = p0 + gl.arange(0, GS, layout=gl.SliceLayout(1, ld))
-        tmask = (p < seg_end) & (t < num_tiles)
-        if GATHER:
-            rows = (gl.load(gather_ptr + p, mask=tmask, other=0) // TOPK).to(gl.int64)
-        else:
-            rows = p.to(gl.int64)
-        return rows, tmask, p, g, t % ncb, (e < E) & (t < num_tiles)
-
-    @gluon.jit
-    def _rc_issue(buf, src_ptr, rows, tmask, cb, C, stride_src, GS: gl.constexpr,
-                  num_warps: gl.constexpr):
-        """cp.async of a tile's source values into ``buf`` (each thread copies the elements it
-        later reads back: no barrier needed)."""
-        ld: gl.constexpr = _cols_layout(GS, GS, num_warps, 1, False)
-        cols = cb * GS + gl.arange(0, GS, layout=gl.SliceLayout(0, ld))
-        async_copy.async_copy_global_to_shared(
-            buf, src_ptr + rows[:, None] * stride_src + cols[None, :],
-            mask=tmask[:, None] & (cols < C)[None, :])
-        async_copy.commit_group()
-
-    @gluon.jit
-    def _fp8_rows_cols_gl(src_ptr, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, rq_ptr,
-                          rs_ptr, q_ptr, s_ptr, C, E, num_groups, num_tiles, stride_src,
-                          stride_rq, stride_rs, stride_q, stride_s, TOPK: gl.constexpr,
-                          GATHER: gl.constexpr, GS: gl.constexpr, STAGES: gl.constexpr,
-                          BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
-        """Both quantised forms of an operand from one read of it: per tile (a group of 128
-        slots of one expert x 128 columns), the row pass's values and scales
-        (``quantize._fp8_rows_kernel``, rows in expert order) and the column pass's
-        (``_fp8_cols_gl``), each bitwise as those kernels compute them. Rows of the row form
-        past the routed slots are not written. Persistent: tiles ``pid, pid + grid, ...``, their
-        source values copied ``STAGES - 1`` tiles ahead (cp.async into shared memory)."""
-        ld: gl.constexpr = _cols_layout(GS, GS, num_warps, 1, False)
-        st: gl.constexpr = _cols_layout(GS, GS, num_warps, 1, True)
-        bufs = gl.allocate_shared_memory(
-            src_ptr.dtype.element_ty, [STAGES, GS, GS],
-            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-        ncb = gl.cdiv(C, GS)
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        for i in gl.static_range(STAGES - 1):
-            rows, tmask, _p, _g, cb, _v = _rc_rows(
-                pid + i * nprog, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, E,
-                num_groups, ncb, num_tiles, TOPK, GATHER, GS, BLOCK_E, num_warps)
-            _rc_issue(bufs.index(i), src_ptr, rows, tmask, cb, C, stride_src, GS, num_warps)
-        # the rows of the next tile to copy, a step ahead (their index load's latency hidden)
-        rows_n, tmask_n, _p, _g, cb_n, _v = _rc_rows(
-            pid + (STAGES - 1) * nprog, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, E,
-            num_groups, ncb, num_tiles, TOPK, GATHER, GS, BLOCK_E, num_warps)
-        it = 0
-        for t in range(pid, num_tiles, nprog):
-            _rc_issue(bufs.index((it + STAGES - 1) % STAGES), src_ptr, rows_n, tmask_n, cb_n,
-                      C, stride_src, GS, num_warps)
-            rows_n, tmask_n, _p, _g, cb_n, _v = _rc_rows(
-                t + STAGES * nprog, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, E,
-                num_groups, ncb, num_tiles, TOPK, GATHER, GS, BLOCK_E, num_warps)
-            _r, tmask, p, g, cb, valid = _rc_rows(
-                t, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, E, num_groups, ncb,
-                num_tiles, 1, False, GS, BLOCK_E, num_warps)
-            cols = cb * GS + gl.arange(0, GS, layout=gl.SliceLayout(0, ld))
-            mask = tmask[:, None] & (cols < C)[None, :]
-            async_copy.wait_group(STAGES - 1)
-            v = gl.where(mask, bufs.index(it % STAGES).load(ld).to(gl.float32), 0.0)
-            # per row and 128 columns
-            rscale = gl.div_rn(gl.maximum(gl.max(gl.abs(v), 1), 1e-12), 448.0)
-            rq = gl.minimum(gl.maximum(gl.div_rn(v, rscale[:, None]), -448.0), 448.0)
-            p64 = p.to(gl.int64)
-            gl.store(rq_ptr + p64[:, None] * stride_rq + cols[None, :],
-                     rq.to(rq_ptr.dtype.element_ty), mask=mask)
-            gl.store(rs_ptr + p64 * stride_rs + cb, rscale, mask=tmask)
-            # per column and the group's 128 slots (padding slots: zeros)
-            scale = gl.div_rn(gl.maximum(gl.max(gl.abs(v), 0), 1e-12), 448.0)
-            q = gl.minimum(gl.maximum(gl.div_rn(v, scale[None, :]), -448.0), 448.0)
-            q = gl.convert_layout(q.to(q_ptr.dtype.element_ty), st, assert_trivial=True)
-            tt = gl.arange(0, GS, layout=gl.SliceLayout(1, st))
-            cols_t = cb * GS + gl.arange(0, GS, layout=gl.SliceLayout(0, st))
-            gl.store(q_ptr + g.to(gl.int64) * stride_q + cols_t[None, :] * GS + tt[:, None], q,
-                     mask=((cols_t < C) & valid)[None, :])
-            gl.store(s_ptr + g.to(gl.int64) * stride_s + cols, scale, mask=(cols < C) & valid)
-            it += 1
-        async_copy.wait_group(0)
-
-
 # column pass: BC columns per tile, WC of the warps along the columns
 COLS_CONFIG = dict(BC=32, num_warps=4, WC=4)
 
@@ -724,23 +629,3 @@ def quantize_cols(src, meta, q, s, gather: bool, config: dict = None):
         BC=bc, WC=cfg["WC"], GS=128, BLOCK_E=max(32, triton.next_power_of_2(meta.num_experts)),
         num_warps=warps)
     return q, s
-
-
-ROWS_COLS_CONFIG = dict(num_warps=8, STAGES=3, PER_SM=1)
-
-
-def quantize_rows_cols(src, meta, rq, rs, q, s, gather: bool, config: dict = None):
-    """Both forms from one read (``_fp8_rows_cols_gl``): the row form ``rq [S, C]``, ``rs [S,
-    C/128]`` (rows in expert order; with ``gather`` read through ``sorted_slot // top_k``) and
-    the column form ``q [G, C, 128]``, ``s [G, C]`` of ``wgrad_fp8``'s padded group layout."""
-    cfg = dict(ROWS_COLS_CONFIG if config is None else config)
-    groups_cum, num_groups, _ = grouped_schedule(meta, 128, 1, 1)
-    c = src.shape[1]
-    num_tiles = num_groups * triton.cdiv(c, 128)
-    sms = torch.cuda.get_device_properties(src.device).multi_processor_count
-    _fp8_rows_cols_gl[(max(1, min(num_tiles, PROGRAMS or sms * cfg["PER_SM"])),)](
-        src, meta.sorted_slot, groups_cum, meta.counts, meta.offsets, rq, rs, q, s, c,
-        meta.num_experts, num_groups, num_tiles, src.stride(0), rq.stride(0), rs.stride(0),
-        q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather, GS=128,
-        STAGES=cfg["STAGES"], BLOCK_E=max(32, triton.next_power_of_2(meta.num_experts)),
-        num_warps=cfg["num_warps"])
