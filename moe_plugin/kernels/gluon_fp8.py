@@ -30,7 +30,10 @@ producer's ``expect``).
 dh' on expert-order quantised dout, dx): ``C[p, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · sa[p, kb] ·
 sb[e, kb, n/128]``, A ``[S, K]`` rows in expert order, B stored ``[E·N, K]`` (K-major).
 ``_fp8_segment_mm_ws``: the FP8 weight gradient of ``wgrad_fp8.py`` on its padded group layout
-(``acc + p · (sa ⊗ sb)`` per k-step).
+(``acc + p · (sa ⊗ sb)`` per k-step); added into a buffer by read-add-write (``ACCUM`` 2), the
+producer TMA-loads the buffer's tile after issuing the tile's k-steps, so the epilogue reads it
+from shared memory instead of waiting on a global load. ``_fp8_cols_gl``: the column
+quantisation of its operands.
 
 H100 (``results/h100_gluon_ws_experiment.log``, mixtral's shapes, against the lockstep TMA
 kernels these replaced): wgrad dW_up 594 → 781 TFLOP/s, dW_down 544 → 762; GEMM1 817 → 948,
@@ -371,13 +374,17 @@ if _HAVE_GLUON:
 
 
     @gluon.jit
-    def _seg_producer(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready,
-                      empty, counts_ptr, MO, NO, E, num_tiles, GS: gl.constexpr, BM: gl.constexpr,
+    def _seg_producer(a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
+                      sb_bufs, c_buf, ready, empty, c_ready, c_empty, counts_ptr, MO, NO, E,
+                      num_tiles, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
                       BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr):
         """1 warp: the TMA ring over this program's tiles and their k-steps (``it`` counts the
-        k-steps over all tiles: ring slot ``it % STAGES``, pass ``it // STAGES``)."""
+        k-steps over all tiles: ring slot ``it % STAGES``, pass ``it // STAGES``); with
+        ``ACCUM == 2``, after a tile's k-steps, the tile of the buffer added into (``c_buf``,
+        ``c_ready`` / ``c_empty``: one tile, released by both consumers' epilogues)."""
         nbytes: gl.constexpr = (BM + BN) * GS + (BM + BN) * 4
         it = 0
+        tc = 0  # tiles so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, tm, tn, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
             for ks in range(0, ng):
@@ -398,11 +405,21 @@ if _HAVE_GLUON:
                 tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar, sa_bufs.index(s))
                 tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar, sb_bufs.index(s))
                 it += 1
+            if ACCUM == 2:
+                # the previous tile's epilogues done with c_buf (their generic loads ordered
+                # before this TMA write); rows past MO read the next expert's (masked there)
+                mbarrier.wait(c_empty, (tc & 1) ^ 1)
+                fence_async_shared()
+                mbarrier.expect(c_ready, c_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(c_desc, [e * MO + tm * BM, tn * BN], c_ready,
+                                                c_buf)
+                tc += 1
 
 
     @gluon.jit
-    def _seg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr, counts_ptr, MO,
-                      NO, E, num_tiles, stride_ce, stride_cm, stride_cn, HALF: gl.constexpr,
+    def _seg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn, c_ready,
+                      c_empty, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm,
+                      stride_cn, HALF: gl.constexpr,
                       ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                       STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr):
         """Consumer ``HALF`` (0 or 1, one warpgroup): rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of
@@ -415,6 +432,7 @@ if _HAVE_GLUON:
         other_turn = turn.index(1 - HALF)
         it = 0  # k-steps (ring slots) so far
         tn = 0  # turns so far
+        tc = 0  # tiles so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, tm, tile_n, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
             acc = gl.zeros([HM, BN], gl.float32, layout=mma)
@@ -469,9 +487,13 @@ if _HAVE_GLUON:
                 if ng > 0:
                     gl.atomic_add(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask,
                                   sem="relaxed")
-            elif ACCUM == 2:
+            elif ACCUM == 2:  # the tile added into: in c_buf already (the producer's TMA)
+                mbarrier.wait(c_ready, tc & 1)
+                prev = c_buf.slice(HALF * HM, HM).load(st)
+                mbarrier.arrive(c_empty)
+                tc += 1
                 if ng > 0:
-                    out = out + gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
+                    out = out + prev.to(gl.float32)
                     gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
             else:
                 gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
@@ -479,7 +501,8 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _fp8_segment_mm_ws(
-            a_desc, b_desc, sa_desc, sb_desc, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce,
+            a_desc, b_desc, sa_desc, sb_desc, c_desc, c_ptr, counts_ptr, MO, NO, E, num_tiles,
+            stride_ce,
             stride_cm, stride_cn, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
             BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
@@ -499,27 +522,40 @@ if _HAVE_GLUON:
             mbarrier.init(empty.index(s), count=2)  # both consumers
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
+        # ACCUM == 2: one [BM, BN] tile of the buffer added into (else a token allocation)
+        c_buf = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_shape, c_desc.layout)
+        c_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        c_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(c_ready, count=1)
+        mbarrier.init(c_empty, count=2)
 
         gl.warp_specialize([
-            (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr,
-                             counts_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 0,
-                             ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR)),
-            (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, turn, c_ptr,
-                             counts_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 1,
-                             ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR)),
-            (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs,
-                             ready, empty, counts_ptr, MO, NO, E, num_tiles, GS, BM, BN, STAGES,
-                             BLOCK_E)),
+            (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
+                             c_ready, c_empty, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce,
+                             stride_cm, stride_cn, 0, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR)),
+            (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
+                             c_ready, c_empty, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce,
+                             stride_cm, stride_cn, 1, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR)),
+            (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
+                             sb_bufs, c_buf, ready, empty, c_ready, c_empty, counts_ptr, MO, NO,
+                             E, num_tiles, ACCUM, GS, BM, BN, STAGES, BLOCK_E)),
         ], [4, 1], [MMA_REGS, LOAD_REGS])
 
 
-def segment_fits(qa, sa, qb, sb) -> bool:
+if _HAVE_GLUON:
+    _GL_DTYPE = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def segment_fits(qa, sa, qb, sb, c, accum: int) -> bool:
     """Whether ``segment_mm`` serves the padded-layout operands (``[G, C, 128]``, contiguous):
-    16-byte aligned, scale rows too (MO, NO multiples of 4), at least one group and column."""
+    16-byte aligned, scale rows too (MO, NO multiples of 4), at least one group and column;
+    for ``accum == 2`` the output's rows too (its tiles are TMA-loaded)."""
     return (all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[0] > 0
                 and t.shape[1] > 0 for t in (qa, qb))
             and all(s.is_contiguous() and s.shape[1] % 4 == 0 and s.data_ptr() % 16 == 0
-                    for s in (sa, sb)))
+                    for s in (sa, sb))
+            and (accum != 2 or (c.dtype in _GL_DTYPE and c.data_ptr() % 16 == 0
+                                and (c.shape[2] * c.element_size()) % 16 == 0)))
 
 
 def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
@@ -540,8 +576,14 @@ def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
     b_desc = TensorDescriptor.from_tensor(qb.view(-1, 128), [bn, 128], _smem_layout())
     sa_desc = TensorDescriptor.from_tensor(sa.view(-1), [bm], s1)
     sb_desc = TensorDescriptor.from_tensor(sb.view(-1), [bn], s1)
+    if accum == 2:  # the tiles added into, loaded by the producer ([E·MO, NO] view)
+        c_desc = TensorDescriptor.from_tensor(
+            c.view(-1, no), [bm, bn],
+            gl.NVMMASharedLayout.get_default_for([bm, bn], _GL_DTYPE[c.dtype]))
+    else:  # unused: a one-element stand-in (token shared memory)
+        c_desc = TensorDescriptor.from_tensor(sa.view(-1)[:4], [4], s1)
     _fp8_segment_mm_ws[(_programs(num_tiles, c.device),)](
-        a_desc, b_desc, sa_desc, sb_desc, c, meta.counts, mo, no, E, num_tiles, c.stride(0),
+        a_desc, b_desc, sa_desc, sb_desc, c_desc, c, meta.counts, mo, no, E, num_tiles, c.stride(0),
         c.stride(1), c.stride(2), ACCUM=accum, GS=128, BM=bm, BN=bn, STAGES=cfg["STAGES"],
         BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
