@@ -25,8 +25,8 @@ from moe_plugin.kernels.permute import permute_metadata  # noqa: E402
 
 ROWS = [(32, 4), (16, 4), (64, 8)]  # rows pass: (rows, warps)
 # column pass: ("triton", columns, warps) or ("gluon", columns, warps, warps along the columns)
-COLS = [("triton", 64, 4), ("triton", 32, 4), ("gluon", 64, 4, 4), ("gluon", 64, 4, 1),
-        ("gluon", 32, 4, 4), ("gluon", 32, 4, 1), ("gluon", 128, 8, 8)]
+COLS = [("gluon", 32, 4, 4), ("triton", 64, 4), ("gluon", 64, 4, 4), ("gluon", 64, 4, 2),
+        ("gluon", 64, 8, 8), ("gluon", 128, 8, 4), ("gluon", 128, 8, 8), ("gluon", 32, 2, 2)]
 
 
 def _bits(t):
