@@ -20,17 +20,13 @@ from bench_layer import CONFIGS, make_inputs  # noqa: E402
 from moe_plugin.kernels import gluon_fp8 as GF  # noqa: E402
 from moe_plugin.kernels import quantize as KQ  # noqa: E402
 from moe_plugin.kernels import wgrad_fp8 as W8  # noqa: E402
-from moe_plugin.kernels.experts import quantize_rows_cols, quantize_rows_expert_order  # noqa: E402,E501
+from moe_plugin.kernels.experts import quantize_rows_expert_order  # noqa: E402
 from moe_plugin.kernels.permute import permute_metadata  # noqa: E402
 
 ROWS = [(32, 4), (16, 4), (64, 8)]  # rows pass: (rows, warps)
 # column pass: ("triton", columns, warps) or ("gluon", columns, warps, warps along the columns)
 COLS = [("gluon", 32, 4, 4), ("triton", 64, 4), ("gluon", 64, 4, 4), ("gluon", 64, 4, 2),
         ("gluon", 64, 8, 8), ("gluon", 128, 8, 4), ("gluon", 128, 8, 8), ("gluon", 32, 2, 2)]
-
-
-# both forms from one read: (sub-tile rows, warps)
-ROWS_COLS = [dict(RB=32, num_warps=4), dict(RB=64, num_warps=8)]
 
 
 def _bits(t):
@@ -45,7 +41,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="*", default=["mixtral", "coarse_120b", "fine_30b"])
     ap.add_argument("--rep-ms", type=int, default=50)
-    ap.add_argument("--passes", nargs="*", default=["rows", "cols", "rows+cols"])
     args = ap.parse_args()
     print(json.dumps({"copy_TBps": round(copy_bandwidth(), 3)}))
     for name in args.configs:
@@ -72,11 +67,8 @@ def run(name, args):
     ops = {"x": (x, True, S * D * 3), "dpre": (dpre, False, S * 2 * F * 3),
            "hw": (hw, False, S * F * 3)}
     defaults = (KQ.ROWS_BLOCK, W8.COLS_BLOCK, GF.COLS_CONFIG)
-    rc_default = GF.ROWS_COLS_CONFIG
     used = int(((meta.counts + 127) // 128).sum())  # groups written by the column pass
     for kind, cands in (("rows", ROWS), ("cols", COLS)):
-        if kind not in args.passes:
-            continue
         for opname, (t, gather, nbytes) in ops.items():
             if kind == "rows" and opname == "hw":
                 continue
@@ -111,21 +103,6 @@ def run(name, args):
                     [] if same is None else ["bitwise" if same else "DIFFERS"])
             print(json.dumps(res), flush=True)
     KQ.ROWS_BLOCK, W8.COLS_BLOCK, GF.COLS_CONFIG = defaults
-    # both forms from one read (the FP8 wgrad path's dout and dpre) against the two passes
-    for opname, (t, gather, nbytes) in ops.items():
-        if opname == "hw" or "rows+cols" not in args.passes:
-            continue
-        rows = ((lambda: quantize_rows_expert_order(t, meta)) if gather
-                else (lambda: KQ.fp8_quantize_rows(t)))
-        res = {"config": name, "pass": "rows+cols", "operand": opname,
-               "two_passes": bench(lambda: (rows(), W8.quantize_cols_grouped(t, meta, gather)),
-                                   args.rep_ms)}
-        for cfg in ROWS_COLS:
-            GF.ROWS_COLS_CONFIG = cfg
-            ms = bench(lambda: quantize_rows_cols(t, meta, gather), args.rep_ms)
-            res["one_pass_" + "_".join(f"{k}{v}" for k, v in cfg.items())] = round(ms, 3)
-        print(json.dumps(res), flush=True)
-    GF.ROWS_COLS_CONFIG = rc_default
 
 
 if __name__ == "__main__":

@@ -498,40 +498,6 @@ def test_fp8_wgrad_gluon_accumulate_modes_equal_triton(mode, dtype, monkeypatch)
         res.append(out)
     assert torch.equal(res[0], res[1]), "Gluon and Triton accumulation differ"
     assert torch.equal(res[1][3], init[3]), "the empty expert's gradient changed"
-@pytest.mark.parametrize("gather", [True, False])
-@pytest.mark.parametrize("config", [None, dict(RB=64, num_warps=8)])
-def test_fp8_rows_cols_one_pass_equals_two_passes(gather, config, monkeypatch):
-    """On Hopper the FP8 wgrad path makes dout's and dpre's row form (per row and 128 columns,
-    rows in expert order) and column form (per column and 128 slots of one expert) in one read
-    from memory (``gluon_fp8._fp8_rows_cols_gl``): bitwise the two passes' values and scales --
-    the row form for every routed slot, the column form in every written group -- with an
-    empty expert, ragged segments, unused slots, C not a multiple of 128."""
-    from moe_plugin.kernels.experts import quantize_rows_cols
-    from moe_plugin.kernels.permute import permute_metadata
-    if not GF.available(torch.empty(0, device=DEVICE)):
-        pytest.skip("Gluon Hopper kernels not available here")
-    if config is not None:
-        monkeypatch.setattr(GF, "ROWS_COLS_CONFIG", config)
-    g = torch.Generator().manual_seed(9)
-    n, k, e, c = 700, 2, 6, 328
-    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
-    ids[ids == 4] = 1   # expert 4: no tokens
-    ids[:9, 1] = -1     # unused slots
-    meta = permute_metadata(ids.to(DEVICE), e)
-    rows = n if gather else meta.sorted_slot.numel()
-    src = (torch.randn(rows, c, generator=g) * 4).to(DEVICE, DTYPE)
-    src[5] = 0
-    used = int(((meta.counts + 127) // 128).sum())
-    valid = int(meta.offsets[-1])
-    res = []
-    for enabled in (False, True):
-        with GF.enabled(enabled):
-            r, (q, sc) = quantize_rows_cols(src, meta, gather)
-        res.append((r.q[:valid].view(torch.uint8), r.scale[:valid], q[:used].view(torch.uint8),
-                    sc[:used]))
-    for name, a, b in zip(("row values", "row scales", "column values", "column scales"),
-                          *res):
-        assert torch.equal(a, b), f"{name} differ"
 
 
 @pytest.mark.gpu

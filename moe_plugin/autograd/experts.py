@@ -157,14 +157,12 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         meta = PermuteMeta.from_tensors(rest[:4], ctx.num_experts, topk_weights.shape[1])
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
         dout = dout.contiguous()
-        fp8_cols = (ctx.fp8_wgrad and need_down, ctx.fp8_wgrad and need_up)
-        dx, dw_topk, dpre, hw, cols = X.experts_backward_data(
+        dx, dw_topk, dpre, hw = X.experts_backward_data(
             dout, x, topk_weights, wq_up, wq_down, meta,
-            rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w,
-            fp8_cols=fp8_cols)
+            rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
         dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
                                                    *accumulation_buffers(ctx),
-                                                   fp8=ctx.fp8_wgrad, cols=cols)
+                                                   fp8=ctx.fp8_wgrad)
         return (dx, None, dw_topk) \
             + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
             + (None, None, None, None)

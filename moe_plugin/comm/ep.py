@@ -268,10 +268,9 @@ class EPExpertsFunction(torch.autograd.Function):
         del dy_send
         # experts, data part; dx and d(weight) go straight into a packed buffer
         back = PackedRows.empty(L.num_recv, ctx.d, ctx.dtype, dout.device)
-        dx_r, dw_r, dpre, hw, cols = X.experts_backward_data(
+        dx_r, dw_r, dpre, hw = X.experts_backward_data(
             dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1), w_up, w_down, emeta, pre,
-            ctx.act, ctx.gated, True, True, dx_out=back.payload,
-            fp8_cols=(ctx.fp8_wgrad and need_down, ctx.fp8_wgrad and need_up))
+            ctx.act, ctx.gated, True, True, dx_out=back.payload)
         back.weights.copy_(dw_r.view(-1).float())
         # dispatch's backward: send them home, overlapped with the weight gradients
         home, work = backend.exchange(back.buf, L.recv_splits, L.send_splits, group,
@@ -279,8 +278,8 @@ class EPExpertsFunction(torch.autograd.Function):
         dw_up, dw_down = X.experts_backward_weight(dy_recv, recv.payload, dpre, hw, emeta,
                                                    need_up, need_down,
                                                    *accumulation_buffers(ctx),
-                                                   fp8=ctx.fp8_wgrad, cols=cols)
-        del dpre, hw, dy_recv, cols
+                                                   fp8=ctx.fp8_wgrad)
+        del dpre, hw, dy_recv
         if work is not None:
             work.wait()
         home = PackedRows(home, ctx.d, ctx.dtype)

@@ -7,7 +7,6 @@ d(weights), needed by the all-to-all) and its weight part (overlapped with that 
 import torch
 
 from .. import quant as Q
-from . import gluon_fp8 as GF
 from . import grouped_gemm as G
 from . import wgrad_fp8 as W8
 from .grouped_gemm import QTensor
@@ -32,88 +31,46 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, act: int, gated: bo
 
 
 def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta, pre,
-                          act: int, gated: bool, need_x: bool, need_w: bool, dx_out=None,
-                          fp8_cols=(False, False)):
-    """Returns ``(dx | None, d_topk_weights | None, dpre, hw, cols)``; ``pre`` None = recompute
-    it.
+                          act: int, gated: bool, need_x: bool, need_w: bool, dx_out=None):
+    """Returns ``(dx | None, d_topk_weights | None, dpre, hw)``; ``pre`` None = recompute it.
 
     ``dx_out``: optional preallocated ``[N, D]`` view for dx. ``w_up``/``w_down`` given as fp8
     ``QTensor``s: dgrad in FP8 -- ``dout`` and ``dpre`` are quantised per row and 128 columns
     (and ``x`` for a recomputed GEMM1, with the forward's flags: the same ``pre`` bitwise);
-    ``dpre`` and ``hw`` (the weight-gradient operands) stay in the input dtype.
-    ``fp8_cols = (down, up)``: the FP8 weight gradient will need ``dout`` (down) / ``dpre`` (up)
-    quantised per column too; where both forms come from one pass (``quantize_rows_cols``),
-    ``cols`` holds them for ``experts_backward_weight`` (keys "dout", "dpre")."""
+    ``dpre`` and ``hw`` (the weight-gradient operands) stay in the input dtype."""
     quant = isinstance(w_up, QTensor)
-    cols = {}
+
+    def q(t):
+        return quantize_rows(t, G.QUANT_FP8) if quant else t
     if pre is None:  # recompute GEMM1 exactly as the forward ran it
         pre, _ = G.expert_up(quantize_rows_expert_order(x, meta) if quant else x, w_up, meta,
                              act, gated, store_pre=True, store_h=False, out_dtype=x.dtype,
                              quant_h=quant, expert_order=quant)
     # fp8: dout quantised straight into expert order (one row per slot), so that the dh' GEMM
     # reads contiguous rows (TMA-loadable) instead of gathering token rows
-    if quant and fp8_cols[0]:
-        dout_q, cols["dout"] = quantize_rows_cols(dout, meta, gather=True)
-    else:
-        dout_q = quantize_rows_expert_order(dout, meta) if quant else dout
-    dpre, hw, dw_perm = G.expert_up_bwd(dout_q, w_down, pre, meta, topk_weights, act, gated,
-                                        expert_order=quant)
-    del pre, dout_q
+    dpre, hw, dw_perm = G.expert_up_bwd(
+        quantize_rows_expert_order(dout, meta) if quant else dout, w_down, pre, meta,
+        topk_weights, act, gated, expert_order=quant)
+    del pre
     dx = dw_topk = None
     if need_w:
         pos = meta.slot_pos.view(topk_weights.shape).long()
         dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
     if need_x:
-        if quant and fp8_cols[1]:
-            dpre_q, cols["dpre"] = quantize_rows_cols(dpre, meta, gather=False)
-        else:
-            dpre_q = quantize_rows(dpre, G.QUANT_FP8) if quant else dpre
-        dxp = G.expert_dx(dpre_q, w_up, meta, out_dtype=x.dtype)
-        del dpre_q
+        dxp = G.expert_dx(q(dpre), w_up, meta, out_dtype=x.dtype)
         dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype, out=dx_out)
-    return dx, dw_topk, dpre, hw, cols
+    return dx, dw_topk, dpre, hw
 
 
 def experts_backward_weight(dout, x, dpre, hw, meta: PermuteMeta, need_up: bool,
-                            need_down: bool, acc_up=None, acc_down=None, fp8: bool = False,
-                            cols=None):
+                            need_down: bool, acc_up=None, acc_down=None, fp8: bool = False):
     """Returns ``(dW_up | None, dW_down | None)``. ``acc_up``/``acc_down``: buffers the
     gradient is added into (returned in its place), e.g. Megatron's ``main_grad``. ``fp8``:
-    the operands quantised per column and 128 tokens, FP8 GEMMs (``wgrad_fp8``); ``cols``:
-    ``experts_backward_data``'s column forms already made (not made again)."""
-    cols = cols or {}
-    if fp8:
-        dw_down = (W8.wgrad_down_fp8(dout, hw, meta, out=acc_down, dout_cols=cols.get("dout"))
-                   if need_down else None)
-        dw_up = (W8.wgrad_up_fp8(dpre, x, meta, out=acc_up, dpre_cols=cols.get("dpre"))
-                 if need_up else None)
-        return dw_up, dw_down
-    dw_down = G.wgrad_down(dout, hw, meta, out=acc_down) if need_down else None
-    dw_up = G.wgrad_up(dpre, x, meta, out=acc_up) if need_up else None
+    the operands quantised per column and 128 tokens, FP8 GEMMs (``wgrad_fp8``)."""
+    down, up = (W8.wgrad_down_fp8, W8.wgrad_up_fp8) if fp8 else (G.wgrad_down, G.wgrad_up)
+    dw_down = down(dout, hw, meta, out=acc_down) if need_down else None
+    dw_up = up(dpre, x, meta, out=acc_up) if need_up else None
     return dw_up, dw_down
-
-
-def quantize_rows_cols(src, meta: PermuteMeta, gather: bool):
-    """``src``'s FP8 row form (a ``QTensor``, rows in expert order: ``quantize_rows_expert_order``
-    with ``gather``, else ``quantize_rows``) and its column form for the FP8 weight gradient
-    (``wgrad_fp8.quantize_cols_grouped``). On Hopper both from one read of ``src``
-    (``gluon_fp8.quantize_rows_cols``; there the row form's rows past the routed slots are
-    left unwritten: no GEMM reads them), elsewhere by the two passes."""
-    if src.stride(1) != 1:
-        src = src.contiguous()
-    if not (GF.available(src) and GF.cols_fits(src)):
-        rows = (quantize_rows_expert_order(src, meta) if gather
-                else quantize_rows(src, G.QUANT_FP8))
-        return rows, W8.quantize_cols_grouped(src, meta, gather)
-    S, c = meta.sorted_slot.numel(), src.shape[1]
-    g = W8.num_groups(meta)
-    rq = torch.empty(S, c, dtype=torch.float8_e4m3fn, device=src.device)
-    rs = torch.empty(S, -(-c // Q.GROUP), dtype=torch.float32, device=src.device)
-    q = torch.empty(g, c, Q.GROUP, dtype=torch.float8_e4m3fn, device=src.device)
-    s = torch.empty(g, c, dtype=torch.float32, device=src.device)
-    if g and c:
-        GF.quantize_rows_cols(src, meta, rq, rs, q, s, gather)
-    return QTensor(rq, rs), (q, s)
 
 
 def quantize_rows_expert_order(x, meta: PermuteMeta) -> QTensor:

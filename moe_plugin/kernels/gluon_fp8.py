@@ -649,69 +649,6 @@ if _HAVE_GLUON:
             gl.store(s_ptr + g.to(gl.int64) * stride_s + cols, scale, mask=cmask)
 
 
-if _HAVE_GLUON:
-    @gluon.jit
-    def _rc_load(src_ptr, gather_ptr, p, tmask, cols, cmask, stride_src, TOPK: gl.constexpr,
-                 GATHER: gl.constexpr):
-        """A sub-tile's source values (fp32; zeros past the expert's slots)."""
-        if GATHER:
-            rows = (gl.load(gather_ptr + p, mask=tmask, other=0) // TOPK).to(gl.int64)
-        else:
-            rows = p.to(gl.int64)
-        return gl.load(src_ptr + rows[:, None] * stride_src + cols[None, :],
-                       mask=tmask[:, None] & cmask[None, :], other=0.0).to(gl.float32)
-
-    @gluon.jit
-    def _fp8_rows_cols_gl(src_ptr, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, rq_ptr,
-                          rs_ptr, q_ptr, s_ptr, C, E, num_groups, stride_src, stride_rq,
-                          stride_rs, stride_q, stride_s, TOPK: gl.constexpr,
-                          GATHER: gl.constexpr, GS: gl.constexpr, RB: gl.constexpr,
-                          BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
-        """Both quantised forms of an operand from one read of it from memory. A program owns a
-        group of GS slots of one expert x GS columns and walks it in sub-tiles of RB slots
-        twice: first the row form (``quantize._fp8_rows_kernel``'s values and scales, rows in
-        expert order) and the running column maxima, then -- reading the sub-tiles again, now
-        from L2 -- the column form (``_fp8_cols_gl``'s). Both bitwise as those kernels compute
-        them; rows of the row form past the routed slots are not written."""
-        ld: gl.constexpr = _cols_layout(GS, RB, num_warps, 1, False)
-        st: gl.constexpr = _cols_layout(GS, RB, num_warps, 1, True)
-        ncb = gl.cdiv(C, GS)
-        g = gl.program_id(0) // ncb
-        cb = gl.program_id(0) % ncb
-        e, _n, p0, seg_end = _grouped_tile(g, groups_cum_ptr, offsets_ptr, counts_ptr, E, 1,
-                                           num_groups, GS, 1, 1, BLOCK_E, num_warps, True)
-        if e < E:
-            cols = cb * GS + gl.arange(0, GS, layout=gl.SliceLayout(0, ld))
-            cmask = cols < C
-            amax = gl.zeros([RB, GS], gl.float32, layout=ld)
-            for sb in gl.static_range(GS // RB):
-                p = p0 + sb * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, ld))
-                tmask = p < seg_end
-                v = _rc_load(src_ptr, gather_ptr, p, tmask, cols, cmask, stride_src, TOPK,
-                             GATHER)
-                amax = gl.maximum(amax, gl.abs(v))
-                # per row and 128 columns
-                rscale = gl.div_rn(gl.maximum(gl.max(gl.abs(v), 1), 1e-12), 448.0)
-                rq = gl.minimum(gl.maximum(gl.div_rn(v, rscale[:, None]), -448.0), 448.0)
-                p64 = p.to(gl.int64)
-                gl.store(rq_ptr + p64[:, None] * stride_rq + cols[None, :],
-                         rq.to(rq_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
-                gl.store(rs_ptr + p64 * stride_rs + cb, rscale, mask=tmask)
-            # per column and the group's GS slots (padding slots: zeros)
-            scale = gl.div_rn(gl.maximum(gl.max(amax, 0), 1e-12), 448.0)
-            gl.store(s_ptr + g.to(gl.int64) * stride_s + cols, scale, mask=cmask)
-            cols_t = cb * GS + gl.arange(0, GS, layout=gl.SliceLayout(0, st))
-            for sb in gl.static_range(GS // RB):
-                p = p0 + sb * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, ld))
-                v = _rc_load(src_ptr, gather_ptr, p, p < seg_end, cols, cmask, stride_src, TOPK,
-                             GATHER)
-                q = gl.minimum(gl.maximum(gl.div_rn(v, scale[None, :]), -448.0), 448.0)
-                q = gl.convert_layout(q.to(q_ptr.dtype.element_ty), st, assert_trivial=True)
-                t = sb * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, st))
-                gl.store(q_ptr + g.to(gl.int64) * stride_q + cols_t[None, :] * GS + t[:, None],
-                         q, mask=(cols_t < C)[None, :])
-
-
 # column pass: BC columns per tile, WC of the warps along the columns
 COLS_CONFIG = dict(BC=32, num_warps=4, WC=4)
 
@@ -734,20 +671,3 @@ def quantize_cols(src, meta, q, s, gather: bool, config: dict = None):
         BC=bc, WC=cfg["WC"], GS=128, BLOCK_E=max(32, triton.next_power_of_2(meta.num_experts)),
         num_warps=warps)
     return q, s
-
-
-ROWS_COLS_CONFIG = dict(RB=32, num_warps=4)  # sub-tile rows, warps of _fp8_rows_cols_gl
-
-
-def quantize_rows_cols(src, meta, rq, rs, q, s, gather: bool, config: dict = None):
-    """Both forms from one read (``_fp8_rows_cols_gl``): the row form ``rq [S, C]``, ``rs [S,
-    C/128]`` (rows in expert order; with ``gather`` read through ``sorted_slot // top_k``) and
-    the column form ``q [G, C, 128]``, ``s [G, C]`` of ``wgrad_fp8``'s padded group layout."""
-    cfg = dict(ROWS_COLS_CONFIG if config is None else config)
-    groups_cum, num_groups, _ = grouped_schedule(meta, 128, 1, 1)
-    c = src.shape[1]
-    _fp8_rows_cols_gl[(num_groups * triton.cdiv(c, 128),)](
-        src, meta.sorted_slot, groups_cum, meta.counts, meta.offsets, rq, rs, q, s, c,
-        meta.num_experts, num_groups, src.stride(0), rq.stride(0), rs.stride(0), q.stride(0),
-        s.stride(0), TOPK=meta.top_k, GATHER=gather, GS=128, RB=cfg["RB"],
-        BLOCK_E=max(32, triton.next_power_of_2(meta.num_experts)), num_warps=cfg["num_warps"])

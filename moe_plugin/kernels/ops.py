@@ -60,7 +60,7 @@ def experts_bwd(dout: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
     meta = _meta(counts, offsets, sorted_slot, slot_pos, topk_weights.shape[1])
     recompute = pre.numel() == 0 and sorted_slot.numel() > 0
     dout = dout.contiguous()
-    dx, dw_topk, dpre, hw, _ = X.experts_backward_data(
+    dx, dw_topk, dpre, hw = X.experts_backward_data(
         dout, x, topk_weights, w_up, w_down, meta, None if recompute else pre, act, gated,
         need_x, need_w)
     fuse_up, fuse_down = acc_up.numel() > 0, acc_down.numel() > 0

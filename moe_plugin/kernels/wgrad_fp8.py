@@ -148,15 +148,13 @@ def _config(kind: str) -> dict:
     return dict(FP8_SEG_CONFIG)
 
 
-def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta, out=None,
-              a_cols=None):
+def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta, out=None):
     """``dW[e] [MO, NO] = Σ_p A[p]ᵀ · B[p]`` with both operands quantised here (per column and
     128 tokens); ``a [rows, MO]`` / ``b [rows, NO]`` high precision, ``*_gather``: token-order
-    rows; ``a_cols``: a's quantised form (``quantize_cols_grouped``'s) if made already. Output
-    in b's dtype, or added into ``out`` (fp32 accumulation either way)."""
+    rows. Output in b's dtype, or added into ``out`` (fp32 accumulation either way)."""
     mo, no = a.shape[1], b.shape[1]
     dw, accumulate = G.wgrad_out((meta.num_experts, mo, no), b, out)
-    qa, sa = quantize_cols_grouped(a, meta, a_gather) if a_cols is None else a_cols
+    qa, sa = quantize_cols_grouped(a, meta, a_gather)
     qb, sb = quantize_cols_grouped(b, meta, b_gather)
     accum = G.accum_mode(dw, accumulate)
     if GF.available(qa):
@@ -182,13 +180,11 @@ def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta
     return dw
 
 
-def wgrad_down_fp8(dout, hw, meta: PermuteMeta, out=None, dout_cols=None):
-    """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` in FP8 (``G.wgrad_down``'s contract);
-    ``dout_cols``: dout's column form if made already."""
-    return wgrad_fp8("wgrad_down_fp8", dout, True, hw, False, meta, out, dout_cols)
+def wgrad_down_fp8(dout, hw, meta: PermuteMeta, out=None):
+    """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` in FP8 (``G.wgrad_down``'s contract)."""
+    return wgrad_fp8("wgrad_down_fp8", dout, True, hw, False, meta, out)
 
 
-def wgrad_up_fp8(dpre, x, meta: PermuteMeta, out=None, dpre_cols=None):
-    """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]`` in FP8 (``G.wgrad_up``'s contract);
-    ``dpre_cols``: dpre's column form if made already."""
-    return wgrad_fp8("wgrad_up_fp8", dpre, False, x, True, meta, out, dpre_cols)
+def wgrad_up_fp8(dpre, x, meta: PermuteMeta, out=None):
+    """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]`` in FP8 (``G.wgrad_up``'s contract)."""
+    return wgrad_fp8("wgrad_up_fp8", dpre, False, x, True, meta, out)
