@@ -597,7 +597,7 @@ if _HAVE_GLUON:
         consecutive columns of RT consecutive tokens; lanes along the columns first; WC of the
         warps side by side along the columns, the others along the tokens. The two forms differ
         only in the order of a thread's registers -- columns first (16-byte loads along a token
-        row) or tokens first (8-byte stores along a transposed column) -- so converting
+        row) or tokens first (RT-byte stores along a transposed column) -- so converting
         between them moves no data."""
         col_lanes = BC // (8 * WC)
         row_lanes = 32 // col_lanes
