@@ -94,18 +94,17 @@ def _segment_mm_fp8_kernel(
     offs_k = tl.arange(0, BK)
     # both operands K-major (a group's tokens contiguous per column): A tile [BM, BK], B tile
     # [BK, BN]; stride_a / stride_b: one group's block
-    a_ptrs = a_ptr + first.to(tl.int64) * stride_a + offs_m[:, None] * GS + offs_k[None, :]
-    b_ptrs = b_ptr + first.to(tl.int64) * stride_b + offs_n[None, :] * GS + offs_k[:, None]
+    a_ptrs = a_ptr + offs_m[:, None] * GS + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :] * GS + offs_k[:, None]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    sa_ptrs = sa_ptr + first.to(tl.int64) * stride_sa + offs_m
-    sb_ptrs = sb_ptr + first.to(tl.int64) * stride_sb + offs_n
+    first = first.to(tl.int64)  # group offsets in 64 bits (many groups of many columns)
     for k0 in range(0, tl.cdiv(cnt, GS) * GS, BK):
-        grp = k0 // GS  # BK divides GS: one scale group per k-step
+        grp = first + k0 // GS  # BK divides GS: one scale group per k-step
         kin = k0 % GS
         a = tl.load(a_ptrs + grp * stride_a + kin, mask=mmask[:, None], other=0.0)
         b = tl.load(b_ptrs + grp * stride_b + kin, mask=nmask[None, :], other=0.0)
-        sa = tl.load(sa_ptrs + grp * stride_sa, mask=mmask, other=0.0)
-        sb = tl.load(sb_ptrs + grp * stride_sb, mask=nmask, other=0.0)
+        sa = tl.load(sa_ptr + grp * stride_sa + offs_m, mask=mmask, other=0.0)
+        sb = tl.load(sb_ptr + grp * stride_sb + offs_n, mask=nmask, other=0.0)
         acc = G._mma(a, b, acc, sa, sb, 1, False)
     G._store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
                    stride_cn, ACCUM)
