@@ -30,10 +30,11 @@ VARIANTS = {
     "kpair_stages5": dict(KPAIR=True, STAGES=5),
     "kpair_stages6": dict(KPAIR=True, STAGES=6),
     "kpair_group4": dict(KPAIR=True, GROUP_M=4),
+    "info_off": dict(INFO=False),
 }
 SEG_VARIANTS = {"default": {}, "single_step": dict(KPAIR=False), "kpair": dict(KPAIR=True),
                 "kpair_regs240": dict(KPAIR=True, LOAD_REGS=24, MMA_REGS=240),
-                "kpair_stages5": dict(KPAIR=True, STAGES=5)}
+                "kpair_stages5": dict(KPAIR=True, STAGES=5), "info_off": dict(INFO=False)}
 
 
 def main():
@@ -41,6 +42,8 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["mixtral", "coarse_120b"])
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--wgrad-only", action="store_true", help="only the weight-gradient GEMMs")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="only these variants (the default configuration is always run first)")
     args = ap.parse_args()
     for name in args.configs:
         run(name, args)
@@ -69,6 +72,9 @@ def run(name, args):
                                                            expert_order=True)[0]),
         "dx": (2 * M * 2 * F * D, lambda: K.expert_dx(dpq, wu, meta, out_dtype=x.dtype)),
     }
+    if GF.FUSE_ACT_BWD:  # dh' with the activation backward as a separate pass, to compare
+        jobs["dh_act_split"] = (2 * M * D * F, lambda: _split_act_bwd(
+            lambda: K.expert_up_bwd(dq, wd, pre, meta, w, 0, True, expert_order=True)[0]))
     qx, qdout, qhw, qdpre = (W8.quantize_cols_grouped(t, meta, g) for t, g in
                              ((x, True), (dout, True), (hw, False), (dpre, False)))
 
@@ -87,6 +93,8 @@ def run(name, args):
             res = {"config": name, "gemm": job}
             ref = None
             for vname, over in variants.items():
+                if args.variants and vname != "default" and vname not in args.variants:
+                    continue
                 setattr(GF, attr, {**base, **over})
                 try:
                     out = fn()
@@ -99,6 +107,14 @@ def run(name, args):
                 finally:
                     setattr(GF, attr, base)
             print(json.dumps(res), flush=True)
+
+
+def _split_act_bwd(fn):
+    GF.FUSE_ACT_BWD = False
+    try:
+        return fn()
+    finally:
+        GF.FUSE_ACT_BWD = True
 
 
 if __name__ == "__main__":

@@ -502,6 +502,40 @@ def test_fp8_wgrad_gluon_accumulate_modes_equal_triton(mode, dtype, monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("activation,f", [("swiglu", 256), ("swiglu_oai", 200), ("silu", 136)])
+def test_fp8_dh_gemm_fused_act_bwd_equals_split(activation, f, monkeypatch):
+    """On Hopper the FP8 dh' GEMM runs the activation backward in its epilogue
+    (``gluon_fp8._act_bwd_epilogue``: the pre-activation tiles TMA-loaded by the producer,
+    dh' never stored). Against the split form (the same GEMM storing dh', then
+    ``_act_bwd_kernel``): dpre and hw, and so dx, dW_up and dW_down, bitwise equal; the
+    routing-weight gradient (row sums of dh'·h per 128-column tile, summed in a different
+    order) to fp32 rounding. Gated and ungated, F not a multiple of the tile, an empty expert,
+    unused slots, 3 persistent programs."""
+    if not GF.available(torch.empty(0, device=DEVICE)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    monkeypatch.setattr(GF, "PROGRAMS", 3)
+    x, ids, w, w_up, w_down = _problem(13, n=600, d=256, f=f, e=6, k=2)
+    if activation in ("gelu", "relu2", "silu"):  # ungated: W_up [E, F, D]
+        w_up = w_up[:, :f].contiguous()
+    ids[ids == 4] = 1   # expert 4: no tokens
+    ids[:6, 0] = -1     # unused slots
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x)
+    res = []
+    for fused in (False, True):
+        monkeypatch.setattr(GF, "FUSE_ACT_BWD", fused)
+        leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
+        out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], activation,
+                            quant="fp8_block_wgrad")
+        res.append((out, *torch.autograd.grad(out, leaves, dout)))
+    for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
+        if name == "d_topk_weights":
+            assert rel_err(b, a) < 1e-6, f"{activation}: {name} {rel_err(b, a):.2e}"
+        else:
+            assert torch.equal(a, b), f"{activation} {name}: fused and split forms differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("quant,programs", [("fp8_block", None), ("fp8_block_wgrad", None),
                                             ("fp8_block_wgrad", 3)])
 def test_fp8_gluon_kernels_equal_triton_kernels(quant, programs, monkeypatch):

@@ -54,6 +54,8 @@ import contextlib
 import torch
 import triton
 
+from .activation import act_bwd, act_fwd
+
 try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -70,11 +72,17 @@ ENABLED = True  # the tests and benchmarks switch it off to time / compare the T
 # LOAD_REGS and the two consumers rise to MMA_REGS (3 * 168 = 2 * 232 + 40). The row-grouped
 # GEMM issues two k-steps per turn (KPAIR) from a 5-slot ring
 # (results/h100_gluon_fp8_variants_s14.log), the weight gradient from a 4-slot one
-CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, LOAD_REGS=40, MMA_REGS=232,
-              MAXNREG=168)
+CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, INFO=True, LOAD_REGS=40,
+              MMA_REGS=232, MAXNREG=168)
 # the weight gradient too: two k-steps per turn (results/h100_gluon_fp8_seg_kpair_s14.log)
-SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, KPAIR=True, LOAD_REGS=40, MMA_REGS=232,
-                  MAXNREG=168)
+# the dh' GEMM with the activation backward in its epilogue: 4 ring slots (the pre-activation
+# tiles, dh' and the weights take 96 KB of shared memory)
+EPI_CONFIG = dict(STAGES=4)
+SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, KPAIR=True, INFO=True, LOAD_REGS=40,
+                  MMA_REGS=232, MAXNREG=168)
+# the FP8 dh' GEMM runs the activation backward in its epilogue (False: the split form, a
+# separate pass; for the tests and benchmarks comparing the two)
+FUSE_ACT_BWD = True
 # programs of the persistent kernels: None = one per SM (the tests set a few, to run many
 # tiles through each program)
 PROGRAMS = None
@@ -148,22 +156,86 @@ if _HAVE_GLUON:
         seg_end = seg0 + gl.load(counts_ptr + e, mask=e < E, other=0)
         return e, pid_n, seg0 + (pid_m - first) * BM, seg_end
 
+    @gluon.jit
+    def _info_put(info, info_ready, info_empty, tc, a, b, c, d):
+        """The producer hands a tile's four int32 facts to both consumers through a two-slot
+        shared-memory ring (``tc``: tiles so far), so that they read them from shared memory
+        at the tile's start instead of waiting on global loads and reductions."""
+        slot = tc % 2
+        mbarrier.wait(info_empty.index(slot), ((tc // 2) & 1) ^ 1)
+        idx = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+        v = gl.where(idx == 0, a, gl.where(idx == 1, b, gl.where(idx == 2, c, d)))
+        info.index(slot).store(v)
+        mbarrier.arrive(info_ready.index(slot))
+
+    @gluon.jit
+    def _info_get(info, info_ready, info_empty, tc):
+        """A consumer's side of ``_info_put``: the four facts (in-warp reductions of a
+        replicated vector), and the slot released."""
+        slot = tc % 2
+        mbarrier.wait(info_ready.index(slot), (tc // 2) & 1)
+        lay: gl.constexpr = _vector_layout(gl.num_warps(), 32, True)
+        v = info.index(slot).load(lay)
+        idx = gl.arange(0, 32, layout=lay)
+        a = gl.sum(gl.where(idx == 0, v, 0), 0)
+        b = gl.sum(gl.where(idx == 1, v, 0), 0)
+        c = gl.sum(gl.where(idx == 2, v, 0), 0)
+        d = gl.sum(gl.where(idx == 3, v, 0), 0)
+        mbarrier.arrive(info_empty.index(slot))
+        return a, b, c, d
+
+    @gluon.jit
+    def _info_alloc():
+        """The tile-info ring of ``_info_put`` / ``_info_get``: slots, ready (1), empty (2)."""
+        info = gl.allocate_shared_memory(gl.int32, [2, 32],
+                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        info_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        info_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(info_ready.index(i), count=1)
+            mbarrier.init(info_empty.index(i), count=2)
+        return info, info_ready, info_empty
+
 
 if _HAVE_GLUON:
     @gluon.jit
-    def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_cum_ptr, counts_ptr,
-                      offsets_ptr, E, N, K, num_m_tiles, num_tiles, BM: gl.constexpr,
-                      BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                      GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr):
+    def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
+                      info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
+                      gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                      num_tiles, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
+                      INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr):
+        """1 warp: the TMA ring over the tiles' k-steps; with ``EPI == 2`` after a tile's
+        k-steps also its pre-activation tiles (TMA) and routing weights (gathered by this
+        warp) for the activation-backward epilogue (``pre_ready`` / ``pre_empty``)."""
         nbytes: gl.constexpr = (BM + BN) * BK
+        wl: gl.constexpr = gl.BlockedLayout([BM // 32], [32], [1], [0])
         nk = K // BK
         it = 0
+        tc = 0  # tiles so far
+        tp = 0  # tiles with an expert so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
                                                     E, N, num_m_tiles, BM, BN, GROUP_M,
                                                     BLOCK_E, gl.num_warps())
+            if INFO:
+                _info_put(info, info_ready, info_empty, tc, e, pid_n, row0, seg_end)
+                tc += 1
             if e < E:  # expert E: an idle tile (the tile count is the worst case)
                 brow0 = e * N + pid_n * BN
+                if EPI == 2:
+                    # the epilogue's inputs are requested a few k-steps into the tile (the
+                    # previous tile's epilogues are over by then: both consumers released
+                    # this tile's first slot) and arrive long before its epilogue: the
+                    # pre-activation tiles by TMA at k-step pre_at, the routing weights
+                    # gathered by this warp (slot ids loaded now, weights at pre_at, stored
+                    # at w_at: the loads' latency spent issuing k-steps)
+                    pre_at = gl.minimum(STAGES, nk - 1)
+                    w_at = gl.minimum(pre_at + 2, nk - 1)
+                    rows = row0 + gl.arange(0, BM, layout=wl)
+                    rmask = rows < seg_end
+                    slot = gl.load(gather_ptr + rows, mask=rmask, other=0)
+                    wv = gl.zeros([BM], gl.float32, layout=wl)
                 for ks in range(0, nk):
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -172,6 +244,25 @@ if _HAVE_GLUON:
                     tma.async_copy_global_to_shared(a_desc, [row0, ks * BK], bar, a_bufs.index(s))
                     tma.async_copy_global_to_shared(b_desc, [brow0, ks * BK], bar, b_bufs.index(s))
                     it += 1
+                    if EPI == 2:
+                        if ks == pre_at:
+                            # both consumers' epilogues done with the buffers (their generic
+                            # loads ordered before the TMA writes); pre_ready counts two
+                            # arrivals: this expect and the weights' arrive below
+                            mbarrier.wait(pre_empty, (tp & 1) ^ 1)
+                            fence_async_shared()
+                            mbarrier.expect(pre_ready, pre_desc.block_type.nbytes * (1 + GATED))
+                            tma.async_copy_global_to_shared(pre_desc, [row0, pid_n * BN],
+                                                            pre_ready, pre_bufs.index(0))
+                            if GATED:
+                                tma.async_copy_global_to_shared(pre_desc, [row0, N + pid_n * BN],
+                                                                pre_ready, pre_bufs.index(1))
+                            wv = gl.load(w_ptr + slot, mask=rmask, other=0.0).to(gl.float32)
+                        if ks == w_at:
+                            w_buf.store(wv)
+                            gl.thread_barrier()  # the warp's stores before the elected arrive
+                            mbarrier.arrive(pre_ready)
+                tp += 1
 
 
     @gluon.jit
@@ -202,12 +293,57 @@ if _HAVE_GLUON:
                 * gl.load(sb_base + ks * stride_sbk))
 
     @gluon.jit
-    def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
-                      counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm,
-                      stride_sa, stride_sbe, stride_sbk, stride_sbn, HALF: gl.constexpr,
-                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                      GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr):
-        """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc)."""
+    def _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp, c_ptr, hw_ptr,
+                          dwp_ptr, row0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
+                          HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
+                          GATED: gl.constexpr, ACT: gl.constexpr):
+        """``grouped_gemm._act_bwd_kernel`` on a consumer's rows of the dh' tile ``acc``, with
+        its arithmetic (dh' rounded to the output dtype first, as the split form stores it):
+        the pre-activation tiles and routing weights are in shared memory already (the
+        producer's), dh' is staged there too, then processed 16 rows at a time in the store
+        layout (coalesced 16-byte stores)."""
+        CH: gl.constexpr = 16
+        st: gl.constexpr = _store_layout(4)
+        mbarrier.wait(pre_ready, tp & 1)
+        dh_buf.slice(HALF * HM, HM).store(acc.to(c_ptr.dtype.element_ty))
+        gl.thread_barrier()  # the warpgroup's dh' rows written before any is read back
+        cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+        for r in gl.static_range(HM // CH):
+            rows = row0 + (HALF * HM + r * CH) + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
+            rmask = rows < seg_end
+            rows64 = rows.to(gl.int64)
+            cmask = rmask[:, None] & (cols < N)[None, :]
+            dh = dh_buf.slice(HALF * HM + r * CH, CH).load(st).to(gl.float32)
+            g = pre_bufs.index(0).slice(HALF * HM + r * CH, CH).load(st).to(gl.float32)
+            if GATED:
+                u = pre_bufs.index(1).slice(HALF * HM + r * CH, CH).load(st).to(gl.float32)
+            else:
+                u = g
+            wp = w_buf.slice(HALF * HM + r * CH, CH).load(gl.SliceLayout(1, st))
+            h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(gl.float32)
+            dwp = gl.sum(gl.where(cmask, dh * h, 0.0), 1)
+            gl.store(dwp_ptr + pid_n.to(gl.int64) * stride_dwp + rows64, dwp, mask=rmask)
+            gl.store(hw_ptr + rows64[:, None] * stride_hw + cols[None, :],
+                     (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
+            dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
+            c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
+            gl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
+            if GATED:
+                gl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
+        mbarrier.arrive(pre_empty)
+
+    @gluon.jit
+    def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
+                      pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, hw_ptr, dwp_ptr,
+                      sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
+                      num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp, stride_sa,
+                      stride_sbe, stride_sbk, stride_sbn, HALF: gl.constexpr, BM: gl.constexpr,
+                      BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                      GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
+                      INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr,
+                      ACT: gl.constexpr):
+        """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
+        the epilogue stores the tile (``EPI == 0``) or runs ``_act_bwd_epilogue`` (2)."""
         HM: gl.constexpr = BM // 2
         mma: gl.constexpr = _mma_layout(BN, 4)
         st: gl.constexpr = _store_layout(4)
@@ -217,10 +353,16 @@ if _HAVE_GLUON:
         nk = K // BK
         it = 0  # k-steps (ring slots) so far
         tn = 0  # turns so far
+        tc = 0  # tiles so far
+        tp = 0  # tiles with an expert so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
-                                                    E, N, num_m_tiles, BM, BN, GROUP_M,
-                                                    BLOCK_E, gl.num_warps())
+            if INFO:
+                e, pid_n, row0, seg_end = _info_get(info, info_ready, info_empty, tc)
+                tc += 1
+            else:
+                e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
+                                                        E, N, num_m_tiles, BM, BN, GROUP_M,
+                                                        BLOCK_E, gl.num_warps())
             if e < E:
                 rows_m = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
                 rmask_m = rows_m < seg_end
@@ -262,23 +404,32 @@ if _HAVE_GLUON:
                     it += 1
                     tn += 1
 
-                out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
-                rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
-                cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-                cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
-                gl.store(c_ptr + rows_s.to(gl.int64)[:, None] * stride_cm + cols_s[None, :], out,
-                         mask=cmask)
+                if EPI == 2:
+                    _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
+                                      c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
+                                      stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
+                                      ACT)
+                else:
+                    out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
+                    rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
+                    cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+                    cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
+                    gl.store(c_ptr + rows_s.to(gl.int64)[:, None] * stride_cm + cols_s[None, :],
+                             out, mask=cmask)
+                tp += 1
 
 
     @gluon.jit
     def _fp8_grouped_mm_ws(
-            a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr,
-            E, N, K, num_m_tiles, num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk,
-            stride_sbn, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-            STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
-            KPAIR: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
-            num_warps: gl.constexpr):
-        """The row-grouped FP8 GEMM: a producer + two ping-pong consumers (module doc)."""
+            a_desc, b_desc, pre_desc, c_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr, sa_ptr, sb_ptr,
+            tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm,
+            stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk, stride_sbn,
+            BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+            GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
+            INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
+            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """The row-grouped FP8 GEMM: a producer + two ping-pong consumers (module doc);
+        ``EPI == 2``: the activation backward fused into the dh' GEMM's epilogue."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(BM == 128, "two consumers of 64 rows")
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_desc.layout)
@@ -291,19 +442,42 @@ if _HAVE_GLUON:
             mbarrier.init(empty.index(s), count=2)
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
+        info, info_ready, info_empty = _info_alloc()
+        # EPI == 2: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
+        # (else token allocations: pre_desc is a stand-in)
+        pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
+                                             pre_desc.layout)
+        plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        if EPI == 2:
+            dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN],
+                                               gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
+            w_buf = gl.allocate_shared_memory(gl.float32, [BM], plain)
+        else:
+            dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
+            w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
+        pre_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        pre_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(pre_ready, count=2)  # the producer's expect and its weights' arrive
+        mbarrier.init(pre_empty, count=2)  # both consumers
 
         gl.warp_specialize([
-            (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr,
-                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
-                             num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
-                             0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR)),
-            (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, c_ptr, sa_ptr, sb_ptr,
-                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
-                             num_tiles, stride_cm, stride_sa, stride_sbe, stride_sbk, stride_sbn,
-                             1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR)),
-            (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tiles_cum_ptr,
-                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, BM, BN, BK,
-                             STAGES, GROUP_M, BLOCK_E)),
+            (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
+                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, hw_ptr,
+                             dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E,
+                             N, K, num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp,
+                             stride_sa, stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES,
+                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT)),
+            (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
+                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, hw_ptr,
+                             dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E,
+                             N, K, num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp,
+                             stride_sa, stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES,
+                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT)),
+            (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
+                             info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
+                             gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
+                             num_m_tiles, num_tiles, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, INFO,
+                             EPI, GATED)),
         ], [4, 1], [MMA_REGS, LOAD_REGS])
 
 
@@ -318,23 +492,62 @@ def grouped_fits(a, b, stride_b, n: int, k: int) -> bool:
 def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict = None):
     """``c [S, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · scales`` (``grouped_fits`` operands; A rows
     in expert order: no gather). ``stride_sb``: B scales' (expert, k-block, n-block) strides."""
+    # the pre-activation descriptor is unused: a small stand-in (token shared memory)
+    _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, epi=0,
+                    pre_desc=TensorDescriptor.from_tensor(c, [8, 8], _plain_layout(c)))
+    return c
+
+
+def act_bwd_fits(pre, dpre, hw) -> bool:
+    """Whether ``grouped_mm_act_bwd`` serves these tensors: 16-bit, contiguous rows,
+    16-byte aligned (``pre`` is TMA-loaded)."""
+    return (pre.dtype in (torch.bfloat16, torch.float16) and dpre.dtype == pre.dtype
+            and all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+                    and t.data_ptr() % 16 == 0 for t in (pre, dpre, hw)))
+
+
+def grouped_mm_act_bwd(a, sa, b, sb, stride_sb, pre, weights, meta, dpre, hw, dwp, *, n: int,
+                       k: int, gated: bool, act: int, config: dict = None):
+    """dh' = the row-grouped GEMM (as ``grouped_mm``) with ``grouped_gemm._act_bwd_kernel``
+    fused into its epilogue (``_act_bwd_epilogue``): writes ``dpre``, ``hw`` and the partial
+    routing-weight gradients ``dwp [n/128, S]`` without storing dh'. Bitwise the split form's
+    ``dpre`` and ``hw`` (dh' is rounded to ``pre``'s dtype as the split form stores it)."""
+    blk = [CONFIG["BM"] if config is None else config["BM"], 128]
+    pre_desc = TensorDescriptor.from_tensor(pre, blk, _plain_layout(pre))
+    _grouped_launch(a, sa, b, sb, stride_sb, dpre, meta, n, k, config, epi=2, pre_desc=pre_desc,
+                    hw=hw, dwp=dwp, weights=weights, gated=gated, act=act)
+
+
+def _plain_layout(t):
+    """An unswizzled shared layout for TMA boxes of ``t`` (rows of any width)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=t.element_size() * 8,
+                                rank=2)
+
+
+def _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, *, epi, pre_desc, hw=None,
+                    dwp=None, weights=None, gated=False, act=0):
     cfg = dict(CONFIG if config is None else config)
+    if epi == 2:
+        cfg.update(EPI_CONFIG)
     bm, bn = cfg["BM"], cfg["BN"]
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
-        return c
+        return
     b2d = b.as_strided((E * n, k), (k, 1))
     a_desc = TensorDescriptor.from_tensor(a, [bm, 128], _smem_layout())
     b_desc = TensorDescriptor.from_tensor(b2d, [bn, 128], _smem_layout())
     tiles_cum, num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
+    hw = c if hw is None else hw
     _fp8_grouped_mm_ws[(_programs(num_tiles, c.device),)](
-        a_desc, b_desc, c, sa, sb, tiles_cum, meta.counts, meta.offsets, E, n, k, num_m_tiles,
-        num_tiles, c.stride(0), sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2],
-        BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
-        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
-    return c
+        a_desc, b_desc, pre_desc, c, hw, meta.counts if dwp is None else dwp,
+        meta.counts if weights is None else weights, meta.sorted_slot, sa, sb, tiles_cum,
+        meta.counts, meta.offsets, E, n, k, num_m_tiles, num_tiles, c.stride(0), hw.stride(0),
+        0 if dwp is None else dwp.stride(0), sa.stride(0), stride_sb[0], stride_sb[1],
+        stride_sb[2], BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
+        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
+        EPI=epi, GATED=gated, ACT=act, LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
+        num_warps=4, maxnreg=cfg["MAXNREG"])
 
 
 def _programs(num_tiles: int, device) -> int:
@@ -375,9 +588,10 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _seg_producer(a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
-                      sb_bufs, c_buf, ready, empty, c_ready, c_empty, counts_ptr, MO, NO, E,
-                      num_tiles, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
-                      BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr):
+                      sb_bufs, c_buf, ready, empty, c_ready, c_empty, info, info_ready,
+                      info_empty, counts_ptr, MO, NO, E, num_tiles, ACCUM: gl.constexpr,
+                      GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                      BLOCK_E: gl.constexpr, INFO: gl.constexpr):
         """1 warp: the TMA ring over this program's tiles and their k-steps (``it`` counts the
         k-steps over all tiles: ring slot ``it % STAGES``, pass ``it // STAGES``); with
         ``ACCUM == 2``, after a tile's k-steps, the tile of the buffer added into (``c_buf``,
@@ -387,6 +601,8 @@ if _HAVE_GLUON:
         tc = 0  # tiles so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, tm, tn, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
+            if INFO:
+                _info_put(info, info_ready, info_empty, tc, e, tm, tn, ng)
             for ks in range(0, ng):
                 s = it % STAGES
                 # the slot's previous use released by both consumers (the first pass over the
@@ -413,15 +629,16 @@ if _HAVE_GLUON:
                 mbarrier.expect(c_ready, c_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(c_desc, [e * MO + tm * BM, tn * BN], c_ready,
                                                 c_buf)
-                tc += 1
+            tc += 1
 
 
     @gluon.jit
     def _seg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn, c_ready,
-                      c_empty, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm,
-                      stride_cn, HALF: gl.constexpr,
+                      c_empty, info, info_ready, info_empty, c_ptr, counts_ptr, MO, NO, E,
+                      num_tiles, stride_ce, stride_cm, stride_cn, HALF: gl.constexpr,
                       ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                      STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr):
+                      STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
+                      INFO: gl.constexpr):
         """Consumer ``HALF`` (0 or 1, one warpgroup): rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of
         each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``)."""
         HM: gl.constexpr = BM // 2
@@ -434,7 +651,11 @@ if _HAVE_GLUON:
         tn = 0  # turns so far
         tc = 0  # tiles so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            e, tm, tile_n, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
+            if INFO:
+                e, tm, tile_n, ng = _info_get(info, info_ready, info_empty, tc)
+            else:
+                e, tm, tile_n, _first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN,
+                                                      BLOCK_E)
             acc = gl.zeros([HM, BN], gl.float32, layout=mma)
             k0 = 0
             if KPAIR:
@@ -491,12 +712,12 @@ if _HAVE_GLUON:
                 mbarrier.wait(c_ready, tc & 1)
                 prev = c_buf.slice(HALF * HM, HM).load(st)
                 mbarrier.arrive(c_empty)
-                tc += 1
                 if ng > 0:
                     out = out + prev.to(gl.float32)
                     gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
             else:
                 gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+            tc += 1
 
 
     @gluon.jit
@@ -505,7 +726,8 @@ if _HAVE_GLUON:
             stride_ce,
             stride_cm, stride_cn, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
             BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
-            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
+            INFO: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
+            num_warps: gl.constexpr):
         """The FP8 weight gradient: a producer + two ping-pong consumers (module doc); program
         i does tiles i, i + grid, ..."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
@@ -528,17 +750,21 @@ if _HAVE_GLUON:
         c_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(c_ready, count=1)
         mbarrier.init(c_empty, count=2)
+        info, info_ready, info_empty = _info_alloc()
 
         gl.warp_specialize([
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
-                             c_ready, c_empty, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce,
-                             stride_cm, stride_cn, 0, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR)),
+                             c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
+                             MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 0, ACCUM, GS,
+                             BM, BN, STAGES, BLOCK_E, KPAIR, INFO)),
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
-                             c_ready, c_empty, c_ptr, counts_ptr, MO, NO, E, num_tiles, stride_ce,
-                             stride_cm, stride_cn, 1, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR)),
+                             c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
+                             MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 1, ACCUM, GS,
+                             BM, BN, STAGES, BLOCK_E, KPAIR, INFO)),
             (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
-                             sb_bufs, c_buf, ready, empty, c_ready, c_empty, counts_ptr, MO, NO,
-                             E, num_tiles, ACCUM, GS, BM, BN, STAGES, BLOCK_E)),
+                             sb_bufs, c_buf, ready, empty, c_ready, c_empty, info, info_ready,
+                             info_empty, counts_ptr, MO, NO, E, num_tiles, ACCUM, GS, BM, BN,
+                             STAGES, BLOCK_E, INFO)),
         ], [4, 1], [MMA_REGS, LOAD_REGS])
 
 
@@ -585,8 +811,9 @@ def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
     _fp8_segment_mm_ws[(_programs(num_tiles, c.device),)](
         a_desc, b_desc, sa_desc, sb_desc, c_desc, c, meta.counts, mo, no, E, num_tiles, c.stride(0),
         c.stride(1), c.stride(2), ACCUM=accum, GS=128, BM=bm, BN=bn, STAGES=cfg["STAGES"],
-        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
+        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
+        LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"], num_warps=4,
+        maxnreg=cfg["MAXNREG"])
     return c
 
 

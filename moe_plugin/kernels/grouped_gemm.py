@@ -657,6 +657,15 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     hw = torch.empty(S, f, dtype=pre.dtype, device=pre.device)
     args = dict(stride_a=a.stride(), stride_b=(w.stride(0), w.stride(1), w.stride(2)),
                 gather=not expert_order, quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
+    if (quant == QUANT_FP8 and expert_order and S and GF.FUSE_ACT_BWD and GF.available(a)
+            and GF.grouped_fits(a, w, args["stride_b"], f, a.shape[1])
+            and GF.act_bwd_fits(pre, dpre, hw)):
+        # Hopper: the Gluon dh' GEMM with this split form's activation pass in its epilogue
+        # (dh' never stored; bitwise the same dpre and hw)
+        dwp = torch.empty(triton.cdiv(f, 128), S, dtype=torch.float32, device=a.device)
+        GF.grouped_mm_act_bwd(a, sa, w, sb, stride_sb, pre, weights, meta, dpre, hw, dwp,
+                              n=f, k=a.shape[1], gated=gated, act=act)
+        return dpre, hw, dwp.sum(0)
     if SPLIT_UP_BWD and S:
         bm, bn, warps = (16, 32, 4) if interpret_mode() else ACT_BWD_BLOCK
         # dh' goes into hw's memory: each program of the activation pass reads its dh' tile
