@@ -296,13 +296,13 @@ if _HAVE_GLUON:
     def _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp, c_ptr, hw_ptr,
                           dwp_ptr, row0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
                           HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
-                          GATED: gl.constexpr, ACT: gl.constexpr, EXP: gl.constexpr,
-                          CH: gl.constexpr):
+                          GATED: gl.constexpr, ACT: gl.constexpr):
         """``grouped_gemm._act_bwd_kernel`` on a consumer's rows of the dh' tile ``acc``, with
         its arithmetic (dh' rounded to the output dtype first, as the split form stores it):
         the pre-activation tiles and routing weights are in shared memory already (the
         producer's), dh' is staged there too, then processed 16 rows at a time in the store
         layout (coalesced 16-byte stores)."""
+        CH: gl.constexpr = 16
         st: gl.constexpr = _store_layout(4)
         mbarrier.wait(pre_ready, tp & 1)
         dh_buf.slice(HALF * HM, HM).store(acc.to(c_ptr.dtype.element_ty))
@@ -320,24 +320,16 @@ if _HAVE_GLUON:
             else:
                 u = g
             wp = w_buf.slice(HALF * HM + r * CH, CH).load(gl.SliceLayout(1, st))
-            if EXP == 1:
-                h = g
-            else:
-                h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(gl.float32)
+            h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(gl.float32)
             dwp = gl.sum(gl.where(cmask, dh * h, 0.0), 1)
             gl.store(dwp_ptr + pid_n.to(gl.int64) * stride_dwp + rows64, dwp, mask=rmask)
             gl.store(hw_ptr + rows64[:, None] * stride_hw + cols[None, :],
                      (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
-            if EXP == 1:
-                dg = dh * wp[:, None]
-                du = u
-            else:
-                dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
-            if EXP != 2:
-                c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
-                gl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
-                if GATED:
-                    gl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
+            dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
+            c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
+            gl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
+            if GATED:
+                gl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
         mbarrier.arrive(pre_empty)
 
     @gluon.jit
@@ -349,7 +341,7 @@ if _HAVE_GLUON:
                       BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                       GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
                       INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr,
-                      ACT: gl.constexpr, EXP: gl.constexpr, CH: gl.constexpr):
+                      ACT: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
         the epilogue stores the tile (``EPI == 0``) or runs ``_act_bwd_epilogue`` (2)."""
         HM: gl.constexpr = BM // 2
@@ -416,7 +408,7 @@ if _HAVE_GLUON:
                     _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
                                       c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
                                       stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
-                                      ACT, EXP, CH)
+                                      ACT)
                 else:
                     out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
                     rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
@@ -435,7 +427,7 @@ if _HAVE_GLUON:
             BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
             GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
             INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
-            EXP: gl.constexpr, CH: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
+            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped FP8 GEMM: a producer + two ping-pong consumers (module doc);
         ``EPI == 2``: the activation backward fused into the dh' GEMM's epilogue."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
@@ -474,13 +466,13 @@ if _HAVE_GLUON:
                              dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E,
                              N, K, num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp,
                              stride_sa, stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES,
-                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, EXP, CH)),
+                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
                              pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, hw_ptr,
                              dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E,
                              N, K, num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp,
                              stride_sa, stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES,
-                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, EXP, CH)),
+                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
                              info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
                              gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
@@ -554,8 +546,7 @@ def _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, *, epi, pre_
         0 if dwp is None else dwp.stride(0), sa.stride(0), stride_sb[0], stride_sb[1],
         stride_sb[2], BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
         BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
-        EPI=epi, GATED=gated, ACT=act, EXP=cfg.get("EXP", 0), CH=cfg.get("CH", 16),
-        LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
+        EPI=epi, GATED=gated, ACT=act, LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
         num_warps=4, maxnreg=cfg["MAXNREG"])
 
 
