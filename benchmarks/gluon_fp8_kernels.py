@@ -31,10 +31,7 @@ VARIANTS = {
     "kpair_stages6": dict(KPAIR=True, STAGES=6),
     "kpair_group4": dict(KPAIR=True, GROUP_M=4),
     "info_off": dict(INFO=False),
-    "stages4": dict(STAGES=4),
 }
-# the dh' GEMM with the activation backward in its epilogue (overrides of GF.EPI_CONFIG)
-EPI_VARIANTS = {"default": {}, "global_stores": dict(TMA_ST=False)}
 SEG_VARIANTS = {"default": {}, "single_step": dict(KPAIR=False), "kpair": dict(KPAIR=True),
                 "kpair_regs240": dict(KPAIR=True, LOAD_REGS=24, MMA_REGS=240),
                 "kpair_stages5": dict(KPAIR=True, STAGES=5), "info_off": dict(INFO=False)}
@@ -45,8 +42,6 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["mixtral", "coarse_120b"])
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--wgrad-only", action="store_true", help="only the weight-gradient GEMMs")
-    ap.add_argument("--epi", action="store_true",
-                    help="only the dh' GEMM with the fused activation backward, EPI_VARIANTS")
     ap.add_argument("--variants", nargs="*", default=None,
                     help="only these variants (the default configuration is always run first)")
     args = ap.parse_args()
@@ -90,9 +85,6 @@ def run(name, args):
     seg_jobs = {"wgrad_down": (2 * M * D * F, seg(qdout, qhw, D, F)),
                 "wgrad_up": (2 * M * 2 * F * D, seg(qdpre, qx, 2 * F, D))}
     sets = [(seg_jobs, SEG_VARIANTS, "SEG_CONFIG")]
-    if args.epi:  # only the fused dh' GEMM, under EPI_VARIANTS
-        sets = [({"dh_act": jobs["dh_act"]}, EPI_VARIANTS, "EPI_CONFIG")]
-        args.wgrad_only = True
     if not args.wgrad_only:
         sets.insert(0, (jobs, VARIANTS, "CONFIG"))
     for jobset, variants, attr in sets:

@@ -77,7 +77,7 @@ CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, INFO=True, LOAD_R
 # the weight gradient too: two k-steps per turn (results/h100_gluon_fp8_seg_kpair_s14.log)
 # the dh' GEMM with the activation backward in its epilogue: 4 ring slots (the pre-activation
 # tiles, dh' and the weights take 96 KB of shared memory)
-EPI_CONFIG = dict(STAGES=4, TMA_ST=True)
+EPI_CONFIG = dict(STAGES=4)
 SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, KPAIR=True, INFO=True, LOAD_REGS=40,
                   MMA_REGS=232, MAXNREG=168)
 # the FP8 dh' GEMM runs the activation backward in its epilogue (False: the split form, a
@@ -293,36 +293,20 @@ if _HAVE_GLUON:
                 * gl.load(sb_base + ks * stride_sbk))
 
     @gluon.jit
-    def _act_bwd_store(c_ptr, hw_ptr, hwv, dg, du, rows64, cols, cmask, N, stride_cm, stride_hw,
-                       GATED: gl.constexpr):
-        """An epilogue chunk's hw and dpre (gate, up parts) by masked global stores."""
-        gl.store(hw_ptr + rows64[:, None] * stride_hw + cols[None, :], hwv, mask=cmask)
-        c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
-        gl.store(c_ptrs, dg, mask=cmask)
-        if GATED:
-            gl.store(c_ptrs + N, du, mask=cmask)
-
-    @gluon.jit
-    def _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp, dpre_desc,
-                          hw_desc, c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N, stride_cm,
-                          stride_hw, stride_dwp, HALF: gl.constexpr, HM: gl.constexpr,
-                          BN: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
-                          TMA_ST: gl.constexpr):
+    def _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp, c_ptr, hw_ptr,
+                          dwp_ptr, row0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
+                          HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
+                          GATED: gl.constexpr, ACT: gl.constexpr):
         """``grouped_gemm._act_bwd_kernel`` on a consumer's rows of the dh' tile ``acc``, with
         its arithmetic (dh' rounded to the output dtype first, as the split form stores it):
         the pre-activation tiles and routing weights are in shared memory already (the
         producer's), dh' is staged there too, then processed 16 rows at a time in the store
-        layout. ``TMA_ST``: a consumer whose rows all belong to the tile's expert writes hw
-        over dh' and dpre over the pre-activation in shared memory and stores them by TMA,
-        asynchronously (the buffers are released in the next tile, ``_release_epilogue``);
-        other rows (an expert's last tile) go by masked global stores."""
+        layout (coalesced 16-byte stores)."""
         CH: gl.constexpr = 16
         st: gl.constexpr = _store_layout(4)
-        dt: gl.constexpr = c_ptr.dtype.element_ty
         mbarrier.wait(pre_ready, tp & 1)
-        dh_buf.slice(HALF * HM, HM).store(acc.to(dt))
+        dh_buf.slice(HALF * HM, HM).store(acc.to(c_ptr.dtype.element_ty))
         gl.thread_barrier()  # the warpgroup's dh' rows written before any is read back
-        full = row0 + (HALF * HM + HM) <= seg_end
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
         for r in gl.static_range(HM // CH):
             rows = row0 + (HALF * HM + r * CH) + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
@@ -336,47 +320,17 @@ if _HAVE_GLUON:
             else:
                 u = g
             wp = w_buf.slice(HALF * HM + r * CH, CH).load(gl.SliceLayout(1, st))
-            h = act_fwd(g, u, ACT).to(dt).to(gl.float32)
+            h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(gl.float32)
             dwp = gl.sum(gl.where(cmask, dh * h, 0.0), 1)
             gl.store(dwp_ptr + pid_n.to(gl.int64) * stride_dwp + rows64, dwp, mask=rmask)
-            hwv = (h * wp[:, None]).to(hw_ptr.dtype.element_ty)
+            gl.store(hw_ptr + rows64[:, None] * stride_hw + cols[None, :],
+                     (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
             dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
-            if TMA_ST:
-                if full:  # over this chunk's inputs (read above by the same threads)
-                    dh_buf.slice(HALF * HM + r * CH, CH).store(hwv)
-                    pre_bufs.index(0).slice(HALF * HM + r * CH, CH).store(dg.to(dt))
-                    if GATED:
-                        pre_bufs.index(1).slice(HALF * HM + r * CH, CH).store(du.to(dt))
-                else:
-                    _act_bwd_store(c_ptr, hw_ptr, hwv, dg.to(dt), du.to(dt), rows64, cols,
-                                   cmask, N, stride_cm, stride_hw, GATED)
-            else:
-                _act_bwd_store(c_ptr, hw_ptr, hwv, dg.to(dt), du.to(dt), rows64, cols, cmask, N,
-                               stride_cm, stride_hw, GATED)
-        if TMA_ST:
-            if full:
-                fence_async_shared()  # the generic stores before the async proxy reads them
-                gl.thread_barrier()
-                r0 = row0 + HALF * HM
-                tma.async_copy_shared_to_global(dpre_desc, [r0, pid_n * BN],
-                                                pre_bufs.index(0).slice(HALF * HM, HM))
-                if GATED:
-                    tma.async_copy_shared_to_global(dpre_desc, [r0, N + pid_n * BN],
-                                                    pre_bufs.index(1).slice(HALF * HM, HM))
-                tma.async_copy_shared_to_global(hw_desc, [r0, pid_n * BN],
-                                                dh_buf.slice(HALF * HM, HM))
-        else:
-            mbarrier.arrive(pre_empty)
-
-    @gluon.jit
-    def _release_epilogue(pre_empty, tp, TMA_ST: gl.constexpr):
-        """With ``TMA_ST``, early in a tile: the previous tile's TMA stores have read their
-        shared memory (``store_wait``), so its epilogue buffers are released to the producer
-        (it waits for them at k-step ``pre_at``, after this consumer's first k-steps)."""
-        if TMA_ST:
-            if tp > 0:
-                tma.store_wait(0)
-                mbarrier.arrive(pre_empty)
+            c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
+            gl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
+            if GATED:
+                gl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
+        mbarrier.arrive(pre_empty)
 
     @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
@@ -387,7 +341,7 @@ if _HAVE_GLUON:
                       BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                       GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
                       INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr,
-                      ACT: gl.constexpr, TMA_ST: gl.constexpr, dpre_desc, hw_desc):
+                      ACT: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
         the epilogue stores the tile (``EPI == 0``) or runs ``_act_bwd_epilogue`` (2)."""
         HM: gl.constexpr = BM // 2
@@ -429,9 +383,6 @@ if _HAVE_GLUON:
                                            it, tn, HALF, HM, STAGES)
                         mbarrier.arrive(empty.index(s1))
                         mbarrier.arrive(empty.index(s2))
-                        if EPI == 2:
-                            if kp == 0:
-                                _release_epilogue(pre_empty, tp, TMA_ST)
                         acc = acc + p1 * sc1[:, None]
                         acc = acc + p2 * sc2[:, None]
                         it += 2
@@ -449,18 +400,15 @@ if _HAVE_GLUON:
                     mbarrier.arrive(other_turn)
                     p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
                     mbarrier.arrive(empty.index(s))
-                    if EPI == 2:
-                        if ks == 0:  # no two-step turns in this tile
-                            _release_epilogue(pre_empty, tp, TMA_ST)
                     acc = acc + p * sc[:, None]
                     it += 1
                     tn += 1
 
                 if EPI == 2:
                     _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
-                                      dpre_desc, hw_desc, c_ptr, hw_ptr, dwp_ptr, row0, seg_end,
-                                      pid_n, N, stride_cm, stride_hw, stride_dwp, HALF, HM, BN,
-                                      GATED, ACT, TMA_ST)
+                                      c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
+                                      stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
+                                      ACT)
                 else:
                     out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
                     rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
@@ -469,20 +417,17 @@ if _HAVE_GLUON:
                     gl.store(c_ptr + rows_s.to(gl.int64)[:, None] * stride_cm + cols_s[None, :],
                              out, mask=cmask)
                 tp += 1
-        if EPI == 2:
-            if TMA_ST:
-                tma.store_wait(0)  # the last tile's stores
 
 
     @gluon.jit
     def _fp8_grouped_mm_ws(
-            a_desc, b_desc, pre_desc, dpre_desc, hw_desc, c_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr, sa_ptr, sb_ptr,
+            a_desc, b_desc, pre_desc, c_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr, sa_ptr, sb_ptr,
             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm,
             stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk, stride_sbn,
             BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
             GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
             INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
-            TMA_ST: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
+            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped FP8 GEMM: a producer + two ping-pong consumers (module doc);
         ``EPI == 2``: the activation backward fused into the dh' GEMM's epilogue."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
@@ -504,11 +449,8 @@ if _HAVE_GLUON:
                                              pre_desc.layout)
         plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         if EPI == 2:
-            if TMA_ST:  # hw is TMA-stored from it: the descriptors' layout
-                dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], pre_desc.layout)
-            else:
-                dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN],
-                                                   gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
+            dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN],
+                                               gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
             w_buf = gl.allocate_shared_memory(gl.float32, [BM], plain)
         else:
             dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
@@ -524,15 +466,13 @@ if _HAVE_GLUON:
                              dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E,
                              N, K, num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp,
                              stride_sa, stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES,
-                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, TMA_ST, dpre_desc,
-                             hw_desc)),
+                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
                              pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, hw_ptr,
                              dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E,
                              N, K, num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp,
                              stride_sa, stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES,
-                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, TMA_ST, dpre_desc,
-                             hw_desc)),
+                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
                              info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
                              gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
@@ -553,9 +493,8 @@ def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict
     """``c [S, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · scales`` (``grouped_fits`` operands; A rows
     in expert order: no gather). ``stride_sb``: B scales' (expert, k-block, n-block) strides."""
     # the pre-activation descriptor is unused: a small stand-in (token shared memory)
-    stand_in = TensorDescriptor.from_tensor(c, [8, 8], _plain_layout(c))
-    _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, epi=0, pre_desc=stand_in,
-                    dpre_desc=stand_in, hw_desc=stand_in)
+    _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, epi=0,
+                    pre_desc=TensorDescriptor.from_tensor(c, [8, 8], _plain_layout(c)))
     return c
 
 
@@ -573,12 +512,9 @@ def grouped_mm_act_bwd(a, sa, b, sb, stride_sb, pre, weights, meta, dpre, hw, dw
     fused into its epilogue (``_act_bwd_epilogue``): writes ``dpre``, ``hw`` and the partial
     routing-weight gradients ``dwp [n/128, S]`` without storing dh'. Bitwise the split form's
     ``dpre`` and ``hw`` (dh' is rounded to ``pre``'s dtype as the split form stores it)."""
-    bm = CONFIG["BM"] if config is None else config["BM"]
-    lay = _plain_layout(pre)
-    _grouped_launch(a, sa, b, sb, stride_sb, dpre, meta, n, k, config, epi=2,
-                    pre_desc=TensorDescriptor.from_tensor(pre, [bm, 128], lay),
-                    dpre_desc=TensorDescriptor.from_tensor(dpre, [bm // 2, 128], lay),
-                    hw_desc=TensorDescriptor.from_tensor(hw, [bm // 2, 128], lay),
+    blk = [CONFIG["BM"] if config is None else config["BM"], 128]
+    pre_desc = TensorDescriptor.from_tensor(pre, blk, _plain_layout(pre))
+    _grouped_launch(a, sa, b, sb, stride_sb, dpre, meta, n, k, config, epi=2, pre_desc=pre_desc,
                     hw=hw, dwp=dwp, weights=weights, gated=gated, act=act)
 
 
@@ -588,8 +524,8 @@ def _plain_layout(t):
                                 rank=2)
 
 
-def _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, *, epi, pre_desc,
-                    dpre_desc, hw_desc, hw=None, dwp=None, weights=None, gated=False, act=0):
+def _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, *, epi, pre_desc, hw=None,
+                    dwp=None, weights=None, gated=False, act=0):
     cfg = dict(CONFIG if config is None else config)
     if epi == 2:
         cfg.update(EPI_CONFIG)
@@ -604,14 +540,13 @@ def _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, *, epi, pre_
     tiles_cum, num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
     hw = c if hw is None else hw
     _fp8_grouped_mm_ws[(_programs(num_tiles, c.device),)](
-        a_desc, b_desc, pre_desc, dpre_desc, hw_desc, c, hw, meta.counts if dwp is None else dwp,
+        a_desc, b_desc, pre_desc, c, hw, meta.counts if dwp is None else dwp,
         meta.counts if weights is None else weights, meta.sorted_slot, sa, sb, tiles_cum,
         meta.counts, meta.offsets, E, n, k, num_m_tiles, num_tiles, c.stride(0), hw.stride(0),
         0 if dwp is None else dwp.stride(0), sa.stride(0), stride_sb[0], stride_sb[1],
         stride_sb[2], BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
         BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
-        EPI=epi, GATED=gated, ACT=act, TMA_ST=cfg.get("TMA_ST", False) and n % bn == 0,
-        LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
+        EPI=epi, GATED=gated, ACT=act, LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
         num_warps=4, maxnreg=cfg["MAXNREG"])
 
 
