@@ -35,6 +35,15 @@ producer TMA-loads the buffer's tile after issuing the tile's k-steps, so the ep
 from shared memory instead of waiting on a global load. ``_fp8_cols_gl``: the column
 quantisation of its operands.
 
+The row-grouped kernel's consumers take each tile's facts (expert, column tile, rows) from the
+producer through a two-slot shared-memory ring (``INFO``; the weight gradient's likewise). For
+the dh' GEMM (``EPI == 2``, ``grouped_mm_act_bwd``) the epilogue is ``grouped_gemm``'s split
+activation pass (``_act_bwd_kernel``, same arithmetic, bitwise the same dpre / hw / routing-
+weight gradient): the producer TMA-loads the tile's pre-activation and gathers its routing
+weights a few k-steps into the tile, the consumers stage dh' in shared memory and process it
+16 rows at a time; dh' is never stored (H100, ``results/h100_fp8_fused_act_bwd_s16.log``: the
+GEMM grows by ~0.9 ms on coarse_120b, the 1.3 ms pass goes).
+
 H100 (``results/h100_gluon_ws_experiment.log``, mixtral's shapes, against the lockstep TMA
 kernels these replaced): wgrad dW_up 594 → 781 TFLOP/s, dW_down 544 → 762; GEMM1 817 → 948,
 GEMM2 854 → 903. The row-grouped consumers then issue two k-steps per turn (``KPAIR``: the

@@ -15,7 +15,8 @@ the grid is sized for the worst case and idle programs exit). Epilogues:
   when ``STORE_PRE`` and ``h = act(pre)`` (computed from the rounded pre-activation, exactly as
   the backward recomputes it) when ``STORE_H``.
 * ``EPI_ACT_BWD`` (the fused form; by default ``expert_up_bwd`` stores dh' with ``EPI_STORE``
-  and runs the same tile math, ``_act_bwd_tile``, in ``_act_bwd_kernel``):
+  and runs the same tile math, ``_act_bwd_tile``, in ``_act_bwd_kernel``; the FP8 dh' GEMM on
+  Hopper runs that pass in its Gluon epilogue, ``gluon_fp8.grouped_mm_act_bwd``):
   ``acc = dh' = dout[row(p)] · W_down[e]`` (unweighted). Loads the saved
   pre-activation, recomputes ``h``, writes the partial row sums ``Σ_n dh'·h`` (the gradient of
   the routing weight, one partial per column tile: summed afterwards, no atomics),
