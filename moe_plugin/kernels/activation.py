@@ -86,3 +86,24 @@ def act_bwd(g, u, dh, ACT: tl.constexpr):
         return dh * 2.0 * tl.maximum(g, 0.0), dh * 0.0
     else:
         return dh * _silu_grad(g), dh * 0.0
+
+
+@triton.jit
+def act_bwd_store(dh, g, u, wp, rows64, cols, rmask, cmask, pid_n, dwp_ptr, hw_ptr, c_ptr, N,
+                  stride_dwp, stride_hw, stride_cm, GATED: tl.constexpr, ACT: tl.constexpr):
+    """The activation backward of one [rows, columns] tile from its values in fp32: ``dh =
+    dh'`` (unweighted), the pre-activation parts ``g``, ``u`` and the rows' routing weights
+    ``wp``. Recomputes ``h`` (rounded like the forward's) and writes the partial routing-weight
+    gradient ``Σ_n dh'·h`` (one per column tile ``pid_n``), ``hw = w·h`` and ``dpre = act'(pre)
+    ⊙ (w·dh')`` (into ``c``, the layout of ``pre``; gated: up part ``N`` columns on). Shared by
+    the Triton kernels (``grouped_gemm._act_bwd_tile``) and the Gluon dh' GEMM's epilogue."""
+    h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(tl.float32)
+    dwp = tl.sum(tl.where(cmask, dh * h, 0.0), 1)
+    tl.store(dwp_ptr + pid_n.to(tl.int64) * stride_dwp + rows64, dwp, mask=rmask)
+    tl.store(hw_ptr + rows64[:, None] * stride_hw + cols[None, :],
+             (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
+    dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
+    c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
+    if GATED:
+        tl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)

@@ -63,7 +63,7 @@ import contextlib
 import torch
 import triton
 
-from .activation import act_bwd, act_fwd
+from .activation import act_bwd_store
 
 try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental import gluon
@@ -83,10 +83,10 @@ ENABLED = True  # the tests and benchmarks switch it off to time / compare the T
 # (results/h100_gluon_fp8_variants_s14.log), the weight gradient from a 4-slot one
 CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, INFO=True, LOAD_REGS=40,
               MMA_REGS=232, MAXNREG=168)
-# the weight gradient too: two k-steps per turn (results/h100_gluon_fp8_seg_kpair_s14.log)
 # the dh' GEMM with the activation backward in its epilogue: 4 ring slots (the pre-activation
 # tiles, dh' and the weights take 96 KB of shared memory)
 EPI_CONFIG = dict(STAGES=4)
+# the weight gradient too: two k-steps per turn (results/h100_gluon_fp8_seg_kpair_s14.log)
 SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, KPAIR=True, INFO=True, LOAD_REGS=40,
                   MMA_REGS=232, MAXNREG=168)
 # the FP8 dh' GEMM runs the activation backward in its epilogue (False: the split form, a
@@ -329,16 +329,8 @@ if _HAVE_GLUON:
             else:
                 u = g
             wp = w_buf.slice(HALF * HM + r * CH, CH).load(gl.SliceLayout(1, st))
-            h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(gl.float32)
-            dwp = gl.sum(gl.where(cmask, dh * h, 0.0), 1)
-            gl.store(dwp_ptr + pid_n.to(gl.int64) * stride_dwp + rows64, dwp, mask=rmask)
-            gl.store(hw_ptr + rows64[:, None] * stride_hw + cols[None, :],
-                     (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
-            dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
-            c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
-            gl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
-            if GATED:
-                gl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
+            act_bwd_store(dh, g, u, wp, rows64, cols, rmask, cmask, pid_n, dwp_ptr, hw_ptr, c_ptr,
+                          N, stride_dwp, stride_hw, stride_cm, GATED, ACT)
         mbarrier.arrive(pre_empty)
 
     @gluon.jit

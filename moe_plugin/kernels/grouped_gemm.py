@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import gluon_fp8 as GF
-from .activation import act_bwd, act_fwd
+from .activation import act_bwd_store, act_fwd
 from .common import interpret_mode, next_pow2
 from .permute import PermuteMeta
 from .quantize import _to_e4m3
@@ -277,21 +277,12 @@ def _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr,
                   hw_ptr, c_ptr, N, stride_pm, stride_dwp, stride_hw, stride_cm,
                   GATED: tl.constexpr, ACT: tl.constexpr):
     """The activation backward of one [rows, columns] tile, given ``dh = dh'`` (unweighted,
-    fp32): loads the saved pre-activation, recomputes ``h`` (rounded like the forward's), writes
-    the partial routing-weight gradient ``Σ_n dh'·h`` (one per column tile), ``hw = w·h`` and
-    ``dpre = act'(pre) ⊙ (w·dh')`` (into ``c``, the layout of ``pre``)."""
+    fp32): loads the saved pre-activation and the routing weights, then ``act_bwd_store``
+    (partial routing-weight gradient, ``hw``, ``dpre`` into ``c``)."""
     g, u = _load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED)
-    h = act_fwd(g, u, ACT).to(c_ptr.dtype.element_ty).to(tl.float32)
-    dwp = tl.sum(tl.where(cmask, dh * h, 0.0), 1)
-    tl.store(dwp_ptr + pid_n.to(tl.int64) * stride_dwp + rows64, dwp, mask=rmask)
     wp = tl.load(w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(hw_ptr + rows64[:, None] * stride_hw + offs_n[None, :],
-             (h * wp[:, None]).to(hw_ptr.dtype.element_ty), mask=cmask)
-    dg, du = act_bwd(g, u, dh * wp[:, None], ACT)
-    c_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=cmask)
-    if GATED:
-        tl.store(c_ptrs + N, du.to(c_ptr.dtype.element_ty), mask=cmask)
+    act_bwd_store(dh, g, u, wp, rows64, offs_n, rmask, cmask, pid_n, dwp_ptr, hw_ptr, c_ptr, N,
+                  stride_dwp, stride_hw, stride_cm, GATED, ACT)
 
 
 @triton.jit
