@@ -85,10 +85,13 @@ def loop_experts(x, ids, weights, w_up, w_down):
 
 def moe_plugin_impl(recompute=False, quant=None):
     import moe_plugin
+    from moe_plugin.quant import WeightCache
+    cache = WeightCache() if quant else None  # never refreshed: the weights never change here
 
     def run(x, ids, weights, w_up, w_down):
         return moe_plugin.fused_experts(x, ids, weights, w_up, w_down, "swiglu",
-                                        recompute=recompute, quant=quant, validate_ids=False)
+                                        recompute=recompute, quant=quant, validate_ids=False,
+                                        weight_cache=cache)
     return run
 
 
@@ -96,8 +99,8 @@ IMPLS = {
     "moe_plugin": moe_plugin_impl(False),
     "moe_plugin_recompute": moe_plugin_impl(True),
     # FP8 block-scaled expert GEMMs (fp8 dgrad, bf16 wgrad); the weights' quantised copy is
-    # cached per weight version, so a timed step includes no weight quantisation (as in
-    # training, where it happens once per optimizer step, not per micro-batch)
+    # kept in a WeightCache, so a timed step includes no weight quantisation (as in training
+    # with quant.cache_quantized_weights, where it happens once per optimizer step)
     "moe_plugin_fp8": moe_plugin_impl(False, "fp8_block"),
     # the same with the weight gradients in FP8 too (operands per column and 128 tokens)
     "moe_plugin_fp8w": moe_plugin_impl(False, "fp8_block_wgrad"),

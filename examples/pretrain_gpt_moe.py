@@ -64,6 +64,7 @@ from moe_plugin.megatron import MoEPluginConfig, add_plugin_args, gpt_decoder_bl
 from moe_plugin.graphs import GraphedStep, side_stream  # noqa: E402
 from moe_plugin.megatron.attention import with_sdpa_attention  # noqa: E402
 from moe_plugin.megatron.loss import use_fused_cross_entropy  # noqa: E402
+from moe_plugin.quant import cache_quantized_weights  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -276,6 +277,10 @@ def main(argv=None):
     master = [p.detach().clone().float().requires_grad_() for p in params]
     opt = torch.optim.AdamW(master, lr=args.lr, weight_decay=args.weight_decay,
                             betas=(0.9, 0.95), fused=cuda or None)
+    if args.moe_use_plugin and cfg.moe_plugin_quant:
+        # FP8 experts: quantise each expert weight once per optimizer step (not per
+        # micro-batch); the cache is refreshed by opt.step(), before the weights are copied in
+        cache_quantized_weights(model, opt)
     start_iter, consumed = 0, 0
     if args.load:
         start_iter, consumed = load_checkpoint(args, model, opt, master, params, rank)

@@ -203,6 +203,12 @@ def check_routing_args(num_experts: int, top_k, score_func, renormalize, expert_
     check_nonneg_float("z_loss_coeff", z_loss_coeff)
 
 
+def check_router_jitter(router_jitter) -> None:
+    check_nonneg_float("router_jitter", router_jitter)
+    if router_jitter >= 1:
+        raise ValueError(f"router_jitter: expected a value in [0, 1), got {router_jitter}")
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Slots each expert keeps under capacity dropping (Megatron-Core's ``get_capacity``)."""
     return math.ceil(num_tokens * top_k / num_experts * capacity_factor)

@@ -13,6 +13,7 @@ from .config import (BACKENDS, DROP_POLICIES, FLOAT_DTYPES, check_activation,
                      check_positive_int, check_quant, check_routing_args, check_tensor,
                      expert_capacity)
 from .kernels.common import interpret_mode
+from .quant import check_weight_cache
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -47,6 +48,18 @@ def _check_ids(topk_ids: torch.Tensor, num_experts: int, validate_ids) -> None:
                          f"got {validate_ids!r}")
 
 
+def _check_logits_finite(logits: torch.Tensor) -> None:
+    """``check_finite``: NaN/inf router logits raise, naming the inputs they come from."""
+    msg = ("hidden_states: non-finite router logits (NaN or inf in hidden_states or "
+           "gate_weight, or hidden_states · gate_weightᵀ overflowed)")
+    finite = torch.isfinite(logits).all(dim=1)
+    if logits.is_cuda:
+        torch._assert_async(finite.all(), msg)  # no host synchronisation
+    elif not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:8].tolist()
+        raise ValueError(f"{msg}: tokens {bad}")
+
+
 def _check_flags(**flags) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
@@ -54,7 +67,7 @@ def _check_flags(**flags) -> None:
 
 
 def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, recompute,
-             quant=None):
+             quant=None, weight_cache=None):
     """Returns ``(out [N, D], tokens_per_expert int [E])``."""
     act_code, gated = check_activation(activation)
     if use_triton:
@@ -62,7 +75,8 @@ def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, re
             return FusedExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
                                               gated, recompute)
         return FusedExpertsFP8Function.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
-                                             gated, recompute, quant == "fp8_block_wgrad")
+                                             gated, recompute, quant == "fp8_block_wgrad",
+                                             weight_cache)
     out = reference.experts(x, topk_ids, topk_weights, w_up, w_down, activation)
     valid = topk_ids.reshape(-1)
     counts = torch.zeros(w_up.shape[0], dtype=torch.int32, device=x.device)
@@ -75,7 +89,7 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   activation: str = "swiglu", *, backend: str = "auto", recompute: bool = False,
                   quant: Optional[str] = None, deterministic: bool = False,
-                  validate_ids=None) -> torch.Tensor:
+                  validate_ids=None, weight_cache=None) -> torch.Tensor:
     """Routed experts with the routing given.
 
     Args:
@@ -90,11 +104,14 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
         recompute: save nothing of GEMM1's output; recompute it in backward (same gradients).
         quant: ``None`` (GEMMs in the input dtype) or ``"fp8_block"``: FP8 e4m3 expert GEMMs
             with DeepSeek-V3 block scales (activations per token and 128 columns, weights per
-            128 x 128 block, fp32 accumulation), dgrad in FP8, wgrad in the input dtype; the
-            quantised weight copy is made once per weight update. ``"fp8_block_wgrad"``: the
+            128 x 128 block, fp32 accumulation), dgrad in FP8, wgrad in the input dtype. ``"fp8_block_wgrad"``: the
             same with the weight gradients in FP8 too (operands per column and 128 tokens,
             DeepSeek-V3's full recipe; faster, less accurate). Triton backend only; see
             ``docs/quantization.md`` for their accuracy.
+        weight_cache: with ``quant``, a ``moe_plugin.quant.WeightCache`` whose quantised
+            weight copies are reused until its ``refresh()`` (e.g. once per optimizer step:
+            ``quant.cache_quantized_weights``). ``None`` (default): the weights are quantised
+            in every call.
         deterministic: require bitwise-reproducible outputs and gradients. Every kernel of
             this path is already deterministic (no floating-point atomics, fixed launch
             configurations), so this only guards future non-deterministic variants.
@@ -111,16 +128,20 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
     _check_flags(recompute=recompute, deterministic=deterministic)
     use_triton = _use_triton(backend, hidden_states)
     check_quant(quant, use_triton=use_triton)
+    check_weight_cache(weight_cache)
     _check_ids(topk_ids, shapes.num_experts, validate_ids)
     out, _ = _experts(hidden_states, topk_ids, topk_weights, w_up, w_down, activation,
-                      use_triton, recompute, quant)
+                      use_triton, recompute, quant, weight_cache)
     return out
 
 
 def capacity_drop(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                  capacity_factor: float, drop_policy: str = "probs") -> torch.Tensor:
+                  capacity_factor: float, drop_policy: str = "probs",
+                  validate_ids=None) -> torch.Tensor:
     """Sets the slots over each expert's capacity to -1 (policy as in ``reference``).
 
+    ``topk_ids`` must hold -1 or ids in ``[0, num_experts)``; ``validate_ids`` as in
+    ``fused_experts`` (by default a host check on CPU, a device-side assertion on CUDA).
     Device-side sorts only: no host synchronisation."""
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64))
     check_tensor("topk_weights", topk_weights, ndim=2, device=topk_ids.device)
@@ -130,20 +151,53 @@ def capacity_drop(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expert
     check_positive_int("num_experts", num_experts)
     check_capacity_factor(capacity_factor, allow_none=False)
     check_choice("drop_policy", drop_policy, DROP_POLICIES)
+    _check_ids(topk_ids, num_experts, validate_ids)
+    return _capacity_drop(topk_ids, topk_weights, num_experts, capacity_factor, drop_policy)
+
+
+def _capacity_drop(topk_ids, topk_weights, num_experts: int, capacity_factor: float,
+                   drop_policy: str) -> torch.Tensor:
+    """``capacity_drop`` on checked arguments."""
     n, k = topk_ids.shape
     cap = expert_capacity(n, k, num_experts, capacity_factor)
     flat = topk_ids.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, num_experts)
+    return _drop_over(topk_ids, topk_weights, flat, num_experts, cap, drop_policy)
+
+
+def _drop_over(topk_ids, topk_weights, bucket, num_buckets: int, cap: int,
+               drop_policy: str) -> torch.Tensor:
+    """Sets to -1 the slots beyond the first ``cap`` of each bucket (``bucket`` [N·k] in
+    ``[0, num_buckets)``, -1 for unused slots), in the order of ``drop_policy``: ``"probs"``
+    highest weight first (ties: lower slot first), ``"position"`` slot order. Device-side
+    sorts only."""
+    n, k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    key = torch.where(bucket >= 0, bucket, num_buckets)
     if drop_policy == "probs":
-        order = torch.sort(topk_weights.reshape(-1).float(), descending=True, stable=True).indices
+        order = torch.sort(topk_weights.detach().reshape(-1).float(), descending=True,
+                           stable=True).indices
         order = order[torch.sort(key[order], stable=True).indices]
     else:
         order = torch.sort(key, stable=True).indices
     sorted_key = key[order]
-    starts = torch.searchsorted(sorted_key, torch.arange(num_experts + 1, device=flat.device))
+    starts = torch.searchsorted(sorted_key, torch.arange(num_buckets + 1, device=flat.device))
     rank = torch.arange(flat.numel(), device=flat.device) - starts[sorted_key]
     keep = torch.empty_like(rank, dtype=torch.bool).scatter_(0, order, rank < cap)
     return torch.where(keep & (flat >= 0), flat, -1).view(n, k).to(topk_ids.dtype)
+
+
+def rank_overflow_drop(topk_ids, topk_weights, num_experts: int, ep_size: int,
+                       max_tokens_per_rank: int, drop_policy: str) -> torch.Tensor:
+    """Expert parallelism with a fixed-size exchange (``max_tokens_per_rank``): each
+    destination rank receives at most ``max_tokens_per_rank · min(k, E/P)`` rows from this
+    rank; the slots beyond that become -1, chosen by ``drop_policy`` over all the slots bound
+    for that rank (as ``capacity_drop`` chooses per expert). Nothing is dropped while the rank
+    has at most ``max_tokens_per_rank`` tokens."""
+    e_loc = num_experts // ep_size
+    cap = max_tokens_per_rank * min(topk_ids.shape[1], e_loc)
+    flat = topk_ids.reshape(-1).long()
+    dst = torch.where(flat >= 0, flat.div(e_loc, rounding_mode="floor"), -1)
+    return _drop_over(topk_ids, topk_weights, dst, ep_size, cap, drop_policy)
 
 
 def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torch.Tensor,
@@ -154,7 +208,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
               capacity_factor: Optional[float] = None, drop_policy: str = "probs",
               aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, recompute: bool = False,
               ep_group=None, ep_backend: str = "nccl", max_tokens_per_rank: Optional[int] = None,
-              backend: str = "auto", deterministic: bool = False, quant: Optional[str] = None):
+              backend: str = "auto", deterministic: bool = False, quant: Optional[str] = None,
+              weight_cache=None, check_finite: bool = False):
     """Router + routed experts of one MoE layer.
 
     ``hidden_states [N, D]``, ``gate_weight [E, D]``, ``w_up``/``w_down`` as in
@@ -176,7 +231,14 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     this rank's experts received).
 
     ``quant``: ``None``, ``"fp8_block"`` or ``"fp8_block_wgrad"`` (FP8 expert GEMMs, see
-    ``fused_experts``).
+    ``fused_experts``, as is ``weight_cache``).
+
+    Non-finite input: a token whose router logits hold NaN or inf (from ``hidden_states``,
+    ``gate_weight`` or overflow) is still routed to ``top_k`` distinct valid experts (NaN
+    ranks highest, as in ``torch.sort``); its weights and output come out non-finite, as in
+    the reference, never silently zero. ``check_finite=True`` raises instead: ``ValueError``
+    at once on CPU; on CUDA a device-side assertion (no host synchronisation) that fails the
+    stream.
     """
     x = hidden_states
     check_tensor("hidden_states", x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -199,19 +261,21 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     check_experts_args(x, torch.empty(n, top_k, dtype=torch.int32, device=x.device),
                        torch.empty(n, top_k, dtype=torch.float32, device=x.device),
                        w_up, w_down, activation)
-    _check_flags(recompute=recompute, deterministic=deterministic)
+    _check_flags(recompute=recompute, deterministic=deterministic, check_finite=check_finite)
     use_triton = _use_triton(backend, x)
     check_quant(quant, use_triton=use_triton)
+    check_weight_cache(weight_cache)
     ids, weights, aux, z = route_tokens(
         x, gate_weight, top_k, score_func=score_func, renormalize=renormalize,
         expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
         scaling_factor=scaling_factor, capacity_factor=capacity_factor, drop_policy=drop_policy,
-        aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, use_triton=use_triton)
-    out, counts, recv = routed_experts(x, ids, weights, w_up, w_down, activation, use_triton,
-                                       recompute, num_experts=num_experts, ep_group=ep_group,
-                                       ep_backend=ep_backend,
-                                       max_tokens_per_rank=max_tokens_per_rank,
-                                       allow_drop=capacity_factor is not None, quant=quant)
+        aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, use_triton=use_triton,
+        check_finite=check_finite)
+    out, counts, recv, ids = routed_experts(
+        x, ids, weights, w_up, w_down, activation, use_triton, recompute,
+        num_experts=num_experts, ep_group=ep_group, ep_backend=ep_backend,
+        max_tokens_per_rank=max_tokens_per_rank, allow_drop=capacity_factor is not None,
+        drop_policy=drop_policy, quant=quant, weight_cache=weight_cache)
     info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
             "topk_weights": weights}
     if ep_group is not None:
@@ -238,39 +302,47 @@ def _check_ep(ep_group, num_experts: int, ep_backend: str, max_tokens_per_rank) 
 
 def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recompute, *,
                    num_experts: int, ep_group=None, ep_backend="nccl", max_tokens_per_rank=None,
-                   allow_drop=False, quant=None):
+                   allow_drop=False, drop_policy="probs", quant=None, weight_cache=None):
     """Routed experts with or without expert parallelism.
 
-    Returns ``(out, tokens_per_expert [E] (the rank's own slots), ep_recv_count | None)``."""
+    Returns ``(out, tokens_per_expert [E] (the rank's own slots), ep_recv_count | None,
+    topk_ids)``: ``topk_ids`` as routed, with -1 for the slots dropped here (under EP with
+    ``max_tokens_per_rank`` and ``allow_drop``, those over a destination rank's share, chosen
+    by ``drop_policy``: ``rank_overflow_drop``); the counts are of the slots kept."""
     if ep_group is None:
         out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton,
-                               recompute, quant)
-        return out, counts, None
+                               recompute, quant, weight_cache)
+        return out, counts, None, ids
     from .comm.ep import ep_experts
     act_code, gated = check_activation(activation)
     if not use_triton:
         raise ValueError("backend: expert parallelism runs the Triton kernels; use backend "
                          "'auto' or 'triton' (CUDA, or TRITON_INTERPRET=1 on CPU)")
+    if max_tokens_per_rank is not None and allow_drop:
+        import torch.distributed as dist
+        ids = rank_overflow_drop(ids, weights, num_experts, dist.get_world_size(ep_group),
+                                 max_tokens_per_rank, drop_policy)
     out, recv = ep_experts(x, ids, weights, w_up, w_down, num_experts=num_experts,
                            act=act_code, gated=gated, recompute=recompute, group=ep_group,
                            backend=ep_backend, max_tokens_per_rank=max_tokens_per_rank,
-                           allow_drop=allow_drop, quant=quant)
+                           allow_drop=allow_drop, quant=quant, weight_cache=weight_cache)
     flat = ids.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     counts.index_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int32))
-    return out, counts, recv
+    return out, counts, recv, ids
 
 
 def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bool,
                  expert_bias, num_groups, group_topk, scaling_factor: float, capacity_factor,
                  drop_policy: str, aux_loss_coeff: float, z_loss_coeff: float, use_triton: bool,
-                 seq_shape=None):
+                 seq_shape=None, check_finite: bool = False):
     """The router stage shared by ``fused_moe`` and ``MoELayer`` (arguments already checked).
 
     ``x [N, D]`` is the router input. Returns ``(topk_ids [N, k] (-1 for dropped slots),
     topk_weights fp32 [N, k], aux_loss, z_loss)``. With ``seq_shape = (num_seqs, seq_len,
     batch_first)`` the load-balance loss is the per-sequence variant
-    (``reference.seq_load_balance_loss``) instead of the per-batch one."""
+    (``reference.seq_load_balance_loss``) instead of the per-batch one. ``check_finite``: see
+    ``fused_moe``."""
     n = x.shape[0]
     num_experts = gate_weight.shape[0]
     need_aux = aux_loss_coeff > 0 and n > 0
@@ -279,6 +351,8 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     if use_triton:
         logits = RouterLogitsFunction.apply(x, gate_weight)
+        if check_finite:
+            _check_logits_finite(logits)
         ids, weights, colsum, aux_counts, lse = RouterFunction.apply(
             logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
             float(scaling_factor), batch_aux, need_z)
@@ -289,6 +363,8 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
         rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         zero = zero.to(rdt)
         logits = x.to(rdt) @ gate_weight.to(rdt).t()
+        if check_finite:
+            _check_logits_finite(logits)
         ids, weights, _ = reference.route(
             logits, top_k, score_func=score_func, renormalize=renormalize,
             expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
@@ -300,5 +376,5 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
         aux = reference.seq_load_balance_loss(logits, top_k, score_func, aux_loss_coeff,
                                               *seq_shape)
     if capacity_factor is not None:
-        ids = capacity_drop(ids, weights, num_experts, capacity_factor, drop_policy)
+        ids = _capacity_drop(ids, weights, num_experts, capacity_factor, drop_policy)
     return ids, weights, aux, z

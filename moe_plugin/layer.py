@@ -16,7 +16,8 @@ from torch import nn
 
 from . import reference
 from .config import (FLOAT_DTYPES, check_activation, check_choice, check_nonneg_float,
-                     check_positive_int, check_routing_args, check_tensor, TRAIN_QUANTS)
+                     check_positive_int, check_router_jitter, check_routing_args, check_tensor,
+                     TRAIN_QUANTS)
 from .functional import _check_ep, _use_triton, route_tokens, routed_experts
 
 AUX_LOSS_TYPES = ("batch", "seq")
@@ -61,7 +62,10 @@ class MoELayer(nn.Module):
         ep_backend, max_tokens_per_rank: as in ``fused_moe``.
         quant: ``None``, ``"fp8_block"`` or ``"fp8_block_wgrad"``: the routed experts' GEMMs
             in FP8 with block scales, the weight gradients in ``dtype`` or in FP8 too (see
-            ``fused_experts``; the shared experts and the router stay in ``dtype``).
+            ``fused_experts``; the shared experts and the router stay in ``dtype``). The
+            weights are quantised in every forward unless the layer's ``quant_weight_cache``
+            holds a ``quant.WeightCache`` (``quant.cache_quantized_weights(model, optimizer)``
+            sets one, refreshed after each optimizer step).
         dtype, device: of the parameters.
 
     ``forward(x [..., D]) -> (out [..., D], info)`` with ``info``: ``aux_loss``, ``z_loss``
@@ -99,9 +103,7 @@ class MoELayer(nn.Module):
         if apply_weight_to_input and top_k != 1:
             raise ValueError(f"apply_weight_to_input: needs top_k=1 (the weight scales the "
                              f"one expert's input), got top_k={top_k}")
-        check_nonneg_float("router_jitter", router_jitter)
-        if router_jitter >= 1:
-            raise ValueError(f"router_jitter: expected a value in [0, 1), got {router_jitter}")
+        check_router_jitter(router_jitter)
         if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) \
                 or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts: expected an int >= 0, "
@@ -139,6 +141,9 @@ class MoELayer(nn.Module):
         self.latent_dim = latent_dim
         self.recompute, self.batch_first, self.backend = recompute, batch_first, backend
         self.quant = quant
+        # FP8: a quant.WeightCache shared with other layers, refreshed by whatever writes the
+        # weights (quant.cache_quantized_weights); None quantises the weights in every forward
+        self.quant_weight_cache = None
         self._init_std, self._init_method = init_std, init_method
         self.ep_group, self.ep_backend = None, ep_backend
         self.max_tokens_per_rank = max_tokens_per_rank
@@ -258,7 +263,8 @@ class MoELayer(nn.Module):
             w_down=self.w_down, expert_bias=self.expert_bias, latent_down=self.latent_down,
             latent_up=self.latent_up,
             shared_fn=self._shared if self.shared_w_up is not None else None,
-            load_counter=self.local_tokens_per_expert, seq_shape=seq_shape)
+            load_counter=self.local_tokens_per_expert, seq_shape=seq_shape,
+            weight_cache=self.quant_weight_cache)
         return out.reshape(shape), info
 
     # ------------------------------------------------------------------------------------
@@ -422,14 +428,15 @@ class MoELayer(nn.Module):
 
 def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
                 latent_down=None, latent_up=None, shared_fn=None, load_counter=None,
-                seq_shape=None):
+                seq_shape=None, weight_cache=None):
     """The forward of an MoE layer on tokens ``h [N, D]``, shared by ``MoELayer`` and the
     Megatron-Core adapter (``moe_plugin.megatron``), which hold their parameters differently.
 
     ``cfg`` carries the options under ``MoELayer``'s attribute names (``training``,
     ``backend``, ``top_k``, ``score_func``, ...). ``shared_fn(h)`` computes the shared experts
     (on a side CUDA stream when ``cfg.shared_expert_overlap``); ``load_counter`` [E] receives
-    the per-expert loads in training mode (aux-loss-free balancing). Returns
+    the per-expert loads in training mode (aux-loss-free balancing); ``weight_cache`` is the
+    FP8 path's ``quant.WeightCache`` (None: quantise in every call). Returns
     ``(out [N, D], info)``."""
     use_triton = _use_triton(cfg.backend, h)
 
@@ -463,11 +470,12 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
         expert_weights = torch.ones_like(weights)
     else:
         expert_weights = weights
-    out, counts, recv = routed_experts(
+    out, counts, recv, ids = routed_experts(
         xe, ids, expert_weights, w_up, w_down, cfg.activation, use_triton, cfg.recompute,
         num_experts=cfg.num_experts, ep_group=cfg.ep_group, ep_backend=cfg.ep_backend,
         max_tokens_per_rank=cfg.max_tokens_per_rank, allow_drop=cfg.capacity_factor is not None,
-        quant=getattr(cfg, "quant", None))
+        drop_policy=cfg.drop_policy, quant=getattr(cfg, "quant", None),
+        weight_cache=weight_cache)
     if latent_up is not None:
         out = F.linear(out, latent_up)
     if load_counter is not None and cfg.training and torch.is_grad_enabled():

@@ -23,9 +23,9 @@ bitwise the same as the plain-PyTorch references ``_quantize_fp8_*_torch`` used 
 nothing here synchronises with the host. The GEMM kernels consume these tensors directly
 (``kernels/grouped_gemm.py``, ``QUANT``).
 
-``cached_weight`` keeps one quantised copy per weight tensor and re-quantises only after the
-tensor was modified in place (its ``_version`` changed -- an optimizer step): micro-batches of
-one step share the copy.
+``cached_weight`` quantises a weight for the FP8 training path: anew in every call by default,
+or once per ``WeightCache`` refresh (tied to the optimizer step by ``cache_quantized_weights``),
+so that micro-batches of one step share the copy.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ import torch
 
 __all__ = ["QUANT_MODES", "GROUP", "FP8_MAX", "INT8_MAX", "quantize_fp8_rows",
            "quantize_fp8_blocks", "quantize_int8_rows", "quantize_int8_channels",
-           "dequantize_rows", "dequantize_weight", "quantize_expert_weights", "cached_weight"]
+           "dequantize_rows", "dequantize_weight", "quantize_expert_weights", "cached_weight",
+           "WeightCache", "cache_quantized_weights"]
 
 QUANT_MODES = ("fp8", "int8")
 GROUP = 128          # fp8: columns per activation scale, rows and columns per weight block
@@ -162,10 +163,77 @@ def quantize_expert_weights(w_up: torch.Tensor, w_down: torch.Tensor, quant_mode
         return (*fn(w_up.detach()), *fn(w_down.detach()))
 
 
-def cached_weight(w: torch.Tensor, quant_mode: str):
-    """``(q, scale, q_t)`` of weight ``w`` in ``quant_mode``, quantised once per modification
-    of ``w``: the copy is kept on the tensor and reused while ``w._version`` (bumped by every
-    in-place update, e.g. the optimizer's) and its storage are unchanged.
+class WeightCache:
+    """Quantised copies of weights, reused from one ``refresh()`` to the next.
+
+    Without a cache the FP8 training path quantises each weight in every forward (always
+    right, whatever wrote the weights). A cache keeps one copy per weight and mode until
+    ``refresh()``, so the micro-batches of one optimizer step share it. It must be refreshed
+    whenever the weights change in a way PyTorch cannot see: a copy through ``.data`` (as
+    Megatron-Core's optimizers write the model's parameters) does not bump ``_version``, so
+    the version check alone would keep a stale copy. Tie the refresh to what writes the
+    weights: ``refresh_on_step(optimizer)`` (every ``step()``), and
+    ``cache_quantized_weights(model, optimizer)`` also refreshes after the layers'
+    ``load_state_dict``. A copy is also dropped when the weight's ``_version``, storage, shape
+    or dtype change."""
+
+    def __init__(self):
+        self.generation = 0
+
+    def refresh(self) -> None:
+        """Drops every copy: the next forward quantises each weight again."""
+        self.generation += 1
+
+    def refresh_on_step(self, optimizer):
+        """Refreshes after every ``optimizer.step()``: a ``torch.optim.Optimizer`` through its
+        step post-hook (the returned handle removes it), any other object with a ``step``
+        method (e.g. Megatron-Core's ``MegatronOptimizer`` / ``ChainedOptimizer``) by wrapping
+        that method on the instance (returns None)."""
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer.register_step_post_hook(lambda *_: self.refresh())
+        step = getattr(optimizer, "step", None)
+        if not callable(step):
+            raise TypeError(f"optimizer: expected an object with a step() method, got "
+                            f"{type(optimizer).__name__}")
+
+        def step_then_refresh(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.refresh()
+        optimizer.step = step_then_refresh
+        return None
+
+
+def cache_quantized_weights(model: torch.nn.Module, optimizer) -> WeightCache:
+    """Gives every moe_plugin layer of ``model`` (modules with a ``quant_weight_cache``
+    attribute: ``MoELayer``, the Megatron ``PluginMoELayer``) one shared ``WeightCache``,
+    refreshed after every ``optimizer.step()`` and after a layer's ``load_state_dict``.
+    Returns the cache (call ``refresh()`` after writing weights any other way)."""
+    layers = [m for m in model.modules() if hasattr(m, "quant_weight_cache")]
+    if not layers:
+        raise ValueError(f"model: no moe_plugin layer (MoELayer, PluginMoELayer) in "
+                         f"{type(model).__name__}")
+    cache = WeightCache()
+    cache.refresh_on_step(optimizer)
+    for layer in layers:
+        layer.quant_weight_cache = cache
+        layer.register_load_state_dict_post_hook(lambda *_: cache.refresh())
+    return cache
+
+
+def check_weight_cache(weight_cache) -> None:
+    if weight_cache is not None and not isinstance(weight_cache, WeightCache):
+        raise TypeError(f"weight_cache: expected None or a moe_plugin.quant.WeightCache, got "
+                        f"{type(weight_cache).__name__}")
+
+
+def cached_weight(w: torch.Tensor, quant_mode: str, cache: "WeightCache | None" = None):
+    """``(q, scale, q_t)`` of weight ``w`` in ``quant_mode``.
+
+    Without ``cache`` the weight is quantised now. With one, the copy kept on the tensor is
+    reused while the cache's generation (see ``WeightCache``), ``w._version`` (bumped by
+    in-place updates autograd sees), its storage, shape and dtype are unchanged.
 
     ``q_t`` (fp8; None for int8): the same values stored transposed (K-major strides, shape
     of ``q``), the operand layout of the dgrad GEMMs (``kernels/quantize.py``). On CPU it is
@@ -173,22 +241,24 @@ def cached_weight(w: torch.Tensor, quant_mode: str):
 
     Under CUDA graph capture the weight is always quantised (and nothing cached): the graph
     then re-quantises on every replay. A cached copy would be baked into the graph and go
-    stale after the first optimizer step, silently (the version check runs on the host, at
-    capture only)."""
+    stale after the first optimizer step, silently (the checks run on the host, at capture
+    only)."""
     capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (quant_mode, w._version, w.data_ptr(), tuple(w.shape), w.dtype)
-    cache = getattr(w, "_moe_quant_cache", None)
-    if cache is not None and cache[0] == key and not capturing:
-        return cache[1]
+    use_cache = cache is not None and not capturing
+    if use_cache:
+        key = (quant_mode, cache, cache.generation, w._version, w.data_ptr(),
+               tuple(w.shape), w.dtype)
+        kept = getattr(w, "_moe_quant_cache", None)
+        if kept is not None and kept[0] == key:
+            return kept[1]
     with torch.no_grad():
         if quant_mode != "fp8":
             out = (*quantize_int8_channels(w.detach()), None)
         else:
             out = _fp8_blocks(w.detach(), transposed=True)
-    if capturing:  # memory of the graph's pool, rewritten by each replay: not for eager use
-        return out
-    try:
-        w._moe_quant_cache = (key, out)
-    except (AttributeError, RuntimeError):  # tensors that refuse attributes: no cache
-        pass
+    if use_cache:
+        try:
+            w._moe_quant_cache = (key, out)
+        except (AttributeError, RuntimeError):  # tensors that refuse attributes: no cache
+            pass
     return out

@@ -25,7 +25,8 @@ Routing (``route``), on fp32-or-wider logits ``[N, E]``:
 Capacity dropping (``capacity_drop``): capacity C = ceil(N·k/E · capacity_factor)
 (Megatron-Core's ``get_capacity``). Each expert keeps at most C of the slots routed to it:
 policy ``"probs"`` keeps the C slots with the largest routing weight (ties: lower slot index
-first); ``"position"`` keeps the first C slots in token order (slot t·k+j before t'·k+j' when
+first; a NaN weight ranks above every number, as in ``torch.sort``); ``"position"`` keeps the
+first C slots in token order (slot t·k+j before t'·k+j' when
 t < t', or t == t' and j < j'). A dropped slot gets id -1: it contributes exactly zero to the
 output and its weight gets zero gradient.
 
@@ -42,6 +43,7 @@ Experts (``experts``): ``out[t] = Σ_j w[t, j] · W_down[e] · act(W_up[e] · x[
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -131,8 +133,8 @@ def capacity_drop(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expert
         slots = (flat_ids == ex).nonzero().flatten().tolist()  # token order
         if len(slots) <= cap:
             continue
-        if drop_policy == "probs":
-            slots.sort(key=lambda s: (-float(flat_w[s]), s))
+        if drop_policy == "probs":  # NaN weights rank first, as in torch.sort(descending)
+            slots.sort(key=lambda s: (not math.isnan(flat_w[s]), -float(flat_w[s]), s))
         elif drop_policy != "position":
             raise ValueError(f"drop_policy: expected 'probs' or 'position', got {drop_policy!r}")
         for s in slots[cap:]:

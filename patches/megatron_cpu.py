@@ -35,8 +35,11 @@ Line numbers are those of megatron-core 0.16.1.
   on the host stream, synchronously, and there is nothing to wait for; the split sizes become
   numpy arrays as on GPU (unshimmed they would stay tensors, which the EP all-to-all rejects).
 
+* ``patch_optimizer_cuda_tensors``: the scalars of Megatron's optimizers and gradient-norm
+  helpers, allocated with ``device='cuda'`` (optimizer.py, clip_grads.py), on the CPU.
+
 Not shimmed (still CUDA-only on CPU): ``forward_backward_no_pipelining`` (pipeline_parallel/
-schedules.py:596, ``device="cuda"``), Megatron's distributed optimizer and grad clipping,
+schedules.py:596, ``device="cuda"``), Megatron's distributed and fp16/bf16 optimizers,
 ``track_moe_metrics`` (moe_utils.py:998), the shared-expert overlap stream
 (moe/shared_experts.py:123, only with ``moe_shared_expert_overlap``), TE / fused kernels. Use a
 manual micro-batch loop with a torch optimizer (see tests/megatron_worker.py).
@@ -60,6 +63,7 @@ __all__ = [
     "patch_rng_tracker",
     "patch_cuda_synchronize",
     "patch_default_causal_mask",
+    "patch_optimizer_cuda_tensors",
 ]
 
 # Marker set on every object this module replaces, so re-applying is a no-op.
@@ -286,9 +290,67 @@ def patch_default_causal_mask() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Megatron's optimizers: scalars allocated with device="cuda"
+# --------------------------------------------------------------------------------------------
+
+
+class _TorchOnHost:
+    """Stands in for the ``torch`` module inside one Megatron module: everything is torch's,
+    except that the tensor factories read ``device="cuda"`` as the CPU."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            dev = kwargs.get("device")
+            if dev is not None and torch.device(dev).type == "cuda":
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+        return factory
+
+
+def patch_optimizer_cuda_tensors() -> bool:
+    """Let Megatron's non-distributed optimizers run on the CPU.
+
+    ``MegatronOptimizer`` subclasses allocate their loss-scale / found-inf scalars with
+    ``device='cuda'`` (optimizer.py:473/481/485/907) and the gradient-norm helpers theirs
+    (clip_grads.py:90/103/115/174/207), and the fallback L2 norm (no apex / TE) returns its
+    result on "cuda" (utils.py:1207). Inside those two modules the name ``torch`` is replaced
+    by ``_TorchOnHost``, which maps that device to the CPU and forwards everything else to
+    torch; the L2 norm clip_grads uses is replaced by the same computation on the CPU. Still CUDA-only after this: the distributed optimizer and the fp16/bf16
+    optimizer (they check ``param.type()`` against CUDA tensor types). Returns True if it
+    patched."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    done = False
+    for mod in (optimizer, clip_grads):
+        if not isinstance(mod.torch, _TorchOnHost):
+            mod.torch = _TorchOnHost()
+            done = True
+    original = mutils.local_multi_tensor_l2_norm
+    if getattr(clip_grads, "l2_norm_impl", None) is original:
+
+        @_mark
+        def local_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+            """CPU shim of utils.py:1200-1208 (its result on the CPU, not "cuda")."""
+            norms = [torch.norm(t) for tensors in tensor_lists for t in tensors]
+            return torch.norm(torch.stack(norms)).reshape(1).float(), None
+
+        local_multi_tensor_l2_norm.__wrapped__ = original
+        clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
+        done = True
+    return done
+
+
+# --------------------------------------------------------------------------------------------
 
 SHIMS = (patch_cuda_current_device, patch_rng_tracker, patch_alltoall_dispatcher_streams,
-         patch_cuda_synchronize, patch_default_causal_mask)
+         patch_cuda_synchronize, patch_default_causal_mask, patch_optimizer_cuda_tensors)
 
 _applied: list = []
 

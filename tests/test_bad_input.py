@@ -177,6 +177,16 @@ def test_capacity_drop_bad_input(changes, name):
         capacity_drop(**kwargs)
 
 
+@pytest.mark.parametrize("bad", [E, E + 4, -5])
+def test_capacity_drop_checks_its_ids(bad):
+    """An id outside [-1, E) is an error naming topk_ids and the valid range (not passed
+    through, not an IndexError from inside, not silently turned into -1)."""
+    ids = a0["topk_ids"].clone()
+    ids[1, 0] = bad
+    with pytest.raises(ValueError, match=rf"topk_ids: expected values in \[-1, {E - 1}\]"):
+        capacity_drop(ids, a0["topk_weights"], E, 10.0)
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("arg", ["topk_ids", "topk_weights", "w_up", "w_down"])

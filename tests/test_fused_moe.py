@@ -12,7 +12,7 @@ import torch
 
 from conftest import (assert_losses_exercised, DEVICE, FP32_TOL, MOE_GRAD_NAMES, assert_bitwise, assert_close,
                       check_moe, moe_inputs, run_fused_moe)
-from moe_plugin import capacity_drop, reference
+from moe_plugin import capacity_drop, fused_moe, reference
 from moe_plugin.config import expert_capacity
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -220,3 +220,63 @@ def test_capacity_drop_ties(drop_policy):
             kept = (want == ex).flatten().nonzero().flatten()
             routed = (ids == ex).flatten().nonzero().flatten()
             assert torch.equal(kept, routed[:cap])
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite router input: valid ids, non-finite output (never a silent zero)
+
+@pytest.mark.parametrize("case", ["nan_token", "inf_gate_row", "overflow", "sigmoid_nan",
+                                  "group_limited_nan", "capacity_nan", "expert_bias_nan"])
+def test_non_finite_router_input(case):
+    """A token whose router logits hold NaN/inf still gets top_k distinct ids in [0, E) --
+    the torch backend's ids -- its output is non-finite, the other tokens' outputs match the
+    torch backend's, and tokens_per_expert counts every slot (before the fix: id 2**30, an
+    output of exactly 0 and an IndexError under capacity dropping)."""
+    n, d, f, e, k = 6, 16, 8, 8, 2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, d, generator=g).to(DEVICE)
+    gate = torch.randn(e, d, generator=g).to(DEVICE)
+    w_up = (torch.randn(e, 2 * f, d, generator=g) / d ** 0.5).to(DEVICE)
+    w_down = (torch.randn(e, d, f, generator=g) / f ** 0.5).to(DEVICE)
+    x_finite, gate_finite = x.clone(), gate.clone()
+    kw = dict(aux_loss_coeff=1e-2, z_loss_coeff=1e-3)
+    bad = [2]
+    if case == "inf_gate_row":
+        gate[5] = float("inf")
+        bad = list(range(n))
+    elif case == "overflow":
+        x[2] *= 1e38
+    else:
+        x[2, 3] = float("nan")
+    if case == "sigmoid_nan":
+        kw["score_func"] = "sigmoid"
+    elif case == "group_limited_nan":
+        kw.update(num_groups=4, group_topk=2, score_func="sigmoid")
+    elif case == "capacity_nan":
+        kw["capacity_factor"] = 1.0
+    elif case == "expert_bias_nan":
+        kw.update(expert_bias=torch.linspace(-0.1, 0.1, e).to(DEVICE), score_func="sigmoid")
+    out, info = fused_moe(x, gate, w_up, w_down, k, backend="triton", **kw)
+    ref, _ = fused_moe(x.double(), gate.double(), w_up.double(), w_down.double(), k,
+                       backend="torch", **kw)
+    ids = info["topk_ids"].long()
+    # the same logits as the torch backend (in the same dtype: x·1e38 overflows fp32 only)
+    _, same_dtype = fused_moe(x, gate, w_up, w_down, k, backend="torch", **kw)
+    assert torch.equal(ids.cpu(), same_dtype["topk_ids"].long().cpu())
+    assert ((ids >= -1) & (ids < e)).all()
+    for row in ids.tolist():
+        kept = [i for i in row if i >= 0]
+        assert len(set(kept)) == len(kept), row
+    if case != "capacity_nan":
+        assert (ids >= 0).all()
+    assert torch.equal(info["tokens_per_expert"].cpu().long(),
+                       torch.bincount(ids[ids >= 0].cpu(), minlength=e))
+    bad_rows = torch.zeros(n, dtype=torch.bool)
+    bad_rows[bad] = True
+    assert not torch.isfinite(out[bad_rows]).all(dim=1).any()
+    if not bad_rows.all():
+        assert_close(out[~bad_rows.to(DEVICE)], ref[~bad_rows.to(DEVICE)], FP32_TOL, "out")
+    with pytest.raises(ValueError, match="hidden_states: non-finite router logits"):
+        fused_moe(x, gate, w_up, w_down, k, backend="triton", check_finite=True, **kw)
+    fused_moe(x_finite, gate_finite, w_up, w_down, k, backend="triton", check_finite=True,
+              **kw)  # finite input: no error

@@ -309,3 +309,67 @@ def test_fused_cross_entropy_matches_megatron_loss(model_parallel_1, monkeypatch
                         lambda: 2)
     with pytest.raises(UnsupportedConfigError, match="tensor_model_parallel_size"):
         use_fused_cross_entropy(model)
+
+
+def _fp8_cache_after_megatron_step(opt_cfg, **cfg_kw):
+    """Builds the FP8 plugin model under Megatron's DDP and ``get_megatron_optimizer``, ties the
+    quantised-weight cache to the optimizer, takes one step, and returns ``(loss before,
+    loss after with the cache, loss after quantising anew, expert weight before, after)``."""
+    from megatron.core.optimizer import get_megatron_optimizer
+    from moe_plugin.megatron import PluginMoELayer
+    from moe_plugin.quant import cache_quantized_weights
+    ddp = _gpt_ddp(_cfg(moe_plugin_quant="fp8_block", hidden_dropout=0.0, attention_dropout=0.0,
+                        **cfg_kw))
+    opt = get_megatron_optimizer(opt_cfg, [ddp])
+    cache = cache_quantized_weights(ddp, opt)
+    layers = [m for m in ddp.modules() if isinstance(m, PluginMoELayer)]
+    assert len(layers) == 2 and all(m.quant_weight_cache is cache for m in layers)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 64, (2, 16), generator=g).to(_DEV)
+    pos = torch.arange(16, device=_DEV)[None].expand(2, 16)
+    causal = torch.triu(torch.ones(16, 16, dtype=torch.bool, device=_DEV), diagonal=1)[None, None]
+
+    def loss():
+        return ddp(tokens, pos, causal, labels=tokens).float().mean()
+
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    before = loss()
+    before.backward()
+    w_down = layers[0].experts.w_down
+    w_old = w_down.detach().clone()
+    ok, _, _ = opt.step()
+    assert ok
+    with torch.no_grad():
+        after_cached = loss()
+        for m in layers:
+            m.quant_weight_cache = None  # quantise anew from the current weights
+        after_fresh = loss()
+    return before.detach(), after_cached, after_fresh, w_old, w_down.detach()
+
+
+def test_fp8_weight_cache_follows_megatron_optimizer_step(model_parallel_1):
+    """FP8 experts under a real Megatron-Core optimizer (fp32, on CPU as on a GPU): with the
+    quantised-weight cache tied to it (``cache_quantized_weights``), the forward after
+    ``step()`` runs on the new weights -- bitwise what quantising anew gives."""
+    from megatron.core.optimizer import OptimizerConfig
+    before, cached, fresh, w_old, w_new = _fp8_cache_after_megatron_step(
+        OptimizerConfig(optimizer="adam", lr=0.05, clip_grad=0.0))
+    assert not torch.equal(w_new, w_old)  # the step did move the expert weights
+    assert torch.equal(cached, fresh), (cached.item(), fresh.item())
+    assert not torch.equal(cached, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_weight_cache_follows_megatron_distributed_optimizer_gpu(model_parallel_1):
+    """The same with bf16 parameters and Megatron's distributed optimizer, which writes the
+    model's parameters from its fp32 main copies through their ``.data`` (no ``_version``
+    bump): the forward after the step still sees the new weights."""
+    from megatron.core.optimizer import OptimizerConfig
+    before, cached, fresh, w_old, w_new = _fp8_cache_after_megatron_step(
+        OptimizerConfig(optimizer="adam", lr=0.05, bf16=True, use_distributed_optimizer=True),
+        bf16=True, params_dtype=torch.bfloat16)
+    assert not torch.equal(w_new, w_old)
+    assert torch.equal(cached, fresh), (cached.item(), fresh.item())
+    assert not torch.equal(cached, before)

@@ -99,21 +99,92 @@ def test_quant_helpers_reject_bad_input():
         Q.quantize_expert_weights(torch.randn(1, 2, 2), torch.randn(1, 2, 1), "int4")
 
 
-def test_cached_weight_requantises_only_after_an_update():
+def test_cached_weight_without_a_cache_quantises_anew():
     w = torch.nn.Parameter(torch.randn(2, 256, 128, device=DEVICE))
     q1, s1, t1 = Q.cached_weight(w, "fp8")
-    q2, _, _ = Q.cached_weight(w, "fp8")
-    assert q2 is q1  # the same micro-batch or the next: no new copy
     # the dgrad copy: the same values, K-major (on a GPU a separate transposed copy)
     assert t1.shape == q1.shape
     assert torch.equal(t1.contiguous().view(torch.uint8), q1.view(torch.uint8))
     if HAS_CUDA:
         assert t1.stride() == (256 * 128, 1, 256)
-    with torch.no_grad():
-        w.mul_(2)  # an optimizer step modifies the weight in place
-    q3, s3, _ = Q.cached_weight(w, "fp8")
-    assert q3 is not q1 and torch.allclose(s3, 2 * s1)
+    q2, _, _ = Q.cached_weight(w, "fp8")
+    assert q2 is not q1 and torch.equal(q2.view(torch.uint8), q1.view(torch.uint8))
+    w.data.mul_(2)  # a write autograd does not see (no _version bump)
+    assert torch.allclose(Q.cached_weight(w, "fp8")[1], 2 * s1)
     assert Q.cached_weight(w, "int8")[2] is None
+
+
+def test_weight_cache_keeps_a_copy_until_refreshed():
+    w = torch.nn.Parameter(torch.randn(2, 256, 128, device=DEVICE))
+    cache = Q.WeightCache()
+    q1, s1, _ = Q.cached_weight(w, "fp8", cache)
+    assert Q.cached_weight(w, "fp8", cache)[0] is q1  # micro-batches of one step share it
+    assert Q.cached_weight(w, "fp8")[0] is not q1     # no cache: anew
+    with torch.no_grad():
+        w.mul_(2)  # an in-place update autograd sees drops the copy by itself
+    q2, s2, _ = Q.cached_weight(w, "fp8", cache)
+    assert q2 is not q1 and torch.allclose(s2, 2 * s1)
+    w.data.mul_(2)  # one it does not see keeps it until the refresh ...
+    assert Q.cached_weight(w, "fp8", cache)[0] is q2
+    cache.refresh()  # ... which drops it
+    assert torch.allclose(Q.cached_weight(w, "fp8", cache)[1], 4 * s1)
+
+
+def test_fp8_experts_follow_weights_written_through_data():
+    """Optimizers that write the model's weights through ``.data`` (Megatron-Core's) do not
+    bump ``_version``: by default the FP8 path still uses the new weights; a ``WeightCache``
+    tied to the optimizer's ``step`` does too."""
+    x, ids, w, w_up, w_down = _problem(11)
+    w_down = torch.nn.Parameter(w_down)
+    assert fused_experts(x, ids, w, w_up, w_down, quant="fp8_block").abs().max() > 0
+    w_down.data.mul_(0)
+    assert fused_experts(x, ids, w, w_up, w_down, quant="fp8_block").abs().max() == 0
+
+    class DataWriter:  # an optimizer that is not a torch.optim.Optimizer, writing via .data
+        def step(self):
+            w_down.data.copy_(torch.ones_like(w_down))
+            return "stepped"
+    for opt in (DataWriter(), torch.optim.SGD([w_down], lr=1.0)):
+        cache = Q.WeightCache()
+        hook = cache.refresh_on_step(opt)
+        assert (hook is None) == isinstance(opt, DataWriter)
+        w_down.data.zero_()
+        out0 = fused_experts(x, ids, w, w_up, w_down, quant="fp8_block", weight_cache=cache)
+        assert out0.abs().max() == 0
+        if isinstance(opt, DataWriter):
+            assert opt.step() == "stepped"
+        else:
+            w_down.grad = -torch.ones_like(w_down)
+            opt.step()
+        out1 = fused_experts(x, ids, w, w_up, w_down, quant="fp8_block", weight_cache=cache)
+        assert torch.equal(out1, fused_experts(x, ids, w, w_up, w_down, quant="fp8_block"))
+        assert out1.abs().max() > 0
+
+
+def test_cache_quantized_weights_on_a_model():
+    """``cache_quantized_weights`` gives every moe_plugin layer one cache, refreshed after each
+    optimizer step and after ``load_state_dict``; a model without such a layer is refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        MoELayer(128, 128, 4, 2, quant="fp8_block", dtype=DTYPE, device=DEVICE),
+        MoELayer(128, 128, 4, 2, quant="fp8_block", dtype=DTYPE, device=DEVICE))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cache = Q.cache_quantized_weights(model, opt)
+    assert all(m.quant_weight_cache is cache for m in model)
+    x = torch.randn(8, 128, device=DEVICE, dtype=DTYPE)
+    generations = [cache.generation]
+    model[0](x)[0].float().sum().backward()
+    opt.step()
+    generations.append(cache.generation)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    generations.append(cache.generation)
+    assert generations[0] < generations[1] < generations[2]
+    with pytest.raises(ValueError, match="model"):
+        Q.cache_quantized_weights(torch.nn.Linear(2, 2), opt)
+    with pytest.raises(TypeError, match="weight_cache"):
+        fused_experts(x, torch.zeros(8, 2, dtype=torch.long, device=DEVICE),
+                      torch.ones(8, 2, device=DEVICE), model[0].w_up, model[0].w_down,
+                      quant="fp8_block", weight_cache="yes")
 
 
 @pytest.mark.parametrize("shape", [(37, 300), (8, 128), (1, 1000), (0, 64)])

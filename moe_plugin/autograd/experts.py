@@ -112,13 +112,12 @@ class FusedExpertsFP8Function(torch.autograd.Function):
     outputs and semantics as ``FusedExpertsFunction``.
 
     Forward: ``x`` is quantised per token and 128 columns (e4m3, one pass over the N tokens;
-    GEMM1 then gathers the quantised rows by index), the weights per 128 x 128 block, from a
-    copy cached on each weight and refreshed only when the weight changes (``quant.cached_weight``:
-    once per optimizer step). GEMM1 accumulates in fp32 with the scales applied per k-block,
+    GEMM1 then gathers the quantised rows by index), the weights per 128 x 128 block: anew, or
+    taken from ``weight_cache`` (``quant.WeightCache``: once per optimizer step). GEMM1 accumulates in fp32 with the scales applied per k-block,
     stores the pre-activation (in x's dtype, unless ``recompute``) and writes h already
     quantised (e4m3 per 128 columns, in its epilogue) for GEMM2.
 
-    Saves: ``x``, ``topk_weights``, the quantised weights (the cached copies, no new memory;
+    Saves: ``x``, ``topk_weights``, the quantised weights (with a cache, its copies;
     each also stored K-major, the layout of the dgrad GEMMs' B operand on Hopper),
     the permutation metadata and, unless ``recompute``, ``pre``.
 
@@ -137,9 +136,10 @@ class FusedExpertsFP8Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
-                recompute: bool, fp8_wgrad: bool = False):
-        wq_up = QTensor(*cached_weight(w_up, "fp8"))  # with the K-major copy for dgrad
-        wq_down = QTensor(*cached_weight(w_down, "fp8"))
+                recompute: bool, fp8_wgrad: bool = False, weight_cache=None):
+        # with the K-major copy for dgrad
+        wq_up = QTensor(*cached_weight(w_up, "fp8", weight_cache))
+        wq_down = QTensor(*cached_weight(w_down, "fp8", weight_cache))
         out, meta, pre = X.experts_forward(x, topk_ids, topk_weights, wq_up, wq_down, act_code,
                                            gated, save_pre=not recompute)
         ctx.act_code, ctx.gated, ctx.num_experts = act_code, gated, w_up.shape[0]
@@ -165,4 +165,4 @@ class FusedExpertsFP8Function(torch.autograd.Function):
                                                    fp8=ctx.fp8_wgrad)
         return (dx, None, dw_topk) \
             + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
-            + (None, None, None, None)
+            + (None, None, None, None, None)

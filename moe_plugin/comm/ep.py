@@ -220,15 +220,16 @@ class EPExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, num_experts, act, gated,
-                recompute, group, backend, max_tokens_per_rank, allow_drop, quant):
+                recompute, group, backend, max_tokens_per_rank, allow_drop, quant,
+                weight_cache):
         d = x.shape[1]
         layout, recv = ep_dispatch(x, topk_ids, topk_weights, num_experts, group, backend,
                                    max_tokens_per_rank)
         recv_buf = recv.buf
         w_up_param, w_down_param = w_up, w_down
-        if quant:  # fp8 experts ("fp8_block[_wgrad]"): the weights' cached quantised copies
-            w_up, w_down = QTensor(*cached_weight(w_up, "fp8")), \
-                QTensor(*cached_weight(w_down, "fp8"))
+        if quant:  # fp8 experts ("fp8_block[_wgrad]"): the weights quantised (or cached)
+            w_up, w_down = QTensor(*cached_weight(w_up, "fp8", weight_cache)), \
+                QTensor(*cached_weight(w_down, "fp8", weight_cache))
             weights = (*w_up.tensors(), *w_down.tensors())
         else:
             weights = (w_up, w_down)
@@ -292,18 +293,18 @@ class EPExpertsFunction(torch.autograd.Function):
                                   0.0).to(topk_weights.dtype)
         return (dx, None, dw_topk) \
             + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
-            + (None,) * 9
+            + (None,) * 10
 
 
 def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act: int,
                gated: bool, recompute: bool, group, backend: str = "nccl",
                max_tokens_per_rank: Optional[int] = None, allow_drop: bool = False,
-               quant: Optional[str] = None):
+               quant: Optional[str] = None, weight_cache=None):
     """Routed experts under expert parallelism. Returns ``(out [N, D], recv_count [E/P])``.
 
     ``quant="fp8_block"`` / ``"fp8_block_wgrad"``: the local experts' GEMMs in FP8 as in
     ``FusedExpertsFP8Function`` (tokens travel in the input dtype and are quantised on the
-    receiving rank)."""
+    receiving rank); ``weight_cache`` as in ``fused_experts``."""
     P = dist.get_world_size(group)
     if num_experts % P:
         raise ValueError(f"ep_group: num_experts={num_experts} is not divisible by the "
@@ -318,4 +319,4 @@ def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act
                          f"capacity dropping (capacity_factor)")
     return EPExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, num_experts, act,
                                    gated, recompute, group, get_backend(backend),
-                                   max_tokens_per_rank, allow_drop, quant)
+                                   max_tokens_per_rank, allow_drop, quant, weight_cache)

@@ -3,7 +3,9 @@
 Semantics are those of ``moe_plugin.reference.route`` (see its module docstring). Logits are
 fp32 ``[N, E]``. One program handles ``BLOCK_N`` rows at once as a ``[rows, BLOCK_G, BLOCK_EG]`` tile
 (group × expert-in-group; one group when routing is not group-limited). Top-k is k rounds of
-arg-max (ties: lowest expert index).
+arg-max (ties: lowest expert index) over the experts not yet taken; NaN ranks above every
+number, as in ``torch.sort`` (the reference), so a row with non-finite logits still selects k
+distinct valid experts and its NaN weights carry into the output.
 
 For the load-balance loss the forward also writes, per program, the column sums of the aux
 score distribution and the per-expert counts of the aux top-k (partials ``[programs, E]``,
@@ -19,6 +21,31 @@ from .common import next_pow2
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _BIG = tl.constexpr(2 ** 30)
+
+
+@triton.jit
+def _pick(key, avail, idx):
+    """Index of the largest ``key`` among the ``avail`` entries of each row, over the last two
+    axes of a ``[rows, a, b]`` tile (ties: lowest ``idx``; NaN ranks above every number, as
+    in ``torch.sort``). Every row has an available entry, so the result is one of its
+    ``idx``."""
+    nan = key != key
+    has_nan = tl.max(tl.max((avail & nan).to(tl.int32), 2), 1)
+    k2 = tl.where(avail & ~nan, key, _NEG_INF)
+    best = tl.max(tl.max(k2, 2), 1)
+    cand = avail & tl.where(has_nan[:, None, None] > 0, nan, k2 == best[:, None, None])
+    return tl.min(tl.min(tl.where(cand, idx, _BIG), 2), 1)
+
+
+@triton.jit
+def _pick_last(key, avail, idx):
+    """``_pick`` over the last axis only: ``[rows, a, b]`` → ``[rows, a]``."""
+    nan = key != key
+    has_nan = tl.max((avail & nan).to(tl.int32), 2)
+    k2 = tl.where(avail & ~nan, key, _NEG_INF)
+    best = tl.max(k2, 2)
+    cand = avail & tl.where(has_nan[:, :, None] > 0, nan, k2 == best[:, :, None])
+    return tl.min(tl.where(cand, idx, _BIG), 2)
 
 
 @triton.jit
@@ -52,40 +79,40 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
         s = tl.where(m, _sigmoid(x), 0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + flat, mask=emask, other=0.0).to(tl.float32)
-        sel = tl.where(m, s + bias, _NEG_INF)
+        sel = s + bias
     else:
-        sel = tl.where(m, s, _NEG_INF)
+        sel = s
+    # ``avail``: the experts still selectable in each row (a mask, not a -inf score, so a
+    # selection score of -inf or NaN can neither be taken twice nor hide the last expert)
+    avail = emask & (r3 >= 0)
     if G > 1:
         # group score: sum of the group's top GROUP_K selection scores
-        tmp = sel
+        gavail = avail
         gscore = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
         for _ in tl.static_range(GROUP_K):
-            gm = tl.max(tmp, 2)
-            gscore += gm
-            ga = tl.min(tl.where(tmp == gm[:, :, None], e3, _BIG), 2)
-            tmp = tl.where(e3 == ga[:, :, None], _NEG_INF, tmp)
-        gidx = tl.arange(0, BLOCK_G)[None, :]
-        gscore = tl.where(gidx < G, gscore, _NEG_INF)
-        keep = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.int32)
+            ga = _pick_last(sel, gavail, e3)
+            hitg = e3 == ga[:, :, None]
+            gscore += tl.sum(tl.where(hitg & gavail, sel, 0.0), 2)
+            gavail = gavail & ~hitg
+        # the best GROUP_TOPK groups, as a [rows, groups, 1] tile
+        gs3 = gscore[:, :, None]
+        gsel = (g3 < G) & (r3 >= 0)
+        keep = gsel & (g3 < 0)
         for _ in tl.static_range(GROUP_TOPK):
-            best = tl.max(gscore, 1)
-            bi = tl.min(tl.where(gscore == best[:, None], gidx, _BIG), 1)
-            hitg = gidx == bi[:, None]
-            keep = tl.where(hitg, 1, keep)
-            gscore = tl.where(hitg, _NEG_INF, gscore)
-        sel = tl.where(keep[:, :, None] > 0, sel, _NEG_INF)
+            bi = _pick(gs3, gsel & ~keep, g3)
+            keep = keep | (g3 == bi[:, None, None])
+        avail = avail & keep
     kk = tl.arange(0, BLOCK_K)[None, :]
     wv = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     iv = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     cnt = tl.zeros([BLOCK_G, BLOCK_EG], dtype=tl.int32)
     for j in tl.static_range(K):
-        best = tl.max(tl.max(sel, 2), 1)
-        a = tl.min(tl.min(tl.where(sel == best[:, None, None], flat, _BIG), 2), 1)
+        a = _pick(sel, avail, flat)
         hit = flat == a[:, None, None]
         sv = tl.sum(tl.sum(tl.where(hit, s, 0.0), 2), 1)
         wv = tl.where(kk == j, sv[:, None], wv)
         iv = tl.where(kk == j, a[:, None], iv)
-        sel = tl.where(hit, _NEG_INF, sel)
+        avail = avail & ~hit
         if NEED_AUX:
             if not AUX_SEPARATE:
                 cnt += tl.sum((hit & m).to(tl.int32), 0)
@@ -107,13 +134,12 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
         p = tl.where(m, p, 0.0)
         colsum = tl.sum(p, 0)
         if AUX_SEPARATE:  # plain top-k of the aux scores (no bias, no groups)
-            tmp = tl.where(m, p, _NEG_INF)
+            aavail = emask & (r3 >= 0)
             for j in tl.static_range(K):
-                best = tl.max(tl.max(tmp, 2), 1)
-                a = tl.min(tl.min(tl.where(tmp == best[:, None, None], flat, _BIG), 2), 1)
+                a = _pick(p, aavail, flat)
                 hit = flat == a[:, None, None]
                 cnt += tl.sum((hit & m).to(tl.int32), 0)
-                tmp = tl.where(hit, _NEG_INF, tmp)
+                aavail = aavail & ~hit
         E = G * EG
         flat2 = tl.arange(0, BLOCK_G)[:, None] * EG + tl.arange(0, BLOCK_EG)[None, :]
         emask2 = (tl.arange(0, BLOCK_G)[:, None] < G) & (tl.arange(0, BLOCK_EG)[None, :] < EG)

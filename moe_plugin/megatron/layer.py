@@ -189,6 +189,9 @@ class PluginMoELayer(_MCoreMoELayer):
                                                pg_collection=pg_collection,
                                                gate=config.moe_shared_expert_gate)
         self.token_dispatcher = None
+        # FP8: a quant.WeightCache (quant.cache_quantized_weights ties its refresh to the
+        # optimizer step); None quantises the expert weights in every forward
+        self.quant_weight_cache = None
 
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
@@ -214,7 +217,7 @@ class PluginMoELayer(_MCoreMoELayer):
             expert_bias=getattr(self.router, "expert_bias", None),
             shared_fn=self.shared_experts if opts.shared_ffn_dim else None,
             load_counter=getattr(self.router, "local_tokens_per_expert", None),
-            seq_shape=seq_shape)
+            seq_shape=seq_shape, weight_cache=self.quant_weight_cache)
         if self.training and torch.is_grad_enabled():
             if opts.aux_loss_coeff > 0:
                 name = ("seq_load_balancing_loss" if opts.aux_loss_type == "seq"

@@ -1,13 +1,15 @@
 """TransformerConfig → moe_plugin options, with a clear error for every unsupported setting."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..config import TRAIN_QUANTS
+from ..config import (TRAIN_QUANTS, check_positive_int, check_router_jitter,
+                      check_routing_args)
 
 
 class UnsupportedConfigError(ValueError):
@@ -16,6 +18,38 @@ class UnsupportedConfigError(ValueError):
 
 def _fail(field: str, value, why: str):
     raise UnsupportedConfigError(f"TransformerConfig.{field}={value!r}: {why}")
+
+
+# moe_plugin's argument names -> the TransformerConfig fields they come from
+_MEGATRON_FIELDS = {
+    "num_experts": "num_moe_experts", "top_k": "moe_router_topk",
+    "ffn_dim": "moe_ffn_hidden_size", "score_func": "moe_router_score_function",
+    "num_groups": "moe_router_num_groups", "group_topk": "moe_router_group_topk",
+    "scaling_factor": "moe_router_topk_scaling_factor",
+    "capacity_factor": "moe_expert_capacity_factor", "drop_policy": "moe_token_drop_policy",
+    "aux_loss_coeff": "moe_aux_loss_coeff", "z_loss_coeff": "moe_z_loss_coeff",
+    "router_jitter": "moe_input_jitter_eps",
+}
+
+
+def _check_like_fused_moe(config, opts: "PluginOptions") -> None:
+    """Runs the argument checks of ``fused_moe`` / ``MoELayer`` on the layer's options and
+    re-raises a failure under the TransformerConfig field's name."""
+    try:
+        check_routing_args(opts.num_experts, opts.top_k, opts.score_func, opts.renormalize,
+                           None, opts.num_groups, opts.group_topk, opts.scaling_factor,
+                           opts.capacity_factor, opts.drop_policy, opts.aux_loss_coeff,
+                           opts.z_loss_coeff)
+        check_positive_int("ffn_dim", opts.ffn_dim)
+        check_router_jitter(opts.router_jitter)
+    except (ValueError, TypeError) as ex:
+        name, _, why = str(ex).partition(": ")
+        first = name.split(" and ")[0]
+        field = _MEGATRON_FIELDS.get(first, first)
+        for ours, theirs in _MEGATRON_FIELDS.items():
+            why = re.sub(rf"\b{ours}\b", theirs, why)
+        raise UnsupportedConfigError(
+            f"TransformerConfig.{field}={getattr(config, field, None)!r}: {why}") from None
 
 
 def _activation_name(config) -> str:
@@ -140,7 +174,7 @@ def plugin_options(config) -> PluginOptions:
     modules = set(config.recompute_modules or ()) \
         if config.recompute_granularity == "selective" else set()
     ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
-    return PluginOptions(
+    opts = PluginOptions(
         num_experts=config.num_moe_experts, top_k=k, ffn_dim=ffn, activation=act,
         score_func=score, renormalize=renorm, num_groups=groups or None,
         group_topk=config.moe_router_group_topk if groups else None,
@@ -156,6 +190,8 @@ def plugin_options(config) -> PluginOptions:
         recompute="moe_act" in modules, recompute_layer="moe" in modules,
         apply_weight_to_input=bool(getattr(config, "moe_apply_probs_on_input", False)),
         quant=quant)
+    _check_like_fused_moe(config, opts)
+    return opts
 
 
 def _quant_mode(config) -> Optional[str]:
