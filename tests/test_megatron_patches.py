@@ -115,7 +115,7 @@ def test_cpu_rng_tracker(single):
     default generator alone; re-seeding reproduces it."""
     assert single["cpu_shims"] == [
         "patch_cuda_current_device", "patch_rng_tracker", "patch_alltoall_dispatcher_streams",
-        "patch_cuda_synchronize", "patch_default_causal_mask"]
+        "patch_cuda_synchronize", "patch_default_causal_mask", "patch_optimizer_cuda_tensors"]
     assert single["rng_default_untouched"] is True
     assert single["rng_fork_advances"] is True
     assert single["rng_reseed_reproduces"] is True
