@@ -48,16 +48,23 @@ def _check_ids(topk_ids: torch.Tensor, num_experts: int, validate_ids) -> None:
                          f"got {validate_ids!r}")
 
 
-def _check_logits_finite(logits: torch.Tensor) -> None:
+def _check_logits_finite(logits: torch.Tensor, how) -> None:
     """``check_finite``: NaN/inf router logits raise, naming the inputs they come from."""
     msg = ("hidden_states: non-finite router logits (NaN or inf in hidden_states or "
            "gate_weight, or hidden_states · gate_weightᵀ overflowed)")
     finite = torch.isfinite(logits).all(dim=1)
-    if logits.is_cuda:
+    if how == "device" or (how is True and logits.is_cuda):
         torch._assert_async(finite.all(), msg)  # no host synchronisation
     elif not bool(finite.all()):
         bad = (~finite).nonzero().flatten()[:8].tolist()
         raise ValueError(f"{msg}: tokens {bad}")
+
+
+def _check_check_finite(check_finite) -> None:
+    if not (isinstance(check_finite, bool)
+            or isinstance(check_finite, str) and check_finite in ("host", "device")):
+        raise ValueError(f"check_finite: expected False, True, 'host' or 'device', "
+                         f"got {check_finite!r}")
 
 
 def _check_flags(**flags) -> None:
@@ -209,7 +216,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
               aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, recompute: bool = False,
               ep_group=None, ep_backend: str = "nccl", max_tokens_per_rank: Optional[int] = None,
               backend: str = "auto", deterministic: bool = False, quant: Optional[str] = None,
-              weight_cache=None, check_finite: bool = False):
+              weight_cache=None, check_finite=False):
     """Router + routed experts of one MoE layer.
 
     ``hidden_states [N, D]``, ``gate_weight [E, D]``, ``w_up``/``w_down`` as in
@@ -236,9 +243,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     Non-finite input: a token whose router logits hold NaN or inf (from ``hidden_states``,
     ``gate_weight`` or overflow) is still routed to ``top_k`` distinct valid experts (NaN
     ranks highest, as in ``torch.sort``); its weights and output come out non-finite, as in
-    the reference, never silently zero. ``check_finite=True`` raises instead: ``ValueError``
-    at once on CPU; on CUDA a device-side assertion (no host synchronisation) that fails the
-    stream.
+    the reference, never silently zero. ``check_finite`` raises instead: ``True`` gives a
+    ``ValueError`` on CPU and on CUDA a device-side assertion (no host synchronisation) that
+    fails the stream (and the process's CUDA context); ``"host"`` always a ``ValueError`` (a
+    host synchronisation on CUDA), ``"device"`` always the assertion.
     """
     x = hidden_states
     check_tensor("hidden_states", x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -261,7 +269,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     check_experts_args(x, torch.empty(n, top_k, dtype=torch.int32, device=x.device),
                        torch.empty(n, top_k, dtype=torch.float32, device=x.device),
                        w_up, w_down, activation)
-    _check_flags(recompute=recompute, deterministic=deterministic, check_finite=check_finite)
+    _check_flags(recompute=recompute, deterministic=deterministic)
+    _check_check_finite(check_finite)
     use_triton = _use_triton(backend, x)
     check_quant(quant, use_triton=use_triton)
     check_weight_cache(weight_cache)
@@ -335,7 +344,7 @@ def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recomp
 def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bool,
                  expert_bias, num_groups, group_topk, scaling_factor: float, capacity_factor,
                  drop_policy: str, aux_loss_coeff: float, z_loss_coeff: float, use_triton: bool,
-                 seq_shape=None, check_finite: bool = False):
+                 seq_shape=None, check_finite=False):
     """The router stage shared by ``fused_moe`` and ``MoELayer`` (arguments already checked).
 
     ``x [N, D]`` is the router input. Returns ``(topk_ids [N, k] (-1 for dropped slots),
@@ -352,7 +361,7 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
     if use_triton:
         logits = RouterLogitsFunction.apply(x, gate_weight)
         if check_finite:
-            _check_logits_finite(logits)
+            _check_logits_finite(logits, check_finite)
         ids, weights, colsum, aux_counts, lse = RouterFunction.apply(
             logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
             float(scaling_factor), batch_aux, need_z)
@@ -364,7 +373,7 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
         zero = zero.to(rdt)
         logits = x.to(rdt) @ gate_weight.to(rdt).t()
         if check_finite:
-            _check_logits_finite(logits)
+            _check_logits_finite(logits, check_finite)
         ids, weights, _ = reference.route(
             logits, top_k, score_func=score_func, renormalize=renormalize,
             expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,

@@ -239,6 +239,9 @@ def _gpt_ddp(cfg, state=None):
     if state is not None:
         model.load_state_dict(state)
     model.to(_DEV)
+    if cfg.bf16:  # as Megatron's training loop wraps a bf16 model (casts in and out)
+        from megatron.core.transformer.module import Float16Module
+        model = Float16Module(cfg, model)
     return DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                    model)
 
