@@ -227,7 +227,7 @@ def test_sdpa_attention_rejects_unsupported_settings(model_parallel_1):
 _DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _gpt_ddp(cfg, state=None):
+def _gpt_ddp(cfg, state=None, **ddp_kw):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -242,8 +242,8 @@ def _gpt_ddp(cfg, state=None):
     if cfg.bf16:  # as Megatron's training loop wraps a bf16 model (casts in and out)
         from megatron.core.transformer.module import Float16Module
         model = Float16Module(cfg, model)
-    return DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-                                   model)
+    return DistributedDataParallel(
+        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, **ddp_kw), model)
 
 
 def test_expert_wgrad_accumulates_into_main_grad(model_parallel_1):
@@ -317,12 +317,13 @@ def test_fused_cross_entropy_matches_megatron_loss(model_parallel_1, monkeypatch
 def _fp8_cache_after_megatron_step(opt_cfg, **cfg_kw):
     """Builds the FP8 plugin model under Megatron's DDP and ``get_megatron_optimizer``, ties the
     quantised-weight cache to the optimizer, takes one step, and returns ``(loss before,
-    loss after with the cache, loss after quantising anew, expert weight before, after)``."""
+    loss after with the cache, loss after quantising anew, loss after with a cache that only
+    the weights' ``_version`` can refresh, expert weight before, after)``."""
     from megatron.core.optimizer import get_megatron_optimizer
     from moe_plugin.megatron import PluginMoELayer
-    from moe_plugin.quant import cache_quantized_weights
+    from moe_plugin.quant import WeightCache, cache_quantized_weights
     ddp = _gpt_ddp(_cfg(moe_plugin_quant="fp8_block", hidden_dropout=0.0, attention_dropout=0.0,
-                        **cfg_kw))
+                        **cfg_kw), use_distributed_optimizer=opt_cfg.use_distributed_optimizer)
     opt = get_megatron_optimizer(opt_cfg, [ddp])
     cache = cache_quantized_weights(ddp, opt)
     layers = [m for m in ddp.modules() if isinstance(m, PluginMoELayer)]
@@ -335,6 +336,16 @@ def _fp8_cache_after_megatron_step(opt_cfg, **cfg_kw):
     def loss():
         return ddp(tokens, pos, causal, labels=tokens).float().mean()
 
+    def loss_with(c):
+        for m in layers:
+            m.quant_weight_cache = c
+        with torch.no_grad():
+            return loss()
+
+    version_only = WeightCache()  # never refreshed: what a _version-keyed cache would do
+    loss_with(version_only)
+    for m in layers:
+        m.quant_weight_cache = cache
     ddp.zero_grad_buffer()
     opt.zero_grad()
     before = loss()
@@ -343,12 +354,10 @@ def _fp8_cache_after_megatron_step(opt_cfg, **cfg_kw):
     w_old = w_down.detach().clone()
     ok, _, _ = opt.step()
     assert ok
-    with torch.no_grad():
-        after_cached = loss()
-        for m in layers:
-            m.quant_weight_cache = None  # quantise anew from the current weights
-        after_fresh = loss()
-    return before.detach(), after_cached, after_fresh, w_old, w_down.detach()
+    after_cached = loss_with(cache)
+    after_fresh = loss_with(None)  # quantise anew from the current weights
+    after_version_only = loss_with(version_only)
+    return before.detach(), after_cached, after_fresh, after_version_only, w_old, w_down.detach()
 
 
 def test_fp8_weight_cache_follows_megatron_optimizer_step(model_parallel_1):
@@ -356,7 +365,7 @@ def test_fp8_weight_cache_follows_megatron_optimizer_step(model_parallel_1):
     quantised-weight cache tied to it (``cache_quantized_weights``), the forward after
     ``step()`` runs on the new weights -- bitwise what quantising anew gives."""
     from megatron.core.optimizer import OptimizerConfig
-    before, cached, fresh, w_old, w_new = _fp8_cache_after_megatron_step(
+    before, cached, fresh, _, w_old, w_new = _fp8_cache_after_megatron_step(
         OptimizerConfig(optimizer="adam", lr=0.05, clip_grad=0.0))
     assert not torch.equal(w_new, w_old)  # the step did move the expert weights
     assert torch.equal(cached, fresh), (cached.item(), fresh.item())
@@ -370,9 +379,11 @@ def test_fp8_weight_cache_follows_megatron_distributed_optimizer_gpu(model_paral
     model's parameters from its fp32 main copies through their ``.data`` (no ``_version``
     bump): the forward after the step still sees the new weights."""
     from megatron.core.optimizer import OptimizerConfig
-    before, cached, fresh, w_old, w_new = _fp8_cache_after_megatron_step(
+    before, cached, fresh, version_only, w_old, w_new = _fp8_cache_after_megatron_step(
         OptimizerConfig(optimizer="adam", lr=0.05, bf16=True, use_distributed_optimizer=True),
         bf16=True, params_dtype=torch.bfloat16)
     assert not torch.equal(w_new, w_old)
     assert torch.equal(cached, fresh), (cached.item(), fresh.item())
     assert not torch.equal(cached, before)
+    # the write bypasses _version: a cache keyed on it alone would have stayed stale
+    assert not torch.equal(version_only, fresh), version_only.item()
