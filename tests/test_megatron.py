@@ -91,7 +91,9 @@ def model_parallel_1():
     patches.apply()
     own = not dist.is_initialized()
     if own:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+        # CUDA tensors (the distributed optimizer's collectives on a GPU) go through NCCL
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     yield
