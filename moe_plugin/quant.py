@@ -29,6 +29,8 @@ so that micro-batches of one step share the copy.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 __all__ = ["QUANT_MODES", "GROUP", "FP8_MAX", "INT8_MAX", "quantize_fp8_rows",
@@ -169,20 +171,30 @@ class WeightCache:
     Without a cache the FP8 training path quantises each weight in every forward (always
     right, whatever wrote the weights). A cache keeps one copy per weight and mode until
     ``refresh()``, so the micro-batches of one optimizer step share it. It must be refreshed
-    whenever the weights change in a way PyTorch cannot see: a copy through ``.data`` (as
-    Megatron-Core's optimizers write the model's parameters) does not bump ``_version``, so
-    the version check alone would keep a stale copy. Tie the refresh to what writes the
-    weights: ``refresh_on_step(optimizer)`` (every ``step()``), and
-    ``cache_quantized_weights(model, optimizer)`` also refreshes after the layers'
-    ``load_state_dict``. A copy is also dropped when the weight's ``_version``, storage, shape
-    or dtype change."""
+    whenever the weights change in a way PyTorch cannot see: a write through ``.data`` (e.g.
+    ``p.data.copy_(new)``) does not bump ``_version``, so a version check alone would keep a
+    stale copy. Tie the refresh to what writes the weights: ``refresh_on_step(optimizer)``
+    (every ``step()``), and ``cache_quantized_weights(model, optimizer)`` also refreshes after
+    the layers' ``load_state_dict``. A copy is also dropped when the weight's ``_version``,
+    storage, shape or dtype change. ``generation`` counts the refreshes."""
 
     def __init__(self):
         self.generation = 0
+        self._copies = {}  # (id(weight), mode) -> (weakref to the weight, its state, copy)
 
     def refresh(self) -> None:
         """Drops every copy: the next forward quantises each weight again."""
         self.generation += 1
+        self._copies.clear()
+
+    def _lookup(self, w: torch.Tensor, mode: str, state):
+        entry = self._copies.get((id(w), mode))
+        if entry is not None and entry[0]() is w and entry[1] == state:
+            return entry[2]
+        return None
+
+    def _store(self, w: torch.Tensor, mode: str, state, out) -> None:
+        self._copies[(id(w), mode)] = (weakref.ref(w), state, out)
 
     def refresh_on_step(self, optimizer):
         """Refreshes after every ``optimizer.step()``: a ``torch.optim.Optimizer`` through its
@@ -231,9 +243,9 @@ def check_weight_cache(weight_cache) -> None:
 def cached_weight(w: torch.Tensor, quant_mode: str, cache: "WeightCache | None" = None):
     """``(q, scale, q_t)`` of weight ``w`` in ``quant_mode``.
 
-    Without ``cache`` the weight is quantised now. With one, the copy kept on the tensor is
-    reused while the cache's generation (see ``WeightCache``), ``w._version`` (bumped by
-    in-place updates autograd sees), its storage, shape and dtype are unchanged.
+    Without ``cache`` the weight is quantised now. With one, the cache's copy is reused until
+    its ``refresh()`` (see ``WeightCache``) or until ``w._version`` (bumped by in-place updates
+    autograd sees), its storage, shape or dtype change.
 
     ``q_t`` (fp8; None for int8): the same values stored transposed (K-major strides, shape
     of ``q``), the operand layout of the dgrad GEMMs (``kernels/quantize.py``). On CPU it is
@@ -246,19 +258,15 @@ def cached_weight(w: torch.Tensor, quant_mode: str, cache: "WeightCache | None" 
     capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
     use_cache = cache is not None and not capturing
     if use_cache:
-        key = (quant_mode, cache, cache.generation, w._version, w.data_ptr(),
-               tuple(w.shape), w.dtype)
-        kept = getattr(w, "_moe_quant_cache", None)
-        if kept is not None and kept[0] == key:
-            return kept[1]
+        state = (w._version, w.data_ptr(), tuple(w.shape), w.dtype)
+        kept = cache._lookup(w, quant_mode, state)
+        if kept is not None:
+            return kept
     with torch.no_grad():
         if quant_mode != "fp8":
             out = (*quantize_int8_channels(w.detach()), None)
         else:
             out = _fp8_blocks(w.detach(), transposed=True)
     if use_cache:
-        try:
-            w._moe_quant_cache = (key, out)
-        except (AttributeError, RuntimeError):  # tensors that refuse attributes: no cache
-            pass
+        cache._store(w, quant_mode, state, out)
     return out

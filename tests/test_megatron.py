@@ -376,16 +376,19 @@ def test_fp8_weight_cache_follows_megatron_optimizer_step(model_parallel_1):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fp8_weight_cache_follows_megatron_distributed_optimizer_gpu(model_parallel_1):
-    """The same with bf16 parameters and Megatron's distributed optimizer, which writes the
-    model's parameters from its fp32 main copies through their ``.data`` (no ``_version``
-    bump): the forward after the step still sees the new weights."""
+@pytest.mark.parametrize("distributed", [False, True])
+def test_fp8_weight_cache_follows_megatron_bf16_optimizers_gpu(model_parallel_1, distributed):
+    """The same with bf16 parameters and Megatron's bf16 optimizers, which keep fp32 main
+    copies and write the model's parameters from them after the step: the forward after the
+    step sees the new weights. Neither optimizer's write (Float16OptimizerWithFloat16Params
+    through ``param.data``, the distributed optimizer into its parameter buffer) bumps
+    ``_version``: a cache keyed on ``_version`` alone stays stale (the control)."""
     from megatron.core.optimizer import OptimizerConfig
     before, cached, fresh, version_only, w_old, w_new = _fp8_cache_after_megatron_step(
-        OptimizerConfig(optimizer="adam", lr=0.05, bf16=True, use_distributed_optimizer=True),
+        OptimizerConfig(optimizer="adam", lr=0.05, bf16=True,
+                        use_distributed_optimizer=distributed),
         bf16=True, params_dtype=torch.bfloat16)
     assert not torch.equal(w_new, w_old)
     assert torch.equal(cached, fresh), (cached.item(), fresh.item())
     assert not torch.equal(cached, before)
-    # the write bypasses _version: a cache keyed on it alone would have stayed stale
     assert not torch.equal(version_only, fresh), version_only.item()
