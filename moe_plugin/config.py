@@ -20,6 +20,8 @@ ACTIVATIONS = {
     "gelu": (3, False),
     "relu2": (4, False),
     "silu": (5, False),
+    "gelu_erf": (6, False),   # exact (erf) gelu: F.gelu(x), Megatron-Core's default
+    "geglu_erf": (7, True),   # F.gelu(g) * u with the exact gelu
 }
 # swiglu_oai defaults: alpha, beta (added to the clamped up projection), limit
 SWIGLU_OAI_ALPHA = 1.702
@@ -102,8 +104,9 @@ class ExpertShapes:
 
 
 def check_experts_args(hidden_states, topk_ids, topk_weights, w_up, w_down,
-                       activation: str) -> ExpertShapes:
-    """Validates the arguments of ``fused_experts`` (shapes, dtypes, devices)."""
+                       activation: str, b_up=None, b_down=None) -> ExpertShapes:
+    """Validates the arguments of ``fused_experts`` (shapes, dtypes, devices), the optional
+    expert biases included (``check_expert_biases``)."""
     _, gated = check_activation(activation)
     check_tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES)
     dev = hidden_states.device
@@ -140,7 +143,36 @@ def check_experts_args(hidden_states, topk_ids, topk_weights, w_up, w_down,
         raise ValueError(f"w_down: expected shape {(e, d, f)} ([E, D, F] matching w_up "
                          f"{tuple(w_up.shape)} and activation {activation!r}), "
                          f"got {tuple(w_down.shape)}")
+    check_expert_biases(b_up, b_down, w_up, w_down, activation)
     return ExpertShapes(n, d, f, e, k, gated)
+
+
+def check_expert_biases(b_up, b_down, w_up, w_down, activation: str) -> None:
+    """The optional expert biases: ``b_up [E, 2F|F]`` (gated: gate part, then up part; added
+    to GEMM1's output before the activation) and ``b_down [E, D]`` (added to GEMM2's output
+    before the routing weight), in the weights' dtype and on their device. ``w_up``/``w_down``
+    are checked already (E, F, D come from them)."""
+    e, rows, d = w_up.shape
+    for name, b, want in (("b_up", b_up, (e, rows)), ("b_down", b_down, (e, d))):
+        if b is None:
+            continue
+        check_tensor(name, b, ndim=2, dtypes=(w_up.dtype,), device=w_up.device)
+        if tuple(b.shape) != want:
+            what = ("[E, 2F] (gate part, then up part)" if name == "b_up" and
+                    ACTIVATIONS[activation][1] else "[E, F]" if name == "b_up" else "[E, D]")
+            raise ValueError(f"{name}: expected shape {want} ({what} matching w_up "
+                             f"{tuple(w_up.shape)} and w_down {tuple(w_down.shape)}), "
+                             f"got {tuple(b.shape)}")
+
+
+def check_bias_quant(b_up, b_down, quant) -> None:
+    """Expert biases run on the unquantised path only."""
+    if quant is None:
+        return
+    given = [n for n, b in (("b_up", b_up), ("b_down", b_down)) if b is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)}: expert biases are not supported with "
+                         f"quant={quant!r} (FP8 expert GEMMs); use quant=None")
 
 
 def check_ids_range(topk_ids: torch.Tensor, num_experts: int) -> None:

@@ -9,7 +9,8 @@ from . import reference
 from .autograd import (FusedExpertsFP8Function, FusedExpertsFunction, RouterFunction,
                        RouterLogitsFunction)
 from .config import (BACKENDS, DROP_POLICIES, FLOAT_DTYPES, check_activation,
-                     check_capacity_factor, check_choice, check_experts_args, check_ids_range,
+                     check_bias_quant, check_capacity_factor, check_choice, check_experts_args,
+                     check_ids_range,
                      check_positive_int, check_quant, check_routing_args, check_tensor,
                      expert_capacity)
 from .kernels.common import interpret_mode
@@ -74,17 +75,18 @@ def _check_flags(**flags) -> None:
 
 
 def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, recompute,
-             quant=None, weight_cache=None):
+             quant=None, weight_cache=None, b_up=None, b_down=None):
     """Returns ``(out [N, D], tokens_per_expert int [E])``."""
     act_code, gated = check_activation(activation)
     if use_triton:
         if quant is None:
             return FusedExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
-                                              gated, recompute)
+                                              gated, recompute, b_up, b_down)
+        check_bias_quant(b_up, b_down, quant)
         return FusedExpertsFP8Function.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
                                              gated, recompute, quant == "fp8_block_wgrad",
                                              weight_cache)
-    out = reference.experts(x, topk_ids, topk_weights, w_up, w_down, activation)
+    out = reference.experts(x, topk_ids, topk_weights, w_up, w_down, activation, b_up, b_down)
     valid = topk_ids.reshape(-1)
     counts = torch.zeros(w_up.shape[0], dtype=torch.int32, device=x.device)
     counts.index_add_(0, valid[valid >= 0].long(),
@@ -96,8 +98,11 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   activation: str = "swiglu", *, backend: str = "auto", recompute: bool = False,
                   quant: Optional[str] = None, deterministic: bool = False,
-                  validate_ids=None, weight_cache=None) -> torch.Tensor:
-    """Routed experts with the routing given.
+                  validate_ids=None, weight_cache=None, b_up: Optional[torch.Tensor] = None,
+                  b_down: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Routed experts with the routing given:
+    ``out[t] = Σ_j w[t, j] · (W_down[e] · act(W_up[e] · x[t] + b_up[e]) + b_down[e])``,
+    ``e = ids[t, j]``, -1 slots skipped (the biases optional).
 
     Args:
         hidden_states: ``[N, D]`` tokens (fp32, bf16 or fp16 for the Triton path).
@@ -105,7 +110,13 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
         topk_weights: ``[N, k]`` fp32 or ``hidden_states.dtype``; differentiable.
         w_up: ``[E, 2F, D]`` (gated; rows 0..F-1 gate, F..2F-1 up) or ``[E, F, D]``.
         w_down: ``[E, D, F]``.
-        activation: one of ``moe_plugin.ACTIVATIONS``.
+        activation: one of ``moe_plugin.ACTIVATIONS``: gated ``swiglu``, ``geglu`` (tanh
+            gelu), ``geglu_erf`` (exact gelu), ``swiglu_oai``; non-gated ``gelu`` (tanh),
+            ``gelu_erf`` (exact, ``F.gelu``: Megatron-Core's default), ``relu2``, ``silu``.
+        b_up: optional ``[E, 2F]`` (gated: gate part, then up part) or ``[E, F]`` GEMM1 bias,
+            added before the activation; differentiable. Same dtype and device as ``w_up``.
+        b_down: optional ``[E, D]`` GEMM2 bias, added before the routing weight (Megatron-Core's
+            ``add_bias_linear`` experts); differentiable. Not with ``quant``.
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else the
             reference), ``"triton"`` or ``"torch"`` (the plain-PyTorch reference).
         recompute: save nothing of GEMM1's output; recompute it in backward (same gradients).
@@ -131,14 +142,16 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
     Returns:
         ``[N, D]`` in ``hidden_states.dtype``.
     """
-    shapes = check_experts_args(hidden_states, topk_ids, topk_weights, w_up, w_down, activation)
+    shapes = check_experts_args(hidden_states, topk_ids, topk_weights, w_up, w_down, activation,
+                                b_up, b_down)
     _check_flags(recompute=recompute, deterministic=deterministic)
     use_triton = _use_triton(backend, hidden_states)
     check_quant(quant, use_triton=use_triton)
+    check_bias_quant(b_up, b_down, quant)
     check_weight_cache(weight_cache)
     _check_ids(topk_ids, shapes.num_experts, validate_ids)
     out, _ = _experts(hidden_states, topk_ids, topk_weights, w_up, w_down, activation,
-                      use_triton, recompute, quant, weight_cache)
+                      use_triton, recompute, quant, weight_cache, b_up, b_down)
     return out
 
 
@@ -216,11 +229,13 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
               aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, recompute: bool = False,
               ep_group=None, ep_backend: str = "nccl", max_tokens_per_rank: Optional[int] = None,
               backend: str = "auto", deterministic: bool = False, quant: Optional[str] = None,
-              weight_cache=None, check_finite=False):
+              weight_cache=None, check_finite=False, b_up: Optional[torch.Tensor] = None,
+              b_down: Optional[torch.Tensor] = None):
     """Router + routed experts of one MoE layer.
 
-    ``hidden_states [N, D]``, ``gate_weight [E, D]``, ``w_up``/``w_down`` as in
-    ``fused_experts``. Routing semantics (scores, expert bias for selection only, group-limited
+    ``hidden_states [N, D]``, ``gate_weight [E, D]``, ``w_up``/``w_down`` and the optional
+    expert biases ``b_up [E, 2F|F]`` / ``b_down [E, D]`` as in ``fused_experts`` (under expert
+    parallelism: this rank's E/P experts' slices, like the weights). Routing semantics (scores, expert bias for selection only, group-limited
     top-k, renormalisation, scaling, capacity dropping and its ``drop_policy``, the losses) are
     those of ``moe_plugin.reference`` (module docstring).
 
@@ -268,11 +283,12 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     # shape checks of the expert weights before any kernel runs
     check_experts_args(x, torch.empty(n, top_k, dtype=torch.int32, device=x.device),
                        torch.empty(n, top_k, dtype=torch.float32, device=x.device),
-                       w_up, w_down, activation)
+                       w_up, w_down, activation, b_up, b_down)
     _check_flags(recompute=recompute, deterministic=deterministic)
     _check_check_finite(check_finite)
     use_triton = _use_triton(backend, x)
     check_quant(quant, use_triton=use_triton)
+    check_bias_quant(b_up, b_down, quant)
     check_weight_cache(weight_cache)
     ids, weights, aux, z = route_tokens(
         x, gate_weight, top_k, score_func=score_func, renormalize=renormalize,
@@ -284,7 +300,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
         x, ids, weights, w_up, w_down, activation, use_triton, recompute,
         num_experts=num_experts, ep_group=ep_group, ep_backend=ep_backend,
         max_tokens_per_rank=max_tokens_per_rank, allow_drop=capacity_factor is not None,
-        drop_policy=drop_policy, quant=quant, weight_cache=weight_cache)
+        drop_policy=drop_policy, quant=quant, weight_cache=weight_cache, b_up=b_up,
+        b_down=b_down)
     info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
             "topk_weights": weights}
     if ep_group is not None:
@@ -311,16 +328,19 @@ def _check_ep(ep_group, num_experts: int, ep_backend: str, max_tokens_per_rank) 
 
 def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recompute, *,
                    num_experts: int, ep_group=None, ep_backend="nccl", max_tokens_per_rank=None,
-                   allow_drop=False, drop_policy="probs", quant=None, weight_cache=None):
-    """Routed experts with or without expert parallelism.
+                   allow_drop=False, drop_policy="probs", quant=None, weight_cache=None,
+                   b_up=None, b_down=None):
+    """Routed experts with or without expert parallelism (``b_up``/``b_down``: optional expert
+    biases of the local experts, as in ``fused_experts``).
 
     Returns ``(out, tokens_per_expert [E] (the rank's own slots), ep_recv_count | None,
     topk_ids)``: ``topk_ids`` as routed, with -1 for the slots dropped here (under EP with
     ``max_tokens_per_rank`` and ``allow_drop``, those over a destination rank's share, chosen
     by ``drop_policy``: ``rank_overflow_drop``); the counts are of the slots kept."""
+    check_bias_quant(b_up, b_down, quant)
     if ep_group is None:
         out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton,
-                               recompute, quant, weight_cache)
+                               recompute, quant, weight_cache, b_up, b_down)
         return out, counts, None, ids
     from .comm.ep import ep_experts
     act_code, gated = check_activation(activation)
@@ -334,7 +354,8 @@ def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recomp
     out, recv = ep_experts(x, ids, weights, w_up, w_down, num_experts=num_experts,
                            act=act_code, gated=gated, recompute=recompute, group=ep_group,
                            backend=ep_backend, max_tokens_per_rank=max_tokens_per_rank,
-                           allow_drop=allow_drop, quant=quant, weight_cache=weight_cache)
+                           allow_drop=allow_drop, quant=quant, weight_cache=weight_cache,
+                           b_up=b_up, b_down=b_down)
     flat = ids.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     counts.index_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int32))
@@ -344,46 +365,59 @@ def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recomp
 def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bool,
                  expert_bias, num_groups, group_topk, scaling_factor: float, capacity_factor,
                  drop_policy: str, aux_loss_coeff: float, z_loss_coeff: float, use_triton: bool,
-                 seq_shape=None, check_finite=False):
+                 seq_shape=None, check_finite=False, gate_bias=None, logits_hook=None,
+                 valid=None):
     """The router stage shared by ``fused_moe`` and ``MoELayer`` (arguments already checked).
 
     ``x [N, D]`` is the router input. Returns ``(topk_ids [N, k] (-1 for dropped slots),
     topk_weights fp32 [N, k], aux_loss, z_loss)``. With ``seq_shape = (num_seqs, seq_len,
     batch_first)`` the load-balance loss is the per-sequence variant
     (``reference.seq_load_balance_loss``) instead of the per-batch one. ``check_finite``: see
-    ``fused_moe``."""
+    ``fused_moe``. ``gate_bias [E]`` is added to the logits; ``logits_hook(logits) -> logits``
+    (fp32 ``[N, E]``, differentiable) runs before the routing (the Megatron adapter's random
+    logits); with ``valid`` (bool ``[N]``) only those tokens enter the losses (every token is
+    still routed): the losses then run in plain PyTorch on the logits."""
     n = x.shape[0]
     num_experts = gate_weight.shape[0]
     need_aux = aux_loss_coeff > 0 and n > 0
     need_z = z_loss_coeff > 0 and n > 0
     batch_aux = need_aux and seq_shape is None
+    fused_losses = use_triton and valid is None
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     if use_triton:
         logits = RouterLogitsFunction.apply(x, gate_weight)
-        if check_finite:
-            _check_logits_finite(logits, check_finite)
-        ids, weights, colsum, aux_counts, lse = RouterFunction.apply(
-            logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
-            float(scaling_factor), batch_aux, need_z)
-        aux = (colsum * aux_counts.float()).sum() * (aux_loss_coeff * num_experts
-                                                     / (top_k * n * n)) if batch_aux else zero
-        z = lse.square().mean() * z_loss_coeff if need_z else zero
     else:
         rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         zero = zero.to(rdt)
         logits = x.to(rdt) @ gate_weight.to(rdt).t()
-        if check_finite:
-            _check_logits_finite(logits, check_finite)
+    if gate_bias is not None:
+        logits = logits + gate_bias.to(logits.dtype)
+    if logits_hook is not None:
+        logits = logits_hook(logits)
+    if check_finite:
+        _check_logits_finite(logits, check_finite)
+    aux = z = zero
+    if use_triton:
+        ids, weights, colsum, aux_counts, lse = RouterFunction.apply(
+            logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
+            float(scaling_factor), batch_aux and fused_losses, need_z and fused_losses)
+        if batch_aux and fused_losses:
+            aux = (colsum * aux_counts.float()).sum() * (aux_loss_coeff * num_experts
+                                                         / (top_k * n * n))
+        if need_z and fused_losses:
+            z = lse.square().mean() * z_loss_coeff
+    else:
         ids, weights, _ = reference.route(
             logits, top_k, score_func=score_func, renormalize=renormalize,
             expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
             scaling_factor=scaling_factor)
-        aux = reference.load_balance_loss(logits, top_k, score_func, aux_loss_coeff) \
-            if batch_aux else zero
-        z = reference.z_loss(logits, z_loss_coeff) if need_z else zero
+    if batch_aux and not fused_losses:
+        aux = reference.load_balance_loss(logits, top_k, score_func, aux_loss_coeff, valid)
+    if need_z and not fused_losses:
+        z = reference.z_loss(logits, z_loss_coeff, valid)
     if need_aux and not batch_aux:
         aux = reference.seq_load_balance_loss(logits, top_k, score_func, aux_loss_coeff,
-                                              *seq_shape)
+                                              *seq_shape, valid=valid)
     if capacity_factor is not None:
         ids = _capacity_drop(ids, weights, num_experts, capacity_factor, drop_policy)
     return ids, weights, aux, z

@@ -38,8 +38,16 @@ Losses (Megatron-Core's definitions, coefficients applied):
   Differentiable through ``p``.
 * z-loss: ``coeff · mean_t(logsumexp(logits[t])²)``.
 
-Experts (``experts``): ``out[t] = Σ_j w[t, j] · W_down[e] · act(W_up[e] · x[t])`` with
-``e = ids[t, j]``; slots with id -1 are skipped.
+Experts (``experts``): ``out[t] = Σ_j w[t, j] · (W_down[e] · act(W_up[e] · x[t] + b_up[e])
++ b_down[e])`` with ``e = ids[t, j]``; slots with id -1 are skipped; the biases are optional
+(absent = 0). This is Megatron-Core's expert MLP with ``add_bias_linear`` (``SequentialMLP`` /
+``TEGroupedMLP``: the routing probability multiplies ``FC2(x) + bias``).
+
+Activations (``activation``; gated ones split the pre-activation ``[..., 2F]`` into the gate
+part ``g`` (first F) and the up part ``u``): ``swiglu`` silu(g)·u, ``geglu`` gelu_tanh(g)·u,
+``geglu_erf`` gelu(g)·u (exact, erf), ``swiglu_oai`` (see ``activation``); non-gated ``gelu``
+(tanh approximation), ``gelu_erf`` (exact, erf: ``F.gelu``, Megatron-Core's default),
+``relu2``, ``silu``.
 """
 from __future__ import annotations
 
@@ -65,12 +73,16 @@ def activation(name: str, pre: torch.Tensor) -> torch.Tensor:
             return F.silu(g) * u
         if name == "geglu":
             return F.gelu(g, approximate="tanh") * u
+        if name == "geglu_erf":
+            return F.gelu(g) * u
         # swiglu_oai
         g = g.clamp(max=SWIGLU_OAI_LIMIT)
         u = u.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
         return g * torch.sigmoid(SWIGLU_OAI_ALPHA * g) * (u + SWIGLU_OAI_BETA)
     if name == "gelu":
         return F.gelu(pre, approximate="tanh")
+    if name == "gelu_erf":
+        return F.gelu(pre)
     if name == "relu2":
         return F.relu(pre).square()
     return F.silu(pre)
@@ -150,52 +162,78 @@ def _aux_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
 
 
 def load_balance_loss(logits: torch.Tensor, top_k: int, score_func: str = "softmax",
-                      coeff: float = 1.0) -> torch.Tensor:
-    """Megatron-Core's switch load-balancing loss (see the module docstring)."""
+                      coeff: float = 1.0, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Megatron-Core's switch load-balancing loss (see the module docstring).
+
+    ``valid`` (bool [N], optional): only these tokens count (Megatron's ``padding_mask``,
+    inverted): their scores, their top-k counts, and their number as ``N``."""
     n, e = logits.shape
     p = _aux_scores(logits, score_func)
-    counts = torch.zeros(e, dtype=p.dtype, device=p.device)
-    ids = _topk_lowest_index(p.detach(), top_k)
-    counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=p.dtype, device=p.device))
-    return coeff * e / (top_k * n * n) * (p.sum(0) * counts).sum()
+    sel = torch.zeros_like(p).scatter_(1, _topk_lowest_index(p.detach(), top_k), 1.0)
+    if valid is not None:
+        p, sel = p * valid[:, None], sel * valid[:, None]
+        n = sel.sum() / top_k  # a 0-dim tensor: no host synchronisation
+    return coeff * e / (top_k * n * n) * (p.sum(0) * sel.sum(0)).sum()
 
 
 def seq_load_balance_loss(logits: torch.Tensor, top_k: int, score_func: str, coeff: float,
-                          num_seqs: int, seq_len: int, batch_first: bool = True) -> torch.Tensor:
+                          num_seqs: int, seq_len: int, batch_first: bool = True,
+                          valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sequence load-balance loss (Megatron-Core's ``seq_aux_loss``): the switch loss of
     each sequence on its own (``N`` = its length), averaged over the sequences.
 
     ``logits [N, E]`` hold ``num_seqs`` sequences of ``seq_len`` tokens, token ``t = b·S + s``
-    when ``batch_first`` else ``t = s·B + b`` (Megatron's [s, b] layout)."""
+    when ``batch_first`` else ``t = s·B + b`` (Megatron's [s, b] layout). With ``valid``
+    (bool [N]) only those tokens count, and ``N`` of every sequence is the mean number of
+    valid tokens per sequence (Megatron-Core's choice)."""
     n, e = logits.shape
     p = _aux_scores(logits, score_func)
     ids = _topk_lowest_index(p.detach(), top_k)
     sel = torch.zeros_like(p).scatter_(1, ids, 1.0)
+    length = seq_len
+    if valid is not None:
+        p, sel = p * valid[:, None], sel * valid[:, None]
+        length = sel.sum() / (top_k * num_seqs)
     if batch_first:
         p, sel = p.view(num_seqs, seq_len, e), sel.view(num_seqs, seq_len, e)
         dim = 1
     else:
         p, sel = p.view(seq_len, num_seqs, e), sel.view(seq_len, num_seqs, e)
         dim = 0
-    per_seq = (p.sum(dim) * sel.sum(dim)).sum(-1) * (e / (top_k * seq_len * seq_len))
+    per_seq = (p.sum(dim) * sel.sum(dim)).sum(-1) * (e / (top_k * length * length))
     return coeff * per_seq.mean()
 
 
-def z_loss(logits: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
-    return coeff * torch.logsumexp(logits, dim=-1).square().mean()
+def z_loss(logits: torch.Tensor, coeff: float = 1.0,
+           valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``coeff · mean(logsumexp(logits)²)``, over the ``valid`` tokens only when given (at
+    least one in the denominator, as Megatron-Core)."""
+    sq = torch.logsumexp(logits, dim=-1).square()
+    if valid is None:
+        return coeff * sq.mean()
+    return coeff * (sq * valid).sum() / valid.sum().clamp(min=1)
 
 
 def experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-            w_up: torch.Tensor, w_down: torch.Tensor, activation_name: str = "swiglu"):
-    """Routing given: ``out[t] = Σ_j w[t, j] · expert_{ids[t, j]}(x[t])``; -1 slots skipped."""
+            w_up: torch.Tensor, w_down: torch.Tensor, activation_name: str = "swiglu",
+            b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None):
+    """Routing given: ``out[t] = Σ_j w[t, j] · expert_{ids[t, j]}(x[t])``; -1 slots skipped.
+
+    ``x [N, D]``, ``w_up [E, 2F|F, D]``, ``w_down [E, D, F]``; optional biases ``b_up
+    [E, 2F|F]`` (before the activation) and ``b_down [E, D]`` (before the routing weight):
+    ``expert_e(x) = W_down[e] · act(W_up[e] · x + b_up[e]) + b_down[e]``."""
     n, d = hidden_states.shape
     out = torch.zeros(n, d, dtype=hidden_states.dtype, device=hidden_states.device)
     for ex in range(w_up.shape[0]):
         tok, slot = (topk_ids == ex).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        h = activation(activation_name, hidden_states[tok] @ w_up[ex].t())
-        y = h @ w_down[ex].t()
+        pre = hidden_states[tok] @ w_up[ex].t()
+        if b_up is not None:
+            pre = pre + b_up[ex]
+        y = activation(activation_name, pre) @ w_down[ex].t()
+        if b_down is not None:
+            y = y + b_down[ex]
         out = out.index_add(0, tok, y * topk_weights[tok, slot, None].to(y.dtype))
     return out
 
@@ -231,8 +269,10 @@ def moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torch.Tens
         expert_bias: Optional[torch.Tensor] = None, num_groups: Optional[int] = None,
         group_topk: Optional[int] = None, scaling_factor: float = 1.0,
         capacity_factor: Optional[float] = None, drop_policy: str = "probs",
-        aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0):
-    """Router + experts. Returns ``(out [N, D], info)`` like ``moe_plugin.fused_moe``.
+        aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
+        b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None):
+    """Router + experts. Returns ``(out [N, D], info)`` like ``moe_plugin.fused_moe``
+    (``b_up``/``b_down``: the expert biases of ``experts``).
 
     The router runs in the dtype of ``hidden_states`` when that is float64, else in fp32."""
     rdt = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
@@ -242,7 +282,7 @@ def moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torch.Tens
                             group_topk=group_topk, scaling_factor=scaling_factor)
     if capacity_factor is not None:
         ids = capacity_drop(ids, weights, w_up.shape[0], capacity_factor, drop_policy)
-    out = experts(hidden_states, ids, weights, w_up, w_down, activation)
+    out = experts(hidden_states, ids, weights, w_up, w_down, activation, b_up, b_down)
     e = w_up.shape[0]
     valid = ids[ids >= 0]
     info = {
@@ -268,15 +308,17 @@ def moe_layer(x: torch.Tensor, params: dict, top_k: int, *, activation: str = "s
     """``moe_plugin.MoELayer`` in plain PyTorch. Returns ``(out [..., D], info)``.
 
     ``params``: ``w_gate [E, D]``, ``w_up``, ``w_down`` (on the latent width L when
-    ``latent_down [L, D]`` / ``latent_up [D, L]`` are given), optional ``expert_bias [E]``,
-    ``shared_w_up [2Fs|Fs, D]``, ``shared_w_down [D, Fs]``, ``shared_gate [1, D]``.
+    ``latent_down [L, D]`` / ``latent_up [D, L]`` are given), optional ``b_up [E, 2F|F]`` /
+    ``b_down [E, D|L]`` (expert biases, as in ``experts``), ``expert_bias [E]``,
+    ``shared_w_up [2Fs|Fs, D]``, ``shared_w_down [D, Fs]``, optional ``shared_b_up [2Fs|Fs]`` /
+    ``shared_b_down [D]``, ``shared_gate [1, D]``.
     ``router_noise`` (same shape as the flattened input) multiplies the router input (jitter).
 
     * router input: ``x`` (times ``router_noise``); logits in fp32 (float64 for float64 input)
     * routed input: ``x``, or ``x · latent_downᵀ``; with ``apply_weight_to_input`` (top-1) the
       routed input is multiplied by the routing weight and the output is not
-    * out = routed (· ``latent_upᵀ``) + shared, shared = ``W_down_s · act(W_up_s · x)``, times
-      ``sigmoid(x · shared_gateᵀ)`` when a shared gate is given
+    * out = routed (· ``latent_upᵀ``) + shared, shared = ``W_down_s · act(W_up_s · x + b_up_s)
+      + b_down_s``, times ``sigmoid(x · shared_gateᵀ)`` when a shared gate is given
     """
     shape = x.shape
     d = shape[-1]
@@ -294,15 +336,17 @@ def moe_layer(x: torch.Tensor, params: dict, top_k: int, *, activation: str = "s
     if apply_weight_to_input:
         xe = xe * weights.to(xe.dtype)
         routed = experts(xe, ids, torch.ones_like(weights), params["w_up"], params["w_down"],
-                         activation)
+                         activation, params.get("b_up"), params.get("b_down"))
     else:
-        routed = experts(xe, ids, weights, params["w_up"], params["w_down"], activation)
+        routed = experts(xe, ids, weights, params["w_up"], params["w_down"], activation,
+                         params.get("b_up"), params.get("b_down"))
     if params.get("latent_up") is not None:
         routed = routed @ params["latent_up"].t()
     out = routed
     if params.get("shared_w_up") is not None:
-        shared = _apply_activation(activation, h @ params["shared_w_up"].t())
-        shared = shared @ params["shared_w_down"].t()
+        shared = F.linear(h, params["shared_w_up"], params.get("shared_b_up"))
+        shared = F.linear(_apply_activation(activation, shared), params["shared_w_down"],
+                          params.get("shared_b_down"))
         if params.get("shared_gate") is not None:
             shared = shared * torch.sigmoid(h @ params["shared_gate"].t())
         out = out + shared

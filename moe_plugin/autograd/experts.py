@@ -46,10 +46,13 @@ def fused_wgrad_result(target):
 
 
 class FusedExpertsFunction(torch.autograd.Function):
-    """``out [N, D] = Σ_j w[t, j] · W_down[e] · act(W_up[e] · x[t])``, e = ids[t, j].
+    """``out [N, D] = Σ_j w[t, j] · (W_down[e] · act(W_up[e] · x[t] + b_up[e]) + b_down[e])``,
+    e = ids[t, j].
 
     Inputs: ``x [N, D]``, ``topk_ids [N, k]`` (int, -1 = unused slot), ``topk_weights [N, k]``
-    (fp32 or x's dtype), ``w_up [E, 2F|F, D]``, ``w_down [E, D, F]``.
+    (fp32 or x's dtype), ``w_up [E, 2F|F, D]``, ``w_down [E, D, F]``, optional expert biases
+    ``b_up [E, 2F|F]`` (GEMM1's epilogue, before the activation: part of ``pre``) and ``b_down
+    [E, D]`` (GEMM2's epilogue, before the routing weight), in the weights' dtype.
 
     Forward (``torch.ops.moe_plugin.experts_fwd``): permutation metadata (counting sort, on
     the device) → GEMM1 with gathered token rows and fused activation → GEMM2 → weighted
@@ -65,39 +68,46 @@ class FusedExpertsFunction(torch.autograd.Function):
     in the epilogue of the first backward GEMM ``dh' = dout[t]·W_down[e]``, which also yields
     d(topk_weights) (``<dh', h>``), ``dpre`` (activation backward) and ``hw = w·h``. Then
     ``dW_down`` (from dout and hw) and ``dW_up`` (from dpre and x) as per-expert segment GEMMs,
-    and ``dx`` as ``dpre·W_up[e]`` reduced over the k slots of each token.
+    and ``dx`` as ``dpre·W_up[e]`` reduced over the k slots of each token. Biases: ``db_up[e]``
+    = the sum of ``dpre`` over the expert's rows, ``db_down[e]`` = the sum of ``w · dout[t]``
+    over its slots, and d(topk_weights) gains ``dout[t] · b_down[e]``: per-expert passes in a
+    fixed order (``grouped_gemm._segment_colsum_kernel``), no atomics, no host sync.
 
     Also returns ``tokens_per_expert`` (int32 [E], non-differentiable).
     """
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
-                recompute: bool):
+                recompute: bool, b_up=None, b_down=None):
         out, counts, offsets, sorted_slot, slot_pos, pre = torch.ops.moe_plugin.experts_fwd(
-            x, topk_ids, topk_weights, w_up, w_down, act_code, gated, not recompute)
+            x, topk_ids, topk_weights, w_up, w_down, act_code, gated, not recompute,
+            b_up, b_down)
         ctx.act_code, ctx.gated = act_code, gated
         remember_wgrad_fusion(ctx, w_up, w_down)
         ctx.save_for_backward(x, topk_weights, w_up, w_down, counts, offsets, sorted_slot,
-                              slot_pos, pre)
+                              slot_pos, pre, b_up, b_down)
         ctx.mark_non_differentiable(counts)
         return out, counts
 
     @staticmethod
     def backward(ctx, dout, _dcounts):
-        x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre = \
-            ctx.saved_tensors
+        x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, b_up, \
+            b_down = ctx.saved_tensors
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
+        need_b_up, need_b_down = ctx.needs_input_grad[8:10]
         # the custom op takes "no buffer" as an empty tensor
         acc_up, acc_down = (b if b is not None and need else x.new_empty(0) for b, need in
                             zip(accumulation_buffers(ctx), (need_up, need_down)))
         grads = torch.ops.moe_plugin.experts_bwd(
             dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre,
-            ctx.act_code, ctx.gated, need_x, need_w, need_up, need_down, acc_up, acc_down)
-        dx, dw_topk, dw_up, dw_down = (g if need else None for g, need in
-                                       zip(grads, (need_x, need_w, need_up, need_down)))
+            ctx.act_code, ctx.gated, need_x, need_w, need_up, need_down, acc_up, acc_down,
+            b_up, b_down, need_b_up, need_b_down)
+        dx, dw_topk, dw_up, dw_down, db_up, db_down = (
+            g if need else None for g, need in
+            zip(grads, (need_x, need_w, need_up, need_down, need_b_up, need_b_down)))
         return (dx, None, dw_topk) \
             + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
-            + (None, None, None)
+            + (None, None, None, db_up, db_down)
 
 
 def returned_weight_grads(ctx, dw_up, dw_down, need_up: bool, need_down: bool):
@@ -109,7 +119,8 @@ def returned_weight_grads(ctx, dw_up, dw_down, need_up: bool, need_down: bool):
 
 class FusedExpertsFP8Function(torch.autograd.Function):
     """The routed experts with FP8 block-scaled GEMMs (``quant="fp8_block"``): same inputs,
-    outputs and semantics as ``FusedExpertsFunction``.
+    outputs and semantics as ``FusedExpertsFunction``, without expert biases (the API raises
+    for biases with ``quant``).
 
     Forward: ``x`` is quantised per token and 128 columns (e4m3, one pass over the N tokens;
     GEMM1 then gathers the quantised rows by index), the weights per 128 x 128 block: anew, or
@@ -157,10 +168,10 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         meta = PermuteMeta.from_tensors(rest[:4], ctx.num_experts, topk_weights.shape[1])
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
         dout = dout.contiguous()
-        dx, dw_topk, dpre, hw = X.experts_backward_data(
+        dx, dw_topk, dpre, hw, _ = X.experts_backward_data(
             dout, x, topk_weights, wq_up, wq_down, meta,
             rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
-        dw_up, dw_down = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
+        dw_up, dw_down, _ = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
                                                    *accumulation_buffers(ctx),
                                                    fp8=ctx.fp8_wgrad)
         return (dx, None, dw_topk) \

@@ -211,8 +211,9 @@ class EPExpertsFunction(torch.autograd.Function):
     """Dispatch → local fused experts → combine (see the module docstring).
 
     Inputs: ``x [N, D]``, ``topk_ids [N, k]`` (global ids, -1 unused), ``topk_weights [N, k]``
-    (differentiable), ``w_up [E/P, 2F|F, D]``, ``w_down [E/P, D, F]`` (local experts).
-    Returns ``(out [N, D], recv_count int32 [E/P])``.
+    (differentiable), ``w_up [E/P, 2F|F, D]``, ``w_down [E/P, D, F]`` (local experts), optional
+    ``b_up [E/P, 2F|F]`` / ``b_down [E/P, D]`` (the local experts' biases; their gradients,
+    like the weights', stay on this rank). Returns ``(out [N, D], recv_count int32 [E/P])``.
 
     Saves: the receive buffer (received rows, ids, weights: the experts' inputs), the layout
     (int32 vectors), the experts' permutation metadata, ``pre`` unless ``recompute``, and the
@@ -221,7 +222,7 @@ class EPExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, num_experts, act, gated,
                 recompute, group, backend, max_tokens_per_rank, allow_drop, quant,
-                weight_cache):
+                weight_cache, b_up=None, b_down=None):
         d = x.shape[1]
         layout, recv = ep_dispatch(x, topk_ids, topk_weights, num_experts, group, backend,
                                    max_tokens_per_rank)
@@ -235,7 +236,7 @@ class EPExpertsFunction(torch.autograd.Function):
             weights = (w_up, w_down)
         y_recv, emeta, pre = X.experts_forward(
             recv.payload, recv.ids.view(-1, 1), recv.weights.contiguous().view(-1, 1), w_up,
-            w_down, act, gated, save_pre=not recompute)
+            w_down, act, gated, save_pre=not recompute, b_up=b_up, b_down=b_down)
         out = ep_combine(y_recv, layout, group, backend, x.dtype)
         e_loc = w_up.shape[0]
         ctx.layout = layout
@@ -243,14 +244,14 @@ class EPExpertsFunction(torch.autograd.Function):
         ctx.act, ctx.gated, ctx.group, ctx.backend = act, gated, group, backend
         ctx.fp8_wgrad = quant == "fp8_block_wgrad"
         ctx.d, ctx.dtype, ctx.e_loc, ctx.n_w = d, x.dtype, e_loc, len(weights)
-        ctx.save_for_backward(recv_buf, topk_weights, *weights, *emeta.tensors(),
+        ctx.save_for_backward(recv_buf, topk_weights, b_up, b_down, *weights, *emeta.tensors(),
                               *((pre,) if pre is not None else ()))
         ctx.mark_non_differentiable(emeta.counts)
         return out, emeta.counts
 
     @staticmethod
     def backward(ctx, dout, _dcounts):
-        recv_buf, topk_weights, *rest = ctx.saved_tensors
+        recv_buf, topk_weights, b_up, b_down, *rest = ctx.saved_tensors
         weights, rest = rest[:ctx.n_w], rest[ctx.n_w:]
         if ctx.n_w == 6:
             w_up, w_down = QTensor(*weights[:3]), QTensor(*weights[3:])
@@ -260,6 +261,8 @@ class EPExpertsFunction(torch.autograd.Function):
         pre = rest[4] if len(rest) > 4 else None
         L, group, backend = ctx.layout, ctx.group, ctx.backend
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
+        need_b_up = b_up is not None and ctx.needs_input_grad[15]
+        need_b_down = b_down is not None and ctx.needs_input_grad[16]
         recv = PackedRows(recv_buf, ctx.d, ctx.dtype)
         dout = dout.contiguous()
         # combine's backward: dispatch dout rows to the experts that produced them
@@ -269,17 +272,17 @@ class EPExpertsFunction(torch.autograd.Function):
         del dy_send
         # experts, data part; dx and d(weight) go straight into a packed buffer
         back = PackedRows.empty(L.num_recv, ctx.d, ctx.dtype, dout.device)
-        dx_r, dw_r, dpre, hw = X.experts_backward_data(
+        dx_r, dw_r, dpre, hw, db_down = X.experts_backward_data(
             dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1), w_up, w_down, emeta, pre,
-            ctx.act, ctx.gated, True, True, dx_out=back.payload)
+            ctx.act, ctx.gated, True, True, dx_out=back.payload, b_up=b_up, b_down=b_down,
+            need_b_down=need_b_down)
         back.weights.copy_(dw_r.view(-1).float())
         # dispatch's backward: send them home, overlapped with the weight gradients
         home, work = backend.exchange(back.buf, L.recv_splits, L.send_splits, group,
                                       async_op=True)
-        dw_up, dw_down = X.experts_backward_weight(dy_recv, recv.payload, dpre, hw, emeta,
-                                                   need_up, need_down,
-                                                   *accumulation_buffers(ctx),
-                                                   fp8=ctx.fp8_wgrad)
+        dw_up, dw_down, db_up = X.experts_backward_weight(
+            dy_recv, recv.payload, dpre, hw, emeta, need_up, need_down,
+            *accumulation_buffers(ctx), fp8=ctx.fp8_wgrad, need_b_up=need_b_up)
         del dpre, hw, dy_recv
         if work is not None:
             work.wait()
@@ -293,14 +296,16 @@ class EPExpertsFunction(torch.autograd.Function):
                                   0.0).to(topk_weights.dtype)
         return (dx, None, dw_topk) \
             + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
-            + (None,) * 10
+            + (None,) * 10 + (db_up, db_down)
 
 
 def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act: int,
                gated: bool, recompute: bool, group, backend: str = "nccl",
                max_tokens_per_rank: Optional[int] = None, allow_drop: bool = False,
-               quant: Optional[str] = None, weight_cache=None):
+               quant: Optional[str] = None, weight_cache=None, b_up=None, b_down=None):
     """Routed experts under expert parallelism. Returns ``(out [N, D], recv_count [E/P])``.
+    ``b_up [E/P, 2F|F]`` / ``b_down [E/P, D]``: optional biases of the local experts (not
+    with ``quant``).
 
     ``quant="fp8_block"`` / ``"fp8_block_wgrad"``: the local experts' GEMMs in FP8 as in
     ``FusedExpertsFP8Function`` (tokens travel in the input dtype and are quantised on the
@@ -317,6 +322,13 @@ def ep_experts(x, topk_ids, topk_weights, w_up, w_down, *, num_experts: int, act
         raise ValueError(f"max_tokens_per_rank: this rank has {x.shape[0]} tokens, more than "
                          f"max_tokens_per_rank={max_tokens_per_rank}; raise it or ask for "
                          f"capacity dropping (capacity_factor)")
+    if quant and (b_up is not None or b_down is not None):
+        raise ValueError(f"b_up/b_down: expert biases are not supported with quant={quant!r}")
+    for name, b, rows in (("b_up", b_up, w_up.shape[0]), ("b_down", b_down, w_up.shape[0])):
+        if b is not None and b.shape[0] != rows:
+            raise ValueError(f"{name}: under expert parallelism pass the local experts' biases "
+                             f"({rows} rows like w_up), got shape {tuple(b.shape)}")
     return EPExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, num_experts, act,
                                    gated, recompute, group, get_backend(backend),
-                                   max_tokens_per_rank, allow_drop, quant, weight_cache)
+                                   max_tokens_per_rank, allow_drop, quant, weight_cache,
+                                   b_up, b_down)

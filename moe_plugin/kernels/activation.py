@@ -1,8 +1,9 @@
 """Activation functions as Triton device functions, for GEMM epilogues and operand loads.
 
 All math is fp32. ``ACT`` is the code from ``moe_plugin.config.ACTIVATIONS``:
-0 swiglu, 1 geglu, 2 swiglu_oai (gated: ``g`` gate half, ``u`` up half), 3 gelu (tanh),
-4 relu2, 5 silu (non-gated: ``u`` is ignored).
+0 swiglu, 1 geglu (tanh gelu), 2 swiglu_oai, 7 geglu_erf (exact gelu) (gated: ``g`` gate half,
+``u`` up half); 3 gelu (tanh), 4 relu2, 5 silu, 6 gelu_erf (exact gelu) (non-gated: ``u`` is
+ignored).
 """
 import triton
 import triton.language as tl
@@ -10,6 +11,8 @@ import triton.language as tl
 from ..config import SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_SQRT_HALF = tl.constexpr(0.7071067811865476)      # 1/sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)   # 1/sqrt(2·pi)
 _GELU_C = tl.constexpr(0.044715)
 _OAI_ALPHA = tl.constexpr(SWIGLU_OAI_ALPHA)
 _OAI_BETA = tl.constexpr(SWIGLU_OAI_BETA)
@@ -37,6 +40,19 @@ def _gelu_tanh_grad(x):
 
 
 @triton.jit
+def _gelu_erf(x):
+    """The exact gelu ``x · Φ(x) = 0.5 · x · (1 + erf(x / sqrt(2)))`` (torch's ``F.gelu``)."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_HALF))
+
+
+@triton.jit
+def _gelu_erf_grad(x):
+    """d/dx of ``x · Φ(x)``: ``Φ(x) + x · φ(x)``, φ the standard normal density."""
+    cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
+    return cdf + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
 def _silu_grad(x):
     s = _sigmoid(x)
     return s * (1.0 + x * (1.0 - s))
@@ -58,6 +74,10 @@ def act_fwd(g, u, ACT: tl.constexpr):
     elif ACT == 4:
         r = tl.maximum(g, 0.0)
         return r * r
+    elif ACT == 6:
+        return _gelu_erf(g)
+    elif ACT == 7:
+        return _gelu_erf(g) * u
     else:
         return g * _sigmoid(g)
 
@@ -84,6 +104,10 @@ def act_bwd(g, u, dh, ACT: tl.constexpr):
         return dh * _gelu_tanh_grad(g), dh * 0.0
     elif ACT == 4:
         return dh * 2.0 * tl.maximum(g, 0.0), dh * 0.0
+    elif ACT == 6:
+        return dh * _gelu_erf_grad(g), dh * 0.0
+    elif ACT == 7:
+        return dh * u * _gelu_erf_grad(g), dh * _gelu_erf(g)
     else:
         return dh * _silu_grad(g), dh * 0.0
 

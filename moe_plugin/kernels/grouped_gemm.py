@@ -94,12 +94,13 @@ def _mma(a, b, acc, sa, sb, QUANT: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _grouped_mm_kernel(
         a_ptr, b_ptr, c_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, gather_ptr, counts_ptr, offsets_ptr,
-        sa_ptr, sb_ptr, hs_ptr,
+        sa_ptr, sb_ptr, hs_ptr, bias_ptr,
         E, N, K, num_m_tiles,
         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_pm, stride_dwp,
-        stride_hw, stride_sa, stride_sbe, stride_sbk, stride_sbn, stride_hs,
+        stride_hw, stride_sa, stride_sbe, stride_sbk, stride_sbn, stride_hs, stride_bias,
         TOPK: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, EPI: tl.constexpr,
-        ACT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr, IEEE: tl.constexpr,
+        ACT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+        IEEE: tl.constexpr,
         EVEN_K: tl.constexpr, QUANT: tl.constexpr, QOUT: tl.constexpr, FP8_EMU: tl.constexpr,
         BM: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -182,6 +183,12 @@ def _grouped_mm_kernel(
         if GATED and EPI == 1:
             sb2 = tl.load(sb_base + (offs_n + N) * stride_sbn, mask=nmask, other=0.0)
             acc2 = acc2.to(tl.float32) * (sa[:, None] * sb2[None, :])
+    if HAS_BIAS:  # (EPI_STORE / EPI_ACT_FWD) + bias[e, n] (gated GEMM1: + bias[e, N + n]
+        # for the up part), in fp32 before any rounding
+        bias_ptrs = bias_ptr + e.to(tl.int64) * stride_bias + offs_n
+        acc = acc + tl.load(bias_ptrs, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if GATED and EPI == 1:
+            acc2 = acc2 + tl.load(bias_ptrs + N, mask=nmask, other=0.0).to(tl.float32)[None, :]
 
     cmask = rmask[:, None] & nmask[None, :]
     rows64 = rows.to(tl.int64)
@@ -368,6 +375,56 @@ def _store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, st
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _segment_colsum_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, dwb_ptr, gather_ptr, counts_ptr,
+                           offsets_ptr, NO, stride_am, stride_bias, stride_ce, stride_dwb,
+                           TOPK: tl.constexpr, GATHER: tl.constexpr, WEIGHTED: tl.constexpr,
+                           ROWDOT: tl.constexpr, STORE_C: tl.constexpr, BR: tl.constexpr,
+                           BN: tl.constexpr):
+    """The expert-bias gradients: one program per (expert e, column tile), looping over the
+    expert's rows ``p`` in order (deterministic, no atomics).
+
+    ``STORE_C``: ``C[e, n] = Σ_p w_p · A[row(p), n]`` (``row(p)`` = ``sorted_slot[p] // TOPK``
+    with ``GATHER``, else ``p``; ``w_p`` = the routing weight of slot ``sorted_slot[p]`` with
+    ``WEIGHTED``, else 1); experts without rows get zeros. ``ROWDOT``: also the partial row
+    dots ``dwb[pid_n, p] = Σ_{n in tile} A[row(p), n] · bias[e, n]`` (summed over the column
+    tiles afterwards), the bias part of the routing-weight gradient."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(NO, BN)
+    e = pid // tiles_n
+    pid_n = pid % tiles_n
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < NO
+    seg0 = tl.load(offsets_ptr + e)
+    cnt = tl.load(counts_ptr + e)
+    offs_r = tl.arange(0, BR)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    if ROWDOT:
+        bias = tl.load(bias_ptr + e.to(tl.int64) * stride_bias + offs_n, mask=nmask,
+                       other=0.0).to(tl.float32)
+    for r0 in range(0, cnt, BR):
+        p = seg0 + r0 + offs_r
+        pmask = r0 + offs_r < cnt
+        if GATHER or WEIGHTED:
+            slot = tl.load(gather_ptr + p, mask=pmask, other=0)
+        if GATHER:
+            rows = (slot // TOPK).to(tl.int64)
+        else:
+            rows = p.to(tl.int64)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_n[None, :],
+                    mask=pmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        if ROWDOT:
+            tl.store(dwb_ptr + pid_n.to(tl.int64) * stride_dwb + p,
+                     tl.sum(a * bias[None, :], 1), mask=pmask)
+        if STORE_C:
+            if WEIGHTED:
+                a = a * tl.load(w_ptr + slot, mask=pmask, other=0.0).to(tl.float32)[:, None]
+            acc += tl.sum(a, 0)
+    if STORE_C:
+        tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_n, acc.to(c_ptr.dtype.element_ty),
+                 mask=nmask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 
@@ -431,11 +488,13 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
                     stride_b, gather: bool, gated: bool = False, epi: int = EPI_STORE,
                     act: int = 0, pre=None, weights=None, dwp=None, hw=None,
                     store_pre=False, store_h=False, quant: int = QUANT_NONE, sa=None, sb=None,
-                    stride_sb=(0, 0, 0), hs=None):
+                    stride_sb=(0, 0, 0), hs=None, bias=None):
     """``quant``: A and B are quantised (``QUANT_FP8`` / ``QUANT_INT8``) with scales ``sa``
     (per A row: ``[rows, K/128]`` fp8, ``[rows]`` int8) and ``sb`` (``stride_sb`` = (expert,
     k, n) strides of B's scales: per 128-block for fp8, per column n for int8). ``hs``: GEMM1
-    writes h as e4m3 into ``c`` with its group scales ``[S, n/128]`` here."""
+    writes h as e4m3 into ``c`` with its group scales ``[S, n/128]`` here. ``bias``: ``[E, n]``
+    (``[E, 2n]`` for the gated GEMM1) added to the fp32 accumulator in the epilogue
+    (``EPI_STORE`` and ``EPI_ACT_FWD`` only)."""
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
@@ -448,8 +507,13 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
     if qout and bn != 128:
         raise ValueError(f"fp8 GEMM '{kind}': quantising h in the epilogue needs BN=128, "
                          f"got {bn}")
-    if (quant == QUANT_FP8 and epi == EPI_STORE and not gather and GF.available(a)
-            and GF.grouped_fits(a, b, stride_b, n, k)):
+    if bias is not None:
+        if epi == EPI_ACT_BWD:
+            raise ValueError(f"GEMM '{kind}': a bias belongs to the store or GEMM1 epilogue")
+        if bias.stride(-1) != 1:
+            bias = bias.contiguous()
+    if (quant == QUANT_FP8 and epi == EPI_STORE and not gather and bias is None
+            and GF.available(a) and GF.grouped_fits(a, b, stride_b, n, k)):
         # Hopper: the Gluon kernel (TMA loads, warp-specialised ping-pong consumers), the
         # same sums in the same order
         GF.grouped_mm(a, sa, b, sb, stride_sb, c, meta, n=n, k=k)
@@ -462,14 +526,14 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
         weights if weights is not None else dummy, dwp if dwp is not None else dummy,
         hw if hw is not None else dummy, meta.sorted_slot, meta.counts, meta.offsets,
         sa if sa is not None else dummy, sb if sb is not None else dummy,
-        hs if hs is not None else dummy,
+        hs if hs is not None else dummy, bias if bias is not None else dummy,
         E, n, k, num_m_tiles, stride_a[0], stride_a[1], stride_b[0], stride_b[1], stride_b[2],
         c.stride(0) if c is not None else 0, pre.stride(0) if pre is not None else 0,
         dwp.stride(0) if dwp is not None else 0, hw.stride(0) if hw is not None else 0,
         sa.stride(0) if sa is not None else 0, stride_sb[0], stride_sb[1], stride_sb[2],
-        hs.stride(0) if hs is not None else 0,
+        hs.stride(0) if hs is not None else 0, bias.stride(0) if bias is not None else 0,
         TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=epi, ACT=act, STORE_PRE=store_pre,
-        STORE_H=store_h, IEEE=_ieee(a.dtype), EVEN_K=k % bk == 0,
+        STORE_H=store_h, HAS_BIAS=bias is not None, IEEE=_ieee(a.dtype), EVEN_K=k % bk == 0,
         QUANT=quant, QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
         BLOCK_E=next_pow2(E), **cfg)
 
@@ -556,9 +620,11 @@ def _operands(a, w, w_transposed: bool, out_dtype=None):
 
 def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: bool,
               store_h: bool, out_dtype=None, quant_h: bool = False,
-              expert_order: bool = False):
+              expert_order: bool = False, b_up=None):
     """GEMM1 + activation. ``x [N, D]`` rows gathered → ``pre [S, 2F|F]`` (if store_pre) and
-    ``h [S, F]`` (if store_h), in expert order.
+    ``h [S, F]`` (if store_h), in expert order. ``b_up [E, 2F|F]`` (optional): added to the
+    fp32 accumulator before ``pre`` is rounded (so it is part of the stored / recomputed
+    pre-activation) and before the activation.
 
     ``x`` and ``w_up`` may be ``QTensor``s (fp8 blocks or int8); ``pre`` and ``h`` are then in
     ``out_dtype`` (default bf16). ``quant_h`` (fp8 only): h is written as e4m3 with its scales
@@ -570,8 +636,8 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
     S = meta.sorted_slot.numel()
     f = w.shape[1] // 2 if gated else w.shape[1]
     stride_b = (w.stride(0), w.stride(2), w.stride(1))
-    if (quant_h and quant == QUANT_FP8 and expert_order and S and GF.available(a)
-            and GF.grouped_fits(a, w, stride_b, w.shape[1], a.shape[1])):
+    if (quant_h and quant == QUANT_FP8 and expert_order and S and b_up is None
+            and GF.available(a) and GF.grouped_fits(a, w, stride_b, w.shape[1], a.shape[1])):
         pre = torch.empty(S, w.shape[1], dtype=dt, device=a.device)
         GF.grouped_mm(a, sa, w, sb, stride_sb, pre, meta, n=w.shape[1], k=a.shape[1])
         return (pre if store_pre else None), act_quant(pre, meta, act, gated)
@@ -590,7 +656,7 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
                     stride_b=stride_b, gather=not expert_order,
                     gated=gated, epi=EPI_ACT_FWD, act=act, pre=pre, store_pre=store_pre,
                     store_h=store_h or quant_h, quant=quant, sa=sa, sb=sb,
-                    stride_sb=stride_sb, hs=hs)
+                    stride_sb=stride_sb, hs=hs, bias=b_up)
     return (pre if store_pre else None), (QTensor(h, hs) if quant_h else h)
 
 
@@ -609,16 +675,17 @@ def act_quant(pre, meta: PermuteMeta, act: int, gated: bool) -> QTensor:
     return QTensor(h, hs)
 
 
-def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None):
-    """GEMM2: ``y [S, D] = h [S, F] · W_down[e]ᵀ`` in expert order (``h``/``w_down`` may be
-    ``QTensor``s: y in ``out_dtype``, default bf16)."""
+def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None, b_down=None):
+    """GEMM2: ``y [S, D] = h [S, F] · W_down[e]ᵀ (+ b_down[e])`` in expert order
+    (``h``/``w_down`` may be ``QTensor``s: y in ``out_dtype``, default bf16; ``b_down [E, D]``
+    is added to the fp32 accumulator)."""
     a, sa, w, sb, stride_sb, quant, dt = _operands(h, w_down, True, out_dtype)
     S = a.shape[0]
     d = w.shape[1]
     y = torch.empty(S, d, dtype=dt, device=a.device)
     _launch_grouped("down", a, w, y, meta, n=d, k=a.shape[1], stride_a=a.stride(),
                     stride_b=(w.stride(0), w.stride(2), w.stride(1)), gather=False,
-                    quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
+                    quant=quant, sa=sa, sb=sb, stride_sb=stride_sb, bias=b_down)
     return y
 
 
@@ -689,6 +756,63 @@ def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None):
                     stride_b=w.stride(), gather=False, quant=quant, sa=sa, sb=sb,
                     stride_sb=stride_sb)
     return dxp
+
+
+BIAS_GRAD_BLOCK = (64, 128, 4)  # rows per step, columns, warps of _segment_colsum_kernel
+
+
+def _colsum_block() -> tuple:
+    return (16, 32, 4) if interpret_mode() else BIAS_GRAD_BLOCK
+
+
+def _launch_colsum(a, meta: PermuteMeta, *, no: int, gather: bool, weights=None, c=None,
+                   bias=None, dwb=None):
+    br, bn, warps = _colsum_block()
+    dummy = meta.counts
+    _segment_colsum_kernel[(meta.num_experts * triton.cdiv(no, bn),)](
+        a, weights if weights is not None else dummy, bias if bias is not None else dummy,
+        c if c is not None else dummy, dwb if dwb is not None else dummy, meta.sorted_slot,
+        meta.counts, meta.offsets, no, a.stride(0), bias.stride(0) if bias is not None else 0,
+        c.stride(0) if c is not None else 0, dwb.stride(0) if dwb is not None else 0,
+        TOPK=meta.top_k, GATHER=gather, WEIGHTED=weights is not None, ROWDOT=dwb is not None,
+        STORE_C=c is not None, BR=br, BN=bn, num_warps=warps)
+
+
+def bias_up_grad(dpre, meta: PermuteMeta):
+    """``db_up [E, 2F|F] = Σ_{p of expert e} dpre[p]`` (``dpre`` in expert order, the routing
+    weight applied already), in ``dpre``'s dtype; zeros for experts without rows."""
+    E, no = meta.num_experts, dpre.shape[1]
+    if meta.sorted_slot.numel() == 0:
+        return torch.zeros(E, no, dtype=dpre.dtype, device=dpre.device)
+    assert dpre.stride(1) == 1
+    db = torch.empty(E, no, dtype=dpre.dtype, device=dpre.device)
+    _launch_colsum(dpre, meta, no=no, gather=False, c=db)
+    return db
+
+
+def bias_down_grad(dout, b_down, topk_weights, meta: PermuteMeta, need_db: bool,
+                   need_dot: bool):
+    """The gradients that ``b_down [E, D]`` adds, from ``dout [N, D]`` (token rows, gathered as
+    ``sorted_slot[p] // k``) and ``topk_weights [N, k]``. Returns ``(db_down [E, D] in
+    b_down's dtype | None, dwb fp32 [S] | None)``: ``db_down[e] = Σ_{p of e} w_p · dout[row(p)]``
+    and ``dwb[p] = dout[row(p)] · b_down[e]`` (the bias part of slot p's routing-weight
+    gradient, in expert order; rows past the routed ones are not written)."""
+    E, d = b_down.shape
+    S = meta.sorted_slot.numel()
+    db = dwb = None
+    if need_db:
+        db = (torch.zeros if S == 0 else torch.empty)(E, d, dtype=b_down.dtype,
+                                                      device=b_down.device)
+    if need_dot:
+        dwb = torch.empty(triton.cdiv(d, _colsum_block()[1]), S, dtype=torch.float32, device=dout.device)
+    if S and (need_db or need_dot):
+        assert dout.stride(1) == 1
+        if b_down.stride(-1) != 1:
+            b_down = b_down.contiguous()
+        _launch_colsum(dout, meta, no=d, gather=True,
+                       weights=topk_weights.reshape(-1).contiguous() if need_db else None,
+                       c=db, bias=b_down if need_dot else None, dwb=dwb)
+    return db, (dwb.sum(0) if need_dot else None)
 
 
 def wgrad_out(shape, like, out):
