@@ -428,7 +428,8 @@ class MoELayer(nn.Module):
 
 def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
                 latent_down=None, latent_up=None, shared_fn=None, load_counter=None,
-                seq_shape=None, weight_cache=None):
+                seq_shape=None, weight_cache=None, router_input=None, gate_bias=None,
+                logits_hook=None, valid=None):
     """The forward of an MoE layer on tokens ``h [N, D]``, shared by ``MoELayer`` and the
     Megatron-Core adapter (``moe_plugin.megatron``), which hold their parameters differently.
 
@@ -436,8 +437,10 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
     ``backend``, ``top_k``, ``score_func``, ...). ``shared_fn(h)`` computes the shared experts
     (on a side CUDA stream when ``cfg.shared_expert_overlap``); ``load_counter`` [E] receives
     the per-expert loads in training mode (aux-loss-free balancing); ``weight_cache`` is the
-    FP8 path's ``quant.WeightCache`` (None: quantise in every call). Returns
-    ``(out [N, D], info)``."""
+    FP8 path's ``quant.WeightCache`` (None: quantise in every call). ``router_input``
+    replaces ``h`` (after the layer's own jitter) as the router's input; ``gate_bias``,
+    ``logits_hook`` and ``valid`` (bool [N]: the tokens that enter the losses and the loads)
+    are ``route_tokens``'. Returns ``(out [N, D], info)``."""
     use_triton = _use_triton(cfg.backend, h)
 
     # shared experts: on a side stream, overlapping the router and the routed experts
@@ -453,16 +456,17 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
         else:
             shared = shared_fn(h)
 
-    hr = h
+    hr = h if router_input is None else router_input
     if cfg.training and cfg.router_jitter > 0:
         eps = cfg.router_jitter
-        hr = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
+        hr = hr * torch.empty_like(hr).uniform_(1.0 - eps, 1.0 + eps)
     ids, weights, aux, z = route_tokens(
         hr, w_gate, cfg.top_k, score_func=cfg.score_func, renormalize=cfg.renormalize,
         expert_bias=expert_bias, num_groups=cfg.num_groups, group_topk=cfg.group_topk,
         scaling_factor=cfg.scaling_factor, capacity_factor=cfg.capacity_factor,
         drop_policy=cfg.drop_policy, aux_loss_coeff=cfg.aux_loss_coeff,
-        z_loss_coeff=cfg.z_loss_coeff, use_triton=use_triton, seq_shape=seq_shape)
+        z_loss_coeff=cfg.z_loss_coeff, use_triton=use_triton, seq_shape=seq_shape,
+        gate_bias=gate_bias, logits_hook=logits_hook, valid=valid)
 
     xe = h if latent_down is None else F.linear(h, latent_down)
     if cfg.apply_weight_to_input:
@@ -480,7 +484,12 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
         out = F.linear(out, latent_up)
     if load_counter is not None and cfg.training and torch.is_grad_enabled():
         with torch.no_grad():
-            load_counter += counts.to(load_counter.dtype)
+            if valid is None:
+                load_counter += counts.to(load_counter.dtype)
+            else:  # the loads of the valid tokens only
+                kept = ids.long().masked_fill(~valid[:, None], -1).reshape(-1)
+                load_counter.index_add_(0, kept.clamp(min=0),
+                                        (kept >= 0).to(load_counter.dtype))
     if shared is not None:
         if side is not None:
             main = torch.cuda.current_stream(h.device)

@@ -1,8 +1,9 @@
 """TransformerConfig → moe_plugin options, with a clear error for every unsupported setting."""
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Optional
 
 import torch
@@ -41,7 +42,7 @@ def _check_like_fused_moe(config, opts: "PluginOptions") -> None:
                            opts.capacity_factor, opts.drop_policy, opts.aux_loss_coeff,
                            opts.z_loss_coeff)
         check_positive_int("ffn_dim", opts.ffn_dim)
-        check_router_jitter(opts.router_jitter)
+        check_router_jitter(float(config.moe_input_jitter_eps or 0.0))
     except (ValueError, TypeError) as ex:
         name, _, why = str(ex).partition(": ")
         first = name.split(" and ")[0]
@@ -70,6 +71,134 @@ def _activation_name(config) -> str:
           "fast_gelu (gated or not), squared_relu (non-gated)")
 
 
+@dataclass(frozen=True)
+class Option:
+    """One Megatron-Core MoE option and what moe_plugin's layer does with it.
+
+    ``status``: ``"honoured"`` (same results as stock; ``note`` says which values, if not
+    all), ``"no effect"`` (how stock computes, not what: moe_plugin's own kernels and
+    exchange replace that machinery, results are the same with any value) or ``"rejected"``
+    (any value but the default raises ``UnsupportedConfigError`` at build time).
+    ``example``: a value other than the default, for the tests; ``since``: the first
+    megatron-core version that has the field."""
+    field: str
+    status: str
+    note: str
+    example: object = None
+    since: tuple = (0, 16)
+
+
+_PERF = "moe_plugin's fused kernels replace stock's implementation choice"
+OPTIONS = (
+    Option("num_moe_experts", "honoured", "", 8),
+    Option("moe_ffn_hidden_size", "honoured", "", 16),
+    Option("moe_router_topk", "honoured", "at most num_moe_experts", 1),
+    Option("moe_router_score_function", "honoured",
+           "softmax, sigmoid (0.19's sqrtsoftplus is rejected)", "sigmoid"),
+    Option("moe_router_pre_softmax", "honoured", "", True),
+    Option("moe_router_num_groups", "honoured",
+           "with moe_router_group_topk; with softmax only when moe_router_pre_softmax", None),
+    Option("moe_router_group_topk", "honoured", "with moe_router_num_groups", None),
+    Option("moe_router_topk_scaling_factor", "honoured", "", 2.0),
+    Option("moe_router_enable_expert_bias", "honoured", "with sigmoid scores (as stock)", None),
+    Option("moe_router_bias_update_rate", "honoured",
+           "stock's finalize_model_grads updates router.expert_bias", 0.01),
+    Option("moe_router_load_balancing_type", "honoured",
+           "aux_loss, seq_aux_loss, none (one at a time); sinkhorn, global_aux_loss and "
+           "0.19's quantile_balancing are rejected", "seq_aux_loss"),
+    Option("moe_aux_loss_coeff", "honoured", "read at every forward, as stock", 0.1),
+    Option("moe_z_loss_coeff", "honoured", "read at every forward, as stock", 0.01),
+    Option("moe_input_jitter_eps", "honoured", "stock's router applies the jitter", 0.1),
+    Option("moe_router_dtype", "honoured",
+           "None and 'fp32': the router always runs in fp32; 'fp64' is rejected", "fp32"),
+    Option("moe_router_force_load_balancing", "honoured",
+           "stock's random logits, straight-through", True),
+    Option("moe_router_force_biased", "honoured", "stock's shared random logit bias", 0.5,
+           since=(0, 17)),
+    Option("moe_expert_capacity_factor", "honoured", "", 1.0),
+    Option("moe_token_drop_policy", "honoured",
+           "probs; position keeps each expert's first slots in token order", "position"),
+    Option("moe_pad_expert_input_to_capacity", "rejected",
+           "dropped slots are skipped, not padded", True),
+    Option("moe_shared_expert_intermediate_size", "honoured",
+           "stock's SharedExpertMLP", 16),
+    Option("moe_shared_expert_gate", "honoured", "", True),
+    Option("moe_shared_expert_overlap", "honoured",
+           "the shared experts run on a side CUDA stream", True),
+    Option("moe_shared_expert_glu_interleave_size", "honoured",
+           "the shared experts are stock's module", None, since=(0, 17)),
+    Option("moe_apply_probs_on_input", "honoured", "top-1 only (as stock)", None),
+    Option("moe_layer_freq", "honoured", "the spec replaces the MoE layers only", [0, 1]),
+    Option("moe_layer_recompute", "honoured",
+           "deprecated by Megatron: recompute_modules=['moe']", True),
+    Option("moe_per_layer_logging", "honoured", "the losses go to stock's tracker", True),
+    Option("moe_latent_size", "rejected", "not in the Megatron adapter yet", 8),
+    Option("moe_router_topk_limited_devices", "rejected", "device-limited routing", 1),
+    Option("moe_enable_routing_replay", "rejected", "routing replay", True),
+    Option("moe_router_quantile_balancing_ema", "rejected", "quantile balancing", 0.5,
+           since=(0, 17)),
+    Option("moe_expert_rank_capacity_factor", "rejected",
+           "per-rank capacity of stock's dispatchers", 1.5, since=(0, 17)),
+    Option("moe_mlp_glu_interleave_size", "rejected",
+           "block-interleaved gate/up rows", 32, since=(0, 17)),
+    Option("moe_extended_tp", "rejected", "expert tensor parallelism", True),
+    Option("moe_grouped_gemm", "no effect", _PERF, True),
+    Option("moe_use_legacy_grouped_gemm", "no effect", _PERF, True),
+    Option("moe_single_grouped_weight", "no effect", _PERF, True, since=(0, 17)),
+    Option("moe_single_grouped_bias", "no effect", _PERF, True, since=(0, 17)),
+    Option("moe_permute_fusion", "no effect", _PERF, True),
+    Option("moe_router_fusion", "no effect", _PERF, True),
+    Option("moe_router_padding_for_fp8", "no effect", _PERF, True),
+    Option("moe_router_padding_for_quantization", "no effect", _PERF, True),
+    Option("moe_token_dispatcher_type", "no effect",
+           "moe_plugin's own all-to-all (comm/ep.py) under expert parallelism", "alltoall"),
+    Option("moe_token_dropping", "no effect", "unused by megatron-core", True),
+    Option("moe_enable_deepep", "no effect", _PERF, None),
+    Option("moe_flex_dispatcher_backend", "no effect", _PERF, None),
+    Option("moe_flex_dispatcher_num_sms", "no effect", _PERF, None, since=(0, 17)),
+    Option("moe_deepep_num_sms", "no effect", _PERF, 8),
+    Option("moe_hybridep_num_sms", "no effect", _PERF, 8),
+    Option("moe_hybridep_num_blocks_permute", "no effect", _PERF, 2, since=(0, 17)),
+    Option("moe_hybridep_num_blocks_unpermute", "no effect", _PERF, 2, since=(0, 17)),
+    Option("moe_hybridep_num_sms_preprocessing", "no effect", _PERF, 8, since=(0, 17)),
+    Option("moe_hybridep_pad_uneven_dispatch_inputs", "no effect", _PERF, True,
+           since=(0, 17)),
+    Option("moe_permute_fusion_into_hybridep", "no effect", _PERF, None, since=(0, 17)),
+    Option("moe_ncclep_static_shape", "no effect", _PERF, True, since=(0, 17)),
+    Option("moe_ncclep_zero_copy", "no effect", _PERF, True, since=(0, 17)),
+    Option("moe_paged_stash", "no effect", _PERF, None, since=(0, 17)),
+    Option("moe_paged_stash_page_size", "no effect", _PERF, 32, since=(0, 17)),
+    Option("moe_paged_stash_buffer_size_factor_cuda", "no effect", _PERF, 1.5,
+           since=(0, 17)),
+    Option("moe_paged_stash_buffer_size_factor_cpu", "no effect", _PERF, 0.5,
+           since=(0, 17)),
+    Option("moe_pad_experts_for_cuda_graph_inference", "no effect", "inference only", True,
+           since=(0, 17)),
+    Option("moe_grad_scale_func", "honoured", "used by stock's pipeline schedules", None,
+           since=(0, 17)),
+)
+
+
+def _field_default(config, field: str):
+    """The dataclass default of a TransformerConfig field (what "not set" means)."""
+    f = config.__dataclass_fields__.get(field)
+    if f is None:
+        return None
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _reject_unsupported(config) -> None:
+    for opt in OPTIONS:
+        if opt.status != "rejected" or not hasattr(config, opt.field):
+            continue
+        value = getattr(config, opt.field)
+        if value != _field_default(config, opt.field):
+            _fail(opt.field, value, f"not supported by moe_plugin ({opt.note}); leave it at "
+                  f"{_field_default(config, opt.field)!r}")
+
+
 @dataclass
 class PluginOptions:
     """The moe_plugin options of one Megatron MoE layer (MoELayer's attribute names, so the
@@ -89,13 +218,16 @@ class PluginOptions:
     aux_loss_type: str
     z_loss_coeff: float
     enable_expert_bias: bool
-    router_jitter: float
     shared_ffn_dim: Optional[int]
     shared_expert_gate: bool
     shared_expert_overlap: bool
     recompute: bool            # "moe_act": GEMM1 + activation recomputed in backward
     recompute_layer: bool      # "moe": the whole layer recomputed in backward
+    recompute_shared: bool     # "shared_experts": the shared experts recomputed in backward
+    force_load_balancing: bool = False   # stock's random logits (benchmarking)
+    force_biased: Optional[float] = None  # stock's shared random logit bias (0.19)
     apply_weight_to_input: bool = False
+    router_jitter: float = 0.0  # the jitter is applied by stock's router, not moe_forward
     backend: str = "auto"
     ep_backend: str = "nccl"
     max_tokens_per_rank: Optional[int] = None
@@ -108,7 +240,7 @@ def plugin_options(config) -> PluginOptions:
     """Validates a TransformerConfig for moe_plugin and returns the layer's options.
 
     Raises ``UnsupportedConfigError`` (a ValueError) naming the field for every setting that
-    is not supported."""
+    is not supported (``OPTIONS`` lists every Megatron MoE option and its status)."""
     if not config.num_moe_experts:
         _fail("num_moe_experts", config.num_moe_experts, "an MoE layer needs experts")
     for field in ("tensor_model_parallel_size", "context_parallel_size",
@@ -117,6 +249,7 @@ def plugin_options(config) -> PluginOptions:
         if v not in (None, 1):
             _fail(field, v, "moe_plugin's Megatron layer supports only 1 (expert parallelism "
                   "via expert_model_parallel_size is supported)")
+    _reject_unsupported(config)
     if config.add_bias_linear:
         _fail("add_bias_linear", True, "experts with biases are not supported")
     act = _activation_name(config)
@@ -162,17 +295,13 @@ def plugin_options(config) -> PluginOptions:
     if aux_type is None:
         coeff = 0.0
         aux_type = "batch"
-    if getattr(config, "moe_pad_expert_input_to_capacity", False):
-        _fail("moe_pad_expert_input_to_capacity", True, "padding to capacity is not supported "
-              "(dropped slots are simply skipped)")
     if getattr(config, "moe_apply_probs_on_input", False) and k != 1:
         _fail("moe_apply_probs_on_input", True, "needs moe_router_topk=1")
-    if getattr(config, "moe_latent_size", None):
-        _fail("moe_latent_size", config.moe_latent_size, "not supported by the Megatron "
-              "adapter yet (moe_plugin.MoELayer has latent_dim)")
     quant = _quant_mode(config)
     modules = set(config.recompute_modules or ()) \
         if config.recompute_granularity == "selective" else set()
+    if getattr(config, "moe_layer_recompute", False):  # Megatron's deprecated spelling
+        modules.add("moe")
     ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
     opts = PluginOptions(
         num_experts=config.num_moe_experts, top_k=k, ffn_dim=ffn, activation=act,
@@ -183,15 +312,59 @@ def plugin_options(config) -> PluginOptions:
         drop_policy=config.moe_token_drop_policy, aux_loss_coeff=float(coeff),
         aux_loss_type=aux_type, z_loss_coeff=float(config.moe_z_loss_coeff or 0.0),
         enable_expert_bias=bool(config.moe_router_enable_expert_bias),
-        router_jitter=float(config.moe_input_jitter_eps or 0.0),
         shared_ffn_dim=config.moe_shared_expert_intermediate_size,
         shared_expert_gate=bool(config.moe_shared_expert_gate),
         shared_expert_overlap=bool(config.moe_shared_expert_overlap),
         recompute="moe_act" in modules, recompute_layer="moe" in modules,
+        recompute_shared="shared_experts" in modules,
+        force_load_balancing=bool(config.moe_router_force_load_balancing),
+        force_biased=getattr(config, "moe_router_force_biased", None),
         apply_weight_to_input=bool(getattr(config, "moe_apply_probs_on_input", False)),
         quant=quant)
     _check_like_fused_moe(config, opts)
     return opts
+
+
+class _Reads:
+    """A TransformerConfig seen through ``plugin_options``: records the fields it reads."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "names", [])
+
+    def __getattr__(self, name):
+        if not name.startswith("__"):
+            self.names.append(name)
+        return getattr(self._config, name)
+
+
+def _snapshot(value):
+    return copy.copy(value) if isinstance(value, (list, dict, set)) else value
+
+
+class LiveOptions:
+    """The layer's options, read from the config as it is now (stock reads its config fields
+    at every forward: a coefficient changed after construction takes effect). ``get()``
+    re-runs ``plugin_options`` -- validation included -- when a field it read has changed."""
+
+    def __init__(self, config):
+        self.config = config
+        self._read()
+
+    def _read(self) -> None:
+        reads = _Reads(self.config)
+        self.opts = plugin_options(reads)
+        self.fields = tuple(dict.fromkeys(reads.names))
+        self.values = [_snapshot(getattr(self.config, f)) for f in self.fields]
+
+    def get(self) -> PluginOptions:
+        if any(getattr(self.config, f) != v for f, v in zip(self.fields, self.values)):
+            keep = {k: getattr(self.opts, k) for k in ("ep_group", "training", "backend",
+                                                       "ep_backend", "max_tokens_per_rank")}
+            self._read()
+            for k, v in keep.items():
+                setattr(self.opts, k, v)
+        return self.opts
 
 
 def _quant_mode(config) -> Optional[str]:

@@ -2,10 +2,12 @@
 
 ``get_plugin_decoder_block_spec(config, use_transformer_engine)`` returns Megatron-Core's own
 GPT decoder block spec with the MLP of every MoE layer replaced by ``PluginMoELayer`` (dense
-layers, attention, norms and the shared-expert spec untouched). ``MoEPluginConfig`` is
-``TransformerConfig`` plus ``moe_use_plugin``; ``gpt_decoder_block_spec(config, ...)`` picks
-the plugin or the stock spec from that flag, and ``add_plugin_args(parser)`` adds the matching
-``--moe-use-plugin`` command-line flag for Megatron-style argument parsing.
+layers, attention, norms and the shared-expert spec untouched; the MoE entry is a
+``ModuleSpec`` on megatron-core 0.16 and a ``functools.partial`` of the layer class on 0.19,
+see ``compat``). ``MoEPluginConfig`` is ``TransformerConfig`` plus ``moe_use_plugin``;
+``gpt_decoder_block_spec(config, ...)`` picks the plugin or the stock spec from that flag, and
+``add_plugin_args(parser)`` adds the matching ``--moe-use-plugin`` command-line flag for
+Megatron-style argument parsing.
 """
 from __future__ import annotations
 
@@ -15,11 +17,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-from megatron.core.transformer.moe.moe_layer import MoELayer as _MCoreMoELayer
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import TRAIN_QUANTS
+from . import compat
 from .layer import PluginMoELayer
 from .options import plugin_options
 
@@ -54,9 +55,9 @@ def get_plugin_decoder_block_spec(config, use_transformer_engine: bool = False, 
     replaced = 0
     for layer_spec in spec.layer_specs:
         mlp = layer_spec.submodules.mlp
-        if isinstance(mlp, ModuleSpec) and mlp.module is _MCoreMoELayer:
-            layer_spec.submodules.mlp = ModuleSpec(module=PluginMoELayer,
-                                                   submodules=mlp.submodules)
+        submodules = compat.moe_submodules_of(mlp)
+        if submodules is not None:
+            layer_spec.submodules.mlp = compat.layer_entry(PluginMoELayer, submodules, mlp)
             replaced += 1
     if replaced == 0 and config.num_moe_experts:
         raise ValueError("get_plugin_decoder_block_spec: found no MoE layer in the spec "
