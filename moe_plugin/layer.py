@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .config import (FLOAT_DTYPES, check_activation, check_choice, check_nonneg_float,
-                     check_positive_int, check_router_jitter, check_routing_args, check_tensor,
-                     TRAIN_QUANTS)
+from .config import (FLOAT_DTYPES, check_activation, check_bias_quant, check_choice,
+                     check_expert_biases, check_nonneg_float, check_positive_int,
+                     check_router_jitter, check_routing_args, check_tensor, TRAIN_QUANTS)
 from .functional import _check_ep, _use_triton, route_tokens, routed_experts
 
 AUX_LOSS_TYPES = ("batch", "seq")
 _SIDE_STREAMS: dict = {}  # device -> side stream for the shared experts (shared by all layers)
 EXPERT_FORMATS = ("mixtral", "qwen3", "megatron")
+BIAS_NAMES = ("b_up", "b_down", "shared_b_up", "shared_b_down")
 
 
 class MoELayer(nn.Module):
@@ -33,7 +34,15 @@ class MoELayer(nn.Module):
         ffn_dim: per-expert intermediate size F (gated activations hold 2F rows in ``w_up``).
         num_experts: routed experts E.
         top_k: experts per token.
-        activation: ``swiglu``, ``geglu``, ``swiglu_oai``, ``gelu``, ``relu2`` or ``silu``.
+        activation: gated ``swiglu``, ``geglu`` (tanh gelu), ``geglu_erf`` (exact gelu),
+            ``swiglu_oai``; non-gated ``gelu`` (tanh), ``gelu_erf`` (exact, ``F.gelu``:
+            Megatron-Core's default), ``relu2``, ``silu``.
+        bias: experts with biases (Megatron-Core's ``add_bias_linear``): parameters ``b_up``
+            ``[E, 2F|F]`` (added before the activation) and ``b_down`` ``[E, D]`` (added before
+            the routing weight; ``[E, latent_dim]`` with a latent projection), under expert
+            parallelism the local experts' rows; the shared experts get ``shared_b_up`` and
+            ``shared_b_down`` too. Zero-initialised (as Megatron-Core does), or by
+            ``init_method`` when one is given. Not with ``quant``.
         score_func, renormalize, num_groups, group_topk, scaling_factor, capacity_factor,
         drop_policy: routing, as in ``moe_plugin.fused_moe``.
         apply_weight_to_input: top-1 only: multiply the routed expert's *input* by the routing
@@ -88,7 +97,7 @@ class MoELayer(nn.Module):
                  init_method: Optional[Callable[[torch.Tensor], None]] = None,
                  backend: str = "auto", ep_group=None, ep_backend: str = "nccl",
                  max_tokens_per_rank: Optional[int] = None, quant: Optional[str] = None,
-                 dtype: Optional[torch.dtype] = None, device=None):
+                 bias: bool = False, dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("ffn_dim", ffn_dim)
@@ -122,9 +131,12 @@ class MoELayer(nn.Module):
                            ("enable_expert_bias", enable_expert_bias),
                            ("shared_expert_overlap", shared_expert_overlap),
                            ("batch_first", batch_first),
-                           ("apply_weight_to_input", apply_weight_to_input)):
+                           ("apply_weight_to_input", apply_weight_to_input), ("bias", bias)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        if bias and quant is not None:
+            raise ValueError(f"bias: expert biases are not supported with quant={quant!r} "
+                             f"(FP8 expert GEMMs)")
 
         self.d_model, self.ffn_dim, self.num_experts, self.top_k = d_model, ffn_dim, num_experts, top_k
         self.activation, self.gated = activation, gated
@@ -141,6 +153,7 @@ class MoELayer(nn.Module):
         self.latent_dim = latent_dim
         self.recompute, self.batch_first, self.backend = recompute, batch_first, backend
         self.quant = quant
+        self.bias = bias
         # FP8: a quant.WeightCache shared with other layers, refreshed by whatever writes the
         # weights (quant.cache_quantized_weights); None quantises the weights in every forward
         self.quant_weight_cache = None
@@ -157,8 +170,14 @@ class MoELayer(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, **fk))
         self.w_up = nn.Parameter(torch.empty(num_local, up_rows, width, **fk))
         self.w_down = nn.Parameter(torch.empty(num_local, width, ffn_dim, **fk))
-        for p in (self.w_up, self.w_down):
-            p.moe_expert = True  # expert-sharded under expert parallelism
+        if bias:
+            self.b_up = nn.Parameter(torch.empty(num_local, up_rows, **fk))
+            self.b_down = nn.Parameter(torch.empty(num_local, width, **fk))
+        else:
+            self.b_up = self.b_down = None
+        for p in (self.w_up, self.w_down, self.b_up, self.b_down):
+            if p is not None:
+                p.moe_expert = True  # expert-sharded under expert parallelism
         if latent_dim:
             self.latent_down = nn.Parameter(torch.empty(latent_dim, d_model, **fk))
             self.latent_up = nn.Parameter(torch.empty(d_model, latent_dim, **fk))
@@ -170,6 +189,11 @@ class MoELayer(nn.Module):
             self.shared_w_down = nn.Parameter(torch.empty(d_model, fs, **fk))
         else:
             self.shared_w_up = self.shared_w_down = None
+        if num_shared_experts and bias:
+            self.shared_b_up = nn.Parameter(torch.empty(self.shared_w_up.shape[0], **fk))
+            self.shared_b_down = nn.Parameter(torch.empty(d_model, **fk))
+        else:
+            self.shared_b_up = self.shared_b_down = None
         self.shared_gate = (nn.Parameter(torch.empty(1, d_model, **fk)) if shared_expert_gate
                             else None)
         if enable_expert_bias:
@@ -184,10 +208,14 @@ class MoELayer(nn.Module):
 
     # ------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
+        """Weights ``init_method(p)`` or N(0, init_std); biases (``bias=True``) zero, or
+        ``init_method(p)`` when one is given."""
         with torch.no_grad():
-            for p in self.parameters():
+            for name, p in self.named_parameters():
                 if self._init_method is not None:
                     self._init_method(p)
+                elif name in BIAS_NAMES:
+                    p.zero_()
                 else:
                     p.normal_(0.0, self._init_std)
 
@@ -212,6 +240,8 @@ class MoELayer(nn.Module):
             s += f", num_shared_experts={self.num_shared_experts}"
         if self.latent_dim:
             s += f", latent_dim={self.latent_dim}"
+        if self.bias:
+            s += ", bias=True"
         return s
 
     def routing_kwargs(self) -> dict:
@@ -239,8 +269,8 @@ class MoELayer(nn.Module):
                              f"got shape {tuple(x.shape)}")
 
     def _shared(self, h: torch.Tensor) -> torch.Tensor:
-        a = reference.activation(self.activation, F.linear(h, self.shared_w_up))
-        out = F.linear(a, self.shared_w_down)
+        a = reference.activation(self.activation, F.linear(h, self.shared_w_up, self.shared_b_up))
+        out = F.linear(a, self.shared_w_down, self.shared_b_down)
         if self.shared_gate is not None:
             out = out * torch.sigmoid(F.linear(h, self.shared_gate))
         return out
@@ -260,8 +290,8 @@ class MoELayer(nn.Module):
             seq_shape = (b, s, self.batch_first)
         out, info = moe_forward(
             self, x.reshape(-1, self.d_model), w_gate=self.w_gate, w_up=self.w_up,
-            w_down=self.w_down, expert_bias=self.expert_bias, latent_down=self.latent_down,
-            latent_up=self.latent_up,
+            w_down=self.w_down, b_up=self.b_up, b_down=self.b_down,
+            expert_bias=self.expert_bias, latent_down=self.latent_down, latent_up=self.latent_up,
             shared_fn=self._shared if self.shared_w_up is not None else None,
             load_counter=self.local_tokens_per_expert, seq_shape=seq_shape,
             weight_cache=self.quant_weight_cache)
@@ -288,8 +318,10 @@ class MoELayer(nn.Module):
         size = _check_ep(ep_group, self.num_experts, self.ep_backend, self.max_tokens_per_rank)
         num_local = self.num_experts // size
         first = dist.get_rank(ep_group) * num_local
-        for name in ("w_up", "w_down"):
+        for name in ("w_up", "w_down", "b_up", "b_down"):
             old = getattr(self, name)
+            if old is None:
+                continue
             new = nn.Parameter(old.detach()[first:first + num_local].clone(),
                                requires_grad=old.requires_grad)
             new.moe_expert = True
@@ -327,6 +359,9 @@ class MoELayer(nn.Module):
         if fmt == "mixtral" and self.num_shared_experts:
             raise ValueError("format: 'mixtral' has no shared experts; this layer has "
                              f"num_shared_experts={self.num_shared_experts}")
+        if fmt != "megatron" and self.bias:
+            raise ValueError(f"format: {fmt!r} experts have no biases; this layer has "
+                             f"bias=True (use format='megatron')")
 
     def _layout(self, fmt: str, prefix: str):
         """Yields ``(key, getter, setter)`` for every tensor of the per-expert layout."""
@@ -359,6 +394,9 @@ class MoELayer(nn.Module):
                 base = f"{prefix}experts.local_experts.{e + offset}."
                 items += [(base + "linear_fc1.weight", *rows("w_up", e, 0, self.w_up.shape[1])),
                           (base + "linear_fc2.weight", *rows("w_down", e, 0, self.d_model))]
+                if self.bias:
+                    items += [(base + "linear_fc1.bias", *rows("b_up", e, 0, self.w_up.shape[1])),
+                              (base + "linear_fc2.bias", *rows("b_down", e, 0, self.d_model))]
         if self.num_shared_experts:
             fs = self.num_shared_experts * self.shared_ffn_dim
 
@@ -374,6 +412,10 @@ class MoELayer(nn.Module):
             else:
                 items += [(prefix + "shared_experts.linear_fc1.weight", *param("shared_w_up")),
                           (prefix + "shared_experts.linear_fc2.weight", *param("shared_w_down"))]
+                if self.bias:
+                    items += [(prefix + "shared_experts.linear_fc1.bias", *param("shared_b_up")),
+                              (prefix + "shared_experts.linear_fc2.bias",
+                               *param("shared_b_down"))]
                 if self.shared_gate is not None:
                     items.append((prefix + "shared_experts.gate_weight", *param("shared_gate")))
         if fmt == "megatron" and self.enable_expert_bias:
@@ -385,7 +427,9 @@ class MoELayer(nn.Module):
         """Exports the weights as per-expert ``nn.Linear`` weights (``format``: ``"mixtral"``
         (HF Mixtral ``block_sparse_moe``), ``"qwen3"`` (HF Qwen3-MoE / Qwen2-MoE ``mlp``, with
         ``shared_expert`` and ``shared_expert_gate``) or ``"megatron"`` (Megatron-Core's
-        ``SequentialMLP`` experts, ``router``, ``shared_experts``)). Tensors are copies. Under
+        ``SequentialMLP`` experts, ``router``, ``shared_experts``; with ``bias=True`` also their
+        ``linear_fc1.bias`` / ``linear_fc2.bias``; the other formats have no biases and raise
+        ``ValueError`` for such a layer)). Tensors are copies. Under
         expert parallelism only this rank's experts are exported, under their global
         indices."""
         self._check_format(format)
@@ -429,7 +473,8 @@ class MoELayer(nn.Module):
 def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
                 latent_down=None, latent_up=None, shared_fn=None, load_counter=None,
                 seq_shape=None, weight_cache=None, router_input=None, gate_bias=None,
-                logits_hook=None, valid=None):
+                logits_hook=None, valid=None, b_up=None,
+                b_down=None):
     """The forward of an MoE layer on tokens ``h [N, D]``, shared by ``MoELayer`` and the
     Megatron-Core adapter (``moe_plugin.megatron``), which hold their parameters differently.
 
@@ -440,8 +485,13 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
     FP8 path's ``quant.WeightCache`` (None: quantise in every call). ``router_input``
     replaces ``h`` (after the layer's own jitter) as the router's input; ``gate_bias``,
     ``logits_hook`` and ``valid`` (bool [N]: the tokens that enter the losses and the loads)
-    are ``route_tokens``'. Returns ``(out [N, D], info)``."""
+    are ``route_tokens``'. ``b_up [E, 2F|F]`` / ``b_down [E, D]``: optional expert biases
+    (the local experts' under EP; checked here, before any kernel runs). Returns
+    ``(out [N, D], info)``."""
     use_triton = _use_triton(cfg.backend, h)
+    if b_up is not None or b_down is not None:
+        check_expert_biases(b_up, b_down, w_up, w_down, cfg.activation)
+        check_bias_quant(b_up, b_down, getattr(cfg, "quant", None))
 
     # shared experts: on a side stream, overlapping the router and the routed experts
     shared = None
@@ -479,7 +529,7 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
         num_experts=cfg.num_experts, ep_group=cfg.ep_group, ep_backend=cfg.ep_backend,
         max_tokens_per_rank=cfg.max_tokens_per_rank, allow_drop=cfg.capacity_factor is not None,
         drop_policy=cfg.drop_policy, quant=getattr(cfg, "quant", None),
-        weight_cache=weight_cache)
+        weight_cache=weight_cache, b_up=b_up, b_down=b_down)
     if latent_up is not None:
         out = F.linear(out, latent_up)
     if load_counter is not None and cfg.training and torch.is_grad_enabled():
