@@ -4,9 +4,12 @@ run moe_plugin's fused path.
 It subclasses Megatron-Core's ``MoELayer`` (so ``TransformerLayer.is_moe_layer`` holds and the
 layer is treated as an MoE layer everywhere) but builds its own submodules:
 
-* ``router`` (``_Router``): ``weight [E, D]``, and for aux-loss-free balancing the buffers
-  ``expert_bias`` / ``local_tokens_per_expert`` under Megatron's names, so
-  ``finalize_model_grads`` updates the bias exactly as it updates its own routers'.
+* ``router``: Megatron's own ``TopKRouter`` (0.19: whatever ``MoESubmodules.router`` builds,
+  which must be a ``TopKRouter``): the same parameters, buffers (``expert_bias``,
+  ``local_tokens_per_expert``), initialisation, checkpoint keys and ``forward`` as stock, so
+  ``finalize_model_grads`` updates the bias exactly as stock and code that calls the router
+  itself gets stock's ``(probs, routing_map)``. The layer's forward does not call it: it runs
+  the same computation fused (``moe_forward``), using the router's jitter and weights.
 * ``experts`` (``_Experts``): the local experts stacked, ``w_up [E/P, 2F|F, D]`` and
   ``w_down [E/P, D, F]``. Their ``state_dict`` is in the layout of Megatron's
   ``SequentialMLP`` (``local_experts.{i}.linear_fc1.weight`` / ``linear_fc2.weight``) and
@@ -16,11 +19,13 @@ layer is treated as an MoE layer everywhere) but builds its own submodules:
   under Megatron's DDP their gradients are added into ``main_grad`` by the weight-gradient
   kernels (``moe_plugin_accumulate_wgrad``, default on).
 * ``shared_experts``: Megatron's own ``SharedExpertMLP`` from the spec (same weights, keys
-  and checkpoint format as stock), run on a side CUDA stream.
+  and checkpoint format as stock), run on a side CUDA stream, recomputed in backward with
+  ``recompute_modules=["shared_experts"]``.
 
-Losses are attached with ``MoEAuxLossAutoScaler`` and logged with
-``save_to_aux_losses_tracker`` under Megatron's names (``load_balancing_loss``,
-``seq_load_balancing_loss``, ``z_loss``).
+The options are read from the config at every forward (``options.LiveOptions``). Losses are
+attached with ``MoEAuxLossAutoScaler`` and logged to Megatron's tracker as stock logs them on
+the installed version (``compat``) under ``load_balancing_loss``,
+``seq_load_balancing_loss``, ``z_loss``.
 """
 from __future__ import annotations
 
@@ -30,45 +35,22 @@ from torch import nn
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoELayer as _MCoreMoELayer
+from megatron.core.transformer.moe.moe_layer import MoELayer as _MCoreMoELayer
 from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
-                                                     get_default_pg_collection,
-                                                     save_to_aux_losses_tracker)
-from megatron.core.transformer.spec_utils import build_module
+                                                     apply_random_logits,
+                                                     get_default_pg_collection)
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from ..autograd.experts import ACCUMULATE_WGRAD_ATTR
 from ..layer import moe_forward
-from .options import params_dtype, plugin_options
+from . import compat
+from .options import LiveOptions, params_dtype
 
 
 def _device(config):
     if torch.cuda.is_available() and not config.use_cpu_initialization:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-class _Router(MegatronModule):
-    def __init__(self, config, enable_bias: bool):
-        super().__init__(config)
-        dev = _device(config)
-        self.weight = nn.Parameter(torch.empty(config.num_moe_experts, config.hidden_size,
-                                               dtype=params_dtype(config), device=dev))
-        if config.perform_initialization:
-            with torch.no_grad():
-                config.init_method(self.weight)
-        if enable_bias:
-            e = config.num_moe_experts
-            self.register_buffer("local_tokens_per_expert",
-                                 torch.zeros(e, dtype=torch.float32, device=dev),
-                                 persistent=False)
-            self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32, device=dev))
-        # without the bias the attributes do not exist at all: Megatron's finalize_model_grads
-        # collects every module that has an ``expert_bias`` attribute
-        self.layer_number = None
-
-    def set_layer_number(self, layer_number: int) -> None:
-        self.layer_number = layer_number
 
 
 class _Experts(MegatronModule):
@@ -163,78 +145,142 @@ def _from_sequential_mlp_keys(state_dict, prefix, local_metadata, strict, missin
 class PluginMoELayer(_MCoreMoELayer):
     """Drop-in for Megatron-Core's ``MoELayer`` (see the module docstring).
 
-    ``forward(hidden_states [s, b, h], padding_mask=None) -> (out [s, b, h], None)``."""
+    ``forward(hidden_states [s, b, h], padding_mask=None) -> (out [s, b, h], None)``;
+    ``padding_mask`` (bool ``[b, s]``, True = padding, as stock) keeps those tokens out of the
+    losses and the expert-bias loads (they are still routed and computed, as in stock)."""
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
-        opts = plugin_options(config)  # clear errors for unsupported settings, first
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
+                 is_mtp_layer=False, name=None):
+        live = LiveOptions(config)  # clear errors for unsupported settings, first
+        opts = live.opts
         self.submodules = submodules
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        BaseMoELayer.__init__(self, config=config, layer_number=layer_number,
-                              pg_collection=pg_collection)
+        compat.base_moe_init(self, config, layer_number, pg_collection, is_mtp_layer)
         ep_size = self.ep_group.size() if self.ep_group is not None else 1
         opts.ep_group = self.ep_group if ep_size > 1 else None
-        self.opts = opts
+        self._live = live
         self.tp_group = pg_collection.tp
         self.tp_cp_group = pg_collection.tp_cp
-        self.moe_layer_recompute = False  # handled here (opts.recompute_layer)
-        self.shared_experts_recompute = False
-        self.router = _Router(config, opts.enable_expert_bias)
+        self.moe_layer_recompute = False  # handled in forward (opts.recompute_layer)
+        self.shared_experts_recompute = False  # likewise (opts.recompute_shared)
+        self.router = compat.build_router(submodules, config, pg_collection, is_mtp_layer)
         self.experts = _Experts(config, opts, self.num_local_experts, self.ep_group)
         if opts.shared_ffn_dim:
-            if submodules is None or submodules.shared_experts is None:
+            entry = getattr(submodules, "shared_experts", None)
+            if entry is None:
                 raise ValueError("TransformerConfig.moe_shared_expert_intermediate_size is set "
                                  "but the layer spec has no shared_experts submodule")
-            self.shared_experts = build_module(submodules.shared_experts, config=config,
-                                               pg_collection=pg_collection,
-                                               gate=config.moe_shared_expert_gate)
+            self.shared_experts = compat.build_shared_experts(
+                entry, config, pg_collection,
+                name=(name + ".shared_experts") if name is not None else None)
         self.token_dispatcher = None
         # FP8: a quant.WeightCache (quant.cache_quantized_weights ties its refresh to the
         # optimizer step); None quantises the expert weights in every forward
         self.quant_weight_cache = None
 
+    @property
+    def opts(self):
+        """The layer's moe_plugin options for the config as it is now."""
+        return self._live.get()
+
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
         self.router.set_layer_number(layer_number)
 
-    def _attach(self, out, loss, coeff: float, name: str):
+    def _log_layer(self):
+        """``(layer number, number of layers)`` under which stock's router logs (MTP layers
+        after the decoder's)."""
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        if self.layer_number is not None:
-            save_to_aux_losses_tracker(name, loss.detach() / coeff, self.layer_number,
-                                       num_layers, reduce_group=self.tp_cp_group)
-        if self.config.calculate_per_token_loss:
-            loss = loss * out.shape[0]
+        layer = self.layer_number
+        if self.is_mtp_layer and layer is not None:
+            layer = layer + self.config.num_layers
+        return layer, num_layers
+
+    def _attach(self, out, loss, coeff: float, name: str, num_tokens):
+        """Logs ``loss / coeff`` as stock's router does and attaches ``loss`` to ``out`` for
+        the backward (``MoEAuxLossAutoScaler``), scaled like stock's."""
+        cfg = self.config
+        if self.is_mtp_layer and getattr(cfg, "mtp_use_repeated_layer", False) \
+                and cfg.mtp_num_layers:  # counted once per repetition: 1/mtp_num_layers each
+            loss = loss / cfg.mtp_num_layers
+        layer, num_layers = self._log_layer()
+        if layer is not None:
+            if name == "z_loss":
+                compat.record_z_loss(self.router, loss.detach() / coeff, layer, num_layers)
+            else:
+                compat.record_aux_loss(self.router, name, loss.detach() / coeff, layer,
+                                       num_layers)
+        if cfg.calculate_per_token_loss:
+            loss = loss * num_tokens
         return MoEAuxLossAutoScaler.apply(out, loss)
 
-    def _forward(self, hidden_states):
+    def _logits_hook(self, opts):
+        """Stock's benchmarking switches on the logits (random logits, a shared random bias),
+        applied with stock's own functions and RNG streams; None without them."""
+        if not opts.force_load_balancing and opts.force_biased is None:
+            return None
+
+        def hook(logits):
+            if opts.force_load_balancing:
+                logits = apply_random_logits(logits)
+            if opts.force_biased is not None:
+                from megatron.core.transformer.moe.moe_utils import apply_biased_logits
+                logits = apply_biased_logits(logits, opts.force_biased, self.layer_number)
+            return logits
+        return hook
+
+    def _shared_fn(self, opts):
+        if not opts.shared_ffn_dim:
+            return None
+        if opts.recompute_shared and self.training and torch.is_grad_enabled():
+            return lambda h: torch.utils.checkpoint.checkpoint(self.shared_experts, h,
+                                                               use_reentrant=False)
+        return self.shared_experts
+
+    def _forward(self, hidden_states, padding_mask=None):
         s, b, h = hidden_states.shape
         opts = self.opts
         opts.training = self.training
         seq_shape = (b, s, False) if opts.aux_loss_type == "seq" else None
+        router = self.router
+        if hasattr(router, "_maintain_float32_expert_bias"):
+            router._maintain_float32_expert_bias()  # as stock's forward (Float16Module)
+        x = hidden_states.reshape(-1, h)
+        valid = None
+        if padding_mask is not None:  # [b, s] (True: padding) -> tokens in [s, b] order
+            valid = ~padding_mask.transpose(0, 1).reshape(-1).bool()
+        router_input = router.apply_input_jitter(x)  # (stock jitters in eval mode too)
         out, info = moe_forward(
-            opts, hidden_states.reshape(-1, h), w_gate=self.router.weight,
-            w_up=self.experts.w_up, w_down=self.experts.w_down,
-            expert_bias=getattr(self.router, "expert_bias", None),
-            shared_fn=self.shared_experts if opts.shared_ffn_dim else None,
-            load_counter=getattr(self.router, "local_tokens_per_expert", None),
-            seq_shape=seq_shape, weight_cache=self.quant_weight_cache)
+            opts, x, w_gate=router.weight, w_up=self.experts.w_up, w_down=self.experts.w_down,
+            expert_bias=getattr(router, "expert_bias", None),
+            shared_fn=self._shared_fn(opts),
+            load_counter=getattr(router, "local_tokens_per_expert", None),
+            seq_shape=seq_shape, weight_cache=self.quant_weight_cache,
+            router_input=router_input, gate_bias=getattr(router, "bias", None),
+            logits_hook=self._logits_hook(opts), valid=valid)
         if self.training and torch.is_grad_enabled():
+            num_tokens = x.shape[0] if valid is None else valid.sum()
             if opts.aux_loss_coeff > 0:
                 name = ("seq_load_balancing_loss" if opts.aux_loss_type == "seq"
                         else "load_balancing_loss")
-                out = self._attach(out, info["aux_loss"], opts.aux_loss_coeff, name)
+                out = self._attach(out, info["aux_loss"], opts.aux_loss_coeff, name,
+                                   num_tokens)
             if opts.z_loss_coeff > 0:
-                out = self._attach(out, info["z_loss"], opts.z_loss_coeff, "z_loss")
+                out = self._attach(out, info["z_loss"], opts.z_loss_coeff, "z_loss",
+                                   num_tokens)
         self.last_info = {k: v.detach() for k, v in info.items()}
         return out.view(s, b, h)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **kwargs):
-        if padding_mask is not None:
-            raise NotImplementedError("padding_mask: moe_plugin's Megatron layer does not "
-                                      "support padding masks yet")
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
+                padding_mask=None, **kwargs):
+        if intermediate_tensors is not None:
+            raise ValueError("intermediate_tensors: moe_plugin's layer runs whole (no partial "
+                             "CUDA-graph capture of the MoE layer); use cuda_graph_modules "
+                             "without moe_router / moe_preprocess")
         if self.opts.recompute_layer and self.training and torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(self._forward, hidden_states,
+            out = torch.utils.checkpoint.checkpoint(self._forward, hidden_states, padding_mask,
                                                     use_reentrant=False)
         else:
-            out = self._forward(hidden_states)
+            out = self._forward(hidden_states, padding_mask)
         return out, None

@@ -333,9 +333,10 @@ class _Reads:
         object.__setattr__(self, "names", [])
 
     def __getattr__(self, name):
+        value = getattr(self._config, name)
         if not name.startswith("__"):
             self.names.append(name)
-        return getattr(self._config, name)
+        return value
 
 
 def _snapshot(value):
