@@ -21,8 +21,8 @@ from moe_plugin import reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda") if HAS_CUDA else torch.device("cpu")
-GATED = {"swiglu": True, "geglu": True, "swiglu_oai": True,
-         "gelu": False, "relu2": False, "silu": False}
+GATED = {"swiglu": True, "geglu": True, "swiglu_oai": True, "geglu_erf": True,
+         "gelu": False, "relu2": False, "silu": False, "gelu_erf": False}
 ACTIVATIONS = tuple(GATED)
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -124,8 +124,10 @@ def random_ids(gen: torch.Generator, n: int, e: int, k: int) -> torch.Tensor:
 
 def expert_inputs(seed: int, n: int, d: int, f: int, e: int, k: int, *, activation="swiglu",
                   dtype=torch.float32, weights_dtype=None, x_scale: float = 1.0, ids=None,
-                  device=DEVICE) -> dict:
-    """Random inputs of ``fused_experts``; weights scaled by 1/sqrt(fan_in)."""
+                  device=DEVICE, bias=()) -> dict:
+    """Random inputs of ``fused_experts``; weights scaled by 1/sqrt(fan_in). ``bias``: the
+    expert biases to include (``"b_up"`` ``[E, 2F|F]``, ``"b_down"`` ``[E, D]``, N(0, 0.5²),
+    drawn after the other inputs)."""
     gen = torch.Generator().manual_seed(seed)
     rows = 2 * f if GATED[activation] else f
     x = torch.randn(n, d, generator=gen) * x_scale
@@ -135,13 +137,26 @@ def expert_inputs(seed: int, n: int, d: int, f: int, e: int, k: int, *, activati
         ids = random_ids(gen, n, e, k)
     weights = torch.rand(n, k, generator=gen) + 0.1
     gout = torch.randn(n, d, generator=gen)
-    return dict(x=x.to(device, dtype), ids=ids.to(device),
-                weights=weights.to(device, weights_dtype or dtype),
-                w_up=w_up.to(device, dtype), w_down=w_down.to(device, dtype),
-                gout=gout.to(device, dtype))
+    inp = dict(x=x.to(device, dtype), ids=ids.to(device),
+               weights=weights.to(device, weights_dtype or dtype),
+               w_up=w_up.to(device, dtype), w_down=w_down.to(device, dtype),
+               gout=gout.to(device, dtype))
+    shapes = {"b_up": (e, rows), "b_down": (e, d)}
+    for name in BIAS_NAMES:
+        if name in bias:
+            inp[name] = (torch.randn(shapes[name], generator=gen) * 0.5).to(device, dtype)
+    return inp
 
 
 EXPERT_GRAD_NAMES = ("x", "weights", "w_up", "w_down")
+BIAS_NAMES = ("b_up", "b_down")
+
+
+def grad_names(inp: dict) -> tuple:
+    """The differentiable inputs of ``inp``: ``EXPERT_GRAD_NAMES`` (or ``MOE_GRAD_NAMES``) and
+    the expert biases it holds."""
+    base = MOE_GRAD_NAMES if "gate" in inp else EXPERT_GRAD_NAMES
+    return base + tuple(n for n in BIAS_NAMES if n in inp)
 
 
 def assert_clamp_exercised(inp: dict, limit: float, at_least: int = 10) -> None:
@@ -159,45 +174,50 @@ def assert_clamp_exercised(inp: dict, limit: float, at_least: int = 10) -> None:
 def run_fused_experts(inp: dict, activation: str, **kwargs):
     """Runs ``fused_experts`` (Triton forced) forward and backward.
 
-    Returns ``(out, {name: grad})`` for x, weights, w_up, w_down."""
-    leaves = {n: inp[n].detach().clone().requires_grad_() for n in EXPERT_GRAD_NAMES}
+    Returns ``(out, {name: grad})`` for x, weights, w_up, w_down and the biases in ``inp``."""
+    names = grad_names(inp)
+    leaves = {n: inp[n].detach().clone().requires_grad_() for n in names}
     kwargs.setdefault("backend", "triton")
     out = moe_plugin.fused_experts(leaves["x"], inp["ids"], leaves["weights"], leaves["w_up"],
-                                   leaves["w_down"], activation, **kwargs)
-    grads = torch.autograd.grad(out, [leaves[n] for n in EXPERT_GRAD_NAMES], inp["gout"])
-    return out.detach(), dict(zip(EXPERT_GRAD_NAMES, grads))
+                                   leaves["w_down"], activation, b_up=leaves.get("b_up"),
+                                   b_down=leaves.get("b_down"), **kwargs)
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], inp["gout"])
+    return out.detach(), dict(zip(names, grads))
 
 
 def run_reference_experts(inp: dict, activation: str):
     """``reference.experts`` on float64 copies; same return as ``run_fused_experts``."""
-    leaves = {n: inp[n].detach().to(torch.float64).requires_grad_() for n in EXPERT_GRAD_NAMES}
+    names = grad_names(inp)
+    leaves = {n: inp[n].detach().to(torch.float64).requires_grad_() for n in names}
     out = reference.experts(leaves["x"], inp["ids"].long(), leaves["weights"], leaves["w_up"],
-                            leaves["w_down"], activation)
-    ins = [leaves[n] for n in EXPERT_GRAD_NAMES]
+                            leaves["w_down"], activation, leaves.get("b_up"), leaves.get("b_down"))
+    ins = [leaves[n] for n in names]
     if out.requires_grad:
         grads = torch.autograd.grad(out, ins, inp["gout"].to(torch.float64), allow_unused=True)
     else:
         grads = [None] * len(ins)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads)]
-    return out.detach(), dict(zip(EXPERT_GRAD_NAMES, grads))
+    return out.detach(), dict(zip(names, grads))
 
 
 def check_experts(inp: dict, activation: str, tol: float = FP32_TOL, **kwargs):
-    """Fused vs float64 reference: output and every gradient. Returns both results."""
+    """Fused vs float64 reference: output and every gradient (the biases' too, when ``inp``
+    holds them). Returns both results."""
     out, grads = run_fused_experts(inp, activation, **kwargs)
     ref, ref_grads = run_reference_experts(inp, activation)
     assert out.dtype == inp["x"].dtype and out.shape == inp["x"].shape
     assert grads["weights"].dtype == inp["weights"].dtype
     assert_close(out, ref, tol, "out")
-    for name in EXPERT_GRAD_NAMES:
+    for name in grad_names(inp):
         assert grads[name].shape == inp[name].shape, name
         assert_close(grads[name], ref_grads[name], tol, f"grad {name}")
     return (out, grads), (ref, ref_grads)
 
 
 def moe_inputs(seed: int, n: int, d: int, f: int, e: int, *, activation="swiglu",
-               dtype=torch.float32, gate_scale: float = 1.0, device=DEVICE) -> dict:
-    """Random inputs of ``fused_moe``; ``gate_scale`` spreads the router logits."""
+               dtype=torch.float32, gate_scale: float = 1.0, device=DEVICE, bias=()) -> dict:
+    """Random inputs of ``fused_moe``; ``gate_scale`` spreads the router logits; ``bias`` as in
+    ``expert_inputs``."""
     gen = torch.Generator().manual_seed(seed)
     rows = 2 * f if GATED[activation] else f
     x = torch.randn(n, d, generator=gen)
@@ -205,8 +225,13 @@ def moe_inputs(seed: int, n: int, d: int, f: int, e: int, *, activation="swiglu"
     w_up = torch.randn(e, rows, d, generator=gen) / math.sqrt(d)
     w_down = torch.randn(e, d, f, generator=gen) / math.sqrt(f)
     gout = torch.randn(n, d, generator=gen)
-    return dict(x=x.to(device, dtype), gate=gate.to(device, dtype), w_up=w_up.to(device, dtype),
-                w_down=w_down.to(device, dtype), gout=gout.to(device, dtype))
+    inp = dict(x=x.to(device, dtype), gate=gate.to(device, dtype), w_up=w_up.to(device, dtype),
+               w_down=w_down.to(device, dtype), gout=gout.to(device, dtype))
+    shapes = {"b_up": (e, rows), "b_down": (e, d)}
+    for name in BIAS_NAMES:
+        if name in bias:
+            inp[name] = (torch.randn(shapes[name], generator=gen) * 0.5).to(device, dtype)
+    return inp
 
 
 MOE_GRAD_NAMES = ("x", "gate", "w_up", "w_down")
@@ -223,12 +248,13 @@ def run_fused_moe(inp: dict, top_k: int, weights_grad: bool = False, **kwargs):
     """``fused_moe`` (Triton forced) forward and backward of
     ``(out·gout).sum() + 3·aux_loss + 2·z_loss``. Returns ``(out, info, grads)``; with
     ``weights_grad`` ``grads`` also holds the gradient of ``info["topk_weights"]``."""
-    leaves = {n: inp[n].detach().clone().requires_grad_() for n in MOE_GRAD_NAMES}
+    names = list(grad_names(inp))
+    leaves = {n: inp[n].detach().clone().requires_grad_() for n in names}
     kwargs.setdefault("backend", "triton")
     out, info = moe_plugin.fused_moe(leaves["x"], leaves["gate"], leaves["w_up"],
-                                     leaves["w_down"], top_k, **kwargs)
-    names = list(MOE_GRAD_NAMES)
-    ins = [leaves[n] for n in MOE_GRAD_NAMES]
+                                     leaves["w_down"], top_k, b_up=leaves.get("b_up"),
+                                     b_down=leaves.get("b_down"), **kwargs)
+    ins = [leaves[n] for n in names]
     if weights_grad:
         names.append("topk_weights")
         ins.append(info["topk_weights"])
@@ -241,14 +267,16 @@ def run_reference_moe(inp: dict, top_k: int, **kwargs):
     kwargs = {k: v for k, v in kwargs.items() if k not in ("backend", "recompute", "deterministic")}
     if kwargs.get("expert_bias") is not None:
         kwargs["expert_bias"] = kwargs["expert_bias"].to(torch.float64)
-    leaves = {n: inp[n].detach().to(torch.float64).requires_grad_() for n in MOE_GRAD_NAMES}
+    names = grad_names(inp)
+    leaves = {n: inp[n].detach().to(torch.float64).requires_grad_() for n in names}
     out, info = reference.moe(leaves["x"], leaves["gate"], leaves["w_up"], leaves["w_down"],
-                              top_k, **kwargs)
+                              top_k, b_up=leaves.get("b_up"), b_down=leaves.get("b_down"),
+                              **kwargs)
     loss = _moe_loss(out, info, inp["gout"])
-    ins = [leaves[n] for n in MOE_GRAD_NAMES]
+    ins = [leaves[n] for n in names]
     grads = torch.autograd.grad(loss, ins, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads)]
-    return out.detach(), info, dict(zip(MOE_GRAD_NAMES, grads))
+    return out.detach(), info, dict(zip(names, grads))
 
 
 def check_moe(inp: dict, top_k: int, tol: float = FP32_TOL, **kwargs):
@@ -272,6 +300,6 @@ def check_moe(inp: dict, top_k: int, tol: float = FP32_TOL, **kwargs):
     for name in ("aux_loss", "z_loss"):
         assert info[name].dim() == 0, name
         assert_close(info[name], rinfo[name], min(tol, 1e-4), name)
-    for name in MOE_GRAD_NAMES:
+    for name in grad_names(inp):
         assert_close(grads[name], rgrads[name], tol, f"grad {name}")
     return (out, info, grads), (ref, rinfo, rgrads)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import (ACTIVATIONS, DEVICE, EXPERT_GRAD_NAMES, FP32_TOL, assert_bitwise,
                       assert_clamp_exercised, assert_close, check_experts, expert_inputs,
-                      random_ids, run_fused_experts, run_reference_experts)
+                      random_ids, rel_err, run_fused_experts, run_reference_experts)
 from moe_plugin import fused_experts
 from moe_plugin.config import SWIGLU_OAI_LIMIT
 
@@ -232,3 +232,113 @@ def test_backward_reads_w_down_within_bounds(activation, seed):
     assert_close(out, ref, FP32_TOL, "out")
     assert_close(x.grad, ref_grads["x"], FP32_TOL, "grad x")
     assert_close(w_down.grad, ref_grads["w_down"], FP32_TOL, "grad w_down")
+
+
+# ----------------------------------------------------------------------------------------------
+# exact (erf) gelu and expert biases (Megatron-Core's default MLP: F.gelu, add_bias_linear)
+
+@pytest.mark.parametrize("exact,tanh", [("gelu_erf", "gelu"), ("geglu_erf", "geglu")])
+def test_erf_activations_are_not_the_tanh_ones(exact, tanh, seed):
+    """On ``test_activation``'s problem the exact gelu and the tanh approximation differ by
+    more than 10x the fp32 tolerance in the output and in every gradient, so that test tells
+    them apart; the kernels match the exact one."""
+    inp = expert_inputs(seed, 48, 64, 48, 4, 2, activation=exact)
+    (out, grads), (ref, ref_grads) = check_experts(inp, exact)
+    ref_tanh, ref_grads_tanh = run_reference_experts(inp, tanh)
+    assert rel_err(ref_tanh, ref) > 10 * FP32_TOL
+    for name in EXPERT_GRAD_NAMES:
+        assert rel_err(ref_grads_tanh[name], ref_grads[name]) > 10 * FP32_TOL, name
+
+
+def _ids_empty_expert_and_minus_one(gen, n, e, k):
+    """Expert 1 gets no slot, about a quarter of the slots are -1, token 2 has none at all."""
+    ids = torch.tensor([0, 2, 3])[random_ids(gen, n, 3, k)]
+    ids[torch.rand(n, k, generator=gen) < 0.25] = -1
+    ids[2] = -1
+    return ids
+
+
+# name: (activation, biases, recompute)
+BIAS_CASES = {
+    "gated_both": ("geglu_erf", ("b_up", "b_down"), False),
+    "gated_both_recompute": ("swiglu", ("b_up", "b_down"), True),
+    "plain_both": ("gelu_erf", ("b_up", "b_down"), False),
+    "plain_both_recompute": ("gelu_erf", ("b_up", "b_down"), True),
+    "gated_up_only": ("swiglu_oai", ("b_up",), False),
+    "plain_down_only": ("relu2", ("b_down",), False),
+}
+
+
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_expert_biases(case, seed):
+    """``b_up`` / ``b_down``: output and every gradient (x, weights, w_up, w_down, b_up,
+    b_down) against the float64 reference, with an expert that gets no slot (exactly zero bias
+    gradients), -1 slots (zero weight gradient, nothing added) and a token with no slot at all
+    (zero output: the down bias is weighted, not added per token)."""
+    activation, biases, recompute = BIAS_CASES[case]
+    n, d, f, e, k = 40, 48, 40, 4, 2
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = _ids_empty_expert_and_minus_one(gen, n, e, k)
+    x_scale = 4.0 if activation == "swiglu_oai" else 1.0
+    inp = expert_inputs(seed, n, d, f, e, k, activation=activation, ids=ids, bias=biases,
+                        x_scale=x_scale)
+    (out, grads), (ref, ref_grads) = check_experts(inp, activation, recompute=recompute)
+    for name in biases:
+        assert grads[name].dtype == inp[name].dtype
+        assert (grads[name][1] == 0).all(), f"{name}: expert 1 got no slot"
+        assert (grads[name][[0, 2, 3]] != 0).any(dim=1).all(), name
+    unused = (inp["ids"] == -1)
+    assert (out[2] == 0).all() and (grads["x"][2] == 0).all()
+    assert (grads["weights"][unused] == 0).all()
+    # the biases matter: for the output, and (b_down) for the routing weights' gradient
+    no_bias = {k_: v for k_, v in inp.items() if k_ not in biases}
+    ref0, ref_grads0 = run_reference_experts(no_bias, activation)
+    assert rel_err(ref0, ref) > 1e-2
+    if "b_down" in biases:
+        assert rel_err(ref_grads0["weights"], ref_grads["weights"]) > 1e-2
+    if recompute:   # bitwise the gradients of the stored pre-activation
+        out0, grads0 = run_fused_experts(inp, activation, recompute=False)
+        assert_bitwise(out, out0, "out")
+        for name in grads:
+            assert_bitwise(grads[name], grads0[name], f"grad {name}")
+
+
+def test_expert_biases_strided_and_frozen(seed):
+    """Non-contiguous bias views give the same result; biases that need no gradient (and
+    weights that need none) get none, the rest still match."""
+    n, d, f, e, k = 24, 32, 16, 4, 2
+    inp = expert_inputs(seed, n, d, f, e, k, activation="geglu_erf", bias=("b_up", "b_down"))
+    out, grads = run_fused_experts(inp, "geglu_erf")
+    strided = dict(inp, b_up=inp["b_up"].t().contiguous().t(),
+                   b_down=inp["b_down"].t().contiguous().t())
+    assert not strided["b_up"].is_contiguous() and not strided["b_down"].is_contiguous()
+    out2, grads2 = run_fused_experts(strided, "geglu_erf")
+    assert_bitwise(out2, out, "out")
+    for name in grads:
+        assert_bitwise(grads2[name], grads[name], f"grad {name}")
+    # only x and b_down require grad
+    x = inp["x"].clone().requires_grad_()
+    b_down = inp["b_down"].clone().requires_grad_()
+    y = fused_experts(x, inp["ids"], inp["weights"], inp["w_up"], inp["w_down"], "geglu_erf",
+                      backend="triton", b_up=inp["b_up"], b_down=b_down)
+    gx, gb = torch.autograd.grad(y, [x, b_down], inp["gout"])
+    assert_bitwise(gx, grads["x"], "grad x")
+    assert_bitwise(gb, grads["b_down"], "grad b_down")
+
+
+def test_expert_biases_no_tokens(seed):
+    inp = expert_inputs(seed, 0, 32, 16, 4, 2, activation="gelu_erf", bias=("b_up", "b_down"))
+    out, grads = run_fused_experts(inp, "gelu_erf")
+    assert out.shape == (0, 32)
+    for name in ("w_up", "w_down", "b_up", "b_down"):
+        assert grads[name].shape == inp[name].shape and (grads[name] == 0).all(), name
+
+
+def test_expert_biases_torch_backend(seed):
+    """backend='torch' (the reference) takes the biases too."""
+    inp = expert_inputs(seed, 16, 32, 16, 4, 2, activation="gelu_erf", bias=("b_up", "b_down"))
+    args = (inp["x"], inp["ids"], inp["weights"], inp["w_up"], inp["w_down"], "gelu_erf")
+    kw = dict(b_up=inp["b_up"], b_down=inp["b_down"])
+    ref, _ = run_reference_experts(inp, "gelu_erf")
+    assert_close(fused_experts(*args, backend="torch", **kw), ref, FP32_TOL, "torch backend")
+    assert_close(fused_experts(*args, backend="triton", **kw), ref, FP32_TOL, "triton backend")
