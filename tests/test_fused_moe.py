@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import (assert_losses_exercised, DEVICE, FP32_TOL, MOE_GRAD_NAMES, assert_bitwise, assert_close,
-                      check_moe, moe_inputs, run_fused_moe)
+                      check_moe, moe_inputs, rel_err, run_fused_moe, run_reference_moe)
 from moe_plugin import capacity_drop, fused_moe, reference
 from moe_plugin.config import expert_capacity
 
@@ -283,3 +283,35 @@ def test_non_finite_router_input(case):
     for how in (True, "host", "device"):  # finite input: no error
         fused_moe(x_finite, gate_finite, w_up, w_down, k, backend="triton", check_finite=how,
                   **kw)
+
+
+# name: (activation, fused_moe kwargs, what the case must exercise)
+EXPERT_BIAS_CASES = {
+    # Megatron-Core's default MoE MLP: exact gelu, biases in both GEMMs (add_bias_linear)
+    "gelu_erf": ("gelu_erf", dict(aux_loss_coeff=0.1), None),
+    "geglu_erf_sigmoid_capacity_recompute": (
+        "geglu_erf", dict(score_func="sigmoid", capacity_factor=0.5, recompute=True,
+                          z_loss_coeff=0.01), "drops"),
+}
+
+
+@pytest.mark.parametrize("case", EXPERT_BIAS_CASES)
+def test_fused_moe_expert_biases(case, seed):
+    """``fused_moe(b_up=, b_down=)``: output, losses and the gradients of x, the gate weight,
+    w_up, w_down, b_up and b_down against ``reference.moe``. The gate's gradient goes through
+    the routing weights, whose gradient includes the ``dout · b_down`` term."""
+    act, kwargs, exercises = EXPERT_BIAS_CASES[case]
+    n, d, f, e, k = 32, 32, 24, 8, 2
+    inp = moe_inputs(seed, n, d, f, e, activation=act, gate_scale=2.0, bias=("b_up", "b_down"))
+    (_, info, grads), (ref, rinfo, rgrads) = check_moe(inp, k, activation=act, **kwargs)
+    assert set(grads) >= {"b_up", "b_down"}
+    if exercises == "drops":
+        assert (rinfo["topk_ids"] == -1).any()
+    # the down bias really reaches the gate's gradient (through the routing weights)
+    no_down = {key: v for key, v in inp.items() if key != "b_down"}
+    _, _, rgrads0 = run_reference_moe(no_down, k, activation=act, **kwargs)
+    assert rel_err(rgrads0["gate"], rgrads["gate"]) > 1e-2
+    # experts that no token reached get exactly zero bias gradients
+    unused = rinfo["tokens_per_expert"].to(DEVICE) == 0
+    if unused.any():
+        assert (grads["b_up"][unused] == 0).all() and (grads["b_down"][unused] == 0).all()

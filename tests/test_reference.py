@@ -239,3 +239,98 @@ def test_activations_definitions():
     torch.testing.assert_close(reference.activation("gelu", g[None])[0], gelu_tanh)
     torch.testing.assert_close(reference.activation("relu2", g[None])[0], g.clamp(min=0) ** 2)
     torch.testing.assert_close(reference.activation("silu", g[None])[0], g * torch.sigmoid(g))
+
+
+def test_erf_activations_are_torch_gelu():
+    """``gelu_erf`` is ``F.gelu`` (exact, Megatron-Core's default ``activation_func``) and
+    ``geglu_erf`` is ``F.gelu(g) · u`` (Megatron's gated ``glu`` with ``F.gelu``), bitwise;
+    both equal ``x · Φ(x)`` written out with erf, and differ from the tanh approximations."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 12, generator=gen, dtype=torch.float64) * 3
+    assert torch.equal(reference.activation("gelu_erf", x), torch.nn.functional.gelu(x))
+    g, u = x.chunk(2, dim=-1)
+    assert torch.equal(reference.activation("geglu_erf", x), torch.nn.functional.gelu(g) * u)
+    phi = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    torch.testing.assert_close(reference.activation("gelu_erf", x), x * phi)
+    assert (reference.activation("gelu_erf", x) - reference.activation("gelu", x)).abs().max() \
+        > 1e-4
+
+
+class _BiasedExpert(torch.nn.Module):
+    """One expert as Megatron-Core's MLP with ``add_bias_linear``: ``linear_fc2(act(
+    linear_fc1(x)))``, both ``nn.Linear`` with bias; gated: fc1's output chunked [gate, up]."""
+
+    def __init__(self, d, f, gated):
+        super().__init__()
+        self.gated = gated
+        self.linear_fc1 = torch.nn.Linear(d, 2 * f if gated else f, dtype=torch.float64)
+        self.linear_fc2 = torch.nn.Linear(f, d, dtype=torch.float64)
+
+    def forward(self, x):
+        h = self.linear_fc1(x)
+        if self.gated:
+            g, u = torch.chunk(h, 2, dim=-1)
+            h = torch.nn.functional.gelu(g) * u
+        else:
+            h = torch.nn.functional.gelu(h)
+        return self.linear_fc2(h)
+
+
+@pytest.mark.parametrize("activation", ["gelu_erf", "geglu_erf"])
+def test_expert_biases_are_a_per_expert_linear_loop(activation, seed):
+    """``reference.experts`` with ``b_up``/``b_down`` is Megatron-Core's expert computation:
+    ``out[t] = Σ_j p[t, j] · FC2(act(FC1(x[t])))`` with FC1/FC2 ``nn.Linear`` layers with
+    bias (the routing probability multiplies FC2's output *including* its bias), -1 slots
+    skipped. Outputs and gradients of x, the routing weights, the weights and the biases."""
+    torch.manual_seed(seed)
+    n, d, f, e = 9, 6, 4, 3
+    gated = GATED[activation]
+    experts = [_BiasedExpert(d, f, gated) for _ in range(e)]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
+    probs = torch.rand(n, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    ids = torch.tensor([[0, 2], [1, -1], [2, 0], [-1, -1], [1, 2], [0, 1], [2, -1], [0, 2],
+                        [1, 0]])
+    rows = []
+    for t in range(n):
+        row = torch.zeros(d, dtype=torch.float64)
+        for j in range(2):
+            if ids[t, j] >= 0:
+                row = row + probs[t, j] * experts[ids[t, j]](x[t])
+        rows.append(row)
+    loop = torch.stack(rows)
+    w_up = torch.stack([m.linear_fc1.weight for m in experts])
+    b_up = torch.stack([m.linear_fc1.bias for m in experts])
+    w_down = torch.stack([m.linear_fc2.weight for m in experts])
+    b_down = torch.stack([m.linear_fc2.bias for m in experts])
+    out = reference.experts(x, ids, probs, w_up, w_down, activation, b_up, b_down)
+    torch.testing.assert_close(out, loop)
+    gout = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    params = [p for m in experts for p in (m.linear_fc1.weight, m.linear_fc1.bias,
+                                           m.linear_fc2.weight, m.linear_fc2.bias)]
+    g_loop = torch.autograd.grad(loop, [x, probs] + params, gout)
+    g_ref = torch.autograd.grad(out, [x, probs] + params, gout)
+    for a, b in zip(g_ref, g_loop):
+        torch.testing.assert_close(a, b)
+    assert (g_ref[1][ids < 0] == 0).all()
+    # a bias really enters: the routing weights' gradient includes FC2's bias
+    plain = reference.experts(x, ids, probs, w_up, w_down, activation, b_up, None)
+    (g_plain,) = torch.autograd.grad(plain, probs, gout)
+    assert (g_plain - g_ref[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu_erf"])
+def test_experts_with_biases_gradcheck(activation, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, d, f, e = 5, 4, 3, 3
+    rows = 2 * f if GATED[activation] else f
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+    x, w_up, w_down, b_up, b_down = rnd(n, d), rnd(e, rows, d), rnd(e, d, f), rnd(e, rows), \
+        rnd(e, d)
+    w = torch.rand(n, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    ids = torch.tensor([[0, 2], [1, -1], [2, 0], [-1, -1], [0, 0]])   # -1 slots, a token without
+    fn = lambda *a: reference.experts(a[0], ids, a[1], a[2], a[3], activation, a[4], a[5])  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, w_up, w_down, b_up, b_down))
+    assert (fn(x, w, w_up, w_down, b_up, b_down)[3] == 0).all()
