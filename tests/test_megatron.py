@@ -105,14 +105,15 @@ def model_parallel_1():
 def test_flag_selects_the_spec(model_parallel_1):
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from moe_plugin.megatron import PluginMoELayer, gpt_decoder_block_spec
+    from moe_plugin.megatron.compat import module_of  # (ModuleSpec on 0.16, partial on 0.19)
     on = gpt_decoder_block_spec(_cfg(), use_transformer_engine=False)
     off = gpt_decoder_block_spec(_cfg(moe_use_plugin=False), use_transformer_engine=False)
-    assert [s.submodules.mlp.module for s in on.layer_specs] == [PluginMoELayer] * 2
-    assert [s.submodules.mlp.module for s in off.layer_specs] == [MoELayer] * 2
+    assert [module_of(s.submodules.mlp) for s in on.layer_specs] == [PluginMoELayer] * 2
+    assert [module_of(s.submodules.mlp) for s in off.layer_specs] == [MoELayer] * 2
     # moe_layer_freq: dense layers stay dense
     mixed = gpt_decoder_block_spec(_cfg(moe_layer_freq=[0, 1]), use_transformer_engine=False)
-    assert mixed.layer_specs[0].submodules.mlp.module is not PluginMoELayer
-    assert mixed.layer_specs[1].submodules.mlp.module is PluginMoELayer
+    assert module_of(mixed.layer_specs[0].submodules.mlp) is not PluginMoELayer
+    assert module_of(mixed.layer_specs[1].submodules.mlp) is PluginMoELayer
 
 
 def test_cli_flag():

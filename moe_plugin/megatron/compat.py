@@ -64,6 +64,16 @@ def moe_submodules_of(mlp):
     return None
 
 
+def module_of(entry):
+    """The class a spec entry builds: ``ModuleSpec.module``, a ``partial``'s function, or the
+    entry itself."""
+    if isinstance(entry, ModuleSpec):
+        return entry.module
+    if isinstance(entry, functools.partial):
+        return entry.func
+    return entry
+
+
 def layer_entry(cls, submodules, like):
     """The spec entry of ``cls`` in the form of ``like`` (the stock entry it replaces)."""
     if isinstance(like, functools.partial):
