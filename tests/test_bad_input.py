@@ -92,6 +92,25 @@ EXPERTS_CASES = {
                      "backend": "triton"}, TypeError, "hidden_states"),
     "recompute_not_bool": (dict(recompute="yes"), TypeError, "recompute"),
     "deterministic_not_bool": (dict(deterministic=1), TypeError, "deterministic"),
+    # expert biases: b_up [E, 2F|F], b_down [E, D], the weights' dtype and device
+    "b_up_not_tensor": (dict(b_up=[[0.0] * 2 * F] * E), TypeError, "b_up: "),
+    "b_up_1d": (dict(b_up=torch.zeros(2 * F, device=DEVICE)), ValueError, "b_up: "),
+    "b_up_rows": (dict(b_up=torch.zeros(E, F, device=DEVICE)), ValueError, "b_up: "),
+    "b_up_experts": (dict(b_up=torch.zeros(E + 1, 2 * F, device=DEVICE)), ValueError, "b_up: "),
+    "b_up_gated_rows_plain": (dict(activation="gelu_erf", w_up=a0["w_up"][:, :F],
+                                   w_down=a0["w_down"], b_up=torch.zeros(E, 2 * F, device=DEVICE)),
+                              ValueError, "b_up: "),
+    "b_up_fp16": (dict(b_up=torch.zeros(E, 2 * F, device=DEVICE, dtype=torch.float16)),
+                  TypeError, "b_up: "),
+    "b_down_shape": (dict(b_down=torch.zeros(E, D - 1, device=DEVICE)), ValueError, "b_down: "),
+    "b_down_3d": (dict(b_down=torch.zeros(E, D, 1, device=DEVICE)), ValueError, "b_down: "),
+    "b_down_int": (dict(b_down=torch.zeros(E, D, device=DEVICE, dtype=torch.int32)),
+                   TypeError, "b_down: "),
+    "b_up_with_fp8": (dict(b_up=torch.zeros(E, 2 * F, device=DEVICE), quant="fp8_block",
+                           backend="triton"), ValueError, "b_up: "),
+    "b_down_with_fp8_wgrad": (dict(b_down=torch.zeros(E, D, device=DEVICE),
+                                   quant="fp8_block_wgrad", backend="triton"), ValueError,
+                              "b_down: "),
 }
 
 
@@ -143,6 +162,11 @@ MOE_CASES = {
     "ep_group": (dict(ep_group=object()), ValueError, "ep_group"),  # no process group set up
     "triton_fp64": ({**{k: v.double() for k, v in m0.items() if isinstance(v, torch.Tensor)},
                      "backend": "triton"}, TypeError, "hidden_states"),
+    "b_up_shape": (dict(b_up=torch.zeros(E, 2 * F + 2, device=DEVICE)), ValueError, "b_up: "),
+    "b_down_dtype": (dict(b_down=torch.zeros(E, D, device=DEVICE, dtype=torch.float64)),
+                     TypeError, "b_down: "),
+    "b_up_with_fp8": (dict(b_up=torch.zeros(E, 2 * F, device=DEVICE), quant="fp8_block",
+                           backend="triton"), ValueError, "b_up: "),
 }
 
 
@@ -193,9 +217,11 @@ def test_capacity_drop_checks_its_ids(bad):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("arg", ["topk_ids", "topk_weights", "w_up", "w_down"])
+@pytest.mark.parametrize("arg", ["topk_ids", "topk_weights", "w_up", "w_down", "b_up", "b_down"])
 def test_fused_experts_device_mismatch(arg):
     kwargs = _experts_args(device=torch.device("cuda"))
+    kwargs.update(b_up=torch.zeros(E, 2 * F, device="cuda"),
+                  b_down=torch.zeros(E, D, device="cuda"))
     kwargs[arg] = kwargs[arg].cpu()
     with pytest.raises(ValueError, match=arg):
         fused_experts(**kwargs)
