@@ -10,7 +10,8 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.2", "numpy"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
-        "megatron": ["megatron-core==0.16.1", "psutil", "matplotlib"],
+        # megatron-core 0.16.1 (Python >= 3.10) and 0.19.x (Python >= 3.12) are tested
+        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "matplotlib"],
         "bench": ["matplotlib"],
     },
 )
