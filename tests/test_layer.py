@@ -25,7 +25,7 @@ from moe_plugin import MoELayer, reference
 from moe_plugin.config import expert_capacity
 
 PARAM_NAMES = ("w_gate", "w_up", "w_down", "shared_w_up", "shared_w_down", "shared_gate",
-               "latent_down", "latent_up")
+               "latent_down", "latent_up", "b_up", "b_down", "shared_b_up", "shared_b_down")
 AUX_WEIGHT, Z_WEIGHT = 3.0, 2.0
 # MoELayer options that are also arguments of reference.moe_layer
 REF_OPTIONS = set(inspect.signature(reference.moe_layer).parameters) - {"x", "params", "top_k",
@@ -186,6 +186,15 @@ CASES = {
     "latent": ("bsd", 16, 8, 2, dict(latent_dim=16, aux_loss_coeff=0.1), None),
     "jitter": ("bsd", 16, 8, 2, dict(router_jitter=0.2, aux_loss_coeff=0.1, z_loss_coeff=0.01),
                "jitter"),
+    # expert biases (bias=True: Megatron-Core's add_bias_linear) with the exact gelu, Megatron's
+    # default MLP; shared experts get biases too
+    "bias_gelu_erf_shared": ("bsd", 16, 8, 2, dict(activation="gelu_erf", bias=True,
+                                                   num_shared_experts=1, aux_loss_coeff=0.1),
+                             None),
+    "bias_geglu_erf_latent_capacity_recompute": (
+        "nd", 16, 8, 2, dict(activation="geglu_erf", bias=True, latent_dim=24, capacity_factor=0.5,
+                             num_shared_experts=2, shared_ffn_dim=8, recompute=True,
+                             z_loss_coeff=0.01), "drops"),
     # everything at once: bias + groups + capacity + latent + gated shared experts + recompute
     "combined_recompute": ("bsd", 16, 8, 4,
                            dict(score_func="sigmoid", enable_expert_bias=True, num_groups=2,
@@ -259,6 +268,10 @@ def _check_case(case, seed, sizes, dtype, tol, device):
         expected.add("shared_gate")
     if kwargs.get("latent_dim"):
         expected |= {"latent_down", "latent_up"}
+    if kwargs.get("bias"):
+        expected |= {"b_up", "b_down"}
+        if kwargs.get("num_shared_experts"):
+            expected |= {"shared_b_up", "shared_b_down"}
     assert set(grads) == expected
 
 
@@ -534,6 +547,9 @@ CTOR_CASES = {
     "batch_first_int": (dict(batch_first=0), TypeError, "batch_first"),
     "weight_on_input_int": (dict(apply_weight_to_input=1, top_k=1), TypeError,
                             "apply_weight_to_input"),
+    "bias_str": (dict(bias="yes"), TypeError, "bias: expected a bool"),
+    "bias_with_fp8": (dict(bias=True, quant="fp8_block"), ValueError,
+                      "bias: expert biases are not supported"),
 }
 
 
@@ -560,6 +576,28 @@ def test_init_method_and_std():
     layer = MoELayer(64, 32, 8, 2, init_std=0.5, device=DEVICE)
     assert abs(layer.w_up.std().item() - 0.5) < 0.05 and abs(layer.w_up.mean().item()) < 0.05
     assert (MoELayer(16, 8, 4, 2, init_std=0.0, device=DEVICE).w_gate == 0).all()
+
+
+def test_bias_parameters_and_init(seed):
+    """``bias=True``: ``b_up [E, 2F|F]`` / ``b_down [E, D|latent]`` (and the shared experts'
+    ``shared_b_up`` / ``shared_b_down``), expert-sharded like the weights, zero-initialised (as
+    Megatron-Core's) unless ``init_method`` is given; absent without ``bias``."""
+    layer = MoELayer(16, 8, 4, 2, activation="geglu_erf", bias=True, num_shared_experts=1,
+                     latent_dim=12, device=DEVICE)
+    shapes = {"b_up": (4, 16), "b_down": (4, 12), "shared_b_up": (16,), "shared_b_down": (16,)}
+    for name, shape in shapes.items():
+        p = getattr(layer, name)
+        assert isinstance(p, torch.nn.Parameter) and tuple(p.shape) == shape, name
+        assert (p == 0).all(), name
+    assert layer.b_up.moe_expert and layer.b_down.moe_expert
+    assert not getattr(layer.shared_b_up, "moe_expert", False)
+    assert "bias=True" in repr(layer)
+    plain = MoELayer(16, 8, 4, 2, activation="gelu_erf", bias=True, init_method=lambda t: t.fill_(0.5),
+                     device=DEVICE)
+    assert plain.b_up.shape == (4, 8) and (plain.b_up == 0.5).all() and (plain.b_down == 0.5).all()
+    none = MoELayer(16, 8, 4, 2, num_shared_experts=1, device=DEVICE)
+    assert all(getattr(none, n) is None for n in shapes)
+    assert not any("b_" in n for n, _ in none.named_parameters())
 
 
 @pytest.mark.parametrize("case", CTOR_CASES)
@@ -667,27 +705,28 @@ class QwenMoeBlock(nn.Module):
 
 class MegatronMLP(nn.Module):
     """Megatron-Core's MLP: ``linear_fc1`` (gated: output chunked into [gate, up], SwiGLU;
-    else squared ReLU) and ``linear_fc2``."""
+    else squared ReLU; with ``exact_gelu`` ``F.gelu`` instead, Megatron's default
+    ``activation_func``) and ``linear_fc2``, with biases when ``bias`` (``add_bias_linear``)."""
 
-    def __init__(self, d, f, gated):
+    def __init__(self, d, f, gated, bias=False, exact_gelu=False):
         super().__init__()
-        self.gated = gated
-        self.linear_fc1 = nn.Linear(d, 2 * f if gated else f, bias=False)
-        self.linear_fc2 = nn.Linear(f, d, bias=False)
+        self.gated, self.exact_gelu = gated, exact_gelu
+        self.linear_fc1 = nn.Linear(d, 2 * f if gated else f, bias=bias)
+        self.linear_fc2 = nn.Linear(f, d, bias=bias)
 
     def forward(self, x):
         h = self.linear_fc1(x)
         if self.gated:
             g, u = torch.chunk(h, 2, dim=-1)
-            h = F.silu(g) * u
+            h = (F.gelu(g) if self.exact_gelu else F.silu(g)) * u
         else:
-            h = F.relu(h).square()
+            h = F.gelu(h) if self.exact_gelu else F.relu(h).square()
         return self.linear_fc2(h)
 
 
 class MegatronSharedExperts(MegatronMLP):
-    def __init__(self, d, f, gated, gate):
-        super().__init__(d, f, gated)
+    def __init__(self, d, f, gated, gate, **mlp):
+        super().__init__(d, f, gated, **mlp)
         self.gate_weight = nn.Parameter(torch.empty(1, d)) if gate else None
 
     def forward(self, x):
@@ -724,12 +763,13 @@ class MegatronMoEBlock(nn.Module):
     """Megatron-Core's MoELayer with SequentialMLP experts and (gated) shared experts."""
 
     def __init__(self, d, f, e, k, *, gated=True, score_func="softmax", scaling_factor=1.0,
-                 expert_bias=False, shared_f=None, shared_gate=False):
+                 expert_bias=False, shared_f=None, shared_gate=False, **mlp):
         super().__init__()
         self.router = MegatronRouter(d, e, k, score_func, scaling_factor, expert_bias)
         self.experts = nn.Module()
-        self.experts.local_experts = nn.ModuleList(MegatronMLP(d, f, gated) for _ in range(e))
-        self.shared_experts = (MegatronSharedExperts(d, shared_f, gated, shared_gate)
+        self.experts.local_experts = nn.ModuleList(MegatronMLP(d, f, gated, **mlp)
+                                                   for _ in range(e))
+        self.shared_experts = (MegatronSharedExperts(d, shared_f, gated, shared_gate, **mlp)
                                if shared_f else None)
 
     def forward(self, x):
@@ -760,6 +800,15 @@ FORMAT_CASES = {
     "megatron_relu2": ("megatron", "", dict(activation="relu2", num_shared_experts=1),
                        lambda: MegatronMoEBlock(IO_D, IO_F, IO_E, IO_K, gated=False,
                                                 shared_f=IO_F)),
+    # Megatron-Core's default MLP (exact gelu, add_bias_linear): linear_fc1/fc2 biases
+    "megatron_bias_gelu_erf": ("megatron", "decoder.layers.2.mlp.",
+                               dict(activation="gelu_erf", bias=True, num_shared_experts=1),
+                               lambda: MegatronMoEBlock(IO_D, IO_F, IO_E, IO_K, gated=False,
+                                                        shared_f=IO_F, bias=True,
+                                                        exact_gelu=True)),
+    "megatron_bias_geglu_erf": ("megatron", "", dict(activation="geglu_erf", bias=True),
+                                lambda: MegatronMoEBlock(IO_D, IO_F, IO_E, IO_K, bias=True,
+                                                         exact_gelu=True)),
 }
 
 
@@ -854,6 +903,8 @@ def test_weight_interop_strict_and_shapes(seed):
     ("qwen3", dict(activation="gelu"), "non-gated"),
     ("mixtral", dict(num_shared_experts=1), "shared"),
     ("megatron", dict(latent_dim=8), "latent"),
+    ("mixtral", dict(bias=True), "no biases"),
+    ("qwen3", dict(bias=True), "no biases"),
 ])
 def test_weight_interop_incompatible(fmt, kwargs, name):
     layer = MoELayer(IO_D, IO_F, IO_E, IO_K, device=DEVICE, **kwargs)
@@ -882,7 +933,7 @@ def _reset_dynamo():
         rule_map.cache_clear()
 
 
-def _check_compiled(layer, x, gout, tol, backend=None):
+def _check_compiled(layer, x, gout, tol, backend=None, num_grads=9):
     eager_layer = copy.deepcopy(layer)
     _reset_dynamo()
     compiled = (torch.compile(layer, fullgraph=True) if backend is None
@@ -894,7 +945,7 @@ def _check_compiled(layer, x, gout, tol, backend=None):
     assert_close(out_c, out_e, tol, "compiled out")
     for name in ("aux_loss", "z_loss"):
         assert_close(info_c[name], info_e[name], min(tol, 1e-4), f"compiled {name}")
-    assert set(grads_c) == set(grads_e) and len(grads_c) == 9
+    assert set(grads_c) == set(grads_e) and len(grads_c) == num_grads
     for name in grads_e:
         assert_close(grads_c[name], grads_e[name], tol, f"compiled grad {name}")
     # the expert-bias load counter (a buffer mutation) is updated by the compiled call too
@@ -909,6 +960,13 @@ def test_compile_aot_eager_fullgraph(seed):
     layer = make_layer(seed, 32, 16, 8, 2, **COMPILE_KWARGS)
     x, gout = layer_inputs(seed, (2, 12, 32))
     _check_compiled(layer, x, gout, FP32_TOL, backend="aot_eager")
+
+
+def test_compile_aot_eager_fullgraph_with_biases(seed):
+    """The same with expert biases (optional tensor arguments of the custom ops)."""
+    layer = make_layer(seed, 32, 16, 8, 2, activation="geglu_erf", bias=True, **COMPILE_KWARGS)
+    x, gout = layer_inputs(seed, (2, 12, 32))
+    _check_compiled(layer, x, gout, FP32_TOL, backend="aot_eager", num_grads=13)
 
 
 # ----------------------------------------------------------------------------------------------
