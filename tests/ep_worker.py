@@ -40,6 +40,11 @@ CASES = {
     # wgrad in FP8: its operand groups are 128 tokens of one expert; with fewer tokens per
     # expert each group holds all of them on every rank layout, so EP still agrees
     "fp8_wgrad_train": (8, 32, 16, 8, 2, "swiglu", "random", {"quant": "fp8_block_wgrad"}),
+    # expert biases (the local experts' rows of b_up / b_down), Megatron's default exact gelu
+    "bias_gelu_erf": (8, 32, 16, 8, 2, "gelu_erf", "minus_one", {"bias": True}),
+    "bias_geglu_erf_recompute_fixed": (8, 32, 16, 8, 2, "geglu_erf", "subset",
+                                       {"bias": True, "recompute": True,
+                                        "max_tokens_per_rank": 8}),
 }
 
 
@@ -87,21 +92,31 @@ def run_case(name, spec, group, device, dtype):
     def leaf(t):
         return t.to(device, dtype).clone().requires_grad_()
 
+    biases = {}
+    if opts.get("bias"):
+        biases = {"b_up": torch.randn(e, w_up.shape[1], generator=gen) * 0.5,
+                  "b_down": torch.randn(e, d, generator=gen) * 0.5}
+    local_b = {k_: leaf(b[el_sl]) for k_, b in biases.items()}
+    all_b = {k_: leaf(b) for k_, b in biases.items()}
     # expert parallel
     x, wt = leaf(x_all[sl]), leaf(w[sl]).detach().float().requires_grad_()
     wu, wd = leaf(w_up[el_sl]), leaf(w_down[el_sl])
     out, counts, recv, _ = routed_experts(
         x, ids[sl].to(device), wt, wu, wd, act, True, opts.get("recompute", False),
         num_experts=e, ep_group=group, max_tokens_per_rank=opts.get("max_tokens_per_rank"),
-        quant=opts.get("quant"))
+        quant=opts.get("quant"), **local_b)
     (out.float() * g[sl].to(device)).sum().backward()
     # single process, all tokens, all experts
     xa, wta = leaf(x_all), leaf(w).detach().float().requires_grad_()
     wua, wda = leaf(w_up), leaf(w_down)
     ref = moe_plugin.fused_experts(xa, ids.to(device), wta, wua, wda, act,
-                                   quant=opts.get("quant"))
+                                   quant=opts.get("quant"), **all_b)
     (ref.float() * g.to(device)).sum().backward()
-    extra = {}
+    extra = {"d" + k_: rel(b.grad, all_b[k_].grad[el_sl]) for k_, b in local_b.items()}
+    if biases:  # the biases matter ("subset": the experts of the last rank get no token)
+        with torch.no_grad():
+            plain = moe_plugin.fused_experts(xa, ids.to(device), wta, wua, wda, act)
+        extra["biases_matter"] = rel(out, plain[sl]) > 1e-2
     if opts.get("quant"):  # the FP8 path did run: it differs from the unquantised experts
         with torch.no_grad():
             plain = moe_plugin.fused_experts(xa, ids.to(device), wta, wua, wda, act)
@@ -149,16 +164,22 @@ def run_router_case(group, device, dtype):
             "dw_down": rel(wd.grad, wda.grad[el_sl])}
 
 
-def run_layer_case(group, device, dtype):
-    """MoELayer with shared experts (+gate) and a latent projection: a layer sharded with
-    shard_experts() on each rank vs the unsharded layer on all tokens. Replicated parameters'
-    gradients are summed over the ranks; local experts' compared with their slice."""
+def run_layer_case(group, device, dtype, bias=False):
+    """MoELayer with shared experts (+gate) and a latent projection (``bias``: with expert and
+    shared-expert biases and the exact gelu): a layer sharded with shard_experts() on each rank
+    vs the unsharded layer on all tokens. Replicated parameters' gradients are summed over the
+    ranks; local experts' (weights and biases) compared with their slice."""
     rank, ws = dist.get_rank(group), dist.get_world_size(group)
     n, d, f, e, k = 8, 32, 16, 8, 2
     torch.manual_seed(7)
+    extra = dict(bias=True, activation="gelu_erf") if bias else {}
     full = moe_plugin.MoELayer(d, f, e, k, num_shared_experts=1, shared_ffn_dim=8,
                                shared_expert_gate=True, latent_dim=24, init_std=0.2,
-                               dtype=dtype, device=device)
+                               dtype=dtype, device=device, **extra)
+    if bias:  # random biases (they start at zero)
+        with torch.no_grad():
+            for name in ("b_up", "b_down", "shared_b_up", "shared_b_down"):
+                getattr(full, name).normal_(0.0, 0.5)
     gen = torch.Generator().manual_seed(8)
     x_all = torch.randn(ws * n, d, generator=gen).to(device, dtype)
     g = torch.randn(ws * n, d, generator=gen).to(device, dtype)
@@ -175,7 +196,7 @@ def run_layer_case(group, device, dtype):
     el = e // ws
     for name, p in ep.named_parameters():
         pf = dict(full.named_parameters())[name]
-        if name in ("w_up", "w_down"):
+        if name in ("w_up", "w_down", "b_up", "b_down"):
             res["d" + name] = rel(p.grad, pf.grad[rank * el:(rank + 1) * el])
         else:
             gsum = p.grad.float().clone()
@@ -185,18 +206,25 @@ def run_layer_case(group, device, dtype):
                 else rel(gsum, pf.grad)
     res["recv_count_ok"] = bool(info["ep_recv_count"].numel() == el)
     # per-expert export / import under EP: this rank's experts under their global indices
-    plain = moe_plugin.MoELayer(d, f, e, k, dtype=dtype, device=device)
+    plain = moe_plugin.MoELayer(d, f, e, k, dtype=dtype, device=device, **extra)
+    if bias:
+        with torch.no_grad():
+            plain.b_up.normal_()
+            plain.b_down.normal_()
     sd_full = plain.per_expert_state_dict("megatron")
     sharded = copy.deepcopy(plain).shard_experts(group)
     sd = sharded.per_expert_state_dict("megatron")
     res["export_global_keys_ok"] = sorted(sd) == sorted(
         [k_ for k_ in sd_full if "local_experts" not in k_]
-        + [f"experts.local_experts.{rank * el + i}.linear_fc{j}.weight"
-           for i in range(el) for j in (1, 2)])
-    fresh = moe_plugin.MoELayer(d, f, e, k, dtype=dtype, device=device).shard_experts(group)
+        + [f"experts.local_experts.{rank * el + i}.linear_fc{j}.{kind}"
+           for i in range(el) for j in (1, 2)
+           for kind in (("weight", "bias") if bias else ("weight",))])
+    fresh = moe_plugin.MoELayer(d, f, e, k, dtype=dtype, device=device,
+                                **extra).shard_experts(group)
     fresh.load_per_expert_state_dict(sd_full, "megatron")  # strict: other ranks' keys ignored
-    res["import_from_full_ok"] = bool(torch.equal(fresh.w_up, sharded.w_up)
-                                      and torch.equal(fresh.w_down, sharded.w_down))
+    names = ("w_up", "w_down", "b_up", "b_down") if bias else ("w_up", "w_down")
+    res["import_from_full_ok"] = all(torch.equal(getattr(fresh, nm), getattr(sharded, nm))
+                                     for nm in names)
     return res
 
 
@@ -332,16 +360,16 @@ def main():
     results = {}
     quant_cases = ["quant_fp8", "quant_int8", "quant_fp8_fixed"]
     overflow_cases = ["overflow_probs", "overflow_position"]
-    for name in args.cases or (list(CASES) + ["router", "layer", "errors"] + quant_cases
-                               + overflow_cases):
+    for name in args.cases or (list(CASES) + ["router", "layer", "layer_bias", "errors"]
+                               + quant_cases + overflow_cases):
         try:
             if name.startswith("quant_"):
                 results[name] = run_quant_case(group, device, dtype, name.split("_")[1],
                                                name.endswith("_fixed"))
             elif name == "router":
                 results[name] = run_router_case(group, device, dtype)
-            elif name == "layer":
-                results[name] = run_layer_case(group, device, dtype)
+            elif name in ("layer", "layer_bias"):
+                results[name] = run_layer_case(group, device, dtype, name == "layer_bias")
             elif name == "errors":
                 results[name] = run_error_case(group, device, dtype)
             elif name.startswith("overflow_"):

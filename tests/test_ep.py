@@ -13,7 +13,7 @@ import torch
 from conftest import BF16_TOL, FP32_TOL, free_port, worker_env
 
 WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
-GRAD_KEYS = ("out", "dx", "dweights", "dw_up", "dw_down", "dgate")
+GRAD_KEYS = ("out", "dx", "dweights", "dw_up", "dw_down", "dgate", "db_up", "db_down")
 
 
 def _run(nproc, tmp_path, *extra):
