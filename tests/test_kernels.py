@@ -203,7 +203,7 @@ def test_wgrad_accumulates_into_buffer(which, mode, seed, monkeypatch):
         fn(*operands, meta, out=buf[:, :-1])
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+@pytest.mark.parametrize("activation", ["swiglu", "relu2", "geglu_erf", "gelu_erf"])
 def test_split_activation_backward_matches_fused_epilogue(activation, seed, monkeypatch):
     """``expert_up_bwd``: the split form (dh' stored, then ``_act_bwd_kernel``) gives the
     fused epilogue's dpre, hw and routing-weight gradient (fp32: dh' is stored unrounded),
@@ -231,3 +231,49 @@ def test_split_activation_backward_matches_fused_epilogue(activation, seed, monk
     for name, a, b in zip(("dpre", "hw", "dw_perm"), out[True], out[False]):
         assert b.norm() > 0, name
         assert_close(a, b, FP32_TOL, name)
+
+
+def test_bias_gradient_kernels(seed):
+    """``bias_up_grad`` / ``bias_down_grad`` (``_segment_colsum_kernel``): per-expert sums over
+    the expert's rows, weighted for b_down, and the per-slot dots ``dout[t] · b_down[e]``,
+    against plain loops; experts without rows get exactly zero, rows past the routed ones
+    (NaN here) are never read, -1 slots never touched. D spans several column tiles."""
+    from moe_plugin.kernels import grouped_gemm as G
+    n, d, f2, e, k = 30, 70, 36, 6, 2
+    ids = _ids_with_holes(seed, n, e, k, experts=[0, 2, 3, 5])
+    meta = K.permute_metadata(ids.to(DEVICE), e)
+    gen = torch.Generator().manual_seed(seed)
+    valid = int(meta.offsets[-1])
+    dpre = torch.randn(n * k, f2, generator=gen)
+    dpre[valid:] = float("nan")
+    dout = torch.randn(n, d, generator=gen)
+    w = torch.rand(n, k, generator=gen)
+    w.view(-1)[ids.view(-1) < 0] = float("nan")      # the weight of a -1 slot is never read
+    b_down = torch.randn(e, d, generator=gen)
+    db_up = G.bias_up_grad(dpre.to(DEVICE), meta)
+    db_down, dwb = G.bias_down_grad(dout.to(DEVICE), b_down.to(DEVICE), w.to(DEVICE), meta,
+                                    True, True)
+    pos = meta.slot_pos.long().cpu()
+    want_up = torch.zeros(e, f2, dtype=torch.float64)
+    want_down = torch.zeros(e, d, dtype=torch.float64)
+    want_dot = torch.zeros(valid, dtype=torch.float64)
+    for s_, ex in enumerate(ids.view(-1).tolist()):
+        if ex < 0:
+            continue
+        t, p = s_ // k, pos[s_]
+        want_up[ex] += dpre[p].double()
+        want_down[ex] += w.view(-1)[s_].double() * dout[t].double()
+        want_dot[p] = (dout[t].double() * b_down[ex].double()).sum()
+    assert db_up.shape == (e, f2) and db_down.shape == (e, d) and dwb.shape == (n * k,)
+    assert_close(db_up, want_up, FP32_TOL, "db_up")
+    assert_close(db_down, want_down, FP32_TOL, "db_down")
+    assert_close(dwb[:valid], want_dot, FP32_TOL, "dout · b_down")
+    for empty in (1, 4):
+        assert (db_up[empty] == 0).all() and (db_down[empty] == 0).all()
+    # only what is asked for
+    db_only, none = G.bias_down_grad(dout.to(DEVICE), b_down.to(DEVICE), w.to(DEVICE), meta,
+                                     True, False)
+    assert none is None and torch.equal(db_only, db_down)
+    none, dwb_only = G.bias_down_grad(dout.to(DEVICE), b_down.to(DEVICE), w.to(DEVICE), meta,
+                                      False, True)
+    assert none is None and torch.equal(dwb_only[:valid], dwb[:valid])
