@@ -223,7 +223,7 @@ def test_fp8_rows_kernel_in_expert_order():
     assert not got.q[valid:].view(torch.uint8).any()
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "geglu_erf", "gelu_erf"])
 def test_act_quant_pass_equals_fused_gemm1_epilogue(activation):
     """Where GEMM1 runs as the Gluon kernel (Hopper), h comes from a pass over the stored
     pre-activation (``act_quant``); it must give the fused Triton epilogue's h and scales
@@ -375,23 +375,25 @@ def _fp8_train_sim(x, ids, w, w_up, w_down, dout, activation="swiglu", fp8_wgrad
     return out, dx, dw, dwu, dwd
 
 
-@pytest.mark.parametrize("quant,recompute", [("fp8_block", False), ("fp8_block", True),
-                                             ("fp8_block_wgrad", False)])
-def test_fp8_training_matches_simulation_and_bounds(quant, recompute, seed):
+@pytest.mark.parametrize("quant,recompute,activation", [
+    ("fp8_block", False, "swiglu"), ("fp8_block", True, "swiglu"),
+    ("fp8_block_wgrad", False, "swiglu"), ("fp8_block", True, "geglu_erf")])
+def test_fp8_training_matches_simulation_and_bounds(quant, recompute, activation, seed):
     x, ids, w, w_up, w_down = _problem(seed)
     ids[5, 0] = -1
     leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
-    out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], quant=quant,
-                        recompute=recompute)
+    out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], activation,
+                        quant=quant, recompute=recompute)
     grads = torch.autograd.grad(out, leaves, dout)
     sim = _fp8_train_sim(x.float(), ids, w, w_up.float(), w_down.float(), dout.float(),
-                         fp8_wgrad=quant == "fp8_block_wgrad")
+                         activation, fp8_wgrad=quant == "fp8_block_wgrad")
     names = ("out", "dx", "d_topk_weights", "dw_up", "dw_down")
     for name, got, want in zip(names, (out, *grads), sim):
         assert_close(got, want, REQUANT_TOL, f"fp8 training {name} vs simulation")
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, w_up, w_down)]
-    ref = reference.experts(ref_leaves[0], ids, ref_leaves[1], ref_leaves[2], ref_leaves[3])
+    ref = reference.experts(ref_leaves[0], ids, ref_leaves[1], ref_leaves[2], ref_leaves[3],
+                            activation)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     for name, got, want in zip(names, (out, *grads), (ref, *ref_grads)):
         assert_close(got, want, FORMAT_TOL["fp8"], f"fp8 training {name} vs unquantised")
