@@ -143,3 +143,43 @@ def test_bf16_fused_moe_determinism(seed):
             assert_bitwise(info[name], info1[name], name)
         for name in MOE_GRAD_NAMES:
             assert_bitwise(grads[name], grads1[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("activation", ["gelu_erf", "geglu_erf", "swiglu"])
+def test_bf16_fused_experts_biases(activation, seed):
+    """Expert biases in bf16 (added to the fp32 accumulators): output and every gradient, b_up
+    and b_down included; -1 slots and an expert without slots (exactly zero bias gradients);
+    recompute and a second run bitwise equal."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = random_ids(gen, N, E, K)
+    ids[ids == 3] = -1                       # expert 3 gets nothing
+    ids[torch.rand(N, K, generator=gen) < 0.2] = -1
+    inp = expert_inputs(seed, N, D, F, E, K, activation=activation, dtype=torch.bfloat16,
+                        weights_dtype=torch.float32, ids=ids, device=CUDA,
+                        bias=("b_up", "b_down"))
+    (out, grads), _ = check_experts(inp, activation, tol=BF16_TOL)
+    assert grads["b_up"].dtype == torch.bfloat16 and grads["b_down"].dtype == torch.bfloat16
+    assert (grads["b_up"][3] == 0).all() and (grads["b_down"][3] == 0).all()
+    assert (grads["weights"][inp["ids"] == -1] == 0).all()
+    for kwargs in (dict(deterministic=True), dict(recompute=True)):
+        out2, grads2 = run_fused_experts(inp, activation, **kwargs)
+        assert_bitwise(out2, out, f"{kwargs}: out")
+        for name in grads:
+            assert_bitwise(grads2[name], grads[name], f"{kwargs}: grad {name}")
+
+
+@pytest.mark.parametrize("activation", ["gelu_erf", "geglu_erf"])
+def test_fp32_fused_experts_biases_cuda(activation, seed):
+    inp = expert_inputs(seed, N, D, F, E, K, activation=activation, device=CUDA,
+                        bias=("b_up", "b_down"))
+    check_experts(inp, activation, tol=FP32_TOL)
+
+
+@pytest.mark.parametrize("case", ["softmax_renorm", "recompute", "capacity_probs"])
+def test_bf16_fused_moe_gelu_erf_biases(case, seed):
+    """Megatron-Core's default MoE MLP (exact gelu, biases in both GEMMs) through fused_moe:
+    the gate's gradient includes the b_down term of the routing weights' gradient."""
+    kwargs = _moe_kwargs(case, seed, E)
+    inp = moe_inputs(seed, N, D, F, E, activation="gelu_erf", dtype=torch.bfloat16,
+                     gate_scale=2.0, device=CUDA, bias=("b_up", "b_down"))
+    check_moe(inp, K, tol=BF16_TOL, activation="gelu_erf", **kwargs)
