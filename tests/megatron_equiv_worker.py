@@ -26,6 +26,7 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias  # noqa
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.activations import quick_gelu  # noqa: E402
 
 from moe_plugin.megatron import MoEPluginConfig, PluginMoELayer, gpt_decoder_block_spec  # noqa
 
@@ -39,6 +40,14 @@ CASES = {
     "pre_softmax": dict(moe_router_pre_softmax=True),
     "seq_aux": dict(moe_router_load_balancing_type="seq_aux_loss"),
     "capacity_probs": dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"),
+    # Megatron-Core's default MoE MLP: exact gelu, not gated, biases (experts and router)
+    "default_gelu_bias": dict(gated_linear_unit=False, activation_func=torch.nn.functional.gelu,
+                              add_bias_linear=True),
+    # gpt-oss: quick_gelu's clamped GLU (moe_plugin's swiglu_oai) with biases
+    "gpt_oss_bias": dict(activation_func=quick_gelu, activation_func_clamp_value=7.0,
+                         glu_linear_offset=1.0, add_bias_linear=True),
+    # stock's random logits and input jitter (the same RNG streams, re-seeded per model)
+    "force_lb_jitter": dict(moe_router_force_load_balancing=True, moe_input_jitter_eps=0.1),
 }
 # options set on the plugin model only (stock Megatron-Core cannot run them here)
 PLUGIN_ONLY = {
@@ -76,6 +85,12 @@ def run_case(name, extra, ep, device, dtype, plugin_extra=None):
     res = {"plugin_layers": all(isinstance(l.mlp, PluginMoELayer) for l in plug.decoder.layers),
            "stock_layers": not any(isinstance(l.mlp, PluginMoELayer)
                                    for l in stock.decoder.layers)}
+    if cfg_s.add_bias_linear:  # zero at init: make them matter (experts, router, the rest)
+        gb = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for n_, p_ in stock.named_parameters():
+                if n_.endswith(".bias"):
+                    p_.copy_(0.1 * torch.randn(p_.shape, generator=gb))
     res["load_stock_strict"] = str(plug.load_state_dict(stock.state_dict(), strict=True))
     res["load_stock_strict"] = res["load_stock_strict"] == "<All keys matched successfully>"
     if cfg_s.moe_router_enable_expert_bias:  # a non-zero bias, the same in both models
@@ -88,23 +103,46 @@ def run_case(name, extra, ep, device, dtype, plugin_extra=None):
     pos = torch.arange(SEQ, device=device).expand(2, SEQ)
     labels = torch.randint(0, VOCAB, (2, SEQ), generator=g).to(device)
     mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool, device=device), 1)[None, None]
-    losses = []
-    for m in (stock, plug):
+    # Stock's SequentialMLP with biases fails in training on megatron-core 0.16.1 and 0.19.2
+    # (mlp.py adds the fc2 bias in place into the output of a custom Function that returned
+    # its input: "a view ... is being modified inplace"): there stock gives the loss (no grad)
+    # and the gradients are checked against the plugin layer on its plain-PyTorch backend.
+    stock_grads = not cfg_s.add_bias_linear
+
+    def run(m):
         m.train()
-        loss = m(tok, pos, mask, labels=labels).float().mean()
-        loss.backward()
-        losses.append(loss)
+        torch.manual_seed(4321 + rank)  # the same jitter / random logits for every model
+        model_parallel_cuda_manual_seed(4321)
+        with torch.enable_grad() if (m is not stock or stock_grads) else torch.no_grad():
+            loss = m(tok, pos, mask, labels=labels).float().mean()
+            if loss.requires_grad:
+                loss.backward()
+        return loss
+
+    losses = [run(stock), run(plug)]
     res["loss"] = rel(losses[1], losses[0])
+    grad_ref = None
+    if not stock_grads:
+        _, grad_ref = build(True, {**extra, **(plugin_extra or {})}, ep, device, dtype)
+        grad_ref.load_state_dict(plug.state_dict(), strict=True)
+        for layer in grad_ref.decoder.layers:
+            layer.mlp.opts.backend = "torch"
+        res["loss_torch_backend"] = rel(run(grad_ref), losses[0])
     if "moe_expert_capacity_factor" in extra:  # the case really drops slots
         res["dropped_some"] = any(bool((l.mlp.last_info["topk_ids"] < 0).any())
                                   for l in plug.decoder.layers)
     gs = dict(stock.named_parameters())
     worst, worst_name = 0.0, ""
+    stacked = {"w_up": ("linear_fc1", "weight"), "w_down": ("linear_fc2", "weight"),
+               "b_up": ("linear_fc1", "bias"), "b_down": ("linear_fc2", "bias")}
+    ref_params = dict(grad_ref.named_parameters()) if grad_ref is not None else None
     for n, p in plug.named_parameters():
-        if n.endswith("experts.w_up") or n.endswith("experts.w_down"):
+        if ref_params is not None:
+            ref = ref_params[n].grad
+        elif ".experts." in n and n.rsplit(".", 1)[-1] in stacked:
             layer = int(n.split(".")[2])
-            fc = "linear_fc1" if n.endswith("w_up") else "linear_fc2"
-            ref = torch.stack([getattr(e, fc).weight.grad for e in
+            fc, kind = stacked[n.rsplit(".", 1)[-1]]
+            ref = torch.stack([getattr(getattr(e, fc), kind).grad for e in
                                stock.decoder.layers[layer].mlp.experts.local_experts])
         else:
             ref = gs[n].grad
@@ -214,6 +252,9 @@ def main():
             results["checkpoint"] = {"error": repr(ex)[:500],
                                      "trace": traceback.format_exc()[-2000:]}
     for name in args.cases:
+        if args.ep > 1 and CASES.get(name, {}).get("add_bias_linear"):
+            continue  # the gradient reference (the plugin's torch backend) runs without EP;
+            # biases under EP: tests/ep_worker.py against one process
         try:
             if name in PLUGIN_ONLY:
                 results[name] = run_case(name, {}, args.ep, device, dtype, PLUGIN_ONLY[name])

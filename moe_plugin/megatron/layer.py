@@ -42,6 +42,7 @@ from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from ..autograd.experts import ACCUMULATE_WGRAD_ATTR
+from ..config import ACTIVATIONS
 from ..layer import moe_forward
 from . import compat
 from .options import LiveOptions, params_dtype
@@ -53,23 +54,34 @@ def _device(config):
     return torch.device("cpu")
 
 
+# (stacked parameter, SequentialMLP's linear layer, its parameter)
+_STACKED = (("w_up", "linear_fc1", "weight"), ("w_down", "linear_fc2", "weight"),
+            ("b_up", "linear_fc1", "bias"), ("b_down", "linear_fc2", "bias"))
+
+
 class _Experts(MegatronModule):
     def __init__(self, config, opts, num_local: int, ep_group):
         super().__init__(config)
         dev = _device(config)
         d, f = config.hidden_size, opts.ffn_dim
-        gated = opts.activation in ("swiglu", "geglu", "swiglu_oai")
+        gated = ACTIVATIONS[opts.activation][1]
         dt = params_dtype(config)
         self.w_up = nn.Parameter(torch.empty(num_local, 2 * f if gated else f, d, dtype=dt,
                                              device=dev))
         self.w_down = nn.Parameter(torch.empty(num_local, d, f, dtype=dt, device=dev))
+        if config.add_bias_linear:  # zero-initialised, as Megatron's linear layers
+            self.b_up = nn.Parameter(torch.zeros(num_local, self.w_up.shape[1], dtype=dt,
+                                                 device=dev))
+            self.b_down = nn.Parameter(torch.zeros(num_local, d, dtype=dt, device=dev))
+        else:
+            self.b_up = self.b_down = None
         if config.perform_initialization:
             with torch.no_grad():
                 for e in range(num_local):
                     config.init_method(self.w_up.data[e])
                     config.output_layer_init_method(self.w_down.data[e])
         ep_size = ep_group.size() if ep_group is not None else 1
-        for p in (self.w_up, self.w_down):
+        for p in self.stacked().values():
             p.moe_expert = True
             # gradient-accumulation fusion into Megatron DDP's main_grad (autograd/experts.py)
             setattr(p, ACCUMULATE_WGRAD_ATTR,
@@ -80,6 +92,11 @@ class _Experts(MegatronModule):
         self.num_local = num_local
         self._register_state_dict_hook(_to_sequential_mlp_keys)
         self._register_load_state_dict_pre_hook(_from_sequential_mlp_keys)
+
+    def stacked(self) -> dict:
+        """``{name: parameter}`` of the stacked expert parameters this layer has."""
+        return {name: getattr(self, name) for name, _, _ in _STACKED
+                if getattr(self, name) is not None}
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Same checkpoint keys and global shapes as Megatron's SequentialMLP:
@@ -94,13 +111,17 @@ class _Experts(MegatronModule):
         dp_rank = parallel_state.get_expert_data_parallel_rank()
         n = len(sharded_offsets)
         out = {}
-        for local, fc, param in (("w_up", "linear_fc1", self.w_up),
-                                 ("w_down", "linear_fc2", self.w_down)):
+        for local, fc, kind in _STACKED:
+            param = getattr(self, local)
+            if param is None:
+                continue
             # dict key: this module's own state-dict key; checkpoint key: SequentialMLP's
             # (its prefix is "<...>.experts." and it shards under "<...>.experts.experts.")
             out[f"{prefix}{local}"] = ShardedTensor.from_rank_offsets(
-                f"{prefix}experts.{fc}.weight", param, *sharded_offsets,
+                f"{prefix}experts.{fc}.{kind}", param, *sharded_offsets,
                 (n, ep_rank, ep_size), replica_id=(0, 0, dp_rank), prepend_axis_num=n)
+            if kind != "weight":
+                continue
             # the (empty) per-expert extra state SequentialMLP's linear layers checkpoint
             for i in range(self.num_local):
                 offsets = (*sharded_offsets, (n, ep_rank * self.num_local + i,
@@ -115,10 +136,12 @@ class _Experts(MegatronModule):
 def _to_sequential_mlp_keys(module, state_dict, prefix, local_metadata):
     """state_dict hook: stacked experts -> SequentialMLP's per-expert keys (local indices),
     with the (empty) ``_extra_state`` entries its linear layers write."""
-    for stacked, fc in (("w_up", "linear_fc1"), ("w_down", "linear_fc2")):
+    for stacked, fc, kind in _STACKED:
+        if prefix + stacked not in state_dict:
+            continue
         t = state_dict.pop(prefix + stacked)
         for i in range(t.shape[0]):
-            state_dict[f"{prefix}local_experts.{i}.{fc}.weight"] = t[i]
+            state_dict[f"{prefix}local_experts.{i}.{fc}.{kind}"] = t[i]
             state_dict[f"{prefix}local_experts.{i}.{fc}._extra_state"] = None
     return state_dict
 
@@ -126,7 +149,8 @@ def _to_sequential_mlp_keys(module, state_dict, prefix, local_metadata):
 def _from_sequential_mlp_keys(state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
     """load pre-hook: SequentialMLP's per-expert keys -> stacked experts."""
-    for stacked, name in (("w_up", "linear_fc1.weight"), ("w_down", "linear_fc2.weight")):
+    for stacked, fc, kind in _STACKED:
+        name = f"{fc}.{kind}"
         keys = []
         i = 0
         while f"{prefix}local_experts.{i}.{name}" in state_dict:
@@ -253,6 +277,7 @@ class PluginMoELayer(_MCoreMoELayer):
         router_input = router.apply_input_jitter(x)  # (stock jitters in eval mode too)
         out, info = moe_forward(
             opts, x, w_gate=router.weight, w_up=self.experts.w_up, w_down=self.experts.w_down,
+            b_up=self.experts.b_up, b_down=self.experts.b_down,
             expert_bias=getattr(router, "expert_bias", None),
             shared_fn=self._shared_fn(opts),
             load_counter=getattr(router, "local_tokens_per_expert", None),

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import (TRAIN_QUANTS, check_positive_int, check_router_jitter,
-                      check_routing_args)
+from ..config import (SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT, TRAIN_QUANTS, check_positive_int,
+                      check_router_jitter, check_routing_args)
 
 
 class UnsupportedConfigError(ValueError):
@@ -54,21 +54,35 @@ def _check_like_fused_moe(config, opts: "PluginOptions") -> None:
 
 
 def _activation_name(config) -> str:
+    """moe_plugin's activation for ``activation_func`` / ``gated_linear_unit`` (and the clamped
+    GLU fields ``activation_func_clamp_value`` / ``glu_linear_offset``)."""
     fn = config.activation_func
     gated = bool(config.gated_linear_unit)
     name = getattr(fn, "__name__", "")
+    clamp = getattr(config, "activation_func_clamp_value", None)
+    offset = getattr(config, "glu_linear_offset", 0.0) or 0.0
+    if name == "quick_gelu" and gated and clamp == SWIGLU_OAI_LIMIT \
+            and offset == SWIGLU_OAI_BETA:
+        return "swiglu_oai"  # gpt-oss: quick_gelu(min(g, 7)) * (clamp(u, -7, 7) + 1)
+    if clamp is not None:
+        _fail("activation_func_clamp_value", clamp, f"supported only as gpt-oss's clamped GLU "
+              f"(quick_gelu, gated, clamp {SWIGLU_OAI_LIMIT}, glu_linear_offset "
+              f"{SWIGLU_OAI_BETA}: moe_plugin's swiglu_oai)")
+    if offset:
+        _fail("glu_linear_offset", offset, f"supported only as gpt-oss's clamped GLU "
+              f"(quick_gelu, activation_func_clamp_value {SWIGLU_OAI_LIMIT}, offset "
+              f"{SWIGLU_OAI_BETA})")
     if fn is F.silu or name == "silu":
         return "swiglu" if gated else "silu"
     if name in ("openai_gelu", "fast_gelu"):  # the tanh approximation, as moe_plugin's gelu
         return "geglu" if gated else "gelu"
-    if fn is F.gelu or name == "gelu":
-        _fail("activation_func", name, "exact-erf gelu is not provided; moe_plugin's gelu and "
-              "geglu use the tanh approximation (megatron.core.fusions/activations "
-              "openai_gelu or fast_gelu), or use silu")
+    if fn is F.gelu or name == "gelu":  # exact (erf), Megatron-Core's default
+        return "geglu_erf" if gated else "gelu_erf"
     if name == "squared_relu" and not gated:
         return "relu2"
-    _fail("activation_func", name or fn, "supported: silu (gated or not), openai_gelu / "
-          "fast_gelu (gated or not), squared_relu (non-gated)")
+    _fail("activation_func", name or fn, "supported: silu (gated or not), gelu (exact; gated "
+          "or not), openai_gelu / fast_gelu (tanh; gated or not), squared_relu (non-gated), "
+          "quick_gelu as gpt-oss's clamped GLU")
 
 
 @dataclass(frozen=True)
@@ -250,14 +264,7 @@ def plugin_options(config) -> PluginOptions:
             _fail(field, v, "moe_plugin's Megatron layer supports only 1 (expert parallelism "
                   "via expert_model_parallel_size is supported)")
     _reject_unsupported(config)
-    if config.add_bias_linear:
-        _fail("add_bias_linear", True, "experts with biases are not supported")
     act = _activation_name(config)
-    if getattr(config, "activation_func_clamp_value", None) is not None:
-        _fail("activation_func_clamp_value", config.activation_func_clamp_value,
-              "not supported")
-    if getattr(config, "glu_linear_offset", 0.0):
-        _fail("glu_linear_offset", config.glu_linear_offset, "not supported")
     score = config.moe_router_score_function
     if score not in ("softmax", "sigmoid"):
         _fail("moe_router_score_function", score, "supported: softmax, sigmoid")
@@ -298,6 +305,9 @@ def plugin_options(config) -> PluginOptions:
     if getattr(config, "moe_apply_probs_on_input", False) and k != 1:
         _fail("moe_apply_probs_on_input", True, "needs moe_router_topk=1")
     quant = _quant_mode(config)
+    if quant is not None and config.add_bias_linear:
+        _fail("add_bias_linear", True, f"expert biases run unquantised; moe_plugin's FP8 "
+              f"experts ({quant}) have none")
     modules = set(config.recompute_modules or ()) \
         if config.recompute_granularity == "selective" else set()
     if getattr(config, "moe_layer_recompute", False):  # Megatron's deprecated spelling
