@@ -17,8 +17,9 @@ Forward of ``EPExpertsFunction`` (routing given, global expert ids):
    from the token rows.
 3. **Experts**: the receiver runs the fused expert kernels directly on the received buffer
    (strided views, no unpacking copy), with k = 1 and the routing weight applied on the expert
-   side; the grouped GEMM gathers rows per local expert by index while loading, so there is
-   no second pass over the data.
+   side (to the expert output including its ``b_down`` bias, when the experts have biases); the
+   grouped GEMM gathers rows per local expert by index while loading, so there is no second
+   pass over the data.
 4. **Combine**: the reverse exchange of the weighted expert outputs, then a k-way sum in
    token order (deterministic, no atomics).
 

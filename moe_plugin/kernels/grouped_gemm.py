@@ -9,11 +9,12 @@ so no permuted copy of the input is made. Tiles are (expert, row-tile) × column
 items; each program finds its expert from the device-side counts (no host synchronisation:
 the grid is sized for the worst case and idle programs exit). Epilogues:
 
-* ``EPI_STORE``: ``C = acc``.
+* ``EPI_STORE``: ``C = acc`` (``HAS_BIAS``: ``+ bias[e, n]``, GEMM2's expert bias).
 * ``EPI_ACT_FWD``: GEMM1 + activation. Gated: two accumulators, gate columns ``n`` and up
-  columns ``F + n`` of ``W_up[e]``. Stores the pre-activation (rounded to the storage dtype)
-  when ``STORE_PRE`` and ``h = act(pre)`` (computed from the rounded pre-activation, exactly as
-  the backward recomputes it) when ``STORE_H``.
+  columns ``F + n`` of ``W_up[e]``. ``HAS_BIAS``: ``bias[e, n]`` (and ``bias[e, F + n]``) is
+  added to the fp32 accumulators first. Stores the pre-activation (rounded to the storage
+  dtype) when ``STORE_PRE`` and ``h = act(pre)`` (computed from the rounded pre-activation,
+  exactly as the backward recomputes it) when ``STORE_H``.
 * ``EPI_ACT_BWD`` (the fused form; by default ``expert_up_bwd`` stores dh' with ``EPI_STORE``
   and runs the same tile math, ``_act_bwd_tile``, in ``_act_bwd_kernel``; the FP8 dh' GEMM on
   Hopper runs that pass in its Gluon epilogue, ``gluon_fp8.grouped_mm_act_bwd``):
@@ -30,6 +31,11 @@ get zeros. ``ACCUM``: ``C[e] += ...`` instead (gradient-accumulation fusion into
 buffer such as Megatron's fp32 ``main_grad``: the fp32 sum is added without rounding to the
 weights' dtype first), by atomic adds (1; one per element, so still deterministic) or a
 read-modify-write (2).
+
+``_segment_colsum_kernel`` (expert-bias gradients, ``bias_up_grad`` / ``bias_down_grad``):
+``C[e, n] = Σ_{p in segment e} w_p · A[row(p), n]`` per (expert, column tile), looping over the
+expert's rows, optionally with the per-row dots ``A[row(p)] · bias[e]`` (the bias part of the
+routing-weight gradient) as partials per column tile.
 
 Every output element is computed by exactly one program in a fixed order: results are
 bitwise reproducible for a given configuration.
