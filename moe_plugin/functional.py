@@ -235,9 +235,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
 
     ``hidden_states [N, D]``, ``gate_weight [E, D]``, ``w_up``/``w_down`` and the optional
     expert biases ``b_up [E, 2F|F]`` / ``b_down [E, D]`` as in ``fused_experts`` (under expert
-    parallelism: this rank's E/P experts' slices, like the weights). Routing semantics (scores, expert bias for selection only, group-limited
-    top-k, renormalisation, scaling, capacity dropping and its ``drop_policy``, the losses) are
-    those of ``moe_plugin.reference`` (module docstring).
+    parallelism: this rank's E/P experts' slices, like the weights). Routing semantics
+    (scores, expert bias for selection only, group-limited top-k, renormalisation, scaling,
+    capacity dropping and its ``drop_policy``, the losses) are those of ``moe_plugin.reference``
+    (module docstring).
 
     Expert parallelism: with ``ep_group`` (P ranks), ``w_up``/``w_down`` are this rank's
     E/P experts (rank r holds [r·E/P, (r+1)·E/P)), ``gate_weight`` is the full [E, D] and

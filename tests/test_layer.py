@@ -592,8 +592,8 @@ def test_bias_parameters_and_init(seed):
     assert layer.b_up.moe_expert and layer.b_down.moe_expert
     assert not getattr(layer.shared_b_up, "moe_expert", False)
     assert "bias=True" in repr(layer)
-    plain = MoELayer(16, 8, 4, 2, activation="gelu_erf", bias=True, init_method=lambda t: t.fill_(0.5),
-                     device=DEVICE)
+    plain = MoELayer(16, 8, 4, 2, activation="gelu_erf", bias=True,
+                     init_method=lambda t: t.fill_(0.5), device=DEVICE)
     assert plain.b_up.shape == (4, 8) and (plain.b_up == 0.5).all() and (plain.b_down == 0.5).all()
     none = MoELayer(16, 8, 4, 2, num_shared_experts=1, device=DEVICE)
     assert all(getattr(none, n) is None for n in shapes)

@@ -331,6 +331,7 @@ def test_experts_with_biases_gradcheck(activation, seed):
         rnd(e, d)
     w = torch.rand(n, 2, generator=gen, dtype=torch.float64).requires_grad_()
     ids = torch.tensor([[0, 2], [1, -1], [2, 0], [-1, -1], [0, 0]])   # -1 slots, a token without
-    fn = lambda *a: reference.experts(a[0], ids, a[1], a[2], a[3], activation, a[4], a[5])  # noqa: E731
+    def fn(x_, w_, u_, d_, bu_, bd_):
+        return reference.experts(x_, ids, w_, u_, d_, activation, bu_, bd_)
     assert torch.autograd.gradcheck(fn, (x, w, w_up, w_down, b_up, b_down))
     assert (fn(x, w, w_up, w_down, b_up, b_down)[3] == 0).all()

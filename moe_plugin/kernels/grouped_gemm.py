@@ -810,7 +810,8 @@ def bias_down_grad(dout, b_down, topk_weights, meta: PermuteMeta, need_db: bool,
         db = (torch.zeros if S == 0 else torch.empty)(E, d, dtype=b_down.dtype,
                                                       device=b_down.device)
     if need_dot:
-        dwb = torch.empty(triton.cdiv(d, _colsum_block()[1]), S, dtype=torch.float32, device=dout.device)
+        dwb = torch.empty(triton.cdiv(d, _colsum_block()[1]), S, dtype=torch.float32,
+                          device=dout.device)
     if S and (need_db or need_dot):
         assert dout.stride(1) == 1
         if b_down.stride(-1) != 1:
