@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer as _MCoreMoELayer
@@ -258,8 +258,7 @@ class PluginMoELayer(_MCoreMoELayer):
         if not opts.shared_ffn_dim:
             return None
         if opts.recompute_shared and self.training and torch.is_grad_enabled():
-            return lambda h: torch.utils.checkpoint.checkpoint(self.shared_experts, h,
-                                                               use_reentrant=False)
+            return lambda h: tensor_parallel.checkpoint(self.shared_experts, False, h)
         return self.shared_experts
 
     def _forward(self, hidden_states, padding_mask=None):
@@ -304,8 +303,9 @@ class PluginMoELayer(_MCoreMoELayer):
                              "CUDA-graph capture of the MoE layer); use cuda_graph_modules "
                              "without moe_router / moe_preprocess")
         if self.opts.recompute_layer and self.training and torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(self._forward, hidden_states, padding_mask,
-                                                    use_reentrant=False)
+            # stock's checkpoint: its first pass runs without grad (no losses attached or
+            # logged), the recomputation in backward attaches and logs them, as stock's
+            out = tensor_parallel.checkpoint(self._forward, False, hidden_states, padding_mask)
         else:
             out = self._forward(hidden_states, padding_mask)
         return out, None

@@ -87,65 +87,97 @@ def _activation_name(config) -> str:
 
 @dataclass(frozen=True)
 class Option:
-    """One Megatron-Core MoE option and what moe_plugin's layer does with it.
+    """One Megatron-Core option of an MoE layer and what moe_plugin's layer does with it.
 
-    ``status``: ``"honoured"`` (same results as stock; ``note`` says which values, if not
-    all), ``"no effect"`` (how stock computes, not what: moe_plugin's own kernels and
-    exchange replace that machinery, results are the same with any value) or ``"rejected"``
-    (any value but the default raises ``UnsupportedConfigError`` at build time).
-    ``example``: a value other than the default, for the tests; ``since``: the first
-    megatron-core version that has the field."""
+    ``status``: ``"honoured"`` (stock's results; ``note`` says which values, if not all),
+    ``"no effect"`` (how stock computes, not what: moe_plugin's kernels and exchange replace
+    that machinery; any value gives the same results) or ``"rejected"`` (a value other than
+    the default raises ``UnsupportedConfigError`` naming the field at build time).
+    ``example``: for the tests (``tests/test_megatron_options.py``) -- honoured: the config
+    fields of a scenario run against stock (None: checked elsewhere, ``note`` says where);
+    otherwise a value other than the default. ``since``: the first megatron-core version with
+    the field. ``generic``: rejected by comparing with the dataclass default (else by its own
+    check in ``plugin_options``)."""
     field: str
     status: str
-    note: str
+    note: str = ""
     example: object = None
     since: tuple = (0, 16)
+    generic: bool = True
 
 
 _PERF = "moe_plugin's fused kernels replace stock's implementation choice"
+_SHARED = dict(moe_shared_expert_intermediate_size=16)
 OPTIONS = (
-    Option("num_moe_experts", "honoured", "", 8),
-    Option("moe_ffn_hidden_size", "honoured", "", 16),
-    Option("moe_router_topk", "honoured", "at most num_moe_experts", 1),
+    Option("num_moe_experts", "honoured", "", dict(num_moe_experts=8)),
+    Option("moe_ffn_hidden_size", "honoured", "", dict(moe_ffn_hidden_size=16)),
+    Option("moe_router_topk", "honoured", "at most num_moe_experts",
+           dict(moe_router_topk=3)),
     Option("moe_router_score_function", "honoured",
-           "softmax, sigmoid (0.19's sqrtsoftplus is rejected)", "sigmoid"),
-    Option("moe_router_pre_softmax", "honoured", "", True),
+           "softmax, sigmoid; 0.19's sqrtsoftplus is rejected",
+           dict(moe_router_score_function="sigmoid")),
+    Option("moe_router_pre_softmax", "honoured", "", dict(moe_router_pre_softmax=True)),
     Option("moe_router_num_groups", "honoured",
-           "with moe_router_group_topk; with softmax only when moe_router_pre_softmax", None),
-    Option("moe_router_group_topk", "honoured", "with moe_router_num_groups", None),
-    Option("moe_router_topk_scaling_factor", "honoured", "", 2.0),
-    Option("moe_router_enable_expert_bias", "honoured", "with sigmoid scores (as stock)", None),
+           "with softmax scores only together with moe_router_pre_softmax",
+           dict(moe_router_num_groups=2, moe_router_group_topk=1,
+                moe_router_score_function="sigmoid")),
+    Option("moe_router_group_topk", "honoured", "",
+           dict(moe_router_num_groups=2, moe_router_group_topk=2,
+                moe_router_pre_softmax=True)),
+    Option("moe_router_topk_scaling_factor", "honoured", "",
+           dict(moe_router_topk_scaling_factor=2.0)),
+    Option("moe_router_enable_expert_bias", "honoured", "with sigmoid scores (as stock)",
+           dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")),
     Option("moe_router_bias_update_rate", "honoured",
-           "stock's finalize_model_grads updates router.expert_bias", 0.01),
+           "stock's finalize_model_grads updates router.expert_bias",
+           dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
+                moe_router_bias_update_rate=0.01)),
     Option("moe_router_load_balancing_type", "honoured",
-           "aux_loss, seq_aux_loss, none (one at a time); sinkhorn, global_aux_loss and "
-           "0.19's quantile_balancing are rejected", "seq_aux_loss"),
-    Option("moe_aux_loss_coeff", "honoured", "read at every forward, as stock", 0.1),
-    Option("moe_z_loss_coeff", "honoured", "read at every forward, as stock", 0.01),
-    Option("moe_input_jitter_eps", "honoured", "stock's router applies the jitter", 0.1),
+           "aux_loss, seq_aux_loss, none, one at a time; sinkhorn, global_aux_loss and "
+           "0.19's quantile_balancing are rejected",
+           dict(moe_router_load_balancing_type="seq_aux_loss")),
+    Option("moe_aux_loss_coeff", "honoured", "read at every forward, as stock",
+           dict(moe_aux_loss_coeff=0.1)),
+    Option("moe_z_loss_coeff", "honoured", "read at every forward, as stock",
+           dict(moe_z_loss_coeff=0.01)),
+    Option("moe_input_jitter_eps", "honoured", "stock's router applies the jitter",
+           dict(moe_input_jitter_eps=0.1)),
     Option("moe_router_dtype", "honoured",
-           "None and 'fp32': the router always runs in fp32; 'fp64' is rejected", "fp32"),
+           "None and fp32: the router always runs in fp32; fp64 is rejected",
+           dict(moe_router_dtype="fp32")),
     Option("moe_router_force_load_balancing", "honoured",
-           "stock's random logits, straight-through", True),
-    Option("moe_router_force_biased", "honoured", "stock's shared random logit bias", 0.5,
-           since=(0, 17)),
-    Option("moe_expert_capacity_factor", "honoured", "", 1.0),
+           "stock's random logits (straight-through)",
+           dict(moe_router_force_load_balancing=True)),
+    Option("moe_router_force_biased", "honoured", "stock's shared random logit bias",
+           dict(moe_router_force_biased=0.5), since=(0, 17)),
+    Option("moe_expert_capacity_factor", "honoured", "",
+           dict(moe_expert_capacity_factor=1.0)),
     Option("moe_token_drop_policy", "honoured",
-           "probs; position keeps each expert's first slots in token order", "position"),
+           "probs; position keeps each expert's first slots in token order (stock's choice "
+           "among equal 0/1 entries is not defined, so it may keep others)",
+           dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs")),
     Option("moe_pad_expert_input_to_capacity", "rejected",
            "dropped slots are skipped, not padded", True),
-    Option("moe_shared_expert_intermediate_size", "honoured",
-           "stock's SharedExpertMLP", 16),
-    Option("moe_shared_expert_gate", "honoured", "", True),
+    Option("moe_shared_expert_intermediate_size", "honoured", "stock's SharedExpertMLP",
+           dict(_SHARED)),
+    Option("moe_shared_expert_gate", "honoured", "",
+           dict(_SHARED, moe_shared_expert_gate=True)),
     Option("moe_shared_expert_overlap", "honoured",
-           "the shared experts run on a side CUDA stream", True),
+           "the shared experts run on a side CUDA stream (GPU-only in stock: checked on "
+           "the GPU machine by the end-to-end job)", None),
     Option("moe_shared_expert_glu_interleave_size", "honoured",
            "the shared experts are stock's module", None, since=(0, 17)),
-    Option("moe_apply_probs_on_input", "honoured", "top-1 only (as stock)", None),
-    Option("moe_layer_freq", "honoured", "the spec replaces the MoE layers only", [0, 1]),
+    Option("moe_apply_probs_on_input", "honoured", "top-1 only (as stock)",
+           dict(moe_apply_probs_on_input=True, moe_router_topk=1, moe_router_pre_softmax=True)),
+    Option("moe_layer_freq", "honoured",
+           "the spec replaces the MoE layers only (test_flag_selects_the_spec)", None),
+    Option("moe_per_layer_logging", "honoured", "the losses go to stock's tracker",
+           dict(moe_per_layer_logging=True)),
+    Option("moe_grad_scale_func", "honoured", "read by stock's pipeline schedules", None,
+           since=(0, 17)),
     Option("moe_layer_recompute", "honoured",
-           "deprecated by Megatron: recompute_modules=['moe']", True),
-    Option("moe_per_layer_logging", "honoured", "the losses go to stock's tracker", True),
+           "Megatron's deprecated spelling of recompute_modules=['moe']",
+           dict(moe_layer_recompute=True)),
     Option("moe_latent_size", "rejected", "not in the Megatron adapter yet", 8),
     Option("moe_router_topk_limited_devices", "rejected", "device-limited routing", 1),
     Option("moe_enable_routing_replay", "rejected", "routing replay", True),
@@ -153,8 +185,8 @@ OPTIONS = (
            since=(0, 17)),
     Option("moe_expert_rank_capacity_factor", "rejected",
            "per-rank capacity of stock's dispatchers", 1.5, since=(0, 17)),
-    Option("moe_mlp_glu_interleave_size", "rejected",
-           "block-interleaved gate/up rows", 32, since=(0, 17)),
+    Option("moe_mlp_glu_interleave_size", "rejected", "block-interleaved gate/up rows", 32,
+           since=(0, 17)),
     Option("moe_extended_tp", "rejected", "expert tensor parallelism", True),
     Option("moe_grouped_gemm", "no effect", _PERF, True),
     Option("moe_use_legacy_grouped_gemm", "no effect", _PERF, True),
@@ -165,11 +197,11 @@ OPTIONS = (
     Option("moe_router_padding_for_fp8", "no effect", _PERF, True),
     Option("moe_router_padding_for_quantization", "no effect", _PERF, True),
     Option("moe_token_dispatcher_type", "no effect",
-           "moe_plugin's own all-to-all (comm/ep.py) under expert parallelism", "alltoall"),
+           "moe_plugin's own all-to-all (comm/ep.py) under expert parallelism", "flex"),
     Option("moe_token_dropping", "no effect", "unused by megatron-core", True),
-    Option("moe_enable_deepep", "no effect", _PERF, None),
-    Option("moe_flex_dispatcher_backend", "no effect", _PERF, None),
-    Option("moe_flex_dispatcher_num_sms", "no effect", _PERF, None, since=(0, 17)),
+    Option("moe_enable_deepep", "no effect", _PERF, True),
+    Option("moe_flex_dispatcher_backend", "no effect", _PERF, "hybridep"),
+    Option("moe_flex_dispatcher_num_sms", "no effect", _PERF, 8, since=(0, 17)),
     Option("moe_deepep_num_sms", "no effect", _PERF, 8),
     Option("moe_hybridep_num_sms", "no effect", _PERF, 8),
     Option("moe_hybridep_num_blocks_permute", "no effect", _PERF, 2, since=(0, 17)),
@@ -177,10 +209,10 @@ OPTIONS = (
     Option("moe_hybridep_num_sms_preprocessing", "no effect", _PERF, 8, since=(0, 17)),
     Option("moe_hybridep_pad_uneven_dispatch_inputs", "no effect", _PERF, True,
            since=(0, 17)),
-    Option("moe_permute_fusion_into_hybridep", "no effect", _PERF, None, since=(0, 17)),
+    Option("moe_permute_fusion_into_hybridep", "no effect", _PERF, True, since=(0, 17)),
     Option("moe_ncclep_static_shape", "no effect", _PERF, True, since=(0, 17)),
     Option("moe_ncclep_zero_copy", "no effect", _PERF, True, since=(0, 17)),
-    Option("moe_paged_stash", "no effect", _PERF, None, since=(0, 17)),
+    Option("moe_paged_stash", "no effect", _PERF, True, since=(0, 17)),
     Option("moe_paged_stash_page_size", "no effect", _PERF, 32, since=(0, 17)),
     Option("moe_paged_stash_buffer_size_factor_cuda", "no effect", _PERF, 1.5,
            since=(0, 17)),
@@ -188,9 +220,47 @@ OPTIONS = (
            since=(0, 17)),
     Option("moe_pad_experts_for_cuda_graph_inference", "no effect", "inference only", True,
            since=(0, 17)),
-    Option("moe_grad_scale_func", "honoured", "used by stock's pipeline schedules", None,
-           since=(0, 17)),
+    # fields of the layer that are not moe_*
+    Option("add_bias_linear", "honoured",
+           "expert biases in both GEMMs and the router's bias; not with FP8 experts",
+           dict(add_bias_linear=True)),
+    Option("activation_func", "honoured",
+           "with gated_linear_unit: silu, gelu (exact), openai_gelu / fast_gelu (tanh), "
+           "squared_relu (not gated), quick_gelu as gpt-oss's clamped GLU",
+           dict(activation_func=F.gelu, gated_linear_unit=False)),
+    Option("gated_linear_unit", "honoured", "see activation_func",
+           dict(gated_linear_unit=False)),
+    Option("activation_func_clamp_value", "honoured",
+           "7.0 with quick_gelu, gated, glu_linear_offset 1.0 (swiglu_oai); else rejected",
+           "gpt-oss", generic=False),
+    Option("glu_linear_offset", "honoured", "1.0 with the gpt-oss GLU above; else rejected",
+           "gpt-oss", generic=False),
+    Option("calculate_per_token_loss", "honoured", "the aux losses scaled by the tokens",
+           dict(calculate_per_token_loss=True, moe_aux_loss_coeff=0.1,
+                moe_z_loss_coeff=0.01)),
+    Option("recompute_modules", "honoured",
+           "with recompute_granularity='selective': moe, moe_act, shared_experts",
+           dict(_SHARED, recompute_granularity="selective",
+                recompute_modules=["moe", "shared_experts"])),
+    Option("expert_model_parallel_size", "honoured",
+           "moe_plugin's all-to-all (test_plugin_matches_stock_megatron_cpu[2])", None),
+    Option("tensor_model_parallel_size", "rejected", "> 1: tensor parallelism", 2,
+           generic=False),
+    Option("context_parallel_size", "rejected", "> 1: context parallelism", 2,
+           generic=False),
+    Option("expert_tensor_parallel_size", "rejected", "> 1: expert tensor parallelism", 2,
+           generic=False),
 )
+
+
+def options_table() -> str:
+    """``OPTIONS`` as the markdown table of docs/megatron.md."""
+    rows = ["| option | status | note |", "|---|---|---|"]
+    for opt in OPTIONS:
+        since = "" if opt.since == (0, 16) else f" (megatron-core >= {opt.since[0]}." \
+                                                f"{opt.since[1]})"
+        rows.append(f"| `{opt.field}`{since} | {opt.status} | {opt.note} |")
+    return "\n".join(rows)
 
 
 def _field_default(config, field: str):
@@ -205,7 +275,7 @@ def _field_default(config, field: str):
 
 def _reject_unsupported(config) -> None:
     for opt in OPTIONS:
-        if opt.status != "rejected" or not hasattr(config, opt.field):
+        if opt.status != "rejected" or not opt.generic or not hasattr(config, opt.field):
             continue
         value = getattr(config, opt.field)
         if value != _field_default(config, opt.field):
