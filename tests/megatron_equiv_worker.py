@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.activations import quick_gelu  # noqa: E402
 
 from moe_plugin.megatron import MoEPluginConfig, PluginMoELayer, gpt_decoder_block_spec  # noqa
+from moe_plugin.megatron import compat  # noqa: E402
 
 SEQ, VOCAB = 16, 64
 CASES = {
@@ -109,18 +110,29 @@ def run_case(name, extra, ep, device, dtype, plugin_extra=None):
     # and the gradients are checked against the plugin layer on its plain-PyTorch backend.
     stock_grads = not cfg_s.add_bias_linear
 
+    logged = []
+
     def run(m):
         m.train()
         torch.manual_seed(4321 + rank)  # the same jitter / random logits for every model
         model_parallel_cuda_manual_seed(4321)
+        compat.clear_aux_losses()
         with torch.enable_grad() if (m is not stock or stock_grads) else torch.no_grad():
             loss = m(tok, pos, mask, labels=labels).float().mean()
             if loss.requires_grad:
                 loss.backward()
+        # what Megatron's training loop logs: reduced across ranks as the version does (the
+        # z-loss: each rank's own on 0.16, averaged over DP on 0.19)
+        logged.append({k: v.clone() for k, v in compat.reduced_aux_losses().items()})
+        compat.clear_aux_losses()
         return loss
 
     losses = [run(stock), run(plug)]
     res["loss"] = rel(losses[1], losses[0])
+    if stock_grads:  # (stock without grad computes no losses)
+        res["logged_names"] = sorted(logged[0]) == sorted(logged[1]) and len(logged[0]) > 0
+        res["logged_losses"] = max(rel(logged[1][k], logged[0][k]) for k in logged[0]) \
+            if logged[0] else 0.0
     grad_ref = None
     if not stock_grads:
         _, grad_ref = build(True, {**extra, **(plugin_extra or {})}, ep, device, dtype)
