@@ -51,6 +51,7 @@ the megatron-core in use no longer needs it; re-check the sites above on every u
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -348,9 +349,179 @@ def patch_optimizer_cuda_tensors() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Megatron's distributed optimizer: CUDA tensor-type checks
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cpu_tensors_named_as_cuda():
+    """Within the block, ``tensor.type()`` (no arguments) of a CPU tensor answers with the name
+    of its CUDA counterpart (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``); every other
+    call of ``Tensor.type`` is torch's."""
+    original = torch.Tensor.type
+    had_own = "type" in torch.Tensor.__dict__
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        name = original(self, dtype, non_blocking, **kwargs)
+        if (dtype is None and isinstance(name, str) and self.device.type == "cpu"
+                and name.startswith("torch.") and not name.startswith("torch.cuda.")):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        if had_own:
+            torch.Tensor.type = original
+        else:
+            del torch.Tensor.type
+
+
+@contextlib.contextmanager
+def _cuda_copies_stay_on_cpu():
+    """Within the block, ``tensor.cuda()`` of a CPU tensor returns the tensor itself."""
+    original = torch.Tensor.cuda
+    had_own = "cuda" in torch.Tensor.__dict__
+
+    def cuda(self, *args, **kwargs):
+        if self.device.type == "cpu":
+            return self
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.cuda = cuda
+    try:
+        yield
+    finally:
+        if had_own:
+            torch.Tensor.cuda = original
+        else:
+            del torch.Tensor.cuda
+
+
+def patch_optimizer_tensor_type_checks() -> bool:
+    """Let Megatron's distributed optimizer and its gradient clipping take CPU tensors.
+
+    Both test ``tensor.type()`` against CUDA type names and fail for CPU tensors:
+    ``DistributedOptimizer.__init__`` sorts the model parameters by ``param.type()`` in
+    ``'torch.cuda.FloatTensor'`` / ``'torch.cuda.HalfTensor'`` / ``'torch.cuda.BFloat16Tensor'``
+    (distrib_optimizer.py:582, and :361/:420 in ``_build_model_and_main_param_groups``, called
+    from ``__init__``; ``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor,
+    ...``), and ``clip_grad_by_total_norm_fp32`` asserts ``param.grad.type() ==
+    'torch.cuda.FloatTensor'`` (clip_grads.py:167; reached from every Megatron optimizer's
+    ``step()`` when ``clip_grad > 0``). The shim wraps those two functions (and the name
+    optimizer.py imported): while either runs, ``Tensor.type()`` without arguments names a
+    CPU tensor's CUDA counterpart, so CPU parameters are sorted as their dtype says (fp32 ->
+    the fp32 groups, bf16/fp16 -> the main-param groups) and fp32 CPU gradients pass the
+    assertion. No other optimizer code tests tensor types. Returns True if it patched."""
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    done = False
+    if not _is_patched(DistributedOptimizer.__init__):
+        init = DistributedOptimizer.__init__
+
+        @_mark
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            with _cpu_tensors_named_as_cuda():
+                init(self, *args, **kwargs)
+
+        DistributedOptimizer.__init__ = __init__
+        done = True
+    clip = clip_grads.clip_grad_by_total_norm_fp32
+    if not _is_patched(clip):
+
+        @_mark
+        @functools.wraps(clip)
+        def clip_grad_by_total_norm_fp32(*args, **kwargs):
+            with _cpu_tensors_named_as_cuda():
+                return clip(*args, **kwargs)
+
+        clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+        done = True
+    if optimizer.clip_grad_by_total_norm_fp32 is not clip_grads.clip_grad_by_total_norm_fp32:
+        optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+        done = True
+    return done
+
+
+def patch_distributed_optimizer_gather() -> bool:
+    """Let the distributed optimizer gather its state on the CPU (checkpoint save and load).
+
+    ``DistributedOptimizer.get_parameter_state_dp_zero`` collects each rank's optimizer-state
+    shard in CPU buffers and, unless asked for gloo, moves them to the GPU for the collective
+    (``send_tensor = send_tensor.cuda()``, distrib_optimizer.py:1089; the receive buffers are
+    allocated on ``torch.cuda.current_device()``, which ``patch_cuda_current_device`` already
+    maps to the CPU). It builds the ``fully_reshardable`` checkpoint format
+    (``sharded_state_dict(..., metadata={'distrib_optim_sharding_type': 'fully_reshardable'})``),
+    for saving and loading alike. The shim wraps the method: while it runs, ``Tensor.cuda()``
+    of a CPU tensor returns the tensor itself, so the collective runs on the CPU tensors over
+    the (gloo) data-parallel group, as asked. Returns True if it patched."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    method = DistributedOptimizer.get_parameter_state_dp_zero
+    if _is_patched(method):
+        return False
+
+    @_mark
+    @functools.wraps(method)
+    def get_parameter_state_dp_zero(self, *args, **kwargs):
+        with _cuda_copies_stay_on_cpu():
+            return method(self, *args, **kwargs)
+
+    DistributedOptimizer.get_parameter_state_dp_zero = get_parameter_state_dp_zero
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron DDP's gradient reduction: the current CUDA stream (megatron-core >= 0.19)
+# --------------------------------------------------------------------------------------------
+
+
+def patch_grad_sync_current_stream() -> bool:
+    """Let Megatron DDP's gradient reduction start without a CUDA stream.
+
+    megatron-core 0.19's ``_ParamAndGradBucketGroup.start_grad_sync`` (param_and_grad_buffer.py
+    of 0.19.2, line 632; reached from ``finalize_model_grads`` -> ``finish_grad_sync`` when
+    ``overlap_grad_reduce`` is off) takes ``torch.cuda.current_stream()`` to wait on the events
+    of CUDA-graph replays (``param._cudagraph_wgrad_ready_event``, never set on the CPU); without
+    CUDA the call raises ("Torch not compiled with CUDA enabled" / "Found no NVIDIA driver").
+    The shim wraps the method: while it runs, ``torch.cuda.current_stream()`` returns the CPU
+    stream (``torch.cpu.current_stream()``, which has ``wait_event``). 0.16.1's method takes no
+    stream there: the wrap is harmless. Returns True if it patched."""
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+
+    cls = pgb._ParamAndGradBucketGroup
+    if _is_patched(cls.start_grad_sync):
+        return False
+    method = cls.start_grad_sync
+
+    @_mark
+    @functools.wraps(method)
+    def start_grad_sync(self, *args, **kwargs):
+        original = torch.cuda.current_stream
+
+        def current_stream(device=None):
+            """CPU shim (patches/megatron_cpu.py): the host stream."""
+            return torch.cpu.current_stream()
+
+        torch.cuda.current_stream = current_stream
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_stream = original
+
+    cls.start_grad_sync = start_grad_sync
+    return True
+
+
+# --------------------------------------------------------------------------------------------
 
 SHIMS = (patch_cuda_current_device, patch_rng_tracker, patch_alltoall_dispatcher_streams,
-         patch_cuda_synchronize, patch_default_causal_mask, patch_optimizer_cuda_tensors)
+         patch_cuda_synchronize, patch_default_causal_mask, patch_optimizer_cuda_tensors,
+         patch_optimizer_tensor_type_checks, patch_distributed_optimizer_gather,
+         patch_grad_sync_current_stream)
 
 _applied: list = []
 
