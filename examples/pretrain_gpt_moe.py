@@ -21,15 +21,27 @@ PREFIX`` trains on a Megatron indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``).
 ``--log-interval`` iterations: loss, the MoE aux losses (Megatron's tracker), tokens/s,
 TFLOP/s per GPU (model FLOPs, formula in ``model_flops_per_token``) and peak memory. At the
 end rank 0 writes the loss curve (``--plot``, PNG) and a JSON log (``--log-json``).
-``--save DIR`` / ``--load DIR`` use Megatron's ``dist_checkpointing`` for the model plus a
-per-rank file for the optimizer and the data position, so a resumed run continues exactly.
+Training uses Megatron's own optimizer: ``get_megatron_optimizer`` with the distributed
+optimizer (fp32 main parameters and Adam state sharded over the data-parallel ranks; bf16
+parameters on GPUs) and ``OptimizerParamScheduler`` (linear warm-up, cosine decay).
+
+``--save DIR`` / ``--load DIR`` write and read a Megatron checkpoint
+(``moe_plugin.megatron.checkpoint``: ``dist_checkpointing`` of the model, the distributed
+optimizer's state in its ``fully_reshardable`` format and the scheduler, plus the iteration and
+the number of samples consumed; Megatron-LM's ``iter_NNNNNNN/`` and
+``latest_checkpointed_iteration.txt`` layout). A resumed run continues exactly, and a
+checkpoint moves between stock and ``--moe-use-plugin`` runs and between
+``--expert-model-parallel-size`` values:
+
+    torchrun --nproc_per_node=2 examples/pretrain_gpt_moe.py --train-iters 10 --save ckpt
+    torchrun --nproc_per_node=2 examples/pretrain_gpt_moe.py --moe-use-plugin \
+        --expert-model-parallel-size 2 --train-iters 20 --load ckpt --save ckpt
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import math
 import os
 import resource
 import sys
@@ -53,6 +65,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
@@ -63,6 +77,7 @@ from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
 from moe_plugin.megatron import MoEPluginConfig, add_plugin_args, gpt_decoder_block_spec  # noqa
 from moe_plugin.graphs import GraphedStep, side_stream  # noqa: E402
 from moe_plugin.megatron.attention import with_sdpa_attention  # noqa: E402
+from moe_plugin.megatron.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from moe_plugin.megatron.loss import use_fused_cross_entropy  # noqa: E402
 from moe_plugin.quant import cache_quantized_weights  # noqa: E402
 
@@ -97,7 +112,9 @@ def parse_args(argv=None):
     g.add_argument("--train-iters", type=int, default=30)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
-    g.add_argument("--lr-warmup-iters", type=int, default=3)
+    g.add_argument("--lr-warmup-iters", type=int, default=3,
+                   help="linear warm-up from 0 (Megatron's OptimizerParamScheduler), then "
+                        "cosine decay to --min-lr at --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
@@ -107,9 +124,14 @@ def parse_args(argv=None):
     g = p.add_argument_group("data, checkpoints, logs")
     g.add_argument("--data-path", default=None,
                    help="Megatron indexed dataset prefix (default: mock data)")
-    g.add_argument("--save", default=None)
+    g.add_argument("--save", default=None, metavar="DIR",
+                   help="write Megatron checkpoints (model, distributed optimizer, scheduler, "
+                        "iteration, data position) to DIR/iter_NNNNNNN")
     g.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
-    g.add_argument("--load", default=None)
+    g.add_argument("--load", default=None, metavar="DIR",
+                   help="resume from DIR's latest checkpoint (DIR/latest_checkpointed_"
+                        "iteration.txt), written by a stock or a plugin run at any "
+                        "expert-parallel size")
     g.add_argument("--log-interval", type=int, default=5)
     g.add_argument("--plot", default="loss_curve.png")
     g.add_argument("--log-json", default="train_log.json")
@@ -134,6 +156,9 @@ def parse_args(argv=None):
                         "--expert-model-parallel-size 1")
     add_plugin_args(p)
     args = p.parse_args(argv)
+    if not 0 <= args.lr_warmup_iters < args.train_iters:
+        p.error(f"--lr-warmup-iters {args.lr_warmup_iters}: must be >= 0 and smaller than "
+                f"--train-iters {args.train_iters} (Megatron's scheduler decays after it)")
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.bf16 is None:
@@ -214,11 +239,27 @@ def batch_at(data, start: int, count: int, device):
     return out
 
 
-def lr_at(args, it: int) -> float:
-    if it < args.lr_warmup_iters:
-        return args.lr * (it + 1) / args.lr_warmup_iters
-    frac = (it - args.lr_warmup_iters) / max(1, args.train_iters - args.lr_warmup_iters)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1, frac)))
+def optimizer_config(args) -> OptimizerConfig:
+    """Megatron's distributed optimizer (torch's AdamW underneath without TransformerEngine /
+    apex): fp32 main parameters and Adam state, bf16 model parameters with ``--bf16``."""
+    return OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=0.9, adam_beta2=0.95, clip_grad=args.clip_grad, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=True)
+
+
+def lr_scheduler(args, optimizer) -> OptimizerParamScheduler:
+    """Linear warm-up over ``--lr-warmup-iters`` (from 0), cosine decay to ``--min-lr`` at
+    ``--train-iters``, constant weight decay; stepped once per iteration. On ``--load`` the
+    schedule stays this run's (Megatron-LM's ``--override-opt_param-scheduler``: a run may
+    resume with a larger ``--train-iters``); the checkpoint gives the step count."""
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.train_iters,
+        lr_decay_style="cosine", start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 
 
 def progress(it: int, total: int, text: str) -> None:
@@ -265,25 +306,36 @@ def main(argv=None):
         use_fused_cross_entropy(model)
     if args.bf16:  # as Megatron's training loop does: every module (norms included) in bf16,
         model = Float16Module(cfg, model)  # float inputs cast in, the loss cast back to fp32
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    # the distributed optimizer: DDP reduce-scatters the gradients into fp32 buffers, each rank
+    # updates its shard of fp32 main parameters and the shards are gathered into the model's
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=True)
     # DDP takes each parameter's gradient-accumulator node to hook it; a node records the
     # stream current at its creation and backward accumulates there. Created on the default
     # (legacy) stream, capture fails ("would make the legacy stream depend on a capturing
     # blocking stream"): for --cuda-graph it is built under a side stream (graphs.py)
     with side_stream() if args.cuda_graph else contextlib.nullcontext():
         model = DistributedDataParallel(cfg, ddp_cfg, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fp32 master weights for the optimizer (the model may hold bf16)
-    master = [p.detach().clone().float().requires_grad_() for p in params]
-    opt = torch.optim.AdamW(master, lr=args.lr, weight_decay=args.weight_decay,
-                            betas=(0.9, 0.95), fused=cuda or None)
+    opt = get_megatron_optimizer(optimizer_config(args), [model])
+    scheduler = lr_scheduler(args, opt)
+    cache = None
     if args.moe_use_plugin and cfg.moe_plugin_quant:
         # FP8 experts: quantise each expert weight once per optimizer step (not per
-        # micro-batch); the cache is refreshed by opt.step(), before the weights are copied in
-        cache_quantized_weights(model, opt)
+        # micro-batch); the cache is refreshed after every opt.step() (which writes the
+        # weights) and after a layer's load_state_dict
+        cache = cache_quantized_weights(model, opt)
     start_iter, consumed = 0, 0
     if args.load:
-        start_iter, consumed = load_checkpoint(args, model, opt, master, params, rank)
+        if not os.path.isfile(os.path.join(args.load, "latest_checkpointed_iteration.txt")):
+            raise SystemExit(f"--load {args.load}: no latest_checkpointed_iteration.txt there "
+                             f"(not a checkpoint directory written by --save)")
+        common = load_checkpoint(args.load, model, opt, scheduler)
+        start_iter, consumed = common["iteration"], common["consumed_train_samples"]
+        if cache is not None:  # the optimizer's load wrote the weights' main copies too
+            cache.refresh()
+        if rank == 0:
+            print(f"loaded {args.load} (iteration {start_iter}, {consumed} samples consumed)",
+                  flush=True)
     data = build_data(args, dp_rank, dp_size,
                       num_samples=args.train_iters * args.global_batch_size + 1)
     flops_tok = model_flops_per_token(cfg, args.seq_length, args.vocab_size)
@@ -333,6 +385,7 @@ def main(argv=None):
             prof = None
         model.train()
         model.zero_grad_buffer()
+        opt.zero_grad()
         loss_sum = torch.zeros((), device=device)
         for m in range(num_micro):
             base = consumed + (m * dp_size + dp_rank) * args.micro_batch_size
@@ -340,23 +393,13 @@ def main(argv=None):
             loss_sum += step(**b) / num_micro
         finalize_model_grads([model])  # DP / expert-DP reduction, expert-bias updates
         consumed += args.global_batch_size
-        grads = [(p.main_grad if getattr(p, "main_grad", None) is not None else p.grad)
-                 for p in params]
-        for mp, g in zip(master, grads):
-            mp.grad = g.float() if g is not None else None
-        if cuda:  # the clip factor becomes fused AdamW's gradient divisor (the grad_scale a
-            # GradScaler sets): one pass over the gradients fewer than clip_grad_norm_'s
-            gnorm = torch.nn.utils.get_total_norm(
-                [mp.grad for mp in master if mp.grad is not None], foreach=True)
-            opt.grad_scale = torch.clamp((gnorm + 1e-6) / args.clip_grad, min=1.0).reshape(1)
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(master, args.clip_grad)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(args, it)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_copy_(params, master)
+        lr = opt.param_groups[0]["lr"]  # what this step uses (the scheduler sets it)
+        # gradient clipping and the update of the fp32 main parameters (copied into the
+        # model's); returns the gradient norm before clipping (read on the host)
+        ok, gnorm, _ = opt.step()
+        if not ok:  # only fp16 loss scaling skips steps; this script runs bf16 or fp32
+            raise RuntimeError(f"iteration {it + 1}: the optimizer skipped its step")
+        scheduler.step(increment=1)
         dist.all_reduce(loss_sum)
         # the loss goes to the host without stalling it: the progress bar shows a step's loss
         # once the next step is queued, so the host keeps the GPU's queue full
@@ -391,7 +434,7 @@ def main(argv=None):
             tok_s = tokens_per_iter * its / dt
             row = {"iter": it + 1, "loss": loss_val, "grad_norm": float(gnorm), **aux,
                    "tokens_per_s": tok_s, "tflops_per_gpu": flops_tok * tok_s / world / 1e12,
-                   "peak_mem_gib": peak_memory_gib(), "lr": lr_at(args, it)}
+                   "peak_mem_gib": peak_memory_gib(), "lr": lr}
             log.append(row)
             if rank == 0:
                 aux_txt = " ".join(f"{k} {v:.4f}" for k, v in aux.items())
@@ -400,11 +443,12 @@ def main(argv=None):
                       f"{row['tflops_per_gpu']:.3g} TFLOP/s per GPU | "
                       f"peak mem {row['peak_mem_gib']:.2f} GiB", flush=True)
         if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
-            save_checkpoint(args, model, opt, it + 1, consumed, rank)
+            save(args, model, opt, scheduler, it + 1, consumed, rank)
     if prof is not None:  # the run ended inside the profiled window
         finish_profile(prof, args.profile, rank, cuda)
-    if args.save:
-        save_checkpoint(args, model, opt, args.train_iters, consumed, rank)
+    saved_last = args.save_interval and args.train_iters % args.save_interval == 0
+    if args.save and start_iter < args.train_iters and not saved_last:
+        save(args, model, opt, scheduler, args.train_iters, consumed, rank)
     if rank == 0:
         print()
         if args.log_json:
@@ -438,33 +482,12 @@ def finish_profile(prof, path: str, rank: int, cuda: bool) -> None:
         print("\n" + "\n".join(table.splitlines()[:30]), flush=True)
 
 
-def save_checkpoint(args, model, opt, iteration, consumed, rank):
-    path = os.path.join(args.save, f"iter_{iteration:07d}")
-    os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save(model.module.sharded_state_dict(), path)
-    torch.save({"optimizer": opt.state_dict(), "iteration": iteration, "consumed": consumed,
-                "rng": torch.get_rng_state()}, os.path.join(path, f"rank_{rank:05d}.pt"))
-    dist.barrier()
+def save(args, model, opt, scheduler, iteration, consumed, rank):
+    """A Megatron checkpoint of the run (moe_plugin.megatron.checkpoint)."""
+    path = save_checkpoint(args.save, iteration, model, opt, scheduler,
+                           consumed_train_samples=consumed)
     if rank == 0:
-        with open(os.path.join(args.save, "latest"), "w") as fh:
-            fh.write(os.path.basename(path))
         print(f"\nsaved {path}", flush=True)
-
-
-def load_checkpoint(args, model, opt, master, params, rank):
-    with open(os.path.join(args.load, "latest")) as fh:
-        path = os.path.join(args.load, fh.read().strip())
-    state = dist_checkpointing.load(model.module.sharded_state_dict(), path)
-    model.module.load_state_dict(state)
-    extra = torch.load(os.path.join(path, f"rank_{rank:05d}.pt"), weights_only=False)
-    opt.load_state_dict(extra["optimizer"])
-    torch.set_rng_state(extra["rng"])
-    with torch.no_grad():
-        for p, mp in zip(params, master):
-            mp.copy_(p.float())
-    if rank == 0:
-        print(f"loaded {path} (iteration {extra['iteration']})", flush=True)
-    return extra["iteration"], extra["consumed"]
 
 
 def plot(log, path, plugin):

@@ -1,13 +1,15 @@
-"""CPU shims for megatron-core 0.16.1: run Megatron-Core (MoE included) on CPU with gloo.
+"""CPU shims for megatron-core 0.16.1 (and 0.19.2): run Megatron-Core (MoE included) on CPU with
+gloo, Megatron's distributed optimizer and dist-checkpointing included.
 
 Megatron-Core assumes a CUDA device in a few places even when ``use_cpu_initialization=True``;
 on a CPU-only machine each of them fails with "Torch not compiled with CUDA enabled" (or
-"torch.cuda.Stream requires CUDA support"). Each shim below fixes one cause, is a separate named
-function, is idempotent, and is meant to be applied only when CUDA is unavailable (what
-``patches.apply(cpu=None)`` does) or when a process explicitly wants Megatron on CPU
-(``patches.apply(cpu=True)``: then Megatron's device is the CPU in the whole process).
+"torch.cuda.Stream requires CUDA support", or "Found no NVIDIA driver" with a CUDA build of
+torch). Each shim below fixes one cause, is a separate named function, is idempotent, and is
+meant to be applied only when CUDA is unavailable (what ``patches.apply(cpu=None)`` does) or
+when a process explicitly wants Megatron on CPU (``patches.apply(cpu=True)``: then Megatron's
+device is the CPU in the whole process).
 
-Line numbers are those of megatron-core 0.16.1.
+Line numbers are those of megatron-core 0.16.1 unless marked otherwise.
 
 * ``patch_cuda_current_device``: ``torch.cuda.current_device()`` returns ``torch.device("cpu")``.
   Megatron allocates with ``device=torch.cuda.current_device()`` all over; this one shim covers
@@ -21,7 +23,8 @@ Line numbers are those of megatron-core 0.16.1.
   - expert / linear / attention / embedding allocations when ``use_cpu_initialization=False``
     (moe/experts.py:184/192, tensor_parallel/layers.py:261/597/607/873/899/1197/1218,
     attention.py:430, dot_product_attention.py:123/132, gpt_model.py:415, rotary embeddings),
-  - Megatron DDP's grad/param buffers (distributed/param_and_grad_buffer.py:783-806).
+  - Megatron DDP's grad/param buffers (distributed/param_and_grad_buffer.py:783-806),
+  - the distributed optimizer's receive buffers and dummy state (distrib_optimizer.py:791/1077).
   Without CUDA the original always raises, so on CPU-only machines the shim changes nothing that
   worked before.
 * ``patch_rng_tracker``: the model-parallel RNG tracker keeps CPU generator states instead of
@@ -34,15 +37,33 @@ Line numbers are those of megatron-core 0.16.1.
   split sizes on it (``_maybe_dtoh_and_synchronize``, :862-901). On CPU the same copies are done
   on the host stream, synchronously, and there is nothing to wait for; the split sizes become
   numpy arrays as on GPU (unshimmed they would stay tensors, which the EP all-to-all rejects).
-
+* ``patch_cuda_synchronize``: ``torch.cuda.synchronize()`` is a no-op (dist_checkpointing's save,
+  strategies/filesystem_async.py:230).
+* ``patch_default_causal_mask``: Megatron's default causal mask is built on the CPU
+  (transformer/utils.py:35).
 * ``patch_optimizer_cuda_tensors``: the scalars of Megatron's optimizers and gradient-norm
   helpers, allocated with ``device='cuda'`` (optimizer.py, clip_grads.py), on the CPU.
+* ``patch_optimizer_tensor_type_checks``: ``DistributedOptimizer.__init__`` (distrib_optimizer.py
+  :361/:420/:582) and ``clip_grad_by_total_norm_fp32`` (clip_grads.py:167) test ``param.type()``
+  against CUDA type names; while they run, a CPU tensor's ``type()`` names its CUDA counterpart.
+* ``patch_distributed_optimizer_gather``: ``get_parameter_state_dp_zero`` (the distributed
+  optimizer's ``fully_reshardable`` checkpoint format, save and load) moves its buffers with
+  ``.cuda()`` (distrib_optimizer.py:1089); while it runs, ``.cuda()`` of a CPU tensor is the
+  tensor itself.
+* ``patch_grad_sync_current_stream``: megatron-core 0.19's ``start_grad_sync``
+  (param_and_grad_buffer.py:632 of 0.19.2, reached from ``finalize_model_grads``) takes
+  ``torch.cuda.current_stream()``; while it runs, that is the CPU stream. Harmless on 0.16.1.
+
+With these, Megatron's DDP, ``finalize_model_grads``, ``get_megatron_optimizer`` (fp32
+parameters, the distributed optimizer included, with gradient clipping) and dist-checkpointing
+of model and optimizer run on CPU with gloo (tests/test_megatron_patches.py,
+tests/test_megatron_checkpoint.py).
 
 Not shimmed (still CUDA-only on CPU): ``forward_backward_no_pipelining`` (pipeline_parallel/
-schedules.py:596, ``device="cuda"``), Megatron's distributed and fp16/bf16 optimizers,
+schedules.py:596, ``device="cuda"``), Megatron's bf16/fp16 optimizers (not tried on CPU),
 ``track_moe_metrics`` (moe_utils.py:998), the shared-expert overlap stream
 (moe/shared_experts.py:123, only with ``moe_shared_expert_overlap``), TE / fused kernels. Use a
-manual micro-batch loop with a torch optimizer (see tests/megatron_worker.py).
+manual micro-batch loop (see tests/megatron_worker.py, examples/pretrain_gpt_moe.py).
 
 Upstream: local shims; no upstream CPU support is known to cover these sites. Drop each one when
 the megatron-core in use no longer needs it; re-check the sites above on every upgrade.
@@ -65,6 +86,9 @@ __all__ = [
     "patch_cuda_synchronize",
     "patch_default_causal_mask",
     "patch_optimizer_cuda_tensors",
+    "patch_optimizer_tensor_type_checks",
+    "patch_distributed_optimizer_gather",
+    "patch_grad_sync_current_stream",
 ]
 
 # Marker set on every object this module replaces, so re-applying is a no-op.
@@ -322,9 +346,10 @@ def patch_optimizer_cuda_tensors() -> bool:
     (clip_grads.py:90/103/115/174/207), and the fallback L2 norm (no apex / TE) returns its
     result on "cuda" (utils.py:1207). Inside those two modules the name ``torch`` is replaced
     by ``_TorchOnHost``, which maps that device to the CPU and forwards everything else to
-    torch; the L2 norm clip_grads uses is replaced by the same computation on the CPU. Still CUDA-only after this: the distributed optimizer and the fp16/bf16
-    optimizer (they check ``param.type()`` against CUDA tensor types). Returns True if it
-    patched."""
+    torch; the L2 norm clip_grads uses is replaced by the same computation on the CPU.
+    ``patch_optimizer_tensor_type_checks`` does the rest for the distributed optimizer and
+    gradient clipping (the fp16/bf16 optimizer still checks ``param.type()`` against CUDA
+    tensor types). Returns True if it patched."""
     from megatron.core import utils as mutils
     from megatron.core.optimizer import clip_grads, optimizer
 

@@ -7,8 +7,13 @@ pytest process:
     ``patches.apply()`` forward + backward give a finite loss and finite gradients everywhere;
   - expert_model_parallel_size=2 over 2 gloo processes (torchrun): 3 AdamW steps through
     Megatron's DDP + ``finalize_model_grads``; the loss stays finite and falls, and the two EP
-    ranks' shared (non-expert) parameters stay identical while their experts differ.
+    ranks' shared (non-expert) parameters stay identical while their experts differ;
+  - Megatron's distributed optimizer (tests/megatron_distopt_worker.py, world size 1): each of
+    its three shims fails without and works with (0.19's grad-sync stream shim is needed there
+    and a no-op on 0.16.1).
 The selection logic of ``patches.apply`` and the "TE present" case are checked in-process.
+The te_general_gemm fix is needed on megatron-core < 0.17 without TransformerEngine and a no-op
+from 0.17 on (upstream binds the name): the tests assert what holds for the version installed.
 """
 import json
 import os
@@ -30,7 +35,17 @@ if REPO not in sys.path:  # `patches` is a top-level package of the repo (an old
     sys.path.insert(0, REPO)  # install may not map it yet)
 
 import patches  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from patches import megatron_te_general_gemm  # noqa: E402
+
+MCORE = Version(__import__("megatron.core", fromlist=["__version__"]).__version__)
+# from core_v0.17.0 moe_utils binds te_general_gemm (to None) without TransformerEngine
+TE_GEMM_BOUND_UPSTREAM = MCORE >= Version("0.17")
+CPU_SHIMS = [
+    "patch_cuda_current_device", "patch_rng_tracker", "patch_alltoall_dispatcher_streams",
+    "patch_cuda_synchronize", "patch_default_causal_mask", "patch_optimizer_cuda_tensors",
+    "patch_optimizer_tensor_type_checks", "patch_distributed_optimizer_gather",
+    "patch_grad_sync_current_stream"]
 
 
 def _env(**extra):
@@ -63,14 +78,19 @@ def single(tmp_path_factory):
 
 
 def test_te_general_gemm_fix_is_necessary(single):
-    """CPU shims alone: the MoE forward dies in RouterGatingLinearFunction.forward
-    (moe_utils.py:1192) with the NameError, unless TransformerEngine binds the name."""
+    """CPU shims alone, megatron-core < 0.17 without TransformerEngine: the MoE forward dies in
+    RouterGatingLinearFunction.forward (moe_utils.py:1192) with the NameError, and the fix
+    binds the name. Where the name is bound already (TransformerEngine, or megatron-core
+    >= 0.17, which binds it to None itself) the unfixed forward runs and the fix changes
+    nothing."""
     assert single["cuda_available"] is False
     assert single["moe_layers"] == 2
-    if single["have_te"]:
+    if single["have_te"] or TE_GEMM_BOUND_UPSTREAM:
         assert single["te_bound_before"] is True
         assert single["unpatched"]["raised"] is None, single["unpatched"]
-        assert single["apply"]["te_general_gemm"] is False  # no-op with TE
+        assert single["apply"]["te_general_gemm"] is False  # no-op
+        if not single["have_te"]:  # upstream's own fallback: None, the torch.mm branch
+            assert single["te_general_gemm_after"] == "None"
     else:
         assert single["te_bound_before"] is False
         unpatched = single["unpatched"]
@@ -113,9 +133,7 @@ def test_cpu_expert_bias_router(single):
 def test_cpu_rng_tracker(single):
     """The RNG-tracker shim: fork() has its own reproducible stream, advances it, and leaves the
     default generator alone; re-seeding reproduces it."""
-    assert single["cpu_shims"] == [
-        "patch_cuda_current_device", "patch_rng_tracker", "patch_alltoall_dispatcher_streams",
-        "patch_cuda_synchronize", "patch_default_causal_mask", "patch_optimizer_cuda_tensors"]
+    assert single["cpu_shims"] == CPU_SHIMS
     assert single["rng_default_untouched"] is True
     assert single["rng_fork_advances"] is True
     assert single["rng_reseed_reproduces"] is True
@@ -158,6 +176,51 @@ def test_ep2_gloo_trains_and_keeps_shared_params_identical(tmp_path):
     assert not_equal == [], f"shared parameters differ between EP ranks: {not_equal}"
     # the EP ranks hold different experts (seeded per rank), so the check above is not vacuous
     assert all(not torch.equal(p0[n], p1[n]) for n in expert_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron's distributed optimizer on CPU (world size 1)
+
+
+def test_distributed_optimizer_shims(tmp_path):
+    """Each distributed-optimizer shim: what fails without it, and that it suffices --
+    the optimizer builds and steps with clipping, the loss falls, and the fully_reshardable
+    gather returns the optimizer's own state. Idempotent; nothing stays changed outside the
+    wrapped calls (``Tensor.type`` / ``Tensor.cuda`` are torch's again)."""
+    out = tmp_path / "distopt.json"
+    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "megatron_distopt_worker.py"),
+                           "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    _check_proc(proc)
+    res = _load(out)
+    assert res["cuda_available"] is False
+    assert res["others"] == [n for n in CPU_SHIMS if n not in (
+        "patch_optimizer_tensor_type_checks", "patch_distributed_optimizer_gather",
+        "patch_grad_sync_current_stream")]
+    # 0.19 takes the current CUDA stream in start_grad_sync, 0.16.1 does not (0.17 and 0.18
+    # were not checked)
+    if MCORE >= Version("0.19"):
+        assert res["finalize_without"] is not None and (
+            "CUDA" in res["finalize_without"] or "NVIDIA" in res["finalize_without"])
+    elif MCORE < Version("0.17"):
+        assert res["finalize_without"] is None
+    assert res["finalize_with"] is None
+    assert res["build_without"].startswith("TypeError: Wrapped parameters must be one of")
+    assert res["clip_without"].startswith("AssertionError")
+    assert "CUDA" in res["gather_without"] or "NVIDIA" in res["gather_without"]
+    for name in ("stream", "types", "gather"):
+        assert res[f"{name}_shim_applied"] is True and res[f"{name}_shim_again"] is False
+    assert res["clipped_grad"] == pytest.approx([2.0 / (4.0 + 1e-6)] * 3, rel=1e-6)
+    assert res["type_outside_shim"] == "torch.FloatTensor"
+    assert res["cuda_outside_shim"] is not None  # .cuda() raises again outside the gather
+    assert res["steps_ok"] == [True, True]
+    assert all(g > 0 for g in res["grad_norms"])
+    assert res["losses"][1] < res["losses"][0]
+    assert res["gathered_params"] > 10 and res["gathered_equal"] is True
+    assert res["exp_avg_nonzero"] is True
+    assert res["shims_in_list"] is True
 
 
 # ----------------------------------------------------------------------------------------------

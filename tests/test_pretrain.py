@@ -1,6 +1,8 @@
-"""examples/pretrain_gpt_moe.py on CPU (2 processes, gloo, Triton interpreter): the loss falls,
-and a run saved at iteration 2 and resumed continues with the same losses as an uninterrupted
-run (model through dist_checkpointing, optimizer and data position per rank)."""
+"""examples/pretrain_gpt_moe.py on CPU (2 processes, gloo, Triton interpreter): the loss falls;
+a run saved at iteration 2 and resumed continues with the same losses as an uninterrupted run;
+a stock Megatron-Core run's checkpoint resumes in a plugin run at expert-parallel size 2, whose
+checkpoint resumes in a stock run at EP 1, each with the uninterrupted stock run's losses (the
+checkpoints: moe_plugin.megatron.checkpoint, Megatron's distributed optimizer and scheduler)."""
 import json
 import os
 import subprocess
@@ -17,12 +19,12 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "pretrain_gpt_moe.py")
 
 
-def _train(tmp_path, name, *extra, nproc=2, gpu=False):
+def _train(tmp_path, name, *extra, nproc=2, gpu=False, plugin=True):
     log = tmp_path / f"{name}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", SCRIPT,
-           "--moe-use-plugin", "--log-interval", "1", "--log-json", str(log), "--plot",
-           str(tmp_path / f"{name}.png"), *extra]
+           *(["--moe-use-plugin"] if plugin else []), "--log-interval", "1", "--log-json",
+           str(log), "--plot", str(tmp_path / f"{name}.png"), *extra]
     env = worker_env(OMP_NUM_THREADS="1") if gpu else worker_env(OMP_NUM_THREADS="1",
                                                                    CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
@@ -33,21 +35,61 @@ def _train(tmp_path, name, *extra, nproc=2, gpu=False):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) variant")
 def test_loss_falls_and_resume_is_exact(tmp_path):
-    full = _train(tmp_path, "full", "--train-iters", "4")
+    steps = ["--lr-warmup-iters", "1"]
+    full = _train(tmp_path, "full", "--train-iters", "4", *steps)
     assert sorted(full) == [1, 2, 3, 4]
-    assert full[4]["loss"] < full[1]["loss"]
+    assert full[4]["loss"] < full[2]["loss"]  # (iteration 1 has lr 0: warm-up from 0)
+    assert full[1]["lr"] == 0 and full[2]["lr"] == 3e-3 > full[3]["lr"] > full[4]["lr"]
     for r in full.values():
         assert r["load_balancing_loss"] > 0 and r["z_loss"] > 0 and r["tokens_per_s"] > 0
     assert (tmp_path / "full.png").stat().st_size > 0
     ckpt = tmp_path / "ckpt"
-    first = _train(tmp_path, "first", "--train-iters", "2", "--save", str(ckpt))
-    assert (ckpt / "latest").read_text().strip() == "iter_0000002"
+    first = _train(tmp_path, "first", "--train-iters", "2", *steps, "--save", str(ckpt))
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (ckpt / "iter_0000002" / "common.pt").is_file()
     for it in (1, 2):
         assert first[it]["loss"] == full[it]["loss"]
-    resumed = _train(tmp_path, "resumed", "--train-iters", "4", "--load", str(ckpt))
+    resumed = _train(tmp_path, "resumed", "--train-iters", "4", *steps, "--load", str(ckpt))
     assert sorted(resumed) == [3, 4]
     for it in (3, 4):
         assert resumed[it]["loss"] == pytest.approx(full[it]["loss"], rel=1e-6, abs=0)
+        assert resumed[it]["grad_norm"] == pytest.approx(full[it]["grad_norm"], rel=1e-6)
+        assert resumed[it]["lr"] == full[it]["lr"]
+
+
+def _resume_from(ckpt, iteration: int) -> None:
+    """Points the checkpoint directory's tracker at an earlier saved iteration (as a Megatron
+    user resumes from one of several checkpoints)."""
+    assert (ckpt / f"iter_{iteration:07d}").is_dir()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) variant")
+def test_checkpoints_move_between_stock_and_plugin_runs_across_ep(tmp_path):
+    """Stock Megatron-Core (EP 1) trains 4 iterations, saving at 2 and 4; a plugin run at EP 2
+    resumes from iteration 2 (saving at 3), and a stock run at EP 1 resumes from the plugin's
+    iteration 3: their losses and gradient norms are the uninterrupted stock run's (fp32:
+    the two implementations' arithmetic differs in rounding only)."""
+    common = ["--train-iters", "4", "--lr-warmup-iters", "1"]
+    stock_ckpt, plugin_ckpt = tmp_path / "stock_ckpt", tmp_path / "plugin_ckpt"
+    stock = _train(tmp_path, "stock", *common, "--save", str(stock_ckpt), "--save-interval",
+                   "2", plugin=False)
+    assert sorted(stock) == [1, 2, 3, 4]
+    _resume_from(stock_ckpt, 2)
+    plugin = _train(tmp_path, "plugin_ep2", *common, "--expert-model-parallel-size", "2",
+                    "--load", str(stock_ckpt), "--save", str(plugin_ckpt), "--save-interval",
+                    "3")
+    assert sorted(plugin) == [3, 4]
+    _resume_from(plugin_ckpt, 3)
+    back = _train(tmp_path, "stock_again", *common, "--load", str(plugin_ckpt), plugin=False)
+    assert sorted(back) == [4]
+    for run in (plugin, back):
+        for it, row in run.items():
+            assert row["loss"] == pytest.approx(stock[it]["loss"], rel=1e-5, abs=0), it
+            assert row["grad_norm"] == pytest.approx(stock[it]["grad_norm"], rel=1e-5), it
+            assert row["lr"] == stock[it]["lr"]
+    # not vacuous: the steps resumed do change the loss
+    assert len({stock[it]["loss"] for it in (2, 3, 4)}) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) variant")
