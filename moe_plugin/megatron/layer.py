@@ -101,11 +101,19 @@ class _Experts(MegatronModule):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Same checkpoint keys and global shapes as Megatron's SequentialMLP:
         ``{prefix}experts.linear_fc1.weight`` of global shape [.., E, 2F|F, D],
-        ``{prefix}experts.linear_fc2.weight`` [.., E, D, F], and their per-expert (empty)
-        ``_extra_state`` objects."""
+        ``{prefix}experts.linear_fc2.weight`` [.., E, D, F] (biases likewise), and their
+        per-expert (empty) ``_extra_state`` objects.
+
+        Each stacked parameter is one ShardedTensor whose ``data`` is the parameter itself, at
+        offset r·E/P of the expert axis. Megatron's distributed optimizer finds its entry by
+        that identity and, in its ``fully_reshardable`` format, checkpoints the parameter's fp32
+        main copy, ``exp_avg`` and ``exp_avg_sq`` under ``optimizer.state.<name>.<this key>``
+        with this sharding: optimizer state moves between stock and plugin experts and between
+        EP sizes as the weights do (``moe_plugin.megatron.checkpoint``)."""
         if metadata and metadata.get("singleton_local_shards", False):
-            raise NotImplementedError("sharded_state_dict: singleton_local_shards is not "
-                                      "supported by moe_plugin's experts")
+            raise NotImplementedError("metadata['singleton_local_shards']: per-expert "
+                                      "checkpoint keys are not supported by moe_plugin's "
+                                      "experts (set it False: stock's default layout)")
         ep_size = self.ep_group.size() if self.ep_group is not None else 1
         ep_rank = self.ep_group.rank() if self.ep_group is not None else 0
         dp_rank = parallel_state.get_expert_data_parallel_rank()
