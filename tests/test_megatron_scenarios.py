@@ -374,20 +374,42 @@ def test_aux_loss_free_expert_bias(mp):
 @pytest.mark.parametrize("capacity", [1.0, 2.0])
 @pytest.mark.parametrize("policy", ["probs", "position"])
 def test_token_dropping(mp, capacity, policy):
-    """Capacity factor 1.0 / 2.0 with both drop policies (no padding to capacity): the
-    plugin drops the same slots as stock's router (outputs and gradients equal). With
-    "position" stock keeps ``torch.topk(routing_map.int(), capacity, dim=0, sorted=False)``
-    of a 0/1 column -- which of the tied slots it keeps is torch's choice -- the plugin
-    each expert's first slots in token order (docs/megatron.md: a known difference)."""
+    """Capacity factor 1.0 / 2.0 with both drop policies (no padding to capacity).
+    "probs": the plugin drops the same slots as stock's router (outputs and gradients
+    equal). "position": stock keeps ``torch.topk(routing_map.int(), capacity, dim=0,
+    sorted=False)`` of a 0/1 column -- which of the tied slots it keeps is torch's choice,
+    not defined -- the plugin each expert's first slots in token order (docs/megatron.md, a
+    known difference): both keep the same number of slots per expert, and the plugin keeps
+    exactly the first ones of the undropped routing."""
     cfg = make_config(moe_expert_capacity_factor=capacity, moe_token_drop_policy=policy)
     x, gout = inputs(3, s=16)
-    stock, plugin, _, _ = compare(cfg, x, gout)
-    kept = int((plugin.last_info["topk_ids"] >= 0).sum())
+    if policy == "probs":
+        stock, plugin, _, _ = compare(cfg, x, gout)
+    else:
+        stock, plugin = build_pair(cfg)
+        run(plugin, x, gout)
+    ids = plugin.last_info["topk_ids"].long()
+    kept = int((ids >= 0).sum())
     with torch.no_grad():
         _, routing_map = stock.router(x)
     assert kept == int(routing_map.sum()) <= 16 * B * 2 * capacity
+    assert torch.equal(torch.bincount(ids[ids >= 0], minlength=routing_map.shape[1]),
+                       routing_map.sum(0).long())
     if capacity == 1.0:
         assert kept < 16 * B * 2  # the scenario does drop
+    if policy == "position":  # the first slots of each expert, in token order
+        full = make_config(moe_expert_capacity_factor=None)
+        _, undropped = build_pair(full)
+        undropped.load_state_dict(plugin.state_dict())
+        run(undropped, x, gout)
+        routed = undropped.last_info["topk_ids"].long().reshape(-1)
+        from moe_plugin.config import expert_capacity  # Megatron's get_capacity
+        cap = expert_capacity(routing_map.shape[0], 2, routing_map.shape[1], capacity)
+        want = routed.clone()
+        for e in range(routing_map.shape[1]):
+            slots = (routed == e).nonzero().flatten()
+            want[slots[cap:]] = -1
+        assert torch.equal(ids.reshape(-1), want)
 
 
 def test_pad_to_capacity_is_refused(mp):

@@ -224,7 +224,7 @@ class PluginMoELayer(_MCoreMoELayer):
         """``(layer number, number of layers)`` under which stock's router logs (MTP layers
         after the decoder's)."""
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        layer = self.layer_number
+        layer = self.router.layer_number  # stock logs under its router's (set_layer_number)
         if self.is_mtp_layer and layer is not None:
             layer = layer + self.config.num_layers
         return layer, num_layers
