@@ -71,3 +71,29 @@ def test_step_after_resume_matches_uninterrupted_run(resumed, what):
     for key in ("groups_equal", "adam_steps_equal", "scheduler_equal"):
         assert resumed[f"{what}_{key}"] is True, (key, resumed[f"{what}_{key}"])
     assert resumed["ref_step4_moved_experts"] is True  # the steps do move the experts
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear errors naming the argument (in-process, no process group needed)
+
+
+def test_bad_input_names_the_argument(tmp_path):
+    from moe_plugin.megatron import checkpoint as ck
+    with pytest.raises(FileNotFoundError, match="checkpoint_dir: no latest_checkpointed"):
+        ck.latest_iteration(str(tmp_path))
+    (tmp_path / ck.TRACKER_FILE).write_text("release")
+    with pytest.raises(ValueError, match="checkpoint_dir: .* holds 'release'"):
+        ck.latest_iteration(str(tmp_path))
+    (tmp_path / ck.TRACKER_FILE).write_text("7\n")
+    assert ck.latest_iteration(str(tmp_path)) == 7
+    with pytest.raises(FileNotFoundError, match="checkpoint_dir: .*iter_0000007"):
+        ck.load_checkpoint(str(tmp_path), model=None)
+    with pytest.raises(ValueError, match="iteration: expected None or an int"):
+        ck.load_checkpoint(str(tmp_path), model=None, iteration="7")
+    with pytest.raises(ValueError, match="iteration: expected an int >= 0"):
+        ck.save_checkpoint(str(tmp_path), -1, model=None)
+    with pytest.raises(ValueError, match=r"common: \['checkpoint_version'\]"):
+        ck.save_checkpoint(str(tmp_path), 1, None, checkpoint_version=2)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(TypeError, match="optimizer: expected Megatron's distributed optimizer"):
+        ck.sub_optimizers(sgd)

@@ -5,13 +5,14 @@ position), through Megatron's ``dist_checkpointing``.
 
     from moe_plugin.megatron.checkpoint import save_checkpoint, load_checkpoint
 
-    save_checkpoint("ckpt", iteration, model, optimizer, scheduler, consumed_samples=n)
+    save_checkpoint("ckpt", iteration, model, optimizer, scheduler, consumed_train_samples=n)
     common = load_checkpoint("ckpt", model, optimizer, scheduler)   # latest iteration
-    iteration, n = common["iteration"], common["consumed_samples"]
+    iteration, n = common["iteration"], common["consumed_train_samples"]
 
 ``model`` is the (DDP- / Float16Module-wrapped) ``GPTModel``, stock or plugin; ``optimizer``
 what ``get_megatron_optimizer(OptimizerConfig(..., use_distributed_optimizer=True), [model])``
-returns; ``scheduler`` an ``OptimizerParamScheduler``. The directory has Megatron-LM's layout
+returns; ``scheduler`` an ``OptimizerParamScheduler`` (a fresh one when loading: Megatron's
+``load_state_dict`` advances it by the saved step count). The directory has Megatron-LM's layout
 (``iter_0000010/``, ``latest_checkpointed_iteration.txt``) and its top-level keys (``model``,
 ``optimizer``, ``opt_param_scheduler``, ``iteration``, ``checkpoint_version``).
 
@@ -40,6 +41,13 @@ dict is a dict of two (Megatron itself cannot resume EP = 1 into EP = 2 for that
 only on one side of an EP change (the experts' group) takes the hyper-parameters of the group
 that held the same parameters on the other side (same identity but ``is_expert_parallel``);
 if that group is ambiguous or differs from its counterpart, it raises.
+
+Only the ``fully_reshardable`` format can do this: Megatron-LM's default ``dp_reshardable``
+follows the optimizer's internal buffers (same model code and parallel layout only), and
+``fully_sharded_model_space`` raises in megatron-core 0.16.1 and 0.19.2; ``load_checkpoint``
+refuses other formats, naming them. Three defects of Megatron's distributed optimizer over
+torch's AdamW (no TransformerEngine / apex) are worked around here: see ``_init_adam_state``
+and ``_load_param_state``. RNG states are not saved.
 """
 from __future__ import annotations
 
@@ -48,8 +56,8 @@ import os
 import torch
 
 __all__ = ["SHARDING_TYPE", "TRACKER_FILE", "checkpoint_dir_for", "latest_iteration",
-           "sub_optimizers",
-           "load_checkpoint", "save_checkpoint", "sharded_state_dict_metadata"]
+           "load_checkpoint", "save_checkpoint", "sharded_state_dict_metadata",
+           "sub_optimizers"]
 
 SHARDING_TYPE = "fully_reshardable"  # the distributed optimizer's resharding format
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's name
@@ -243,7 +251,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, opt_param_
                     **common) -> str:
     """Saves ``model`` (and ``optimizer``, ``opt_param_scheduler``) to
     ``root/iter_{iteration:07d}`` with ``dist_checkpointing`` and points ``root``'s tracker file
-    at it. ``common``: further values, the same on every rank (e.g. ``consumed_samples``),
+    at it. ``common``: further values, the same on every rank (e.g. ``consumed_train_samples``),
     saved once and returned by ``load_checkpoint``. Collective: every rank calls it. Returns
     the iteration's directory."""
     from megatron.core import dist_checkpointing
@@ -287,6 +295,8 @@ def load_checkpoint(root: str, model, optimizer=None, opt_param_scheduler=None, 
     from megatron.core import dist_checkpointing
     if iteration is None:
         iteration = latest_iteration(root)
+    elif not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"iteration: expected None or an int >= 0, got {iteration!r}")
     path = checkpoint_dir_for(root, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint_dir: {path!r} does not exist")
