@@ -46,7 +46,7 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
     ckpt = tmp_path / "ckpt"
     first = _train(tmp_path, "first", "--train-iters", "2", *steps, "--save", str(ckpt))
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    assert (ckpt / "iter_0000002" / "common.pt").is_file()
+    assert (ckpt / "iter_0000002" / "metadata.json").is_file()  # a dist_checkpointing dir
     for it in (1, 2):
         assert first[it]["loss"] == full[it]["loss"]
     resumed = _train(tmp_path, "resumed", "--train-iters", "4", *steps, "--load", str(ckpt))
