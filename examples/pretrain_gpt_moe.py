@@ -11,8 +11,9 @@ layer with moe_plugin's fused kernels, without it the model is stock Megatron-Co
         --global-batch-size 16 --expert-model-parallel-size 2 --train-iters 200
 
     # one GPU, the fastest settings (86.8k tokens/s for the 24-layer model of docs/megatron.md
-    # on an H100): each micro-batch's forward + backward replayed as one CUDA graph, and
-    # moe_plugin's cross entropy
+    # on an H100, measured before the script used Megatron's distributed optimizer, with a
+    # fused torch AdamW: not re-measured since): each micro-batch's forward + backward
+    # replayed as one CUDA graph, and moe_plugin's cross entropy
     torchrun --nproc_per_node=1 examples/pretrain_gpt_moe.py --moe-use-plugin --cuda-graph \
         --cross-entropy triton ...
 
