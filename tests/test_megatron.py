@@ -394,3 +394,27 @@ def test_fp8_weight_cache_follows_megatron_bf16_optimizers_gpu(model_parallel_1,
     assert torch.equal(cached, fresh), (cached.item(), fresh.item())
     assert not torch.equal(cached, before)
     assert not torch.equal(version_only, fresh), version_only.item()
+
+
+def test_expert_biases_get_no_weight_decay_like_stock(model_parallel_1):
+    """Megatron's optimizer keeps parameters named ``*.bias`` (and 1-D ones) out of weight
+    decay. Stock's per-expert biases are 1-D; the plugin's stacked ones are 2-D, named
+    ``experts.linear_fc1.bias`` / ``linear_fc2.bias`` so that the same rule applies."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    decay = {}
+    for flag in (False, True):
+        ddp = _gpt_ddp(_cfg(moe_use_plugin=flag, add_bias_linear=True))
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3,
+                                                     weight_decay=0.1, clip_grad=0.0), [ddp])
+        names = {id(p): n for n, p in ddp.named_parameters()}
+        groups = opt.param_groups if hasattr(opt, "param_groups") else opt.optimizer.param_groups
+        # (Megatron's scheduler applies weight_decay x wd_mult)
+        decay[flag] = {names[id(p)]: g["weight_decay"] * g.get("wd_mult", 1.0)
+                       for g in groups for p in g["params"]}
+    plugin_biases = {n: wd for n, wd in decay[True].items() if ".experts.linear_fc" in n}
+    assert len(plugin_biases) == 4, sorted(decay[True])  # 2 layers x (fc1, fc2)
+    assert all(wd == 0.0 for wd in plugin_biases.values()), plugin_biases
+    stock_biases = {n: wd for n, wd in decay[False].items() if ".local_experts." in n
+                    and n.endswith(".bias")}
+    assert stock_biases and all(wd == 0.0 for wd in stock_biases.values())
+    assert decay[True][next(n for n in decay[True] if n.endswith("experts.w_up"))] == 0.1

@@ -54,9 +54,21 @@ def _device(config):
     return torch.device("cpu")
 
 
-# (stacked parameter, SequentialMLP's linear layer, its parameter)
-_STACKED = (("w_up", "linear_fc1", "weight"), ("w_down", "linear_fc2", "weight"),
-            ("b_up", "linear_fc1", "bias"), ("b_down", "linear_fc2", "bias"))
+# (attribute, key in this module's state dict, SequentialMLP's linear layer, its parameter)
+_STACKED = (("w_up", "w_up", "linear_fc1", "weight"),
+            ("w_down", "w_down", "linear_fc2", "weight"),
+            ("b_up", "linear_fc1.bias", "linear_fc1", "bias"),
+            ("b_down", "linear_fc2.bias", "linear_fc2", "bias"))
+
+
+class _StackedBias(nn.Module):
+    """Holds one stacked expert bias as ``.bias``: the parameter's name then ends in
+    ``.bias`` (``experts.linear_fc1.bias``), which is how Megatron's optimizer keeps biases
+    out of weight decay, as it does stock's per-expert biases."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias)
 
 
 class _Experts(MegatronModule):
@@ -70,11 +82,9 @@ class _Experts(MegatronModule):
                                              device=dev))
         self.w_down = nn.Parameter(torch.empty(num_local, d, f, dtype=dt, device=dev))
         if config.add_bias_linear:  # zero-initialised, as Megatron's linear layers
-            self.b_up = nn.Parameter(torch.zeros(num_local, self.w_up.shape[1], dtype=dt,
-                                                 device=dev))
-            self.b_down = nn.Parameter(torch.zeros(num_local, d, dtype=dt, device=dev))
-        else:
-            self.b_up = self.b_down = None
+            self.linear_fc1 = _StackedBias(torch.zeros(num_local, self.w_up.shape[1],
+                                                       dtype=dt, device=dev))
+            self.linear_fc2 = _StackedBias(torch.zeros(num_local, d, dtype=dt, device=dev))
         if config.perform_initialization:
             with torch.no_grad():
                 for e in range(num_local):
@@ -93,9 +103,21 @@ class _Experts(MegatronModule):
         self._register_state_dict_hook(_to_sequential_mlp_keys)
         self._register_load_state_dict_pre_hook(_from_sequential_mlp_keys)
 
+    @property
+    def b_up(self):
+        """The stacked GEMM1 biases ``[E/P, 2F|F]`` (``add_bias_linear``), else None."""
+        fc = getattr(self, "linear_fc1", None)
+        return fc.bias if fc is not None else None
+
+    @property
+    def b_down(self):
+        """The stacked GEMM2 biases ``[E/P, D]`` (``add_bias_linear``), else None."""
+        fc = getattr(self, "linear_fc2", None)
+        return fc.bias if fc is not None else None
+
     def stacked(self) -> dict:
-        """``{name: parameter}`` of the stacked expert parameters this layer has."""
-        return {name: getattr(self, name) for name, _, _ in _STACKED
+        """``{attribute: parameter}`` of the stacked expert parameters this layer has."""
+        return {name: getattr(self, name) for name, _, _, _ in _STACKED
                 if getattr(self, name) is not None}
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -119,8 +141,8 @@ class _Experts(MegatronModule):
         dp_rank = parallel_state.get_expert_data_parallel_rank()
         n = len(sharded_offsets)
         out = {}
-        for local, fc, kind in _STACKED:
-            param = getattr(self, local)
+        for attr, local, fc, kind in _STACKED:
+            param = getattr(self, attr)
             if param is None:
                 continue
             # dict key: this module's own state-dict key; checkpoint key: SequentialMLP's
@@ -144,7 +166,7 @@ class _Experts(MegatronModule):
 def _to_sequential_mlp_keys(module, state_dict, prefix, local_metadata):
     """state_dict hook: stacked experts -> SequentialMLP's per-expert keys (local indices),
     with the (empty) ``_extra_state`` entries its linear layers write."""
-    for stacked, fc, kind in _STACKED:
+    for _, stacked, fc, kind in _STACKED:
         if prefix + stacked not in state_dict:
             continue
         t = state_dict.pop(prefix + stacked)
@@ -157,7 +179,7 @@ def _to_sequential_mlp_keys(module, state_dict, prefix, local_metadata):
 def _from_sequential_mlp_keys(state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
     """load pre-hook: SequentialMLP's per-expert keys -> stacked experts."""
-    for stacked, fc, kind in _STACKED:
+    for _, stacked, fc, kind in _STACKED:
         name = f"{fc}.{kind}"
         keys = []
         i = 0
