@@ -71,11 +71,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # n
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
-from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
-    MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks)
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 
 from moe_plugin.megatron import MoEPluginConfig, add_plugin_args, gpt_decoder_block_spec  # noqa
+from moe_plugin.megatron import compat  # noqa: E402  (the aux-loss tracker of either version)
 from moe_plugin.graphs import GraphedStep, side_stream  # noqa: E402
 from moe_plugin.megatron.attention import with_sdpa_attention  # noqa: E402
 from moe_plugin.megatron.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -368,7 +367,7 @@ def main(argv=None):
         step = GraphedStep(forward_backward, example, warmup=2)
         # undo what the eager warm-up runs accumulated
         model.zero_grad_buffer()
-        clear_aux_losses_tracker()
+        compat.clear_aux_losses()
         for mod in model.modules():
             if isinstance(getattr(mod, "local_tokens_per_expert", None), torch.Tensor):
                 mod.local_tokens_per_expert.zero_()
@@ -424,14 +423,12 @@ def main(argv=None):
             dt = time.time() - t_last
             its = it + 1 - it_last
             t_last, it_last = time.time(), it + 1
-            reduce_aux_losses_tracker_across_ranks()
             # the tracker sums each layer's loss/coeff over every forward since it was
             # cleared: average over those forwards, then over the MoE layers
             calls = its * num_micro
-            aux = {name: float(v["values"].float().sum() / calls
-                               / max(1, int((v["values"] != 0).sum())))
-                   for name, v in get_moe_layer_wise_logging_tracker().items()}
-            clear_aux_losses_tracker()
+            aux = {name: float(v.float().sum() / calls / max(1, int((v != 0).sum())))
+                   for name, v in compat.reduced_aux_losses().items()}
+            compat.clear_aux_losses()
             tok_s = tokens_per_iter * its / dt
             row = {"iter": it + 1, "loss": loss_val, "grad_norm": float(gnorm), **aux,
                    "tokens_per_s": tok_s, "tflops_per_gpu": flops_tok * tok_s / world / 1e12,
