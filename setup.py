@@ -4,7 +4,7 @@ setup(
     name="moe_plugin",
     version="0.1.0",
     description="Fused Triton Mixture-of-Experts training layers for PyTorch and Megatron-Core",
-    packages=find_packages(include=["moe_plugin", "moe_plugin.*", "patches"]),
+    packages=find_packages(include=["moe_plugin", "moe_plugin.*"]),
     python_requires=">=3.10",
     # Deliberately loose: the GPU machines bring their own torch/triton; CI pins a CPU torch.
     install_requires=["torch>=2.6", "triton>=3.2", "numpy"],

@@ -55,7 +55,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # moe_plugin's kernels on the CPU
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import patches  # noqa: E402  (megatron-core 0.16.1 fixes + CPU shims, see patches/README.md)
+from moe_plugin import patches  # noqa: E402  (megatron-core fixes, CPU shims: its README.md)
 
 patches.apply()
 

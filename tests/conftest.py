@@ -80,8 +80,9 @@ def assert_close(out, ref, tol: float, what: str) -> None:
 
 def worker_env(**extra) -> dict:
     """Environment for a test's subprocess: one OpenMP thread per process and the repo on
-    PYTHONPATH (so workers import this checkout's ``moe_plugin`` and ``patches`` even where
-    the package is not installed, or an older editable install points elsewhere)."""
+    PYTHONPATH (so workers import this checkout's ``moe_plugin``, ``moe_plugin.patches``
+    included, even where the package is not installed, or an older editable install points
+    elsewhere)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")

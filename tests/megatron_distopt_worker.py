@@ -43,7 +43,7 @@ def _error(fn):
 
 
 def run() -> dict:
-    from patches import megatron_cpu, megatron_te_general_gemm
+    from moe_plugin.patches import megatron_cpu, megatron_te_general_gemm
     res = {"cuda_available": torch.cuda.is_available()}
     megatron_te_general_gemm.apply()
     res["others"] = [s.__name__ for s in megatron_cpu.SHIMS

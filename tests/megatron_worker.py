@@ -76,8 +76,8 @@ def count_moe_layers(model):
 
 
 def mode_single(args, rank):
-    import patches
-    from patches import megatron_cpu, megatron_te_general_gemm
+    from moe_plugin import patches
+    from moe_plugin.patches import megatron_cpu, megatron_te_general_gemm
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
     from megatron.core.transformer.moe import moe_utils
@@ -198,7 +198,7 @@ def shared_grad_norm(ddp):
 
 
 def mode_ep(args, rank):
-    import patches
+    from moe_plugin import patches
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads

@@ -87,7 +87,7 @@ def model_parallel_1():
     """A single-process gloo group with Megatron's model-parallel state (torn down after)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-    import patches
+    from moe_plugin import patches
     patches.apply()
     own = not dist.is_initialized()
     if own:

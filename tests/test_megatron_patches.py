@@ -1,4 +1,4 @@
-"""patches/: the megatron-core 0.16.1 te_general_gemm fix and the CPU shims.
+"""moe_plugin/patches/: the megatron-core 0.16.1 te_general_gemm fix and the CPU shims.
 
 The Megatron runs happen in subprocesses (tests/megatron_worker.py) with CUDA hidden, so they are
 genuine CPU + gloo runs on any machine and the process-wide CPU shims never leak into this
@@ -31,12 +31,12 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "megatron_worker.py")
-if REPO not in sys.path:  # `patches` is a top-level package of the repo (an older editable
-    sys.path.insert(0, REPO)  # install may not map it yet)
+if REPO not in sys.path:  # this checkout's moe_plugin (and moe_plugin.patches) when run
+    sys.path.insert(0, REPO)  # from another directory
 
-import patches  # noqa: E402
+from moe_plugin import patches  # noqa: E402
 from packaging.version import Version  # noqa: E402
-from patches import megatron_te_general_gemm  # noqa: E402
+from moe_plugin.patches import megatron_te_general_gemm  # noqa: E402
 
 MCORE = Version(__import__("megatron.core", fromlist=["__version__"]).__version__)
 # from core_v0.17.0 moe_utils binds te_general_gemm (to None) without TransformerEngine
@@ -254,7 +254,7 @@ def test_te_general_gemm_fix_binds_the_missing_name(monkeypatch):
 @pytest.mark.parametrize("cpu, cuda_available, expect_shims", [
     (None, False, True), (None, True, False), (True, True, True), (False, False, False)])
 def test_apply_selects_cpu_shims(monkeypatch, cpu, cuda_available, expect_shims):
-    from patches import megatron_cpu
+    from moe_plugin.patches import megatron_cpu
 
     calls = []
     monkeypatch.setattr(megatron_cpu, "apply", lambda: calls.append(1) or ["spy"])

@@ -45,7 +45,7 @@ S, B, D = 8, 2, 16  # sequence, micro-batch, hidden size: 16 tokens per run
 @pytest.fixture(scope="module")
 def _gloo():
     import torch.distributed as dist
-    import patches
+    from moe_plugin import patches
     patches.apply()
     own = not dist.is_initialized()
     if own:
