@@ -1,6 +1,7 @@
 """The functional API: ``fused_experts`` (routing given) and ``fused_moe`` (router + experts)."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -17,6 +18,7 @@ from .kernels.common import interpret_mode
 from .quant import check_weight_cache
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FALLBACK_WARNED: set = set()  # the reasons ``backend="auto"`` has already warned about
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
@@ -32,7 +34,38 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
             raise TypeError(f"hidden_states: backend 'triton' supports dtypes "
                             f"{[str(d) for d in _TRITON_DTYPES]}, got {x.dtype}")
         return True
-    return runnable and x.dtype in _TRITON_DTYPES
+    use = runnable and x.dtype in _TRITON_DTYPES
+    if not use:
+        _warn_auto_fallback(x, runnable)
+    return use
+
+
+def _warn_auto_fallback(x: torch.Tensor, runnable: bool) -> None:
+    """``backend="auto"`` chose the plain-PyTorch path: says so once per process and reason
+    (a ``UserWarning``), with the reason and how to get the Triton kernels instead. Silent
+    while ``torch.compile`` traces (the eager call before it has warned)."""
+    if not runnable and x.device.type == "cpu":
+        reason = "cpu"
+        why = ("hidden_states are on the CPU and TRITON_INTERPRET is not set (the Triton "
+               "kernels need CUDA tensors, or the Triton interpreter on CPU)")
+        how = ("use CUDA tensors, or for the kernels on CPU set TRITON_INTERPRET=1 in the "
+               "environment before importing moe_plugin or triton")
+    elif not runnable:
+        reason = "device:" + x.device.type
+        why = f"hidden_states are on {x.device.type}, where the Triton kernels do not run"
+        how = "use CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    else:
+        reason = "dtype:" + str(x.dtype)
+        why = (f"hidden_states are {x.dtype}; the Triton kernels take "
+               f"{', '.join(str(d) for d in _TRITON_DTYPES)}")
+        how = "cast the inputs to one of those dtypes"
+    if reason in _FALLBACK_WARNED or torch.compiler.is_compiling():
+        return
+    _FALLBACK_WARNED.add(reason)
+    warnings.warn(f"moe_plugin: backend='auto' runs the plain-PyTorch path (moe_plugin."
+                  f"reference), not the Triton kernels: {why}. To get the Triton path: {how}. "
+                  f"backend='torch' selects the PyTorch path without this message (logged "
+                  f"once per process).", UserWarning, stacklevel=4)
 
 
 def _check_ids(topk_ids: torch.Tensor, num_experts: int, validate_ids) -> None:
@@ -118,7 +151,8 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
         b_down: optional ``[E, D]`` GEMM2 bias, added before the routing weight (Megatron-Core's
             ``add_bias_linear`` experts); differentiable. Not with ``quant``.
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else the
-            reference), ``"triton"`` or ``"torch"`` (the plain-PyTorch reference).
+            reference, which it then says once per process in a ``UserWarning``),
+            ``"triton"`` or ``"torch"`` (the plain-PyTorch reference).
         recompute: save nothing of GEMM1's output; recompute it in backward (same gradients).
         quant: ``None`` (GEMMs in the input dtype) or ``"fp8_block"``: FP8 e4m3 expert GEMMs
             with DeepSeek-V3 block scales (activations per token and 128 columns, weights per
