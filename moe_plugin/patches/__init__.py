@@ -1,6 +1,6 @@
-"""Small, documented patches for third-party code (see patches/README.md).
+"""Small, documented patches for third-party code (see moe_plugin/patches/README.md).
 
-    import patches
+    from moe_plugin import patches
     patches.apply()          # before building Megatron-Core models
 
 ``apply(cpu=None)``:
@@ -9,7 +9,8 @@
   - CPU shims (megatron_cpu.py) when ``cpu`` is True, or when ``cpu`` is None (auto) and
     ``torch.cuda.is_available()`` is False. ``cpu=False`` never applies them.
 Idempotent; does nothing (and imports nothing from Megatron) when megatron-core is missing.
-Importing this package imports neither torch nor megatron.
+Importing this package imports no megatron and no torch of its own (its parent ``moe_plugin``
+imports torch and triton).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def patch_cuda_current_device() -> bool:
 
     @_mark
     def current_device():
-        """CPU shim (patches/megatron_cpu.py): Megatron's "current device" is the CPU."""
+        """CPU shim (moe_plugin/patches/megatron_cpu.py): Megatron's "current device" is the CPU."""
         return torch.device("cpu")
 
     current_device.__wrapped__ = original
@@ -281,7 +281,7 @@ def patch_cuda_synchronize() -> bool:
 
     @_mark
     def synchronize(device=None):
-        """CPU shim (patches/megatron_cpu.py): no CUDA work to wait for."""
+        """CPU shim (moe_plugin/patches/megatron_cpu.py): no CUDA work to wait for."""
         return None
 
     synchronize.__wrapped__ = original
@@ -302,7 +302,7 @@ def patch_default_causal_mask() -> bool:
 
     @_mark
     def get_default_causal_mask(sq: int):
-        """CPU shim (patches/megatron_cpu.py): the mask on the CPU."""
+        """CPU shim (moe_plugin/patches/megatron_cpu.py): the mask on the CPU."""
         return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
 
     get_default_causal_mask.__wrapped__ = original
@@ -528,7 +528,7 @@ def patch_grad_sync_current_stream() -> bool:
         original = torch.cuda.current_stream
 
         def current_stream(device=None):
-            """CPU shim (patches/megatron_cpu.py): the host stream."""
+            """CPU shim (moe_plugin/patches/megatron_cpu.py): the host stream."""
             return torch.cpu.current_stream()
 
         torch.cuda.current_stream = current_stream
