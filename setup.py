@@ -11,7 +11,9 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
         # megatron-core 0.16.1 (Python >= 3.10) and 0.19.x (Python >= 3.12) are tested
-        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "matplotlib"],
+        # tqdm: the example's progress bar; tensorboard: its --tensorboard-dir
+        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "matplotlib", "tqdm",
+                     "tensorboard"],
         "bench": ["matplotlib"],
     },
 )
