@@ -17,6 +17,7 @@ flag (tests/pretrain_cli_worker.py runs the checks in one process; one torchrun 
 message once and as torchrun's root cause); no prefix matching; --help shows every default
 and choice."""
 import fcntl
+import importlib.util
 import json
 import os
 import pty
@@ -295,7 +296,7 @@ def cli(tmp_path_factory):
     lines, the help text, a plot (tests/pretrain_cli_worker.py)."""
     tmp = tmp_path_factory.mktemp("cli")
     good = [(["--moe-use-plugin"], {}),
-            (["--output-dir", "runs/a", "--save", "--tensorboard-dir", "--load", "ck",
+            (["--output-dir", "runs/a", "--save", "--load", "ck",
               "--plot", "", "--train-iters", "8", "--profile"], {}),
             (["--train-iters", "3", "--lr-warmup-iters", "3", "--lr-decay-iters", "6"], {}),
             (["--moe-router-topk", "5"], {"RANK": "1", "LOCAL_RANK": "1"})]
@@ -336,8 +337,9 @@ def test_good_flags_and_output_paths(cli):
         "load": None, "profile": None, "lr_decay_iters": 30}
     assert custom["code"] is None, custom
     assert custom["paths"] == {  # bare flags: in the output directory; given paths as given
+        # (the bare --tensorboard-dir: test_loss_falls_and_resume_is_exact)
         "output_dir": "runs/a", "log_json": os.path.join("runs/a", "train_log.json"),
-        "plot": None, "tensorboard_dir": os.path.join("runs/a", "tensorboard"),
+        "plot": None, "tensorboard_dir": None,
         "save": os.path.join("runs/a", "checkpoints"), "load": "ck",
         "profile": os.path.join("runs/a", "profile.txt"), "lr_decay_iters": 8}
     # the warm-up is checked against --lr-decay-iters, which may exceed --train-iters
@@ -369,6 +371,8 @@ def test_plot_draws_every_iteration_and_interval_averages(cli):
 
 
 def test_verbose_shows_the_hidden_warnings():
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("TransformerEngine is installed: Megatron does not warn about it")
     proc = subprocess.run([sys.executable, SCRIPT, "--verbose", "--help"],
                           env=worker_env(CUDA_VISIBLE_DEVICES=""), capture_output=True,
                           text=True, timeout=300)
