@@ -6,7 +6,8 @@ The pages run in fresh processes in a temporary directory (snippets may write fi
 the environment of the test suite: without a GPU, TRITON_INTERPRET=1, so the snippets run
 moe_plugin's Triton kernels in the interpreter (the snippets keep their sizes small for it).
 Pages that use Megatron-Core run in a process of their own (``patches.apply()`` changes that
-process) and only where megatron-core is installed.
+process) and only where megatron-core is installed. A ``torchrun N`` snippet runs on N GPUs
+where there are that many, otherwise on the CPU (CUDA hidden: gloo and the interpreter).
 """
 import glob
 import importlib.util
@@ -109,9 +110,12 @@ TORCHRUN = [(page, s) for page in PAGES for s in SNIPPETS[page] if s.nproc]
 
 @pytest.mark.parametrize("page, snip", TORCHRUN, ids=[s.where for _, s in TORCHRUN])
 def test_torchrun_snippet_runs(tmp_path, page, snip):
+    import torch
     script = tmp_path / "snippet.py"
     script.write_text(snip.code)
     env = _env()
+    if torch.cuda.device_count() < snip.nproc:  # one process per GPU, else all on the CPU
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={snip.nproc}",
          "--master_addr=127.0.0.1", f"--master_port={env['MASTER_PORT']}", str(script)],
