@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every part the final length here")
     g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.01, help="AdamW weight decay")
     g.add_argument("--clip-grad", type=NONNEG_FLOAT, default=1.0,
-                   help="clip the global gradient norm to this (0: no clipping, and Megatron's "
-                        "optimizer then computes no norm: logged as 0)")
+                   help="clip the global gradient norm to this (0: no clipping; at EP 1 "
+                        "Megatron's optimizer then computes no norm and 0 is logged)")
     g.add_argument("--seed", type=int, default=1234, help="initialisation and data seed")
     g.add_argument("--bf16", action="store_true", default=None,
                    help="bf16 parameters, fp32 main copies (default: on with CUDA)")
@@ -887,7 +887,7 @@ def main(argv=None):
             done.record()
         else:
             host, done = loss_sum, None
-        queued.append((it + 1, lr, float(gnorm), host, done))
+        queued.append((it + 1, lr, 0.0 if gnorm is None else float(gnorm), host, done))
         last = it + 1 == args.train_iters
         log_now = (it + 1) % args.log_interval == 0 or last
         save_now = args.save and (last or args.save_interval
