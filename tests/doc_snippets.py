@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import doctest
 import json
-import os
 import re
 import sys
 import traceback

@@ -14,7 +14,6 @@ from PyTorch's default generator, not Megatron's model-parallel RNG tracker: the
 rank only without tensor parallelism, which moe_plugin's Megatron spec does not use). Settings it
 does not implement raise at construction, naming the field.
 """
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
