@@ -109,13 +109,13 @@ def _check_flags(**flags) -> None:
 
 def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, recompute,
              quant=None, weight_cache=None, b_up=None, b_down=None):
-    """Returns ``(out [N, D], tokens_per_expert int [E])``."""
+    """Returns ``(out [N, D], tokens_per_expert int [E])`` (arguments checked by the callers,
+    ``fused_experts`` and ``routed_experts``, biases with ``quant`` included)."""
     act_code, gated = check_activation(activation)
     if use_triton:
         if quant is None:
             return FusedExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
                                               gated, recompute, b_up, b_down)
-        check_bias_quant(b_up, b_down, quant)
         return FusedExpertsFP8Function.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
                                              gated, recompute, quant == "fp8_block_wgrad",
                                              weight_cache)
@@ -156,9 +156,9 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
         recompute: save nothing of GEMM1's output; recompute it in backward (same gradients).
         quant: ``None`` (GEMMs in the input dtype) or ``"fp8_block"``: FP8 e4m3 expert GEMMs
             with DeepSeek-V3 block scales (activations per token and 128 columns, weights per
-            128 x 128 block, fp32 accumulation), dgrad in FP8, wgrad in the input dtype. ``"fp8_block_wgrad"``: the
-            same with the weight gradients in FP8 too (operands per column and 128 tokens,
-            DeepSeek-V3's full recipe; faster, less accurate). Triton backend only; see
+            128 x 128 block, fp32 accumulation), dgrad in FP8, wgrad in the input dtype.
+            ``"fp8_block_wgrad"``: the same with the weight gradients in FP8 too (operands per
+            column and 128 tokens, DeepSeek-V3's full recipe; faster, less accurate). Triton backend only; see
             ``docs/quantization.md`` for their accuracy.
         weight_cache: with ``quant``, a ``moe_plugin.quant.WeightCache`` whose quantised
             weight copies are reused until its ``refresh()`` (e.g. once per optimizer step:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .config import (FLOAT_DTYPES, check_activation, check_bias_quant, check_choice,
+from .config import (FLOAT_DTYPES, check_activation, check_choice,
                      check_expert_biases, check_nonneg_float, check_positive_int,
                      check_router_jitter, check_routing_args, check_tensor, TRAIN_QUANTS)
 from .functional import _check_ep, _use_triton, route_tokens, routed_experts
@@ -486,12 +486,11 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
     replaces ``h`` (after the layer's own jitter) as the router's input; ``gate_bias``,
     ``logits_hook`` and ``valid`` (bool [N]: the tokens that enter the losses and the loads)
     are ``route_tokens``'. ``b_up [E, 2F|F]`` / ``b_down [E, D]``: optional expert biases
-    (the local experts' under EP; checked here, before any kernel runs). Returns
+    (the local experts' under EP; their shapes checked here, before any kernel runs). Returns
     ``(out [N, D], info)``."""
     use_triton = _use_triton(cfg.backend, h)
-    if b_up is not None or b_down is not None:
+    if b_up is not None or b_down is not None:  # (with quant: refused by routed_experts)
         check_expert_biases(b_up, b_down, w_up, w_down, cfg.activation)
-        check_bias_quant(b_up, b_down, getattr(cfg, "quant", None))
 
     # shared experts: on a side stream, overlapping the router and the routed experts
     shared = None

@@ -194,6 +194,19 @@ def update(after: dict, before: dict) -> dict:
     return {n: after["weight"][n] - before["weight"][n] for n in after["weight"]}
 
 
+def check_next_step(ddp, opt, sched, it: int, before: dict, ref_before: dict, ref_after: dict,
+                    ref_loss: float, name: str, res: dict) -> dict:
+    """Step ``it`` after a resume against the uninterrupted run's: the loss, the state (within
+    fp32 rounding) and the update itself. Returns the state after the step."""
+    res[f"{name}_loss_err"] = abs(train_step(ddp, opt, sched, it) - ref_loss) / abs(ref_loss)
+    after = snapshot(ddp, opt, sched)
+    compare(after, ref_after, name, res, exact=False)
+    upd, ref_upd = update(after, before), update(ref_after, ref_before)
+    res[f"{name}_update_err"], res[f"{name}_update_worst"] = max(
+        (rel(upd[n], ref_upd[n]), n) for n in ref_upd)
+    return after
+
+
 def run(tmp: str) -> dict:
     res = {}
     ws = dist.get_world_size()
@@ -222,13 +235,8 @@ def run(tmp: str) -> dict:
     common = load_checkpoint(os.path.join(tmp, "A"), ddp, opt, sched)
     res["common_a"] = common == {"iteration": 2, "consumed_samples": 8} or str(common)
     compare(snapshot(ddp, opt, sched), state_a, "stock_to_plugin", res, exact=True)
-    res["plugin_step3_loss_err"] = abs(train_step(ddp, opt, sched, 3) - ref_loss[3]) \
-        / abs(ref_loss[3])
-    plugin3 = snapshot(ddp, opt, sched)
-    compare(plugin3, ref3, "plugin_step3", res, exact=False)
-    upd, ref_upd = update(plugin3, state_a), update(ref3, state_a)
-    res["plugin_step3_update_err"], res["plugin_step3_update_worst"] = max(
-        (rel(upd[n], ref_upd[n]), n) for n in ref_upd)
+    plugin3 = check_next_step(ddp, opt, sched, 3, state_a, state_a, ref3, ref_loss[3],
+                              "plugin_step3", res)
     save_checkpoint(os.path.join(tmp, "B"), 3, ddp, opt, sched, consumed_samples=12)
 
     # 3. stock, EP=1: load B, compare with the plugin's state, step 4
@@ -237,13 +245,7 @@ def run(tmp: str) -> dict:
     common = load_checkpoint(os.path.join(tmp, "B"), ddp, opt, sched)
     res["common_b"] = common == {"iteration": 3, "consumed_samples": 12} or str(common)
     compare(snapshot(ddp, opt, sched), plugin3, "plugin_to_stock", res, exact=True)
-    res["stock_step4_loss_err"] = abs(train_step(ddp, opt, sched, 4) - ref_loss[4]) \
-        / abs(ref_loss[4])
-    stock4 = snapshot(ddp, opt, sched)
-    compare(stock4, ref4, "stock_step4", res, exact=False)
-    upd, ref_upd = update(stock4, plugin3), update(ref4, ref3)
-    res["stock_step4_update_err"], res["stock_step4_update_worst"] = max(
-        (rel(upd[n], ref_upd[n]), n) for n in ref_upd)
+    check_next_step(ddp, opt, sched, 4, plugin3, ref3, ref4, ref_loss[4], "stock_step4", res)
     return res
 
 

@@ -124,9 +124,10 @@ class FusedExpertsFP8Function(torch.autograd.Function):
 
     Forward: ``x`` is quantised per token and 128 columns (e4m3, one pass over the N tokens;
     GEMM1 then gathers the quantised rows by index), the weights per 128 x 128 block: anew, or
-    taken from ``weight_cache`` (``quant.WeightCache``: once per optimizer step). GEMM1 accumulates in fp32 with the scales applied per k-block,
-    stores the pre-activation (in x's dtype, unless ``recompute``) and writes h already
-    quantised (e4m3 per 128 columns, in its epilogue) for GEMM2.
+    taken from ``weight_cache`` (``quant.WeightCache``: once per optimizer step). GEMM1
+    accumulates in fp32 with the scales applied per k-block, stores the pre-activation (in x's
+    dtype, unless ``recompute``) and writes h already quantised (e4m3 per 128 columns, in its
+    epilogue) for GEMM2.
 
     Saves: ``x``, ``topk_weights``, the quantised weights (with a cache, its copies;
     each also stored K-major, the layout of the dgrad GEMMs' B operand on Hopper),
@@ -171,9 +172,9 @@ class FusedExpertsFP8Function(torch.autograd.Function):
         dx, dw_topk, dpre, hw, _ = X.experts_backward_data(
             dout, x, topk_weights, wq_up, wq_down, meta,
             rest[4] if len(rest) > 4 else None, ctx.act_code, ctx.gated, need_x, need_w)
-        dw_up, dw_down, _ = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up, need_down,
-                                                   *accumulation_buffers(ctx),
-                                                   fp8=ctx.fp8_wgrad)
+        dw_up, dw_down, _ = X.experts_backward_weight(dout, x, dpre, hw, meta, need_up,
+                                                      need_down, *accumulation_buffers(ctx),
+                                                      fp8=ctx.fp8_wgrad)
         return (dx, None, dw_topk) \
             + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
             + (None, None, None, None, None)
