@@ -12,21 +12,19 @@ from typing import Optional
 
 import torch
 
+from .kernels.codes import Act
+
 # name -> (code used by the kernels, gated?)
 ACTIVATIONS = {
-    "swiglu": (0, True),
-    "geglu": (1, True),
-    "swiglu_oai": (2, True),
-    "gelu": (3, False),
-    "relu2": (4, False),
-    "silu": (5, False),
-    "gelu_erf": (6, False),   # exact (erf) gelu: F.gelu(x), Megatron-Core's default
-    "geglu_erf": (7, True),   # F.gelu(g) * u with the exact gelu
+    "swiglu": (Act.SWIGLU, True),
+    "geglu": (Act.GEGLU, True),
+    "swiglu_oai": (Act.SWIGLU_OAI, True),
+    "gelu": (Act.GELU, False),
+    "relu2": (Act.RELU2, False),
+    "silu": (Act.SILU, False),
+    "gelu_erf": (Act.GELU_ERF, False),    # exact (erf) gelu: F.gelu(x), Megatron-Core's default
+    "geglu_erf": (Act.GEGLU_ERF, True),   # F.gelu(g) * u with the exact gelu
 }
-# swiglu_oai defaults: alpha, beta (added to the clamped up projection), limit
-SWIGLU_OAI_ALPHA = 1.702
-SWIGLU_OAI_BETA = 1.0
-SWIGLU_OAI_LIMIT = 7.0
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 BACKENDS = ("auto", "triton", "torch")

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from .autograd import (FusedExpertsFP8Function, FusedExpertsFunction, RouterFunction,
+from .autograd import (FusedExpertsFunction, RouterFunction,
                        RouterLogitsFunction)
 from .config import (BACKENDS, DROP_POLICIES, FLOAT_DTYPES, check_activation,
                      check_bias_quant, check_capacity_factor, check_choice, check_experts_args,
@@ -21,7 +21,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FALLBACK_WARNED: set = set()  # the reasons ``backend="auto"`` has already warned about
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
+def select_triton(backend: str, x: torch.Tensor) -> bool:
     check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return False
@@ -68,7 +68,7 @@ def _warn_auto_fallback(x: torch.Tensor, runnable: bool) -> None:
                   f"once per process).", UserWarning, stacklevel=4)
 
 
-def _check_ids(topk_ids: torch.Tensor, num_experts: int, validate_ids) -> None:
+def check_topk_ids(topk_ids: torch.Tensor, num_experts: int, validate_ids) -> None:
     if validate_ids is None:
         validate_ids = "host" if not topk_ids.is_cuda else "device"
     if validate_ids is True or validate_ids == "host":
@@ -113,12 +113,8 @@ def _experts(x, topk_ids, topk_weights, w_up, w_down, activation, use_triton, re
     ``fused_experts`` and ``routed_experts``, biases with ``quant`` included)."""
     act_code, gated = check_activation(activation)
     if use_triton:
-        if quant is None:
-            return FusedExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
-                                              gated, recompute, b_up, b_down)
-        return FusedExpertsFP8Function.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
-                                             gated, recompute, quant == "fp8_block_wgrad",
-                                             weight_cache)
+        return FusedExpertsFunction.apply(x, topk_ids, topk_weights, w_up, w_down, act_code,
+                                          gated, recompute, b_up, b_down, quant, weight_cache)
     out = reference.experts(x, topk_ids, topk_weights, w_up, w_down, activation, b_up, b_down)
     valid = topk_ids.reshape(-1)
     counts = torch.zeros(w_up.shape[0], dtype=torch.int32, device=x.device)
@@ -179,11 +175,11 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
     shapes = check_experts_args(hidden_states, topk_ids, topk_weights, w_up, w_down, activation,
                                 b_up, b_down)
     _check_flags(recompute=recompute, deterministic=deterministic)
-    use_triton = _use_triton(backend, hidden_states)
+    use_triton = select_triton(backend, hidden_states)
     check_quant(quant, use_triton=use_triton)
     check_bias_quant(b_up, b_down, quant)
     check_weight_cache(weight_cache)
-    _check_ids(topk_ids, shapes.num_experts, validate_ids)
+    check_topk_ids(topk_ids, shapes.num_experts, validate_ids)
     out, _ = _experts(hidden_states, topk_ids, topk_weights, w_up, w_down, activation,
                       use_triton, recompute, quant, weight_cache, b_up, b_down)
     return out
@@ -205,7 +201,7 @@ def capacity_drop(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expert
     check_positive_int("num_experts", num_experts)
     check_capacity_factor(capacity_factor, allow_none=False)
     check_choice("drop_policy", drop_policy, DROP_POLICIES)
-    _check_ids(topk_ids, num_experts, validate_ids)
+    check_topk_ids(topk_ids, num_experts, validate_ids)
     return _capacity_drop(topk_ids, topk_weights, num_experts, capacity_factor, drop_policy)
 
 
@@ -306,7 +302,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
                          f"hidden_states), got {tuple(gate_weight.shape)}")
     num_experts = gate_weight.shape[0]
     check_tensor("w_up", w_up, ndim=3)
-    ep_size = _check_ep(ep_group, num_experts, ep_backend, max_tokens_per_rank)
+    ep_size = check_ep_group(ep_group, num_experts, ep_backend, max_tokens_per_rank)
     if w_up.shape[0] != num_experts // ep_size:
         raise ValueError(f"w_up: expected {num_experts // ep_size} experts (rows of gate_weight"
                          f"{f' / EP size {ep_size}' if ep_size > 1 else ''}), "
@@ -321,7 +317,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
                        w_up, w_down, activation, b_up, b_down)
     _check_flags(recompute=recompute, deterministic=deterministic)
     _check_check_finite(check_finite)
-    use_triton = _use_triton(backend, x)
+    use_triton = select_triton(backend, x)
     check_quant(quant, use_triton=use_triton)
     check_bias_quant(b_up, b_down, quant)
     check_weight_cache(weight_cache)
@@ -344,7 +340,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     return out, info
 
 
-def _check_ep(ep_group, num_experts: int, ep_backend: str, max_tokens_per_rank) -> int:
+def check_ep_group(ep_group, num_experts: int, ep_backend: str, max_tokens_per_rank) -> int:
     """Returns the EP size (1 without a group)."""
     check_positive_int("max_tokens_per_rank", max_tokens_per_rank, allow_none=True)
     if ep_group is None:

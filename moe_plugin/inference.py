@@ -12,9 +12,8 @@ import torch
 
 from . import quant as Q
 from .config import check_activation, check_choice, check_positive_int, check_tensor
-from .functional import _check_ids, _use_triton
-from .kernels.experts import experts_forward
-from .kernels.grouped_gemm import QTensor
+from .functional import check_topk_ids, select_triton
+from .kernels import expert_stages  # noqa: F401  (registers torch.ops.moe_plugin.experts_*)
 
 __all__ = ["fused_moe_quantized"]
 
@@ -77,7 +76,7 @@ def fused_moe_quantized(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     check_choice("quant_mode", quant_mode, Q.QUANT_MODES)
     act, gated = check_activation(activation)
     check_tensor("x", x, ndim=2, dtypes=_ACT_DTYPES)
-    _use_triton("triton", x)
+    select_triton("triton", x)
     dev = x.device
     n, d = x.shape
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=dev)
@@ -103,14 +102,17 @@ def fused_moe_quantized(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     if num_max_tokens_per_rank is not None and n > num_max_tokens_per_rank:
         raise ValueError(f"num_max_tokens_per_rank: this rank has {n} tokens, more than "
                          f"num_max_tokens_per_rank={num_max_tokens_per_rank}")
-    w_up = QTensor(w_up_q, w_up_scale)
-    w_down = QTensor(w_down_q, w_down_scale)
+
+    def experts(x, ids, weights):
+        """``(out, tokens per expert)`` of the quantised experts (the stage op)."""
+        out, counts, *_ = torch.ops.moe_plugin.experts_forward(
+            x, ids, weights, w_up_q, w_down_q, act, gated, False, None, None, w_up_scale, None,
+            w_down_scale, None)
+        return out, counts
 
     if ep_group is None:
-        _check_ids(topk_ids, e_loc, validate_ids)
-        out, meta, _ = experts_forward(x, topk_ids, topk_weights, w_up, w_down, act, gated,
-                                       save_pre=False)
-        return out, meta.counts
+        check_topk_ids(topk_ids, e_loc, validate_ids)
+        return experts(x, topk_ids, topk_weights)
 
     import torch.distributed as dist
 
@@ -118,12 +120,10 @@ def fused_moe_quantized(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     if not dist.is_initialized():
         raise ValueError("ep_group: torch.distributed is not initialised")
     num_experts = e_loc * dist.get_world_size(ep_group)
-    _check_ids(topk_ids, num_experts, validate_ids)
+    check_topk_ids(topk_ids, num_experts, validate_ids)
     backend = get_backend("nccl")
     layout, recv = ep_dispatch(x, topk_ids, topk_weights, num_experts, ep_group, backend,
                                num_max_tokens_per_rank)
-    y, meta, _ = experts_forward(recv.payload, recv.ids.view(-1, 1),
-                                 recv.weights.contiguous().view(-1, 1), w_up, w_down, act,
-                                 gated, save_pre=False)
+    y, counts = experts(recv.payload, recv.ids.view(-1, 1), recv.weights.contiguous().view(-1, 1))
     out = ep_combine(y, layout, ep_group, backend, x.dtype)
-    return out, meta.counts
+    return out, counts

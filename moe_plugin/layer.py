@@ -18,7 +18,7 @@ from . import reference
 from .config import (FLOAT_DTYPES, check_activation, check_choice,
                      check_expert_biases, check_nonneg_float, check_positive_int,
                      check_router_jitter, check_routing_args, check_tensor, TRAIN_QUANTS)
-from .functional import _check_ep, _use_triton, route_tokens, routed_experts
+from .functional import check_ep_group, route_tokens, routed_experts, select_triton
 
 AUX_LOSS_TYPES = ("batch", "seq")
 _SIDE_STREAMS: dict = {}  # device -> side stream for the shared experts (shared by all layers)
@@ -160,7 +160,7 @@ class MoELayer(nn.Module):
         self._init_std, self._init_method = init_std, init_method
         self.ep_group, self.ep_backend = None, ep_backend
         self.max_tokens_per_rank = max_tokens_per_rank
-        ep_size = _check_ep(ep_group, num_experts, ep_backend, max_tokens_per_rank)
+        ep_size = check_ep_group(ep_group, num_experts, ep_backend, max_tokens_per_rank)
         self.ep_group = ep_group
         num_local = num_experts // ep_size
 
@@ -315,7 +315,7 @@ class MoELayer(nn.Module):
         routes through ``ep_group`` from now on. Returns ``self``."""
         if self.ep_group is not None:
             raise ValueError("ep_group: the layer is already sharded")
-        size = _check_ep(ep_group, self.num_experts, self.ep_backend, self.max_tokens_per_rank)
+        size = check_ep_group(ep_group, self.num_experts, self.ep_backend, self.max_tokens_per_rank)
         num_local = self.num_experts // size
         first = dist.get_rank(ep_group) * num_local
         for name in ("w_up", "w_down", "b_up", "b_down"):
@@ -488,7 +488,7 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
     are ``route_tokens``'. ``b_up [E, 2F|F]`` / ``b_down [E, D]``: optional expert biases
     (the local experts' under EP; their shapes checked here, before any kernel runs). Returns
     ``(out [N, D], info)``."""
-    use_triton = _use_triton(cfg.backend, h)
+    use_triton = select_triton(cfg.backend, h)
     if b_up is not None or b_down is not None:  # (with quant: refused by routed_experts)
         check_expert_biases(b_up, b_down, w_up, w_down, cfg.activation)
 

@@ -57,8 +57,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .config import (SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT, check_activation,
-                     expert_capacity)
+from .config import check_activation, expert_capacity
+from .kernels.codes import SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT
 
 __all__ = ["activation", "scores_of", "route", "capacity_drop", "load_balance_loss",
            "seq_load_balance_loss", "z_loss", "experts", "experts_quantized", "moe", "moe_layer"]

@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import zlib  # noqa: E402
 
@@ -18,6 +19,7 @@ import pytest  # noqa: E402
 
 import moe_plugin  # noqa: E402,F401  (imported after the variable is set)
 from moe_plugin import reference  # noqa: E402
+from moe_plugin.kernels import tuning  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda") if HAS_CUDA else torch.device("cpu")
@@ -38,6 +40,14 @@ def seed(request) -> int:
     """A reproducible seed that differs between test cases (derived from the test's name,
     parametrisation included)."""
     return zlib.crc32(request.node.name.encode())
+
+
+@pytest.fixture
+def tune():
+    """``tune(**fields)`` applies ``moe_plugin.kernels.tuning.override(**fields)`` until the
+    end of the test (calls nest: a later one applies over the earlier ones)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **fields: stack.enter_context(tuning.override(**fields))
 
 
 @pytest.fixture

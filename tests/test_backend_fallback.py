@@ -39,17 +39,17 @@ def fresh_once_guard(monkeypatch):
 
 @pytest.fixture
 def spy_use_triton(monkeypatch):
-    """Records what ``_use_triton`` decided for each call (the layer imports it by name)."""
+    """Records what ``select_triton`` decided for each call (the layer imports it by name)."""
     decisions = []
-    orig = functional._use_triton
+    orig = functional.select_triton
 
     def spy(backend, x):
         use = orig(backend, x)
         decisions.append((backend, use))
         return use
 
-    monkeypatch.setattr(functional, "_use_triton", spy)
-    monkeypatch.setattr(moe_plugin.layer, "_use_triton", spy)
+    monkeypatch.setattr(functional, "select_triton", spy)
+    monkeypatch.setattr(moe_plugin.layer, "select_triton", spy)
     return decisions
 
 

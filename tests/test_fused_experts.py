@@ -13,7 +13,7 @@ from conftest import (ACTIVATIONS, DEVICE, EXPERT_GRAD_NAMES, FP32_TOL, assert_b
                       assert_clamp_exercised, assert_close, check_experts, expert_inputs,
                       random_ids, rel_err, run_fused_experts, run_reference_experts)
 from moe_plugin import fused_experts
-from moe_plugin.config import SWIGLU_OAI_LIMIT
+from moe_plugin.kernels.codes import SWIGLU_OAI_LIMIT
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 

@@ -176,12 +176,12 @@ def test_route_kernels(case, n, e, k, seed):
 
 @pytest.mark.parametrize("mode", [1, 2], ids=["atomic", "read_modify_write"])
 @pytest.mark.parametrize("which", ["wgrad_up", "wgrad_down"])
-def test_wgrad_accumulates_into_buffer(which, mode, seed, monkeypatch):
+def test_wgrad_accumulates_into_buffer(which, mode, seed, tune):
     """``out=``: the weight gradient is added into an fp32 buffer (gradient-accumulation
     fusion), experts without rows keep the buffer's values; the same as buffer + the plain
     kernel's fp32 result, by atomic adds and by read-modify-write."""
     from moe_plugin.kernels import grouped_gemm as G
-    monkeypatch.setattr(G, "WGRAD_ACCUM_MODE", mode)
+    tune(wgrad_accum_mode=mode)
     n, d, f, e, k = 40, 24, 16, 6, 2
     ids = _ids_with_holes(seed, n, e, k, experts=[0, 2, 5])
     meta = K.permute_metadata(ids.to(DEVICE), e)
@@ -204,7 +204,7 @@ def test_wgrad_accumulates_into_buffer(which, mode, seed, monkeypatch):
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu2", "geglu_erf", "gelu_erf"])
-def test_split_activation_backward_matches_fused_epilogue(activation, seed, monkeypatch):
+def test_split_activation_backward_matches_fused_epilogue(activation, seed, tune):
     """``expert_up_bwd``: the split form (dh' stored, then ``_act_bwd_kernel``) gives the
     fused epilogue's dpre, hw and routing-weight gradient (fp32: dh' is stored unrounded),
     for experts without rows and unused slots too."""
@@ -224,7 +224,7 @@ def test_split_activation_backward_matches_fused_epilogue(activation, seed, monk
     valid = int(meta.offsets[-1])
     out = {}
     for split in (False, True):
-        monkeypatch.setattr(G, "SPLIT_UP_BWD", split)
+        tune(split_up_bwd=split)
         dpre, hw, dwp = K.expert_up_bwd(dout, w_down, pre, meta, weights, act, gated)
         out[split] = (dpre[:valid], hw[:valid], dwp[:valid])
     assert 0 < valid < n * k

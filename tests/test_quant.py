@@ -24,6 +24,7 @@ from moe_plugin import reference
 from moe_plugin.kernels import gluon_fp8 as GF
 from moe_plugin.kernels import grouped_gemm as G
 from moe_plugin.kernels import quantize as KQ
+from moe_plugin.kernels import tuning
 from moe_plugin.kernels import wgrad_fp8 as W8
 
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
@@ -197,7 +198,7 @@ def test_fp8_rows_kernel_equals_torch(shape):
     if shape[0] > 2:
         x[2] = 0
     q, s = KQ.fp8_quantize_rows(x)
-    q_ref, s_ref = Q._quantize_fp8_rows_torch(x)
+    q_ref, s_ref = KQ.quantize_fp8_rows_torch(x)
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
@@ -206,7 +207,7 @@ def test_fp8_rows_kernel_in_expert_order():
     """dout quantised straight into expert order (the FP8 dh' GEMM's A operand): row p is the
     quantised token row ``sorted_slot[p] // k``, bitwise the reference on the gathered rows;
     rows past the routed slots (unused slots) are zeros."""
-    from moe_plugin.kernels.experts import quantize_rows_expert_order
+    from moe_plugin.kernels.quantize import quantize_rows_expert_order
     from moe_plugin.kernels.permute import permute_metadata
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(9, 300, generator=g) * 3).to(DEVICE, DTYPE)
@@ -216,7 +217,7 @@ def test_fp8_rows_kernel_in_expert_order():
     got = quantize_rows_expert_order(x, meta)
     valid = int(meta.offsets[-1])
     rows = meta.sorted_slot[:valid].long() // 2
-    q_ref, s_ref = Q._quantize_fp8_rows_torch(x[rows])
+    q_ref, s_ref = KQ.quantize_fp8_rows_torch(x[rows])
     assert got.q.shape == (18, 300) and valid == 16
     assert torch.equal(got.scale[:valid], s_ref)
     assert torch.equal(got.q[:valid].view(torch.uint8), q_ref.view(torch.uint8))
@@ -229,7 +230,7 @@ def test_act_quant_pass_equals_fused_gemm1_epilogue(activation):
     pre-activation (``act_quant``); it must give the fused Triton epilogue's h and scales
     bitwise, for the routed rows."""
     from moe_plugin.config import check_activation
-    from moe_plugin.kernels.experts import quantize_rows_expert_order
+    from moe_plugin.kernels.quantize import quantize_rows_expert_order
     from moe_plugin.kernels.permute import permute_metadata
     act, gated = check_activation(activation)
     x, ids, w, w_up, w_down = _problem(6, n=40, d=128, f=256, e=4)
@@ -237,8 +238,8 @@ def test_act_quant_pass_equals_fused_gemm1_epilogue(activation):
         w_up = w_up[:, :256].contiguous()
     ids[3, 1] = -1
     meta = permute_metadata(ids, 4)
-    wq = G.QTensor(*Q.cached_weight(w_up, "fp8"))
-    with GF.enabled(False):  # the fused Triton epilogue, even on Hopper
+    wq = KQ.QTensor(*Q.cached_weight(w_up, "fp8"))
+    with tuning.override(gluon=False):  # the fused Triton epilogue, even on Hopper
         pre, hq = G.expert_up(quantize_rows_expert_order(x, meta), wq, meta, act, gated,
                               store_pre=True, store_h=False, out_dtype=x.dtype, quant_h=True,
                               expert_order=True)
@@ -253,7 +254,7 @@ def test_fp8_blocks_kernel_equals_torch():
     w = (torch.randn(3, 200, 300, generator=g) * 5).to(DEVICE, DTYPE)
     w[1, :128, :128] = 0
     q, s, q_t = KQ.fp8_quantize_blocks(w, transposed=True)
-    q_ref, s_ref = Q._quantize_fp8_blocks_torch(w)
+    q_ref, s_ref = KQ.quantize_fp8_blocks_torch(w)
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert q_t.shape == q.shape and q_t.stride() == (300 * 200, 1, 200)
@@ -337,7 +338,7 @@ def test_fused_moe_quantized_bad_input():
 def _fp8_cols(a: torch.Tensor) -> torch.Tensor:
     """FP8 wgrad operand ``a [P, C]`` (the rows of one expert, in order) quantised per column
     and group of 128 rows, dequantised (float64)."""
-    q, s = Q._quantize_fp8_rows_torch(a.float().t().contiguous())
+    q, s = KQ.quantize_fp8_rows_torch(a.float().t().contiguous())
     return Q.dequantize_rows(q, s, torch.float64).t()
 
 
@@ -509,17 +510,17 @@ def test_fp8_cuda_graph_follows_weight_updates(quant):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("config", [None, dict(BC=64, num_warps=4, WC=1)])
-def test_fp8_cols_gluon_pass_equals_triton(gather, config, monkeypatch):
+def test_fp8_cols_gluon_pass_equals_triton(gather, config, tune):
     """The column quantisation of the FP8 wgrad operands (per column and 128 tokens of one
     expert, stored transposed in the padded group layout) runs on Hopper as a Gluon pass
     (``gluon_fp8._fp8_cols_gl``): bitwise the Triton kernel's values and scales in every
     written group, with an empty expert, segments not multiples of 128, unused slots and a
     column count that is not a multiple of the column block."""
     from moe_plugin.kernels.permute import permute_metadata
-    if not GF.available(torch.empty(0, device=DEVICE)):
+    if not GF.available(tuning.current(), torch.empty(0, device=DEVICE)):
         pytest.skip("Gluon Hopper kernels not available here")
     if config is not None:
-        monkeypatch.setattr(GF, "COLS_CONFIG", config)
+        tune(gluon_cols_config=config)
     g = torch.Generator().manual_seed(8)
     n, k, e, c = 500, 2, 6, 200
     ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
@@ -532,7 +533,7 @@ def test_fp8_cols_gluon_pass_equals_triton(gather, config, monkeypatch):
     used = int(((meta.counts + 127) // 128).sum())
     res = []
     for enabled in (False, True):
-        with GF.enabled(enabled):
+        with tuning.override(gluon=enabled):
             q, sc = W8.quantize_cols_grouped(src, meta, gather)
         res.append((q[:used].view(torch.uint8), sc[:used]))
     assert torch.equal(res[0][1], res[1][1]), "scales differ"
@@ -543,16 +544,15 @@ def test_fp8_cols_gluon_pass_equals_triton(gather, config, monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("mode,dtype", [(1, torch.float32), (2, torch.float32),
                                         (2, torch.bfloat16)])
-def test_fp8_wgrad_gluon_accumulate_modes_equal_triton(mode, dtype, monkeypatch):
+def test_fp8_wgrad_gluon_accumulate_modes_equal_triton(mode, dtype, tune):
     """The Gluon FP8 weight gradient added into a buffer (gradient-accumulation fusion: mode 1
     atomic adds, mode 2 read-add-write with the buffer's tile loaded ahead by the producer's
     TMA) gives the Triton kernel's results bitwise; MO not a multiple of the tile (a tile's
     rows past it read the next expert's, masked), an empty expert, few persistent programs."""
     from moe_plugin.kernels.permute import permute_metadata
-    if not GF.available(torch.empty(0, device=DEVICE)):
+    if not GF.available(tuning.current(), torch.empty(0, device=DEVICE)):
         pytest.skip("Gluon Hopper kernels not available here")
-    monkeypatch.setattr(G, "WGRAD_ACCUM_MODE", mode)
-    monkeypatch.setattr(GF, "PROGRAMS", 5)
+    tune(wgrad_accum_mode=mode, gluon_programs=5)
     g = torch.Generator().manual_seed(12)
     n, k, e, mo, no = 600, 2, 5, 200, 136
     ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
@@ -564,7 +564,7 @@ def test_fp8_wgrad_gluon_accumulate_modes_equal_triton(mode, dtype, monkeypatch)
     init = torch.randn(e, mo, no, generator=g).to(DEVICE, dtype)
     res = []
     for enabled in (False, True):
-        with GF.enabled(enabled):
+        with tuning.override(gluon=enabled):
             out = init.clone()
             got = W8.wgrad_fp8("t", a, False, b, True, meta, out=out)
         assert got is out
@@ -576,7 +576,7 @@ def test_fp8_wgrad_gluon_accumulate_modes_equal_triton(mode, dtype, monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("activation,f", [("swiglu", 256), ("swiglu_oai", 200), ("silu", 136)])
-def test_fp8_dh_gemm_fused_act_bwd_equals_split(activation, f, monkeypatch):
+def test_fp8_dh_gemm_fused_act_bwd_equals_split(activation, f, tune):
     """On Hopper the FP8 dh' GEMM runs the activation backward in its epilogue
     (``gluon_fp8._act_bwd_epilogue``: the pre-activation tiles TMA-loaded by the producer,
     dh' never stored). Against the split form (the same GEMM storing dh', then
@@ -584,9 +584,9 @@ def test_fp8_dh_gemm_fused_act_bwd_equals_split(activation, f, monkeypatch):
     routing-weight gradient (row sums of dh'·h per 128-column tile, summed in a different
     order) to fp32 rounding. Gated and ungated, F not a multiple of the tile, an empty expert,
     unused slots, 3 persistent programs."""
-    if not GF.available(torch.empty(0, device=DEVICE)):
+    if not GF.available(tuning.current(), torch.empty(0, device=DEVICE)):
         pytest.skip("Gluon Hopper kernels not available here")
-    monkeypatch.setattr(GF, "PROGRAMS", 3)
+    tune(gluon_programs=3)
     x, ids, w, w_up, w_down = _problem(13, n=600, d=256, f=f, e=6, k=2)
     if activation in ("gelu", "relu2", "silu"):  # ungated: W_up [E, F, D]
         w_up = w_up[:, :f].contiguous()
@@ -595,7 +595,7 @@ def test_fp8_dh_gemm_fused_act_bwd_equals_split(activation, f, monkeypatch):
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x)
     res = []
     for fused in (False, True):
-        monkeypatch.setattr(GF, "FUSE_ACT_BWD", fused)
+        tune(gluon_fuse_act_bwd=fused)
         leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
         out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], activation,
                             quant="fp8_block_wgrad")
@@ -611,7 +611,7 @@ def test_fp8_dh_gemm_fused_act_bwd_equals_split(activation, f, monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("quant,programs", [("fp8_block", None), ("fp8_block_wgrad", None),
                                             ("fp8_block_wgrad", 3)])
-def test_fp8_gluon_kernels_equal_triton_kernels(quant, programs, monkeypatch):
+def test_fp8_gluon_kernels_equal_triton_kernels(quant, programs, tune):
     """On Hopper the FP8 GEMMs without a row gather (GEMM1 on expert-order x, GEMM2, dh' on
     expert-order dout, dx, FP8 wgrad) run as Gluon kernels (``kernels/gluon_fp8.py``: TMA
     loads, warp-specialised ping-pong consumers, persistent over tiles); they compute the same
@@ -619,16 +619,16 @@ def test_fp8_gluon_kernels_equal_triton_kernels(quant, programs, monkeypatch):
     with uneven experts (one empty, segments not multiples of the tile) and unused slots;
     ``programs``: the persistent kernels on 3 programs (many tiles, and empty experts' tiles,
     through each program's ring)."""
-    if not GF.available(torch.empty(0, device=DEVICE)):
+    if not GF.available(tuning.current(), torch.empty(0, device=DEVICE)):
         pytest.skip("Gluon Hopper kernels not available here")
-    monkeypatch.setattr(GF, "PROGRAMS", programs)
+    tune(gluon_programs=programs)
     x, ids, w, w_up, w_down = _problem(11, n=700, d=384, f=256, e=8, k=2)
     ids[ids == 5] = 4   # expert 5: no tokens
     ids[:7, 1] = -1     # unused slots
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
     res = []
     for enabled in (False, True):
-        with GF.enabled(enabled):
+        with tuning.override(gluon=enabled):
             leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
             out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], quant=quant)
             res.append((out, *torch.autograd.grad(out, leaves, dout)))

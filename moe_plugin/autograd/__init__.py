@@ -1,6 +1,7 @@
-"""torch.autograd.Function classes pairing the kernels forward and backward."""
-from .experts import FusedExpertsFP8Function, FusedExpertsFunction
+"""torch.autograd.Function classes pairing the stages' forward and backward."""
+from .cross_entropy_function import CrossEntropyFunction
+from .experts import FusedExpertsFunction
 from .router import RouterFunction, RouterLogitsFunction
 
-__all__ = ["FusedExpertsFunction", "FusedExpertsFP8Function", "RouterFunction",
-           "RouterLogitsFunction"]
+__all__ = ["FusedExpertsFunction", "RouterFunction", "RouterLogitsFunction",
+           "CrossEntropyFunction"]

@@ -1,7 +1,7 @@
 """Autograd Functions for the router: gate logits in fp32, and fused scores + top-k."""
 import torch
 
-from ..kernels import ops  # noqa: F401  (registers torch.ops.moe_plugin.*)
+from ..kernels import routing  # noqa: F401  (registers torch.ops.moe_plugin.route_*)
 
 
 class RouterLogitsFunction(torch.autograd.Function):

@@ -1,14 +1,14 @@
 """Activation functions as Triton device functions, for GEMM epilogues and operand loads.
 
-All math is fp32. ``ACT`` is the code from ``moe_plugin.config.ACTIVATIONS``:
-0 swiglu, 1 geglu (tanh gelu), 2 swiglu_oai, 7 geglu_erf (exact gelu) (gated: ``g`` gate half,
-``u`` up half); 3 gelu (tanh), 4 relu2, 5 silu, 6 gelu_erf (exact gelu) (non-gated: ``u`` is
-ignored).
+All math is fp32. ``ACT`` is a ``codes.Act`` code (``moe_plugin.config.ACTIVATIONS`` maps the
+public names to them); gated activations take ``g`` (gate half) and ``u`` (up half),
+non-gated ones ignore ``u``.
 """
 import triton
 import triton.language as tl
 
-from ..config import SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT
+from .codes import (ACT_GEGLU, ACT_GEGLU_ERF, ACT_GELU, ACT_GELU_ERF, ACT_RELU2, ACT_SWIGLU,
+                    ACT_SWIGLU_OAI, SWIGLU_OAI_ALPHA, SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT)
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _SQRT_HALF = tl.constexpr(0.7071067811865476)      # 1/sqrt(2)
@@ -20,21 +20,21 @@ _OAI_LIMIT = tl.constexpr(SWIGLU_OAI_LIMIT)
 
 
 @triton.jit
-def _sigmoid(x):
+def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit
 def _gelu_tanh(x):
     inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
-    t = 2.0 * _sigmoid(2.0 * inner) - 1.0  # tanh(inner)
+    t = 2.0 * sigmoid(2.0 * inner) - 1.0  # tanh(inner)
     return 0.5 * x * (1.0 + t)
 
 
 @triton.jit
 def _gelu_tanh_grad(x):
     inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
-    t = 2.0 * _sigmoid(2.0 * inner) - 1.0
+    t = 2.0 * sigmoid(2.0 * inner) - 1.0
     dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x * x)
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
 
@@ -54,59 +54,59 @@ def _gelu_erf_grad(x):
 
 @triton.jit
 def _silu_grad(x):
-    s = _sigmoid(x)
+    s = sigmoid(x)
     return s * (1.0 + x * (1.0 - s))
 
 
 @triton.jit
 def act_fwd(g, u, ACT: tl.constexpr):
     """h = act(g, u) (gated) or act(g) (non-gated)."""
-    if ACT == 0:
-        return g * _sigmoid(g) * u
-    elif ACT == 1:
+    if ACT == ACT_SWIGLU:
+        return g * sigmoid(g) * u
+    elif ACT == ACT_GEGLU:
         return _gelu_tanh(g) * u
-    elif ACT == 2:
+    elif ACT == ACT_SWIGLU_OAI:
         gc = tl.minimum(g, _OAI_LIMIT)
         uc = tl.minimum(tl.maximum(u, -_OAI_LIMIT), _OAI_LIMIT)
-        return gc * _sigmoid(gc * _OAI_ALPHA) * (uc + _OAI_BETA)
-    elif ACT == 3:
+        return gc * sigmoid(gc * _OAI_ALPHA) * (uc + _OAI_BETA)
+    elif ACT == ACT_GELU:
         return _gelu_tanh(g)
-    elif ACT == 4:
+    elif ACT == ACT_RELU2:
         r = tl.maximum(g, 0.0)
         return r * r
-    elif ACT == 6:
+    elif ACT == ACT_GELU_ERF:
         return _gelu_erf(g)
-    elif ACT == 7:
+    elif ACT == ACT_GEGLU_ERF:
         return _gelu_erf(g) * u
     else:
-        return g * _sigmoid(g)
+        return g * sigmoid(g)
 
 
 @triton.jit
 def act_bwd(g, u, dh, ACT: tl.constexpr):
     """(dg, du) given the upstream gradient dh of h = act(g, u); du is 0 for non-gated."""
-    if ACT == 0:
-        s = _sigmoid(g)
+    if ACT == ACT_SWIGLU:
+        s = sigmoid(g)
         return dh * u * s * (1.0 + g * (1.0 - s)), dh * g * s
-    elif ACT == 1:
+    elif ACT == ACT_GEGLU:
         return dh * u * _gelu_tanh_grad(g), dh * _gelu_tanh(g)
-    elif ACT == 2:
+    elif ACT == ACT_SWIGLU_OAI:
         # clamp passes the gradient where the input lies inside [min, max] (torch.clamp)
         gc = tl.minimum(g, _OAI_LIMIT)
         uc = tl.minimum(tl.maximum(u, -_OAI_LIMIT), _OAI_LIMIT)
-        s = _sigmoid(gc * _OAI_ALPHA)
+        s = sigmoid(gc * _OAI_ALPHA)
         dgc = dh * (uc + _OAI_BETA) * s * (1.0 + gc * _OAI_ALPHA * (1.0 - s))
         duc = dh * gc * s
         dg = tl.where(g <= _OAI_LIMIT, dgc, 0.0)
         du = tl.where((u >= -_OAI_LIMIT) & (u <= _OAI_LIMIT), duc, 0.0)
         return dg, du
-    elif ACT == 3:
+    elif ACT == ACT_GELU:
         return dh * _gelu_tanh_grad(g), dh * 0.0
-    elif ACT == 4:
+    elif ACT == ACT_RELU2:
         return dh * 2.0 * tl.maximum(g, 0.0), dh * 0.0
-    elif ACT == 6:
+    elif ACT == ACT_GELU_ERF:
         return dh * _gelu_erf_grad(g), dh * 0.0
-    elif ACT == 7:
+    elif ACT == ACT_GEGLU_ERF:
         return dh * u * _gelu_erf_grad(g), dh * _gelu_erf(g)
     else:
         return dh * _silu_grad(g), dh * 0.0

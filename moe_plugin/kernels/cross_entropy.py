@@ -59,50 +59,24 @@ def _block(v: int) -> int:
     return 64 if interpret_mode() else min(4096, triton.next_power_of_2(v))
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """``loss [N] fp32 = logsumexp(logits[i]) - logits[i, target[i]]`` for ``logits [N, V]``."""
-
-    @staticmethod
-    def forward(ctx, logits, target):
-        n, v = logits.shape
-        loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        if n:
-            _ce_fwd_kernel[(n,)](logits, target, loss, lse, v, logits.stride(0),
-                                 BLOCK=_block(v), num_warps=8)
-        ctx.save_for_backward(logits, target, lse)
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss):
-        logits, target, lse = ctx.saved_tensors
-        n, v = logits.shape
-        dx = torch.empty_like(logits)
-        if n:
-            _ce_bwd_kernel[(n,)](logits, target, lse, dloss.contiguous(), dx, v,
-                                 logits.stride(0), dx.stride(0), BLOCK=_block(v),
-                                 num_warps=8)
-        return dx, None
+def ce_forward(logits: torch.Tensor, target: torch.Tensor):
+    """``(loss [N] fp32, lse [N] fp32)`` for ``logits [N, V]`` (unit stride along V) and
+    ``target [N]``: ``loss = logsumexp(logits[i]) - logits[i, target[i]]``."""
+    n, v = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        _ce_fwd_kernel[(n,)](logits, target, loss, lse, v, logits.stride(0),
+                             BLOCK=_block(v), num_warps=8)
+    return loss, lse
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row cross entropy (fp32) of ``logits [..., V]`` (any float dtype) against integer
-    ``target [...]`` in ``[0, V)`` (checked on the device, without a host synchronisation);
-    differentiable in ``logits``. Runs the Triton kernels (CUDA, or the interpreter on CPU)."""
-    if not logits.is_floating_point():
-        raise TypeError(f"logits: expected a float tensor, got {logits.dtype}")
-    if target.is_floating_point() or target.shape != logits.shape[:-1]:
-        raise ValueError(f"target: expected an integer tensor of shape "
-                         f"{tuple(logits.shape[:-1])}, got {target.dtype} "
-                         f"{tuple(target.shape)}")
-    if target.device != logits.device:
-        raise ValueError(f"target: expected device {logits.device}, got {target.device}")
-    v = logits.shape[-1]
-    flat_t = target.reshape(-1).contiguous()
-    if flat_t.numel():
-        torch._assert_async(((flat_t >= 0) & (flat_t < v)).all(),
-                            f"target: values must lie in [0, {v - 1}]")
-    x = logits.reshape(-1, v)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return CrossEntropyFunction.apply(x, flat_t).view(target.shape)
+def ce_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
+                dloss: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. ``logits`` given ``dloss [N]`` and the forward's ``lse``."""
+    n, v = logits.shape
+    dx = torch.empty_like(logits)
+    if n:
+        _ce_bwd_kernel[(n,)](logits, target, lse, dloss.contiguous(), dx, v,
+                             logits.stride(0), dx.stride(0), BLOCK=_block(v), num_warps=8)
+    return dx

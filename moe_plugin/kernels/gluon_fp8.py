@@ -58,12 +58,12 @@ interpreter (Gluon has none), the Triton kernels run. Tile rows of A past an exp
 (or columns of B past N) read the neighbours' rows and are masked at the store; past the end
 of a tensor TMA fills zeros.
 """
-import contextlib
-
 import torch
 import triton
 
+from . import tuning
 from .activation import act_bwd_store
+from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, Accum, Epilogue
 
 try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental import gluon
@@ -75,43 +75,9 @@ try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
 except Exception:  # pragma: no cover - a Triton without Gluon
     _HAVE_GLUON = False
 
-ENABLED = True  # the tests and benchmarks switch it off to time / compare the Triton kernels
-# H100 (NOTES.md, results/h100_gluon_ws_experiment.log): 128 x 128 tiles; the 12 warps (3
-# warpgroups, the producer's padded) launch at MAXNREG registers, then the producer drops to
-# LOAD_REGS and the two consumers rise to MMA_REGS (3 * 168 = 2 * 232 + 40). The row-grouped
-# GEMM issues two k-steps per turn (KPAIR) from a 5-slot ring
-# (results/h100_gluon_fp8_variants_s14.log), the weight gradient from a 4-slot one
-CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, INFO=True, LOAD_REGS=40,
-              MMA_REGS=232, MAXNREG=168)
-# the dh' GEMM with the activation backward in its epilogue: 4 ring slots (the pre-activation
-# tiles, dh' and the weights take 96 KB of shared memory)
-EPI_CONFIG = dict(STAGES=4)
-# the weight gradient too: two k-steps per turn (results/h100_gluon_fp8_seg_kpair_s14.log)
-SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, KPAIR=True, INFO=True, LOAD_REGS=40,
-                  MMA_REGS=232, MAXNREG=168)
-# the FP8 dh' GEMM runs the activation backward in its epilogue (False: the split form, a
-# separate pass; for the tests and benchmarks comparing the two)
-FUSE_ACT_BWD = True
-# programs of the persistent kernels: None = one per SM (the tests set a few, to run many
-# tiles through each program)
-PROGRAMS = None
-
-
-@contextlib.contextmanager
-def enabled(flag: bool):
-    """Within the block the FP8 GEMMs use the Gluon kernels where available (True) or the
-    Triton kernels everywhere (False): for tests and benchmarks comparing the two."""
-    global ENABLED
-    saved, ENABLED = ENABLED, flag
-    try:
-        yield
-    finally:
-        ENABLED = saved
-
-
-def available(t: torch.Tensor) -> bool:
-    """Whether the Gluon kernels can run on ``t``'s device."""
-    return (ENABLED and _HAVE_GLUON and t.is_cuda
+def available(tune: tuning.Tuning, t: torch.Tensor) -> bool:
+    """Whether the Gluon kernels can run on ``t``'s device (and ``tune.gluon`` allows them)."""
+    return (tune.gluon and _HAVE_GLUON and t.is_cuda
             and torch.cuda.get_device_capability(t.device)[0] == 9)
 
 
@@ -232,7 +198,7 @@ if _HAVE_GLUON:
                 tc += 1
             if e < E:  # expert E: an idle tile (the tile count is the worst case)
                 brow0 = e * N + pid_n * BN
-                if EPI == 2:
+                if EPI == EPI_ACT_BWD:
                     # the epilogue's inputs are requested a few k-steps into the tile (the
                     # previous tile's epilogues are over by then: both consumers released
                     # this tile's first slot) and arrive long before its epilogue: the
@@ -253,7 +219,7 @@ if _HAVE_GLUON:
                     tma.async_copy_global_to_shared(a_desc, [row0, ks * BK], bar, a_bufs.index(s))
                     tma.async_copy_global_to_shared(b_desc, [brow0, ks * BK], bar, b_bufs.index(s))
                     it += 1
-                    if EPI == 2:
+                    if EPI == EPI_ACT_BWD:
                         if ks == pre_at:
                             # both consumers' epilogues done with the buffers (their generic
                             # loads ordered before the TMA writes); pre_ready counts two
@@ -405,7 +371,7 @@ if _HAVE_GLUON:
                     it += 1
                     tn += 1
 
-                if EPI == 2:
+                if EPI == EPI_ACT_BWD:
                     _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
                                       c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
                                       stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
@@ -449,7 +415,7 @@ if _HAVE_GLUON:
         pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
                                              pre_desc.layout)
         plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-        if EPI == 2:
+        if EPI == EPI_ACT_BWD:
             dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN],
                                                gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
             w_buf = gl.allocate_shared_memory(gl.float32, [BM], plain)
@@ -490,11 +456,11 @@ def grouped_fits(a, b, stride_b, n: int, k: int) -> bool:
             and stride_b[1] == 1 and stride_b[2] == k and stride_b[0] == n * k)
 
 
-def grouped_mm(a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int, config: dict = None):
+def grouped_mm(tune: tuning.Tuning, a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int):
     """``c [S, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · scales`` (``grouped_fits`` operands; A rows
     in expert order: no gather). ``stride_sb``: B scales' (expert, k-block, n-block) strides."""
     # the pre-activation descriptor is unused: a small stand-in (token shared memory)
-    _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, epi=0,
+    _grouped_launch(tune, a, sa, b, sb, stride_sb, c, meta, n, k, epi=Epilogue.STORE,
                     pre_desc=TensorDescriptor.from_tensor(c, [8, 8], _plain_layout(c)))
     return c
 
@@ -507,15 +473,16 @@ def act_bwd_fits(pre, dpre, hw) -> bool:
                     and t.data_ptr() % 16 == 0 for t in (pre, dpre, hw)))
 
 
-def grouped_mm_act_bwd(a, sa, b, sb, stride_sb, pre, weights, meta, dpre, hw, dwp, *, n: int,
-                       k: int, gated: bool, act: int, config: dict = None):
+def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weights, meta, dpre,
+                       hw, dwp, *, n: int, k: int, gated: bool, act: int):
     """dh' = the row-grouped GEMM (as ``grouped_mm``) with ``grouped_gemm._act_bwd_kernel``
     fused into its epilogue (``_act_bwd_epilogue``): writes ``dpre``, ``hw`` and the partial
     routing-weight gradients ``dwp [n/128, S]`` without storing dh'. Bitwise the split form's
     ``dpre`` and ``hw`` (dh' is rounded to ``pre``'s dtype as the split form stores it)."""
-    blk = [CONFIG["BM"] if config is None else config["BM"], 128]
+    blk = [tune.gluon_config["BM"], 128]
     pre_desc = TensorDescriptor.from_tensor(pre, blk, _plain_layout(pre))
-    _grouped_launch(a, sa, b, sb, stride_sb, dpre, meta, n, k, config, epi=2, pre_desc=pre_desc,
+    _grouped_launch(tune, a, sa, b, sb, stride_sb, dpre, meta, n, k, epi=Epilogue.ACT_BWD,
+                    pre_desc=pre_desc,
                     hw=hw, dwp=dwp, weights=weights, gated=gated, act=act)
 
 
@@ -525,11 +492,12 @@ def _plain_layout(t):
                                 rank=2)
 
 
-def _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, *, epi, pre_desc, hw=None,
-                    dwp=None, weights=None, gated=False, act=0):
-    cfg = dict(CONFIG if config is None else config)
-    if epi == 2:
-        cfg.update(EPI_CONFIG)
+def _grouped_launch(tune: tuning.Tuning, a, sa, b, sb, stride_sb, c, meta, n, k, *,
+                    epi: Epilogue, pre_desc, hw=None, dwp=None, weights=None, gated=False,
+                    act=0):
+    cfg = dict(tune.gluon_config)
+    if epi == Epilogue.ACT_BWD:
+        cfg.update(tune.gluon_epi_config)
     bm, bn = cfg["BM"], cfg["BN"]
     S = meta.sorted_slot.numel()
     E = meta.num_experts
@@ -540,21 +508,21 @@ def _grouped_launch(a, sa, b, sb, stride_sb, c, meta, n, k, config, *, epi, pre_
     b_desc = TensorDescriptor.from_tensor(b2d, [bn, 128], _smem_layout())
     tiles_cum, num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
     hw = c if hw is None else hw
-    _fp8_grouped_mm_ws[(_programs(num_tiles, c.device),)](
+    _fp8_grouped_mm_ws[(_programs(tune, num_tiles, c.device),)](
         a_desc, b_desc, pre_desc, c, hw, meta.counts if dwp is None else dwp,
         meta.counts if weights is None else weights, meta.sorted_slot, sa, sb, tiles_cum,
         meta.counts, meta.offsets, E, n, k, num_m_tiles, num_tiles, c.stride(0), hw.stride(0),
         0 if dwp is None else dwp.stride(0), sa.stride(0), stride_sb[0], stride_sb[1],
         stride_sb[2], BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
         BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
-        EPI=epi, GATED=gated, ACT=act, LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
+        EPI=int(epi), GATED=gated, ACT=int(act), LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
         num_warps=4, maxnreg=cfg["MAXNREG"])
 
 
-def _programs(num_tiles: int, device) -> int:
-    """Grid of a persistent kernel: one program per SM (or ``PROGRAMS``), at most one per
-    tile."""
-    n = PROGRAMS or torch.cuda.get_device_properties(device).multi_processor_count
+def _programs(tune: tuning.Tuning, num_tiles: int, device) -> int:
+    """Grid of a persistent kernel: one program per SM (or ``tune.gluon_programs``), at most
+    one per tile."""
+    n = tune.gluon_programs or torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(num_tiles, n))
 
 
@@ -622,7 +590,7 @@ if _HAVE_GLUON:
                 tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar, sa_bufs.index(s))
                 tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar, sb_bufs.index(s))
                 it += 1
-            if ACCUM == 2:
+            if ACCUM == ACCUM_RMW:
                 # the previous tile's epilogues done with c_buf (their generic loads ordered
                 # before this TMA write); rows past MO read the next expert's (masked there)
                 mbarrier.wait(c_empty, (tc & 1) ^ 1)
@@ -705,11 +673,11 @@ if _HAVE_GLUON:
             c_ptrs = (c_ptr + e.to(gl.int64) * stride_ce + om[:, None].to(gl.int64) * stride_cm
                       + on[None, :] * stride_cn)
             cmask = (om < MO)[:, None] & (on < NO)[None, :]
-            if ACCUM == 1:  # one atomic add per element; no tokens: unchanged
+            if ACCUM == ACCUM_ATOMIC:  # one atomic add per element; no tokens: unchanged
                 if ng > 0:
                     gl.atomic_add(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask,
                                   sem="relaxed")
-            elif ACCUM == 2:  # the tile added into: in c_buf already (the producer's TMA)
+            elif ACCUM == ACCUM_RMW:  # the tile added into: in c_buf already (the producer's TMA)
                 mbarrier.wait(c_ready, tc & 1)
                 prev = c_buf.slice(HALF * HM, HM).load(st)
                 mbarrier.arrive(c_empty)
@@ -773,7 +741,7 @@ if _HAVE_GLUON:
     _GL_DTYPE = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def segment_fits(qa, sa, qb, sb, c, accum: int) -> bool:
+def segment_fits(qa, sa, qb, sb, c, accum: Accum) -> bool:
     """Whether ``segment_mm`` serves the padded-layout operands (``[G, C, 128]``, contiguous):
     16-byte aligned, scale rows too (MO, NO multiples of 4), at least one group and column;
     for ``accum == 2`` the output's rows too (its tiles are TMA-loaded)."""
@@ -781,15 +749,15 @@ def segment_fits(qa, sa, qb, sb, c, accum: int) -> bool:
                 and t.shape[1] > 0 for t in (qa, qb))
             and all(s.is_contiguous() and s.shape[1] % 4 == 0 and s.data_ptr() % 16 == 0
                     for s in (sa, sb))
-            and (accum != 2 or (c.dtype in _GL_DTYPE and c.data_ptr() % 16 == 0
+            and (accum != Accum.RMW or (c.dtype in _GL_DTYPE and c.data_ptr() % 16 == 0
                                 and (c.shape[2] * c.element_size()) % 16 == 0)))
 
 
-def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
+def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
     """``c[e] (+)= Σ_g (qa[:, g] · qb[:, g]ᵀ) · (sa[g] ⊗ sb[g])`` over expert e's groups g of
     the padded layout (``wgrad_fp8.quantize_cols_grouped``'s outputs; ``accum``: the Triton
     kernel's ``ACCUM`` modes)."""
-    cfg = dict(SEG_CONFIG if config is None else config)
+    cfg = dict(tune.gluon_seg_config)
     bm, bn = cfg["BM"], cfg["BN"]
     mo, no = qa.shape[1], qb.shape[1]
     E = meta.num_experts
@@ -803,15 +771,15 @@ def segment_mm(qa, sa, qb, sb, c, meta, accum: int, config: dict = None):
     b_desc = TensorDescriptor.from_tensor(qb.view(-1, 128), [bn, 128], _smem_layout())
     sa_desc = TensorDescriptor.from_tensor(sa.view(-1), [bm], s1)
     sb_desc = TensorDescriptor.from_tensor(sb.view(-1), [bn], s1)
-    if accum == 2:  # the tiles added into, loaded by the producer ([E·MO, NO] view)
+    if accum == Accum.RMW:  # the tiles added into, loaded by the producer ([E·MO, NO] view)
         c_desc = TensorDescriptor.from_tensor(
             c.view(-1, no), [bm, bn],
             gl.NVMMASharedLayout.get_default_for([bm, bn], _GL_DTYPE[c.dtype]))
     else:  # unused: a one-element stand-in (token shared memory)
         c_desc = TensorDescriptor.from_tensor(sa.view(-1)[:4], [4], s1)
-    _fp8_segment_mm_ws[(_programs(num_tiles, c.device),)](
+    _fp8_segment_mm_ws[(_programs(tune, num_tiles, c.device),)](
         a_desc, b_desc, sa_desc, sb_desc, c_desc, c, meta.counts, mo, no, E, num_tiles, c.stride(0),
-        c.stride(1), c.stride(2), ACCUM=accum, GS=128, BM=bm, BN=bn, STAGES=cfg["STAGES"],
+        c.stride(1), c.stride(2), ACCUM=int(accum), GS=128, BM=bm, BN=bn, STAGES=cfg["STAGES"],
         BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
         LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"], num_warps=4,
         maxnreg=cfg["MAXNREG"])
@@ -877,19 +845,15 @@ if _HAVE_GLUON:
             gl.store(s_ptr + g.to(gl.int64) * stride_s + cols, scale, mask=cmask)
 
 
-# column pass: BC columns per tile, WC of the warps along the columns
-COLS_CONFIG = dict(BC=32, num_warps=4, WC=4)
-
-
 def cols_fits(src) -> bool:
     """Whether ``quantize_cols`` serves ``src``: 16-byte aligned rows."""
     return src.stride(1) == 1 and src.stride(0) % 8 == 0 and src.data_ptr() % 16 == 0
 
 
-def quantize_cols(src, meta, q, s, gather: bool, config: dict = None):
+def quantize_cols(tune: tuning.Tuning, src, meta, q, s, gather: bool):
     """``wgrad_fp8.quantize_cols_grouped``'s pass (``q``, ``s`` its outputs) by
     ``_fp8_cols_gl``."""
-    cfg = dict(COLS_CONFIG if config is None else config)
+    cfg = dict(tune.gluon_cols_config)
     bc, warps = cfg["BC"], cfg["num_warps"]
     groups_cum, num_groups, _ = grouped_schedule(meta, 128, 1, 1)
     c = src.shape[1]

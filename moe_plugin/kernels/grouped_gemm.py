@@ -40,7 +40,6 @@ routing-weight gradient) as partials per column tile.
 Every output element is computed by exactly one program in a fixed order: results are
 bitwise reproducible for a given configuration.
 """
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -48,22 +47,17 @@ import triton
 import triton.language as tl
 
 from . import gluon_fp8 as GF
+from . import tuning
 from .activation import act_bwd_store, act_fwd
+from .codes import (ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_FWD, EPI_STORE, QUANT_FP8, QUANT_INT8,
+                    Accum, Epilogue, Quant)
 from .common import interpret_mode, next_pow2
 from .permute import PermuteMeta
-from .quantize import _to_e4m3
-
-EPI_STORE = 0
-EPI_ACT_FWD = 1
-EPI_ACT_BWD = 2
-
-QUANT_NONE = 0
-QUANT_FP8 = 1   # e4m3 operands, A scales per (row, 128 columns of K), B per 128 x 128 block
-QUANT_INT8 = 2  # int8 operands, A scales per row, B per output column; int32 accumulation
+from .quantize import QTensor, to_e4m3
 
 
 @triton.jit
-def _expert_of_tile(tile_m, counts_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constexpr):
+def expert_of_tile(tile_m, counts_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constexpr):
     """(expert, first row-tile of that expert, rows of that expert) for a global row-tile."""
     ex = tl.arange(0, BLOCK_E)
     cnt = tl.load(counts_ptr + ex, mask=ex < E, other=0)
@@ -85,13 +79,13 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc, sa, sb, QUANT: tl.constexpr, IEEE: tl.constexpr):
+def mma_step(a, b, acc, sa, sb, QUANT: tl.constexpr, IEEE: tl.constexpr):
     """One k-step ``acc += a · b`` of the row-grouped kernel: fp8 with the step's scales of A's
     rows (``sa``) and B's columns (``sb``) applied to the partial product, int8 in int32, else
     in fp32 (``_dot``)."""
-    if QUANT == 1:
+    if QUANT == QUANT_FP8:
         return acc + tl.dot(a, b) * (sa[:, None] * sb[None, :])
-    elif QUANT == 2:
+    elif QUANT == QUANT_INT8:
         return tl.dot(a, b, acc, out_dtype=tl.int32)
     else:
         return _dot(a, b, acc, IEEE)
@@ -119,7 +113,7 @@ def _grouped_mm_kernel(
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
 
-    e, first, n_e = _expert_of_tile(pid_m, counts_ptr, E, BM, BLOCK_E)
+    e, first, n_e = expert_of_tile(pid_m, counts_ptr, E, BM, BLOCK_E)
     if e >= E:
         return
     seg0 = tl.load(offsets_ptr + e)
@@ -136,21 +130,21 @@ def _grouped_mm_kernel(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = (b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk
               + offs_n[None, :] * stride_bn)
-    if QUANT == 2:  # int8: exact int32 accumulation, scales applied once after the loop
+    if QUANT == QUANT_INT8:  # int8: exact int32 accumulation, scales applied once after the loop
         acc = tl.zeros([BM, BN], dtype=tl.int32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     # a second accumulator (up columns F + n of W_up) only for the gated GEMM1
-    if GATED and EPI == 1:
-        if QUANT == 2:
+    if GATED and EPI == EPI_ACT_FWD:
+        if QUANT == QUANT_INT8:
             acc2 = tl.zeros([BM, BN], dtype=tl.int32)
         else:
             acc2 = tl.zeros([BM, BN], dtype=tl.float32)
         b2_ptrs = b_ptrs + N * stride_bn
-    if QUANT == 1:  # fp8 blocks: per k-block scales of A's rows and of B's column blocks
+    if QUANT == QUANT_FP8:  # fp8 blocks: per k-block scales of A's rows and of B's column blocks
         sa_ptrs = sa_ptr + a_rows * stride_sa
         sb_ptrs = sb_ptr + e.to(tl.int64) * stride_sbe + (offs_n // 128) * stride_sbn
-        if GATED and EPI == 1:
+        if GATED and EPI == EPI_ACT_FWD:
             sb2_ptrs = sb_ptr + e.to(tl.int64) * stride_sbe + ((offs_n + N) // 128) * stride_sbn
     for k0 in range(0, K, BK):
         if EVEN_K:
@@ -160,48 +154,48 @@ def _grouped_mm_kernel(
             kmask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if QUANT == 1:
+        if QUANT == QUANT_FP8:
             kb = k0 // 128  # BK divides 128: one scale per row / column block in this step
             sa = tl.load(sa_ptrs + kb, mask=rmask, other=0.0)
             sb = tl.load(sb_ptrs + kb * stride_sbk, mask=nmask, other=0.0)
         else:
             sa = 0.0  # unused
             sb = 0.0
-        acc = _mma(a, b, acc, sa, sb, QUANT, IEEE)
-        if GATED and EPI == 1:
+        acc = mma_step(a, b, acc, sa, sb, QUANT, IEEE)
+        if GATED and EPI == EPI_ACT_FWD:
             if EVEN_K:
                 b2 = tl.load(b2_ptrs, mask=nmask[None, :], other=0.0)
             else:
                 b2 = tl.load(b2_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            if QUANT == 1:
+            if QUANT == QUANT_FP8:
                 sb2 = tl.load(sb2_ptrs + kb * stride_sbk, mask=nmask, other=0.0)
             else:
                 sb2 = 0.0  # unused
-            acc2 = _mma(a, b2, acc2, sa, sb2, QUANT, IEEE)
+            acc2 = mma_step(a, b2, acc2, sa, sb2, QUANT, IEEE)
             b2_ptrs += BK * stride_bk
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
-    if QUANT == 2:  # per-row (token) scale of A x per-column (output channel) scale of B
+    if QUANT == QUANT_INT8:  # per-row (token) scale of A x per-column (output channel) scale of B
         sa = tl.load(sa_ptr + a_rows * stride_sa, mask=rmask, other=0.0)
         sb_base = sb_ptr + e.to(tl.int64) * stride_sbe
         sb = tl.load(sb_base + offs_n * stride_sbn, mask=nmask, other=0.0)
         acc = acc.to(tl.float32) * (sa[:, None] * sb[None, :])
-        if GATED and EPI == 1:
+        if GATED and EPI == EPI_ACT_FWD:
             sb2 = tl.load(sb_base + (offs_n + N) * stride_sbn, mask=nmask, other=0.0)
             acc2 = acc2.to(tl.float32) * (sa[:, None] * sb2[None, :])
     if HAS_BIAS:  # (EPI_STORE / EPI_ACT_FWD) + bias[e, n] (gated GEMM1: + bias[e, N + n]
         # for the up part), in fp32 before any rounding
         bias_ptrs = bias_ptr + e.to(tl.int64) * stride_bias + offs_n
         acc = acc + tl.load(bias_ptrs, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        if GATED and EPI == 1:
+        if GATED and EPI == EPI_ACT_FWD:
             acc2 = acc2 + tl.load(bias_ptrs + N, mask=nmask, other=0.0).to(tl.float32)[None, :]
 
     cmask = rmask[:, None] & nmask[None, :]
     rows64 = rows.to(tl.int64)
-    if EPI == 0:
+    if EPI == EPI_STORE:
         tl.store(c_ptr + rows64[:, None] * stride_cm + offs_n[None, :],
                  acc.to(c_ptr.dtype.element_ty), mask=cmask)
-    elif EPI == 1:
+    elif EPI == EPI_ACT_FWD:
         # h is computed from the pre-activation rounded to its storage dtype (pre's; with QOUT
         # c holds e4m3, so pre_ptr is then always a tensor of that dtype, perhaps empty), so
         # that it is the same whether pre is stored or recomputed in backward
@@ -241,7 +235,7 @@ def _store_h_e4m3(h, c_ptrs, hs_ptrs, cmask, rmask, EMU: tl.constexpr):
     """A ``[rows, 128]`` tile of h quantised to e4m3 with one scale per row (one group)."""
     amax = tl.max(tl.where(cmask, tl.abs(h), 0.0), 1)
     hsc = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
-    hq = _to_e4m3(h, hsc[:, None], EMU)
+    hq = to_e4m3(h, hsc[:, None], EMU)
     tl.store(c_ptrs, hq.to(c_ptrs.dtype.element_ty), mask=cmask)
     tl.store(hs_ptrs, hsc, mask=rmask)
 
@@ -316,7 +310,7 @@ def _act_bwd_kernel(dh_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, c_ptr, gather_ptr, 
 
 
 @triton.jit
-def _segment_tile(MO, NO, BM: tl.constexpr, BN: tl.constexpr):
+def segment_tile(MO, NO, BM: tl.constexpr, BN: tl.constexpr):
     """A weight-gradient program's (expert, rows, columns, row mask, column mask) of the
     ``[E, MO, NO]`` output: programs run expert-major, then row tiles, then column tiles."""
     pid = tl.program_id(0)
@@ -334,7 +328,7 @@ def _segment_mm_kernel(
         MO, NO, stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_cm, stride_cn,
         TOPK: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, IEEE: tl.constexpr,
         ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    e, offs_m, offs_n, mmask, nmask = _segment_tile(MO, NO, BM, BN)
+    e, offs_m, offs_n, mmask, nmask = segment_tile(MO, NO, BM, BN)
     seg0 = tl.load(offsets_ptr + e)
     cnt = tl.load(counts_ptr + e)
     offs_k = tl.arange(0, BK)
@@ -357,23 +351,23 @@ def _segment_mm_kernel(
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                     mask=pmask[:, None] & nmask[None, :], other=0.0)
         acc = _dot(tl.trans(a), b, acc, IEEE)
-    _store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
+    store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
                  stride_cn, ACCUM)
 
 
 @triton.jit
-def _store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
+def store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
                  stride_cn, ACCUM: tl.constexpr):
     """Epilogue of the weight-gradient kernels: ``C[e]`` tile ``= acc`` or ``+= acc``."""
     c_ptrs = (c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm
               + offs_n[None, :] * stride_cn)
     cmask = mmask[:, None] & nmask[None, :]
-    if ACCUM == 1:  # C += the fp32 sum (C: e.g. Megatron's fp32 main_grad); no rows: C
+    if ACCUM == ACCUM_ATOMIC:  # C += the fp32 sum (C: e.g. Megatron's fp32 main_grad); no rows: C
         # unchanged. One atomic add per element, from the one program that owns it:
         # deterministic, and no read of C in the epilogue
         if cnt > 0:
             tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask, sem="relaxed")
-    elif ACCUM == 2:  # the same as a read-modify-write (any dtype of C)
+    elif ACCUM == ACCUM_RMW:  # the same as a read-modify-write (any dtype of C)
         if cnt > 0:
             acc += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
@@ -434,26 +428,20 @@ def _segment_colsum_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, dwb_ptr, gather_ptr, c
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 
-# Per-GEMM overrides, e.g. ``CONFIG_OVERRIDES["up"] = dict(BM=64, ...)`` (used by the tuning
-# benchmark). Keys: "up" (GEMM1 + activation), "down" (GEMM2), "dh" (dh' = dout · W_down, the
-# split activation backward's GEMM; default: GEMM2's configuration), "up_bwd" (dh' fused with
-# the activation backward), "dx" (dpre · W_up), "wgrad_down", "wgrad_up".
-CONFIG_OVERRIDES: dict = {}
-
-
-def _mm_config(kind: str, dtype: torch.dtype, gated: bool, n: int, quant: int = QUANT_NONE,
-               qout: bool = False) -> dict:
+def _mm_config(tune: tuning.Tuning, kind: str, dtype: torch.dtype, gated: bool, n: int,
+               quant: Quant = Quant.NONE, qout: bool = False) -> dict:
     """Tile configuration of a row-grouped GEMM (``n``: output columns per accumulator).
 
     bf16/fp16 defaults come from ``benchmarks/tune_kernels.py`` on an H100 (NOTES.md).
     Quantised operands: BK divides 128 (fp8: one scale per k-step); ``qout`` (h quantised in
     groups of 128 in the epilogue) needs BN = 128. fp8 tiles: the best of the H100 sweep
     (``tune_kernels.py --fp8``, NOTES.md) for mixtral and coarse_120b; int8 shares them."""
-    if kind in CONFIG_OVERRIDES:
-        return dict(CONFIG_OVERRIDES[kind])
+    override = tune.gemm_config(kind)
+    if override is not None:
+        return override
     if kind == "dh":  # dh' of the split activation backward: a plain-store GEMM like GEMM2
         kind = "down"
-    if quant != QUANT_NONE:
+    if quant != Quant.NONE:
         if interpret_mode():
             return dict(BM=16, BN=128 if qout else 32, BK=32, GROUP_M=4, num_warps=4,
                         num_stages=1)
@@ -474,9 +462,10 @@ def _mm_config(kind: str, dtype: torch.dtype, gated: bool, n: int, quant: int = 
     return dict(BM=128, BN=bn, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _seg_config(kind: str, dtype: torch.dtype) -> dict:
-    if kind in CONFIG_OVERRIDES:
-        return dict(CONFIG_OVERRIDES[kind])
+def _seg_config(tune: tuning.Tuning, kind: str, dtype: torch.dtype) -> dict:
+    override = tune.gemm_config(kind)
+    if override is not None:
+        return override
     if interpret_mode():
         return dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -490,39 +479,38 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpret_mode()
 
 
-def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, stride_a,
-                    stride_b, gather: bool, gated: bool = False, epi: int = EPI_STORE,
-                    act: int = 0, pre=None, weights=None, dwp=None, hw=None,
-                    store_pre=False, store_h=False, quant: int = QUANT_NONE, sa=None, sb=None,
-                    stride_sb=(0, 0, 0), hs=None, bias=None):
+def _launch_grouped(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, *, n: int,
+                    k: int, stride_a, stride_b, gather: bool, gated: bool = False,
+                    epi: Epilogue = Epilogue.STORE, act: int = 0, pre=None, weights=None,
+                    dwp=None, hw=None, store_pre=False, store_h=False,
+                    quant: Quant = Quant.NONE, sa=None, sb=None, stride_sb=(0, 0, 0), hs=None,
+                    bias=None):
     """``quant``: A and B are quantised (``QUANT_FP8`` / ``QUANT_INT8``) with scales ``sa``
     (per A row: ``[rows, K/128]`` fp8, ``[rows]`` int8) and ``sb`` (``stride_sb`` = (expert,
     k, n) strides of B's scales: per 128-block for fp8, per column n for int8). ``hs``: GEMM1
     writes h as e4m3 into ``c`` with its group scales ``[S, n/128]`` here. ``bias``: ``[E, n]``
     (``[E, 2n]`` for the gated GEMM1) added to the fp32 accumulator in the epilogue
-    (``EPI_STORE`` and ``EPI_ACT_FWD`` only)."""
+    (``Epilogue.STORE`` and ``Epilogue.ACT_FWD`` only)."""
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
         return
     qout = hs is not None
-    cfg = _mm_config(kind, a.dtype, gated, n, quant, qout)
+    cfg = _mm_config(tune, kind, a.dtype, gated, n, quant, qout)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
-    if quant == QUANT_FP8 and 128 % bk:
+    if quant == Quant.FP8 and 128 % bk:
         raise ValueError(f"fp8 GEMM '{kind}': BK={bk} must divide 128")
     if qout and bn != 128:
         raise ValueError(f"fp8 GEMM '{kind}': quantising h in the epilogue needs BN=128, "
                          f"got {bn}")
     if bias is not None:
-        if epi == EPI_ACT_BWD:
+        if epi == Epilogue.ACT_BWD:
             raise ValueError(f"GEMM '{kind}': a bias belongs to the store or GEMM1 epilogue")
         if bias.stride(-1) != 1:
             bias = bias.contiguous()
-    if (quant == QUANT_FP8 and epi == EPI_STORE and not gather and bias is None
-            and GF.available(a) and GF.grouped_fits(a, b, stride_b, n, k)):
-        # Hopper: the Gluon kernel (TMA loads, warp-specialised ping-pong consumers), the
-        # same sums in the same order
-        GF.grouped_mm(a, sa, b, sb, stride_sb, c, meta, n=n, k=k)
+    if (epi == Epilogue.STORE and bias is None
+            and _gluon_serves(tune, a, b, stride_b, n, k, quant, gather)):
+        GF.grouped_mm(tune, a, sa, b, sb, stride_sb, c, meta, n=n, k=k)
         return
     num_m_tiles = triton.cdiv(S, bm) + min(E, S)
     grid = (num_m_tiles * triton.cdiv(n, bn),)
@@ -538,27 +526,35 @@ def _launch_grouped(kind: str, a, b, c, meta: PermuteMeta, *, n: int, k: int, st
         dwp.stride(0) if dwp is not None else 0, hw.stride(0) if hw is not None else 0,
         sa.stride(0) if sa is not None else 0, stride_sb[0], stride_sb[1], stride_sb[2],
         hs.stride(0) if hs is not None else 0, bias.stride(0) if bias is not None else 0,
-        TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=epi, ACT=act, STORE_PRE=store_pre,
-        STORE_H=store_h, HAS_BIAS=bias is not None, IEEE=_ieee(a.dtype), EVEN_K=k % bk == 0,
-        QUANT=quant, QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
+        TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=int(epi), ACT=int(act),
+        STORE_PRE=store_pre, STORE_H=store_h, HAS_BIAS=bias is not None, IEEE=_ieee(a.dtype),
+        EVEN_K=k % bk == 0, QUANT=int(quant), QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
         BLOCK_E=next_pow2(E), **cfg)
 
 
-# How the weight-gradient kernels add into an accumulation buffer: 1 atomic adds (fp32 buffers
-# only), 2 read-modify-write; None: 1 for fp32 buffers, else 2 (the tuning benchmark sets it)
-WGRAD_ACCUM_MODE: Optional[int] = None
+def _gluon_serves(tune: tuning.Tuning, a, b, stride_b, n: int, k: int, quant: Quant,
+                  gather: bool) -> bool:
+    """Whether a row-grouped FP8 GEMM runs as the Gluon kernel (Hopper: TMA loads,
+    warp-specialised consumers; the same sums in the same order as the Triton kernel): fp8
+    operands with A's rows in expert order (no gather), and ``GF.grouped_fits``."""
+    return (quant == Quant.FP8 and not gather and GF.available(tune, a)
+            and GF.grouped_fits(a, b, stride_b, n, k))
 
 
-def accum_mode(c: torch.Tensor, accumulate: bool) -> int:
-    """The weight-gradient kernels' ``ACCUM`` for output ``c``: 0 = store."""
+def accum_mode(tune: tuning.Tuning, c: torch.Tensor, accumulate: bool) -> Accum:
+    """The weight-gradient kernels' ``ACCUM`` for output ``c``: ``tune.wgrad_accum_mode``,
+    else atomic adds into fp32 buffers and read-modify-write into others."""
     if not accumulate:
-        return 0
-    return WGRAD_ACCUM_MODE or (1 if c.dtype == torch.float32 else 2)
+        return Accum.STORE
+    if tune.wgrad_accum_mode:
+        return Accum(tune.wgrad_accum_mode)
+    return Accum.ATOMIC if c.dtype == torch.float32 else Accum.RMW
 
 
-def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, stride_a,
-                    stride_b, a_gather=False, b_gather=False, accumulate=False):
-    cfg = _seg_config(kind, a.dtype)
+def _launch_segment(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, *, mo: int,
+                    no: int, stride_a, stride_b, a_gather=False, b_gather=False,
+                    accumulate=False):
+    cfg = _seg_config(tune, kind, a.dtype)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     E = meta.num_experts
     grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
@@ -566,37 +562,12 @@ def _launch_segment(kind: str, a, b, c, meta: PermuteMeta, *, mo: int, no: int, 
         a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
         TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
-        IEEE=_ieee(a.dtype), ACCUM=accum_mode(c, accumulate),
+        IEEE=_ieee(a.dtype), ACCUM=int(accum_mode(tune, c, accumulate)),
         BM=bm, BN=bn, BK=bk, **cfg)
 
 
 # ----------------------------------------------------------------------------------------------
 # The expert GEMMs of the forward and backward passes (shapes: S = N·k slots, D, F, E)
-
-@dataclass
-class QTensor:
-    """A quantised GEMM operand: values ``q`` (e4m3 or int8) and fp32 ``scale``, in the layouts
-    of ``moe_plugin/quant.py`` (activations ``[M, K]`` with ``[M, K/128]`` or ``[M]`` scales,
-    expert weights ``[E, N, K]`` with ``[E, N/128, K/128]`` or ``[E, N]`` scales)."""
-    q: torch.Tensor
-    scale: torch.Tensor
-    # optional: q's values stored transposed (K-major strides, same shape): used where a GEMM
-    # reduces over W's rows (the dgrad GEMMs), the operand layout Hopper's FP8 MMA needs
-    q_t: Optional[torch.Tensor] = None
-
-    def tensors(self) -> tuple:
-        """``(q, scale, q_t)``: for ``save_for_backward`` (None entries are allowed there);
-        ``QTensor(*t)`` rebuilds it."""
-        return self.q, self.scale, self.q_t
-
-    @property
-    def mode(self) -> int:
-        return QUANT_INT8 if self.q.dtype == torch.int8 else QUANT_FP8
-
-    @property
-    def shape(self):
-        return self.q.shape
-
 
 def _operands(a, w, w_transposed: bool, out_dtype=None):
     """``(a values, a scales, W values, W scales, W-scale strides (expert, k, n), mode,
@@ -606,7 +577,7 @@ def _operands(a, w, w_transposed: bool, out_dtype=None):
     if not isinstance(w, QTensor):
         if isinstance(a, QTensor):
             raise TypeError("quantised activations need quantised weights")
-        return a, None, w, None, (0, 0, 0), QUANT_NONE, a.dtype
+        return a, None, w, None, (0, 0, 0), Quant.NONE, a.dtype
     if not isinstance(a, QTensor) or a.mode != w.mode:
         raise TypeError("quantised weights need activations quantised in the same format")
     sc = w.scale
@@ -626,7 +597,7 @@ def _operands(a, w, w_transposed: bool, out_dtype=None):
 
 def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: bool,
               store_h: bool, out_dtype=None, quant_h: bool = False,
-              expert_order: bool = False, b_up=None):
+              expert_order: bool = False, b_up=None, tune: Optional[tuning.Tuning] = None):
     """GEMM1 + activation. ``x [N, D]`` rows gathered → ``pre [S, 2F|F]`` (if store_pre) and
     ``h [S, F]`` (if store_h), in expert order. ``b_up [E, 2F|F]`` (optional): added to the
     fp32 accumulator before ``pre`` is rounded (so it is part of the stored / recomputed
@@ -638,19 +609,21 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
     in expert order already (``[S, D]``, no gather); on Hopper the fp8 GEMM then runs as the
     Gluon kernel (``gluon_fp8``), storing pre, and h comes from one pass over it
     (``_act_quant_kernel``: the fused epilogue's arithmetic, the same h bitwise)."""
+    tune = tune or tuning.current()
     a, sa, w, sb, stride_sb, quant, dt = _operands(x, w_up, True, out_dtype)
     S = meta.sorted_slot.numel()
     f = w.shape[1] // 2 if gated else w.shape[1]
     stride_b = (w.stride(0), w.stride(2), w.stride(1))
-    if (quant_h and quant == QUANT_FP8 and expert_order and S and b_up is None
-            and GF.available(a) and GF.grouped_fits(a, w, stride_b, w.shape[1], a.shape[1])):
+    if (quant_h and S and b_up is None
+            and _gluon_serves(tune, a, w, stride_b, w.shape[1], a.shape[1], quant,
+                              not expert_order)):
         pre = torch.empty(S, w.shape[1], dtype=dt, device=a.device)
-        GF.grouped_mm(a, sa, w, sb, stride_sb, pre, meta, n=w.shape[1], k=a.shape[1])
+        GF.grouped_mm(tune, a, sa, w, sb, stride_sb, pre, meta, n=w.shape[1], k=a.shape[1])
         return (pre if store_pre else None), act_quant(pre, meta, act, gated)
     pre = torch.empty(S, w.shape[1], dtype=dt, device=a.device) if store_pre else None
     hs = None
     if quant_h:
-        if quant != QUANT_FP8:
+        if quant != Quant.FP8:
             raise ValueError("quant_h: h is quantised in the epilogue for fp8 GEMMs only")
         h = torch.empty(S, f, dtype=torch.float8_e4m3fn, device=a.device)
         hs = torch.empty(S, triton.cdiv(f, 128), dtype=torch.float32, device=a.device)
@@ -658,9 +631,9 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
             pre = torch.empty(0, w.shape[1], dtype=dt, device=a.device)
     else:
         h = torch.empty(S, f, dtype=dt, device=a.device) if store_h else None
-    _launch_grouped("up", a, w, h, meta, n=f, k=a.shape[1], stride_a=a.stride(),
+    _launch_grouped(tune, "up", a, w, h, meta, n=f, k=a.shape[1], stride_a=a.stride(),
                     stride_b=stride_b, gather=not expert_order,
-                    gated=gated, epi=EPI_ACT_FWD, act=act, pre=pre, store_pre=store_pre,
+                    gated=gated, epi=Epilogue.ACT_FWD, act=act, pre=pre, store_pre=store_pre,
                     store_h=store_h or quant_h, quant=quant, sa=sa, sb=sb,
                     stride_sb=stride_sb, hs=hs, bias=b_up)
     return (pre if store_pre else None), (QTensor(h, hs) if quant_h else h)
@@ -677,11 +650,12 @@ def act_quant(pre, meta: PermuteMeta, act: int, gated: bool) -> QTensor:
         bm = 8 if interpret_mode() else 32
         _act_quant_kernel[(triton.cdiv(S, bm), triton.cdiv(f, 128))](
             pre, h, hs, meta.offsets, meta.num_experts, f, pre.stride(0), h.stride(0),
-            hs.stride(0), GATED=gated, ACT=act, EMU=interpret_mode(), BM=bm, num_warps=4)
+            hs.stride(0), GATED=gated, ACT=int(act), EMU=interpret_mode(), BM=bm, num_warps=4)
     return QTensor(h, hs)
 
 
-def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None, b_down=None):
+def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None, b_down=None,
+                tune: Optional[tuning.Tuning] = None):
     """GEMM2: ``y [S, D] = h [S, F] · W_down[e]ᵀ (+ b_down[e])`` in expert order
     (``h``/``w_down`` may be ``QTensor``s: y in ``out_dtype``, default bf16; ``b_down [E, D]``
     is added to the fp32 accumulator)."""
@@ -689,23 +663,19 @@ def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None, b_down=None):
     S = a.shape[0]
     d = w.shape[1]
     y = torch.empty(S, d, dtype=dt, device=a.device)
-    _launch_grouped("down", a, w, y, meta, n=d, k=a.shape[1], stride_a=a.stride(),
+    _launch_grouped(tune or tuning.current(), "down", a, w, y, meta, n=d, k=a.shape[1], stride_a=a.stride(),
                     stride_b=(w.stride(0), w.stride(2), w.stride(1)), gather=False,
                     quant=quant, sa=sa, sb=sb, stride_sb=stride_sb, bias=b_down)
     return y
 
 
-# The activation backward after ``dh' = dout · W_down``: True runs it as a separate pass over
-# the stored dh' (``_act_bwd_kernel``; the GEMM keeps a plain, fast epilogue), False in the
-# GEMM's epilogue (``EPI_ACT_BWD``; no dh' round trip through memory, but a heavy epilogue
-# that keeps the GEMM far below its peak). The tuning benchmark times both (NOTES.md).
-SPLIT_UP_BWD = True
-ACT_BWD_BLOCK = (32, 128, 4)  # rows, columns, warps of _act_bwd_kernel
-
-
 def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, gated: bool,
-                  expert_order: bool = False):
-    """``dh' = dout[row(p)] · W_down[e]`` and the activation backward (``SPLIT_UP_BWD``).
+                  expert_order: bool = False, tune: Optional[tuning.Tuning] = None):
+    """``dh' = dout[row(p)] · W_down[e]`` and the activation backward: as a separate pass over
+    the stored dh' (``_act_bwd_kernel``; the GEMM keeps a plain epilogue) with
+    ``tune.split_up_bwd`` (the default), else in the GEMM's epilogue (``Epilogue.ACT_BWD``; no
+    dh' round trip through memory, but a heavy epilogue); for fp8 operands on Hopper in the
+    Gluon GEMM's epilogue (``tune.gluon_fuse_act_bwd``).
     ``expert_order``: ``dout`` holds one row per slot in expert order already (``[S, D]``:
     no gather; the FP8 path quantises it that way).
 
@@ -714,6 +684,7 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     (gradient of each slot's routing weight, in expert order). ``dout`` and ``w_down`` may be
     fp8 ``QTensor``s (dgrad in fp8); the outputs are then in ``pre``'s dtype (and so is the
     stored dh' of the split form: it rounds dh' once more than the fused epilogue does)."""
+    tune = tune or tuning.current()
     a, sa, w, sb, stride_sb, quant, _ = _operands(dout, w_down, False)
     S = pre.shape[0]
     f = w.shape[2]
@@ -722,58 +693,57 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     hw = torch.empty(S, f, dtype=pre.dtype, device=pre.device)
     args = dict(stride_a=a.stride(), stride_b=(w.stride(0), w.stride(1), w.stride(2)),
                 gather=not expert_order, quant=quant, sa=sa, sb=sb, stride_sb=stride_sb)
-    if (quant == QUANT_FP8 and expert_order and S and GF.FUSE_ACT_BWD and GF.available(a)
-            and GF.grouped_fits(a, w, args["stride_b"], f, a.shape[1])
+    if (S and tune.gluon_fuse_act_bwd
+            and _gluon_serves(tune, a, w, args["stride_b"], f, a.shape[1], quant,
+                              not expert_order)
             and GF.act_bwd_fits(pre, dpre, hw)):
         # Hopper: the Gluon dh' GEMM with this split form's activation pass in its epilogue
         # (dh' never stored; bitwise the same dpre and hw)
         dwp = torch.empty(triton.cdiv(f, 128), S, dtype=torch.float32, device=a.device)
-        GF.grouped_mm_act_bwd(a, sa, w, sb, stride_sb, pre, weights, meta, dpre, hw, dwp,
+        GF.grouped_mm_act_bwd(tune, a, sa, w, sb, stride_sb, pre, weights, meta, dpre, hw, dwp,
                               n=f, k=a.shape[1], gated=gated, act=act)
         return dpre, hw, dwp.sum(0)
-    if SPLIT_UP_BWD and S:
-        bm, bn, warps = (16, 32, 4) if interpret_mode() else ACT_BWD_BLOCK
+    if tune.split_up_bwd and S:
+        bm, bn, warps = (16, 32, 4) if interpret_mode() else tune.act_bwd_block
         # dh' goes into hw's memory: each program of the activation pass reads its dh' tile
         # and then writes hw over the same tile (no extra [S, F] buffer)
         dh = hw
-        _launch_grouped("dh", a, w, dh, meta, n=f, k=a.shape[1], **args)
+        _launch_grouped(tune, "dh", a, w, dh, meta, n=f, k=a.shape[1], **args)
         dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
         _act_bwd_kernel[(triton.cdiv(S, bm), triton.cdiv(f, bn))](
             dh, pre, weights, dwp, hw, dpre, meta.sorted_slot, meta.offsets, meta.num_experts,
             f, dh.stride(0), pre.stride(0), dwp.stride(0), hw.stride(0), dpre.stride(0),
-            GATED=gated, ACT=act, BM=bm, BN=bn, num_warps=warps)
+            GATED=gated, ACT=int(act), BM=bm, BN=bn, num_warps=warps)
         return dpre, hw, dwp.sum(0)
-    bn = _mm_config("up_bwd", a.dtype, gated, f, quant)["BN"]
+    bn = _mm_config(tune, "up_bwd", a.dtype, gated, f, quant)["BN"]
     dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
-    _launch_grouped("up_bwd", a, w, dpre, meta, n=f, k=a.shape[1], gated=gated,
-                    epi=EPI_ACT_BWD, act=act, pre=pre, weights=weights, dwp=dwp, hw=hw,
+    _launch_grouped(tune, "up_bwd", a, w, dpre, meta, n=f, k=a.shape[1], gated=gated,
+                    epi=Epilogue.ACT_BWD, act=act, pre=pre, weights=weights, dwp=dwp, hw=hw,
                     **args)
     return dpre, hw, dwp.sum(0)
 
 
-def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None):
+def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None,
+              tune: Optional[tuning.Tuning] = None):
     """``dx_perm [S, D] = dpre [S, 2F|F] · W_up[e]`` in expert order (fp8 ``QTensor``
     operands: dx in ``out_dtype``, default bf16)."""
     a, sa, w, sb, stride_sb, quant, dt = _operands(dpre, w_up, False, out_dtype)
     S = a.shape[0]
     d = w.shape[2]
     dxp = torch.empty(S, d, dtype=dt, device=a.device)
-    _launch_grouped("dx", a, w, dxp, meta, n=d, k=a.shape[1], stride_a=a.stride(),
+    _launch_grouped(tune or tuning.current(), "dx", a, w, dxp, meta, n=d, k=a.shape[1], stride_a=a.stride(),
                     stride_b=w.stride(), gather=False, quant=quant, sa=sa, sb=sb,
                     stride_sb=stride_sb)
     return dxp
 
 
-BIAS_GRAD_BLOCK = (64, 128, 4)  # rows per step, columns, warps of _segment_colsum_kernel
+def _colsum_block(tune: tuning.Tuning) -> tuple:
+    return (16, 32, 4) if interpret_mode() else tune.bias_grad_block
 
 
-def _colsum_block() -> tuple:
-    return (16, 32, 4) if interpret_mode() else BIAS_GRAD_BLOCK
-
-
-def _launch_colsum(a, meta: PermuteMeta, *, no: int, gather: bool, weights=None, c=None,
-                   bias=None, dwb=None):
-    br, bn, warps = _colsum_block()
+def _launch_colsum(tune: tuning.Tuning, a, meta: PermuteMeta, *, no: int, gather: bool,
+                   weights=None, c=None, bias=None, dwb=None):
+    br, bn, warps = _colsum_block(tune)
     dummy = meta.counts
     _segment_colsum_kernel[(meta.num_experts * triton.cdiv(no, bn),)](
         a, weights if weights is not None else dummy, bias if bias is not None else dummy,
@@ -784,7 +754,7 @@ def _launch_colsum(a, meta: PermuteMeta, *, no: int, gather: bool, weights=None,
         STORE_C=c is not None, BR=br, BN=bn, num_warps=warps)
 
 
-def bias_up_grad(dpre, meta: PermuteMeta):
+def bias_up_grad(dpre, meta: PermuteMeta, tune: Optional[tuning.Tuning] = None):
     """``db_up [E, 2F|F] = Σ_{p of expert e} dpre[p]`` (``dpre`` in expert order, the routing
     weight applied already), in ``dpre``'s dtype; zeros for experts without rows."""
     E, no = meta.num_experts, dpre.shape[1]
@@ -792,17 +762,18 @@ def bias_up_grad(dpre, meta: PermuteMeta):
         return torch.zeros(E, no, dtype=dpre.dtype, device=dpre.device)
     assert dpre.stride(1) == 1
     db = torch.empty(E, no, dtype=dpre.dtype, device=dpre.device)
-    _launch_colsum(dpre, meta, no=no, gather=False, c=db)
+    _launch_colsum(tune or tuning.current(), dpre, meta, no=no, gather=False, c=db)
     return db
 
 
 def bias_down_grad(dout, b_down, topk_weights, meta: PermuteMeta, need_db: bool,
-                   need_dot: bool):
+                   need_dot: bool, tune: Optional[tuning.Tuning] = None):
     """The gradients that ``b_down [E, D]`` adds, from ``dout [N, D]`` (token rows, gathered as
     ``sorted_slot[p] // k``) and ``topk_weights [N, k]``. Returns ``(db_down [E, D] in
     b_down's dtype | None, dwb fp32 [S] | None)``: ``db_down[e] = Σ_{p of e} w_p · dout[row(p)]``
     and ``dwb[p] = dout[row(p)] · b_down[e]`` (the bias part of slot p's routing-weight
     gradient, in expert order; rows past the routed ones are not written)."""
+    tune = tune or tuning.current()
     E, d = b_down.shape
     S = meta.sorted_slot.numel()
     db = dwb = None
@@ -810,13 +781,13 @@ def bias_down_grad(dout, b_down, topk_weights, meta: PermuteMeta, need_db: bool,
         db = (torch.zeros if S == 0 else torch.empty)(E, d, dtype=b_down.dtype,
                                                       device=b_down.device)
     if need_dot:
-        dwb = torch.empty(triton.cdiv(d, _colsum_block()[1]), S, dtype=torch.float32,
+        dwb = torch.empty(triton.cdiv(d, _colsum_block(tune)[1]), S, dtype=torch.float32,
                           device=dout.device)
     if S and (need_db or need_dot):
         assert dout.stride(1) == 1
         if b_down.stride(-1) != 1:
             b_down = b_down.contiguous()
-        _launch_colsum(dout, meta, no=d, gather=True,
+        _launch_colsum(tune, dout, meta, no=d, gather=True,
                        weights=topk_weights.reshape(-1).contiguous() if need_db else None,
                        c=db, bias=b_down if need_dot else None, dwb=dwb)
     return db, (dwb.sum(0) if need_dot else None)
@@ -833,20 +804,20 @@ def wgrad_out(shape, like, out):
     return out, True
 
 
-def wgrad_down(dout, hw, meta: PermuteMeta, out=None):
+def wgrad_down(dout, hw, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
     """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` (``hw = w_p · h_p``); with ``out``
     (``[E, D, F]``, any float dtype) added into it instead and returned."""
     dw, acc = wgrad_out((meta.num_experts, dout.shape[1], hw.shape[1]), hw, out)
-    _launch_segment("wgrad_down", dout, hw, dw, meta, mo=dout.shape[1], no=hw.shape[1],
+    _launch_segment(tune or tuning.current(), "wgrad_down", dout, hw, dw, meta, mo=dout.shape[1], no=hw.shape[1],
                     stride_a=dout.stride(), stride_b=hw.stride(), a_gather=True,
                     accumulate=acc)
     return dw
 
 
-def wgrad_up(dpre, x, meta: PermuteMeta, out=None):
+def wgrad_up(dpre, x, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``; with ``out`` added into it."""
     dw, acc = wgrad_out((meta.num_experts, dpre.shape[1], x.shape[1]), x, out)
-    _launch_segment("wgrad_up", dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1],
+    _launch_segment(tune or tuning.current(), "wgrad_up", dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1],
                     stride_a=dpre.stride(), stride_b=x.stride(), b_gather=True,
                     accumulate=acc)
     return dw

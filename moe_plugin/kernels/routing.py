@@ -12,11 +12,14 @@ score distribution and the per-expert counts of the aux top-k (partials ``[progr
 summed afterwards: no atomics, so results are deterministic), and per row the logsumexp of
 the logits for the z-loss.
 """
+from typing import List
+
 import torch
 import triton
 import triton.language as tl
 
-from .activation import _sigmoid
+from .activation import sigmoid
+from .codes import SCORE_SOFTMAX, Score
 from .common import next_pow2
 
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -67,16 +70,16 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
     emask = (g3 < G) & (e3 < EG)
     m = emask & (r3 < N)
     x = tl.load(logits_ptr + r3.to(tl.int64) * stride_ln + flat, mask=m, other=_NEG_INF)
-    if SCORE == 0 or NEED_LSE:
+    if SCORE == SCORE_SOFTMAX or NEED_LSE:
         mx = tl.max(tl.max(x, 2), 1)
         mx = tl.where(rows < N, mx, 0.0)
         ex = tl.where(m, tl.exp(x - mx[:, None, None]), 0.0)
         ssum = tl.sum(tl.sum(ex, 2), 1)
         ssum = tl.where(rows < N, ssum, 1.0)
-    if SCORE == 0:
+    if SCORE == SCORE_SOFTMAX:
         s = ex / ssum[:, None, None]
     else:
-        s = tl.where(m, _sigmoid(x), 0.0)
+        s = tl.where(m, sigmoid(x), 0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + flat, mask=emask, other=0.0).to(tl.float32)
         sel = s + bias
@@ -117,7 +120,7 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
             if not AUX_SEPARATE:
                 cnt += tl.sum((hit & m).to(tl.int32), 0)
     if RENORM:  # (padding rows past N: denominator 1, not 0/0)
-        if SCORE == 0:
+        if SCORE == SCORE_SOFTMAX:
             wv = wv / tl.where(rows < N, tl.sum(wv, 1), 1.0)[:, None]
         else:
             wv = wv / (tl.sum(wv, 1)[:, None] + 1e-20)
@@ -127,7 +130,7 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
     tl.store(ids_ptr + out_off, iv, mask=kmask)
     tl.store(w_ptr + out_off, wv, mask=kmask)
     if NEED_AUX:
-        if SCORE == 0:
+        if SCORE == SCORE_SOFTMAX:
             p = s
         else:
             p = s / (tl.sum(tl.sum(s, 2), 1)[:, None, None] + 1e-20)
@@ -167,10 +170,10 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, dw_ptr, dcol_ptr, dlse_ptr, dlogits_p
     mx = tl.where(rvalid, tl.max(x, 1), 0.0)
     ex = tl.where(m, tl.exp(x - mx[:, None]), 0.0)
     softmax = ex / tl.where(rvalid, tl.sum(ex, 1), 1.0)[:, None]
-    if SCORE == 0:
+    if SCORE == SCORE_SOFTMAX:
         s = softmax
     else:
-        s = tl.where(m, _sigmoid(x), 0.0)
+        s = tl.where(m, sigmoid(x), 0.0)
     ds = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     if HAS_DW:
         kk = tl.arange(0, BLOCK_K)[None, :]
@@ -180,7 +183,7 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, dw_ptr, dcol_ptr, dlse_ptr, dlogits_p
         hit = ids[:, :, None] == e2[:, None, :]
         sv = tl.sum(tl.where(hit, s[:, None, :], 0.0), 2)
         if RENORM:
-            if SCORE == 0:
+            if SCORE == SCORE_SOFTMAX:
                 z = tl.sum(sv, 1)
             else:
                 z = tl.sum(sv, 1) + 1e-20
@@ -191,18 +194,22 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, dw_ptr, dcol_ptr, dlse_ptr, dlogits_p
         ds += tl.sum(tl.where(hit, dsv[:, :, None], 0.0), 1)
     if HAS_DCOL:
         dcol = tl.load(dcol_ptr + e2, mask=e2 < E, other=0.0)
-        if SCORE == 0:
+        if SCORE == SCORE_SOFTMAX:
             ds += dcol
         else:
             z = tl.sum(s, 1) + 1e-20
             ds += dcol / z[:, None] - (tl.sum(dcol * s, 1) / (z * z))[:, None]
-    if SCORE == 0:
+    if SCORE == SCORE_SOFTMAX:
         dx = s * (ds - tl.sum(ds * s, 1)[:, None])
     else:
         dx = ds * s * (1.0 - s)
     if HAS_DLSE:
         dx += tl.load(dlse_ptr + rows, mask=rvalid, other=0.0)[:, None] * softmax
     tl.store(dlogits_ptr + r64[:, None] * stride_dn + e2, dx, mask=m)
+
+
+def _score_code(score_func: str) -> Score:
+    return Score.SOFTMAX if score_func == "softmax" else Score.SIGMOID
 
 
 def _rows_per_program(block_e: int, block_k: int = 1) -> int:
@@ -234,7 +241,7 @@ def route_forward(logits: torch.Tensor, top_k: int, *, score_func: str, renormal
         _route_fwd_kernel[grid](
             logits, bias, ids, w, colsum, cnt, lse, n, logits.stride(0), float(scaling_factor),
             G=g, EG=eg, K=top_k, GROUP_K=(top_k // group_topk) if num_groups else 1,
-            GROUP_TOPK=group_topk or 1, SCORE=0 if score_func == "softmax" else 1,
+            GROUP_TOPK=group_topk or 1, SCORE=int(_score_code(score_func)),
             RENORM=renormalize, HAS_BIAS=expert_bias is not None, NEED_AUX=need_aux,
             AUX_SEPARATE=(expert_bias is not None or g > 1), NEED_LSE=need_lse,
             BLOCK_N=block_n, BLOCK_G=next_pow2(g), BLOCK_EG=next_pow2(eg),
@@ -267,7 +274,56 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
         d_colsum.contiguous() if d_colsum is not None else dummy,
         d_lse.contiguous() if d_lse is not None else dummy, dl,
         n, logits.stride(0), dl.stride(0), float(scaling_factor),
-        E=e, K=k, SCORE=0 if score_func == "softmax" else 1, RENORM=renormalize,
+        E=e, K=k, SCORE=int(_score_code(score_func)), RENORM=renormalize,
         HAS_DW=d_weights is not None, HAS_DCOL=d_colsum is not None, HAS_DLSE=d_lse is not None,
         BLOCK_N=block_n, BLOCK_E=be, BLOCK_K=next_pow2(k), num_warps=4 if be >= 512 else 2)
     return dl
+
+
+# ---------------------------------------------------------------------------------------------
+# The launchers as custom ops (opaque to torch.compile, no host synchronisation; outputs not
+# asked for are empty tensors)
+
+@torch.library.custom_op("moe_plugin::route_fwd", mutates_args=())
+def route_fwd(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, score_func: str,
+              renormalize: bool, num_groups: int, group_topk: int, scaling_factor: float,
+              need_aux: bool, need_lse: bool) -> List[torch.Tensor]:
+    """Returns ``[topk_ids int32 [N, k], topk_weights fp32 [N, k], aux_colsum [E] | [0],
+    aux_counts int32 [E] | [0], lse [N] | [0]]``. ``expert_bias`` empty = none;
+    ``num_groups`` 0 = not group-limited."""
+    ids, w, colsum, cnt, lse = route_forward(
+        logits, top_k, score_func=score_func, renormalize=renormalize,
+        expert_bias=expert_bias if expert_bias.numel() else None,
+        num_groups=num_groups or None, group_topk=group_topk or None,
+        scaling_factor=scaling_factor, need_aux=need_aux, need_lse=need_lse)
+    return [ids, w, colsum if colsum is not None else logits.new_empty(0),
+            cnt if cnt is not None else torch.empty(0, dtype=torch.int32, device=logits.device),
+            lse if lse is not None else logits.new_empty(0)]
+
+
+@route_fwd.register_fake
+def _(logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
+      scaling_factor, need_aux, need_lse):
+    n, e = logits.shape
+    dev = logits.device
+    return [torch.empty(n, top_k, dtype=torch.int32, device=dev),
+            torch.empty(n, top_k, dtype=torch.float32, device=dev),
+            logits.new_empty(e if need_aux else 0),
+            torch.empty(e if need_aux else 0, dtype=torch.int32, device=dev),
+            logits.new_empty(n if need_lse else 0)]
+
+
+@torch.library.custom_op("moe_plugin::route_bwd", mutates_args=())
+def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights: torch.Tensor,
+              d_colsum: torch.Tensor, d_lse: torch.Tensor, score_func: str, renormalize: bool,
+              scaling_factor: float) -> torch.Tensor:
+    """Gradient w.r.t. the fp32 logits; an empty incoming gradient counts as zero."""
+    return route_backward(logits, topk_ids, d_weights if d_weights.numel() else None,
+                          d_colsum if d_colsum.numel() else None,
+                          d_lse if d_lse.numel() else None, score_func=score_func,
+                          renormalize=renormalize, scaling_factor=scaling_factor)
+
+
+@route_bwd.register_fake
+def _(logits, topk_ids, d_weights, d_colsum, d_lse, score_func, renormalize, scaling_factor):
+    return torch.empty_like(logits)

@@ -29,16 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import GROUP
+from typing import Optional
+
 from . import gluon_fp8 as GF
 from . import grouped_gemm as G
+from . import tuning
+from .codes import QUANT_FP8, Accum
 from .common import interpret_mode, next_pow2
 from .permute import PermuteMeta
-from .quantize import _to_e4m3
-
-# tile configurations (``G.CONFIG_OVERRIDES`` keys "wgrad_down_fp8" / "wgrad_up_fp8" win)
-FP8_SEG_CONFIG = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3)
-COLS_BLOCK = (64, 4)  # columns per program, warps of _fp8_cols_kernel (H100 sweep, NOTES)
+from .quantize import GROUP, to_e4m3
 
 
 @triton.jit
@@ -50,7 +49,7 @@ def _fp8_cols_kernel(src_ptr, gather_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr,
     ncb = tl.cdiv(C, BC)
     g = tl.program_id(0) // ncb
     cb = tl.program_id(0) % ncb
-    e, first, n_e = G._expert_of_tile(g, counts_ptr, E, GS, BLOCK_E)
+    e, first, n_e = G.expert_of_tile(g, counts_ptr, E, GS, BLOCK_E)
     if e >= E:
         return
     t = tl.arange(0, GS)
@@ -65,7 +64,7 @@ def _fp8_cols_kernel(src_ptr, gather_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr,
     v = tl.load(src_ptr + rows[:, None] * stride_src + cols[None, :],
                 mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), 1e-12), 448.0)
-    q = _to_e4m3(v, scale[None, :], EMU)
+    q = to_e4m3(v, scale[None, :], EMU)
     # the padding tokens of the expert's last group are stored as zeros
     tl.store(q_ptr + g.to(tl.int64) * stride_q + cols[None, :] * GS + t[:, None],
              q.to(q_ptr.dtype.element_ty), mask=cmask[None, :])
@@ -89,7 +88,7 @@ def _segment_mm_fp8_kernel(
         stride_a, stride_b, stride_sa, stride_sb, stride_ce, stride_cm, stride_cn,
         ACCUM: tl.constexpr, GS: tl.constexpr, BLOCK_E: tl.constexpr, BM: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr):
-    e, offs_m, offs_n, mmask, nmask = G._segment_tile(MO, NO, BM, BN)
+    e, offs_m, offs_n, mmask, nmask = G.segment_tile(MO, NO, BM, BN)
     first, cnt = _first_group(e, counts_ptr, E, GS, BLOCK_E)
     offs_k = tl.arange(0, BK)
     # both operands K-major (a group's tokens contiguous per column): A tile [BM, BK], B tile
@@ -105,9 +104,9 @@ def _segment_mm_fp8_kernel(
         b = tl.load(b_ptrs + grp * stride_b + kin, mask=nmask[None, :], other=0.0)
         sa = tl.load(sa_ptr + grp * stride_sa + offs_m, mask=mmask, other=0.0)
         sb = tl.load(sb_ptr + grp * stride_sb + offs_n, mask=nmask, other=0.0)
-        acc = G._mma(a, b, acc, sa, sb, 1, False)
-    G._store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
-                   stride_cn, ACCUM)
+        acc = G.mma_step(a, b, acc, sa, sb, QUANT_FP8, False)
+    G.store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
+                  stride_cn, ACCUM)
 
 
 def num_groups(meta: PermuteMeta) -> int:
@@ -116,21 +115,23 @@ def num_groups(meta: PermuteMeta) -> int:
     return triton.cdiv(S, GROUP) + min(meta.num_experts, S)
 
 
-def quantize_cols_grouped(src: torch.Tensor, meta: PermuteMeta, gather: bool):
+def quantize_cols_grouped(src: torch.Tensor, meta: PermuteMeta, gather: bool,
+                          tune: Optional[tuning.Tuning] = None):
     """``src [rows, C]`` (expert-order rows, or with ``gather`` token rows read through
     ``sorted_slot // top_k``) → ``(q e4m3 [G, C, 128], scale fp32 [G, C])`` in the padded group
     layout of the module doc."""
+    tune = tune or tuning.current()
     if src.stride(1) != 1:
         src = src.contiguous()
     c = src.shape[1]
     g = num_groups(meta)
     q = torch.empty(g, c, GROUP, dtype=torch.float8_e4m3fn, device=src.device)
     s = torch.empty(g, c, dtype=torch.float32, device=src.device)
-    if g and c and GF.available(src) and GF.cols_fits(src):
+    if g and c and GF.available(tune, src) and GF.cols_fits(src):
         # Hopper: the Gluon pass (no shared-memory transpose), the same values bitwise
-        GF.quantize_cols(src, meta, q, s, gather)
+        GF.quantize_cols(tune, src, meta, q, s, gather)
     elif g and c:
-        bc, warps = (32, 4) if interpret_mode() else COLS_BLOCK
+        bc, warps = (32, 4) if interpret_mode() else tune.fp8_cols_block
         _fp8_cols_kernel[(g * triton.cdiv(c, bc),)](
             src, meta.sorted_slot, meta.counts, meta.offsets, q, s, c, meta.num_experts,
             src.stride(0), q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather,
@@ -139,34 +140,37 @@ def quantize_cols_grouped(src: torch.Tensor, meta: PermuteMeta, gather: bool):
     return q, s
 
 
-def _config(kind: str) -> dict:
-    if kind in G.CONFIG_OVERRIDES:
-        return dict(G.CONFIG_OVERRIDES[kind])
+def _config(tune: tuning.Tuning, kind: str) -> dict:
+    override = tune.gemm_config(kind)
+    if override is not None:
+        return override
     if interpret_mode():
         return dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=1)
-    return dict(FP8_SEG_CONFIG)
+    return dict(tune.fp8_seg_config)
 
 
-def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta, out=None):
+def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta, out=None,
+              tune: Optional[tuning.Tuning] = None):
     """``dW[e] [MO, NO] = Σ_p A[p]ᵀ · B[p]`` with both operands quantised here (per column and
     128 tokens); ``a [rows, MO]`` / ``b [rows, NO]`` high precision, ``*_gather``: token-order
     rows. Output in b's dtype, or added into ``out`` (fp32 accumulation either way)."""
+    tune = tune or tuning.current()
     mo, no = a.shape[1], b.shape[1]
     dw, accumulate = G.wgrad_out((meta.num_experts, mo, no), b, out)
-    qa, sa = quantize_cols_grouped(a, meta, a_gather)
-    qb, sb = quantize_cols_grouped(b, meta, b_gather)
-    accum = G.accum_mode(dw, accumulate)
-    if GF.available(qa):
+    qa, sa = quantize_cols_grouped(a, meta, a_gather, tune)
+    qb, sb = quantize_cols_grouped(b, meta, b_gather, tune)
+    accum = G.accum_mode(tune, dw, accumulate)
+    if GF.available(tune, qa):
         # Hopper: the Gluon kernel (TMA for the tiles and their scale vectors), the same sums
         # in the same order. Into an fp32 buffer, with few tokens per expert, read-add-write of
         # a tile loaded ahead beats atomic adds (H100, 2048 tokens per expert: 660 vs 601
         # TFLOP/s; at 8192: 785 vs 806; NOTES.md)
-        gl_accum = (2 if accum == 1 and G.WGRAD_ACCUM_MODE is None
+        gl_accum = (Accum.RMW if accum == Accum.ATOMIC and tune.wgrad_accum_mode is None
                     and meta.sorted_slot.numel() <= 4096 * meta.num_experts else accum)
         for mode in dict.fromkeys((gl_accum, accum)):
             if GF.segment_fits(qa, sa, qb, sb, dw, mode):
-                return GF.segment_mm(qa, sa, qb, sb, dw, meta, mode)
-    cfg = _config(kind)
+                return GF.segment_mm(tune, qa, sa, qb, sb, dw, meta, mode)
+    cfg = _config(tune, kind)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     if GROUP % bk:
         raise ValueError(f"fp8 wgrad '{kind}': BK={bk} must divide {GROUP}")
@@ -174,16 +178,16 @@ def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta
     _segment_mm_fp8_kernel[grid](
         qa, qb, sa, sb, dw, meta.counts, mo, no, meta.num_experts, qa.stride(0), qb.stride(0),
         sa.stride(0), sb.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
-        ACCUM=G.accum_mode(dw, accumulate), GS=GROUP, BLOCK_E=next_pow2(meta.num_experts),
+        ACCUM=int(accum), GS=GROUP, BLOCK_E=next_pow2(meta.num_experts),
         BM=bm, BN=bn, BK=bk, **cfg)
     return dw
 
 
-def wgrad_down_fp8(dout, hw, meta: PermuteMeta, out=None):
+def wgrad_down_fp8(dout, hw, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
     """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` in FP8 (``G.wgrad_down``'s contract)."""
-    return wgrad_fp8("wgrad_down_fp8", dout, True, hw, False, meta, out)
+    return wgrad_fp8("wgrad_down_fp8", dout, True, hw, False, meta, out, tune)
 
 
-def wgrad_up_fp8(dpre, x, meta: PermuteMeta, out=None):
+def wgrad_up_fp8(dpre, x, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]`` in FP8 (``G.wgrad_up``'s contract)."""
-    return wgrad_fp8("wgrad_up_fp8", dpre, False, x, True, meta, out)
+    return wgrad_fp8("wgrad_up_fp8", dpre, False, x, True, meta, out, tune)

@@ -3,7 +3,7 @@
 Importing this module needs megatron-core (``pip install -e .[megatron]``); nothing else in
 moe_plugin does.
 """
-from .layer import PluginMoELayer
+from .plugin_layer import PluginMoELayer
 from .options import PluginOptions, UnsupportedConfigError, plugin_options
 from .spec import (MoEPluginConfig, add_plugin_args, get_plugin_decoder_block_spec,
                    gpt_decoder_block_spec)

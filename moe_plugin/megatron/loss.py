@@ -1,11 +1,11 @@
-"""moe_plugin's one-pass cross entropy (``moe_plugin.kernels.cross_entropy``) as a Megatron-Core
+"""moe_plugin's one-pass cross entropy (``autograd.cross_entropy_function``) as a Megatron-Core
 language model's loss: the same values as Megatron's ``vocab_parallel_cross_entropy`` at tensor
 parallel size 1 (fp32 arithmetic), without its fp32 copy of the logits and its passes over it."""
 import types
 
 from megatron.core import parallel_state
 
-from ..kernels.cross_entropy import cross_entropy
+from ..autograd.cross_entropy_function import cross_entropy
 from .options import UnsupportedConfigError
 
 

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import (SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT, TRAIN_QUANTS, check_positive_int,
-                      check_router_jitter, check_routing_args)
+from ..config import TRAIN_QUANTS, check_positive_int, check_router_jitter, check_routing_args
+from ..kernels.codes import SWIGLU_OAI_BETA, SWIGLU_OAI_LIMIT
 
 
 class UnsupportedConfigError(ValueError):

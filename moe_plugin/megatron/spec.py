@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import TRAIN_QUANTS
 from . import compat
-from .layer import PluginMoELayer
+from .plugin_layer import PluginMoELayer
 from .options import plugin_options
 
 

@@ -1,0 +1,103 @@
+"""Launch tuning of the kernels: tile shapes, block sizes and the choice between kernel
+variants, in one object.
+
+The launchers read the active ``Tuning`` once per stage (``current()``) and pass it down to
+the kernels they launch. The defaults are the tuned choices (``benchmarks/NOTES.md`` records
+how each was measured). Tests and benchmarks change them in one way only, for the duration
+of a block::
+
+    from moe_plugin.kernels import tuning
+    with tuning.override(gluon=False, split_up_bwd=False):
+        ...   # the Triton kernels, dh' with the activation backward fused into its epilogue
+
+Under ``TRITON_INTERPRET=1`` the launchers use small interpreter tiles instead of the GPU
+tiles below (``gemm_configs`` still wins).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Every tuning choice of the kernels. Frozen: change it with ``override``."""
+
+    # per-GEMM tile configurations that replace the defaults, keyed by GEMM:
+    # "up" (GEMM1 + activation), "down" (GEMM2), "dh" (dh' = dout · W_down of the split
+    # activation backward; default: GEMM2's), "up_bwd" (dh' with the activation backward in
+    # its epilogue), "dx" (dpre · W_up), "wgrad_down", "wgrad_up" (Triton segment GEMMs),
+    # "wgrad_down_fp8", "wgrad_up_fp8" (Triton FP8 weight gradients); values are dicts of
+    # BM, BN, BK (GROUP_M for row-grouped GEMMs), num_warps, num_stages
+    gemm_configs: dict = field(default_factory=dict)
+    # the activation backward after dh' = dout · W_down: True a separate pass over the stored
+    # dh' (``_act_bwd_kernel``), False in the GEMM's epilogue (``Epilogue.ACT_BWD``)
+    split_up_bwd: bool = True
+    act_bwd_block: tuple = (32, 128, 4)     # rows, columns, warps of _act_bwd_kernel
+    bias_grad_block: tuple = (64, 128, 4)   # rows per step, columns, warps of the bias grads
+    # how the weight-gradient kernels add into an accumulation buffer (``codes.Accum``):
+    # None = atomic adds into fp32 buffers, read-modify-write otherwise (and the Gluon kernel's
+    # own choice, see ``wgrad_fp8``)
+    wgrad_accum_mode: Optional[int] = None
+    fp8_rows_block: tuple = (32, 4)         # rows, warps of the fp8 row quantisation
+    fp8_cols_block: tuple = (64, 4)         # columns, warps of the fp8 column quantisation
+    # the Triton FP8 weight-gradient GEMM
+    fp8_seg_config: dict = field(default_factory=lambda: dict(
+        BM=128, BN=128, BK=128, num_warps=8, num_stages=3))
+    # the Gluon (Hopper) FP8 kernels: used where available when True
+    gluon: bool = True
+    # row-grouped Gluon GEMM: 128 x 128 tiles; the 12 warps launch at MAXNREG registers, then
+    # the producer drops to LOAD_REGS and the two consumers rise to MMA_REGS; KPAIR: two
+    # k-steps per consumer turn; INFO: tile facts passed through shared memory
+    gluon_config: dict = field(default_factory=lambda: dict(
+        BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, INFO=True, LOAD_REGS=40, MMA_REGS=232,
+        MAXNREG=168))
+    # the dh' GEMM with the activation backward in its epilogue: fewer ring slots (its
+    # pre-activation tiles take shared memory); applied over ``gluon_config``
+    gluon_epi_config: dict = field(default_factory=lambda: dict(STAGES=4))
+    # the Gluon FP8 weight-gradient GEMM
+    gluon_seg_config: dict = field(default_factory=lambda: dict(
+        BM=128, BN=128, STAGES=4, KPAIR=True, INFO=True, LOAD_REGS=40, MMA_REGS=232,
+        MAXNREG=168))
+    # the Gluon column quantisation: BC columns per tile, WC of the warps along the columns
+    gluon_cols_config: dict = field(default_factory=lambda: dict(BC=32, num_warps=4, WC=4))
+    # the FP8 dh' GEMM on Hopper runs the activation backward in its epilogue (False: the
+    # split form)
+    gluon_fuse_act_bwd: bool = True
+    # programs of the persistent Gluon kernels: None = one per SM
+    gluon_programs: Optional[int] = None
+
+    def gemm_config(self, kind: str) -> Optional[dict]:
+        """A copy of the override for GEMM ``kind``, or None."""
+        cfg = self.gemm_configs.get(kind)
+        return dict(cfg) if cfg is not None else None
+
+
+_DEFAULT = Tuning()
+_current = _DEFAULT
+
+
+def current() -> Tuning:
+    """The active tuning (the defaults unless inside ``override``)."""
+    return _current
+
+
+@contextlib.contextmanager
+def override(**changes):
+    """Within the block the kernels run with ``changes`` (fields of ``Tuning``) applied over
+    the active tuning. ``gemm_configs`` given here is merged into the active one."""
+    global _current
+    names = {f.name for f in dataclasses.fields(Tuning)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise TypeError(f"tuning.override: unknown field(s) {unknown}; fields: {sorted(names)}")
+    if "gemm_configs" in changes:
+        changes["gemm_configs"] = {**_current.gemm_configs, **changes["gemm_configs"]}
+    saved = _current
+    _current = dataclasses.replace(_current, **changes)
+    try:
+        yield _current
+    finally:
+        _current = saved
