@@ -1,9 +1,9 @@
 """FP8 block-scaled expert GEMMs in Gluon on Hopper: TMA loads, warp-specialised ping-pong.
 
 The Triton FP8 kernels (``grouped_gemm.py`` with ``QUANT_FP8``, ``wgrad_fp8.py``) load their
-operand tiles with per-thread cp.async copies and reach about half of the H100's fp8 ceiling.
-The kernels here compute the same sums in the same order (bitwise the same results on the
-H100; ``tests/test_quant.py``) with this structure (``gl.warp_specialize``):
+operand tiles with per-thread cp.async copies. The kernels here compute the same sums in the
+same order (bitwise the same results on the H100; ``tests/test_quant.py``) with this structure
+(``gl.warp_specialize``):
 
 * a producer partition (1 warp, few registers) runs a ring of ``STAGES`` shared-memory slots:
   for each k-step it waits until both consumers released the slot (mbarrier ``empty``),
@@ -16,11 +16,13 @@ H100; ``tests/test_quant.py``) with this structure (``gl.warp_specialize``):
   and promotes the product (scales it, adds it to its accumulator). The MMAs alternate between
   the consumers, so one consumer's promotion runs while the other's MMA occupies the tensor
   cores -- in a kernel whose warpgroups run in lockstep both promote while the tensor cores
-  idle (the block-scale promotion is what held the earlier lockstep TMA kernel to 550-600
-  TFLOP/s on the weight gradient; NOTES.md);
+  idle;
 * persistent: one program per SM walks the tiles ``pid, pid + grid, ...`` (tile t = program t
   of a one-tile-per-program launch); the k-step counter runs on across tiles, so the producer
   fills the ring for the next tile while the consumers run the epilogue.
+
+With ``KPAIR`` the consumers issue two k-steps per turn (the turn hand-over and its barriers
+once per 8 wgmma instead of 4; each product still promoted alone, in order).
 
 Triton 3.6 lowers ``mbarrier.arrive`` to a partition-wide barrier and one arrive by the
 partition's first thread: ``empty`` counts 2 (one per consumer), ``turn`` 1, ``ready`` 1 (the
@@ -41,16 +43,7 @@ the dh' GEMM (``EPI == 2``, ``grouped_mm_act_bwd``) the epilogue is ``grouped_ge
 activation pass (``_act_bwd_kernel``, same arithmetic, bitwise the same dpre / hw / routing-
 weight gradient): the producer TMA-loads the tile's pre-activation and gathers its routing
 weights a few k-steps into the tile, the consumers stage dh' in shared memory and process it
-16 rows at a time; dh' is never stored (H100, ``results/h100_fp8_fused_act_bwd_s16.log``: the
-GEMM grows by ~0.9 ms on coarse_120b, the 1.3 ms pass goes).
-
-H100 (``results/h100_gluon_ws_experiment.log``, mixtral's shapes, against the lockstep TMA
-kernels these replaced): wgrad dW_up 594 → 781 TFLOP/s, dW_down 544 → 762; GEMM1 817 → 948,
-GEMM2 854 → 903. The row-grouped consumers then issue two k-steps per turn (``KPAIR``: the
-turn hand-over and its barriers once per 8 wgmma instead of 4; each product still promoted
-alone, in order): GEMM2 866 → 981, dx 804 → 937 (``results/h100_gluon_fp8_variants_s14.log``);
-the weight-gradient consumers likewise: dW_down 660 → 763, dW_up 766 → 800 on mixtral
-(``results/h100_gluon_fp8_seg_kpair_s14.log``).
+16 rows at a time; dh' is never stored.
 
 Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``ENABLED``) and
 the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
@@ -76,17 +69,16 @@ except Exception:  # pragma: no cover - a Triton without Gluon
     _HAVE_GLUON = False
 
 ENABLED = True  # the tests and benchmarks switch it off to time / compare the Triton kernels
-# H100 (NOTES.md, results/h100_gluon_ws_experiment.log): 128 x 128 tiles; the 12 warps (3
-# warpgroups, the producer's padded) launch at MAXNREG registers, then the producer drops to
-# LOAD_REGS and the two consumers rise to MMA_REGS (3 * 168 = 2 * 232 + 40). The row-grouped
-# GEMM issues two k-steps per turn (KPAIR) from a 5-slot ring
-# (results/h100_gluon_fp8_variants_s14.log), the weight gradient from a 4-slot one
+# Tuned on an H100 (see benchmarks/NOTES.md). 128 x 128 tiles; the 12 warps (3 warpgroups, the
+# producer's padded) launch at MAXNREG registers, then the producer drops to LOAD_REGS and the
+# two consumers rise to MMA_REGS (3 * 168 = 2 * 232 + 40). The row-grouped GEMM issues two
+# k-steps per turn (KPAIR) from a 5-slot ring, the weight gradient from a 4-slot one
 CONFIG = dict(BM=128, BN=128, STAGES=5, GROUP_M=8, KPAIR=True, INFO=True, LOAD_REGS=40,
               MMA_REGS=232, MAXNREG=168)
 # the dh' GEMM with the activation backward in its epilogue: 4 ring slots (the pre-activation
 # tiles, dh' and the weights take 96 KB of shared memory)
 EPI_CONFIG = dict(STAGES=4)
-# the weight gradient too: two k-steps per turn (results/h100_gluon_fp8_seg_kpair_s14.log)
+# the weight gradient too: two k-steps per turn
 SEG_CONFIG = dict(BM=128, BN=128, STAGES=4, KPAIR=True, INFO=True, LOAD_REGS=40,
                   MMA_REGS=232, MAXNREG=168)
 # the FP8 dh' GEMM runs the activation backward in its epilogue (False: the split form, a

@@ -2,13 +2,12 @@
 
 * ``fp8_quantize_rows``: activations ``x [M, K]`` → ``q [M, K]`` e4m3 and ``scale [M, K/128]``
   (one per row and 128 columns). One read of x, one write of q: used for the GEMM operands of
-  the FP8 training path (x, dout, dpre), where the plain PyTorch version made ~6 passes;
-  optionally reading its rows through a gather index (dout in expert order for dh').
+  the FP8 training path (x, dout, dpre); optionally reading its rows through a gather index
+  (dout in expert order for dh').
 * ``fp8_quantize_blocks``: weights ``w [E, N, K]`` → ``q`` and ``scale [E, N/128, K/128]`` (one per
   128 × 128 block) and, with ``transposed=True``, the same values also stored transposed
   (``q_t``: shape ``[E, N, K]``, K-major strides). The dgrad GEMMs reduce over W's rows; Hopper's
-  FP8 tensor-core instructions read both operands K-major, so they need this copy (from the
-  N-major copy the compiled GEMM runs ~4x slower).
+  FP8 tensor-core instructions read both operands K-major, so they need this copy.
 
 The arithmetic is that of the PyTorch reference (``quant._quantize_fp8_rows_torch``): fp32
 amax, ``scale = max(amax, 1e-12) / 448`` and ``x / scale``, both with IEEE division
@@ -60,7 +59,7 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, gather_ptr, valid_ptr, M, K, stride_xm
     if GATHER:  # consecutive programs: row blocks of the same column group
         pid_m = tl.program_id(0)
         g = tl.program_id(1)
-    else:  # the column groups of the same rows: contiguous reads (H100: 2.1 -> 2.9 TB/s)
+    else:  # the column groups of the same rows: contiguous reads
         ng = tl.cdiv(K, G)
         pid_m = tl.program_id(0) // ng
         g = tl.program_id(0) % ng
