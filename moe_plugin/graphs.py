@@ -1,11 +1,11 @@
 """A training step's forward + backward captured in one CUDA graph.
 
 Small models train host-bound: the GPU finishes each kernel before Python has launched the
-next one (the 24-layer pretraining model of ``docs/megatron.md`` keeps the H100 busy for about
-half of each eager step). Replaying a captured graph launches the whole forward + backward with
-one call. moe_plugin's single-GPU MoE path has no host synchronisation, so it captures; stock
-Megatron-Core's MoE layers (host-side token counts) and the expert-parallel path (one host
-synchronisation per layer to size its receive buffers) do not.
+next one (the 24-layer pretraining model of ``docs/megatron.md``, for one). Replaying a
+captured graph launches the whole forward + backward with one call. moe_plugin's single-GPU
+MoE path has no host synchronisation, so it captures; stock Megatron-Core's MoE layers
+(host-side token counts) and the expert-parallel path (one host synchronisation per layer to
+size its receive buffers) do not.
 
 What a captured step may do: its inputs are copied into static buffers before every replay,
 and it must not synchronise with the host or depend on host-side values that change between

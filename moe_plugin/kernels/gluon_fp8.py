@@ -1,9 +1,9 @@
 """FP8 block-scaled expert GEMMs in Gluon on Hopper: TMA loads, warp-specialised ping-pong.
 
 The Triton FP8 kernels (``grouped_gemm.py`` with ``QUANT_FP8``, ``wgrad_fp8.py``) load their
-operand tiles with per-thread cp.async copies and reach about half of the H100's fp8 ceiling.
-The kernels here compute the same sums in the same order (bitwise the same results on the
-H100; ``tests/test_quant.py``) with this structure (``gl.warp_specialize``):
+operand tiles with per-thread cp.async copies. The kernels here compute the same sums in the
+same order (bitwise the same results on the H100; ``tests/test_quant.py``) with this structure
+(``gl.warp_specialize``):
 
 * a producer partition (1 warp, few registers) runs a ring of ``STAGES`` shared-memory slots:
   for each k-step it waits until both consumers released the slot (mbarrier ``empty``),
@@ -16,11 +16,13 @@ H100; ``tests/test_quant.py``) with this structure (``gl.warp_specialize``):
   and promotes the product (scales it, adds it to its accumulator). The MMAs alternate between
   the consumers, so one consumer's promotion runs while the other's MMA occupies the tensor
   cores -- in a kernel whose warpgroups run in lockstep both promote while the tensor cores
-  idle (the block-scale promotion is what held the earlier lockstep TMA kernel to 550-600
-  TFLOP/s on the weight gradient; NOTES.md);
+  idle;
 * persistent: one program per SM walks the tiles ``pid, pid + grid, ...`` (tile t = program t
   of a one-tile-per-program launch); the k-step counter runs on across tiles, so the producer
   fills the ring for the next tile while the consumers run the epilogue.
+
+With ``KPAIR`` the consumers issue two k-steps per turn (the turn hand-over and its barriers
+once per 8 wgmma instead of 4; each product still promoted alone, in order).
 
 Triton 3.6 lowers ``mbarrier.arrive`` to a partition-wide barrier and one arrive by the
 partition's first thread: ``empty`` counts 2 (one per consumer), ``turn`` 1, ``ready`` 1 (the
@@ -37,22 +39,13 @@ quantisation of its operands.
 
 The row-grouped kernel's consumers take each tile's facts (expert, column tile, rows) from the
 producer through a two-slot shared-memory ring (``INFO``; the weight gradient's likewise). For
-the dh' GEMM (``EPI == 2``, ``grouped_mm_act_bwd``) the epilogue is ``grouped_gemm``'s split
+the dh' GEMM (``EPI == EPI_ACT_BWD``, ``grouped_mm_act_bwd``) the epilogue is ``grouped_gemm``'s split
 activation pass (``_act_bwd_kernel``, same arithmetic, bitwise the same dpre / hw / routing-
 weight gradient): the producer TMA-loads the tile's pre-activation and gathers its routing
 weights a few k-steps into the tile, the consumers stage dh' in shared memory and process it
-16 rows at a time; dh' is never stored (H100, ``results/h100_fp8_fused_act_bwd_s16.log``: the
-GEMM grows by ~0.9 ms on coarse_120b, the 1.3 ms pass goes).
+16 rows at a time; dh' is never stored.
 
-H100 (``results/h100_gluon_ws_experiment.log``, mixtral's shapes, against the lockstep TMA
-kernels these replaced): wgrad dW_up 594 → 781 TFLOP/s, dW_down 544 → 762; GEMM1 817 → 948,
-GEMM2 854 → 903. The row-grouped consumers then issue two k-steps per turn (``KPAIR``: the
-turn hand-over and its barriers once per 8 wgmma instead of 4; each product still promoted
-alone, in order): GEMM2 866 → 981, dx 804 → 937 (``results/h100_gluon_fp8_variants_s14.log``);
-the weight-gradient consumers likewise: dW_down 660 → 763, dW_up 766 → 800 on mixtral
-(``results/h100_gluon_fp8_seg_kpair_s14.log``).
-
-Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``ENABLED``) and
+Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``tune.gluon``) and
 the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
 interpreter (Gluon has none), the Triton kernels run. Tile rows of A past an expert's segment
 (or columns of B past N) read the neighbours' rows and are masked at the store; past the end
@@ -180,7 +173,7 @@ if _HAVE_GLUON:
                       num_tiles, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
                       INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr):
-        """1 warp: the TMA ring over the tiles' k-steps; with ``EPI == 2`` after a tile's
+        """1 warp: the TMA ring over the tiles' k-steps; with ``EPI == EPI_ACT_BWD`` after a tile's
         k-steps also its pre-activation tiles (TMA) and routing weights (gathered by this
         warp) for the activation-backward epilogue (``pre_ready`` / ``pre_empty``)."""
         nbytes: gl.constexpr = (BM + BN) * BK
@@ -396,7 +389,7 @@ if _HAVE_GLUON:
             INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped FP8 GEMM: a producer + two ping-pong consumers (module doc);
-        ``EPI == 2``: the activation backward fused into the dh' GEMM's epilogue."""
+        ``EPI == EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's epilogue."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(BM == 128, "two consumers of 64 rows")
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_desc.layout)
@@ -410,7 +403,7 @@ if _HAVE_GLUON:
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         info, info_ready, info_empty = _info_alloc()
-        # EPI == 2: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
+        # EPI == EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
         # (else token allocations: pre_desc is a stand-in)
         pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
                                              pre_desc.layout)

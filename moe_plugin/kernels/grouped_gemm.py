@@ -432,10 +432,9 @@ def _mm_config(tune: tuning.Tuning, kind: str, dtype: torch.dtype, gated: bool, 
                quant: Quant = Quant.NONE, qout: bool = False) -> dict:
     """Tile configuration of a row-grouped GEMM (``n``: output columns per accumulator).
 
-    bf16/fp16 defaults come from ``benchmarks/tune_kernels.py`` on an H100 (NOTES.md).
-    Quantised operands: BK divides 128 (fp8: one scale per k-step); ``qout`` (h quantised in
-    groups of 128 in the epilogue) needs BN = 128. fp8 tiles: the best of the H100 sweep
-    (``tune_kernels.py --fp8``, NOTES.md) for mixtral and coarse_120b; int8 shares them."""
+    Defaults tuned on an H100 with ``benchmarks/tune_kernels.py`` (fp8: ``--fp8``; int8 shares
+    the fp8 tiles); see benchmarks/NOTES.md. Quantised operands: BK divides 128 (fp8: one scale
+    per k-step); ``qout`` (h quantised in groups of 128 in the epilogue) needs BN = 128."""
     override = tune.gemm_config(kind)
     if override is not None:
         return override
@@ -445,7 +444,7 @@ def _mm_config(tune: tuning.Tuning, kind: str, dtype: torch.dtype, gated: bool, 
         if interpret_mode():
             return dict(BM=16, BN=128 if qout else 32, BK=32, GROUP_M=4, num_warps=4,
                         num_stages=1)
-        if kind == "up_bwd":  # H100 sweep (K-major W): 64x64 tiles, 4 warps, 4 stages best
+        if kind == "up_bwd":  # K-major W; tuned on an H100 (see benchmarks/NOTES.md)
             return dict(BM=64, BN=64, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
         bm = 64 if gated and kind == "up" else 128
         return dict(BM=bm, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)

@@ -14,7 +14,7 @@ in it column c's 128 tokens) with ``scale [G, C]`` (fp32), where ``G = ceil(S / 
 the worst case over all routings (groups beyond the last expert's are never written nor read).
 Group-major rather than ``[C, G·128]``: the column pass then writes one contiguous block per
 program and reads whole token rows across neighbouring programs, instead of 128-byte pieces
-at a large stride on one side or the other (H100: NOTES.md).
+at a large stride on one side or the other.
 
 * ``_fp8_cols_kernel``: one pass over a ``[rows, C]`` high-precision operand (rows gathered
   by index for the token-order operands ``x`` and ``dout``): per (group, column block) a
@@ -162,9 +162,9 @@ def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta
     accum = G.accum_mode(tune, dw, accumulate)
     if GF.available(tune, qa):
         # Hopper: the Gluon kernel (TMA for the tiles and their scale vectors), the same sums
-        # in the same order. Into an fp32 buffer, with few tokens per expert, read-add-write of
-        # a tile loaded ahead beats atomic adds (H100, 2048 tokens per expert: 660 vs 601
-        # TFLOP/s; at 8192: 785 vs 806; NOTES.md)
+        # in the same order. Into an fp32 buffer with at most 4096 slots per expert on average:
+        # read-add-write of a tile loaded ahead, else atomic adds (tuned on an H100; see
+        # benchmarks/NOTES.md)
         gl_accum = (Accum.RMW if accum == Accum.ATOMIC and tune.wgrad_accum_mode is None
                     and meta.sorted_slot.numel() <= 4096 * meta.num_experts else accum)
         for mode in dict.fromkeys((gl_accum, accum)):
