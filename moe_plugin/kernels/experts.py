@@ -1,7 +1,7 @@
 """The routed-expert pipeline composed from the kernels (no autograd here).
 
 Used by the single-GPU custom ops (``ops.py``) and by the expert-parallel path
-(``moe_plugin/comm/ep.py``), which splits the backward into its data part (``dx``,
+(``moe_plugin/autograd/ep_experts.py``), which splits the backward into its data part (``dx``,
 d(weights), needed by the all-to-all) and its weight part (overlapped with that all-to-all).
 """
 import torch
