@@ -49,8 +49,8 @@ def routing(T, E, k, seed):
 
 def bench_config(name, args, group):
     from moe_plugin import MoELayer
-    from moe_plugin.comm.ep import (AllToAllBackend, ep_combine, ep_dispatch, ep_layout,
-                                    ep_pack, packed_row_bytes)
+    from moe_plugin.comm.dispatch import AllToAllBackend, combine, dispatch, dispatch_layout
+    from moe_plugin.kernels.pack import pack_rows, packed_row_bytes
     T, D, F, E, k, FS = CONFIGS[name]
     rank, P = dist.get_rank(group), dist.get_world_size(group)
     backend = AllToAllBackend()
@@ -58,24 +58,23 @@ def bench_config(name, args, group):
     ids, w = routing(T, E, k, seed=rank)
     res = {"config": name, "tokens_per_rank": T, "D": D, "F": F, "E": E, "k": k, "ep": P}
 
-    layout, recv = ep_dispatch(x, ids, w, E, group, backend)
+    recv, layout = dispatch(x, ids, w, E, group, backend)
     row_bytes = packed_row_bytes(D, x.dtype)
     send_bytes = layout.num_send * row_bytes
     # dispatch data path (pack + exchange, layout given); the layout (sort, count exchange,
     # one host sync) is timed on its own, and the whole dispatch too
-    res["layout_ms"] = timed(lambda: ep_layout(ids, E, group), args.iters)
+    res["layout_ms"] = timed(lambda: dispatch_layout(ids, E, group), args.iters)
     res["dispatch_ms"] = timed(lambda: backend.exchange(
-        ep_pack(x, ids, w, layout).buf, layout.send_splits, layout.recv_splits, group),
-        args.iters)
-    res["dispatch_total_ms"] = timed(lambda: ep_dispatch(x, ids, w, E, group, backend),
+        pack_rows(x, ids, w, layout.send_slot, layout.num_local_experts).buf,
+        layout.send_splits, layout.recv_splits, group), args.iters)
+    res["dispatch_total_ms"] = timed(lambda: dispatch(x, ids, w, E, group, backend),
                                      args.iters)
     send_buf = torch.empty(layout.num_send, row_bytes, dtype=torch.uint8, device="cuda")
     out_buf = torch.empty(layout.num_recv, row_bytes, dtype=torch.uint8, device="cuda")
     res["raw_dispatch_ms"] = timed(lambda: dist.all_to_all_single(
         out_buf, send_buf, layout.recv_splits, layout.send_splits, group=group), args.iters)
     y_recv = torch.randn(layout.num_recv, D, device="cuda", dtype=torch.bfloat16)
-    res["combine_ms"] = timed(lambda: ep_combine(y_recv, layout, group, backend, x.dtype),
-                              args.iters)
+    res["combine_ms"] = timed(lambda: combine(y_recv, layout, x.dtype), args.iters)
     y_back = torch.empty(layout.num_send, D, device="cuda", dtype=torch.bfloat16)
     res["raw_combine_ms"] = timed(lambda: dist.all_to_all_single(
         y_back, y_recv, layout.send_splits, layout.recv_splits, group=group), args.iters)
@@ -128,7 +127,7 @@ def main():
             print(json.dumps(r), flush=True)
         md = [f"{meta['gpus']}× {meta['device']}, torch {meta['torch']}, triton "
               f"{meta['triton']}, {meta['date']}. dispatch = pack + exchange (layout given); "
-              "layout = sort + count exchange + host sync; total = the whole ep_dispatch.", "",
+              "layout = sort + count exchange + host sync; total = the whole dispatch.", "",
               "| config | dispatch ms (GB/s) | raw a2a ms (GB/s) | dispatch/raw | layout ms | "
               "dispatch total ms | combine ms (GB/s) | raw a2a ms (GB/s) | combine/raw | "
               "layer fwd+bwd ms overlap on / off | a2a ms per fwd+bwd | hidden |",

@@ -13,8 +13,8 @@ experts, k top-k, P ranks in the EP group, G ranks per node (N = P/G nodes), e =
 per rank (rank r owns experts [r·e, (r+1)·e)), e_n = E/N experts per node. ``node(r) = r // G``.
 r_ij = rows rank i sends to rank j in one dispatch.
 
-What ``moe_plugin.comm.ep`` sends ("flat", as built)
-====================================================
+What ``moe_plugin.comm.dispatch`` sends ("flat", as built)
+==========================================================
 One row per routed *slot* (token, expert): a token with two experts on the same rank travels
 twice. With ``max_tokens_per_rank = M`` every rank sends a fixed chunk to every rank, padding
 included::
@@ -128,8 +128,8 @@ def _align(nbytes: int) -> int:
 
 
 def packed_row_bytes(d: int, dtype_bytes: int) -> int:
-    """R_p: bytes of one packed dispatch row of moe_plugin.comm.ep (payload padded to 16 B,
-    then a 16-byte block holding the int32 local id and the fp32 routing weight)."""
+    """R_p: bytes of one packed dispatch row of moe_plugin.kernels.pack (payload padded to
+    16 B, then a 16-byte block holding the int32 local id and the fp32 routing weight)."""
     return _align(d * dtype_bytes) + ALIGN
 
 
@@ -229,7 +229,7 @@ def rank_load_imbalance(rows: torch.Tensor) -> float:
 
 def flat_rows(ids_per_rank: Sequence[torch.Tensor], num_experts: int, ep: int,
               max_tokens_per_rank: Optional[int] = None) -> torch.Tensor:
-    """r_ij as moe_plugin.comm.ep sends it: int64 [P, P], rows from rank i to rank j.
+    """r_ij as moe_plugin.comm.dispatch sends it: int64 [P, P], rows from rank i to rank j.
     ``ids_per_rank[i]``: rank i's global top-k ids [T_i, k] (-1 = unused slot)."""
     e = num_experts // ep
     rows = torch.zeros(ep, ep, dtype=torch.int64)
@@ -309,7 +309,8 @@ def expected_scheme_rows(p: Problem) -> Dict[str, torch.Tensor]:
 # bytes per exchange
 
 def flat_exchanges(rows: torch.Tensor, p: Problem) -> Dict[str, torch.Tensor]:
-    """Bytes matrix [P, P] (i → j) of each exchange moe_plugin.comm.ep makes for one layer."""
+    """Bytes matrix [P, P] (i → j) of each exchange moe_plugin.comm.dispatch makes for one
+    layer."""
     rp, ry = packed_row_bytes(p.d, p.dtype_bytes), p.d * p.dtype_bytes
     P = rows.shape[0]
     counts = torch.full((P, P), 0 if p.max_tokens_per_rank is not None else 8,

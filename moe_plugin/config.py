@@ -242,3 +242,28 @@ def check_router_jitter(router_jitter) -> None:
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Slots each expert keeps under capacity dropping (Megatron-Core's ``get_capacity``)."""
     return math.ceil(num_tokens * top_k / num_experts * capacity_factor)
+
+
+def check_ep_experts_args(x, w_up, num_experts: int, group_size: int, max_tokens_per_rank,
+                          allow_drop: bool, quant, b_up=None, b_down=None) -> None:
+    """``ep_experts``'s arguments against the EP group of ``group_size`` ranks: the experts
+    divide evenly, the weights and biases are the local experts', the token count fits
+    ``max_tokens_per_rank`` (unless dropping), no biases with ``quant``."""
+    P = group_size
+    if num_experts % P:
+        raise ValueError(f"ep_group: num_experts={num_experts} is not divisible by the "
+                         f"group size {P}")
+    if w_up.shape[0] != num_experts // P:
+        raise ValueError(f"w_up: under expert parallelism pass the local experts "
+                         f"({num_experts // P} = E/P of E={num_experts}), got "
+                         f"{w_up.shape[0]}")
+    if max_tokens_per_rank is not None and x.shape[0] > max_tokens_per_rank and not allow_drop:
+        raise ValueError(f"max_tokens_per_rank: this rank has {x.shape[0]} tokens, more than "
+                         f"max_tokens_per_rank={max_tokens_per_rank}; raise it or ask for "
+                         f"capacity dropping (capacity_factor)")
+    if quant and (b_up is not None or b_down is not None):
+        raise ValueError(f"b_up/b_down: expert biases are not supported with quant={quant!r}")
+    for name, b, rows in (("b_up", b_up, w_up.shape[0]), ("b_down", b_down, w_up.shape[0])):
+        if b is not None and b.shape[0] != rows:
+            raise ValueError(f"{name}: under expert parallelism pass the local experts' biases "
+                             f"({rows} rows like w_up), got shape {tuple(b.shape)}")

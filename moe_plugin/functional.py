@@ -275,7 +275,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     ``hidden_states`` the rank's own tokens; tokens travel by all-to-all (``ep_backend``), one
     host synchronisation per call sizes the receive buffer, none with ``max_tokens_per_rank``
     (fixed-size exchange; more tokens than that raise ``ValueError`` unless capacity dropping
-    is on, which then drops the overflow). See ``moe_plugin/comm/ep.py``.
+    is on, which then drops the overflow). See ``moe_plugin/autograd/ep_experts.py``.
 
     Returns ``(out [N, D], info)``; ``info`` holds ``aux_loss`` and ``z_loss`` (0-dim fp32,
     coefficient applied, differentiable), ``tokens_per_expert`` (int32 [E], after dropping;
@@ -348,7 +348,7 @@ def check_ep_group(ep_group, num_experts: int, ep_backend: str, max_tokens_per_r
     import torch.distributed as dist
     if not dist.is_initialized():
         raise ValueError("ep_group: torch.distributed is not initialised")
-    from .comm.ep import get_backend
+    from .comm.dispatch import get_backend
     get_backend(ep_backend)
     size = dist.get_world_size(ep_group)
     if num_experts % size:
@@ -373,7 +373,7 @@ def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recomp
         out, counts = _experts(x, ids, weights, w_up, w_down, activation, use_triton,
                                recompute, quant, weight_cache, b_up, b_down)
         return out, counts, None, ids
-    from .comm.ep import ep_experts
+    from .autograd.ep_experts import ep_experts
     act_code, gated = check_activation(activation)
     if not use_triton:
         raise ValueError("backend: expert parallelism runs the Triton kernels; use backend "

@@ -116,14 +116,14 @@ def fused_moe_quantized(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
 
     import torch.distributed as dist
 
-    from .comm.ep import ep_combine, ep_dispatch, get_backend
+    from .comm.dispatch import combine, dispatch, get_backend
     if not dist.is_initialized():
         raise ValueError("ep_group: torch.distributed is not initialised")
     num_experts = e_loc * dist.get_world_size(ep_group)
     check_topk_ids(topk_ids, num_experts, validate_ids)
     backend = get_backend("nccl")
-    layout, recv = ep_dispatch(x, topk_ids, topk_weights, num_experts, ep_group, backend,
-                               num_max_tokens_per_rank)
+    recv, layout = dispatch(x, topk_ids, topk_weights, num_experts, ep_group, backend,
+                            num_max_tokens_per_rank)
     y, counts = experts(recv.payload, recv.ids.view(-1, 1), recv.weights.contiguous().view(-1, 1))
-    out = ep_combine(y, layout, ep_group, backend, x.dtype)
+    out = combine(y, layout, x.dtype)
     return out, counts

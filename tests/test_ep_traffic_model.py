@@ -1,13 +1,14 @@
-"""The EP traffic model (benchmarks/ep_traffic_model.py) against what moe_plugin.comm.ep sends.
+"""The EP traffic model (benchmarks/ep_traffic_model.py) against what moe_plugin.comm.dispatch
+sends.
 
 The byte test runs the real ``ep_experts`` forward and backward for every rank of a small
-P-rank problem in one process: ``torch.distributed`` is replaced inside ``moe_plugin.comm.ep``
-by a stand-in that reports the group size and answers the count exchange with the other ranks'
-counts (taken from a first pass of the real ``ep_layout``), and the all-to-all backend by one
-that records the bytes per destination / source of every exchange and hands back zero rows of
-the right shape (received packed rows marked as padding, so the experts have no work under the
-interpreter). Received data are not the other ranks' (this test counts bytes only; the numerics
-of EP are tests/test_ep.py's)."""
+P-rank problem in one process: ``torch.distributed`` is replaced inside
+``moe_plugin.comm.dispatch`` by a stand-in that reports the group size and answers the count
+exchange with the other ranks' counts (taken from a first pass of the real
+``dispatch_layout``), and the all-to-all backend by one that records the bytes per destination
+/ source of every exchange and hands back zero rows of the right shape (received packed rows
+marked as padding, so the experts have no work under the interpreter). Received data are not
+the other ranks' (this test counts bytes only; the numerics of EP are tests/test_ep.py's)."""
 import itertools
 import math
 import os
@@ -17,14 +18,16 @@ import pytest
 import torch
 
 import conftest  # noqa: F401  (sets TRITON_INTERPRET before moe_plugin is imported)
-from moe_plugin.comm import ep as ep_mod
+from moe_plugin.autograd.ep_experts import ep_experts
+from moe_plugin.comm import dispatch as ep_mod
+from moe_plugin.kernels.pack import PackedRows, packed_row_bytes
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import ep_traffic_model as tm  # noqa: E402
 
 
 class _GroupStandIn:
-    """``dist`` as ep.py uses it, for virtual rank ``rank`` of ``P``."""
+    """``dist`` as comm/dispatch.py uses it, for virtual rank ``rank`` of ``P``."""
 
     def __init__(self, P, rank, send_counts=None):
         self.P, self.rank, self.send_counts = P, rank, send_counts
@@ -61,7 +64,7 @@ class _RecordingBackend:
         self.log.append((torch.tensor(ss) * row_bytes, torch.tensor(rs) * row_bytes))
         recv = send.new_zeros((sum(rs),) + tuple(send.shape[1:]))
         if send.dtype == torch.uint8:  # packed rows: received as padding (id -1), which keeps
-            ep_mod.PackedRows(recv, self.d, self.dtype).ids.fill_(-1)  # the interpreter quick
+            PackedRows(recv, self.d, self.dtype).ids.fill_(-1)  # the interpreter quick
         return recv, None
 
 
@@ -85,13 +88,13 @@ def test_bytes_per_destination_match_ep(monkeypatch, max_tokens):
                       dtype_bytes=4, max_tokens_per_rank=max_tokens)
     model = tm.flat_exchanges(tm.flat_rows(ids, E, P, max_tokens), prob)
 
-    # pass 1: each rank's count vector as the real ep_layout computes it
+    # pass 1: each rank's count vector as the real dispatch_layout computes it
     send_counts = torch.zeros(P, P, dtype=torch.int64)
     if max_tokens is None:
         for r in range(P):
             stand_in = _GroupStandIn(P, r)
             monkeypatch.setattr(ep_mod, "dist", stand_in)
-            layout = ep_mod.ep_layout(ids[r], E, None)
+            layout = ep_mod.dispatch_layout(ids[r], E, None)
             send_counts[r] = torch.tensor(layout.send_splits)
 
     names = ("dispatch", "combine", "combine_bwd", "dispatch_bwd")
@@ -104,8 +107,8 @@ def test_bytes_per_destination_match_ep(monkeypatch, max_tokens):
         w = torch.rand(tokens[r], k, generator=gen).requires_grad_()
         w_up = torch.randn(E // P, 2 * F, D, generator=gen, requires_grad=True)
         w_down = torch.randn(E // P, D, F, generator=gen, requires_grad=True)
-        out, _ = ep_mod.ep_experts(x, ids[r], w, w_up, w_down, num_experts=E, act=0, gated=True,
-                                   recompute=False, group=None, max_tokens_per_rank=max_tokens)
+        out, _ = ep_experts(x, ids[r], w, w_up, w_down, num_experts=E, act=0, gated=True,
+                            recompute=False, group=None, max_tokens_per_rank=max_tokens)
         out.backward(torch.randn_like(out))
         assert len(backend.log) == 4, [len(s) for s, _ in backend.log]
         for name, (sent, received) in zip(names, backend.log):
@@ -120,7 +123,7 @@ def test_bytes_per_destination_match_ep(monkeypatch, max_tokens):
                                      (7168, torch.bfloat16), (4095, torch.float16),
                                      (4096, torch.float8_e4m3fn)])
 def test_packed_row_bytes(d, dtype):
-    assert tm.packed_row_bytes(d, dtype.itemsize) == ep_mod.packed_row_bytes(d, dtype)
+    assert tm.packed_row_bytes(d, dtype.itemsize) == packed_row_bytes(d, dtype)
 
 
 def _brute_force_rows(ids_per_rank, E, P, G):

@@ -209,7 +209,6 @@ def test_split_activation_backward_matches_fused_epilogue(activation, seed, tune
     fused epilogue's dpre, hw and routing-weight gradient (fp32: dh' is stored unrounded),
     for experts without rows and unused slots too."""
     from moe_plugin.config import check_activation
-    from moe_plugin.kernels import grouped_gemm as G
     act, gated = check_activation(activation)
     n, d, f, e, k = 37, 24, 40, 6, 2
     ids = _ids_with_holes(seed, n, e, k, experts=[0, 2, 3, 5])

@@ -344,7 +344,7 @@ def _fp8_cols(a: torch.Tensor) -> torch.Tensor:
 
 def _fp8_train_sim(x, ids, w, w_up, w_down, dout, activation="swiglu", fp8_wgrad=False):
     """The FP8 training path's forward and backward, simulated in float64 from its
-    definition (FusedExpertsFP8Function's docstring): quantised x, weights, h (forward),
+    definition (FusedExpertsFunction's docstring): quantised x, weights, h (forward),
     dout and dpre (dgrad); straight-through h in the weight gradients, whose operands are
     unquantised, or with ``fp8_wgrad`` quantised per column and 128 tokens of the expert."""
     wq = _fp8_cols if fp8_wgrad else (lambda t: t.to(torch.float64))

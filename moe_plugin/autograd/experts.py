@@ -4,7 +4,6 @@ fusion helpers that the expert-parallel Function shares."""
 import torch
 
 from ..kernels import expert_stages  # noqa: F401  (registers torch.ops.moe_plugin.experts_*)
-from ..kernels.permute import PermuteMeta
 from ..kernels.quantize import QTensor
 from ..quant import cached_weight
 

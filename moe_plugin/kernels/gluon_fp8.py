@@ -403,7 +403,7 @@ if _HAVE_GLUON:
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         info, info_ready, info_empty = _info_alloc()
-        # EPI == EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
+        # EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
         # (else token allocations: pre_desc is a stand-in)
         pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
                                              pre_desc.layout)
@@ -508,7 +508,8 @@ def _grouped_launch(tune: tuning.Tuning, a, sa, b, sb, stride_sb, c, meta, n, k,
         0 if dwp is None else dwp.stride(0), sa.stride(0), stride_sb[0], stride_sb[1],
         stride_sb[2], BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
         BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
-        EPI=int(epi), GATED=gated, ACT=int(act), LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
+        EPI=int(epi), GATED=gated, ACT=int(act), LOAD_REGS=cfg["LOAD_REGS"],
+        MMA_REGS=cfg["MMA_REGS"],
         num_warps=4, maxnreg=cfg["MAXNREG"])
 
 

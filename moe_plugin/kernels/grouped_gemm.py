@@ -130,7 +130,7 @@ def _grouped_mm_kernel(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = (b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk
               + offs_n[None, :] * stride_bn)
-    if QUANT == QUANT_INT8:  # int8: exact int32 accumulation, scales applied once after the loop
+    if QUANT == QUANT_INT8:  # int8: exact int32 accumulation, scales applied after the loop
         acc = tl.zeros([BM, BN], dtype=tl.int32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -141,7 +141,7 @@ def _grouped_mm_kernel(
         else:
             acc2 = tl.zeros([BM, BN], dtype=tl.float32)
         b2_ptrs = b_ptrs + N * stride_bn
-    if QUANT == QUANT_FP8:  # fp8 blocks: per k-block scales of A's rows and of B's column blocks
+    if QUANT == QUANT_FP8:  # fp8 blocks: per k-block scales of A's rows, B's column blocks
         sa_ptrs = sa_ptr + a_rows * stride_sa
         sb_ptrs = sb_ptr + e.to(tl.int64) * stride_sbe + (offs_n // 128) * stride_sbn
         if GATED and EPI == EPI_ACT_FWD:
@@ -175,7 +175,7 @@ def _grouped_mm_kernel(
             b2_ptrs += BK * stride_bk
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
-    if QUANT == QUANT_INT8:  # per-row (token) scale of A x per-column (output channel) scale of B
+    if QUANT == QUANT_INT8:  # per-row (token) scale of A x per-column (channel) scale of B
         sa = tl.load(sa_ptr + a_rows * stride_sa, mask=rmask, other=0.0)
         sb_base = sb_ptr + e.to(tl.int64) * stride_sbe
         sb = tl.load(sb_base + offs_n * stride_sbn, mask=nmask, other=0.0)
@@ -362,8 +362,8 @@ def store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, str
     c_ptrs = (c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm
               + offs_n[None, :] * stride_cn)
     cmask = mmask[:, None] & nmask[None, :]
-    if ACCUM == ACCUM_ATOMIC:  # C += the fp32 sum (C: e.g. Megatron's fp32 main_grad); no rows: C
-        # unchanged. One atomic add per element, from the one program that owns it:
+    if ACCUM == ACCUM_ATOMIC:  # C += the fp32 sum (C: e.g. Megatron's fp32 main_grad); no
+        # rows: C unchanged. One atomic add per element, from the one program that owns it:
         # deterministic, and no read of C in the epilogue
         if cnt > 0:
             tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask, sem="relaxed")
@@ -527,7 +527,8 @@ def _launch_grouped(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
         hs.stride(0) if hs is not None else 0, bias.stride(0) if bias is not None else 0,
         TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=int(epi), ACT=int(act),
         STORE_PRE=store_pre, STORE_H=store_h, HAS_BIAS=bias is not None, IEEE=_ieee(a.dtype),
-        EVEN_K=k % bk == 0, QUANT=int(quant), QOUT=qout, FP8_EMU=qout and interpret_mode(), BM=bm, BN=bn, BK=bk,
+        EVEN_K=k % bk == 0, QUANT=int(quant), QOUT=qout, FP8_EMU=qout and interpret_mode(),
+        BM=bm, BN=bn, BK=bk,
         BLOCK_E=next_pow2(E), **cfg)
 
 
@@ -662,7 +663,8 @@ def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None, b_down=None,
     S = a.shape[0]
     d = w.shape[1]
     y = torch.empty(S, d, dtype=dt, device=a.device)
-    _launch_grouped(tune or tuning.current(), "down", a, w, y, meta, n=d, k=a.shape[1], stride_a=a.stride(),
+    _launch_grouped(tune or tuning.current(), "down", a, w, y, meta, n=d, k=a.shape[1],
+                    stride_a=a.stride(),
                     stride_b=(w.stride(0), w.stride(2), w.stride(1)), gather=False,
                     quant=quant, sa=sa, sb=sb, stride_sb=stride_sb, bias=b_down)
     return y
@@ -730,7 +732,8 @@ def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None,
     S = a.shape[0]
     d = w.shape[2]
     dxp = torch.empty(S, d, dtype=dt, device=a.device)
-    _launch_grouped(tune or tuning.current(), "dx", a, w, dxp, meta, n=d, k=a.shape[1], stride_a=a.stride(),
+    _launch_grouped(tune or tuning.current(), "dx", a, w, dxp, meta, n=d, k=a.shape[1],
+                    stride_a=a.stride(),
                     stride_b=w.stride(), gather=False, quant=quant, sa=sa, sb=sb,
                     stride_sb=stride_sb)
     return dxp
@@ -807,7 +810,8 @@ def wgrad_down(dout, hw, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuni
     """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` (``hw = w_p · h_p``); with ``out``
     (``[E, D, F]``, any float dtype) added into it instead and returned."""
     dw, acc = wgrad_out((meta.num_experts, dout.shape[1], hw.shape[1]), hw, out)
-    _launch_segment(tune or tuning.current(), "wgrad_down", dout, hw, dw, meta, mo=dout.shape[1], no=hw.shape[1],
+    _launch_segment(tune or tuning.current(), "wgrad_down", dout, hw, dw, meta,
+                    mo=dout.shape[1], no=hw.shape[1],
                     stride_a=dout.stride(), stride_b=hw.stride(), a_gather=True,
                     accumulate=acc)
     return dw
@@ -816,7 +820,8 @@ def wgrad_down(dout, hw, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuni
 def wgrad_up(dpre, x, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``; with ``out`` added into it."""
     dw, acc = wgrad_out((meta.num_experts, dpre.shape[1], x.shape[1]), x, out)
-    _launch_segment(tune or tuning.current(), "wgrad_up", dpre, x, dw, meta, mo=dpre.shape[1], no=x.shape[1],
+    _launch_segment(tune or tuning.current(), "wgrad_up", dpre, x, dw, meta,
+                    mo=dpre.shape[1], no=x.shape[1],
                     stride_a=dpre.stride(), stride_b=x.stride(), b_gather=True,
                     accumulate=acc)
     return dw

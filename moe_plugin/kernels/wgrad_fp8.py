@@ -183,11 +183,13 @@ def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta
     return dw
 
 
-def wgrad_down_fp8(dout, hw, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
+def wgrad_down_fp8(dout, hw, meta: PermuteMeta, out=None,
+                   tune: Optional[tuning.Tuning] = None):
     """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` in FP8 (``G.wgrad_down``'s contract)."""
     return wgrad_fp8("wgrad_down_fp8", dout, True, hw, False, meta, out, tune)
 
 
-def wgrad_up_fp8(dpre, x, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
+def wgrad_up_fp8(dpre, x, meta: PermuteMeta, out=None,
+                 tune: Optional[tuning.Tuning] = None):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]`` in FP8 (``G.wgrad_up``'s contract)."""
     return wgrad_fp8("wgrad_up_fp8", dpre, False, x, True, meta, out, tune)

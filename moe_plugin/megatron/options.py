@@ -197,7 +197,7 @@ OPTIONS = (
     Option("moe_router_padding_for_fp8", "no effect", _PERF, True),
     Option("moe_router_padding_for_quantization", "no effect", _PERF, True),
     Option("moe_token_dispatcher_type", "no effect",
-           "moe_plugin's own all-to-all (comm/ep.py) under expert parallelism", "flex"),
+           "moe_plugin's own all-to-all (comm/dispatch.py) under expert parallelism", "flex"),
     Option("moe_token_dropping", "no effect", "unused by megatron-core", True),
     Option("moe_enable_deepep", "no effect", _PERF, True),
     Option("moe_flex_dispatcher_backend", "no effect", _PERF, "hybridep"),
