@@ -25,11 +25,12 @@ import json
 import torch
 
 from moe_plugin import quant as Q
+from moe_plugin.kernels import quantize as KQ
 
 
 def _fp8_cols(a: torch.Tensor) -> torch.Tensor:
     """``a [P, C]`` quantised per column and group of 128 rows (along P), dequantised (f64)."""
-    q, s = Q._quantize_fp8_rows_torch(a.t().contiguous())  # rows of aᵀ = columns of a
+    q, s = KQ.quantize_fp8_rows_torch(a.t().contiguous())  # rows of aᵀ = columns of a
     return Q.dequantize_rows(q, s, torch.float64).t()
 
 
@@ -37,7 +38,7 @@ def _fp8_blocks_tok(a: torch.Tensor) -> torch.Tensor:
     """``a [P, C]`` quantised per block of 128 rows (tokens) x 128 columns (features), one
     scale per block, dequantised (f64): a coarser wgrad operand format whose scale is a scalar
     per GEMM tile and k-step (NOTES.md, session 13)."""
-    q, s = Q._quantize_fp8_blocks_torch(a.t().contiguous()[None])
+    q, s = KQ.quantize_fp8_blocks_torch(a.t().contiguous()[None])
     return Q.dequantize_weight(q, s, torch.float64)[0].t()
 
 
@@ -61,7 +62,7 @@ def one(tokens, d, f, outliers, seed):
     # one operand (the token-order one, x or dout) per 128 x 128 block instead
     f8b = (_fp8_cols(a).float().t() @ _fp8_blocks_tok(b).float()).double()
     # for scale: the forward/dgrad operand format (1x128 along K = the feature dim)
-    qa, sa = Q._quantize_fp8_rows_torch(a)
+    qa, sa = KQ.quantize_fp8_rows_torch(a)
     return {"bf16_wgrad": rel(bf, exact), "fp8_wgrad": rel(f8, exact),
             "fp8_wgrad_one_operand_blocks": rel(f8b, exact),
             "fp8_operand_rows": rel(Q.dequantize_rows(qa, sa, torch.float64), a)}

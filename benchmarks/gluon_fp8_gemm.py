@@ -15,7 +15,7 @@ The kernel as it was measured:
 
 ``C[p, n] = Σ_kb (A_q[row(p), kb] · B_q[e][kb, n]) · sa[row(p), kb] · sb[e, kb, n/128]`` for the
 rows p of expert e's segment: the contract of ``grouped_gemm._grouped_mm_kernel`` with
-``QUANT_FP8`` and ``EPI_STORE`` (GEMM2, dh', dx), K a multiple of 128, B given K-major.
+``Quant.FP8`` and ``Epilogue.STORE`` (GEMM2, dh', dx), K a multiple of 128, B given K-major.
 
 Why a second kernel: with 1x128 / 128x128 block scales every 128-deep partial product is
 multiplied by its scales before it joins the fp32 accumulator. Written in Triton, the compiler
@@ -207,24 +207,27 @@ def main(names):
     from bench_layer import CONFIGS, make_inputs
     from moe_plugin import quant as Q
     from moe_plugin.kernels import grouped_gemm as GG
-    from moe_plugin.kernels.experts import quantize_rows
+    from moe_plugin.kernels import tuning
+    from moe_plugin.kernels.codes import Quant
+    from moe_plugin.kernels.quantize import QTensor, quantize_rows
     from moe_plugin.kernels.permute import permute_metadata
     for name in names:
         T, D, F, E, k = CONFIGS[name]
         _, ids, _, w_up, w_down = make_inputs(T, D, F, E, k)
         meta = permute_metadata(ids, E)
         S = T * k
-        wu, wd = (GG.QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))
+        wu, wd = (QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))
         bf = dict(device="cuda", dtype=torch.bfloat16)
-        hq, dpq, dq = (quantize_rows(torch.randn(*shape, **bf), GG.QUANT_FP8)
+        hq, dpq, dq = (quantize_rows(torch.randn(*shape, **bf), Quant.FP8)
                        for shape in ((S, F), (S, 2 * F), (T, D)))
 
         def dh_triton():
             c = torch.empty(S, F, **bf)
             b = wd.q_t
-            GG._launch_grouped("dh", dq.q, b, c, meta, n=F, k=D, stride_a=dq.q.stride(),
-                               stride_b=b.stride(), gather=True, quant=GG.QUANT_FP8,
-                               sa=dq.scale, sb=wd.scale, stride_sb=GG._operands(dq, wd, False)[4])
+            GG._launch_grouped(tuning.current(), "dh", dq.q, b, c, meta, n=F, k=D,
+                               stride_a=dq.q.stride(), stride_b=b.stride(), gather=True,
+                               quant=Quant.FP8, sa=dq.scale, sb=wd.scale,
+                               stride_sb=GG._operands(dq, wd, False)[4])
             return c
         # kind: (FLOPs, the Triton GEMM, (A, its scales, W as transposed?, n, k, gather))
         jobs = {"down": (2 * S * F * D, lambda: GG.expert_down(hq, wd, meta), (hq, wd, True, D, F,
@@ -236,7 +239,7 @@ def main(names):
             a, sa, b, sb, ssb, _, _ = GG._operands(aq, wq, w_t)
             stride_b = (b.stride(0), b.stride(2), b.stride(1)) if w_t else b.stride()
             # the package routes these GEMMs to its Gluon kernel on Hopper: time Triton's
-            with GFP.enabled(False):
+            with tuning.override(gluon=False):
                 ref = triton_fn()
                 t = do_bench(triton_fn, rep=30, return_mode="median")
             res = {"config": name, "kernel": kind, "triton_tflops": round(flops / t / 1e9, 1)}
@@ -255,7 +258,8 @@ def main(names):
                     # the package's kernel (TMA loads, warp-specialised; its own configuration)
 
                     def fn_tma():
-                        return GFP.grouped_mm(a, sa, b, sb, ssb, c, meta, n=n, k=kk)
+                        return GFP.grouped_mm(tuning.current(), a, sa, b, sb, ssb, c, meta, n=n,
+                                              k=kk)
                     c.zero_()
                     fn_tma()
                     err = ((c.float() - ref.float()).norm() / ref.float().norm()).item()

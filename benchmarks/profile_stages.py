@@ -1,8 +1,8 @@
 """Where one fused expert layer's time and memory go: each stage of moe_plugin's forward and
 backward timed alone (default launch configurations, ``do_bench`` medians, TFLOP/s for the
 GEMMs), and the memory held after each stage of the forward + backward as the autograd path
-runs it (``moe_plugin/kernels/experts.py``) and the peak during each, over the memory held
-before (inputs, weights, ``dout``).
+runs it (``moe_plugin/kernels/expert_stages.py``) and the peak during each, over the memory
+held before (inputs, weights, ``dout``).
 
     python benchmarks/profile_stages.py --configs mixtral fine_7b
 """

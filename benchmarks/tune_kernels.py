@@ -2,7 +2,8 @@
 
 For each benchmark config it times every GEMM of the forward and backward pass (and the
 permutation / reduce kernels) with each candidate configuration and prints TFLOP/s, so the
-defaults in ``moe_plugin/kernels/grouped_gemm.py`` can be chosen from measurements.
+defaults in ``moe_plugin/kernels/grouped_gemm.py`` can be chosen from measurements. Each
+candidate runs under ``tuning.override(gemm_configs=...)`` (``moe_plugin/kernels/tuning.py``).
 
     python benchmarks/tune_kernels.py --configs fine_7b qwen3_30b_a3b
 """
@@ -17,7 +18,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import CONFIGS, make_inputs  # noqa: E402
 
 from moe_plugin import kernels as K  # noqa: E402
-from moe_plugin.kernels import grouped_gemm as GG  # noqa: E402
+from moe_plugin.kernels import tuning  # noqa: E402
+from moe_plugin.kernels.codes import Accum, Quant  # noqa: E402
 
 ROW_CANDIDATES = [  # BM, BN, BK, warps, stages
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -78,7 +80,8 @@ def main():
 
 def sweep(name, jobs, args, best, prefix=""):
     """Times each job ``kind: (candidates, group_m, flops, fn[, override kind])`` with every
-    candidate tile configuration (``CONFIG_OVERRIDES``) and prints TFLOP/s, best first."""
+    candidate tile configuration (``Tuning.gemm_configs[override kind]``) and prints TFLOP/s,
+    best first."""
     from triton.testing import do_bench
     for kind, job in jobs.items():
         cands, gm, flops, fn = job[:4]
@@ -87,14 +90,13 @@ def sweep(name, jobs, args, best, prefix=""):
             continue
         res = []
         for c in cands:
-            GG.CONFIG_OVERRIDES[okind] = cfg(c, gm)
-            try:
-                fn()
-                t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
-                res.append((flops / t / 1e9, c, t))
-            except Exception as ex:  # out of shared memory etc.
-                res.append((0.0, c, repr(ex)[:80]))
-        GG.CONFIG_OVERRIDES.pop(okind)
+            with tuning.override(gemm_configs={okind: cfg(c, gm)}):
+                try:
+                    fn()
+                    t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
+                    res.append((flops / t / 1e9, c, t))
+                except Exception as ex:  # out of shared memory etc.
+                    res.append((0.0, c, repr(ex)[:80]))
         res.sort(key=lambda r: -r[0])
         best.setdefault(prefix + kind, {})[name] = res[0][1]
         print(json.dumps({"config": name, "kernel": prefix + kind,
@@ -102,21 +104,17 @@ def sweep(name, jobs, args, best, prefix=""):
               flush=True)
 
 
-def with_setting(attr: str, value, fn):
-    """``fn`` run with the module setting ``grouped_gemm.<attr>`` set to ``value``."""
+def with_tuning(fn, **changes):
+    """``fn`` run under ``tuning.override(**changes)`` (fields of ``Tuning``)."""
     def run():
-        saved = getattr(GG, attr)
-        setattr(GG, attr, value)
-        try:
+        with tuning.override(**changes):
             fn()
-        finally:
-            setattr(GG, attr, saved)
     return run
 
 
 class Stages:
     """One config's inputs and every intermediate of a bf16 forward + backward (SwiGLU), and
-    ``gemms``: each GEMM of that pass as ``kind: (FLOPs, fn)`` (kinds of ``CONFIG_OVERRIDES``;
+    ``gemms``: each GEMM of that pass as ``kind: (FLOPs, fn)`` (keys of ``Tuning.gemm_configs``;
     "dh" is the split activation backward, its elementwise pass included, "up_bwd" the fused
     form). Shared by this sweep and ``profile_stages.py``."""
 
@@ -137,8 +135,8 @@ class Stages:
             "up": (2 * M * D * 2 * F,
                    lambda: K.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)),
             "down": (2 * M * F * D, lambda: K.expert_down(self.h, w_down, meta)),
-            "up_bwd": (2 * M * D * F, with_setting("SPLIT_UP_BWD", False, up_bwd)),
-            "dh": (2 * M * D * F, with_setting("SPLIT_UP_BWD", True, up_bwd)),
+            "up_bwd": (2 * M * D * F, with_tuning(up_bwd, split_up_bwd=False)),
+            "dh": (2 * M * D * F, with_tuning(up_bwd, split_up_bwd=True)),
             "dx": (2 * M * 2 * F * D, lambda: K.expert_dx(self.dpre, w_up, meta)),
             "wgrad_down": (2 * M * D * F, lambda: K.wgrad_down(dout, self.hw, meta)),
             "wgrad_up": (2 * M * 2 * F * D, lambda: K.wgrad_up(self.dpre, x, meta)),
@@ -167,16 +165,16 @@ def tune_config(name, args, best):
     if args.accumulate:
         acc_down = torch.zeros(E, D, F, device=st.x.device)
         acc_up = torch.zeros(E, 2 * F, D, device=st.x.device)
-        for mode, tag in ((1, "atomic"), (2, "rmw")):
+        for mode, tag in ((Accum.ATOMIC, "atomic"), (Accum.RMW, "rmw")):
             jobs[f"wgrad_down_acc_{tag}"] = (
                 SEG_CANDIDATES, False, 2 * M * D * F,
-                with_setting("WGRAD_ACCUM_MODE", mode,
-                             lambda: K.wgrad_down(st.dout, st.hw, st.meta, out=acc_down)),
+                with_tuning(lambda: K.wgrad_down(st.dout, st.hw, st.meta, out=acc_down),
+                            wgrad_accum_mode=mode),
                 "wgrad_down")
             jobs[f"wgrad_up_acc_{tag}"] = (
                 SEG_CANDIDATES, False, 2 * M * 2 * F * D,
-                with_setting("WGRAD_ACCUM_MODE", mode,
-                             lambda: K.wgrad_up(st.dpre, st.x, st.meta, out=acc_up)),
+                with_tuning(lambda: K.wgrad_up(st.dpre, st.x, st.meta, out=acc_up),
+                            wgrad_accum_mode=mode),
                 "wgrad_up")
     sweep(name, jobs, args, best)
 
@@ -191,13 +189,13 @@ def tune_fp8(name, args, best):
     from moe_plugin import quant as Q
     from moe_plugin.kernels import gluon_fp8 as GF
     from moe_plugin.kernels import wgrad_fp8 as W8
-    from moe_plugin.kernels.experts import quantize_rows, quantize_rows_expert_order
+    from moe_plugin.kernels.quantize import QTensor, quantize_rows, quantize_rows_expert_order
     T, D, F, E, k = CONFIGS[name]
     x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
     M = T * k
     meta = K.permute_metadata(ids, E)
-    fp8 = GG.QUANT_FP8
-    wu, wd = (GG.QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))  # K-major copy
+    fp8 = Quant.FP8
+    wu, wd = (QTensor(*Q.cached_weight(t, "fp8")) for t in (w_up, w_down))  # K-major copy
     xq = quantize_rows_expert_order(x, meta)  # GEMM1 reads x's rows in expert order
 
     def up():
@@ -236,16 +234,11 @@ def tune_fp8(name, args, best):
                          lambda: W8.wgrad_up_fp8(dpre, x, meta)),
     }
     # the Triton kernels' tile sweep (Gluon off), then the Gluon kernels (their own tiles,
-    # gluon_fp8.CONFIG) where the GPU has them
-    def on_gluon(fn):
-        def run():
-            with GF.enabled(True):
-                fn()
-        return run
+    # Tuning.gluon_config) where the GPU has them
     gluon = {kind + "_gluon": (jobs[kind][0][:1], jobs[kind][1], jobs[kind][2],
-                               on_gluon(jobs[kind][3]), kind)
+                               with_tuning(jobs[kind][3], gluon=True), kind)
              for kind in ("up", "down", "dh", "dx", "wgrad_down_fp8", "wgrad_up_fp8")}
-    with GF.enabled(False):
+    with tuning.override(gluon=False):
         sweep(name, jobs, args, best, prefix="fp8_")
         if GF._HAVE_GLUON:
             sweep(name, gluon, args, best, prefix="fp8_")

@@ -1,8 +1,9 @@
-"""Block sizes of the FP8 quantisation passes (H100): ``quantize.ROWS_BLOCK`` (per row and 128
-columns: x and dout into expert order, dpre) and ``wgrad_fp8.COLS_BLOCK`` (per column and 128
-tokens into the padded group layout: x, dout, hw, dpre for the FP8 wgrad). Times each candidate
-(``do_bench`` median) on the layer shapes and prints the achieved bandwidth (bytes read and
-written / time) next to the measured copy bandwidth.
+"""Block sizes of the FP8 quantisation passes (H100): ``Tuning.fp8_rows_block`` (per row and
+128 columns: x and dout into expert order, dpre) and ``Tuning.fp8_cols_block`` /
+``Tuning.gluon_cols_config`` (per column and 128 tokens into the padded group layout: x, dout,
+hw, dpre for the FP8 wgrad; Triton / Gluon pass). Times each candidate, set with
+``tuning.override`` (``do_bench`` median), on the layer shapes and prints the achieved
+bandwidth (bytes read and written / time) next to the measured copy bandwidth.
 
     python benchmarks/tune_quant_passes.py --configs mixtral coarse_120b fine_30b
 """
@@ -17,11 +18,11 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import CONFIGS, make_inputs  # noqa: E402
 
-from moe_plugin.kernels import gluon_fp8 as GF  # noqa: E402
 from moe_plugin.kernels import quantize as KQ  # noqa: E402
+from moe_plugin.kernels import tuning  # noqa: E402
 from moe_plugin.kernels import wgrad_fp8 as W8  # noqa: E402
-from moe_plugin.kernels.experts import quantize_rows_expert_order  # noqa: E402
 from moe_plugin.kernels.permute import permute_metadata  # noqa: E402
+from moe_plugin.kernels.quantize import quantize_rows_expert_order  # noqa: E402
 
 ROWS = [(32, 4), (16, 4), (64, 8)]  # rows pass: (rows, warps)
 # column pass: ("triton", columns, warps) or ("gluon", columns, warps, warps along the columns)
@@ -66,7 +67,6 @@ def run(name, args):
     # operand: (tensor, gather, bytes of a pass: bf16 read + e4m3 written, per element)
     ops = {"x": (x, True, S * D * 3), "dpre": (dpre, False, S * 2 * F * 3),
            "hw": (hw, False, S * F * 3)}
-    defaults = (KQ.ROWS_BLOCK, W8.COLS_BLOCK, GF.COLS_CONFIG)
     used = int(((meta.counts + 127) // 128).sum())  # groups written by the column pass
     for kind, cands in (("rows", ROWS), ("cols", COLS)):
         for opname, (t, gather, nbytes) in ops.items():
@@ -76,24 +76,23 @@ def run(name, args):
             ref = None
             for c in cands:
                 if kind == "rows":
-                    KQ.ROWS_BLOCK = c
                     fn = ((lambda: quantize_rows_expert_order(t, meta)) if gather
                           else (lambda: KQ.fp8_quantize_rows(t)))
                     label = f"{c[0]}x{c[1]}w"
-                    got = fn()
-                    got = (got.q, got.scale) if hasattr(got, "scale") else got
+                    with tuning.override(fp8_rows_block=c):
+                        got = fn()
+                        got = (got.q, got.scale) if hasattr(got, "scale") else got
+                        ms = bench(fn, args.rep_ms)
                 else:
-                    W8.COLS_BLOCK = c[1:3]
+                    over = dict(fp8_cols_block=c[1:3], gluon=c[0] == "gluon")
                     if c[0] == "gluon":
-                        GF.COLS_CONFIG = dict(BC=c[1], num_warps=c[2], WC=c[3])
+                        over["gluon_cols_config"] = dict(BC=c[1], num_warps=c[2], WC=c[3])
                     fn = (lambda: W8.quantize_cols_grouped(t, meta, gather))
                     label = f"{c[0]}_{c[1]}x{c[2]}w" + (f"_wc{c[3]}" if c[3:] else "")
-                    with GF.enabled(c[0] == "gluon"):
+                    with tuning.override(**over):
                         q, sc = fn()
                         got = (q[:used], sc[:used])
                         ms = bench(fn, args.rep_ms)
-                if kind == "rows":
-                    ms = bench(fn, args.rep_ms)
                 same = None
                 if ref is None:
                     ref = got
@@ -102,7 +101,6 @@ def run(name, args):
                 res[label] = [round(ms, 3), round(nbytes / ms / 1e9, 2)] + (
                     [] if same is None else ["bitwise" if same else "DIFFERS"])
             print(json.dumps(res), flush=True)
-    KQ.ROWS_BLOCK, W8.COLS_BLOCK, GF.COLS_CONFIG = defaults
 
 
 if __name__ == "__main__":
