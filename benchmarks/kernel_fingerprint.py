@@ -57,12 +57,14 @@ def fingerprint(cache_dir: str) -> dict:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def compare(a: dict, b: dict) -> list:
-    """Lines describing every difference between two fingerprints (empty: identical)."""
+def compare(a: dict, b: dict, subset: bool = False) -> list:
+    """Lines describing every difference between two fingerprints (empty: identical). With
+    ``subset``, only what ``a`` has and ``b`` lacks counts (``a`` from a subset of the tests
+    ``b`` ran)."""
     diffs = []
     for name in sorted(set(a) | set(b)):
         ha, hb = set(a.get(name, [])), set(b.get(name, []))
-        if ha != hb:
+        if (ha - hb) if subset else (ha != hb):
             diffs.append(f"{name}: only before {sorted(ha - hb)}, only after {sorted(hb - ha)}")
     return diffs
 
@@ -72,12 +74,18 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+", help="a Triton cache directory, or with --compare two "
                    "fingerprint JSON files")
     p.add_argument("--compare", action="store_true")
+    p.add_argument("--subset", action="store_true",
+                   help="with --compare: every specialisation of the first must be in the second")
+    p.add_argument("--only", default=None,
+                   help="with --compare: only kernel names starting with this prefix")
     args = p.parse_args(argv)
     if args.compare:
         if len(args.paths) != 2:
             p.error("--compare takes two fingerprint files")
         a, b = (json.load(open(x)) for x in args.paths)
-        diffs = compare(a, b)
+        if args.only:
+            a, b = ({k: v for k, v in d.items() if k.startswith(args.only)} for d in (a, b))
+        diffs = compare(a, b, args.subset)
         n = sum(len(v) for v in a.values())
         print(f"{len(a)} kernels, {n} specialisations before; "
               f"{len(b)} kernels, {sum(len(v) for v in b.values())} after; "

@@ -95,15 +95,16 @@ class EPExpertsFunction(torch.autograd.Function):
         back = D.dispatch_backward_buffer(layout, dout.device)
         _, dw_r, dpre, hw, db_down = torch.ops.moe_plugin.experts_backward_data(
             dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1),
-            *weight_args(weights), *emeta, pre, ctx.act, ctx.gated, True, True, b_up, b_down,
-            need_b_down, back.payload, *scale_args(weights))
+            *weight_args(weights), *emeta, pre, back.payload, ctx.act, ctx.gated, True, True,
+            b_up, b_down, need_b_down, *scale_args(weights))
         back.weights.copy_(dw_r.view(-1).float())
         # send them home, overlapped with the weight gradients
         home, work = D.send_home(back, layout)
-        acc_up, acc_down = (b if need else None for b, need in
+        none = dout.new_empty(0)  # the ops' "no buffer"
+        acc_up, acc_down = (b if b is not None and need else none for b, need in
                             zip(accumulation_buffers(ctx), (need_up, need_down)))
         dw_up, dw_down, db_up = torch.ops.moe_plugin.experts_backward_weight(
-            dy_recv, recv.payload, dpre, hw, *emeta, 1, need_up, need_down, acc_up, acc_down,
+            dy_recv, recv.payload, dpre, hw, *emeta, acc_up, acc_down, 1, need_up, need_down,
             ctx.fp8_wgrad, need_b_up)
         del dpre, hw, dy_recv
         dw_up, dw_down, db_up, db_down = (g if need else None for g, need in zip(

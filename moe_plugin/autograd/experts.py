@@ -119,14 +119,15 @@ class FusedExpertsFunction(torch.autograd.Function):
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
         need_b_up, need_b_down = ctx.needs_input_grad[8:10]
         meta = (counts, offsets, sorted_slot, slot_pos)
+        none = x.new_empty(0)  # the ops' "no buffer"
         dx, dw_topk, dpre, hw, db_down = torch.ops.moe_plugin.experts_backward_data(
-            dout, x, topk_weights, *weight_args(weights), *meta, pre, ctx.act_code, ctx.gated,
-            need_x, need_w, b_up, b_down, need_b_down, None, *scale_args(weights))
-        acc_up, acc_down = (b if need else None for b, need in
+            dout, x, topk_weights, *weight_args(weights), *meta, pre, none, ctx.act_code,
+            ctx.gated, need_x, need_w, b_up, b_down, need_b_down, *scale_args(weights))
+        acc_up, acc_down = (b if b is not None and need else none for b, need in
                             zip(accumulation_buffers(ctx), (need_up, need_down)))
         dw_up, dw_down, db_up = torch.ops.moe_plugin.experts_backward_weight(
-            dout, x, dpre, hw, *meta, topk_weights.shape[1], need_up, need_down, acc_up,
-            acc_down, ctx.quant == "fp8_block_wgrad", need_b_up and b_up is not None)
+            dout, x, dpre, hw, *meta, acc_up, acc_down, topk_weights.shape[1], need_up,
+            need_down, ctx.quant == "fp8_block_wgrad", need_b_up and b_up is not None)
         del dpre, hw
         dx, dw_topk, dw_up, dw_down, db_up, db_down = (
             g if need else None for g, need in

@@ -186,24 +186,25 @@ def _(x, topk_ids, topk_weights, w_up, w_down, act, gated, save_pre, b_up=None, 
 def experts_backward_data_op(
         dout: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, w_up: torch.Tensor,
         w_down: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
-        sorted_slot: torch.Tensor, slot_pos: torch.Tensor, pre: torch.Tensor, act: int,
-        gated: bool, need_x: bool, need_w: bool, b_up: Optional[torch.Tensor] = None,
-        b_down: Optional[torch.Tensor] = None, need_b_down: bool = False,
-        dx_out: Optional[torch.Tensor] = None, w_up_scale: Optional[torch.Tensor] = None,
+        sorted_slot: torch.Tensor, slot_pos: torch.Tensor, pre: torch.Tensor,
+        dx_out: torch.Tensor, act: int, gated: bool, need_x: bool, need_w: bool,
+        b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None,
+        need_b_down: bool = False, w_up_scale: Optional[torch.Tensor] = None,
         w_up_t: Optional[torch.Tensor] = None, w_down_scale: Optional[torch.Tensor] = None,
         w_down_t: Optional[torch.Tensor] = None
         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``experts_backward_data``. Returns ``(dx, d_topk_weights, dpre, hw, db_down)``; a
-    gradient not needed is empty, and so is dx when it went into ``dx_out``. ``pre`` empty
-    means recompute it."""
+    gradient not needed is empty, and so is dx when it went into ``dx_out`` (empty: none; a
+    mutated argument is never optional, as PyTorch drops trailing default arguments before
+    it looks them up). ``pre`` empty means recompute it."""
     meta = _meta(counts, offsets, sorted_slot, slot_pos, topk_weights.shape[1])
     recompute = pre.numel() == 0 and sorted_slot.numel() > 0
     dx, dw_topk, dpre, hw, db_down = experts_backward_data(
         dout.contiguous(), x, topk_weights, _weight(w_up, w_up_scale, w_up_t),
         _weight(w_down, w_down_scale, w_down_t), meta, None if recompute else pre, act, gated,
-        need_x, need_w, dx_out=dx_out, b_up=b_up, b_down=b_down,
+        need_x, need_w, dx_out=dx_out if dx_out.numel() else None, b_up=b_up, b_down=b_down,
         need_b_down=need_b_down and b_down is not None)
-    if dx_out is not None:
+    if dx_out.numel():
         dx = None
     # (a tuple, not a list: functionalisation, e.g. under torch.compile, takes ops that
     # mutate an argument only with fixed outputs)
@@ -211,14 +212,14 @@ def experts_backward_data_op(
 
 
 @experts_backward_data_op.register_fake
-def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, act,
-      gated, need_x, need_w, b_up=None, b_down=None, need_b_down=False, dx_out=None,
-      w_up_scale=None, w_up_t=None, w_down_scale=None, w_down_t=None):
+def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, dx_out,
+      act, gated, need_x, need_w, b_up=None, b_down=None, need_b_down=False, w_up_scale=None,
+      w_up_t=None, w_down_scale=None, w_down_t=None):
     s = sorted_slot.numel()
     rows = w_up.shape[1]
     f = rows // 2 if gated else rows
     need_db = need_b_down and b_down is not None
-    return (torch.empty_like(x) if need_x and dx_out is None else x.new_empty(0),
+    return (torch.empty_like(x) if need_x and not dx_out.numel() else x.new_empty(0),
             torch.empty_like(topk_weights) if need_w else x.new_empty(0),
             x.new_empty(s, rows), x.new_empty(s, f),
             torch.empty_like(b_down) if need_db else x.new_empty(0))
@@ -229,28 +230,30 @@ def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_po
 def experts_backward_weight_op(
         dout: torch.Tensor, x: torch.Tensor, dpre: torch.Tensor, hw: torch.Tensor,
         counts: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor,
-        slot_pos: torch.Tensor, top_k: int, need_up: bool, need_down: bool,
-        acc_up: Optional[torch.Tensor] = None, acc_down: Optional[torch.Tensor] = None,
-        fp8: bool = False, need_b_up: bool = False
+        slot_pos: torch.Tensor, acc_up: torch.Tensor, acc_down: torch.Tensor, top_k: int,
+        need_up: bool, need_down: bool, fp8: bool = False, need_b_up: bool = False
         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``experts_backward_weight``. Returns ``(dW_up, dW_down, db_up)``; a gradient not asked
-    for, or added into its accumulation buffer ``acc_up`` / ``acc_down``, is empty."""
+    for, or added into its accumulation buffer ``acc_up`` / ``acc_down`` (empty: none), is
+    empty."""
     meta = _meta(counts, offsets, sorted_slot, slot_pos, top_k)
+    fuse_up, fuse_down = acc_up.numel() > 0, acc_down.numel() > 0
     dw_up, dw_down, db_up = experts_backward_weight(
-        dout.contiguous(), x, dpre, hw, meta, need_up, need_down, acc_up, acc_down, fp8=fp8,
+        dout.contiguous(), x, dpre, hw, meta, need_up, need_down,
+        acc_up if fuse_up else None, acc_down if fuse_down else None, fp8=fp8,
         need_b_up=need_b_up)
     # custom ops return no aliases: a gradient added into its buffer is returned empty
-    dw_up = None if acc_up is not None else dw_up
-    dw_down = None if acc_down is not None else dw_down
+    dw_up = None if fuse_up else dw_up
+    dw_down = None if fuse_down else dw_down
     return tuple(_or_empty(g, x) for g in (dw_up, dw_down, db_up))
 
 
 @experts_backward_weight_op.register_fake
-def _(dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, top_k, need_up, need_down,
-      acc_up=None, acc_down=None, fp8=False, need_b_up=False):
+def _(dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_down, top_k,
+      need_up, need_down, fp8=False, need_b_up=False):
     e = counts.shape[0]
-    return (x.new_empty(e, dpre.shape[1], x.shape[1]) if need_up and acc_up is None
+    return (x.new_empty(e, dpre.shape[1], x.shape[1]) if need_up and not acc_up.numel()
             else x.new_empty(0),
-            x.new_empty(e, dout.shape[1], hw.shape[1]) if need_down and acc_down is None
+            x.new_empty(e, dout.shape[1], hw.shape[1]) if need_down and not acc_down.numel()
             else x.new_empty(0),
             dpre.new_empty(e, dpre.shape[1]) if need_b_up else x.new_empty(0))
