@@ -13,6 +13,13 @@ forward+backward over the memory held before it (inputs, weights, gradient buffe
 
     python benchmarks/bench_layer.py                       # all configs, JSON + markdown
     python benchmarks/bench_layer.py --configs fine_7b --impls moe_plugin grouped_mm
+
+``--router``: the layer with its router (``fused_moe``: gate GEMM, softmax top-k, the
+experts; gate weight gradient included) against the experts alone on the same routing
+(``fused_experts`` with the ids and weights ``fused_moe`` chose): the router's share of the
+layer's time. ``moe_plugin_router_fp32bwd`` is the same layer with the router logits'
+backward as fp32 GEMMs on fp32 copies (``tuning.router_split_bwd=False``, the earlier path).
+FLOPs counted as above (router excluded).
 """
 from __future__ import annotations
 
@@ -178,6 +185,72 @@ def ceilings():
     return out
 
 
+def router_rows(name, args):
+    """``--router``: rows for the layer with its router and for its experts alone."""
+    from triton.testing import do_bench
+
+    import moe_plugin
+    from moe_plugin.kernels import tuning
+    T, D, F, E, k = CONFIGS[name]
+    x, _, _, w_up, w_down = make_inputs(T, D, F, E, k)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    gate = torch.randn(E, D, device="cuda", dtype=x.dtype, generator=g) / D ** 0.5
+    with torch.no_grad():
+        _, info = moe_plugin.fused_moe(x, gate, w_up, w_down, k, activation="swiglu")
+    ids, weights = info["topk_ids"], info["topk_weights"].clone()
+    dout = torch.randn_like(x)
+    fl_f = 6 * T * k * D * F
+
+    def layer(x, gate, w_up, w_down, weights):
+        return moe_plugin.fused_moe(x, gate, w_up, w_down, k, activation="swiglu")[0]
+
+    def experts(x, gate, w_up, w_down, weights):
+        return moe_plugin.fused_experts(x, ids, weights, w_up, w_down, "swiglu",
+                                        validate_ids=False)
+    rows = []
+    for impl, fn, split in (("moe_plugin_router", layer, True),
+                            ("moe_plugin_router_fp32bwd", layer, False),
+                            ("moe_plugin_given_routing", experts, True)):
+        params = [x, gate, w_up, w_down, weights]
+        for p in params:
+            p.requires_grad_(True)
+        with tuning.override(router_split_bwd=split):
+            def fwd():
+                with torch.no_grad():
+                    fn(*params)
+
+            def fwd_bwd():
+                fn(*params).backward(dout)
+            fwd_bwd()
+            torch.cuda.synchronize()
+            for p in params:
+                p.grad = None
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            t_f = do_bench(fwd, warmup=25, rep=args.rep_ms, return_mode="median")
+            t_fb = do_bench(fwd_bwd, warmup=25, rep=args.rep_ms, grad_to_none=params,
+                            return_mode="median")
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+        row = {"config": name, "impl": impl, "skew": False, "T": T, "D": D, "F": F, "E": E,
+               "k": k, "fwd_ms": t_f, "fwd_bwd_ms": t_fb, "bwd_ms": t_fb - t_f,
+               "fwd_tflops": fl_f / t_f / 1e9, "bwd_tflops": 2 * fl_f / (t_fb - t_f) / 1e9,
+               "fwd_bwd_tflops": 3 * fl_f / t_fb / 1e9, "peak_extra_gib": peak / 2 ** 30}
+        rows.append(row)
+        gc.collect()
+        torch.cuda.empty_cache()
+    given = rows[-1]["fwd_bwd_ms"]
+    for row in rows[:-1]:
+        row["router_share_fwd_bwd"] = 1 - given / row["fwd_bwd_ms"]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
@@ -189,9 +262,15 @@ def main(argv=None):
                     help="skip the per-expert loop above this many experts")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--router", action="store_true",
+                    help="the layer with its router against the experts alone (see above)")
     args = ap.parse_args(argv)
     meta = run_meta(ceilings=ceilings())
     print(json.dumps(meta), flush=True)
+    if args.router:
+        rows = [r for name in args.configs for r in router_rows(name, args)]
+        emit(markdown(meta, rows), args.md, args.json, {"meta": meta, "rows": rows})
+        return
     rows = []
     for name in args.configs:
         T, D, F, E, k = CONFIGS[name]
@@ -247,8 +326,11 @@ def markdown(meta, rows):
         lines.append(f"| {r['config']} | {r['impl']} | {'skewed' if r['skew'] else 'balanced'} "
                      f"| {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_tflops']:.0f} | "
                      f"{r['bwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
-                     f"{r['peak_extra_gib']:.2f} | {r['rel_err_vs_grouped_mm']:.1e} / "
-                     f"{r.get('dx_rel_err_vs_grouped_mm', float('nan')):.1e} |")
+                     f"{r['peak_extra_gib']:.2f} | "
+                     + (f"router {100 * r['router_share_fwd_bwd']:.1f}% of fwd+bwd"
+                        if "router_share_fwd_bwd" in r else
+                        f"{r.get('rel_err_vs_grouped_mm', float('nan')):.1e} / "
+                        f"{r.get('dx_rel_err_vs_grouped_mm', float('nan')):.1e}") + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -315,3 +315,20 @@ def test_fused_moe_expert_biases(case, seed):
     unused = rinfo["tokens_per_expert"].to(DEVICE) == 0
     if unused.any():
         assert (grads["b_up"][unused] == 0).all() and (grads["b_down"][unused] == 0).all()
+
+
+def test_split_bf16_pieces_carry_fp32():
+    """``split_bf16`` (the router logits' backward on the bf16 tensor cores): three bf16
+    pieces, each the rounding of what the earlier left, sum back to the fp32 values within
+    2^-24 relative (2^-16 with two: one piece fewer is not enough)."""
+    from moe_plugin.autograd.router import split_bf16
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(64, 32, generator=g) * torch.logspace(-8, 8, 32)
+    for parts, tol in ((3, 2.0 ** -24), (2, 2.0 ** -16)):
+        p = split_bf16(t, parts)
+        assert p.dtype == torch.bfloat16 and p.shape == (64, 32 * parts)
+        back = sum(piece.double() for piece in p.split(32, dim=1))
+        rel = ((back - t.double()).abs() / t.double().abs()).max().item()
+        assert rel <= tol, (parts, rel)
+    assert ((split_bf16(t, 2).double().view(64, 2, 32).sum(1) - t.double()).abs()
+            / t.double().abs()).max() > 2.0 ** -24

@@ -2,14 +2,33 @@
 import torch
 
 from ..kernels import routing  # noqa: F401  (registers torch.ops.moe_plugin.route_*)
+from ..kernels import tuning
+
+
+def split_bf16(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
+    """``t`` (fp32 ``[N, E]``) as ``parts`` bf16 tensors stacked along the last dimension
+    (``[N, parts·E]``): ``t ≈ Σ_i piece_i``, each piece the bf16 rounding of what the earlier
+    ones left. Three pieces carry 24 bits of mantissa, fp32's, so a GEMM of the pieces with
+    fp32 accumulation gives an fp32 GEMM's result up to the order of its sums (apart from
+    values near fp32's underflow), on the bf16 tensor cores."""
+    pieces = []
+    rest = t
+    for _ in range(parts):
+        p = rest.to(torch.bfloat16)
+        pieces.append(p)
+        rest = rest - p.float()
+    return torch.cat(pieces, dim=-1)
 
 
 class RouterLogitsFunction(torch.autograd.Function):
     """``logits fp32 [N, E] = x [N, D] · gate_weightᵀ`` with fp32 accumulation and output.
 
     On CUDA with bf16/fp16 operands the product runs on the tensor cores with an fp32 output
-    (no fp32 copy of x). Saves ``x`` and ``gate_weight`` (inputs, no copies); backward runs two
-    fp32-accumulated GEMMs."""
+    (no fp32 copy of x). Saves ``x`` and ``gate_weight`` (inputs, no copies). Backward: two
+    GEMMs with fp32 accumulation. For bf16 on CUDA (``tuning.current().router_split_bwd``)
+    they run on the tensor cores: the fp32 ``dlogits`` split into three bf16 pieces
+    (``split_bf16``), ``dx = [d1 d2 d3] · [W; W; W]`` and ``dW = Σ_i d_iᵀ · x``, neither x nor
+    W copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32."""
 
     @staticmethod
     def forward(ctx, x, gate_weight):
@@ -22,6 +41,16 @@ class RouterLogitsFunction(torch.autograd.Function):
     def backward(ctx, dlogits):
         x, w = ctx.saved_tensors
         dx = dw = None
+        if (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == x.dtype
+                and tuning.current().router_split_bwd):
+            d3 = split_bf16(dlogits.float())
+            if ctx.needs_input_grad[0]:
+                dx = torch.mm(d3, w.repeat(3, 1), out_dtype=torch.float32).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                e = w.shape[0]
+                dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)
+                dw = dw.to(w.dtype)
+            return dx, dw
         if ctx.needs_input_grad[0]:
             dx = torch.mm(dlogits, w.float()).to(x.dtype)
         if ctx.needs_input_grad[1]:

@@ -68,6 +68,9 @@ class Tuning:
     gluon_fuse_act_bwd: bool = True
     # programs of the persistent Gluon kernels: None = one per SM
     gluon_programs: Optional[int] = None
+    # the router logits' backward for bf16 on CUDA on the tensor cores (``split_bf16``), False:
+    # fp32 GEMMs on fp32 copies
+    router_split_bwd: bool = True
 
     def gemm_config(self, kind: str) -> Optional[dict]:
         """A copy of the override for GEMM ``kind``, or None."""
