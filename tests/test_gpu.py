@@ -6,7 +6,7 @@ import torch
 from conftest import (ACTIVATIONS, BF16_TOL, EXPERT_GRAD_NAMES, FP32_TOL, MOE_GRAD_NAMES,
                       assert_bitwise, assert_clamp_exercised, check_experts, check_moe,
                       expert_inputs, moe_inputs, random_ids, run_fused_experts, run_fused_moe,
-                      requires_cuda)
+                      requires_cuda, DEVICE)
 from moe_plugin.kernels.codes import SWIGLU_OAI_LIMIT
 
 pytestmark = [pytest.mark.gpu, requires_cuda, pytest.mark.usefixtures("poison_empty")]

@@ -45,7 +45,8 @@ class RouterLogitsFunction(torch.autograd.Function):
                 and tuning.current().router_split_bwd):
             d3 = split_bf16(dlogits.float())
             if ctx.needs_input_grad[0]:
-                dx = torch.mm(d3, w.repeat(3, 1), out_dtype=torch.float32).to(x.dtype)
+                # bf16 out: one rounding of the fp32 accumulator, no fp32 [N, D] in memory
+                dx = torch.mm(d3, w.repeat(3, 1))
             if ctx.needs_input_grad[1]:
                 e = w.shape[0]
                 dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)
