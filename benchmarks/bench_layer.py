@@ -5,6 +5,13 @@ Implementations, all timed in one process on one GPU:
   * ``grouped_mm``   -- sort → ``torch._grouped_mm`` → SwiGLU → ``torch._grouped_mm`` → weighted
                         ``index_add`` (autograd through PyTorch)
   * ``loop``         -- per-expert loop of dense matmuls (autograd through PyTorch)
+  * ``sonicmoe``     -- SonicMoE (pip ``sonic-moe``, QuACK / CuTe-DSL warp-specialised Hopper
+                        GEMMs): ``sonicmoe.functional.moe_general_routing_inputs``
+  * ``scattermoe``   -- ScatterMoE (github.com/shawntan/scattermoe, Triton): ``GLUMLP``
+The peers run when importable; otherwise their rows say "skipped" and why. Each peer holds
+the same weights as leaves in its own layout (converted once, outside the timed region):
+SonicMoE's interleaved gate/up rows as ``[2F, D, E]`` / ``[D, F, E]`` views, ScatterMoE's
+``[up; gate]`` rows.
 
 Routing: softmax top-k over random logits (the same ids and weights for every implementation).
 FLOPs counted: forward 6·T·k·D·F, backward 12·T·k·D·F (router excluded).
@@ -100,6 +107,88 @@ def moe_plugin_impl(recompute=False, quant=None):
                                         recompute=recompute, quant=quant, validate_ids=False,
                                         weight_cache=cache)
     return run
+
+
+class PeerUnavailable(Exception):
+    """A peer implementation that cannot run here (not importable)."""
+
+
+def _leaf(t):
+    return t.detach().contiguous().requires_grad_(True)
+
+
+def sonicmoe_impl():
+    """SonicMoE with the routing given (``moe_general_routing_inputs``: token-major slots)."""
+    try:
+        from sonicmoe.enums import ActivationType
+        from sonicmoe.functional import moe_general_routing_inputs
+    except Exception as ex:  # ImportError, or its CuTe-DSL stack failing to load
+        raise PeerUnavailable(f"sonic-moe not importable: {type(ex).__name__}: {ex}")
+    own = {}
+
+    def run(x, ids, weights, w_up, w_down):
+        key = (w_up.data_ptr(), w_down.data_ptr())
+        if key not in own:
+            e, f2, d = w_up.shape
+            f = f2 // 2
+            w1 = _leaf(torch.stack([w_up[:, :f], w_up[:, f:]], 2).reshape(e, f2, d))
+            own.clear()
+            own[key] = (w1, _leaf(w_down))
+        w1, w2 = own[key]
+        w1.grad = w2.grad = None  # as the timed inputs' gradients: not accumulated
+        T, k = ids.shape
+        tok = torch.arange(T, device=x.device, dtype=torch.int32).repeat_interleave(k)
+        out, _ = moe_general_routing_inputs(
+            x, weights.reshape(-1), tok, ids.reshape(-1).to(torch.int32), w1.permute(1, 2, 0),
+            None, w2.permute(1, 2, 0), None, w1.shape[0],
+            torch.cuda.current_stream().cuda_stream, ActivationType.SWIGLU)
+        return out
+    return run
+
+
+def sonicmoe_router_layer(k):
+    """SonicMoE's layer with its router (``moe_TC_softmax_topk_layer``: softmax over the
+    top-k logits, which is softmax top-k with renormalisation, ``fused_moe``'s default)."""
+    try:
+        from sonicmoe.enums import ActivationType
+        from sonicmoe.functional import moe_TC_softmax_topk_layer
+    except Exception as ex:
+        raise PeerUnavailable(f"sonic-moe not importable: {type(ex).__name__}: {ex}")
+
+    def run(x, gate, w1, w2):
+        return moe_TC_softmax_topk_layer(x, gate, w1.permute(1, 2, 0), None,
+                                         w2.permute(1, 2, 0), None, k,
+                                         torch.cuda.current_stream().cuda_stream,
+                                         ActivationType.SWIGLU)[0]
+    return run
+
+
+def scattermoe_impl():
+    """ScatterMoE's ``GLUMLP`` (silu(gate) * up; its expert weight holds the up rows first)."""
+    try:
+        from scattermoe.mlp import GLUMLP
+    except Exception as ex:
+        raise PeerUnavailable(f"scattermoe not importable: {type(ex).__name__}: {ex}")
+    own = {}
+
+    def run(x, ids, weights, w_up, w_down):
+        key = (w_up.data_ptr(), w_down.data_ptr())
+        if key not in own:
+            e, f2, d = w_up.shape
+            f = f2 // 2
+            mlp = GLUMLP(d, f, e, ids.shape[1]).to(device=x.device, dtype=x.dtype)
+            with torch.no_grad():
+                mlp.experts.weight.copy_(torch.cat([w_up[:, f:], w_up[:, :f]], 1))
+                mlp.output_experts.weight.copy_(w_down)
+            own.clear()
+            own[key] = mlp
+        mlp = own[key]
+        mlp.zero_grad(set_to_none=True)
+        return mlp(x, weights.to(x.dtype), ids.long())
+    return run
+
+
+PEERS = {"sonicmoe": sonicmoe_impl, "scattermoe": scattermoe_impl}
 
 
 IMPLS = {
@@ -207,11 +296,21 @@ def router_rows(name, args):
     def experts(x, gate, w_up, w_down, weights):
         return moe_plugin.fused_experts(x, ids, weights, w_up, w_down, "swiglu",
                                         validate_ids=False)
+    runs = [("moe_plugin_router", layer, True, [x, gate, w_up, w_down, weights]),
+            ("moe_plugin_router_fp32bwd", layer, False, [x, gate, w_up, w_down, weights])]
+    if "sonicmoe" in args.impls:
+        try:
+            sonic = sonicmoe_router_layer(k)
+            f = F
+            w1 = torch.stack([w_up[:, :f], w_up[:, f:]], 2).reshape(E, 2 * f, D).contiguous()
+            runs.append(("sonicmoe_router", lambda x, gate, w1, w2, _w: sonic(x, gate, w1, w2),
+                         True, [x, gate, w1, w_down.clone(), weights]))
+        except PeerUnavailable as ex:
+            print(json.dumps({"config": name, "impl": "sonicmoe_router", "skipped": str(ex)}),
+                  flush=True)
+    runs.append(("moe_plugin_given_routing", experts, True, [x, gate, w_up, w_down, weights]))
     rows = []
-    for impl, fn, split in (("moe_plugin_router", layer, True),
-                            ("moe_plugin_router_fp32bwd", layer, False),
-                            ("moe_plugin_given_routing", experts, True)):
-        params = [x, gate, w_up, w_down, weights]
+    for impl, fn, split, params in runs:
         for p in params:
             p.requires_grad_(True)
         with tuning.override(router_split_bwd=split):
@@ -244,8 +343,9 @@ def router_rows(name, args):
         gc.collect()
         torch.cuda.empty_cache()
     given = rows[-1]["fwd_bwd_ms"]
-    for row in rows[:-1]:
-        row["router_share_fwd_bwd"] = 1 - given / row["fwd_bwd_ms"]
+    for row in rows[:-1]:  # (SonicMoE's layer: its time is in its row, beside ours)
+        if row["impl"].startswith("moe_plugin"):
+            row["router_share_fwd_bwd"] = 1 - given / row["fwd_bwd_ms"]
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
@@ -263,7 +363,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--router", action="store_true",
-                    help="the layer with its router against the experts alone (see above)")
+                    help="the layer with its router against the experts alone (see above); "
+                         "with 'sonicmoe' in --impls also SonicMoE's router-included layer")
     args = ap.parse_args(argv)
     meta = run_meta(ceilings=ceilings())
     print(json.dumps(meta), flush=True)
@@ -282,7 +383,12 @@ def main(argv=None):
                     continue
                 if impl == "loop" and E > args.loop_max_experts:
                     continue
-                fn = IMPLS[impl]
+                try:
+                    fn = PEERS[impl]() if impl in PEERS else IMPLS[impl]
+                except PeerUnavailable as ex:
+                    print(json.dumps({"config": name, "impl": impl, "skipped": str(ex)}),
+                          flush=True)
+                    continue
                 try:
                     err, err_dx = (check(fn, grouped_mm_pipeline, inputs)
                                    if impl != "grouped_mm" else (0.0, 0.0))
