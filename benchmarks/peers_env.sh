@@ -1,0 +1,15 @@
+# Installs the optional peers of bench_layer.py (SonicMoE, ScatterMoE) on a machine without
+# network, from a folder carried with the repository (default .whl_sonic, git-ignored):
+#   sonic-moe 0.1.2.post1, quack-kernels 0.3.11, nvidia-cutlass-dsl 4.4.2, apache-tvm-ffi,
+#   torch-c-dlpack-ext as wheels; nvidia-cutlass-dsl-libs-base 4.4.2 unpacked and repacked
+#   as cutlass_dsl_libs_base-4.4.2-unpacked.tar.xz (its wheel is over the 64 MiB carry
+#   limit); ScatterMoE's source as scattermoe_src/ (github.com/shawntan/scattermoe).
+# Usage, from the repository root:  source benchmarks/peers_env.sh [FOLDER]
+_peers_src="${1:-.whl_sonic}"
+_peers_dst=/tmp/peers
+mkdir -p "$_peers_dst"
+"${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --target "$_peers_dst" \
+  "$_peers_src"/*.whl || return 1
+tar -C "$_peers_dst" -xJf "$_peers_src"/cutlass_dsl_libs_base-4.4.2-unpacked.tar.xz || return 1
+# the libs wheel's .pth adds its python_packages folder; --target installs skip .pth files
+export PYTHONPATH="$_peers_dst:$_peers_dst/nvidia_cutlass_dsl/python_packages:$PWD/$_peers_src/scattermoe_src:${PYTHONPATH:-}"
