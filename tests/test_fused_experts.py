@@ -342,3 +342,29 @@ def test_expert_biases_torch_backend(seed):
     ref, _ = run_reference_experts(inp, "gelu_erf")
     assert_close(fused_experts(*args, backend="torch", **kw), ref, FP32_TOL, "torch backend")
     assert_close(fused_experts(*args, backend="triton", **kw), ref, FP32_TOL, "triton backend")
+
+
+def test_backward_frees_pre_and_hw_early(monkeypatch):
+    """The backward frees the saved pre-activation as soon as the data stage has used it and
+    ``hw`` once dW_down is computed (dW_up's buffer can take their memory); a second backward
+    through the same graph (``retain_graph``) recomputes pre and gives the same gradients."""
+    from moe_plugin.kernels import expert_stages
+    calls = []
+    orig = expert_stages.experts_backward_weight
+
+    def spy(dout, x, dpre, hw, meta, need_up, need_down, *args, **kwargs):
+        calls.append((need_up, need_down, hw.numel() > 0))
+        return orig(dout, x, dpre, hw, meta, need_up, need_down, *args, **kwargs)
+    monkeypatch.setattr(expert_stages, "experts_backward_weight", spy)
+    inp = expert_inputs(1, 9, 16, 8, 4, 2)
+    leaves = [inp[n].clone().requires_grad_() for n in ("x", "weights", "w_up", "w_down")]
+    out = fused_experts(leaves[0], inp["ids"], leaves[1], leaves[2], leaves[3], "swiglu")
+    pre = next(t for t in out.grad_fn.saved_tensors
+               if t is not None and t.dim() == 2 and t.shape == (9 * 2, 16))
+    assert pre.untyped_storage().size() > 0
+    first = torch.autograd.grad(out, leaves, inp["gout"], retain_graph=True)
+    assert pre.untyped_storage().size() == 0, "pre kept until the end of the backward"
+    assert calls == [(False, True, True), (True, False, False)], calls
+    second = torch.autograd.grad(out, leaves, inp["gout"])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

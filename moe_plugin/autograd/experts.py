@@ -45,6 +45,27 @@ def fused_wgrad_result(target):
     return make(target.shape, dtype=target.dtype, device=target.device)
 
 
+def usable(pre):
+    """The saved pre-activation for the backward data stage: ``pre``, or when an earlier
+    backward of the same graph released it (``release``; a second backward with
+    ``retain_graph``) an empty tensor, which makes the stage recompute it (bitwise the same)."""
+    if (not torch.compiler.is_compiling() and pre.numel()
+            and pre.untyped_storage().size() == 0):
+        return pre.new_empty(0, pre.shape[1])
+    return pre
+
+
+def release(pre) -> None:
+    """Frees the saved pre-activation's memory as soon as the backward data stage has used it
+    (autograd would hold it until the whole backward returns): its storage is resized to
+    nothing (``usable`` then has it recomputed, should the graph run backward again). Not
+    while ``torch.compile`` traces (the compiled graph plans its own memory) nor during CUDA
+    graph capture (a block freed there could be handed to another graph captured later)."""
+    if (pre.numel() and not torch.compiler.is_compiling()
+            and not (pre.is_cuda and torch.cuda.is_current_stream_capturing())):
+        pre.untyped_storage().resize_(0)
+
+
 def returned_weight_grads(ctx, dw_up, dw_down, need_up: bool, need_down: bool):
     """The weight gradients backward returns, the fused ones replaced by their stand-ins."""
     return tuple(fused_wgrad_result(t) if t is not None and need else g
@@ -72,7 +93,8 @@ class FusedExpertsFunction(torch.autograd.Function):
     most N·k + E + 1 elements), and, unless ``recompute``, the pre-activation ``pre [N·k,
     2F|F]``. Not saved: ``h`` and ``y`` (GEMM2's input and output).
 
-    Backward (``experts_backward_data``, then ``experts_backward_weight``) recomputes: ``pre``
+    Backward (``experts_backward_data``, then ``experts_backward_weight`` for dW_down and for
+    dW_up) recomputes: ``pre``
     (GEMM1 again, same kernel and configuration, so bitwise the same values) when
     ``recompute``; ``h = act(pre)`` in the epilogue of the first backward GEMM ``dh' =
     dout[t]·W_down[e]``, which also yields d(topk_weights) (``<dh', h>``), ``dpre`` (activation
@@ -81,6 +103,8 @@ class FusedExpertsFunction(torch.autograd.Function):
     segment GEMMs. Biases: ``db_up[e]`` = the sum of ``dpre`` over the expert's rows,
     ``db_down[e]`` = the sum of ``w · dout[t]`` over its slots, and d(topk_weights) gains
     ``dout[t] · b_down[e]``: per-expert passes in a fixed order, no atomics, no host sync.
+    Memory: ``pre`` is freed once the data stage has used it (``release``), ``hw`` once dW_down
+    is computed, so dW_up's buffer can take their memory.
 
     FP8 (``quant``): ``x`` is quantised per token and 128 columns (e4m3, into expert order),
     the weights per 128 x 128 block: anew, or taken from ``weight_cache``
@@ -121,14 +145,23 @@ class FusedExpertsFunction(torch.autograd.Function):
         meta = (counts, offsets, sorted_slot, slot_pos)
         none = x.new_empty(0)  # the ops' "no buffer"
         dx, dw_topk, dpre, hw, db_down = torch.ops.moe_plugin.experts_backward_data(
-            dout, x, topk_weights, *weight_args(weights), *meta, pre, none, ctx.act_code,
-            ctx.gated, need_x, need_w, b_up, b_down, need_b_down, *scale_args(weights))
+            dout, x, topk_weights, *weight_args(weights), *meta, usable(pre), none,
+            ctx.act_code, ctx.gated, need_x, need_w, b_up, b_down, need_b_down,
+            *scale_args(weights))
+        release(pre)
+        del pre
         acc_up, acc_down = (b if b is not None and need else none for b, need in
                             zip(accumulation_buffers(ctx), (need_up, need_down)))
-        dw_up, dw_down, db_up = torch.ops.moe_plugin.experts_backward_weight(
-            dout, x, dpre, hw, *meta, acc_up, acc_down, topk_weights.shape[1], need_up,
-            need_down, ctx.quant == "fp8_block_wgrad", need_b_up and b_up is not None)
-        del dpre, hw
+        wgrad = dict(fp8=ctx.quant == "fp8_block_wgrad")
+        # dW_down first, then hw goes (its memory serves dW_up), then dW_up and db_up
+        _, dw_down, _ = torch.ops.moe_plugin.experts_backward_weight(
+            dout, x, dpre, hw, *meta, none, acc_down, topk_weights.shape[1], False, need_down,
+            **wgrad)
+        del hw
+        dw_up, _, db_up = torch.ops.moe_plugin.experts_backward_weight(
+            dout, x, dpre, none, *meta, acc_up, none, topk_weights.shape[1], need_up, False,
+            need_b_up=need_b_up and b_up is not None, **wgrad)
+        del dpre
         dx, dw_topk, dw_up, dw_down, db_up, db_down = (
             g if need else None for g, need in
             zip((dx, dw_topk, dw_up, dw_down, db_up, db_down),
