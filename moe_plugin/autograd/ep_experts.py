@@ -36,9 +36,9 @@ import torch
 from ..comm import dispatch as D
 from ..config import check_ep_experts_args
 from ..kernels.pack import PackedRows
-from .experts import (accumulation_buffers, quantized_weights, remember_wgrad_fusion,
+from .experts import (accumulation_buffers, quantized_weights, release, remember_wgrad_fusion,
                       restored_weights, returned_weight_grads, saved_weights, scale_args,
-                      weight_args)
+                      usable, weight_args)
 
 
 class EPExpertsFunction(torch.autograd.Function):
@@ -95,8 +95,10 @@ class EPExpertsFunction(torch.autograd.Function):
         back = D.dispatch_backward_buffer(layout, dout.device)
         _, dw_r, dpre, hw, db_down = torch.ops.moe_plugin.experts_backward_data(
             dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1),
-            *weight_args(weights), *emeta, pre, back.payload, ctx.act, ctx.gated, True, True,
-            b_up, b_down, need_b_down, *scale_args(weights))
+            *weight_args(weights), *emeta, usable(pre), back.payload, ctx.act, ctx.gated, True,
+            True, b_up, b_down, need_b_down, *scale_args(weights))
+        release(pre)  # as the single-GPU Function: pre's memory goes before the weight stage
+        del pre
         back.weights.copy_(dw_r.view(-1).float())
         # send them home, overlapped with the weight gradients
         home, work = D.send_home(back, layout)
