@@ -103,8 +103,7 @@ class EPExpertsFunction(torch.autograd.Function):
         # send them home, overlapped with the weight gradients
         home, work = D.send_home(back, layout)
         none = dout.new_empty(0)  # the ops' "no buffer"
-        acc_up, acc_down = (b if b is not None and need else none for b, need in
-                            zip(accumulation_buffers(ctx), (need_up, need_down)))
+        acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
         dw_up, dw_down, db_up = torch.ops.moe_plugin.experts_backward_weight(
             dy_recv, recv.payload, dpre, hw, *emeta, acc_up, acc_down, 1, need_up, need_down,
             ctx.fp8_wgrad, need_b_up)

@@ -29,10 +29,12 @@ def remember_wgrad_fusion(ctx, w_up, w_down) -> None:
     ctx.fuse_up, ctx.fuse_down = _wgrad_fusion_target(w_up), _wgrad_fusion_target(w_down)
 
 
-def accumulation_buffers(ctx):
-    """In backward: ``(main_grad of w_up | None, main_grad of w_down | None)``, the buffers
-    the weight-gradient kernels add into."""
-    return tuple(t.main_grad if t is not None else None for t in (ctx.fuse_up, ctx.fuse_down))
+def accumulation_buffers(ctx, need_up: bool, need_down: bool, none: torch.Tensor):
+    """In backward: the ``acc_up, acc_down`` arguments of the weight stage op: the
+    ``main_grad`` of w_up / w_down that the weight-gradient kernels add into, where fused and
+    needed, else ``none`` (an empty tensor: the op's "no buffer")."""
+    return tuple(t.main_grad if t is not None and need else none
+                 for t, need in ((ctx.fuse_up, need_up), (ctx.fuse_down, need_down)))
 
 
 def fused_wgrad_result(target):
@@ -150,8 +152,7 @@ class FusedExpertsFunction(torch.autograd.Function):
             *scale_args(weights))
         release(pre)
         del pre
-        acc_up, acc_down = (b if b is not None and need else none for b, need in
-                            zip(accumulation_buffers(ctx), (need_up, need_down)))
+        acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
         wgrad = dict(fp8=ctx.quant == "fp8_block_wgrad")
         # dW_down first, then hw goes (its memory serves dW_up), then dW_up and db_up
         _, dw_down, _ = torch.ops.moe_plugin.experts_backward_weight(

@@ -50,7 +50,8 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.pack import PackedRows, pack_rows
-from ..kernels.permute import PermuteMeta, gather_reduce, gather_rows, permute_metadata
+from ..kernels.permute import (PermuteMeta, gather_reduce, gather_rows, permute_metadata,
+                               to_slots)
 
 
 class AllToAllBackend:
@@ -202,7 +203,5 @@ def dispatch_backward(home, work, handle: EPLayout, need_dx: bool, dweights_like
     if need_dx:
         dx = gather_reduce(home.payload, L.src_meta, None, out_dtype=L.dtype)
     if dweights_like is not None:
-        pos = L.src_meta.slot_pos.view(dweights_like.shape).long()
-        dw_topk = torch.where(pos >= 0, home.weights[pos.clamp(min=0)],
-                              0.0).to(dweights_like.dtype)
+        dw_topk = to_slots(home.weights, L.src_meta.slot_pos, dweights_like)
     return dx, dw_topk

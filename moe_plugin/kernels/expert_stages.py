@@ -25,7 +25,7 @@ from . import grouped_gemm as G
 from . import tuning
 from . import wgrad_fp8 as W8
 from .codes import Quant
-from .permute import PermuteMeta, gather_reduce, permute_metadata
+from .permute import PermuteMeta, gather_reduce, permute_metadata, to_slots
 from .quantize import QTensor, quantize_rows, quantize_rows_expert_order
 
 
@@ -111,8 +111,7 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
         if need_w:
             dw_perm = dw_perm + dw_bias
     if need_w:
-        pos = meta.slot_pos.view(topk_weights.shape).long()
-        dw_topk = torch.where(pos >= 0, dw_perm[pos.clamp(min=0)], 0.0).to(topk_weights.dtype)
+        dw_topk = to_slots(dw_perm, meta.slot_pos, topk_weights)
     if need_x:
         dxp = G.expert_dx(q(dpre), w_up, meta, out_dtype=x.dtype, tune=tune)
         dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype, out=dx_out)

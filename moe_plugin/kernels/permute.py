@@ -184,3 +184,11 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
         src, index, out, R, D, src.stride(0), out.stride(0), DIV=div, BLOCK_R=br, BLOCK_D=bd,
         num_warps=4)
     return out
+
+
+def to_slots(values: torch.Tensor, slot_pos: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` given per position (``[positions]``, e.g. expert order or send order) as
+    ``[N, k]`` in ``like``'s shape and dtype: slot s takes ``values[slot_pos[s]]``, an unused
+    slot (``slot_pos`` -1) gets 0."""
+    pos = slot_pos.view(like.shape).long()
+    return torch.where(pos >= 0, values[pos.clamp(min=0)], 0.0).to(like.dtype)
