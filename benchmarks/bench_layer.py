@@ -117,6 +117,28 @@ def _leaf(t):
     return t.detach().contiguous().requires_grad_(True)
 
 
+def _interleaved(w_up):
+    """``w_up [E, 2F, D]`` (gate rows, then up rows) in SonicMoE's layout: gate and up rows
+    interleaved."""
+    e, f2, d = w_up.shape
+    return torch.stack([w_up[:, :f2 // 2], w_up[:, f2 // 2:]], 2).reshape(e, f2, d)
+
+
+def _own_weights(build):
+    """``get(w_up, w_down, *args)``: ``build(w_up, w_down, *args)`` (a peer's copy of the
+    weights in its layout), made once per pair of weight tensors and kept until another pair
+    comes."""
+    own = {}
+
+    def get(w_up, w_down, *args):
+        key = (w_up.data_ptr(), w_down.data_ptr())
+        if key not in own:
+            own.clear()
+            own[key] = build(w_up, w_down, *args)
+        return own[key]
+    return get
+
+
 def sonicmoe_impl():
     """SonicMoE with the routing given (``moe_general_routing_inputs``: token-major slots)."""
     try:
@@ -124,17 +146,10 @@ def sonicmoe_impl():
         from sonicmoe.functional import moe_general_routing_inputs
     except Exception as ex:  # ImportError, or its CuTe-DSL stack failing to load
         raise PeerUnavailable(f"sonic-moe not importable: {type(ex).__name__}: {ex}")
-    own = {}
+    own = _own_weights(lambda w_up, w_down: (_leaf(_interleaved(w_up)), _leaf(w_down)))
 
     def run(x, ids, weights, w_up, w_down):
-        key = (w_up.data_ptr(), w_down.data_ptr())
-        if key not in own:
-            e, f2, d = w_up.shape
-            f = f2 // 2
-            w1 = _leaf(torch.stack([w_up[:, :f], w_up[:, f:]], 2).reshape(e, f2, d))
-            own.clear()
-            own[key] = (w1, _leaf(w_down))
-        w1, w2 = own[key]
+        w1, w2 = own(w_up, w_down)
         w1.grad = w2.grad = None  # as the timed inputs' gradients: not accumulated
         T, k = ids.shape
         tok = torch.arange(T, device=x.device, dtype=torch.int32).repeat_interleave(k)
@@ -169,20 +184,19 @@ def scattermoe_impl():
         from scattermoe.mlp import GLUMLP
     except Exception as ex:
         raise PeerUnavailable(f"scattermoe not importable: {type(ex).__name__}: {ex}")
-    own = {}
+
+    def build(w_up, w_down, top_k):
+        e, f2, d = w_up.shape
+        f = f2 // 2
+        mlp = GLUMLP(d, f, e, top_k).to(device=w_up.device, dtype=w_up.dtype)
+        with torch.no_grad():
+            mlp.experts.weight.copy_(torch.cat([w_up[:, f:], w_up[:, :f]], 1))
+            mlp.output_experts.weight.copy_(w_down)
+        return mlp
+    own = _own_weights(build)
 
     def run(x, ids, weights, w_up, w_down):
-        key = (w_up.data_ptr(), w_down.data_ptr())
-        if key not in own:
-            e, f2, d = w_up.shape
-            f = f2 // 2
-            mlp = GLUMLP(d, f, e, ids.shape[1]).to(device=x.device, dtype=x.dtype)
-            with torch.no_grad():
-                mlp.experts.weight.copy_(torch.cat([w_up[:, f:], w_up[:, :f]], 1))
-                mlp.output_experts.weight.copy_(w_down)
-            own.clear()
-            own[key] = mlp
-        mlp = own[key]
+        mlp = own(w_up, w_down, ids.shape[1])
         mlp.zero_grad(set_to_none=True)
         return mlp(x, weights.to(x.dtype), ids.long())
     return run
@@ -301,8 +315,7 @@ def router_rows(name, args):
     if "sonicmoe" in args.impls:
         try:
             sonic = sonicmoe_router_layer(k)
-            f = F
-            w1 = torch.stack([w_up[:, :f], w_up[:, f:]], 2).reshape(E, 2 * f, D).contiguous()
+            w1 = _interleaved(w_up).contiguous()
             runs.append(("sonicmoe_router", lambda x, gate, w1, w2, _w: sonic(x, gate, w1, w2),
                          True, [x, gate, w1, w_down.clone(), weights]))
         except PeerUnavailable as ex:
