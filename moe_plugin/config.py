@@ -261,8 +261,7 @@ def check_ep_experts_args(x, w_up, num_experts: int, group_size: int, max_tokens
         raise ValueError(f"max_tokens_per_rank: this rank has {x.shape[0]} tokens, more than "
                          f"max_tokens_per_rank={max_tokens_per_rank}; raise it or ask for "
                          f"capacity dropping (capacity_factor)")
-    if quant and (b_up is not None or b_down is not None):
-        raise ValueError(f"b_up/b_down: expert biases are not supported with quant={quant!r}")
+    check_bias_quant(b_up, b_down, quant)
     for name, b, rows in (("b_up", b_up, w_up.shape[0]), ("b_down", b_down, w_up.shape[0])):
         if b is not None and b.shape[0] != rows:
             raise ValueError(f"{name}: under expert parallelism pass the local experts' biases "

@@ -154,8 +154,8 @@ def fused_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
             with DeepSeek-V3 block scales (activations per token and 128 columns, weights per
             128 x 128 block, fp32 accumulation), dgrad in FP8, wgrad in the input dtype.
             ``"fp8_block_wgrad"``: the same with the weight gradients in FP8 too (operands per
-            column and 128 tokens, DeepSeek-V3's full recipe; faster, less accurate). Triton backend only; see
-            ``docs/quantization.md`` for their accuracy.
+            column and 128 tokens, DeepSeek-V3's full recipe; faster, less accurate). Triton
+            backend only; see ``docs/quantization.md`` for their accuracy.
         weight_cache: with ``quant``, a ``moe_plugin.quant.WeightCache`` whose quantised
             weight copies are reused until its ``refresh()`` (e.g. once per optimizer step:
             ``quant.cache_quantized_weights``). ``None`` (default): the weights are quantised
