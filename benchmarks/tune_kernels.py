@@ -187,7 +187,7 @@ def tune_fp8(name, args, best):
     and its quantisation passes: the Triton kernels' tile sweep, then the Gluon kernels."""
     from triton.testing import do_bench
     from moe_plugin import quant as Q
-    from moe_plugin.kernels import gluon_fp8 as GF
+    from moe_plugin.kernels import gluon_gemm as GF
     from moe_plugin.kernels import wgrad_fp8 as W8
     from moe_plugin.kernels.quantize import QTensor, quantize_rows, quantize_rows_expert_order
     T, D, F, E, k = CONFIGS[name]

@@ -212,3 +212,63 @@ def test_router_logits_backward_bf16_split():
             assert (err <= ulp + 2.0 ** -20 * bound[name]).all(), (split, name)
     same = [(got[True][k] == got[False][k]).float().mean().item() for k in ("dx", "dw")]
     assert min(same) > 0.9, same
+
+
+@pytest.mark.parametrize("kind", ["wgrad_up", "wgrad_down"])
+@pytest.mark.parametrize("mode,out_dtype", [(None, torch.bfloat16), (1, torch.float32),
+                                            (2, torch.float32), (2, torch.bfloat16)],
+                         ids=["store", "atomic_fp32", "rmw_fp32", "rmw_bf16"])
+@pytest.mark.parametrize("programs", [None, 3])
+def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, tune):
+    """On Hopper the bf16 weight gradients run as the Gluon kernel (``gluon_gemm.
+    segment_mm_direct``: the contiguous operand by TMA, the gathered one by ``cp.async`` from
+    the producer warps, warp-specialised, persistent). Against the Triton segment kernel it
+    replaces, which sums the same 64-token k-steps in the same order: bitwise equal, stored
+    or added into a buffer (atomic fp32, read-add-write fp32 / bf16); ragged experts with
+    token counts not multiples of 64, an empty expert, an expert with fewer tokens than a
+    k-step, MO and NO not multiples of the 128 tile; the persistent grid at one program per SM
+    and at 3 programs; unused slots' rows (NaN) after the last expert's."""
+    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    from moe_plugin.kernels.permute import permute_metadata
+    if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    tune(gluon_programs=programs, wgrad_accum_mode=mode)
+    g = torch.Generator().manual_seed(21)
+    n, k, e, d, f2 = 700, 2, 6, 200, 136
+    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
+    ids[ids == 3] = 0                         # expert 3: no tokens
+    ids[ids == 5] = 4                         # expert 5: fewer tokens than a k-step
+    ids[:5, 1] = 5
+    ids[-9:, 0] = -1                          # unused slots: rows past the last expert's
+    meta = permute_metadata(ids.to(CUDA), e)
+    counts = meta.counts.tolist()
+    assert counts[3] == 0 and 0 < counts[5] < 64 and any(c % 64 for c in counts)
+    s = meta.sorted_slot.numel()
+    used = int(meta.offsets[-1])
+    assert used < s
+    x = torch.randn(n, d, generator=g).to(CUDA, torch.bfloat16)
+    # the expert-order operand's rows of unused slots hold NaN (never written in a pass):
+    # a k-step reading past an expert's tokens must not pick them up
+    ordered = torch.randn(s, f2, generator=g).to(CUDA, torch.bfloat16)
+    ordered[used:] = float("nan")
+    if kind == "wgrad_up":                    # dW_up[e] = dpre_eᵀ · x[rows]
+        run = lambda out: G.wgrad_up(ordered, x, meta, out=out)
+        shape = (e, f2, d)
+    else:                                     # dW_down[e] = dout[rows]ᵀ · hw_e
+        run = lambda out: G.wgrad_down(x, ordered, meta, out=out)
+        shape = (e, d, f2)
+    init = torch.randn(shape, generator=g).to(CUDA, out_dtype)
+    res = []
+    for enabled in (False, True):
+        with tuning.override(gluon_bf16_wgrad=enabled):
+            out = None if mode is None else init.clone()
+            got = run(out)
+        assert out is None or got is out
+        res.append(got)
+    assert res[0].isfinite().all(), "the Triton kernel read an unused slot's row"
+    diff = (res[1].float() - res[0].float()).abs().max().item()
+    assert torch.equal(res[1], res[0]), f"{kind}: Gluon against Triton, max difference {diff}"
+    if mode is not None:
+        assert torch.equal(res[1][3], init[3]), "the empty expert's buffer changed"
+    else:
+        assert not res[1][3].any(), "the empty expert's gradient is not zero"

@@ -21,7 +21,7 @@ import triton.language as tl
 from conftest import BF16_TOL, DEVICE, FP32_TOL, HAS_CUDA, assert_close, rel_err
 from moe_plugin import MoELayer, fused_experts, fused_moe, fused_moe_quantized, quant as Q
 from moe_plugin import reference
-from moe_plugin.kernels import gluon_fp8 as GF
+from moe_plugin.kernels import gluon_gemm as GF
 from moe_plugin.kernels import grouped_gemm as G
 from moe_plugin.kernels import quantize as KQ
 from moe_plugin.kernels import tuning
@@ -513,7 +513,7 @@ def test_fp8_cuda_graph_follows_weight_updates(quant):
 def test_fp8_cols_gluon_pass_equals_triton(gather, config, tune):
     """The column quantisation of the FP8 wgrad operands (per column and 128 tokens of one
     expert, stored transposed in the padded group layout) runs on Hopper as a Gluon pass
-    (``gluon_fp8._fp8_cols_gl``): bitwise the Triton kernel's values and scales in every
+    (``gluon_gemm._fp8_cols_gl``): bitwise the Triton kernel's values and scales in every
     written group, with an empty expert, segments not multiples of 128, unused slots and a
     column count that is not a multiple of the column block."""
     from moe_plugin.kernels.permute import permute_metadata
@@ -578,7 +578,7 @@ def test_fp8_wgrad_gluon_accumulate_modes_equal_triton(mode, dtype, tune):
 @pytest.mark.parametrize("activation,f", [("swiglu", 256), ("swiglu_oai", 200), ("silu", 136)])
 def test_fp8_dh_gemm_fused_act_bwd_equals_split(activation, f, tune):
     """On Hopper the FP8 dh' GEMM runs the activation backward in its epilogue
-    (``gluon_fp8._act_bwd_epilogue``: the pre-activation tiles TMA-loaded by the producer,
+    (``gluon_gemm._act_bwd_epilogue``: the pre-activation tiles TMA-loaded by the producer,
     dh' never stored). Against the split form (the same GEMM storing dh', then
     ``_act_bwd_kernel``): dpre and hw, and so dx, dW_up and dW_down, bitwise equal; the
     routing-weight gradient (row sums of dh'·h per 128-column tile, summed in a different
@@ -613,7 +613,7 @@ def test_fp8_dh_gemm_fused_act_bwd_equals_split(activation, f, tune):
                                             ("fp8_block_wgrad", 3)])
 def test_fp8_gluon_kernels_equal_triton_kernels(quant, programs, tune):
     """On Hopper the FP8 GEMMs without a row gather (GEMM1 on expert-order x, GEMM2, dh' on
-    expert-order dout, dx, FP8 wgrad) run as Gluon kernels (``kernels/gluon_fp8.py``: TMA
+    expert-order dout, dx, FP8 wgrad) run as Gluon kernels (``kernels/gluon_gemm.py``: TMA
     loads, warp-specialised ping-pong consumers, persistent over tiles); they compute the same
     sums in the same order as the Triton kernels: outputs and every gradient bitwise equal,
     with uneven experts (one empty, segments not multiples of the tile) and unused slots;

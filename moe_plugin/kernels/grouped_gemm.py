@@ -17,7 +17,7 @@ the grid is sized for the worst case and idle programs exit). Epilogues:
   exactly as the backward recomputes it) when ``STORE_H``.
 * ``EPI_ACT_BWD`` (the fused form; by default ``expert_up_bwd`` stores dh' with ``EPI_STORE``
   and runs the same tile math, ``_act_bwd_tile``, in ``_act_bwd_kernel``; the FP8 dh' GEMM on
-  Hopper runs that pass in its Gluon epilogue, ``gluon_fp8.grouped_mm_act_bwd``):
+  Hopper runs that pass in its Gluon epilogue, ``gluon_gemm.grouped_mm_act_bwd``):
   ``acc = dh' = dout[row(p)] · W_down[e]`` (unweighted). Loads the saved
   pre-activation, recomputes ``h``, writes the partial row sums ``Σ_n dh'·h`` (the gradient of
   the routing weight, one partial per column tile: summed afterwards, no atomics),
@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gluon_fp8 as GF
+from . import gluon_gemm as GF
 from . import tuning
 from .activation import act_bwd_store, act_fwd
 from .codes import (ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_FWD, EPI_STORE, QUANT_FP8, QUANT_INT8,
@@ -554,6 +554,11 @@ def accum_mode(tune: tuning.Tuning, c: torch.Tensor, accumulate: bool) -> Accum:
 def _launch_segment(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, *, mo: int,
                     no: int, stride_a, stride_b, a_gather=False, b_gather=False,
                     accumulate=False):
+    mode = accum_mode(tune, c, accumulate)
+    if (tune.gluon_bf16_wgrad and tune.gemm_config(kind) is None and GF.available(tune, a)
+            and GF.segment_direct_fits(a, b, c, mode)):
+        GF.segment_mm_direct(tune, a, b, c, meta, mode, a_gather=a_gather, b_gather=b_gather)
+        return
     cfg = _seg_config(tune, kind, a.dtype)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     E = meta.num_experts
@@ -562,7 +567,7 @@ def _launch_segment(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
         a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
         TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
-        IEEE=_ieee(a.dtype), ACCUM=int(accum_mode(tune, c, accumulate)),
+        IEEE=_ieee(a.dtype), ACCUM=int(mode),
         BM=bm, BN=bn, BK=bk, **cfg)
 
 
@@ -607,7 +612,7 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
     ``out_dtype`` (default bf16). ``quant_h`` (fp8 only): h is written as e4m3 with its scales
     per 128 columns, returned as a ``QTensor``. ``expert_order``: ``x`` holds one row per slot
     in expert order already (``[S, D]``, no gather); on Hopper the fp8 GEMM then runs as the
-    Gluon kernel (``gluon_fp8``), storing pre, and h comes from one pass over it
+    Gluon kernel (``gluon_gemm``), storing pre, and h comes from one pass over it
     (``_act_quant_kernel``: the fused epilogue's arithmetic, the same h bitwise)."""
     tune = tune or tuning.current()
     a, sa, w, sb, stride_sb, quant, dt = _operands(x, w_up, True, out_dtype)

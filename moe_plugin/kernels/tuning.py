@@ -61,6 +61,13 @@ class Tuning:
     gluon_seg_config: dict = field(default_factory=lambda: dict(
         BM=128, BN=128, STAGES=4, KPAIR=True, INFO=True, LOAD_REGS=40, MMA_REGS=232,
         MAXNREG=168))
+    # the Gluon 16-bit weight-gradient GEMM (``segment_mm_direct``): used where available
+    # when ``gluon`` and ``gluon_bf16_wgrad``; BK tokens a k-step, LOAD_WARPS producer warps
+    # (they also run the gathered operand's copies)
+    gluon_bf16_wgrad: bool = True
+    gluon_bf16_seg_config: dict = field(default_factory=lambda: dict(
+        BM=128, BN=128, BK=64, STAGES=4, LOAD_WARPS=4, LOAD_REGS=80, MMA_REGS=168,
+        MAXNREG=128))
     # the Gluon column quantisation: BC columns per tile, WC of the warps along the columns
     gluon_cols_config: dict = field(default_factory=lambda: dict(BC=32, num_warps=4, WC=4))
     # the FP8 dh' GEMM on Hopper runs the activation backward in its epilogue (False: the

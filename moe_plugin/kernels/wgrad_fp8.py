@@ -31,7 +31,7 @@ import triton.language as tl
 
 from typing import Optional
 
-from . import gluon_fp8 as GF
+from . import gluon_gemm as GF
 from . import grouped_gemm as G
 from . import tuning
 from .codes import QUANT_FP8, Accum

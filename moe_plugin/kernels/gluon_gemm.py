@@ -1,9 +1,11 @@
-"""FP8 block-scaled expert GEMMs in Gluon on Hopper: TMA loads, warp-specialised ping-pong.
+"""Expert GEMMs in Gluon on Hopper (bf16 and FP8): TMA loads, warp-specialised consumers.
 
-The Triton FP8 kernels (``grouped_gemm.py`` with ``QUANT_FP8``, ``wgrad_fp8.py``) load their
-operand tiles with per-thread cp.async copies. The kernels here compute the same sums in the
-same order (bitwise the same results on the H100; ``tests/test_quant.py``) with this structure
-(``gl.warp_specialize``):
+One family of kernels, the operand type and its scale handling being parameters. The FP8
+block-scaled GEMMs (``grouped_gemm.py`` with ``QUANT_FP8``, ``wgrad_fp8.py``) and the 16-bit
+weight gradients (``grouped_gemm.wgrad_up`` / ``wgrad_down``) run here where ``available``;
+the Triton kernels they replace compute the same sums in the same order (bitwise the same
+results: ``tests/test_quant.py``, ``tests/test_gpu.py``) and stay the portable path. The
+structure (``gl.warp_specialize``):
 
 * a producer partition (1 warp, few registers) runs a ring of ``STAGES`` shared-memory slots:
   for each k-step it waits until both consumers released the slot (mbarrier ``empty``),
@@ -31,8 +33,11 @@ producer's ``expect``).
 ``_fp8_grouped_mm_ws``: the row-grouped GEMM with a plain store (GEMM1 storing pre, GEMM2,
 dh' on expert-order quantised dout, dx): ``C[p, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · sa[p, kb] ·
 sb[e, kb, n/128]``, A ``[S, K]`` rows in expert order, B stored ``[E·N, K]`` (K-major).
-``_fp8_segment_mm_ws``: the FP8 weight gradient of ``wgrad_fp8.py`` on its padded group layout
-(``acc + p · (sa ⊗ sb)`` per k-step); added into a buffer by read-add-write (``ACCUM`` 2), the
+``_segment_mm_ws``: the weight gradients ``C[e] (+)= Σ_p A[p]ᵀ · B[p]``. ``PADDED``: FP8 on
+``wgrad_fp8.py``'s padded group layout (``acc + p · (sa ⊗ sb)`` per k-step, the ping-pong
+above); else 16-bit operands in place (``segment_mm_direct``): the expert-order operand by TMA,
+the gathered one (rows ``sorted_slot // k``) by ``cp.async`` from a 4-warp producer, the
+k-steps accumulated in the wgmma. Added into a buffer by read-add-write (``ACCUM`` 2), the
 producer TMA-loads the buffer's tile after issuing the tile's k-steps, so the epilogue reads it
 from shared memory instead of waiting on a global load. ``_fp8_cols_gl``: the column
 quantisation of its operands.
@@ -61,6 +66,7 @@ from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, Accum, Epilogue
 try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -68,9 +74,24 @@ try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
 except Exception:  # pragma: no cover - a Triton without Gluon
     _HAVE_GLUON = False
 
+# Gluon's API changes between Triton releases (3.7 has no ``thread_barrier``, 3.9 renamed the
+# copy builtins): the Triton versions these kernels are written for and were run with on a
+# Hopper GPU. Under any other the Triton kernels run (``available``).
+GLUON_TRITON_VERSIONS = ((3, 6),)
+
+
+def _triton_version() -> tuple:
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def api_supported() -> bool:
+    """Whether this Triton has Gluon with the API these kernels are written for."""
+    return _HAVE_GLUON and _triton_version() in GLUON_TRITON_VERSIONS
+
+
 def available(tune: tuning.Tuning, t: torch.Tensor) -> bool:
     """Whether the Gluon kernels can run on ``t``'s device (and ``tune.gluon`` allows them)."""
-    return (tune.gluon and _HAVE_GLUON and t.is_cuda
+    return (tune.gluon and api_supported() and t.is_cuda
             and torch.cuda.get_device_capability(t.device)[0] == 9)
 
 
@@ -80,10 +101,11 @@ def _smem_layout():
 
 if _HAVE_GLUON:
     @gluon.constexpr_function
-    def _mma_layout(BN, num_warps):
-        """The wgmma accumulator layout: m16 x BN x k32 (fp8) instructions, warps along M."""
+    def _mma_layout(BN, num_warps, bits=8):
+        """The wgmma accumulator layout: m16 x BN x k(256 / bits) instructions (k32 for fp8,
+        k16 for 16-bit operands), warps along M."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                         instr_shape=[16, BN, 32])
+                                         instr_shape=[16, BN, 256 // bits])
 
     @gluon.constexpr_function
     def _store_layout(num_warps):
@@ -531,58 +553,166 @@ def grouped_schedule(meta, bm: int, bn: int, n: int):
 
 if _HAVE_GLUON:
     @gluon.jit
-    def _seg_tile(t, counts_ptr, MO, NO, E, GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  BLOCK_E: gl.constexpr):
-        """Weight-gradient tile t's (expert, MO tile, NO tile, first group, groups): tiles run
-        expert-major, then MO tiles, then NO tiles."""
+    def _seg_tile(t, counts_ptr, offsets_ptr, MO, NO, E, PADDED: gl.constexpr, GS: gl.constexpr,
+                  BM: gl.constexpr, BN: gl.constexpr, BLOCK_E: gl.constexpr):
+        """Weight-gradient tile t's (expert, MO tile, NO tile, first, k-steps): tiles run
+        expert-major, then MO tiles, then NO tiles. ``PADDED`` (the FP8 group layout): first
+        group and groups of GS tokens; else the expert's first row and its token count."""
         tiles_m = gl.cdiv(MO, BM)
         tiles_n = gl.cdiv(NO, BN)
         e = t // (tiles_m * tiles_n)
         r = t % (tiles_m * tiles_n)
         tm = r // tiles_n
         tn = r % tiles_n
-        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(gl.num_warps(), BLOCK_E))
-        cnt_v = gl.load(counts_ptr + ex, mask=ex < E, other=0)
-        groups = (cnt_v + GS - 1) // GS
-        first = gl.sum(gl.where(ex < e, groups, 0), 0)
-        ng = gl.sum(gl.where(ex == e, groups, 0), 0)
+        if PADDED:
+            ex = gl.arange(0, BLOCK_E, layout=_vector_layout(gl.num_warps(), BLOCK_E))
+            cnt_v = gl.load(counts_ptr + ex, mask=ex < E, other=0)
+            groups = (cnt_v + GS - 1) // GS
+            first = gl.sum(gl.where(ex < e, groups, 0), 0)
+            ng = gl.sum(gl.where(ex == e, groups, 0), 0)
+        else:
+            first = gl.load(offsets_ptr + e)
+            ng = gl.load(counts_ptr + e)
         return e, tm, tn, first, ng
 
+    @gluon.constexpr_function
+    def _gather_layout(cols, num_warps):
+        """``[rows, cols]`` 16-bit tiles copied row by row: 8 consecutive columns (16 bytes)
+        per thread, the lanes along the columns first."""
+        lanes = min(32, cols // 8)
+        return gl.BlockedLayout([1, 8], [32 // lanes, lanes], [num_warps, 1], [1, 0])
 
     @gluon.jit
     def _seg_producer(a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
                       sb_bufs, c_buf, ready, empty, c_ready, c_empty, info, info_ready,
-                      info_empty, counts_ptr, MO, NO, E, num_tiles, ACCUM: gl.constexpr,
+                      info_empty, a_ptr, b_ptr, gather_ptr, counts_ptr, offsets_ptr, MO, NO, E,
+                      num_tiles, stride_a, stride_b, PADDED: gl.constexpr, TOPK: gl.constexpr,
+                      A_GATHER: gl.constexpr, B_GATHER: gl.constexpr, ACCUM: gl.constexpr,
                       GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                       BLOCK_E: gl.constexpr, INFO: gl.constexpr):
-        """1 warp: the TMA ring over this program's tiles and their k-steps (``it`` counts the
-        k-steps over all tiles: ring slot ``it % STAGES``, pass ``it // STAGES``); with
-        ``ACCUM == 2``, after a tile's k-steps, the tile of the buffer added into (``c_buf``,
-        ``c_ready`` / ``c_empty``: one tile, released by both consumers' epilogues)."""
-        nbytes: gl.constexpr = (BM + BN) * GS + (BM + BN) * 4
+        """The ring over this program's tiles and their k-steps (``it`` counts the k-steps over
+        all tiles: ring slot ``it % STAGES``, pass ``it // STAGES``); with ``ACCUM == 2``,
+        after a tile's k-steps, the tile of the buffer added into (``c_buf``, ``c_ready`` /
+        ``c_empty``: one tile, released by both consumers' epilogues).
+
+        ``PADDED`` (FP8): per k-step TMA copies of both operands' group blocks and their scale
+        vectors. Else (16-bit operands in place, GS tokens a k-step): A's two ``[GS, BM/2]``
+        halves (one per consumer) and B's ``[GS, BN]`` tile, rows ``offsets[e] + ks·GS + i``;
+        a contiguous operand by TMA, the gathered one (``A_GATHER`` / ``B_GATHER``: rows
+        ``gather[p] // TOPK``) by ``cp.async`` from these warps, their completion tracked by
+        ``ready`` too. Rows past the expert's tokens are zero-filled: in an expert's last,
+        partial k-step both operands are copied by ``cp.async``."""
+        HM: gl.constexpr = BM // 2
+        if PADDED:
+            nbytes: gl.constexpr = (BM + BN) * GS + (BM + BN) * 4
+        else:
+            nbytes: gl.constexpr = ((1 - A_GATHER) * BM + (1 - B_GATHER) * BN) * GS * 2
+        ga: gl.constexpr = _gather_layout(HM, gl.num_warps())
+        gb: gl.constexpr = _gather_layout(BN, gl.num_warps())
+        if not PADDED:
+            # whole 16-byte vectors per copy: the row strides and column counts are multiples
+            # of 8 (``segment_direct_fits``); written so that the compiler knows it
+            stride_a = stride_a // 8 * 8
+            stride_b = stride_b // 8 * 8
+            MO = MO // 8 * 8
+            NO = NO // 8 * 8
         it = 0
         tc = 0  # tiles so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            e, tm, tn, first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN, BLOCK_E)
+            e, tm, tn, first, cnt = _seg_tile(t, counts_ptr, offsets_ptr, MO, NO, E, PADDED, GS,
+                                              BM, BN, BLOCK_E)
+            if PADDED:
+                ng = cnt
+            else:
+                ng = gl.cdiv(cnt, GS)
             if INFO:
                 _info_put(info, info_ready, info_empty, tc, e, tm, tn, ng)
+            if not PADDED:
+                # the gathered rows' indices run one k-step ahead (their latency spent on the
+                # current k-step's copies)
+                ia = first + gl.arange(0, GS, layout=gl.SliceLayout(1, ga))
+                ib = first + gl.arange(0, GS, layout=gl.SliceLayout(1, gb))
+                na = gl.load(gather_ptr + ia, mask=A_GATHER & (ia < first + cnt), other=0)
+                nb = gl.load(gather_ptr + ib, mask=B_GATHER & (ib < first + cnt), other=0)
             for ks in range(0, ng):
                 s = it % STAGES
+                if not PADDED:
+                    if A_GATHER:
+                        pa = ia + ks * GS
+                        ra = na // TOPK
+                        na = gl.load(gather_ptr + pa + GS, mask=pa + GS < first + cnt, other=0)
+                    if B_GATHER:
+                        pb = ib + ks * GS
+                        rb = nb // TOPK
+                        nb = gl.load(gather_ptr + pb + GS, mask=pb + GS < first + cnt, other=0)
                 # the slot's previous use released by both consumers (the first pass over the
                 # ring waits on the phase before the barrier's first: complete at init)
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                # the consumers read the slot's scale vectors with generic loads: order those
-                # before the TMA (async proxy) overwrite
-                fence_async_shared()
-                g = first + ks
                 bar = ready.index(s)
-                mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(a_desc, [g * MO + tm * BM, 0], bar,
-                                                a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [g * NO + tn * BN, 0], bar,
-                                                b_bufs.index(s))
-                tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar, sa_bufs.index(s))
-                tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar, sb_bufs.index(s))
+                if PADDED:
+                    # the consumers read the slot's scale vectors with generic loads: order
+                    # those before the TMA (async proxy) overwrite
+                    fence_async_shared()
+                    g = first + ks
+                    mbarrier.expect(bar, nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [g * MO + tm * BM, 0], bar,
+                                                    a_bufs.index(s))
+                    tma.async_copy_global_to_shared(b_desc, [g * NO + tn * BN, 0], bar,
+                                                    b_bufs.index(s))
+                    tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar,
+                                                    sa_bufs.index(s))
+                    tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar,
+                                                    sb_bufs.index(s))
+                else:
+                    k0 = first + ks * GS
+                    if A_GATHER:
+                        for h in gl.static_range(2):
+                            cols = tm * BM + h * HM + gl.arange(0, HM,
+                                                                layout=gl.SliceLayout(0, ga))
+                            async_copy.async_copy_global_to_shared(
+                                a_bufs.index(2 * s + h),
+                                a_ptr + ra.to(gl.int64)[:, None] * stride_a + cols[None, :],
+                                mask=(pa < first + cnt)[:, None] & (cols < MO)[None, :])
+                    if B_GATHER:
+                        cols = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, gb))
+                        async_copy.async_copy_global_to_shared(
+                            b_bufs.index(s),
+                            b_ptr + rb.to(gl.int64)[:, None] * stride_b + cols[None, :],
+                            mask=(pb < first + cnt)[:, None] & (cols < NO)[None, :])
+                    if (ks == ng - 1) & (cnt % GS != 0):
+                        # the last, partial k-step: the contiguous operand's rows past the
+                        # expert's tokens (another expert's, unused slots: anything, NaN too)
+                        # are zero-filled as well, so copied like the gathered one
+                        if not A_GATHER:
+                            pa = k0 + gl.arange(0, GS, layout=gl.SliceLayout(1, ga))
+                            for h in gl.static_range(2):
+                                ca = tm * BM + h * HM + gl.arange(
+                                    0, HM, layout=gl.SliceLayout(0, ga))
+                                async_copy.async_copy_global_to_shared(
+                                    a_bufs.index(2 * s + h),
+                                    a_ptr + pa.to(gl.int64)[:, None] * stride_a + ca[None, :],
+                                    mask=(pa < first + cnt)[:, None] & (ca < MO)[None, :])
+                        if not B_GATHER:
+                            pb = k0 + gl.arange(0, GS, layout=gl.SliceLayout(1, gb))
+                            cb = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, gb))
+                            async_copy.async_copy_global_to_shared(
+                                b_bufs.index(s),
+                                b_ptr + pb.to(gl.int64)[:, None] * stride_b + cb[None, :],
+                                mask=(pb < first + cnt)[:, None] & (cb < NO)[None, :])
+                        # ready waits for these threads' copies (an arrival each, counted on
+                        # top of the producer's one arrival)
+                        async_copy.mbarrier_arrive(bar)
+                        mbarrier.arrive(bar)
+                    else:
+                        async_copy.mbarrier_arrive(bar)
+                        mbarrier.expect(bar, nbytes)
+                        if not A_GATHER:
+                            for h in gl.static_range(2):
+                                tma.async_copy_global_to_shared(
+                                    a_desc, [k0, tm * BM + h * HM], bar, a_bufs.index(2 * s + h))
+                        if not B_GATHER:
+                            tma.async_copy_global_to_shared(b_desc, [k0, tn * BN], bar,
+                                                            b_bufs.index(s))
                 it += 1
             if ACCUM == ACCUM_RMW:
                 # the previous tile's epilogues done with c_buf (their generic loads ordered
@@ -597,15 +727,19 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _seg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn, c_ready,
-                      c_empty, info, info_ready, info_empty, c_ptr, counts_ptr, MO, NO, E,
-                      num_tiles, stride_ce, stride_cm, stride_cn, HALF: gl.constexpr,
-                      ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                      STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
-                      INFO: gl.constexpr):
+                      c_empty, info, info_ready, info_empty, c_ptr, counts_ptr, offsets_ptr, MO,
+                      NO, E, num_tiles, stride_ce, stride_cm, stride_cn, HALF: gl.constexpr,
+                      PADDED: gl.constexpr, GATHERED: gl.constexpr, ACCUM: gl.constexpr,
+                      GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                      BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr):
         """Consumer ``HALF`` (0 or 1, one warpgroup): rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of
-        each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``)."""
+        each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``).
+        ``PADDED`` (FP8): each k-step's product promoted with its scales, the two consumers'
+        MMAs alternating (module doc). Else (16-bit): the k-steps accumulate in the MMAs, one
+        left in flight (its slot released when the next is issued); ``GATHERED``: a proxy
+        fence after ``ready`` (the ``cp.async`` writes before the MMA's reads)."""
         HM: gl.constexpr = BM // 2
-        mma: gl.constexpr = _mma_layout(BN, 4)
+        mma: gl.constexpr = _mma_layout(BN, 4, 8 if PADDED else 16)
         st: gl.constexpr = _store_layout(4)
         zero = gl.zeros([HM, BN], gl.float32, layout=mma)
         my_turn = turn.index(HALF)
@@ -617,49 +751,68 @@ if _HAVE_GLUON:
             if INFO:
                 e, tm, tile_n, ng = _info_get(info, info_ready, info_empty, tc)
             else:
-                e, tm, tile_n, _first, ng = _seg_tile(t, counts_ptr, MO, NO, E, GS, BM, BN,
-                                                      BLOCK_E)
+                e, tm, tile_n, _first, ng = _seg_tile(t, counts_ptr, offsets_ptr, MO, NO, E,
+                                                      PADDED, GS, BM, BN, BLOCK_E)
+                if not PADDED:
+                    ng = gl.cdiv(ng, GS)
             acc = gl.zeros([HM, BN], gl.float32, layout=mma)
-            k0 = 0
-            if KPAIR:
-                # two k-steps per turn (as the row-grouped consumers); the scale vectors are
-                # read after the MMAs, before the slots are released
-                for kp in range(0, ng // 2):
-                    s1 = it % STAGES
-                    s2 = (it + 1) % STAGES
-                    p1, p2 = _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn, zero, it,
-                                       tn, HALF, HM, STAGES)
-                    sa = sa_bufs.index(s1).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
-                    sb = sb_bufs.index(s1).load(gl.SliceLayout(0, mma))
-                    acc = acc + p1 * (sa[:, None] * sb[None, :])
-                    sa = sa_bufs.index(s2).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
-                    sb = sb_bufs.index(s2).load(gl.SliceLayout(0, mma))
-                    acc = acc + p2 * (sa[:, None] * sb[None, :])
-                    mbarrier.arrive(empty.index(s1))
-                    mbarrier.arrive(empty.index(s2))
-                    it += 2
+            if PADDED:
+                k0 = 0
+                if KPAIR:
+                    # two k-steps per turn (as the row-grouped consumers); the scale vectors
+                    # are read after the MMAs, before the slots are released
+                    for kp in range(0, ng // 2):
+                        s1 = it % STAGES
+                        s2 = (it + 1) % STAGES
+                        p1, p2 = _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn, zero,
+                                           it, tn, HALF, HM, STAGES)
+                        sa = sa_bufs.index(s1).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
+                        sb = sb_bufs.index(s1).load(gl.SliceLayout(0, mma))
+                        acc = acc + p1 * (sa[:, None] * sb[None, :])
+                        sa = sa_bufs.index(s2).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
+                        sb = sb_bufs.index(s2).load(gl.SliceLayout(0, mma))
+                        acc = acc + p2 * (sa[:, None] * sb[None, :])
+                        mbarrier.arrive(empty.index(s1))
+                        mbarrier.arrive(empty.index(s2))
+                        it += 2
+                        tn += 1
+                    k0 = (ng // 2) * 2
+                for ks in range(k0, ng):
+                    s = it % STAGES
+                    # ping-pong: consumer 0's turn for turn `tn` comes when consumer 1 issued
+                    # turn tn - 1 (turn 0: the barrier's initial complete phase), consumer 1's
+                    # when consumer 0 issued turn tn
+                    mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
+                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                    # the scale vectors before the MMA (this order leaves Triton's partition
+                    # barriers at 3 per k-step: before the first wait and before each arrive)
+                    sa = sa_bufs.index(s).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
+                    sb = sb_bufs.index(s).load(gl.SliceLayout(0, mma))
+                    tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
+                                        b_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                                        is_async=True)
+                    mbarrier.arrive(other_turn)
+                    p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+                    mbarrier.arrive(empty.index(s))  # this consumer is done with the slot
+                    acc = acc + p * (sa[:, None] * sb[None, :])
+                    it += 1
                     tn += 1
-                k0 = (ng // 2) * 2
-            for ks in range(k0, ng):
-                s = it % STAGES
-                # ping-pong: consumer 0's turn for turn `tn` comes when consumer 1 issued turn
-                # tn - 1 (turn 0: the barrier's initial complete phase), consumer 1's when
-                # consumer 0 issued turn tn
-                mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                # the scale vectors before the MMA (this order leaves Triton's partition barriers
-                # at 3 per k-step: before the first wait and before each arrive)
-                sa = sa_bufs.index(s).slice(HALF * HM, HM).load(gl.SliceLayout(1, mma))
-                sb = sb_bufs.index(s).load(gl.SliceLayout(0, mma))
-                tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
-                                    b_bufs.index(s).permute((1, 0)), zero, use_acc=False,
-                                    is_async=True)
-                mbarrier.arrive(other_turn)
-                p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-                mbarrier.arrive(empty.index(s))  # this consumer is done with the slot
-                acc = acc + p * (sa[:, None] * sb[None, :])
-                it += 1
-                tn += 1
+            else:
+                for ks in range(0, ng):
+                    s = it % STAGES
+                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                    if GATHERED:
+                        fence_async_shared()
+                    # A: this consumer's [GS, BM/2] half read M-major, B: [GS, BN] N-major
+                    acc = warpgroup_mma(a_bufs.index(2 * s + HALF).permute((1, 0)),
+                                        b_bufs.index(s), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                    if ks > 0:  # the previous k-step's MMA is done: release its slot
+                        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                    it += 1
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                if ng > 0:
+                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
 
             out = gl.convert_layout(acc, st)
             om = tm * BM + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
@@ -684,26 +837,37 @@ if _HAVE_GLUON:
 
 
     @gluon.jit
-    def _fp8_segment_mm_ws(
-            a_desc, b_desc, sa_desc, sb_desc, c_desc, c_ptr, counts_ptr, MO, NO, E, num_tiles,
-            stride_ce,
-            stride_cm, stride_cn, ACCUM: gl.constexpr, GS: gl.constexpr, BM: gl.constexpr,
-            BN: gl.constexpr, STAGES: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
-            INFO: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
+    def _segment_mm_ws(
+            a_desc, b_desc, sa_desc, sb_desc, c_desc, c_ptr, a_ptr, b_ptr, gather_ptr,
+            counts_ptr, offsets_ptr, MO, NO, E, num_tiles, stride_a, stride_b, stride_ce,
+            stride_cm, stride_cn, PADDED: gl.constexpr, TOPK: gl.constexpr,
+            A_GATHER: gl.constexpr, B_GATHER: gl.constexpr, ACCUM: gl.constexpr,
+            GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+            BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr,
+            LOAD_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
             num_warps: gl.constexpr):
-        """The FP8 weight gradient: a producer + two ping-pong consumers (module doc); program
-        i does tiles i, i + grid, ..."""
+        """The weight gradient ``C[e] (+)= Σ_p A[p]ᵀ · B[p]`` over expert e's tokens: a
+        producer (``LOAD_WARPS`` warps) + two consumers (module doc); program i does tiles i,
+        i + grid, ... ``PADDED``: FP8 operands in ``wgrad_fp8``'s padded group layout with
+        their scales; else 16-bit operands in place (``_seg_producer``)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(BM == 128, "two consumers of 64 rows")
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, GS], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, GS], b_desc.layout)
-        sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
-        sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sb_desc.layout)
+        if PADDED:
+            a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, GS], a_desc.layout)
+            b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, GS], b_desc.layout)
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
+            sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sb_desc.layout)
+        else:  # A in two halves per slot (one per consumer); no scales (token allocations)
+            a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, GS, BM // 2],
+                                               a_desc.layout)
+            b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, GS, BN], b_desc.layout)
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [1, 4], sa_desc.layout)
+            sb_bufs = gl.allocate_shared_memory(gl.float32, [1, 4], sb_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)            # the producer's expect
+            mbarrier.init(ready.index(s), count=1)  # the producer's expect
             mbarrier.init(empty.index(s), count=2)  # both consumers
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
@@ -714,21 +878,25 @@ if _HAVE_GLUON:
         mbarrier.init(c_ready, count=1)
         mbarrier.init(c_empty, count=2)
         info, info_ready, info_empty = _info_alloc()
+        GATHERED: gl.constexpr = A_GATHER or B_GATHER
 
         gl.warp_specialize([
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
                              c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
-                             MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 0, ACCUM, GS,
-                             BM, BN, STAGES, BLOCK_E, KPAIR, INFO)),
+                             offsets_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn,
+                             0, PADDED, GATHERED, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR,
+                             INFO)),
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
                              c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
-                             MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn, 1, ACCUM, GS,
-                             BM, BN, STAGES, BLOCK_E, KPAIR, INFO)),
+                             offsets_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn,
+                             1, PADDED, GATHERED, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR,
+                             INFO)),
             (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
                              sb_bufs, c_buf, ready, empty, c_ready, c_empty, info, info_ready,
-                             info_empty, counts_ptr, MO, NO, E, num_tiles, ACCUM, GS, BM, BN,
-                             STAGES, BLOCK_E, INFO)),
-        ], [4, 1], [MMA_REGS, LOAD_REGS])
+                             info_empty, a_ptr, b_ptr, gather_ptr, counts_ptr, offsets_ptr, MO,
+                             NO, E, num_tiles, stride_a, stride_b, PADDED, TOPK, A_GATHER,
+                             B_GATHER, ACCUM, GS, BM, BN, STAGES, BLOCK_E, INFO)),
+        ], [4, LOAD_WARPS], [MMA_REGS, LOAD_REGS])
 
 
 if _HAVE_GLUON:
@@ -743,8 +911,30 @@ def segment_fits(qa, sa, qb, sb, c, accum: Accum) -> bool:
                 and t.shape[1] > 0 for t in (qa, qb))
             and all(s.is_contiguous() and s.shape[1] % 4 == 0 and s.data_ptr() % 16 == 0
                     for s in (sa, sb))
-            and (accum != Accum.RMW or (c.dtype in _GL_DTYPE and c.data_ptr() % 16 == 0
-                                and (c.shape[2] * c.element_size()) % 16 == 0)))
+            and _rmw_fits(c, accum))
+
+
+def _rmw_fits(c, accum: Accum) -> bool:
+    """For ``accum == RMW`` the output's tiles are TMA-loaded: a Gluon dtype, 16-byte aligned
+    rows."""
+    return accum != Accum.RMW or (c.dtype in _GL_DTYPE and c.data_ptr() % 16 == 0
+                                  and (c.shape[2] * c.element_size()) % 16 == 0)
+
+
+def _c_desc(c, accum: Accum, bm: int, bn: int, stand_in):
+    """The descriptor of the tiles added into (``accum == RMW``: ``[E·MO, NO]`` view, loaded by
+    the producer), else a one-element stand-in over ``stand_in`` (token shared memory)."""
+    if accum == Accum.RMW:
+        return TensorDescriptor.from_tensor(
+            c.view(-1, c.shape[2]), [bm, bn],
+            gl.NVMMASharedLayout.get_default_for([bm, bn], _GL_DTYPE[c.dtype]))
+    return _stand_in(stand_in)
+
+
+def _stand_in(t):
+    """A 4-element 1-D descriptor over ``t``'s first bytes (an unused descriptor argument)."""
+    s1 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    return TensorDescriptor.from_tensor(t.view(-1).view(torch.float32)[:4], [4], s1)
 
 
 def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
@@ -765,18 +955,58 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
     b_desc = TensorDescriptor.from_tensor(qb.view(-1, 128), [bn, 128], _smem_layout())
     sa_desc = TensorDescriptor.from_tensor(sa.view(-1), [bm], s1)
     sb_desc = TensorDescriptor.from_tensor(sb.view(-1), [bn], s1)
-    if accum == Accum.RMW:  # the tiles added into, loaded by the producer ([E·MO, NO] view)
-        c_desc = TensorDescriptor.from_tensor(
-            c.view(-1, no), [bm, bn],
-            gl.NVMMASharedLayout.get_default_for([bm, bn], _GL_DTYPE[c.dtype]))
-    else:  # unused: a one-element stand-in (token shared memory)
-        c_desc = TensorDescriptor.from_tensor(sa.view(-1)[:4], [4], s1)
-    _fp8_segment_mm_ws[(_programs(tune, num_tiles, c.device),)](
-        a_desc, b_desc, sa_desc, sb_desc, c_desc, c, meta.counts, mo, no, E, num_tiles, c.stride(0),
-        c.stride(1), c.stride(2), ACCUM=int(accum), GS=128, BM=bm, BN=bn, STAGES=cfg["STAGES"],
-        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
-        LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"], num_warps=4,
-        maxnreg=cfg["MAXNREG"])
+    c_desc = _c_desc(c, accum, bm, bn, sa)
+    _segment_mm_ws[(_programs(tune, num_tiles, c.device),)](
+        a_desc, b_desc, sa_desc, sb_desc, c_desc, c, c, c, meta.counts, meta.counts,
+        meta.offsets, mo, no, E, num_tiles, 0, 0, c.stride(0), c.stride(1), c.stride(2),
+        PADDED=True, TOPK=1, A_GATHER=False, B_GATHER=False, ACCUM=int(accum), GS=128, BM=bm,
+        BN=bn, STAGES=cfg["STAGES"], BLOCK_E=max(32, triton.next_power_of_2(E)),
+        KPAIR=cfg["KPAIR"], INFO=cfg["INFO"], LOAD_WARPS=1, LOAD_REGS=cfg["LOAD_REGS"],
+        MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
+    return c
+
+
+def segment_direct_fits(a, b, c, accum: Accum) -> bool:
+    """Whether ``segment_mm_direct`` serves ``a [S|N, MO]``, ``b [S|N, NO]``: 16-bit, the
+    same dtype, contiguous 16-byte aligned rows, MO and NO multiples of 8, and
+    ``_rmw_fits``."""
+    return (a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+            and all(t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * 2) % 16 == 0
+                    and t.data_ptr() % 16 == 0 and t.shape[1] % 8 == 0 for t in (a, b))
+            and c.is_contiguous() and _rmw_fits(c, accum))
+
+
+def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gather: bool,
+                      b_gather: bool):
+    """``c[e] (+)= Σ_{p in segment e} A[p]ᵀ · B[p]`` (``grouped_gemm._segment_mm_kernel``'s
+    contract: ``a_gather`` / ``b_gather``: that operand's rows are ``sorted_slot[p] //
+    top_k``, else ``p``) on 16-bit operands in place, fp32 accumulation, 64-token k-steps from
+    each expert's first row (the Triton kernel's order)."""
+    if a_gather == b_gather:
+        raise ValueError("segment_mm_direct: exactly one operand is gathered")
+    cfg = dict(tune.gluon_bf16_seg_config)
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    mo, no = a.shape[1], b.shape[1]
+    E = meta.num_experts
+    num_tiles = E * triton.cdiv(mo, bm) * triton.cdiv(no, bn)
+    if meta.sorted_slot.numel() == 0:  # no tokens: zero gradients (added: nothing)
+        return c.zero_() if accum == Accum.STORE else c
+    if num_tiles == 0:
+        return c
+    dt = _GL_DTYPE[a.dtype]
+    a_desc = TensorDescriptor.from_tensor(
+        a, [bk, bm // 2], gl.NVMMASharedLayout.get_default_for([bk, bm // 2], dt))
+    b_desc = TensorDescriptor.from_tensor(
+        b, [bk, bn], gl.NVMMASharedLayout.get_default_for([bk, bn], dt))
+    _segment_mm_ws[(_programs(tune, num_tiles, c.device),)](
+        a_desc, b_desc, _stand_in(meta.counts), _stand_in(meta.counts),
+        _c_desc(c, accum, bm, bn, meta.counts), c, a, b, meta.sorted_slot, meta.counts,
+        meta.offsets, mo, no, E, num_tiles, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
+        c.stride(2), PADDED=False, TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
+        ACCUM=int(accum), GS=bk, BM=bm, BN=bn, STAGES=cfg["STAGES"],
+        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=False, INFO=True,
+        LOAD_WARPS=cfg["LOAD_WARPS"], LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
+        num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
 
 

@@ -1,0 +1,77 @@
+"""Per-GEMM timing of the bf16 expert pass: each GEMM of a forward + backward (``tune_kernels.
+Stages``) with the default tuning, against the same GEMM with a kernel family switched off
+(``--against``: fields of ``Tuning`` set to False, e.g. ``gluon_bf16_wgrad`` = the Triton
+segment kernel), and optionally the Gluon weight gradient under other configurations
+(``--seg-variants``). The dense bf16 matmul rate of the same run is printed as the ceiling.
+Outputs of each pair are compared bitwise (``equal``).
+
+    python benchmarks/bench_gemms.py --configs fine_30b mixtral --kernels wgrad_up wgrad_down
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tune_kernels import Stages  # noqa: E402
+
+from moe_plugin.kernels import tuning  # noqa: E402
+
+
+def _dense_rate() -> float:
+    """TFLOP/s of a dense bf16 8192³ matmul on this GPU now."""
+    from triton.testing import do_bench
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = do_bench(lambda: m @ m, warmup=10, rep=200, return_mode="median")
+    return 2 * 8192 ** 3 / t / 1e9
+
+
+def main():
+    from triton.testing import do_bench
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="*", default=["fine_30b", "mixtral"])
+    ap.add_argument("--kernels", nargs="*", default=None)
+    ap.add_argument("--against", nargs="*", default=["gluon_bf16_wgrad"])
+    ap.add_argument("--seg-variants", default=None,
+                    help="JSON list of dicts applied over gluon_bf16_seg_config")
+    ap.add_argument("--rep-ms", type=int, default=50)
+    args = ap.parse_args()
+    print(json.dumps({"ceiling_tflops": round(_dense_rate(), 1)}), flush=True)
+    variants = json.loads(args.seg_variants) if args.seg_variants else []
+    for name in args.configs:
+        st = Stages(name)
+        for kind, (flops, fn) in st.gemms.items():
+            if args.kernels and kind not in args.kernels:
+                continue
+            runs = [("default", {})] + [(f"{f}=False", {f: False}) for f in args.against]
+            if kind.startswith("wgrad"):
+                base = tuning.current().gluon_bf16_seg_config
+                runs += [(json.dumps(v), {"gluon_bf16_seg_config": {**base, **v}})
+                         for v in variants]
+            ref = None
+            for label, changes in runs:
+                with tuning.override(**changes):
+                    try:
+                        out = fn()
+                        t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
+                    except Exception as ex:  # out of shared memory etc.
+                        print(json.dumps({"config": name, "kernel": kind, "run": label,
+                                          "error": repr(ex)[:300]}), flush=True)
+                        continue
+                first = out[0] if isinstance(out, tuple) else out
+                eq = None
+                if ref is None:
+                    ref = first.clone() if torch.is_tensor(first) else None
+                elif torch.is_tensor(first):
+                    eq = bool(torch.equal(first, ref))
+                print(json.dumps({"config": name, "kernel": kind, "run": label,
+                                  "ms": round(t, 4), "tflops": round(flops / t / 1e9, 1),
+                                  "equal": eq}), flush=True)
+        del st
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Compiles the Gluon (Hopper) kernels for sm_90 on a machine without a GPU and prints one JSON
+line per case (``tests/test_gluon_compile.py`` runs it in a subprocess: the test session runs
+Triton under its interpreter, and kernels compile only outside it).
+
+A stand-in CUDA driver (``Sm90Driver``) makes a launch compile the kernel as usual (Triton's
+passes and ``ptxas``) and then raise ``Compiled`` with the compiled kernel's metadata instead
+of loading it.
+
+    python tests/gluon_compile_worker.py            # every case
+"""
+import contextlib
+import dataclasses
+import json
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime.driver import driver
+
+
+class Compiled(Exception):
+    """Raised at the launch of a compiled kernel; ``args[0]``: its metadata."""
+
+
+class _Launcher:
+    def __init__(self, src, metadata):
+        raise Compiled(metadata)
+
+
+class _Utils:
+    """An H100/H200's limits, as the compiler and the launcher ask for them."""
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000,
+                "mem_bus_width": 6144}
+
+
+class Sm90Driver(DriverBase):
+    """Targets ``cuda:90``; device 0, stream 0; kernels compile and stop at the launch."""
+
+    def __init__(self):
+        self.utils = _Utils()
+        self.launcher_cls = _Launcher
+
+    @staticmethod
+    def is_active():
+        return True
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_active_torch_device(self):
+        import torch
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        import torch
+        return torch.cuda
+
+    def map_python_to_cpp_type(self, ty):
+        from triton.backends.nvidia.driver import ty_to_cpp
+        return ty_to_cpp(ty)
+
+    def get_benchmarker(self):
+        raise NotImplementedError("no GPU: nothing to time")
+
+    def get_empty_cache_for_benchmark(self):
+        raise NotImplementedError("no GPU: nothing to time")
+
+    def clear_cache(self, cache):
+        pass
+
+
+@contextlib.contextmanager
+def sm90():
+    """Within the block Triton compiles for sm_90 (and launches nothing)."""
+    saved = driver._active
+    driver.set_active(Sm90Driver())
+    try:
+        yield
+    finally:
+        driver._active = saved
+
+
+def compile_launch(fn):
+    """Runs ``fn`` (a launcher call) inside ``sm90()``; returns the metadata of the kernel it
+    compiled and would have launched."""
+    with sm90():
+        try:
+            fn()
+        except Compiled as c:
+            return c.args[0]
+    raise AssertionError("the call compiled no kernel")
+
+
+# ----------------------------------------------------------------------------------------------
+# the cases
+
+
+class _Meta:
+    """The fields of ``PermuteMeta`` the launchers read, on the CPU (5 unused slots at the
+    end)."""
+
+    def __init__(self, counts, top_k):
+        self.num_experts = len(counts)
+        self.top_k = top_k
+        self.counts = torch.tensor(counts, dtype=torch.int32)
+        self.offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
+        torch.cumsum(self.counts, 0, out=self.offsets[1:])
+        self.sorted_slot = torch.arange(int(self.offsets[-1]) + 5, dtype=torch.int32)
+
+
+def _cases():
+    """``name: launcher call`` for every case."""
+    from moe_plugin.kernels import gluon_gemm as GF
+    from moe_plugin.kernels import tuning
+    from moe_plugin.kernels.codes import Accum
+    tune = dataclasses.replace(tuning.current(), gluon_programs=132)
+    cases = {}
+    # bf16 weight gradients: both operand roles, every epilogue, widths that are multiples of
+    # 8 but not of 16 or of the tile
+    for gathered, role in (("b", "wgrad_up"), ("a", "wgrad_down")):
+        for (d, f2), shape in (((256, 512), "aligned"), ((200, 136), "odd")):
+            for accum in (Accum.STORE, Accum.ATOMIC, Accum.RMW):
+                meta = _Meta([100, 0, 37, 300], top_k=2)
+                s = meta.sorted_slot.numel()
+                ordered = torch.zeros(s, f2, dtype=torch.bfloat16)
+                tokens = torch.zeros(s // 2 + 1, d, dtype=torch.bfloat16)
+                a, b = (ordered, tokens) if gathered == "b" else (tokens, ordered)
+                c = torch.zeros(meta.num_experts, a.shape[1], b.shape[1],
+                                dtype=torch.float32 if accum == Accum.ATOMIC else torch.bfloat16)
+                assert GF.segment_direct_fits(a, b, c, accum)
+                cases[f"bf16_{role}_{shape}_{accum.name.lower()}"] = (
+                    lambda a=a, b=b, c=c, meta=meta, accum=accum, gathered=gathered:
+                    GF.segment_mm_direct(tune, a, b, c, meta, accum, a_gather=gathered == "a",
+                                         b_gather=gathered == "b"))
+    # the FP8 weight gradient (the same kernel, PADDED) and the FP8 row-grouped GEMM
+    meta8 = _Meta([200, 0, 300, 56], top_k=1)
+    g, mo, no = 12, 256, 384
+    qa = torch.zeros(g, mo, 128, dtype=torch.float8_e4m3fn)
+    qb = torch.zeros(g, no, 128, dtype=torch.float8_e4m3fn)
+    sa, sb = torch.ones(g, mo), torch.ones(g, no)
+    for accum in (Accum.STORE, Accum.ATOMIC, Accum.RMW):
+        c = torch.zeros(meta8.num_experts, mo, no,
+                        dtype=torch.float32 if accum == Accum.ATOMIC else torch.bfloat16)
+        cases[f"fp8_wgrad_{accum.name.lower()}"] = (
+            lambda c=c, accum=accum: GF.segment_mm(tune, qa, sa, qb, sb, c, meta8, accum))
+    s, n, k = meta8.sorted_slot.numel(), 256, 512
+    a8 = torch.zeros(s, k, dtype=torch.float8_e4m3fn)
+    b8 = torch.zeros(meta8.num_experts, n, k, dtype=torch.float8_e4m3fn)
+    sa8 = torch.ones(s, k // 128)
+    sb8 = torch.ones(meta8.num_experts, k // 128, n // 128)
+    c8 = torch.empty(s, n, dtype=torch.bfloat16)
+    cases["fp8_grouped"] = lambda: GF.grouped_mm(tune, a8, sa8, b8, sb8, sb8.stride(), c8,
+                                                 meta8, n=n, k=k)
+    return cases
+
+
+def main():
+    from moe_plugin.kernels import gluon_gemm as GF
+    if not GF.api_supported():
+        print(json.dumps({"unsupported": f"Triton {GF._triton_version()}"}))
+        return
+    only = set(sys.argv[1:])
+    for name, fn in _cases().items():
+        if only and name not in only:
+            continue
+        try:
+            md = compile_launch(fn)
+            print(json.dumps({"case": name, "kernel": md.name, "shared": md.shared}),
+                  flush=True)
+        except Exception as ex:  # a compile error: reported, the next case runs
+            print(json.dumps({"case": name, "error": f"{type(ex).__name__}: {ex}"[-2000:]}),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The Gluon (Hopper) kernels compile for sm_90 on a machine without a GPU
+(``gluon_compile_worker.py``, in a subprocess outside the Triton interpreter: Triton's passes
+and ``ptxas`` run, a stand-in driver stops at the launch). CI has no GPU; this catches what
+only compiling finds -- copies that cannot be vectorised at some widths, register or shared-
+memory overflows -- before a GPU run does. Runs where this Triton has the Gluon API the kernels
+are written for (``gluon_gemm.GLUON_TRITON_VERSIONS``; CI runs it on Python 3.12 with that
+Triton installed beside the default one, and sets ``MOE_PLUGIN_REQUIRE_GLUON`` so that a skip
+fails); what the kernels compute is checked on a GPU by the GPU-marked tests."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_plugin.kernels import gluon_gemm as GF
+
+_REASON = (f"this Triton's Gluon is not the API the kernels are written for "
+           f"(Triton {GF.GLUON_TRITON_VERSIONS})")
+if os.environ.get("MOE_PLUGIN_REQUIRE_GLUON") == "1" and not GF.api_supported():
+    raise RuntimeError(f"MOE_PLUGIN_REQUIRE_GLUON=1: {_REASON}, got {GF._triton_version()}")
+pytestmark = pytest.mark.skipif(not GF.api_supported(), reason=_REASON)
+
+SMEM_LIMIT = 232448  # bytes of shared memory a Hopper block may use
+CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
+          for shape in ("aligned", "odd") for acc in ("store", "atomic", "rmw")]
+         + [f"fp8_wgrad_{acc}" for acc in ("store", "atomic", "rmw")] + ["fp8_grouped"])
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    worker = os.path.join(os.path.dirname(__file__), "gluon_compile_worker.py")
+    run = subprocess.run([sys.executable, worker], env=env, capture_output=True, text=True,
+                         timeout=900)
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and lines, f"worker failed:\n{run.stdout}\n{run.stderr[-3000:]}"
+    return {line["case"]: line for line in lines if "case" in line}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gluon_kernel_compiles_for_sm90(case, compiled):
+    """bf16 weight gradients (``segment_mm_direct``: gathered B or A, every epilogue, widths
+    that are multiples of 8 but not of 16 or the tile), the FP8 weight gradient and the FP8
+    row-grouped GEMM: compiled, within a Hopper block's shared memory."""
+    assert case in compiled, f"{case}: not run by the worker"
+    res = compiled[case]
+    assert "error" not in res, f"{case}: {res['error']}"
+    assert 0 < res["shared"] <= SMEM_LIMIT, res
