@@ -45,8 +45,8 @@ quantisation of its operands.
 The row-grouped kernel's consumers take each tile's facts (expert, column tile, rows) from the
 producer through a two-slot shared-memory ring (``INFO``; the weight gradient's likewise). For
 the dh' GEMM (``EPI == EPI_ACT_BWD``, ``grouped_mm_act_bwd``) the epilogue is
-``grouped_gemm``'s split activation pass (``_act_bwd_kernel``, same arithmetic, bitwise the same dpre / hw / routing-
-weight gradient): the producer TMA-loads the tile's pre-activation and gathers its routing
+``grouped_gemm``'s split activation pass (``_act_bwd_kernel``, same arithmetic, bitwise the
+same dpre / hw / routing-weight gradient): the producer TMA-loads the tile's pre-activation and gathers its routing
 weights a few k-steps into the tile, the consumers stage dh' in shared memory and process it
 16 rows at a time; dh' is never stored.
 
