@@ -46,9 +46,9 @@ The row-grouped kernel's consumers take each tile's facts (expert, column tile, 
 producer through a two-slot shared-memory ring (``INFO``; the weight gradient's likewise). For
 the dh' GEMM (``EPI == EPI_ACT_BWD``, ``grouped_mm_act_bwd``) the epilogue is
 ``grouped_gemm``'s split activation pass (``_act_bwd_kernel``, same arithmetic, bitwise the
-same dpre / hw / routing-weight gradient): the producer TMA-loads the tile's pre-activation and gathers its routing
-weights a few k-steps into the tile, the consumers stage dh' in shared memory and process it
-16 rows at a time; dh' is never stored.
+same dpre / hw / routing-weight gradient): the producer TMA-loads the tile's pre-activation
+and gathers its routing weights a few k-steps into the tile, the consumers stage dh' in shared
+memory and process it 16 rows at a time; dh' is never stored.
 
 Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``tune.gluon``) and
 the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
