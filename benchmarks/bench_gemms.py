@@ -2,10 +2,14 @@
 Stages``) with the default tuning, against the same GEMM with a kernel family switched off
 (``--against``: fields of ``Tuning`` set to False, e.g. ``gluon_bf16_wgrad`` = the Triton
 segment kernel), and optionally the Gluon weight gradient under other configurations
-(``--seg-variants``). The dense bf16 matmul rate of the same run is printed as the ceiling.
+(``--seg-variants``) and the Gluon row-grouped GEMMs under others (``--grouped-variants``: dicts
+over ``gluon_bf16_config``, or over the field a dict's ``"_field"`` names). ``--enable``: fields
+set True in every run. The dense bf16 matmul rate of the same run is printed as the ceiling.
 Outputs of each pair are compared bitwise (``equal``).
 
     python benchmarks/bench_gemms.py --configs fine_30b mixtral --kernels wgrad_up wgrad_down
+    python benchmarks/bench_gemms.py --enable gluon_bf16_grouped --against gluon_bf16_grouped \
+        --kernels up down dh dx
 """
 import argparse
 import json
@@ -36,10 +40,15 @@ def main():
     ap.add_argument("--against", nargs="*", default=["gluon_bf16_wgrad"])
     ap.add_argument("--seg-variants", default=None,
                     help="JSON list of dicts applied over gluon_bf16_seg_config")
+    ap.add_argument("--grouped-variants", default=None,
+                    help="JSON list of dicts applied over gluon_bf16_config (or '_field')")
+    ap.add_argument("--enable", nargs="*", default=[])
     ap.add_argument("--rep-ms", type=int, default=50)
     args = ap.parse_args()
     print(json.dumps({"ceiling_tflops": round(_dense_rate(), 1)}), flush=True)
     variants = json.loads(args.seg_variants) if args.seg_variants else []
+    gvariants = json.loads(args.grouped_variants) if args.grouped_variants else []
+    enabled = {f: True for f in args.enable}
     for name in args.configs:
         st = Stages(name)
         for kind, (flops, fn) in st.gemms.items():
@@ -50,6 +59,13 @@ def main():
                 base = tuning.current().gluon_bf16_seg_config
                 runs += [(json.dumps(v), {"gluon_bf16_seg_config": {**base, **v}})
                          for v in variants]
+            elif kind in ("up", "down", "dh", "dx"):
+                for v in gvariants:
+                    v = dict(v)
+                    field = v.pop("_field", "gluon_bf16_config")
+                    base = getattr(tuning.current(), field)
+                    runs.append((f"{field}:{json.dumps(v)}", {field: {**base, **v}}))
+            runs = [(label, {**enabled, **changes}) for label, changes in runs]
             ref = None
             for label, changes in runs:
                 with tuning.override(**changes):

@@ -164,6 +164,47 @@ def _cases():
     c8 = torch.empty(s, n, dtype=torch.bfloat16)
     cases["fp8_grouped"] = lambda: GF.grouped_mm(tune, a8, sa8, b8, sb8, sb8.stride(), c8,
                                                  meta8, n=n, k=k)
+    # the 16-bit row-grouped GEMMs (grouped_mm_direct): GEMM2 (B K-major), dx (B N-major),
+    # the split form's dh' (A gathered, B N-major), GEMM1 + activation (A gathered, B K-major,
+    # gated: two accumulators); widths that are multiples of 8 but not of 16 or of the tile
+    from moe_plugin.kernels.codes import Epilogue
+    metab = _Meta([100, 0, 37, 300], top_k=2)
+    sb_ = metab.sorted_slot.numel()
+    for shape, (d, f) in (("aligned", (256, 512)), ("odd", (192, 200))):
+        def w(rows, cols):
+            return torch.zeros(metab.num_experts, rows, cols, dtype=torch.bfloat16)
+        ordered = torch.zeros(sb_, f, dtype=torch.bfloat16)
+        ordered2 = torch.zeros(sb_, 2 * f, dtype=torch.bfloat16)
+        tokens = torch.zeros(sb_ // 2 + 1, d, dtype=torch.bfloat16)
+        y = torch.zeros(sb_, d, dtype=torch.bfloat16)
+        wd = w(d, f)        # W_down [E, D, F]
+        if f % 64 == 0:     # GEMM2: k = F
+            cases[f"bf16_down_{shape}"] = (
+                lambda wd=wd, ordered=ordered, y=y, d=d, f=f: GF.grouped_mm_direct(
+                    tune, ordered, wd, (wd.stride(0), wd.stride(2), wd.stride(1)), y, metab,
+                    n=d, k=f, gather=False))
+        dpre = torch.zeros(sb_, 2 * f, dtype=torch.bfloat16)
+        wu = w(2 * f, d)    # W_up [E, 2F, D]
+        if (2 * f) % 64 == 0:
+            cases[f"bf16_dx_{shape}"] = (
+                lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
+                    tune, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
+        cases[f"bf16_dh_{shape}"] = (
+            lambda wd=wd, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
+                tune, tokens, wd, wd.stride(), ordered, metab, n=f, k=d, gather=True))
+        for gated in (True, False):
+            wup = wu if gated else w(f, d)
+            for store_pre, store_h in ((True, True), (False, True), (True, False)):
+                name = f"bf16_up_{'gated' if gated else 'plain'}_{shape}"
+                name += "_pre" * store_pre + "_h" * store_h
+                pre = (ordered2 if gated else ordered.clone()) if store_pre else None
+                h = ordered if store_h else None
+                cases[name] = (
+                    lambda wup=wup, tokens=tokens, pre=pre, h=h, d=d, f=f, gated=gated,
+                    store_pre=store_pre, store_h=store_h: GF.grouped_mm_direct(
+                        tune, tokens, wup, (wup.stride(0), wup.stride(2), wup.stride(1)), h,
+                        metab, n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, pre=pre,
+                        gated=gated, act=0, store_pre=store_pre, store_h=store_h))
     return cases
 
 
@@ -178,8 +219,8 @@ def main():
             continue
         try:
             md = compile_launch(fn)
-            print(json.dumps({"case": name, "kernel": md.name, "shared": md.shared}),
-                  flush=True)
+            print(json.dumps({"case": name, "kernel": md.name, "shared": md.shared,
+                              "spills": getattr(md, "n_spills", None)}), flush=True)
         except Exception as ex:  # a compile error: reported, the next case runs
             print(json.dumps({"case": name, "error": f"{type(ex).__name__}: {ex}"[-2000:]}),
                   flush=True)

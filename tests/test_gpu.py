@@ -272,3 +272,107 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, tune):
         assert torch.equal(res[1][3], init[3]), "the empty expert's buffer changed"
     else:
         assert not res[1][3].any(), "the empty expert's gradient is not zero"
+
+
+def _ragged_meta(g, n, k, e):
+    """Routing with an empty expert (3), an expert with fewer tokens than a tile (5), counts
+    not multiples of the 128-row tile and unused slots (-1) after the last expert's."""
+    from moe_plugin.kernels.permute import permute_metadata
+    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
+    ids[ids == 3] = 0
+    ids[ids == 5] = 4
+    ids[:5, 1] = 5
+    ids[-9:, 0] = -1
+    meta = permute_metadata(ids.to(CUDA), e)
+    counts = meta.counts.tolist()
+    assert counts[3] == 0 and 0 < counts[5] < 128 and any(c % 128 for c in counts)
+    return meta
+
+
+def _count_calls(monkeypatch, module, name):
+    """Counts the calls of ``module.name`` (still called) in the returned list's length."""
+    calls, orig = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["down", "dx", "dh"])
+@pytest.mark.parametrize("programs", [None, 3])
+def test_gluon_bf16_grouped_equals_triton(kind, programs, tune, monkeypatch):
+    """On Hopper, with ``gluon_bf16_grouped``, GEMM2 (B = W_downᵀ, K-major), dx (B = W_up,
+    N-major) and the split form's dh' (A = dout rows gathered by ``cp.async``, B = W_down,
+    N-major) run as the Gluon row-grouped kernel (``gluon_gemm.grouped_mm_direct``). Against
+    the Triton kernel it replaces (the same 64-wide k-steps in order): bitwise equal; ragged
+    experts, an empty one, output widths not multiples of the 128 tile, unused slots whose rows
+    hold NaN, the persistent grid at one program per SM and at 3 programs."""
+    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    tune(gluon_programs=programs)
+    g = torch.Generator().manual_seed(23)
+    n, k, e, d, f = 700, 2, 6, 320, 192
+    meta = _ragged_meta(g, n, k, e)
+    s = meta.sorted_slot.numel()
+    used = int(meta.offsets[-1])
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(CUDA, torch.bfloat16)
+
+    w_up, w_down = rnd(e, 2 * f, d) * 0.1, rnd(e, d, f) * 0.1
+    if kind == "down":
+        h = rnd(s, f)
+        h[used:] = float("nan")
+        run = lambda: G.expert_down(h, w_down, meta)
+    elif kind == "dx":
+        dpre = rnd(s, 2 * f)
+        dpre[used:] = float("nan")
+        run = lambda: G.expert_dx(dpre, w_up, meta)
+    else:
+        dout, pre = rnd(n, d), rnd(s, 2 * f)
+        wts = torch.rand(n, k, generator=g).to(CUDA)
+        run = lambda: G.expert_up_bwd(dout, w_down, pre, meta, wts, 0, True)
+    res = []
+    calls = _count_calls(monkeypatch, GF, "grouped_mm_direct")
+    for enabled in (False, True):
+        with tuning.override(gluon_bf16_grouped=enabled, split_up_bwd=True):
+            out = run()
+        res.append(out if isinstance(out, tuple) else (out,))
+    assert len(calls) == 1, "the Gluon kernel did not serve the GEMM"
+    for got, ref in zip(res[1], res[0]):
+        ref, got = ref[:used], got[:used]
+        assert ref.isfinite().all(), "the Triton kernel read an unused slot's row"
+        diff = (got.float() - ref.float()).abs().max().item()
+        assert torch.equal(got, ref), f"{kind}: Gluon against Triton, max difference {diff}"
+
+
+@pytest.mark.parametrize("act,gated", [(0, True), (2, True), (3, False)],
+                         ids=["swiglu", "swiglu_oai", "gelu"])
+@pytest.mark.parametrize("store", ["pre_h", "h", "pre"])
+def test_gluon_bf16_up_equals_triton(act, gated, store, tune, monkeypatch):
+    """GEMM1 + activation on the Gluon row-grouped kernel (``gluon_bf16_grouped``): x's rows
+    gathered by ``cp.async``, W_up K-major, gated: the gate and up tiles in one ring slot and
+    two accumulators; pre and / or h stored (h from the rounded pre-activation). Against the
+    Triton kernel: bitwise equal (ragged experts, an empty one, F not a multiple of the tile,
+    3 programs)."""
+    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    tune(gluon_programs=3 if store == "h" else None)
+    g = torch.Generator().manual_seed(29)
+    n, k, e, d, f = 700, 2, 6, 320, 192
+    meta = _ragged_meta(g, n, k, e)
+    used = int(meta.offsets[-1])
+    x = (torch.randn(n, d, generator=g) * 0.5).to(CUDA, torch.bfloat16)
+    w_up = (torch.randn(e, (2 if gated else 1) * f, d, generator=g) * 0.1).to(CUDA,
+                                                                             torch.bfloat16)
+    res = []
+    calls = _count_calls(monkeypatch, GF, "grouped_mm_direct")
+    for enabled in (False, True):
+        with tuning.override(gluon_bf16_grouped=enabled):
+            pre, h = G.expert_up(x, w_up, meta, act, gated, store_pre="pre" in store,
+                                 store_h=store.endswith("h"))
+        res.append([t[:used] for t in (pre, h) if t is not None])
+    assert len(calls) == 1, "the Gluon kernel did not serve GEMM1"
+    for got, ref in zip(res[1], res[0]):
+        diff = (got.float() - ref.float()).abs().max().item()
+        assert torch.equal(got, ref), f"GEMM1: Gluon against Triton, max difference {diff}"

@@ -60,8 +60,8 @@ import torch
 import triton
 
 from . import tuning
-from .activation import act_bwd_store
-from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, Accum, Epilogue
+from .activation import act_bwd_store, act_fwd
+from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, EPI_ACT_FWD, Accum, Epilogue
 
 try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental import gluon
@@ -190,16 +190,28 @@ if _HAVE_GLUON:
 if _HAVE_GLUON:
     @gluon.jit
     def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
-                      info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
-                      gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
-                      num_tiles, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
-                      INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr):
-        """1 warp: the TMA ring over the tiles' k-steps; with ``EPI == EPI_ACT_BWD`` after a tile's
-        k-steps also its pre-activation tiles (TMA) and routing weights (gathered by this
-        warp) for the activation-backward epilogue (``pre_ready`` / ``pre_empty``)."""
-        nbytes: gl.constexpr = (BM + BN) * BK
+                      info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr, a_ptr,
+                      gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K,
+                      num_m_tiles, num_tiles, stride_a, BM: gl.constexpr, BN: gl.constexpr,
+                      BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                      BLOCK_E: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
+                      GATED: gl.constexpr, B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr,
+                      DUAL: gl.constexpr, TOPK: gl.constexpr):
+        """The ring over the tiles' k-steps: B's tiles by TMA (``B_KMAJOR``: B stored
+        ``[E·NB, K]``, else ``[E·K, N]``; ``DUAL``: also the up rows ``NB/2`` further, into
+        ring slot ``STAGES + s``), A's by TMA or, with ``A_GATHER`` (rows ``gather[p] //
+        TOPK``), by ``cp.async`` from these warps (the tile's row indices loaded once; the
+        copies' completion counted on ``ready`` as the seg producer's). With ``EPI ==
+        EPI_ACT_BWD`` (one warp) after a tile's k-steps also its pre-activation tiles (TMA)
+        and routing weights (gathered by this warp) for the activation-backward epilogue
+        (``pre_ready`` / ``pre_empty``)."""
+        nbytes: gl.constexpr = (a_desc.block_type.nbytes * (1 - A_GATHER)
+                                + b_desc.block_type.nbytes * (1 + DUAL))
         wl: gl.constexpr = gl.BlockedLayout([BM // 32], [32], [1], [0])
+        ga: gl.constexpr = _gather_layout(BK, gl.num_warps())
+        if A_GATHER:
+            stride_a = stride_a // 8 * 8  # 16-byte rows (``grouped_direct_fits``)
+            kcols = gl.arange(0, BK, layout=gl.SliceLayout(0, ga))
         nk = K // BK
         it = 0
         tc = 0  # tiles so far
@@ -212,7 +224,14 @@ if _HAVE_GLUON:
                 _info_put(info, info_ready, info_empty, tc, e, pid_n, row0, seg_end)
                 tc += 1
             if e < E:  # expert E: an idle tile (the tile count is the worst case)
-                brow0 = e * N + pid_n * BN
+                brow0 = e * NB + pid_n * BN
+                if A_GATHER:
+                    # the tile's token rows; rows past the expert's segment are zero-filled
+                    grows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ga))
+                    gmask = grows < seg_end
+                    arow = gl.load(gather_ptr + grows, mask=gmask, other=0) // TOPK
+                    a_tile = a_ptr + arow.to(gl.int64)[:, None] * stride_a + kcols[None, :]
+                    a_mask = gmask[:, None] & (kcols < BK)[None, :]
                 if EPI == EPI_ACT_BWD:
                     # the epilogue's inputs are requested a few k-steps into the tile (the
                     # previous tile's epilogues are over by then: both consumers released
@@ -230,9 +249,23 @@ if _HAVE_GLUON:
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
+                    if A_GATHER:
+                        async_copy.async_copy_global_to_shared(a_bufs.index(s), a_tile + ks * BK,
+                                                               mask=a_mask)
+                        async_copy.mbarrier_arrive(bar)
                     mbarrier.expect(bar, nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [row0, ks * BK], bar, a_bufs.index(s))
-                    tma.async_copy_global_to_shared(b_desc, [brow0, ks * BK], bar, b_bufs.index(s))
+                    if not A_GATHER:
+                        tma.async_copy_global_to_shared(a_desc, [row0, ks * BK], bar,
+                                                        a_bufs.index(s))
+                    if B_KMAJOR:
+                        tma.async_copy_global_to_shared(b_desc, [brow0, ks * BK], bar,
+                                                        b_bufs.index(s))
+                        if DUAL:
+                            tma.async_copy_global_to_shared(b_desc, [brow0 + N, ks * BK], bar,
+                                                            b_bufs.index(STAGES + s))
+                    else:
+                        tma.async_copy_global_to_shared(b_desc, [e * K + ks * BK, pid_n * BN],
+                                                        bar, b_bufs.index(s))
                     it += 1
                     if EPI == EPI_ACT_BWD:
                         if ks == pre_at:
@@ -316,18 +349,25 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
-                      pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, hw_ptr, dwp_ptr,
-                      sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
-                      num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp, stride_sa,
-                      stride_sbe, stride_sbk, stride_sbn, HALF: gl.constexpr, BM: gl.constexpr,
-                      BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                      GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
-                      INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr,
-                      ACT: gl.constexpr):
-        """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
-        the epilogue stores the tile (``EPI == 0``) or runs ``_act_bwd_epilogue`` (2)."""
+                      pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, pre_ptr, hw_ptr,
+                      dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
+                      num_m_tiles, num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp,
+                      stride_sa, stride_sbe, stride_sbk, stride_sbn, HALF: gl.constexpr,
+                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
+                      KPAIR: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
+                      GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
+                      B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
+                      STORE_PRE: gl.constexpr, STORE_H: gl.constexpr):
+        """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc).
+        ``SCALED`` (FP8): each k-step's product promoted with its scales, the two consumers'
+        MMAs alternating; else (16-bit) the k-steps accumulate in the wgmma, one k-step left
+        in flight (its slot released when the next is issued), ``DUAL``: a second accumulator
+        (GEMM1's up columns). The epilogue stores the tile (``EPI_STORE``), runs
+        ``_act_bwd_epilogue`` (``EPI_ACT_BWD``) or GEMM1's activation (``EPI_ACT_FWD``: pre
+        and / or h = act(pre), as ``grouped_gemm._grouped_mm_kernel``)."""
         HM: gl.constexpr = BM // 2
-        mma: gl.constexpr = _mma_layout(BN, 4)
+        mma: gl.constexpr = _mma_layout(BN, 4, 8 if SCALED else 16)
         st: gl.constexpr = _store_layout(4)
         zero = gl.zeros([HM, BN], gl.float32, layout=mma)
         my_turn = turn.index(HALF)
@@ -346,76 +386,137 @@ if _HAVE_GLUON:
                                                         E, N, num_m_tiles, BM, BN, GROUP_M,
                                                         BLOCK_E, gl.num_warps())
             if e < E:
-                rows_m = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
-                rmask_m = rows_m < seg_end
-                sa_base = sa_ptr + gl.where(rmask_m, rows_m, 0).to(gl.int64) * stride_sa
-                sb_base = (sb_ptr + e.to(gl.int64) * stride_sbe
-                           + ((pid_n * BN) // 128) * stride_sbn)
-                acc = gl.zeros([HM, BN], gl.float32, layout=mma)
-                k0 = 0
-                if KPAIR:
-                    # two k-steps per turn: twice the MMA work between the turn hand-overs
-                    # (each step's product still promoted on its own, in order)
-                    for kp in range(0, nk // 2):
-                        s1 = it % STAGES
-                        s2 = (it + 1) % STAGES
-                        sc1 = _step_scales(sa_base, sb_base, 2 * kp, rmask_m, stride_sbk)
-                        sc2 = _step_scales(sa_base, sb_base, 2 * kp + 1, rmask_m, stride_sbk)
-                        p1, p2 = _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn, zero,
-                                           it, tn, HALF, HM, STAGES)
-                        mbarrier.arrive(empty.index(s1))
-                        mbarrier.arrive(empty.index(s2))
-                        acc = acc + p1 * sc1[:, None]
-                        acc = acc + p2 * sc2[:, None]
-                        it += 2
+                if SCALED:
+                    rows_m = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
+                    rmask_m = rows_m < seg_end
+                    sa_base = sa_ptr + gl.where(rmask_m, rows_m, 0).to(gl.int64) * stride_sa
+                    sb_base = (sb_ptr + e.to(gl.int64) * stride_sbe
+                               + ((pid_n * BN) // 128) * stride_sbn)
+                    acc = gl.zeros([HM, BN], gl.float32, layout=mma)
+                    k0 = 0
+                    if KPAIR:
+                        # two k-steps per turn: twice the MMA work between the turn hand-overs
+                        # (each step's product still promoted on its own, in order)
+                        for kp in range(0, nk // 2):
+                            s1 = it % STAGES
+                            s2 = (it + 1) % STAGES
+                            sc1 = _step_scales(sa_base, sb_base, 2 * kp, rmask_m, stride_sbk)
+                            sc2 = _step_scales(sa_base, sb_base, 2 * kp + 1, rmask_m, stride_sbk)
+                            p1, p2 = _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn, zero,
+                                               it, tn, HALF, HM, STAGES)
+                            mbarrier.arrive(empty.index(s1))
+                            mbarrier.arrive(empty.index(s2))
+                            acc = acc + p1 * sc1[:, None]
+                            acc = acc + p2 * sc2[:, None]
+                            it += 2
+                            tn += 1
+                        k0 = (nk // 2) * 2
+                    for ks in range(k0, nk):
+                        s = it % STAGES
+                        # the step's scales (global loads) first: their latency overlaps the waits
+                        sc = _step_scales(sa_base, sb_base, ks, rmask_m, stride_sbk)
+                        mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))  # as in _seg_consumer
+                        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                        tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
+                                            b_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                                            is_async=True)
+                        mbarrier.arrive(other_turn)
+                        p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+                        mbarrier.arrive(empty.index(s))
+                        acc = acc + p * sc[:, None]
+                        it += 1
                         tn += 1
-                    k0 = (nk // 2) * 2
-                for ks in range(k0, nk):
-                    s = it % STAGES
-                    # the step's scales (global loads) first: their latency overlaps the waits
-                    sc = _step_scales(sa_base, sb_base, ks, rmask_m, stride_sbk)
-                    mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))  # as in _seg_consumer
-                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                    tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
-                                        b_bufs.index(s).permute((1, 0)), zero, use_acc=False,
-                                        is_async=True)
-                    mbarrier.arrive(other_turn)
-                    p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-                    mbarrier.arrive(empty.index(s))
-                    acc = acc + p * sc[:, None]
-                    it += 1
-                    tn += 1
 
+                else:
+                    acc = gl.zeros([HM, BN], gl.float32, layout=mma)
+                    acc2 = gl.zeros([HM, BN], gl.float32, layout=mma)
+                    for ks in range(0, nk):
+                        s = it % STAGES
+                        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                        if A_GATHER:
+                            fence_async_shared()  # the cp.async writes before the MMA's reads
+                        a = a_bufs.index(s).slice(HALF * HM, HM)
+                        if B_KMAJOR:
+                            acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc,
+                                                is_async=True)
+                        else:
+                            acc = warpgroup_mma(a, b_bufs.index(s), acc, is_async=True)
+                        if DUAL:
+                            acc2 = warpgroup_mma(a, b_bufs.index(STAGES + s).permute((1, 0)),
+                                                 acc2, is_async=True)
+                            acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+                        else:
+                            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                        if ks > 0:  # the previous k-step's MMAs are done: release its slot
+                            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                        it += 1
+                    if DUAL:
+                        acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+                    else:
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    if nk > 0:
+                        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+
+                rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
+                cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+                cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
+                rows64 = rows_s.to(gl.int64)
                 if EPI == EPI_ACT_BWD:
                     _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
                                       c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
                                       stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
                                       ACT)
+                elif EPI == EPI_ACT_FWD:
+                    # h from the pre-activation rounded to its storage dtype (as the Triton
+                    # kernel: the same h whether pre is stored or recomputed in backward)
+                    g = gl.convert_layout(acc.to(pre_ptr.dtype.element_ty), st)
+                    p_ptrs = pre_ptr + rows64[:, None] * stride_pm + cols_s[None, :]
+                    if STORE_PRE:
+                        gl.store(p_ptrs, g, mask=cmask)
+                    if GATED:
+                        u = gl.convert_layout(acc2.to(pre_ptr.dtype.element_ty), st)
+                        if STORE_PRE:
+                            gl.store(p_ptrs + N, u, mask=cmask)
+                    else:
+                        u = g
+                    if STORE_H:
+                        h = act_fwd(g.to(gl.float32), u.to(gl.float32), ACT)
+                        gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :],
+                                 h.to(c_ptr.dtype.element_ty), mask=cmask)
                 else:
                     out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
-                    rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
-                    cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-                    cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
-                    gl.store(c_ptr + rows_s.to(gl.int64)[:, None] * stride_cm + cols_s[None, :],
-                             out, mask=cmask)
+                    gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :], out,
+                             mask=cmask)
                 tp += 1
 
 
     @gluon.jit
-    def _fp8_grouped_mm_ws(
-            a_desc, b_desc, pre_desc, c_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr, sa_ptr, sb_ptr,
-            tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm,
-            stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk, stride_sbn,
-            BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-            GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, KPAIR: gl.constexpr,
-            INFO: gl.constexpr, EPI: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
+    def _grouped_mm_ws(
+            a_desc, b_desc, pre_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, a_ptr, gather_ptr,
+            sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K, num_m_tiles,
+            num_tiles, stride_a, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
+            stride_sbe, stride_sbk, stride_sbn, BM: gl.constexpr, BN: gl.constexpr,
+            BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+            BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
+            GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
+            B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, TOPK: gl.constexpr,
+            STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """The row-grouped FP8 GEMM: a producer + two ping-pong consumers (module doc);
-        ``EPI == EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's epilogue."""
+        """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
+        block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
+        wgmma. ``EPI_ACT_BWD`` (FP8): the activation backward fused into the dh' GEMM's
+        epilogue; ``EPI_ACT_FWD`` (16-bit, B K-major): GEMM1 with its activation (gated: the
+        gate and up tiles in one ring slot, two accumulators)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(BM == 128, "two consumers of 64 rows")
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, BK], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, BK], b_desc.layout)
+        gl.static_assert(SCALED or EPI != EPI_ACT_BWD, "the fused dh' epilogue is FP8's")
+        gl.static_assert(EPI != EPI_ACT_BWD or LOAD_WARPS == 1, "one producer warp")
+        gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
+        DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_shape,
+                                           a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * (1 + DUAL)]
+                                           + b_desc.block_shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -427,14 +528,15 @@ if _HAVE_GLUON:
         info, info_ready, info_empty = _info_alloc()
         # EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
         # (else token allocations: pre_desc is a stand-in)
-        pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
-                                             pre_desc.layout)
         plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         if EPI == EPI_ACT_BWD:
+            pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
+                                                 pre_desc.layout)
             dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN],
                                                gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
             w_buf = gl.allocate_shared_memory(gl.float32, [BM], plain)
         else:
+            pre_bufs = gl.allocate_shared_memory(gl.float32, [2, 4], plain)
             dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
             w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
         pre_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -444,23 +546,28 @@ if _HAVE_GLUON:
 
         gl.warp_specialize([
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
-                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, hw_ptr,
-                             dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E,
-                             N, K, num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp,
-                             stride_sa, stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES,
-                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT)),
+                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, pre_ptr,
+                             hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
+                             offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
+                             stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk,
+                             stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR, INFO,
+                             EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL, STORE_PRE,
+                             STORE_H)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
-                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, hw_ptr,
-                             dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E,
-                             N, K, num_m_tiles, num_tiles, stride_cm, stride_hw, stride_dwp,
-                             stride_sa, stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES,
-                             GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT)),
+                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, pre_ptr,
+                             hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
+                             offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
+                             stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk,
+                             stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR, INFO,
+                             EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL, STORE_PRE,
+                             STORE_H)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
                              info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
-                             gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
-                             num_m_tiles, num_tiles, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, INFO,
-                             EPI, GATED)),
-        ], [4, 1], [MMA_REGS, LOAD_REGS])
+                             a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N,
+                             NB, K, num_m_tiles, num_tiles, stride_a, BM, BN, BK, STAGES,
+                             GROUP_M, BLOCK_E, INFO, EPI, GATED, B_KMAJOR, A_GATHER, DUAL,
+                             TOPK)),
+        ], [4, LOAD_WARPS], [MMA_REGS, LOAD_REGS])
 
 
 def grouped_fits(a, b, stride_b, n: int, k: int) -> bool:
@@ -474,9 +581,8 @@ def grouped_fits(a, b, stride_b, n: int, k: int) -> bool:
 def grouped_mm(tune: tuning.Tuning, a, sa, b, sb, stride_sb, c, meta, *, n: int, k: int):
     """``c [S, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · scales`` (``grouped_fits`` operands; A rows
     in expert order: no gather). ``stride_sb``: B scales' (expert, k-block, n-block) strides."""
-    # the pre-activation descriptor is unused: a small stand-in (token shared memory)
-    _grouped_launch(tune, a, sa, b, sb, stride_sb, c, meta, n, k, epi=Epilogue.STORE,
-                    pre_desc=TensorDescriptor.from_tensor(c, [8, 8], _plain_layout(c)))
+    _grouped_launch(tune, dict(tune.gluon_config), a, sa, b, sb, stride_sb, c, meta, n, k,
+                    epi=Epilogue.STORE)
     return c
 
 
@@ -496,9 +602,9 @@ def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weight
     ``dpre`` and ``hw`` (dh' is rounded to ``pre``'s dtype as the split form stores it)."""
     blk = [tune.gluon_config["BM"], 128]
     pre_desc = TensorDescriptor.from_tensor(pre, blk, _plain_layout(pre))
-    _grouped_launch(tune, a, sa, b, sb, stride_sb, dpre, meta, n, k, epi=Epilogue.ACT_BWD,
-                    pre_desc=pre_desc,
-                    hw=hw, dwp=dwp, weights=weights, gated=gated, act=act)
+    _grouped_launch(tune, {**tune.gluon_config, **tune.gluon_epi_config}, a, sa, b, sb,
+                    stride_sb, dpre, meta, n, k, epi=Epilogue.ACT_BWD, pre_desc=pre_desc, hw=hw,
+                    dwp=dwp, weights=weights, gated=gated, act=act)
 
 
 def _plain_layout(t):
@@ -507,32 +613,89 @@ def _plain_layout(t):
                                 rank=2)
 
 
-def _grouped_launch(tune: tuning.Tuning, a, sa, b, sb, stride_sb, c, meta, n, k, *,
-                    epi: Epilogue, pre_desc, hw=None, dwp=None, weights=None, gated=False,
-                    act=0):
-    cfg = dict(tune.gluon_config)
-    if epi == Epilogue.ACT_BWD:
-        cfg.update(tune.gluon_epi_config)
+def grouped_direct_fits(a, b, stride_b, n: int, k: int, *, epi: Epilogue = Epilogue.STORE,
+                        gated: bool = False, bk: int = 64) -> bool:
+    """Whether ``grouped_mm_direct`` serves these 16-bit operands: ``a [rows, k]`` with
+    contiguous 16-byte aligned rows, K a multiple of ``bk``; B (strides (expert, k, n)) stored
+    K-major as ``[E·NB, k]`` (NB >= n, twice n for the gated GEMM1) or N-major as ``[E·k, n]``
+    (n a multiple of 8); GEMM1 (``Epilogue.ACT_FWD``) K-major only."""
+    if not (a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and a.dim() == 2
+            and a.stride(1) == 1 and (a.stride(0) * 2) % 16 == 0 and a.data_ptr() % 16 == 0
+            and b.data_ptr() % 16 == 0 and k > 0 and k % bk == 0 and n > 0
+            and epi in (Epilogue.STORE, Epilogue.ACT_FWD)):
+        return False
+    if stride_b[1] == 1 and stride_b[2] == k:  # K-major
+        cols = n * (2 if gated and epi == Epilogue.ACT_FWD else 1)
+        return stride_b[0] % k == 0 and stride_b[0] // k >= cols
+    return (epi == Epilogue.STORE and stride_b[2] == 1 and stride_b[1] == n
+            and stride_b[0] == n * k and n % 8 == 0)
+
+
+def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k: int,
+                      gather: bool, epi: Epilogue = Epilogue.STORE, pre=None, gated=False,
+                      act=0, store_pre=False, store_h=True):
+    """``grouped_gemm._grouped_mm_kernel``'s contract on 16-bit operands (``grouped_direct_fits``;
+    no bias): ``C[p, n] = Σ_k A[row(p), k] · B_e[k, n]``, fp32 accumulation over 64-wide
+    k-steps in order (the Triton kernel's sums). ``gather``: A's rows are ``sorted_slot[p] //
+    top_k`` (copied by ``cp.async`` from the producer warps), else ``p`` (TMA).
+    ``Epilogue.ACT_FWD``: GEMM1 (``c`` = h when ``store_h``; ``pre`` = the pre-activation,
+    stored when ``store_pre``, else its rounding dtype is ``c``'s)."""
+    cfg = dict(tune.gluon_bf16_config)
+    if gather:
+        cfg.update(tune.gluon_bf16_gather_config)
+    if epi == Epilogue.ACT_FWD:
+        cfg.update(tune.gluon_bf16_up_config)
+    b_kmajor = stride_b[1] == 1 and stride_b[2] == k
+    _grouped_launch(tune, cfg, a, None, b, None, (0, 0, 0), c, meta, n, k, epi=epi,
+                    b_kmajor=b_kmajor, nb=stride_b[0] // k if b_kmajor else n, gather=gather,
+                    pre=pre, gated=gated, act=act, store_pre=store_pre, store_h=store_h)
+    return c
+
+
+def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, meta, n, k, *,
+                    epi: Epilogue, pre_desc=None, hw=None, dwp=None, weights=None,
+                    gated=False, act=0, b_kmajor=True, nb=None, gather=False, pre=None,
+                    store_pre=False, store_h=True):
+    """One launch of ``_grouped_mm_ws``: FP8 with scales (``sa`` given; ``tune.gluon_config``
+    tiles, BK 128) or 16-bit (BK ``cfg["BK"]``)."""
+    scaled = sa is not None
     bm, bn = cfg["BM"], cfg["BN"]
+    bk = 128 if scaled else cfg["BK"]
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
         return
-    b2d = b.as_strided((E * n, k), (k, 1))
-    a_desc = TensorDescriptor.from_tensor(a, [bm, 128], _smem_layout())
-    b_desc = TensorDescriptor.from_tensor(b2d, [bn, 128], _smem_layout())
+    nb = n if nb is None else nb
+    if scaled:
+        a_lay = b_lay = _smem_layout()
+    else:
+        dt = _GL_DTYPE[a.dtype]
+        a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], dt)
+        b_lay = gl.NVMMASharedLayout.get_default_for([bn, bk] if b_kmajor else [bk, bn], dt)
+    # a gathered A: the descriptor only gives the shared layout of its tiles
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk], a_lay)
+    if b_kmajor:
+        b_desc = TensorDescriptor.from_tensor(b.as_strided((E * nb, k), (k, 1)), [bn, bk], b_lay)
+    else:
+        b_desc = TensorDescriptor.from_tensor(b.as_strided((E * k, n), (n, 1)), [bk, bn], b_lay)
     tiles_cum, num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
-    hw = c if hw is None else hw
-    _fp8_grouped_mm_ws[(_programs(tune, num_tiles, c.device),)](
-        a_desc, b_desc, pre_desc, c, hw, meta.counts if dwp is None else dwp,
-        meta.counts if weights is None else weights, meta.sorted_slot, sa, sb, tiles_cum,
-        meta.counts, meta.offsets, E, n, k, num_m_tiles, num_tiles, c.stride(0), hw.stride(0),
-        0 if dwp is None else dwp.stride(0), sa.stride(0), stride_sb[0], stride_sb[1],
-        stride_sb[2], BM=bm, BN=bn, BK=128, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
-        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg["KPAIR"], INFO=cfg["INFO"],
-        EPI=int(epi), GATED=gated, ACT=int(act), LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"],
-        num_warps=4, maxnreg=cfg["MAXNREG"])
+    out = c if c is not None else pre
+    pre = out if pre is None else pre
+    hw = out if hw is None else hw
+    dummy = meta.counts
+    _grouped_mm_ws[(_programs(tune, num_tiles, out.device),)](
+        a_desc, b_desc, _stand_in(dummy) if pre_desc is None else pre_desc, out, pre, hw,
+        dummy if dwp is None else dwp, dummy if weights is None else weights, a,
+        meta.sorted_slot, dummy if sa is None else sa, dummy if sb is None else sb, tiles_cum,
+        meta.counts, meta.offsets, E, n, nb, k, num_m_tiles, num_tiles, a.stride(0),
+        out.stride(0), pre.stride(0), hw.stride(0), 0 if dwp is None else dwp.stride(0),
+        0 if sa is None else sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2],
+        BM=bm, BN=bn, BK=bk, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
+        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg.get("KPAIR", False),
+        INFO=cfg["INFO"], EPI=int(epi), GATED=gated, ACT=int(act), SCALED=scaled,
+        B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
+        STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
+        MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
 
 
 def _programs(tune: tuning.Tuning, num_tiles: int, device) -> int:

@@ -511,6 +511,13 @@ def _launch_grouped(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
             and _gluon_serves(tune, a, b, stride_b, n, k, quant, gather)):
         GF.grouped_mm(tune, a, sa, b, sb, stride_sb, c, meta, n=n, k=k)
         return
+    if (quant == Quant.NONE and bias is None and tune.gluon_bf16_grouped
+            and tune.gemm_config(kind) is None and GF.available(tune, a)
+            and GF.grouped_direct_fits(a, b, stride_b, n, k, epi=epi, gated=gated)):
+        GF.grouped_mm_direct(tune, a, b, stride_b, c, meta, n=n, k=k, gather=gather, epi=epi,
+                             pre=pre, gated=gated, act=act, store_pre=store_pre,
+                             store_h=store_h)
+        return
     num_m_tiles = triton.cdiv(S, bm) + min(E, S)
     grid = (num_m_tiles * triton.cdiv(n, bn),)
     dummy = meta.counts
