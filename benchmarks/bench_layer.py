@@ -220,7 +220,8 @@ IMPLS = {
 }
 # moe_plugin under a tuning other than the defaults (``kernels.tuning``), applied around the
 # whole measurement (forward and backward): kernel variants not yet on by default
-TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True))}
+TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),
+         "moe_plugin_triton_grouped": ("moe_plugin", dict(gluon_bf16_grouped=False))}
 
 
 def measure(fn, inputs, rep_ms=200):

@@ -30,9 +30,15 @@ Triton 3.6 lowers ``mbarrier.arrive`` to a partition-wide barrier and one arrive
 partition's first thread: ``empty`` counts 2 (one per consumer), ``turn`` 1, ``ready`` 1 (the
 producer's ``expect``).
 
-``_fp8_grouped_mm_ws``: the row-grouped GEMM with a plain store (GEMM1 storing pre, GEMM2,
-dh' on expert-order quantised dout, dx): ``C[p, n] = Σ_kb (A[p, kb] · B_e[kb, n]) · sa[p, kb] ·
-sb[e, kb, n/128]``, A ``[S, K]`` rows in expert order, B stored ``[E·N, K]`` (K-major).
+``_grouped_mm_ws``: the row-grouped GEMM ``C[p, n] = Σ_k A[row(p), k] · B_e[k, n]``, rows in
+expert order. ``SCALED``: FP8 (GEMM1 storing pre, GEMM2, dh' on expert-order quantised dout,
+dx) with ``Σ_kb (A[p, kb] · B_e[kb, n]) · sa[p, kb] · sb[e, kb, n/128]``, the ping-pong above.
+Else 16-bit operands (``grouped_mm_direct``: GEMM2, dx, the split form's dh', GEMM1 with its
+activation) with the k-steps accumulated in the wgmma, both consumers at once; A by TMA, or
+gathered (``A_GATHER``: rows ``sorted_slot // k``, the tile's indices loaded once) by
+``cp.async`` from a 4-warp producer; B stored K-major ``[E·NB, K]`` or N-major ``[E·K, N]``
+(``B_KMAJOR``); GEMM1 gated loads the gate and up tiles into one ring slot (two
+accumulators) and runs the Triton kernel's activation epilogue.
 ``_segment_mm_ws``: the weight gradients ``C[e] (+)= Σ_p A[p]ᵀ · B[p]``. ``PADDED``: FP8 on
 ``wgrad_fp8.py``'s padded group layout (``acc + p · (sa ⊗ sb)`` per k-step, the ping-pong
 above); else 16-bit operands in place (``segment_mm_direct``): the expert-order operand by TMA,
@@ -51,11 +57,14 @@ and gathers its routing weights a few k-steps into the tile, the consumers stage
 memory and process it 16 rows at a time; dh' is never stored.
 
 Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``tune.gluon``) and
-the shapes fit (K a multiple of 128, 16-byte aligned rows); otherwise, and under the CPU
+the shapes fit (``grouped_fits``, ``grouped_direct_fits``, ...: K a multiple of the k-step,
+16-byte aligned rows); otherwise, and under the CPU
 interpreter (Gluon has none), the Triton kernels run. Tile rows of A past an expert's segment
 (or columns of B past N) read the neighbours' rows and are masked at the store; past the end
 of a tensor TMA fills zeros.
 """
+import functools
+
 import torch
 import triton
 
@@ -669,9 +678,8 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     if scaled:
         a_lay = b_lay = _smem_layout()
     else:
-        dt = _GL_DTYPE[a.dtype]
-        a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], dt)
-        b_lay = gl.NVMMASharedLayout.get_default_for([bn, bk] if b_kmajor else [bk, bn], dt)
+        a_lay = _nvmma_layout(bm, bk, a.dtype)
+        b_lay = _nvmma_layout(*((bn, bk) if b_kmajor else (bk, bn)), a.dtype)
     # a gathered A: the descriptor only gives the shared layout of its tiles
     a_desc = TensorDescriptor.from_tensor(a, [bm, bk], a_lay)
     if b_kmajor:
@@ -683,8 +691,9 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     pre = out if pre is None else pre
     hw = out if hw is None else hw
     dummy = meta.counts
+    # without the fused dh' epilogue pre_desc is unused: b_desc stands in for it
     _grouped_mm_ws[(_programs(tune, num_tiles, out.device),)](
-        a_desc, b_desc, _stand_in(dummy) if pre_desc is None else pre_desc, out, pre, hw,
+        a_desc, b_desc, b_desc if pre_desc is None else pre_desc, out, pre, hw,
         dummy if dwp is None else dwp, dummy if weights is None else weights, a,
         meta.sorted_slot, dummy if sa is None else sa, dummy if sb is None else sb, tiles_cum,
         meta.counts, meta.offsets, E, n, nb, k, num_m_tiles, num_tiles, a.stride(0),
@@ -698,18 +707,34 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
 
 
+@functools.lru_cache(maxsize=None)
+def _nvmma_layout(rows: int, cols: int, dtype: torch.dtype):
+    """The default swizzled shared layout of ``[rows, cols]`` 16-bit TMA tiles (cached: the
+    launch path runs per GEMM call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[dtype])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _programs(tune: tuning.Tuning, num_tiles: int, device) -> int:
     """Grid of a persistent kernel: one program per SM (or ``tune.gluon_programs``), at most
     one per tile."""
-    n = tune.gluon_programs or torch.cuda.get_device_properties(device).multi_processor_count
+    n = tune.gluon_programs or _sm_count(device)
     return max(1, min(num_tiles, n))
 
 
 def grouped_schedule(meta, bm: int, bn: int, n: int):
     """``_grouped_tile``'s inputs for a row-grouped launch: the inclusive cumulative row-tile
-    counts per expert (on the device), the worst-case row-tile count and the grid."""
+    counts per expert (on the device; computed once per ``meta`` and row tile, as the GEMMs
+    of a pass share it), the worst-case row-tile count and the grid."""
     S = meta.sorted_slot.numel()
-    tiles_cum = torch.cumsum((meta.counts + bm - 1) // bm, 0, dtype=torch.int32)
+    cache = meta.__dict__.setdefault("_tiles_cum", {})
+    tiles_cum = cache.get(bm)
+    if tiles_cum is None:
+        tiles_cum = cache[bm] = torch.cumsum((meta.counts + bm - 1) // bm, 0, dtype=torch.int32)
     num_m_tiles = triton.cdiv(S, bm) + min(meta.num_experts, S)
     return tiles_cum, num_m_tiles, (num_m_tiles * triton.cdiv(n, bn),)
 

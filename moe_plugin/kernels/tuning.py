@@ -70,16 +70,16 @@ class Tuning:
         MAXNREG=128))
     # the other 16-bit expert GEMMs (GEMM1 + activation, GEMM2, the split form's dh', dx) on
     # the Gluon row-grouped kernel (``gluon_gemm.grouped_mm_direct``): used where available
-    # when ``gluon`` and ``gluon_bf16_grouped``. Tiles as ``gluon_config`` with BK 64; a
+    # when ``gluon`` and ``gluon_bf16_grouped``. 128 x 256 tiles, BK 64; a
     # gathered A (GEMM1, dh') copied by LOAD_WARPS producer warps (``gluon_bf16_gather_config``
     # over this); GEMM1's two accumulators (``gluon_bf16_up_config`` over both)
-    gluon_bf16_grouped: bool = False
+    gluon_bf16_grouped: bool = True
     gluon_bf16_config: dict = field(default_factory=lambda: dict(
-        BM=128, BN=128, BK=64, STAGES=4, GROUP_M=8, INFO=True, LOAD_WARPS=1, LOAD_REGS=40,
+        BM=128, BN=256, BK=64, STAGES=4, GROUP_M=8, INFO=True, LOAD_WARPS=1, LOAD_REGS=40,
         MMA_REGS=232, MAXNREG=168))
     gluon_bf16_gather_config: dict = field(default_factory=lambda: dict(
         LOAD_WARPS=4, LOAD_REGS=88, MMA_REGS=208))
-    gluon_bf16_up_config: dict = field(default_factory=lambda: dict(STAGES=3))
+    gluon_bf16_up_config: dict = field(default_factory=lambda: dict(BN=128, STAGES=4))
     # the Gluon column quantisation: BC columns per tile, WC of the warps along the columns
     gluon_cols_config: dict = field(default_factory=lambda: dict(BC=32, num_warps=4, WC=4))
     # the FP8 dh' GEMM on Hopper runs the activation backward in its epilogue (False: the
