@@ -78,6 +78,26 @@ def layer_speed(root: str, src: str) -> list:
     return lines
 
 
+def layer_kernels(root: str, src: str, base: str = "moe_plugin_triton_grouped") -> list:
+    """moe_plugin (defaults) against itself with one kernel family switched off (``base``, a
+    ``bench_layer.TUNED`` implementation) in the same run: TFLOP/s, speed-up, extra peak."""
+    data = _load(root, src)
+    ours, other = _bench_rows(data, "moe_plugin"), _bench_rows(data, base)
+    lines = [_row(["config (T, D, F, E, k)", "moe_plugin fwd / bwd / fwd+bwd",
+                   f"`{base}` fwd / bwd / fwd+bwd", "speed-up fwd+bwd", "extra peak GiB"]),
+             "|---|---|---|---|---|"]
+    for c in LAYER_CONFIGS:
+        if c not in ours:
+            continue
+        o, b = ours[c], other[c]
+        lines.append(_row([
+            f"{c} ({o['T']}, {o['D']}, {o['F']}, {o['E']}, {o['k']})",
+            f"{o['fwd_tflops']:.0f} / {o['bwd_tflops']:.0f} / {o['fwd_bwd_tflops']:.0f}",
+            f"{b['fwd_tflops']:.0f} / {b['bwd_tflops']:.0f} / {b['fwd_bwd_tflops']:.0f}",
+            f"{b['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×", f"{o['peak_extra_gib']:.2f}"]))
+    return lines
+
+
 def recompute(root: str, src: str) -> list:
     """``recompute=True`` against off, for each config the file measured both ways (balanced
     routing); the pre-activation size by the formula ``T·k·2F`` bf16 elements (SwiGLU)."""
@@ -258,6 +278,7 @@ def _ce_sources():
 
 TABLES = {
     "layer_speed": Table((f"{RESULTS}/h100_bench_layer.json",), layer_speed),
+    "layer_h200": Table((f"{RESULTS}/h200_layer_s28.json",), layer_kernels),
     "recompute": Table((f"{RESULTS}/h100_bench_layer.json",), recompute),
     "recompute_run3": Table((f"{RESULTS}/h100_bench_layer_run3.json",), recompute),
     "fp8_training": Table((f"{RESULTS}/h100_bench_fp8.json",), fp8_training),
