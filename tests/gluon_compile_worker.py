@@ -192,6 +192,16 @@ def _cases():
         cases[f"bf16_dh_{shape}"] = (
             lambda wd=wd, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
                 tune, tokens, wd, wd.stride(), ordered, metab, n=f, k=d, gather=True))
+        for gated in (True, False):  # dh' with the activation backward in its epilogue
+            prea = ordered2 if gated else ordered
+            wts = torch.zeros(sb_, dtype=torch.float32)
+            dwp = torch.zeros(2, sb_, dtype=torch.float32)
+            cases[f"bf16_dh_fused_{'gated' if gated else 'plain'}_{shape}"] = (
+                lambda wd=wd, tokens=tokens, prea=prea, wts=wts, dwp=dwp, d=d, f=f, gated=gated:
+                GF.grouped_mm_direct_act_bwd(
+                    tune, tokens, wd, wd.stride(), prea, wts, metab, torch.empty_like(prea),
+                    torch.empty(sb_, f, dtype=torch.bfloat16), dwp, n=f, k=d, gather=True,
+                    gated=gated, act=0 if gated else 3))
         for gated in (True, False):
             wup = wu if gated else w(f, d)
             for store_pre, store_h in ((True, True), (False, True), (True, False)):

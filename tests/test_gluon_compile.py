@@ -26,6 +26,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
           for shape in ("aligned", "odd") for acc in ("store", "atomic", "rmw")]
          + [f"fp8_wgrad_{acc}" for acc in ("store", "atomic", "rmw")] + ["fp8_grouped"]
          + ["bf16_down_aligned", "bf16_dx_aligned", "bf16_dh_aligned", "bf16_dh_odd"]
+         + [f"bf16_dh_fused_{g}_{shape}" for g in ("gated", "plain")
+            for shape in ("aligned", "odd")]
          + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")])
 
@@ -46,7 +48,8 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     """bf16 weight gradients (``segment_mm_direct``: gathered B or A, every epilogue, widths
     that are multiples of 8 but not of 16 or the tile), the FP8 weight gradient, the FP8
     row-grouped GEMM and the 16-bit row-grouped GEMMs (``grouped_mm_direct``: GEMM2, dx, dh'
-    with gathered rows, GEMM1 gated or not storing pre and / or h): compiled, within a Hopper
+    with gathered rows, plain or with the activation backward in its epilogue, GEMM1 gated or
+    not storing pre and / or h): compiled, within a Hopper
     block's shared memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]

@@ -376,3 +376,46 @@ def test_gluon_bf16_up_equals_triton(act, gated, store, tune, monkeypatch):
     for got, ref in zip(res[1], res[0]):
         diff = (got.float() - ref.float()).abs().max().item()
         assert torch.equal(got, ref), f"GEMM1: Gluon against Triton, max difference {diff}"
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "swiglu_oai", "gelu"])
+def test_gluon_bf16_dh_act_bwd_equals_split(activation, tune, monkeypatch):
+    """With ``gluon_bf16_fuse_act_bwd`` the bf16 dh' GEMM (dout rows gathered by ``cp.async``,
+    W_down N-major) runs the activation backward in its Gluon epilogue (the pre-activation
+    tiles TMA-loaded, the routing weights gathered by the producer warps, dh' never stored).
+    Against the split form (the Gluon dh' GEMM storing dh', then ``_act_bwd_kernel``): the
+    output, dx, dW_up and dW_down bitwise equal, the routing-weight gradient (its row sums
+    summed in another order) to fp32 rounding; gated and not, F not a multiple of the tile,
+    an empty expert, unused slots, 3 persistent programs."""
+    from conftest import rel_err
+    from moe_plugin import fused_experts
+    from moe_plugin.kernels import gluon_gemm as GF, tuning
+    if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    tune(gluon_programs=3, gluon_bf16_grouped=True)
+    g = torch.Generator().manual_seed(31)
+    n, k, e, d, f = 600, 2, 6, 320, 192
+    gated = activation != "gelu"
+    x = torch.randn(n, d, generator=g).to(CUDA, torch.bfloat16)
+    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
+    ids[ids == 4] = 1   # expert 4: no tokens
+    ids[:6, 0] = -1     # unused slots
+    ids = ids.to(CUDA)
+    w = torch.rand(n, k, generator=g).to(CUDA)
+    w_up = (torch.randn(e, (2 if gated else 1) * f, d, generator=g) * 0.1).to(CUDA,
+                                                                             torch.bfloat16)
+    w_down = (torch.randn(e, d, f, generator=g) * 0.1).to(CUDA, torch.bfloat16)
+    dout = torch.randn(n, d, generator=g).to(CUDA, torch.bfloat16)
+    calls = _count_calls(monkeypatch, GF, "grouped_mm_direct_act_bwd")
+    res = []
+    for fused in (False, True):
+        tune(gluon_bf16_fuse_act_bwd=fused)
+        leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
+        out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], activation)
+        res.append((out, *torch.autograd.grad(out, leaves, dout)))
+    assert len(calls) == 1, "the fused Gluon dh' GEMM did not run"
+    for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
+        if name == "d_topk_weights":
+            assert rel_err(b, a) < 1e-6, f"{activation}: {name} {rel_err(b, a):.2e}"
+        else:
+            assert torch.equal(a, b), f"{activation} {name}: fused and split forms differ"

@@ -211,12 +211,13 @@ if _HAVE_GLUON:
         ring slot ``STAGES + s``), A's by TMA or, with ``A_GATHER`` (rows ``gather[p] //
         TOPK``), by ``cp.async`` from these warps (the tile's row indices loaded once; the
         copies' completion counted on ``ready`` as the seg producer's). With ``EPI ==
-        EPI_ACT_BWD`` (one warp) after a tile's k-steps also its pre-activation tiles (TMA)
-        and routing weights (gathered by this warp) for the activation-backward epilogue
+        EPI_ACT_BWD`` a few k-steps into a tile also its pre-activation tiles (TMA) and
+        routing weights (gathered by these warps) for the activation-backward epilogue
         (``pre_ready`` / ``pre_empty``)."""
         nbytes: gl.constexpr = (a_desc.block_type.nbytes * (1 - A_GATHER)
                                 + b_desc.block_type.nbytes * (1 + DUAL))
-        wl: gl.constexpr = gl.BlockedLayout([BM // 32], [32], [1], [0])
+        wl: gl.constexpr = gl.BlockedLayout([BM // (32 * gl.num_warps())], [32], [gl.num_warps()],
+                                            [0])
         ga: gl.constexpr = _gather_layout(BK, gl.num_warps())
         if A_GATHER:
             stride_a = stride_a // 8 * 8  # 16-byte rows (``grouped_direct_fits``)
@@ -292,7 +293,7 @@ if _HAVE_GLUON:
                             wv = gl.load(w_ptr + slot, mask=rmask, other=0.0).to(gl.float32)
                         if ks == w_at:
                             w_buf.store(wv)
-                            gl.thread_barrier()  # the warp's stores before the elected arrive
+                            gl.thread_barrier()  # the warps' stores before the elected arrive
                             mbarrier.arrive(pre_ready)
                 tp += 1
 
@@ -513,13 +514,11 @@ if _HAVE_GLUON:
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
-        wgmma. ``EPI_ACT_BWD`` (FP8): the activation backward fused into the dh' GEMM's
+        wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
         epilogue; ``EPI_ACT_FWD`` (16-bit, B K-major): GEMM1 with its activation (gated: the
         gate and up tiles in one ring slot, two accumulators)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(BM == 128, "two consumers of 64 rows")
-        gl.static_assert(SCALED or EPI != EPI_ACT_BWD, "the fused dh' epilogue is FP8's")
-        gl.static_assert(EPI != EPI_ACT_BWD or LOAD_WARPS == 1, "one producer warp")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_shape,
@@ -627,16 +626,18 @@ def grouped_direct_fits(a, b, stride_b, n: int, k: int, *, epi: Epilogue = Epilo
     """Whether ``grouped_mm_direct`` serves these 16-bit operands: ``a [rows, k]`` with
     contiguous 16-byte aligned rows, K a multiple of ``bk``; B (strides (expert, k, n)) stored
     K-major as ``[E·NB, k]`` (NB >= n, twice n for the gated GEMM1) or N-major as ``[E·k, n]``
-    (n a multiple of 8); GEMM1 (``Epilogue.ACT_FWD``) K-major only."""
+    (n a multiple of 8); GEMM1 (``Epilogue.ACT_FWD``) K-major only, the fused dh'
+    (``Epilogue.ACT_BWD``, ``grouped_mm_direct_act_bwd``) N-major only."""
     if not (a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and a.dim() == 2
             and a.stride(1) == 1 and (a.stride(0) * 2) % 16 == 0 and a.data_ptr() % 16 == 0
             and b.data_ptr() % 16 == 0 and k > 0 and k % bk == 0 and n > 0
-            and epi in (Epilogue.STORE, Epilogue.ACT_FWD)):
+            and epi in (Epilogue.STORE, Epilogue.ACT_FWD, Epilogue.ACT_BWD)):
         return False
     if stride_b[1] == 1 and stride_b[2] == k:  # K-major
         cols = n * (2 if gated and epi == Epilogue.ACT_FWD else 1)
-        return stride_b[0] % k == 0 and stride_b[0] // k >= cols
-    return (epi == Epilogue.STORE and stride_b[2] == 1 and stride_b[1] == n
+        return (epi != Epilogue.ACT_BWD and stride_b[0] % k == 0
+                and stride_b[0] // k >= cols)
+    return (epi != Epilogue.ACT_FWD and stride_b[2] == 1 and stride_b[1] == n
             and stride_b[0] == n * k and n % 8 == 0)
 
 
@@ -659,6 +660,20 @@ def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k
                     b_kmajor=b_kmajor, nb=stride_b[0] // k if b_kmajor else n, gather=gather,
                     pre=pre, gated=gated, act=act, store_pre=store_pre, store_h=store_h)
     return c
+
+
+def grouped_mm_direct_act_bwd(tune: tuning.Tuning, a, b, stride_b, pre, weights, meta, dpre,
+                              hw, dwp, *, n: int, k: int, gather: bool, gated: bool, act: int):
+    """The 16-bit dh' GEMM (``grouped_mm_direct``'s operands, B N-major: W_down) with the split
+    form's activation pass in its epilogue, as ``grouped_mm_act_bwd`` for FP8: writes ``dpre``,
+    ``hw`` and the partial routing-weight gradients ``dwp [n / BN, S]`` (``BN`` of
+    ``tune.gluon_bf16_epi_config``, 128) without storing dh'."""
+    cfg = {**tune.gluon_bf16_config, **(tune.gluon_bf16_gather_config if gather else {}),
+           **tune.gluon_bf16_epi_config}
+    pre_desc = TensorDescriptor.from_tensor(pre, [cfg["BM"], cfg["BN"]], _plain_layout(pre))
+    _grouped_launch(tune, cfg, a, None, b, None, (0, 0, 0), dpre, meta, n, k,
+                    epi=Epilogue.ACT_BWD, pre_desc=pre_desc, hw=hw, dwp=dwp, weights=weights,
+                    gated=gated, act=act, b_kmajor=False, gather=gather)
 
 
 def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, meta, n, k, *,

@@ -80,6 +80,12 @@ class Tuning:
     gluon_bf16_gather_config: dict = field(default_factory=lambda: dict(
         LOAD_WARPS=4, LOAD_REGS=88, MMA_REGS=208))
     gluon_bf16_up_config: dict = field(default_factory=lambda: dict(BN=128, STAGES=4))
+    # the 16-bit dh' GEMM with the activation backward in its Gluon epilogue (as FP8's,
+    # ``gluon_fuse_act_bwd``), in place of the split form, when ``gluon_bf16_fuse_act_bwd``;
+    # its tiles (``gluon_bf16_epi_config`` over the gathered GEMM's): the pre-activation tiles
+    # and dh' take shared memory
+    gluon_bf16_fuse_act_bwd: bool = False
+    gluon_bf16_epi_config: dict = field(default_factory=lambda: dict(BN=128, STAGES=3))
     # the Gluon column quantisation: BC columns per tile, WC of the warps along the columns
     gluon_cols_config: dict = field(default_factory=lambda: dict(BC=32, num_warps=4, WC=4))
     # the FP8 dh' GEMM on Hopper runs the activation backward in its epilogue (False: the
