@@ -276,3 +276,41 @@ def test_bias_gradient_kernels(seed):
     none, dwb_only = G.bias_down_grad(dout.to(DEVICE), b_down.to(DEVICE), w.to(DEVICE), meta,
                                       False, True)
     assert none is None and torch.equal(dwb_only[:valid], dwb[:valid])
+
+
+def test_gluon_row_grouped_fits_exactly_the_operands_it_reads():
+    """``gluon_gemm.grouped_direct_fits`` (which 16-bit row-grouped GEMMs the Hopper kernel
+    serves): the weights as the TMA descriptor spans them -- K-major ``[E·NB, K]`` with NB = n
+    (2n for the gated GEMM1) exactly, or N-major ``[E·K, n]`` -- so a slice of a bigger weight
+    (whose last expert's tile rows would lie past the tensor) goes to the Triton kernel; K a
+    multiple of the 64-wide k-step; GEMM1 K-major only, the fused dh' N-major only; 16-bit."""
+    from moe_plugin.kernels import gluon_gemm as GF
+    from moe_plugin.kernels.codes import Epilogue
+    e, d, f = 4, 128, 64
+    bf = torch.bfloat16
+    x = torch.zeros(10, d, dtype=bf)
+    w_up = torch.zeros(e, 2 * f, d, dtype=bf)          # [E, 2F, D]
+    w_down = torch.zeros(e, d, f, dtype=bf)            # [E, D, F]
+
+    def kmajor(w):                                     # B = W[e]ᵀ: strides (expert, k, n)
+        return (w.stride(0), w.stride(2), w.stride(1))
+    fits = GF.grouped_direct_fits
+    up = Epilogue.ACT_FWD
+    assert fits(x, w_up, kmajor(w_up), f, d, epi=up, gated=True)
+    plain = w_up[:, :f].contiguous()
+    assert fits(x, plain, kmajor(plain), f, d, epi=up)
+    # the up half of a gated weight as an ungated one: its expert stride spans 2F rows
+    assert not fits(x, w_up[:, f:], kmajor(w_up[:, f:]), f, d, epi=up)
+    assert not fits(x, w_up, kmajor(w_up), f, d, epi=up)            # gated weight, ungated
+    h = torch.zeros(10, f, dtype=bf)
+    assert fits(h, w_down, kmajor(w_down), d, f)                     # GEMM2
+    dpre = torch.zeros(10, 2 * f, dtype=bf)
+    assert fits(dpre, w_up, w_up.stride(), d, 2 * f)                 # dx, N-major
+    assert fits(x, w_down, w_down.stride(), f, d)                    # dh', N-major
+    assert fits(x, w_down, w_down.stride(), f, d, epi=Epilogue.ACT_BWD)
+    assert not fits(x, w_down, kmajor(torch.zeros(e, f, d, dtype=bf)), f, d,
+                    epi=Epilogue.ACT_BWD)                            # fused dh': N-major only
+    assert not fits(x, w_down, w_down.stride(), f, d, epi=up)        # GEMM1: K-major only
+    x96 = torch.zeros(10, 96, dtype=bf)                              # K not a multiple of 64
+    assert not fits(x96, torch.zeros(e, f, 96, dtype=bf), (f * 96, 1, 96), f, 96)
+    assert not fits(x.float(), w_down.float(), w_down.stride(), f, d)   # fp32: Triton

@@ -625,7 +625,8 @@ def grouped_direct_fits(a, b, stride_b, n: int, k: int, *, epi: Epilogue = Epilo
                         gated: bool = False, bk: int = 64) -> bool:
     """Whether ``grouped_mm_direct`` serves these 16-bit operands: ``a [rows, k]`` with
     contiguous 16-byte aligned rows, K a multiple of ``bk``; B (strides (expert, k, n)) stored
-    K-major as ``[E·NB, k]`` (NB >= n, twice n for the gated GEMM1) or N-major as ``[E·k, n]``
+    K-major as ``[E·NB, k]`` (NB = n, twice n for the gated GEMM1: the TMA descriptor spans
+    exactly the weights) or N-major as ``[E·k, n]``
     (n a multiple of 8); GEMM1 (``Epilogue.ACT_FWD``) K-major only, the fused dh'
     (``Epilogue.ACT_BWD``, ``grouped_mm_direct_act_bwd``) N-major only."""
     if not (a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and a.dim() == 2
@@ -635,8 +636,7 @@ def grouped_direct_fits(a, b, stride_b, n: int, k: int, *, epi: Epilogue = Epilo
         return False
     if stride_b[1] == 1 and stride_b[2] == k:  # K-major
         cols = n * (2 if gated and epi == Epilogue.ACT_FWD else 1)
-        return (epi != Epilogue.ACT_BWD and stride_b[0] % k == 0
-                and stride_b[0] // k >= cols)
+        return epi != Epilogue.ACT_BWD and stride_b[0] == cols * k
     return (epi != Epilogue.ACT_FWD and stride_b[2] == 1 and stride_b[1] == n
             and stride_b[0] == n * k and n % 8 == 0)
 
