@@ -5,6 +5,13 @@
 #   as cutlass_dsl_libs_base-4.4.2-unpacked.tar.xz (its wheel is over the 64 MiB carry
 #   limit); ScatterMoE's source as scattermoe_src/ (github.com/shawntan/scattermoe).
 # Usage, from the repository root:  source benchmarks/peers_env.sh [FOLDER]
+#
+# SonicMoE's GEMMs (QuACK) autotune per shape, compiling every candidate on a fresh machine
+# (minutes per config). With QUACK_CACHE_AUTOTUNING=1 each autotuned function's result is kept
+# as a small JSON file under QUACK_CACHE_DIR (with the compiled objects) as soon as it is
+# tuned, so a run cut short keeps what it finished: copy "$QUACK_CACHE_DIR" to $OUT at the end
+# of a device call and back into FOLDER/quack_cache (carried with FOLDER) for the next one,
+# whose autotuner then skips what is cached. QUACK_COMPILE_WORKERS: parallel compiles.
 _peers_src="${1:-.whl_sonic}"
 _peers_dst=/tmp/peers
 mkdir -p "$_peers_dst"
@@ -13,3 +20,7 @@ mkdir -p "$_peers_dst"
 tar -C "$_peers_dst" -xJf "$_peers_src"/cutlass_dsl_libs_base-4.4.2-unpacked.tar.xz || return 1
 # the libs wheel's .pth adds its python_packages folder; --target installs skip .pth files
 export PYTHONPATH="$_peers_dst:$_peers_dst/nvidia_cutlass_dsl/python_packages:$PWD/$_peers_src/scattermoe_src:${PYTHONPATH:-}"
+export QUACK_CACHE_AUTOTUNING=1
+export QUACK_CACHE_DIR="${QUACK_CACHE_DIR:-$PWD/$_peers_src/quack_cache}"
+export QUACK_COMPILE_WORKERS="${QUACK_COMPILE_WORKERS:-$(nproc)}"
+mkdir -p "$QUACK_CACHE_DIR"
