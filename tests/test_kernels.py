@@ -283,7 +283,7 @@ def test_gluon_row_grouped_fits_exactly_the_operands_it_reads():
     serves): the weights as the TMA descriptor spans them -- K-major ``[E·NB, K]`` with NB = n
     (2n for the gated GEMM1) exactly, or N-major ``[E·K, n]`` -- so a slice of a bigger weight
     (whose last expert's tile rows would lie past the tensor) goes to the Triton kernel; K a
-    multiple of the 64-wide k-step; GEMM1 K-major only, the fused dh' N-major only; 16-bit."""
+    multiple of the 64-wide k-step; GEMM1 K-major only, the fused dh' N-major only; bf16."""
     from moe_plugin.kernels import gluon_gemm as GF
     from moe_plugin.kernels.codes import Epilogue
     e, d, f = 4, 128, 64
@@ -314,3 +314,4 @@ def test_gluon_row_grouped_fits_exactly_the_operands_it_reads():
     x96 = torch.zeros(10, 96, dtype=bf)                              # K not a multiple of 64
     assert not fits(x96, torch.zeros(e, f, 96, dtype=bf), (f * 96, 1, 96), f, 96)
     assert not fits(x.float(), w_down.float(), w_down.stride(), f, d)   # fp32: Triton
+    assert not fits(x.half(), w_down.half(), w_down.stride(), f, d)     # fp16: Triton

@@ -623,13 +623,13 @@ def _plain_layout(t):
 
 def grouped_direct_fits(a, b, stride_b, n: int, k: int, *, epi: Epilogue = Epilogue.STORE,
                         gated: bool = False, bk: int = 64) -> bool:
-    """Whether ``grouped_mm_direct`` serves these 16-bit operands: ``a [rows, k]`` with
-    contiguous 16-byte aligned rows, K a multiple of ``bk``; B (strides (expert, k, n)) stored
-    K-major as ``[E·NB, k]`` (NB = n, twice n for the gated GEMM1: the TMA descriptor spans
-    exactly the weights) or N-major as ``[E·k, n]``
-    (n a multiple of 8); GEMM1 (``Epilogue.ACT_FWD``) K-major only, the fused dh'
-    (``Epilogue.ACT_BWD``, ``grouped_mm_direct_act_bwd``) N-major only."""
-    if not (a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and a.dim() == 2
+    """Whether ``grouped_mm_direct`` serves these operands: bf16 (the dtype its GPU tests run;
+    fp16 stays on the Triton kernel), ``a [rows, k]`` with contiguous 16-byte aligned rows, K
+    a multiple of ``bk``; B (strides (expert, k, n)) stored K-major as ``[E·NB, k]`` (NB = n,
+    twice n for the gated GEMM1: the TMA descriptor spans exactly the weights) or N-major as
+    ``[E·k, n]`` (n a multiple of 8); GEMM1 (``Epilogue.ACT_FWD``) K-major only, the fused
+    dh' (``Epilogue.ACT_BWD``, ``grouped_mm_direct_act_bwd``) N-major only."""
+    if not (a.dtype == torch.bfloat16 and b.dtype == a.dtype and a.dim() == 2
             and a.stride(1) == 1 and (a.stride(0) * 2) % 16 == 0 and a.data_ptr() % 16 == 0
             and b.data_ptr() % 16 == 0 and k > 0 and k % bk == 0 and n > 0
             and epi in (Epilogue.STORE, Epilogue.ACT_FWD, Epilogue.ACT_BWD)):
