@@ -315,3 +315,7 @@ def test_gluon_row_grouped_fits_exactly_the_operands_it_reads():
     assert not fits(x96, torch.zeros(e, f, 96, dtype=bf), (f * 96, 1, 96), f, 96)
     assert not fits(x.float(), w_down.float(), w_down.stride(), f, d)   # fp32: Triton
     assert not fits(x.half(), w_down.half(), w_down.stride(), f, d)     # fp16: Triton
+    # the weight gradients likewise: bf16 operands only
+    c = torch.zeros(e, 2 * f, d, dtype=torch.float32)
+    assert GF.segment_direct_fits(dpre, x, c, GF.Accum.STORE)
+    assert not GF.segment_direct_fits(dpre.half(), x.half(), c, GF.Accum.STORE)
