@@ -1,0 +1,74 @@
+#!/bin/bash
+# One device call's worth of GPU checks of the bf16 expert path, each step's log under OUT_DIR
+# (on the device tool's machine: $OUT). Steps run in the order given; each has its own time
+# limit (seconds, environment), so one that hangs does not eat the call.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR STEP...
+#
+# Steps:
+#   suite     pytest -m gpu tests (SUITE_S, 540; megatron-core from .whl/megatron_core-*.whl
+#             when that wheel is there and megatron is not importable)
+#   gluon     the Gluon kernels' GPU tests against the Triton kernels / the split form
+#             (GLUON_S, 300)
+#   gemms     bench_gemms.py: the row-grouped GEMMs against the Triton ones and the weight
+#             gradients under SEG_VARIANTS (GEMMS_S, 240; CONFIGS, default fine_30b mixtral)
+#   fused_dh  bench_gemms.py: the bf16 dh' with the activation backward in its epilogue against
+#             the split form (GEMMS_S)
+#   layer     bench_layer.py: moe_plugin (defaults) against moe_plugin_triton_grouped, one
+#             process (LAYER_S, 300; LAYER_CONFIGS, default all five of issue 21), JSON + md
+#   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
+#             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
+#             540); QuACK's autotuning cache is copied to OUT_DIR/quack_cache afterwards
+set -o pipefail
+OUT=${1:?usage: gpu_check.sh OUT_DIR STEP...}
+shift
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+CONFIGS=${CONFIGS:-fine_30b mixtral}
+LAYER_CONFIGS=${LAYER_CONFIGS:-fine_7b fine_30b coarse_120b mixtral qwen3_30b_a3b}
+SEG_VARIANTS=${SEG_VARIANTS:-'[{"BN":256,"STAGES":3,"LOAD_REGS":72,"MMA_REGS":216,"MAXNREG":168}]'}
+
+nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,temperature.gpu --format=csv \
+  | tee "$OUT/smi.txt"
+git log --oneline -1 2>/dev/null | tee "$OUT/head.txt"
+
+for step in "$@"; do
+  echo "=== $step"
+  case $step in
+    suite)
+      if ! python -c "import megatron.core" 2>/dev/null && ls .whl/megatron_core-*.whl >/dev/null 2>&1; then
+        pip install -q --no-index --no-deps --target /tmp/site .whl/megatron_core-*.whl 2>&1 | tail -1
+        export PYTHONPATH="/tmp/site:$PYTHONPATH"
+      fi
+      timeout "${SUITE_S:-540}" python -m pytest -q -m gpu tests -p no:cacheprovider \
+        --durations=10 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    gluon)
+      timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py tests/test_quant.py \
+        -k "gluon or fused_act_bwd" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gluon.log" | tail -8 ;;
+    gemms)
+      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
+        --against gluon_bf16_grouped gluon_bf16_wgrad --seg-variants "$SEG_VARIANTS" \
+        2>&1 | tee "$OUT/gemms.log" | grep -v '^ ' | cut -c1-220 ;;
+    fused_dh)
+      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
+        --kernels dh --enable gluon_bf16_fuse_act_bwd --against gluon_bf16_fuse_act_bwd \
+        2>&1 | tee "$OUT/gemms_fused_dh.log" | grep -v '^ ' | cut -c1-220 ;;
+    layer)
+      timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
+        --impls moe_plugin moe_plugin_triton_grouped --configs $LAYER_CONFIGS \
+        --json "$OUT/layer.json" --md "$OUT/layer.md" 2>&1 | tee "$OUT/layer.log" | tail -14 ;;
+    peers)
+      # shellcheck disable=SC1091
+      source benchmarks/peers_env.sh || { echo "peers_env.sh failed"; continue; }
+      for c in ${PEER_CONFIGS:-fine_30b}; do
+        timeout "${PEERS_S:-540}" python benchmarks/bench_layer.py \
+          --impls moe_plugin sonicmoe scattermoe grouped_mm --configs "$c" \
+          --json "$OUT/peers_$c.json" --md "$OUT/peers_$c.md" 2>&1 \
+          | tee "$OUT/peers_$c.log" | tail -8
+      done
+      cp -r "$QUACK_CACHE_DIR" "$OUT/quack_cache" ;;
+    *)
+      echo "unknown step: $step" >&2; exit 2 ;;
+  esac
+done
