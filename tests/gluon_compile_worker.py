@@ -164,6 +164,12 @@ def _cases():
     c8 = torch.empty(s, n, dtype=torch.bfloat16)
     cases["fp8_grouped"] = lambda: GF.grouped_mm(tune, a8, sa8, b8, sb8, sb8.stride(), c8,
                                                  meta8, n=n, k=k)
+    # the FP8 dh' GEMM with the activation backward in its epilogue (gated)
+    pre8 = torch.zeros(s, 2 * n, dtype=torch.bfloat16)
+    cases["fp8_dh_fused"] = lambda: GF.grouped_mm_act_bwd(
+        tune, a8, sa8, b8, sb8, sb8.stride(), pre8, torch.zeros(s), meta8,
+        torch.empty_like(pre8), torch.empty(s, n, dtype=torch.bfloat16), n=n, k=k, gated=True,
+        act=0)
     # the 16-bit row-grouped GEMMs (grouped_mm_direct): GEMM2 (B K-major), dx (B N-major),
     # the split form's dh' (A gathered, B N-major), GEMM1 + activation (A gathered, B K-major,
     # gated: two accumulators); widths that are multiples of 8 but not of 16 or of the tile
@@ -195,13 +201,12 @@ def _cases():
         for gated in (True, False):  # dh' with the activation backward in its epilogue
             prea = ordered2 if gated else ordered
             wts = torch.zeros(sb_, dtype=torch.float32)
-            dwp = torch.zeros(2, sb_, dtype=torch.float32)
             cases[f"bf16_dh_fused_{'gated' if gated else 'plain'}_{shape}"] = (
-                lambda wd=wd, tokens=tokens, prea=prea, wts=wts, dwp=dwp, d=d, f=f, gated=gated:
-                GF.grouped_mm_direct_act_bwd(
-                    tune, tokens, wd, wd.stride(), prea, wts, metab, torch.empty_like(prea),
-                    torch.empty(sb_, f, dtype=torch.bfloat16), dwp, n=f, k=d, gather=True,
-                    gated=gated, act=0 if gated else 3))
+                lambda wd=wd, tokens=tokens, prea=prea, wts=wts, d=d, f=f, gated=gated:
+                GF.grouped_mm_act_bwd(
+                    tune, tokens, None, wd, None, (0, 0, 0), prea, wts, metab,
+                    torch.empty_like(prea), torch.empty(sb_, f, dtype=torch.bfloat16), n=f, k=d,
+                    gated=gated, act=0 if gated else 3, gather=True))
         for gated in (True, False):
             wup = wu if gated else w(f, d)
             for store_pre, store_h in ((True, True), (False, True), (True, False)):

@@ -406,7 +406,7 @@ def test_gluon_bf16_dh_act_bwd_equals_split(activation, tune, monkeypatch):
                                                                              torch.bfloat16)
     w_down = (torch.randn(e, d, f, generator=g) * 0.1).to(CUDA, torch.bfloat16)
     dout = torch.randn(n, d, generator=g).to(CUDA, torch.bfloat16)
-    calls = _count_calls(monkeypatch, GF, "grouped_mm_direct_act_bwd")
+    calls = _count_calls(monkeypatch, GF, "grouped_mm_act_bwd")
     res = []
     for fused in (False, True):
         tune(gluon_bf16_fuse_act_bwd=fused)

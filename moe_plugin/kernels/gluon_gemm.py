@@ -603,16 +603,33 @@ def act_bwd_fits(pre, dpre, hw) -> bool:
 
 
 def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weights, meta, dpre,
-                       hw, dwp, *, n: int, k: int, gated: bool, act: int):
-    """dh' = the row-grouped GEMM (as ``grouped_mm``) with ``grouped_gemm._act_bwd_kernel``
-    fused into its epilogue (``_act_bwd_epilogue``): writes ``dpre``, ``hw`` and the partial
-    routing-weight gradients ``dwp [n/128, S]`` without storing dh'. Bitwise the split form's
-    ``dpre`` and ``hw`` (dh' is rounded to ``pre``'s dtype as the split form stores it)."""
-    blk = [tune.gluon_config["BM"], 128]
-    pre_desc = TensorDescriptor.from_tensor(pre, blk, _plain_layout(pre))
-    _grouped_launch(tune, {**tune.gluon_config, **tune.gluon_epi_config}, a, sa, b, sb,
-                    stride_sb, dpre, meta, n, k, epi=Epilogue.ACT_BWD, pre_desc=pre_desc, hw=hw,
-                    dwp=dwp, weights=weights, gated=gated, act=act)
+                       hw, *, n: int, k: int, gated: bool, act: int, gather: bool = False):
+    """dh' = the row-grouped GEMM with ``grouped_gemm._act_bwd_kernel`` fused into its epilogue
+    (``_act_bwd_epilogue``): writes ``dpre`` and ``hw`` without storing dh' and returns the
+    routing-weight gradient per slot (fp32 ``[S]``, the sum of the epilogue's partials, one
+    per column tile). Bitwise the split form's ``dpre`` and ``hw`` (dh' is rounded to
+    ``pre``'s dtype as the split form stores it). FP8 (``sa`` given; B K-major, as
+    ``grouped_mm``) with ``tune.gluon_config`` / ``gluon_epi_config``, or bf16 (``sa`` None;
+    ``grouped_direct_fits`` operands, B = W_down N-major, ``gather``: dout's token rows) with
+    ``_bf16_config(tune, gather, tune.gluon_bf16_epi_config)``."""
+    if sa is None:
+        cfg = _bf16_config(tune, gather, tune.gluon_bf16_epi_config)
+    else:
+        cfg = {**tune.gluon_config, **tune.gluon_epi_config}
+    dwp = torch.empty(triton.cdiv(n, cfg["BN"]), pre.shape[0], dtype=torch.float32,
+                      device=pre.device)
+    pre_desc = TensorDescriptor.from_tensor(pre, [cfg["BM"], cfg["BN"]], _plain_layout(pre))
+    _grouped_launch(tune, cfg, a, sa, b, sb, stride_sb, dpre, meta, n, k, epi=Epilogue.ACT_BWD,
+                    pre_desc=pre_desc, hw=hw, dwp=dwp, weights=weights, gated=gated, act=act,
+                    b_kmajor=sa is not None, gather=gather)
+    return dwp.sum(0)
+
+
+def _bf16_config(tune: tuning.Tuning, gather: bool, extra: dict) -> dict:
+    """The 16-bit row-grouped GEMM's launch configuration: ``tune.gluon_bf16_config``, with a
+    gathered A ``gluon_bf16_gather_config`` over it, then ``extra`` (the GEMM's own)."""
+    return {**tune.gluon_bf16_config, **(tune.gluon_bf16_gather_config if gather else {}),
+            **extra}
 
 
 def _plain_layout(t):
@@ -628,7 +645,7 @@ def grouped_direct_fits(a, b, stride_b, n: int, k: int, *, epi: Epilogue = Epilo
     a multiple of ``bk``; B (strides (expert, k, n)) stored K-major as ``[E·NB, k]`` (NB = n,
     twice n for the gated GEMM1: the TMA descriptor spans exactly the weights) or N-major as
     ``[E·k, n]`` (n a multiple of 8); GEMM1 (``Epilogue.ACT_FWD``) K-major only, the fused
-    dh' (``Epilogue.ACT_BWD``, ``grouped_mm_direct_act_bwd``) N-major only."""
+    dh' (``Epilogue.ACT_BWD``, ``grouped_mm_act_bwd``) N-major only."""
     if not (a.dtype == torch.bfloat16 and b.dtype == a.dtype and a.dim() == 2
             and a.stride(1) == 1 and (a.stride(0) * 2) % 16 == 0 and a.data_ptr() % 16 == 0
             and b.data_ptr() % 16 == 0 and k > 0 and k % bk == 0 and n > 0
@@ -650,30 +667,13 @@ def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k
     top_k`` (copied by ``cp.async`` from the producer warps), else ``p`` (TMA).
     ``Epilogue.ACT_FWD``: GEMM1 (``c`` = h when ``store_h``; ``pre`` = the pre-activation,
     stored when ``store_pre``, else its rounding dtype is ``c``'s)."""
-    cfg = dict(tune.gluon_bf16_config)
-    if gather:
-        cfg.update(tune.gluon_bf16_gather_config)
-    if epi == Epilogue.ACT_FWD:
-        cfg.update(tune.gluon_bf16_up_config)
+    cfg = _bf16_config(tune, gather,
+                       tune.gluon_bf16_up_config if epi == Epilogue.ACT_FWD else {})
     b_kmajor = stride_b[1] == 1 and stride_b[2] == k
     _grouped_launch(tune, cfg, a, None, b, None, (0, 0, 0), c, meta, n, k, epi=epi,
                     b_kmajor=b_kmajor, nb=stride_b[0] // k if b_kmajor else n, gather=gather,
                     pre=pre, gated=gated, act=act, store_pre=store_pre, store_h=store_h)
     return c
-
-
-def grouped_mm_direct_act_bwd(tune: tuning.Tuning, a, b, stride_b, pre, weights, meta, dpre,
-                              hw, dwp, *, n: int, k: int, gather: bool, gated: bool, act: int):
-    """The 16-bit dh' GEMM (``grouped_mm_direct``'s operands, B N-major: W_down) with the split
-    form's activation pass in its epilogue, as ``grouped_mm_act_bwd`` for FP8: writes ``dpre``,
-    ``hw`` and the partial routing-weight gradients ``dwp [n / BN, S]`` (``BN`` of
-    ``tune.gluon_bf16_epi_config``, 128) without storing dh'."""
-    cfg = {**tune.gluon_bf16_config, **(tune.gluon_bf16_gather_config if gather else {}),
-           **tune.gluon_bf16_epi_config}
-    pre_desc = TensorDescriptor.from_tensor(pre, [cfg["BM"], cfg["BN"]], _plain_layout(pre))
-    _grouped_launch(tune, cfg, a, None, b, None, (0, 0, 0), dpre, meta, n, k,
-                    epi=Epilogue.ACT_BWD, pre_desc=pre_desc, hw=hw, dwp=dwp, weights=weights,
-                    gated=gated, act=act, b_kmajor=False, gather=gather)
 
 
 def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, meta, n, k, *,

@@ -712,10 +712,9 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
             and GF.act_bwd_fits(pre, dpre, hw)):
         # Hopper: the Gluon dh' GEMM with this split form's activation pass in its epilogue
         # (dh' never stored; bitwise the same dpre and hw)
-        dwp = torch.empty(triton.cdiv(f, 128), S, dtype=torch.float32, device=a.device)
-        GF.grouped_mm_act_bwd(tune, a, sa, w, sb, stride_sb, pre, weights, meta, dpre, hw, dwp,
-                              n=f, k=a.shape[1], gated=gated, act=act)
-        return dpre, hw, dwp.sum(0)
+        return dpre, hw, GF.grouped_mm_act_bwd(tune, a, sa, w, sb, stride_sb, pre, weights,
+                                               meta, dpre, hw, n=f, k=a.shape[1], gated=gated,
+                                               act=act)
     if (S and quant == Quant.NONE and tune.gluon_bf16_fuse_act_bwd and tune.gluon_bf16_grouped
             and GF.available(tune, a)
             and GF.grouped_direct_fits(a, w, args["stride_b"], f, a.shape[1],
@@ -723,12 +722,9 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
             and GF.act_bwd_fits(pre, dpre, hw)):
         # Hopper, 16-bit: the Gluon dh' GEMM with the split form's activation pass in its
         # epilogue (as FP8's above)
-        bn = tune.gluon_bf16_epi_config["BN"]
-        dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
-        GF.grouped_mm_direct_act_bwd(tune, a, w, args["stride_b"], pre, weights, meta, dpre, hw,
-                                     dwp, n=f, k=a.shape[1], gather=not expert_order,
-                                     gated=gated, act=act)
-        return dpre, hw, dwp.sum(0)
+        return dpre, hw, GF.grouped_mm_act_bwd(tune, a, None, w, None, (0, 0, 0), pre,
+                                               weights, meta, dpre, hw, n=f, k=a.shape[1],
+                                               gated=gated, act=act, gather=not expert_order)
     if tune.split_up_bwd and S:
         bm, bn, warps = (16, 32, 4) if interpret_mode() else tune.act_bwd_block
         # dh' goes into hw's memory: each program of the activation pass reads its dh' tile
