@@ -218,8 +218,8 @@ IMPLS = {
     "grouped_mm": grouped_mm_pipeline,
     "loop": loop_experts,
 }
-# moe_plugin under a tuning other than the defaults (``kernels.tuning``), applied around the
-# whole measurement (forward and backward): kernel variants not yet on by default
+# moe_plugin with one kernel family forced on or off (fields of ``kernels.tuning``), applied
+# around the whole measurement (forward and backward), to compare it with the defaults
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),
          "moe_plugin_triton_grouped": ("moe_plugin", dict(gluon_bf16_grouped=False))}
 

@@ -214,6 +214,21 @@ def test_router_logits_backward_bf16_split():
     assert min(same) > 0.9, same
 
 
+def _ragged_meta(g, n, k, e):
+    """Routing with an empty expert (3), an expert with 5 tokens (5: fewer than a tile), counts
+    not multiples of the 128-row tile and unused slots (-1: rows past the last expert's)."""
+    from moe_plugin.kernels.permute import permute_metadata
+    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
+    ids[ids == 3] = 0
+    ids[ids == 5] = 4
+    ids[:5, 1] = 5
+    ids[-9:, 0] = -1
+    meta = permute_metadata(ids.to(CUDA), e)
+    counts = meta.counts.tolist()
+    assert counts[3] == 0 and 0 < counts[5] < 128 and any(c % 128 for c in counts)
+    return meta
+
+
 @pytest.mark.parametrize("kind", ["wgrad_up", "wgrad_down"])
 @pytest.mark.parametrize("mode,out_dtype", [(None, torch.bfloat16), (1, torch.float32),
                                             (2, torch.float32), (2, torch.bfloat16)],
@@ -229,20 +244,15 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, tune):
     k-step, MO and NO not multiples of the 128 tile; the persistent grid at one program per SM
     and at 3 programs; unused slots' rows (NaN) after the last expert's."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
-    from moe_plugin.kernels.permute import permute_metadata
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
     tune(gluon_programs=programs, wgrad_accum_mode=mode)
     g = torch.Generator().manual_seed(21)
     n, k, e, d, f2 = 700, 2, 6, 200, 136
-    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
-    ids[ids == 3] = 0                         # expert 3: no tokens
-    ids[ids == 5] = 4                         # expert 5: fewer tokens than a k-step
-    ids[:5, 1] = 5
-    ids[-9:, 0] = -1                          # unused slots: rows past the last expert's
-    meta = permute_metadata(ids.to(CUDA), e)
+    meta = _ragged_meta(g, n, k, e)
     counts = meta.counts.tolist()
-    assert counts[3] == 0 and 0 < counts[5] < 64 and any(c % 64 for c in counts)
+    # expert 5: fewer tokens than a 64-token k-step
+    assert 0 < counts[5] < 64 and any(c % 64 for c in counts)
     s = meta.sorted_slot.numel()
     used = int(meta.offsets[-1])
     assert used < s
@@ -272,21 +282,6 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, tune):
         assert torch.equal(res[1][3], init[3]), "the empty expert's buffer changed"
     else:
         assert not res[1][3].any(), "the empty expert's gradient is not zero"
-
-
-def _ragged_meta(g, n, k, e):
-    """Routing with an empty expert (3), an expert with fewer tokens than a tile (5), counts
-    not multiples of the 128-row tile and unused slots (-1) after the last expert's."""
-    from moe_plugin.kernels.permute import permute_metadata
-    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
-    ids[ids == 3] = 0
-    ids[ids == 5] = 4
-    ids[:5, 1] = 5
-    ids[-9:, 0] = -1
-    meta = permute_metadata(ids.to(CUDA), e)
-    counts = meta.counts.tolist()
-    assert counts[3] == 0 and 0 < counts[5] < 128 and any(c % 128 for c in counts)
-    return meta
 
 
 def _count_calls(monkeypatch, module, name):
