@@ -138,13 +138,16 @@ def _cases():
                 ordered = torch.zeros(s, f2, dtype=torch.bfloat16)
                 tokens = torch.zeros(s // 2 + 1, d, dtype=torch.bfloat16)
                 a, b = (ordered, tokens) if gathered == "b" else (tokens, ordered)
-                c = torch.zeros(meta.num_experts, a.shape[1], b.shape[1],
-                                dtype=torch.float32 if accum == Accum.ATOMIC else torch.bfloat16)
-                assert GF.segment_direct_fits(a, b, c, accum)
-                cases[f"bf16_{role}_{shape}_{accum.name.lower()}"] = (
-                    lambda a=a, b=b, c=c, meta=meta, accum=accum, gathered=gathered:
-                    GF.segment_mm_direct(tune, a, b, c, meta, accum, a_gather=gathered == "a",
-                                         b_gather=gathered == "b"))
+                # RMW into bf16 and (its own tile config) into fp32
+                for cdt in ((torch.bfloat16, torch.float32) if accum == Accum.RMW else
+                            (torch.float32 if accum == Accum.ATOMIC else torch.bfloat16,)):
+                    c = torch.zeros(meta.num_experts, a.shape[1], b.shape[1], dtype=cdt)
+                    assert GF.segment_direct_fits(a, b, c, accum)
+                    suffix = "32" if accum == Accum.RMW and cdt == torch.float32 else ""
+                    cases[f"bf16_{role}_{shape}_{accum.name.lower()}{suffix}"] = (
+                        lambda a=a, b=b, c=c, meta=meta, accum=accum, gathered=gathered:
+                        GF.segment_mm_direct(tune, a, b, c, meta, accum,
+                                             a_gather=gathered == "a", b_gather=gathered == "b"))
     # the FP8 weight gradient (the same kernel, PADDED) and the FP8 row-grouped GEMM
     meta8 = _Meta([200, 0, 300, 56], top_k=1)
     g, mo, no = 12, 256, 384

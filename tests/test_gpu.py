@@ -234,21 +234,25 @@ def _ragged_meta(g, n, k, e):
                                             (2, torch.float32), (2, torch.bfloat16)],
                          ids=["store", "atomic_fp32", "rmw_fp32", "rmw_bf16"])
 @pytest.mark.parametrize("programs", [None, 3])
-def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, tune):
+@pytest.mark.parametrize("widths", [(200, 136), (320, 384)], ids=["odd", "aligned"])
+def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths, tune):
     """On Hopper the bf16 weight gradients run as the Gluon kernel (``gluon_gemm.
     segment_mm_direct``: the contiguous operand by TMA, the gathered one by ``cp.async`` from
     the producer warps, warp-specialised, persistent). Against the Triton segment kernel it
     replaces, which sums the same 64-token k-steps in the same order: bitwise equal, stored
     or added into a buffer (atomic fp32, read-add-write fp32 / bf16); ragged experts with
     token counts not multiples of 64, an empty expert, an expert with fewer tokens than a
-    k-step, MO and NO not multiples of the 128 tile; the persistent grid at one program per SM
-    and at 3 programs; unused slots' rows (NaN) after the last expert's."""
+    k-step, MO and NO not multiples of the tile: multiples of 8 only (the 128-wide tiles of
+    ``gluon_bf16_seg_narrow_config``) or of 64 (the 256-wide default tiles, but for fp32
+    read-add-write); the persistent grid at one program per SM and at 3 programs; unused
+    slots' rows (NaN) after the last expert's."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
     tune(gluon_programs=programs, wgrad_accum_mode=mode)
     g = torch.Generator().manual_seed(21)
-    n, k, e, d, f2 = 700, 2, 6, 200, 136
+    n, k, e = 700, 2, 6
+    d, f2 = widths
     meta = _ragged_meta(g, n, k, e)
     counts = meta.counts.tolist()
     # expert 5: fewer tokens than a 64-token k-step
@@ -414,3 +418,31 @@ def test_gluon_bf16_dh_act_bwd_equals_split(activation, tune, monkeypatch):
             assert rel_err(b, a) < 1e-6, f"{activation}: {name} {rel_err(b, a):.2e}"
         else:
             assert torch.equal(a, b), f"{activation} {name}: fused and split forms differ"
+
+
+def test_triton_act_bwd_epilogue_with_gluon_grouped_on(tune):
+    """``split_up_bwd=False`` (the Triton dh' GEMM with the activation backward in its
+    epilogue) while the Gluon row-grouped GEMMs serve the rest: the dh' GEMM stays on the Triton
+    kernel (the plain Gluon launcher has no activation-backward epilogue; it once took this
+    GEMM and failed for shared memory on the H200), and every gradient equals the all-Triton
+    run's bitwise (the Gluon GEMMs equal Triton's)."""
+    from moe_plugin import fused_experts
+    from moe_plugin.kernels import gluon_gemm as GF, tuning
+    if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    g = torch.Generator().manual_seed(37)
+    n, k, e, d, f = 512, 2, 6, 256, 192
+    x = torch.randn(n, d, generator=g).to(CUDA, torch.bfloat16)
+    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32).to(CUDA)
+    w = torch.rand(n, k, generator=g).to(CUDA)
+    w_up = (torch.randn(e, 2 * f, d, generator=g) * 0.1).to(CUDA, torch.bfloat16)
+    w_down = (torch.randn(e, d, f, generator=g) * 0.1).to(CUDA, torch.bfloat16)
+    dout = torch.randn(n, d, generator=g).to(CUDA, torch.bfloat16)
+    res = []
+    for gluon in (False, True):
+        tune(split_up_bwd=False, gluon_bf16_grouped=gluon, gluon_bf16_fuse_act_bwd=False)
+        leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
+        out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], "swiglu")
+        res.append((out, *torch.autograd.grad(out, leaves, dout)))
+    for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
+        assert torch.equal(a, b), f"{name}: Gluon-on and all-Triton runs differ"

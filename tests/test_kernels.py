@@ -319,3 +319,30 @@ def test_gluon_row_grouped_fits_exactly_the_operands_it_reads():
     c = torch.zeros(e, 2 * f, d, dtype=torch.float32)
     assert GF.segment_direct_fits(dpre, x, c, GF.Accum.STORE)
     assert not GF.segment_direct_fits(dpre.half(), x.half(), c, GF.Accum.STORE)
+    # the dh' GEMM with the activation backward in its epilogue has its own launcher
+    # (grouped_mm_act_bwd: routing weights, partial sums, hw); the plain one refuses it
+    with pytest.raises(ValueError, match="grouped_mm_act_bwd"):
+        GF.grouped_mm_direct(None, x, w_down, w_down.stride(), h, None, n=f, k=d,
+                             gather=True, epi=Epilogue.ACT_BWD)
+
+
+def test_gluon_bf16_wgrad_tiles_fit_the_output():
+    """``gluon_gemm.bf16_seg_config``: the 16-bit weight gradients' 128 x 256 tiles
+    (``gluon_bf16_seg_config``) where they fit; the 128-wide ones of
+    ``gluon_bf16_seg_narrow_config`` for a read-add-write into fp32 (the fp32 tile and the ring
+    exceed a Hopper block's shared memory) and for widths not multiples of 16 (the masked
+    epilogue spills registers at 256 wide)."""
+    from moe_plugin.kernels import gluon_gemm as GF, tuning
+    from moe_plugin.kernels.codes import Accum
+    tune = tuning.current()
+    wide, narrow = tune.gluon_bf16_seg_config["BN"], tune.gluon_bf16_seg_narrow_config["BN"]
+    assert (wide, narrow) == (256, 128)
+    bf, f32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    cfg = GF.bf16_seg_config
+    assert cfg(tune, f32, Accum.ATOMIC, 1024, 4096)["BN"] == wide
+    assert cfg(tune, bf, Accum.RMW, 1024, 4096)["BN"] == wide
+    assert cfg(tune, bf, Accum.STORE, 1024, 4096)["BN"] == wide
+    assert cfg(tune, f32, Accum.RMW, 1024, 4096)["BN"] == narrow
+    assert cfg(tune, bf, Accum.STORE, 1024, 200)["BN"] == narrow
+    assert cfg(tune, bf, Accum.STORE, 136, 4096)["BN"] == narrow
+    assert cfg(tune, f32, Accum.RMW, 1024, 4096)["BM"] == tune.gluon_bf16_seg_config["BM"]

@@ -667,6 +667,9 @@ def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k
     top_k`` (copied by ``cp.async`` from the producer warps), else ``p`` (TMA).
     ``Epilogue.ACT_FWD``: GEMM1 (``c`` = h when ``store_h``; ``pre`` = the pre-activation,
     stored when ``store_pre``, else its rounding dtype is ``c``'s)."""
+    if epi not in (Epilogue.STORE, Epilogue.ACT_FWD):
+        raise ValueError(f"grouped_mm_direct: epi={epi!r}; the dh' GEMM with the activation "
+                         "backward in its epilogue is grouped_mm_act_bwd")
     cfg = _bf16_config(tune, gather,
                        tune.gluon_bf16_up_config if epi == Epilogue.ACT_FWD else {})
     b_kmajor = stride_b[1] == 1 and stride_b[2] == k
@@ -1179,6 +1182,16 @@ def segment_direct_fits(a, b, c, accum: Accum) -> bool:
             and c.is_contiguous() and _rmw_fits(c, accum))
 
 
+def bf16_seg_config(tune: tuning.Tuning, c, accum: Accum, mo: int, no: int) -> dict:
+    """``segment_mm_direct``'s launch configuration for output ``c [E, MO, NO]``:
+    ``tune.gluon_bf16_seg_config``, with ``tune.gluon_bf16_seg_narrow_config`` over it where
+    a read-add-write tile is 32-bit or MO or NO is not a multiple of 16."""
+    cfg = dict(tune.gluon_bf16_seg_config)
+    if (accum == Accum.RMW and c.element_size() > 2) or mo % 16 or no % 16:
+        cfg.update(tune.gluon_bf16_seg_narrow_config)
+    return cfg
+
+
 def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gather: bool,
                       b_gather: bool):
     """``c[e] (+)= Σ_{p in segment e} A[p]ᵀ · B[p]`` (``grouped_gemm._segment_mm_kernel``'s
@@ -1187,9 +1200,9 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
     each expert's first row (the Triton kernel's order)."""
     if a_gather == b_gather:
         raise ValueError("segment_mm_direct: exactly one operand is gathered")
-    cfg = dict(tune.gluon_bf16_seg_config)
-    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     mo, no = a.shape[1], b.shape[1]
+    cfg = bf16_seg_config(tune, c, accum, mo, no)
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     E = meta.num_experts
     num_tiles = E * triton.cdiv(mo, bm) * triton.cdiv(no, bn)
     if meta.sorted_slot.numel() == 0:  # no tokens: zero gradients (added: nothing)
