@@ -60,7 +60,8 @@ for step in "$@"; do
         --json "$OUT/layer.json" --md "$OUT/layer.md" 2>&1 | tee "$OUT/layer.log" | tail -14 ;;
     peers)
       # shellcheck disable=SC1091
-      source benchmarks/peers_env.sh || { echo "peers_env.sh failed"; continue; }
+      # (the folder named: a sourced script without arguments sees this script's)
+      source benchmarks/peers_env.sh .whl_sonic || { echo "peers_env.sh failed"; continue; }
       for c in ${PEER_CONFIGS:-fine_30b}; do
         timeout "${PEERS_S:-540}" python benchmarks/bench_layer.py \
           --impls moe_plugin sonicmoe scattermoe grouped_mm --configs "$c" \

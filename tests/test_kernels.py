@@ -328,21 +328,29 @@ def test_gluon_row_grouped_fits_exactly_the_operands_it_reads():
 
 def test_gluon_bf16_wgrad_tiles_fit_the_output():
     """``gluon_gemm.bf16_seg_config``: the 16-bit weight gradients' 128 x 256 tiles
-    (``gluon_bf16_seg_config``) where they fit; the 128-wide ones of
-    ``gluon_bf16_seg_narrow_config`` for a read-add-write into fp32 (the fp32 tile and the ring
-    exceed a Hopper block's shared memory) and for widths not multiples of 16 (the masked
-    epilogue spills registers at 256 wide)."""
+    (``gluon_bf16_seg_config``; dW_down, A's rows gathered), 256 x 128 where B's rows are
+    gathered (dW_up: 128 columns of x gathered a k-step), 128 x 128 (``gluon_bf16_seg_narrow_
+    config``) for a read-add-write into fp32 (the fp32 tile and the ring exceed a Hopper
+    block's shared memory) and for widths not multiples of 16 (the masked epilogue spills
+    registers at 256 wide); the ring's slots lowered to what fits beside a read-add-write
+    tile."""
     from moe_plugin.kernels import gluon_gemm as GF, tuning
     from moe_plugin.kernels.codes import Accum
     tune = tuning.current()
-    wide, narrow = tune.gluon_bf16_seg_config["BN"], tune.gluon_bf16_seg_narrow_config["BN"]
-    assert (wide, narrow) == (256, 128)
     bf, f32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
-    cfg = GF.bf16_seg_config
-    assert cfg(tune, f32, Accum.ATOMIC, 1024, 4096)["BN"] == wide
-    assert cfg(tune, bf, Accum.RMW, 1024, 4096)["BN"] == wide
-    assert cfg(tune, bf, Accum.STORE, 1024, 4096)["BN"] == wide
-    assert cfg(tune, f32, Accum.RMW, 1024, 4096)["BN"] == narrow
-    assert cfg(tune, bf, Accum.STORE, 1024, 200)["BN"] == narrow
-    assert cfg(tune, bf, Accum.STORE, 136, 4096)["BN"] == narrow
-    assert cfg(tune, f32, Accum.RMW, 1024, 4096)["BM"] == tune.gluon_bf16_seg_config["BM"]
+
+    def cfg(*args, **kw):
+        c = GF.bf16_seg_config(tune, *args, **kw)
+        smem = ((c["BM"] + c["BN"]) * c["BK"] * 2 * c["STAGES"]
+                + (c["BM"] * c["BN"] * args[0].element_size() if args[1] == Accum.RMW else 0))
+        assert smem + GF._SEG_SMEM_OTHER <= GF._SMEM_LIMIT, c
+        return c["BM"], c["BN"], c["STAGES"]
+    assert cfg(f32, Accum.ATOMIC, 1024, 4096) == (128, 256, 3)
+    assert cfg(bf, Accum.STORE, 1024, 4096) == (128, 256, 3)
+    assert cfg(bf, Accum.RMW, 1024, 4096) == (128, 256, 3)
+    assert cfg(f32, Accum.ATOMIC, 1024, 4096, b_gather=True) == (256, 128, 4)
+    assert cfg(bf, Accum.RMW, 1024, 4096, b_gather=True) == (256, 128, 3)  # 4 do not fit
+    for b_gather in (False, True):
+        assert cfg(f32, Accum.RMW, 1024, 4096, b_gather=b_gather) == (128, 128, 4)
+        assert cfg(bf, Accum.STORE, 1024, 200, b_gather=b_gather) == (128, 128, 4)
+        assert cfg(bf, Accum.STORE, 136, 4096, b_gather=b_gather) == (128, 128, 4)

@@ -1057,7 +1057,8 @@ if _HAVE_GLUON:
         i + grid, ... ``PADDED``: FP8 operands in ``wgrad_fp8``'s padded group layout with
         their scales; else 16-bit operands in place (``_seg_producer``)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
-        gl.static_assert(BM == 128, "two consumers of 64 rows")
+        gl.static_assert(BM == 128 or (BM == 256 and not PADDED and not A_GATHER),
+                         "two consumers of 64 rows (16-bit, A by TMA: 64 or 128)")
         if PADDED:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, GS], a_desc.layout)
             b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, GS], b_desc.layout)
@@ -1182,13 +1183,27 @@ def segment_direct_fits(a, b, c, accum: Accum) -> bool:
             and c.is_contiguous() and _rmw_fits(c, accum))
 
 
-def bf16_seg_config(tune: tuning.Tuning, c, accum: Accum, mo: int, no: int) -> dict:
+# shared memory of ``_segment_mm_ws`` besides its ring and read-add-write tile (barriers, the
+# tile-information ring, layout-conversion scratch: ~16.4 KB under Triton 3.6), rounded up
+_SEG_SMEM_OTHER = 17 * 1024
+_SMEM_LIMIT = 232448  # bytes of shared memory a Hopper block may use
+
+
+def bf16_seg_config(tune: tuning.Tuning, c, accum: Accum, mo: int, no: int,
+                    b_gather: bool = False) -> dict:
     """``segment_mm_direct``'s launch configuration for output ``c [E, MO, NO]``:
-    ``tune.gluon_bf16_seg_config``, with ``tune.gluon_bf16_seg_narrow_config`` over it where
-    a read-add-write tile is 32-bit or MO or NO is not a multiple of 16."""
+    ``tune.gluon_bf16_seg_config``, ``tune.gluon_bf16_seg_bgather_config`` over it where B's
+    rows are gathered, ``tune.gluon_bf16_seg_narrow_config`` over both where a read-add-write
+    tile is 32-bit or MO or NO is not a multiple of 16; ``STAGES`` lowered to the ring slots
+    that fit in shared memory beside a read-add-write tile."""
     cfg = dict(tune.gluon_bf16_seg_config)
+    if b_gather:
+        cfg.update(tune.gluon_bf16_seg_bgather_config)
     if (accum == Accum.RMW and c.element_size() > 2) or mo % 16 or no % 16:
         cfg.update(tune.gluon_bf16_seg_narrow_config)
+    slot = (cfg["BM"] + cfg["BN"]) * cfg["BK"] * 2
+    tile = cfg["BM"] * cfg["BN"] * c.element_size() if accum == Accum.RMW else 0
+    cfg["STAGES"] = min(cfg["STAGES"], (_SMEM_LIMIT - _SEG_SMEM_OTHER - tile) // slot)
     return cfg
 
 
@@ -1201,7 +1216,7 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
     if a_gather == b_gather:
         raise ValueError("segment_mm_direct: exactly one operand is gathered")
     mo, no = a.shape[1], b.shape[1]
-    cfg = bf16_seg_config(tune, c, accum, mo, no)
+    cfg = bf16_seg_config(tune, c, accum, mo, no, b_gather)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     E = meta.num_experts
     num_tiles = E * triton.cdiv(mo, bm) * triton.cdiv(no, bn)

@@ -68,12 +68,16 @@ class Tuning:
     gluon_bf16_seg_config: dict = field(default_factory=lambda: dict(
         BM=128, BN=256, BK=64, STAGES=3, LOAD_WARPS=4, LOAD_REGS=72, MMA_REGS=216,
         MAXNREG=168))
-    # over ``gluon_bf16_seg_config`` (``gluon_gemm.bf16_seg_config``) where the output tile read
-    # back and added into (``Accum.RMW``) is 32-bit -- a 128 x 256 fp32 tile and the ring do
-    # not fit in shared memory together -- or the output's widths are not multiples of 16
-    # (the unvectorised masked epilogue of a 256-wide tile spills registers)
+    # over it (``gluon_gemm.bf16_seg_config``) where B's rows are gathered (dW_up: x): 256 x 128
+    # tiles, so that each k-step gathers 128 columns of x, not 256
+    gluon_bf16_seg_bgather_config: dict = field(default_factory=lambda: dict(
+        BM=256, BN=128, STAGES=4, LOAD_REGS=56, MMA_REGS=232))
+    # over both where the output tile read back and added into (``Accum.RMW``) is 32-bit -- a
+    # 32 K-element fp32 tile and the ring do not fit in shared memory together -- or the
+    # output's widths are not multiples of 16 (the unvectorised masked epilogue of a 256-wide
+    # tile spills registers); the ring then has as many slots as fit beside the RMW tile
     gluon_bf16_seg_narrow_config: dict = field(default_factory=lambda: dict(
-        BN=128, STAGES=4))
+        BM=128, BN=128, STAGES=4, LOAD_REGS=72, MMA_REGS=216))
     # the other 16-bit expert GEMMs (GEMM1 + activation, GEMM2, the split form's dh', dx) on
     # the Gluon row-grouped kernel (``gluon_gemm.grouped_mm_direct``): used where available
     # when ``gluon`` and ``gluon_bf16_grouped``. 128 x 256 tiles, BK 64; a
