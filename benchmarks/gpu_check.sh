@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR STEP...
 #
 # Steps:
-#   suite     pytest -m gpu tests (SUITE_S, 540; megatron-core from .whl/megatron_core-*.whl
-#             when that wheel is there and megatron is not importable)
+#   suite     pytest -m gpu tests (SUITE_S, 540; SUITE_TESTS, default tests; megatron-core from
+#             the newest .whl/megatron_core-*.whl when megatron is not importable)
 #   gluon     the Gluon kernels' GPU tests against the Triton kernels / the split form
 #             (GLUON_S, 300)
 #   gemms     bench_gemms.py: the row-grouped GEMMs against the Triton ones and the weight
@@ -18,7 +18,8 @@
 #             process (LAYER_S, 300; LAYER_CONFIGS, default all five of issue 21), JSON + md
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
 #             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
-#             540); QuACK's autotuning cache is copied to OUT_DIR/quack_cache afterwards
+#             540); QuACK's autotuning cache is packed into OUT_DIR/quack_cache.tar afterwards
+#             (unpack it into .whl_sonic/quack_cache for the next call)
 set -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR STEP...}
 shift
@@ -37,12 +38,14 @@ for step in "$@"; do
   echo "=== $step"
   case $step in
     suite)
-      if ! python -c "import megatron.core" 2>/dev/null && ls .whl/megatron_core-*.whl >/dev/null 2>&1; then
-        pip install -q --no-index --no-deps --target /tmp/site .whl/megatron_core-*.whl 2>&1 | tail -1
+      # the newest megatron-core wheel carried (one: two versions of a package conflict)
+      whl=$(ls .whl/megatron_core-*.whl 2>/dev/null | sort -V | tail -1)
+      if ! python -c "import megatron.core" 2>/dev/null && [ -n "$whl" ]; then
+        pip install -q --no-index --no-deps --target /tmp/site "$whl" 2>&1 | tail -1
         export PYTHONPATH="/tmp/site:$PYTHONPATH"
       fi
-      timeout "${SUITE_S:-540}" python -m pytest -q -m gpu tests -p no:cacheprovider \
-        --durations=10 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+      timeout "${SUITE_S:-540}" python -m pytest -q -rs -m gpu ${SUITE_TESTS:-tests} \
+        -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 ;;
     gluon)
       timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py tests/test_quant.py \
         -k "gluon or fused_act_bwd" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gluon.log" | tail -8 ;;
@@ -68,7 +71,8 @@ for step in "$@"; do
           --json "$OUT/peers_$c.json" --md "$OUT/peers_$c.md" 2>&1 \
           | tee "$OUT/peers_$c.log" | tail -8
       done
-      cp -r "$QUACK_CACHE_DIR" "$OUT/quack_cache" ;;
+      # one file (the device tool brings back a limited number of files)
+      tar -C "$QUACK_CACHE_DIR" -cf "$OUT/quack_cache.tar" . ;;
     *)
       echo "unknown step: $step" >&2; exit 2 ;;
   esac
