@@ -4,12 +4,13 @@
 on the device, without a host synchronisation:
 
 1. ``_hist_kernel``: each program counts the ids of ``BLOCK`` consecutive slots per expert
-   → ``hist [programs, E]``.
-2. on the device (torch): ``counts = hist.sum(0)``, ``offsets = cumsum``, and each program's
-   first position per expert ``base = offsets[e] + (exclusive cumsum of hist over programs)``.
-3. ``_scatter_kernel``: each slot's position is ``base[program, id] + (number of earlier slots
-   of the same id in its block)``; writes ``slot_pos [N·k]`` (slot → position, -1 for an unused
-   slot) and ``sorted_slot [N·k]`` (position → slot).
+   → ``hist [E, programs]``.
+2. ``_expert_scan_kernel`` (one program per expert): ``counts[e] = Σ hist[e]`` and, in place,
+   ``hist[e, b]`` → the exclusive prefix sum over programs (the slots of expert e in the blocks
+   before b); ``offsets[0] = 0``, ``offsets[1:] = cumsum(counts)`` (torch).
+3. ``_scatter_kernel``: each slot's position is ``offsets[id] + hist[id, program] + (number of
+   earlier slots of the same id in its block)``; writes ``slot_pos [N·k]`` (slot → position, -1
+   for an unused slot) and ``sorted_slot [N·k]`` (position → slot).
 
 Positions of one expert are contiguous (``[offsets[e], offsets[e] + counts[e])``) and in slot
 order, so everything downstream is deterministic. Ids outside ``[0, E)`` (``-1``) are unused
@@ -42,18 +43,33 @@ class PermuteMeta:
 
 
 @triton.jit
-def _hist_kernel(ids_ptr, hist_ptr, S, E, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _hist_kernel(ids_ptr, hist_ptr, S, E, NB, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     s = pid * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + s, mask=s < S, other=-1)
     for e0 in range(0, E, BLOCK_E):
         ex = e0 + tl.arange(0, BLOCK_E)
         c = tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), 0)
-        tl.store(hist_ptr + pid.to(tl.int64) * E + ex, c, mask=ex < E)
+        tl.store(hist_ptr + ex.to(tl.int64) * NB + pid, c, mask=ex < E)
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, base_ptr, slot_pos_ptr, sorted_slot_ptr, S, E,
+def _expert_scan_kernel(hist_ptr, counts_ptr, offsets_ptr, NB, BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    if e == 0:
+        tl.store(offsets_ptr, 0)
+    row = hist_ptr + e.to(tl.int64) * NB
+    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
+    for b0 in range(0, NB, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        h = tl.load(row + b, mask=b < NB, other=0)
+        tl.store(row + b, carry + tl.cumsum(h, 0) - h, mask=b < NB)
+        carry += tl.sum(h, 0)
+    tl.store(counts_ptr + e, carry)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, prefix_ptr, offsets_ptr, slot_pos_ptr, sorted_slot_ptr, S, E, NB,
                     BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     i = tl.arange(0, BLOCK)
@@ -64,7 +80,8 @@ def _scatter_kernel(ids_ptr, base_ptr, slot_pos_ptr, sorted_slot_ptr, S, E,
     # rank of a slot among the earlier slots of its block with the same id
     same = (ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None])
     rank = tl.sum(same.to(tl.int32), 1)
-    base = tl.load(base_ptr + pid.to(tl.int64) * E + ids, mask=valid, other=0)
+    base = (tl.load(offsets_ptr + ids, mask=valid, other=0)
+            + tl.load(prefix_ptr + ids.to(tl.int64) * NB + pid, mask=valid, other=0))
     pos = base + rank
     tl.store(slot_pos_ptr + s, tl.where(valid, pos, -1), mask=smask)
     tl.store(sorted_slot_ptr + pos, s, mask=valid)
@@ -92,14 +109,16 @@ def permute_metadata(topk_ids: torch.Tensor, num_experts: int) -> PermuteMeta:
         return PermuteMeta(counts, offsets, sorted_slot, slot_pos, E, k)
     block = _block()
     nb = triton.cdiv(S, block)
-    hist = torch.empty(nb, E, dtype=torch.int32, device=dev)
-    _hist_kernel[(nb,)](ids, hist, S, E, BLOCK=block,
+    hist = torch.empty(E, nb, dtype=torch.int32, device=dev)
+    _hist_kernel[(nb,)](ids, hist, S, E, nb, BLOCK=block,
                         BLOCK_E=min(next_pow2(E), 32 if interpret_mode() else 64))
-    counts = hist.sum(0, dtype=torch.int32)
-    offsets = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    # (a small chunk under the interpreter: its tests run the carry across chunks)
+    _expert_scan_kernel[(E,)](hist, counts, offsets, nb,
+                              BLOCK=min(next_pow2(nb), 4 if interpret_mode() else 1024))
     torch.cumsum(counts, 0, out=offsets[1:])
-    base = (hist.cumsum(0, dtype=torch.int32) - hist).add_(offsets[:-1])
-    _scatter_kernel[(nb,)](ids, base, slot_pos, sorted_slot, S, E, BLOCK=block)
+    _scatter_kernel[(nb,)](ids, hist, offsets, slot_pos, sorted_slot, S, E, nb, BLOCK=block)
     return PermuteMeta(counts, offsets, sorted_slot, slot_pos, E, k)
 
 
