@@ -278,7 +278,7 @@ def _ce_sources():
 
 TABLES = {
     "layer_speed": Table((f"{RESULTS}/h100_bench_layer.json",), layer_speed),
-    "layer_h200": Table((f"{RESULTS}/h200_layer_s28.json",), layer_kernels),
+    "layer_h200": Table((f"{RESULTS}/h200_layer_s29b.json",), layer_kernels),
     "recompute": Table((f"{RESULTS}/h100_bench_layer.json",), recompute),
     "recompute_run3": Table((f"{RESULTS}/h100_bench_layer_run3.json",), recompute),
     "fp8_training": Table((f"{RESULTS}/h100_bench_fp8.json",), fp8_training),
