@@ -32,7 +32,9 @@ SEG_VARIANTS=${SEG_VARIANTS:-'[{"BN":256,"STAGES":3,"LOAD_REGS":72,"MMA_REGS":21
 
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,temperature.gpu --format=csv \
   | tee "$OUT/smi.txt"
-git log --oneline -1 2>/dev/null | tee "$OUT/head.txt"
+# which code ran: the device copy's .git may be stale, so a hash of the package's and the
+# tests' files (compare with the same command in a checkout)
+find moe_plugin tests benchmarks -name '*.py' | sort | xargs cat | sha1sum | tee "$OUT/tree.txt"
 
 for step in "$@"; do
   echo "=== $step"
