@@ -14,6 +14,8 @@
 #             gradients under SEG_VARIANTS (GEMMS_S, 240; CONFIGS, default fine_30b mixtral)
 #   fused_dh  bench_gemms.py: the bf16 dh' with the activation backward in its epilogue against
 #             the split form (GEMMS_S)
+#   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap) against the
+#             default, LAYER_CONFIGS (GEMMS_S)
 #   layer     bench_layer.py: moe_plugin (defaults) against moe_plugin_triton_grouped, one
 #             process (LAYER_S, 300; LAYER_CONFIGS, default all five of issue 21), JSON + md
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
@@ -59,6 +61,10 @@ for step in "$@"; do
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
         --kernels dh --enable gluon_bf16_fuse_act_bwd --against gluon_bf16_fuse_act_bwd \
         2>&1 | tee "$OUT/gemms_fused_dh.log" | grep -v '^ ' | cut -c1-220 ;;
+    wgrad_swap)
+      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
+        --kernels wgrad_up --enable gluon_bf16_wgrad_swap --against gluon_bf16_wgrad_swap \
+        2>&1 | tee "$OUT/gemms_wgrad_swap.log" | grep -v '^ ' | cut -c1-220 ;;
     layer)
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
         --impls moe_plugin moe_plugin_triton_grouped --configs $LAYER_CONFIGS \

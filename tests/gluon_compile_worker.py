@@ -148,6 +148,20 @@ def _cases():
                         lambda a=a, b=b, c=c, meta=meta, accum=accum, gathered=gathered:
                         GF.segment_mm_direct(tune, a, b, c, meta, accum,
                                              a_gather=gathered == "a", b_gather=gathered == "b"))
+    # dW_up transposed (gluon_bf16_wgrad_swap): the gathered x on the tile's rows, C stored
+    # transposed, by store and by atomic add
+    swap = dataclasses.replace(tune, gluon_bf16_wgrad_swap=True)
+    for (d, f2), shape in (((256, 512), "aligned"), ((200, 136), "odd")):
+        for accum in (Accum.STORE, Accum.ATOMIC):
+            meta = _Meta([100, 0, 37, 300], top_k=2)
+            s = meta.sorted_slot.numel()
+            ordered = torch.zeros(s, f2, dtype=torch.bfloat16)
+            tokens = torch.zeros(s // 2 + 1, d, dtype=torch.bfloat16)
+            c = torch.zeros(meta.num_experts, f2, d,
+                            dtype=torch.float32 if accum == Accum.ATOMIC else torch.bfloat16)
+            cases[f"bf16_wgrad_up_swap_{shape}_{accum.name.lower()}"] = (
+                lambda a=ordered, b=tokens, c=c, meta=meta, accum=accum:
+                GF.segment_mm_direct(swap, a, b, c, meta, accum, a_gather=False, b_gather=True))
     # the FP8 weight gradient (the same kernel, PADDED) and the FP8 row-grouped GEMM
     meta8 = _Meta([200, 0, 300, 56], top_k=1)
     g, mo, no = 12, 256, 384

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.skipif(not GF.api_supported(), reason=_REASON)
 SMEM_LIMIT = 232448  # bytes of shared memory a Hopper block may use
 CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
           for shape in ("aligned", "odd") for acc in ("store", "atomic", "rmw", "rmw32")]
+         + [f"bf16_wgrad_up_swap_{shape}_{acc}" for shape in ("aligned", "odd")
+            for acc in ("store", "atomic")]
          + [f"fp8_wgrad_{acc}" for acc in ("store", "atomic", "rmw")]
          + ["fp8_grouped", "fp8_dh_fused"]
          + ["bf16_down_aligned", "bf16_dx_aligned", "bf16_dh_aligned", "bf16_dh_odd"]
@@ -48,7 +50,7 @@ def compiled():
 def test_gluon_kernel_compiles_for_sm90(case, compiled):
     """bf16 weight gradients (``segment_mm_direct``: gathered B or A, every epilogue -- the
     read-add-write into bf16 and into fp32 --, widths that are multiples of 8 but not of 16 or
-    the tile), the FP8 weight gradient, the FP8
+    the tile; dW_up also transposed, C stored transposed), the FP8 weight gradient, the FP8
     row-grouped GEMM (plain and with the fused dh' epilogue) and the 16-bit row-grouped GEMMs
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
     backward in its epilogue, GEMM1 gated or not storing pre and / or h): compiled, within a

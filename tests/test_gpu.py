@@ -229,7 +229,7 @@ def _ragged_meta(g, n, k, e):
     return meta
 
 
-@pytest.mark.parametrize("kind", ["wgrad_up", "wgrad_down"])
+@pytest.mark.parametrize("kind", ["wgrad_up", "wgrad_up_swap", "wgrad_down"])
 @pytest.mark.parametrize("mode,out_dtype", [(None, torch.bfloat16), (1, torch.float32),
                                             (2, torch.float32), (2, torch.bfloat16)],
                          ids=["store", "atomic_fp32", "rmw_fp32", "rmw_bf16"])
@@ -244,12 +244,17 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths,
     token counts not multiples of 64, an empty expert, an expert with fewer tokens than a
     k-step, MO and NO not multiples of the tile: multiples of 8 only (the 128-wide tiles of
     ``gluon_bf16_seg_narrow_config``) or of 64 (the 256-wide default tiles, but for fp32
-    read-add-write); the persistent grid at one program per SM and at 3 programs; unused
-    slots' rows (NaN) after the last expert's."""
+    read-add-write); dW_up also computed transposed (``gluon_bf16_wgrad_swap``); the
+    persistent grid at one program per SM and at 3 programs; unused slots' rows (NaN) after
+    the last expert's."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
-    tune(gluon_programs=programs, wgrad_accum_mode=mode)
+    # wgrad_up_swap: dW_up computed transposed (gluon_bf16_wgrad_swap; a read-add-write into
+    # the output takes the untransposed kernel)
+    tune(gluon_programs=programs, wgrad_accum_mode=mode,
+         gluon_bf16_wgrad_swap=kind == "wgrad_up_swap")
+    kind = kind.replace("_swap", "")
     g = torch.Generator().manual_seed(21)
     n, k, e = 700, 2, 6
     d, f2 = widths

@@ -122,6 +122,15 @@ if _HAVE_GLUON:
         return gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
 
     @gluon.constexpr_function
+    def _seg_store_layout(num_warps, c_trans):
+        """The weight gradients' epilogue tiles ``[rows, cols]``: ``_store_layout``, or with
+        ``c_trans`` (the output stored transposed: consecutive rows adjacent in memory) 8
+        consecutive rows per thread, 8 threads of a warp along the rows."""
+        if not c_trans:
+            return _store_layout(num_warps)
+        return gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
+
+    @gluon.constexpr_function
     def _vector_layout(num_warps, n, replicated=False):
         """An ``[n]`` vector (n a power of 2, >= 32) over the lanes and warps, or with
         ``replicated`` over the lanes of each warp, the same in every warp: its reductions
@@ -937,16 +946,18 @@ if _HAVE_GLUON:
                       NO, E, num_tiles, stride_ce, stride_cm, stride_cn, HALF: gl.constexpr,
                       PADDED: gl.constexpr, GATHERED: gl.constexpr, ACCUM: gl.constexpr,
                       GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                      BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr):
+                      BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr,
+                      C_TRANS: gl.constexpr):
         """Consumer ``HALF`` (0 or 1, one warpgroup): rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of
-        each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``).
+        each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``;
+        ``C_TRANS``: C's rows adjacent in memory, ``stride_cm == 1``).
         ``PADDED`` (FP8): each k-step's product promoted with its scales, the two consumers'
         MMAs alternating (module doc). Else (16-bit): the k-steps accumulate in the MMAs, one
         left in flight (its slot released when the next is issued); ``GATHERED``: a proxy
         fence after ``ready`` (the ``cp.async`` writes before the MMA's reads)."""
         HM: gl.constexpr = BM // 2
         mma: gl.constexpr = _mma_layout(BN, 4, 8 if PADDED else 16)
-        st: gl.constexpr = _store_layout(4)
+        st: gl.constexpr = _seg_store_layout(4, C_TRANS)
         zero = gl.zeros([HM, BN], gl.float32, layout=mma)
         my_turn = turn.index(HALF)
         other_turn = turn.index(1 - HALF)
@@ -1051,14 +1062,18 @@ if _HAVE_GLUON:
             GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
             BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr,
             LOAD_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
-            num_warps: gl.constexpr):
+            C_TRANS: gl.constexpr, num_warps: gl.constexpr):
         """The weight gradient ``C[e] (+)= Σ_p A[p]ᵀ · B[p]`` over expert e's tokens: a
         producer (``LOAD_WARPS`` warps) + two consumers (module doc); program i does tiles i,
         i + grid, ... ``PADDED``: FP8 operands in ``wgrad_fp8``'s padded group layout with
-        their scales; else 16-bit operands in place (``_seg_producer``)."""
+        their scales; else 16-bit operands in place (``_seg_producer``). ``C_TRANS``: C is
+        stored transposed (``stride_cm == 1``; the epilogue's threads along the rows), by
+        store or atomic add."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(BM == 128 or (BM == 256 and not PADDED and not A_GATHER),
                          "two consumers of 64 rows (16-bit, A by TMA: 64 or 128)")
+        gl.static_assert(not C_TRANS or ACCUM != ACCUM_RMW,
+                         "the read-add-write tile is loaded row-major")
         if PADDED:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, GS], a_desc.layout)
             b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, GS], b_desc.layout)
@@ -1092,12 +1107,12 @@ if _HAVE_GLUON:
                              c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
                              offsets_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn,
                              0, PADDED, GATHERED, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR,
-                             INFO)),
+                             INFO, C_TRANS)),
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
                              c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
                              offsets_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn,
                              1, PADDED, GATHERED, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR,
-                             INFO)),
+                             INFO, C_TRANS)),
             (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
                              sb_bufs, c_buf, ready, empty, c_ready, c_empty, info, info_ready,
                              info_empty, a_ptr, b_ptr, gather_ptr, counts_ptr, offsets_ptr, MO,
@@ -1169,7 +1184,7 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
         PADDED=True, TOPK=1, A_GATHER=False, B_GATHER=False, ACCUM=int(accum), GS=128, BM=bm,
         BN=bn, STAGES=cfg["STAGES"], BLOCK_E=max(32, triton.next_power_of_2(E)),
         KPAIR=cfg["KPAIR"], INFO=cfg["INFO"], LOAD_WARPS=1, LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], num_warps=4, maxnreg=cfg["MAXNREG"])
+        MMA_REGS=cfg["MMA_REGS"], C_TRANS=False, num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
 
 
@@ -1215,6 +1230,14 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
     each expert's first row (the Triton kernel's order)."""
     if a_gather == b_gather:
         raise ValueError("segment_mm_direct: exactly one operand is gathered")
+    # C[e] strides (expert, row, column) as the kernel indexes its tiles
+    c_strides = (c.stride(0), c.stride(1), c.stride(2))
+    trans = b_gather and tune.gluon_bf16_wgrad_swap and accum != Accum.RMW
+    if trans:
+        # C[e] = (Bᵀ·A)ᵀ: the gathered operand on the tile's rows (dW_down's form and tiles),
+        # C written transposed
+        a, b, a_gather, b_gather = b, a, True, False
+        c_strides = (c.stride(0), c.stride(2), c.stride(1))
     mo, no = a.shape[1], b.shape[1]
     cfg = bf16_seg_config(tune, c, accum, mo, no, b_gather)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
@@ -1232,12 +1255,12 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
     _segment_mm_ws[(_programs(tune, num_tiles, c.device),)](
         a_desc, b_desc, _stand_in(meta.counts), _stand_in(meta.counts),
         _c_desc(c, accum, bm, bn, meta.counts), c, a, b, meta.sorted_slot, meta.counts,
-        meta.offsets, mo, no, E, num_tiles, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
-        c.stride(2), PADDED=False, TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
+        meta.offsets, mo, no, E, num_tiles, a.stride(0), b.stride(0), *c_strides,
+        PADDED=False, TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
         ACCUM=int(accum), GS=bk, BM=bm, BN=bn, STAGES=cfg["STAGES"],
         BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=False, INFO=True,
         LOAD_WARPS=cfg["LOAD_WARPS"], LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
-        num_warps=4, maxnreg=cfg["MAXNREG"])
+        C_TRANS=trans, num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
 
 

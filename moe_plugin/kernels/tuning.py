@@ -68,6 +68,10 @@ class Tuning:
     gluon_bf16_seg_config: dict = field(default_factory=lambda: dict(
         BM=128, BN=256, BK=64, STAGES=3, LOAD_WARPS=4, LOAD_REGS=72, MMA_REGS=216,
         MAXNREG=168))
+    # dW_up (B's rows gathered) as (x_eᵀ · dpre_e)ᵀ: the gathered x on the tile's 128 rows, the
+    # tiles and form of dW_down, C stored transposed (``gluon_gemm.segment_mm_direct``; not for
+    # a read-add-write into the output)
+    gluon_bf16_wgrad_swap: bool = False
     # over it (``gluon_gemm.bf16_seg_config``) where B's rows are gathered (dW_up: x): 256 x 128
     # tiles, so that each k-step gathers 128 columns of x, not 256
     gluon_bf16_seg_bgather_config: dict = field(default_factory=lambda: dict(
