@@ -14,6 +14,7 @@ Outputs of each pair are compared bitwise (``equal``).
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -44,6 +45,10 @@ def main():
                     help="JSON list of dicts applied over gluon_bf16_config (or '_field')")
     ap.add_argument("--enable", nargs="*", default=[])
     ap.add_argument("--rep-ms", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="the runs of a GEMM timed in turn this many times (A B A B ...): the "
+                         "median over rounds is reported with the rounds' spread (power and "
+                         "clock drift move a single timing by up to ~15%% on the H200)")
     args = ap.parse_args()
     print(json.dumps({"ceiling_tflops": round(_dense_rate(), 1)}), flush=True)
     variants = json.loads(args.seg_variants) if args.seg_variants else []
@@ -67,11 +72,12 @@ def main():
                     runs.append((f"{field}:{json.dumps(v)}", {field: {**base, **v}}))
             runs = [(label, {**enabled, **changes}) for label, changes in runs]
             ref = None
-            for label, changes in runs:
+            times = {}  # label -> per-round medians
+            equal = {}
+            for label, changes in runs:  # correctness once, before the timing
                 with tuning.override(**changes):
                     try:
                         out = fn()
-                        t = do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median")
                     except Exception as ex:  # out of shared memory etc.
                         print(json.dumps({"config": name, "kernel": kind, "run": label,
                                           "error": repr(ex)[:300]}), flush=True)
@@ -82,9 +88,21 @@ def main():
                     ref = first.clone() if torch.is_tensor(first) else None
                 elif torch.is_tensor(first):
                     eq = bool(torch.equal(first, ref))
+                equal[label] = eq
+                times[label] = []
+                del out, first
+            for _ in range(max(1, args.rounds)):
+                for label, changes in runs:
+                    if label in times:
+                        with tuning.override(**changes):
+                            times[label].append(do_bench(fn, warmup=5, rep=args.rep_ms,
+                                                         return_mode="median"))
+            for label, ts in times.items():
+                t = statistics.median(ts)
                 print(json.dumps({"config": name, "kernel": kind, "run": label,
                                   "ms": round(t, 4), "tflops": round(flops / t / 1e9, 1),
-                                  "equal": eq}), flush=True)
+                                  "spread": round((max(ts) - min(ts)) / t, 3),
+                                  "equal": equal[label]}), flush=True)
         del st
         torch.cuda.empty_cache()
 
