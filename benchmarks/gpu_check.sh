@@ -16,6 +16,8 @@
 #             the split form (GEMMS_S)
 #   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap) against the
 #             default, LAYER_CONFIGS (GEMMS_S)
+#   up_wide   bench_gemms.py: the gated GEMM1 with one accumulator over the gate and up
+#             columns (gluon_bf16_up_config WIDE) against the default, LAYER_CONFIGS (GEMMS_S)
 #   layer     bench_layer.py: moe_plugin (defaults) against moe_plugin_triton_grouped, one
 #             process (LAYER_S, 300; LAYER_CONFIGS, default all five of issue 21), JSON + md
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
@@ -65,6 +67,11 @@ for step in "$@"; do
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels wgrad_up --enable gluon_bf16_wgrad_swap --against gluon_bf16_wgrad_swap \
         2>&1 | tee "$OUT/gemms_wgrad_swap.log" | grep -v '^ ' | cut -c1-220 ;;
+    up_wide)
+      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
+        --kernels up --against \
+        --grouped-variants '[{"_field": "gluon_bf16_up_config", "WIDE": true}]' \
+        2>&1 | tee "$OUT/gemms_up_wide.log" | grep -v '^ ' | cut -c1-220 ;;
     layer)
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
         --impls moe_plugin moe_plugin_triton_grouped --configs $LAYER_CONFIGS \

@@ -224,6 +224,17 @@ def _cases():
                     tune, tokens, None, wd, None, (0, 0, 0), prea, wts, metab,
                     torch.empty_like(prea), torch.empty(sb_, f, dtype=torch.bfloat16), n=f, k=d,
                     gated=gated, act=0 if gated else 3, gather=True))
+        # GEMM1 gated with one accumulator over the gate and up columns (WIDE)
+        wide = dataclasses.replace(tune, gluon_bf16_up_config={**tune.gluon_bf16_up_config,
+                                                               "WIDE": True})
+        for store_pre, store_h in ((True, True), (False, True)):
+            name = f"bf16_up_wide_{shape}" + "_pre" * store_pre + "_h" * store_h
+            cases[name] = (
+                lambda tokens=tokens, wu=wu, ordered=ordered, d=d, f=f, store_pre=store_pre,
+                store_h=store_h, pre=ordered2 if store_pre else None: GF.grouped_mm_direct(
+                    wide, tokens, wu, (wu.stride(0), wu.stride(2), wu.stride(1)), ordered,
+                    metab, n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, pre=pre, gated=True,
+                    act=0, store_pre=store_pre, store_h=store_h))
         for gated in (True, False):
             wup = wu if gated else w(f, d)
             for store_pre, store_h in ((True, True), (False, True), (True, False)):
