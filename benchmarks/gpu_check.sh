@@ -18,6 +18,8 @@
 #             default, LAYER_CONFIGS (GEMMS_S)
 #   up_wide   bench_gemms.py: the gated GEMM1 with one accumulator over the gate and up
 #             columns (gluon_bf16_up_config WIDE) against the default, LAYER_CONFIGS (GEMMS_S)
+#   tma_store bench_gemms.py: GEMM2, dx, dh' with the tile stored by TMA (gluon_bf16_config
+#             TMA_STORE, 3 slots) against the default and 3 slots alone, LAYER_CONFIGS
 #   layer     bench_layer.py: moe_plugin (defaults) against moe_plugin_triton_grouped, one
 #             process (LAYER_S, 300; LAYER_CONFIGS, default all five of issue 21), JSON + md
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
@@ -72,6 +74,11 @@ for step in "$@"; do
         --kernels up --against \
         --grouped-variants '[{"_field": "gluon_bf16_up_config", "WIDE": true}]' \
         2>&1 | tee "$OUT/gemms_up_wide.log" | grep -v '^ ' | cut -c1-220 ;;
+    tma_store)
+      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
+        --kernels down dx dh --against \
+        --grouped-variants '[{"TMA_STORE": true, "STAGES": 3}, {"STAGES": 3}]' \
+        2>&1 | tee "$OUT/gemms_tma_store.log" | grep -v '^ ' | cut -c1-220 ;;
     layer)
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
         --impls moe_plugin moe_plugin_triton_grouped --configs $LAYER_CONFIGS \

@@ -224,6 +224,16 @@ def _cases():
                     tune, tokens, None, wd, None, (0, 0, 0), prea, wts, metab,
                     torch.empty_like(prea), torch.empty(sb_, f, dtype=torch.bfloat16), n=f, k=d,
                     gated=gated, act=0 if gated else 3, gather=True))
+        # the plain epilogue by TMA stores (TMA_STORE, 3 ring slots)
+        tmas = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
+                                                            "TMA_STORE": True, "STAGES": 3})
+        cases[f"bf16_dh_tmastore_{shape}"] = (
+            lambda wd=wd, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
+                tmas, tokens, wd, wd.stride(), ordered, metab, n=f, k=d, gather=True))
+        if (2 * f) % 64 == 0:
+            cases[f"bf16_dx_tmastore_{shape}"] = (
+                lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
+                    tmas, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
         # GEMM1 gated with one accumulator over the gate and up columns (WIDE)
         wide = dataclasses.replace(tune, gluon_bf16_up_config={**tune.gluon_bf16_up_config,
                                                                "WIDE": True})

@@ -34,7 +34,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
          + [f"bf16_up_wide_{shape}_{store}" for shape in ("aligned", "odd")
-            for store in ("pre_h", "h")])
+            for store in ("pre_h", "h")]
+         + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"])
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     row-grouped GEMM (plain and with the fused dh' epilogue) and the 16-bit row-grouped GEMMs
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
     backward in its epilogue, GEMM1 gated or not storing pre and / or h, gated with one wide
-    accumulator): compiled, within a Hopper block's shared memory."""
+    accumulator; the plain epilogue by TMA stores): compiled, within a Hopper block's shared
+    memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]
     assert "error" not in res, f"{case}: {res['error']}"

@@ -302,17 +302,22 @@ def _count_calls(monkeypatch, module, name):
 
 @pytest.mark.parametrize("kind", ["down", "dx", "dh"])
 @pytest.mark.parametrize("programs", [None, 3])
-def test_gluon_bf16_grouped_equals_triton(kind, programs, tune, monkeypatch):
+@pytest.mark.parametrize("tma_store", [False, True], ids=["st", "tma_st"])
+def test_gluon_bf16_grouped_equals_triton(kind, programs, tma_store, tune, monkeypatch):
     """On Hopper, with ``gluon_bf16_grouped``, GEMM2 (B = W_downᵀ, K-major), dx (B = W_up,
     N-major) and the split form's dh' (A = dout rows gathered by ``cp.async``, B = W_down,
     N-major) run as the Gluon row-grouped kernel (``gluon_gemm.grouped_mm_direct``). Against
     the Triton kernel it replaces (the same 64-wide k-steps in order): bitwise equal; ragged
     experts, an empty one, output widths not multiples of the 128 tile, unused slots whose rows
-    hold NaN, the persistent grid at one program per SM and at 3 programs."""
+    hold NaN, the persistent grid at one program per SM and at 3 programs; the tile stored
+    by registers or (``tma_store``: ``gluon_bf16_config["TMA_STORE"]``) through shared memory
+    by TMA in 16-row chunks, the chunk across an expert's end by masked stores."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
-    tune(gluon_programs=programs)
+    tune(gluon_programs=programs,
+         gluon_bf16_config={**tuning.current().gluon_bf16_config, "TMA_STORE": tma_store,
+                            **({"STAGES": 3} if tma_store else {})})
     g = torch.Generator().manual_seed(23)
     n, k, e, d, f = 700, 2, 6, 320, 192
     meta = _ragged_meta(g, n, k, e)

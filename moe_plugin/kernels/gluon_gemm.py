@@ -372,8 +372,38 @@ if _HAVE_GLUON:
         mbarrier.arrive(pre_empty)
 
     @gluon.jit
+    def _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N, stride_cm,
+                        HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr):
+        """A consumer's rows of a plain tile stored through shared memory: its ``[HM, BN]``
+        half of ``c_smem`` written from the accumulator, then each CH-row chunk (``c_desc``'s
+        box) wholly inside the expert's rows sent by an asynchronous TMA store (columns past N
+        clipped by the descriptor) and the chunk across the expert's end by masked stores;
+        chunks past it skipped. The buffer is reused once this warpgroup's TMA stores of the
+        previous tile have read it: the epilogue does not wait for its global writes."""
+        CH: gl.constexpr = c_desc.block_type.shape[0]
+        st: gl.constexpr = _store_layout(4)
+        half = c_smem.slice(HALF * HM, HM)
+        tma.store_wait(0)
+        gl.thread_barrier()  # every thread past the wait before any overwrites the buffer
+        half.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # all rows written (and fenced) before the TMA reads them
+        first = row0 + HALF * HM
+        for c in gl.static_range(HM // CH):
+            r0 = first + c * CH
+            if r0 + CH <= seg_end:
+                tma.async_copy_shared_to_global(c_desc, [r0, pid_n * BN], half.slice(c * CH, CH))
+            elif r0 < seg_end:
+                rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
+                cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+                v = half.slice(c * CH, CH).load(st)
+                gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], v,
+                         mask=(rows < seg_end)[:, None] & (cols < N)[None, :])
+
+    @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
-                      pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, pre_ptr, hw_ptr,
+                      pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc, c_ptr,
+                      pre_ptr, hw_ptr,
                       dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
                       num_m_tiles, num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp,
                       stride_sa, stride_sbe, stride_sbk, stride_sbn, HALF: gl.constexpr,
@@ -382,7 +412,8 @@ if _HAVE_GLUON:
                       KPAIR: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
                       GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
                       B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
-                      STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, WIDE: gl.constexpr):
+                      STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, WIDE: gl.constexpr,
+                      TMA_STORE: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc).
         ``SCALED`` (FP8): each k-step's product promoted with its scales, the two consumers'
         MMAs alternating; else (16-bit) the k-steps accumulate in the wgmma, one k-step left
@@ -514,16 +545,21 @@ if _HAVE_GLUON:
                         h = act_fwd(g.to(gl.float32), u.to(gl.float32), ACT)
                         gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :],
                                  h.to(c_ptr.dtype.element_ty), mask=cmask)
+                elif TMA_STORE:
+                    _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N,
+                                    stride_cm, HALF, HM, BN)
                 else:
                     out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
                     gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :], out,
                              mask=cmask)
                 tp += 1
+        if TMA_STORE:
+            tma.store_wait(0)  # the last tile's stores done reading shared memory
 
 
     @gluon.jit
     def _grouped_mm_ws(
-            a_desc, b_desc, pre_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, a_ptr, gather_ptr,
+            a_desc, b_desc, pre_desc, c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, a_ptr, gather_ptr,
             sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K, num_m_tiles,
             num_tiles, stride_a, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
             stride_sbe, stride_sbk, stride_sbn, BM: gl.constexpr, BN: gl.constexpr,
@@ -533,15 +569,19 @@ if _HAVE_GLUON:
             B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, TOPK: gl.constexpr,
             STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, WIDE: gl.constexpr,
-            num_warps: gl.constexpr):
+            TMA_STORE: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
         wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
         epilogue; ``EPI_ACT_FWD`` (16-bit, B K-major): GEMM1 with its activation (gated: the
         gate and up tiles in one ring slot, two accumulators; ``WIDE``: one ``[BN·2]``-column
         tile, one accumulator and one wgmma per k-step, split into gate and up in the
-        epilogue)."""
+        epilogue). ``TMA_STORE`` (16-bit, plain epilogue): the tile stored through shared
+        memory by ``c_desc``'s TMA (``_tma_store_tile``), the consumers on to the next tile
+        while it is written."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
+        gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
+                                           and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
         gl.static_assert(BM == 128, "two consumers of 64 rows")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
@@ -577,6 +617,10 @@ if _HAVE_GLUON:
             pre_bufs = gl.allocate_shared_memory(gl.float32, [2, 4], plain)
             dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
             w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
+        if TMA_STORE:  # the output tile on its way out (else a token allocation)
+            c_smem = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
+        else:
+            c_smem = gl.allocate_shared_memory(gl.float32, [4], plain)
         pre_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         pre_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(pre_ready, count=2)  # the producer's expect and its weights' arrive
@@ -584,21 +628,23 @@ if _HAVE_GLUON:
 
         gl.warp_specialize([
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
-                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, pre_ptr,
-                             hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
+                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
+                             c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
+                             counts_ptr,
                              offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
                              stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk,
                              stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR, INFO,
                              EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL, STORE_PRE,
-                             STORE_H, WIDE)),
+                             STORE_H, WIDE, TMA_STORE)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
-                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_ptr, pre_ptr,
-                             hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
+                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
+                             c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
+                             counts_ptr,
                              offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
                              stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk,
                              stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR, INFO,
                              EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL, STORE_PRE,
-                             STORE_H, WIDE)),
+                             STORE_H, WIDE, TMA_STORE)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
                              info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
                              a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N,
@@ -739,9 +785,17 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     pre = out if pre is None else pre
     hw = out if hw is None else hw
     dummy = meta.counts
-    # without the fused dh' epilogue pre_desc is unused: b_desc stands in for it
+    # the output's TMA stores (16-bit, plain epilogue, ``cfg["TMA_STORE"]``): CH-row boxes
+    tma_store = (bool(cfg.get("TMA_STORE", False)) and not scaled and epi == Epilogue.STORE
+                 and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
+                 and out.data_ptr() % 16 == 0)
+    c_desc = (TensorDescriptor.from_tensor(out, [16, bn], _nvmma_layout(16, bn, out.dtype))
+              if tma_store else None)
+    # without the fused dh' epilogue pre_desc is unused, without TMA_STORE c_desc: b_desc
+    # stands in for them
     _grouped_mm_ws[(_programs(tune, num_tiles, out.device),)](
-        a_desc, b_desc, b_desc if pre_desc is None else pre_desc, out, pre, hw,
+        a_desc, b_desc, b_desc if pre_desc is None else pre_desc,
+        b_desc if c_desc is None else c_desc, out, pre, hw,
         dummy if dwp is None else dwp, dummy if weights is None else weights, a,
         meta.sorted_slot, dummy if sa is None else sa, dummy if sb is None else sb, tiles_cum,
         meta.counts, meta.offsets, E, n, nb, k, num_m_tiles, num_tiles, a.stride(0),
@@ -753,7 +807,8 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], WIDE=bool(cfg.get("WIDE", False)) and gated
-        and epi == Epilogue.ACT_FWD, num_warps=4, maxnreg=cfg["MAXNREG"])
+        and epi == Epilogue.ACT_FWD, TMA_STORE=tma_store, num_warps=4,
+        maxnreg=cfg["MAXNREG"])
 
 
 @functools.lru_cache(maxsize=None)
