@@ -220,8 +220,19 @@ IMPLS = {
 }
 # moe_plugin with one kernel family forced on or off (fields of ``kernels.tuning``), applied
 # around the whole measurement (forward and backward), to compare it with the defaults
+def _candidates() -> dict:
+    """``moe_plugin_candidates``: the defaults with the prepared, not yet default, Gluon
+    variants on (benchmarks/NOTES.md): dW_up transposed, GEMM1's one wide accumulator, the
+    plain epilogue by TMA stores (3 ring slots)."""
+    t = tuning.current()
+    return dict(gluon_bf16_wgrad_swap=True,
+                gluon_bf16_up_config={**t.gluon_bf16_up_config, "WIDE": True},
+                gluon_bf16_config={**t.gluon_bf16_config, "TMA_STORE": True, "STAGES": 3})
+
+
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),
-         "moe_plugin_triton_grouped": ("moe_plugin", dict(gluon_bf16_grouped=False))}
+         "moe_plugin_triton_grouped": ("moe_plugin", dict(gluon_bf16_grouped=False)),
+         "moe_plugin_candidates": ("moe_plugin", _candidates())}
 
 
 def measure(fn, inputs, rep_ms=200):
