@@ -25,8 +25,8 @@
 #             LAYER_CONFIGS, default all five of issue 21), JSON + md
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
 #             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
-#             540); QuACK's autotuning cache is packed into OUT_DIR/quack_cache.tar afterwards
-#             (unpack it into .whl_sonic/quack_cache for the next call)
+#             540); QuACK's autotuning results are packed into OUT_DIR/quack_autotune.tar.xz
+#             afterwards (unpack it into .whl_sonic/quack_cache for the next call)
 set -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR STEP...}
 shift
@@ -95,8 +95,10 @@ for step in "$@"; do
           --json "$OUT/peers_$c.json" --md "$OUT/peers_$c.md" 2>&1 \
           | tee "$OUT/peers_$c.log" | tail -8
       done
-      # one file (the device tool brings back a limited number of files)
-      tar -C "$QUACK_CACHE_DIR" -cf "$OUT/quack_cache.tar" . ;;
+      # the autotuning results only (JSON; the compiled candidates are rebuilt on demand), one
+      # small file: the device tool brings back at most 8 files of 16 MiB
+      (cd "$QUACK_CACHE_DIR" && find . -name '*.json' -print0 \
+         | tar -cJf "$OUT/quack_autotune.tar.xz" --null -T -) ;;
     *)
       echo "unknown step: $step" >&2; exit 2 ;;
   esac

@@ -9,9 +9,10 @@
 # SonicMoE's GEMMs (QuACK) autotune per shape, compiling every candidate on a fresh machine
 # (minutes per config). With QUACK_CACHE_AUTOTUNING=1 each autotuned function's result is kept
 # as a small JSON file under QUACK_CACHE_DIR (with the compiled objects) as soon as it is
-# tuned, so a run cut short keeps what it finished: copy "$QUACK_CACHE_DIR" to $OUT at the end
-# of a device call and back into FOLDER/quack_cache (carried with FOLDER) for the next one,
-# whose autotuner then skips what is cached. QUACK_COMPILE_WORKERS: parallel compiles.
+# tuned, so a run cut short keeps what it finished: `gpu_check.sh ... peers` packs those JSON
+# files into $OUT/quack_autotune.tar.xz; put that file into FOLDER (carried) and this script
+# unpacks it into QUACK_CACHE_DIR for the next call, whose autotuner then skips what is
+# cached. QUACK_COMPILE_WORKERS: parallel compiles.
 _peers_src="${1:-.whl_sonic}"
 _peers_dst=/tmp/peers
 mkdir -p "$_peers_dst"
@@ -24,3 +25,6 @@ export QUACK_CACHE_AUTOTUNING=1
 export QUACK_CACHE_DIR="${QUACK_CACHE_DIR:-$PWD/$_peers_src/quack_cache}"
 export QUACK_COMPILE_WORKERS="${QUACK_COMPILE_WORKERS:-$(nproc)}"
 mkdir -p "$QUACK_CACHE_DIR"
+if [ -f "$_peers_src/quack_autotune.tar.xz" ]; then
+  tar -C "$QUACK_CACHE_DIR" -xJf "$_peers_src/quack_autotune.tar.xz" || return 1
+fi
