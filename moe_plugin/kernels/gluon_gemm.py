@@ -559,10 +559,10 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _grouped_mm_ws(
-            a_desc, b_desc, pre_desc, c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, a_ptr, gather_ptr,
-            sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K, num_m_tiles,
-            num_tiles, stride_a, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
-            stride_sbe, stride_sbk, stride_sbn, BM: gl.constexpr, BN: gl.constexpr,
+            a_desc, b_desc, pre_desc, c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, a_ptr,
+            gather_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K,
+            num_m_tiles, num_tiles, stride_a, stride_cm, stride_pm, stride_hw, stride_dwp,
+            stride_sa, stride_sbe, stride_sbk, stride_sbn, BM: gl.constexpr, BN: gl.constexpr,
             BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
             BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
             GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
