@@ -20,12 +20,16 @@ from triton.runtime.driver import driver
 
 
 class Compiled(Exception):
-    """Raised at the launch of a compiled kernel; ``args[0]``: its metadata."""
+    """Raised at the launch of a compiled kernel; ``args``: its metadata and its constexpr
+    arguments by name."""
 
 
 class _Launcher:
     def __init__(self, src, metadata):
-        raise Compiled(metadata)
+        names = getattr(getattr(src, "fn", None), "arg_names", [])
+        consts = {names[k[0]]: v for k, v in getattr(src, "constants", {}).items()
+                  if len(k) == 1 and k[0] < len(names)}
+        raise Compiled(metadata, consts)
 
 
 class _Utils:
@@ -95,13 +99,18 @@ def sm90():
 
 def compile_launch(fn):
     """Runs ``fn`` (a launcher call) inside ``sm90()``; returns the metadata of the kernel it
-    compiled and would have launched."""
+    compiled and would have launched, and that launch's constexpr arguments by name."""
     with sm90():
         try:
             fn()
         except Compiled as c:
-            return c.args[0]
+            return c.args
     raise AssertionError("the call compiled no kernel")
+
+
+# the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
+# compiled the variant)
+REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "WIDE", "TMA_STORE")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,9 +280,11 @@ def main():
         if only and name not in only:
             continue
         try:
-            md = compile_launch(fn)
+            md, consts = compile_launch(fn)
             print(json.dumps({"case": name, "kernel": md.name, "shared": md.shared,
-                              "spills": getattr(md, "n_spills", None)}), flush=True)
+                              "spills": getattr(md, "n_spills", None),
+                              "launch": {k: consts[k] for k in REPORTED if k in consts}}),
+                  flush=True)
         except Exception as ex:  # a compile error: reported, the next case runs
             print(json.dumps({"case": name, "error": f"{type(ex).__name__}: {ex}"[-2000:]}),
                   flush=True)

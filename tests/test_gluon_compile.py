@@ -63,3 +63,35 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     res = compiled[case]
     assert "error" not in res, f"{case}: {res['error']}"
     assert 0 < res["shared"] <= SMEM_LIMIT, res
+
+
+# the launch choices behind the variants' cases (a fits-check or config that quietly fell back
+# would compile, and be timed as, the kernel it was meant to be compared with)
+LAUNCH = {
+    "bf16_wgrad_up_aligned_atomic": dict(BM=256, BN=128, STAGES=4, B_GATHER=True,
+                                         C_TRANS=False),
+    "bf16_wgrad_up_aligned_rmw": dict(BM=256, BN=128, STAGES=3),      # the RMW tile's room
+    "bf16_wgrad_up_aligned_rmw32": dict(BM=128, BN=128, STAGES=4),    # narrow: fp32 RMW
+    "bf16_wgrad_up_odd_store": dict(BM=128, BN=128, STAGES=4),        # narrow: widths
+    "bf16_wgrad_down_aligned_store": dict(BM=128, BN=256, STAGES=3, A_GATHER=True),
+    "bf16_wgrad_up_swap_aligned_atomic": dict(BM=128, BN=256, A_GATHER=True, B_GATHER=False,
+                                              C_TRANS=True),
+    "bf16_up_wide_aligned_h": dict(WIDE=True, TMA_STORE=False),
+    "bf16_up_gated_aligned_h": dict(WIDE=False),
+    "bf16_dh_tmastore_aligned": dict(TMA_STORE=True, STAGES=3, A_GATHER=True),
+    "bf16_dx_tmastore_aligned": dict(TMA_STORE=True, STAGES=3),
+    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAUNCH))
+def test_gluon_case_compiles_the_intended_launch(case, compiled):
+    """The constexpr arguments each variant's case was compiled with: the weight gradients'
+    tiles (``gluon_gemm.bf16_seg_config``: 256 x 128 with x gathered, 128 x 256 with dout
+    gathered, 128 x 128 for an fp32 read-add-write or widths not multiples of 16, the ring's
+    slots fitted beside a read-add-write tile), dW_up transposed, GEMM1's wide accumulator and
+    the TMA-store epilogue where their switches are on, and not elsewhere."""
+    assert case in compiled and "launch" in compiled[case], compiled.get(case)
+    got = compiled[case]["launch"]
+    for key, want in LAUNCH[case].items():
+        assert got.get(key) == want, f"{case}: {key} = {got.get(key)}, expected {want}"
