@@ -137,11 +137,16 @@ def _cases():
     from moe_plugin.kernels.codes import Accum
     tune = dataclasses.replace(tuning.current(), gluon_programs=132)
     cases = {}
-    # bf16 weight gradients: both operand roles, every epilogue, widths that are multiples of
-    # 8 but not of 16 or of the tile
-    for gathered, role in (("b", "wgrad_up"), ("a", "wgrad_down")):
+    # bf16 weight gradients: both operand roles (dW_up also transposed: gluon_bf16_wgrad_swap,
+    # the gathered x on the tile's rows, C stored transposed), every epilogue, widths that are
+    # multiples of 8 but not of 16 or of the tile
+    swap = dataclasses.replace(tune, gluon_bf16_wgrad_swap=True)
+    for gathered, role, t in (("b", "wgrad_up", tune), ("b", "wgrad_up_swap", swap),
+                              ("a", "wgrad_down", tune)):
         for (d, f2), shape in (((256, 512), "aligned"), ((200, 136), "odd")):
             for accum in (Accum.STORE, Accum.ATOMIC, Accum.RMW):
+                if t is swap and accum == Accum.RMW:  # the untransposed kernel: above
+                    continue
                 meta = _Meta([100, 0, 37, 300], top_k=2)
                 s = meta.sorted_slot.numel()
                 ordered = torch.zeros(s, f2, dtype=torch.bfloat16)
@@ -154,23 +159,9 @@ def _cases():
                     assert GF.segment_direct_fits(a, b, c, accum)
                     suffix = "32" if accum == Accum.RMW and cdt == torch.float32 else ""
                     cases[f"bf16_{role}_{shape}_{accum.name.lower()}{suffix}"] = (
-                        lambda a=a, b=b, c=c, meta=meta, accum=accum, gathered=gathered:
-                        GF.segment_mm_direct(tune, a, b, c, meta, accum,
+                        lambda a=a, b=b, c=c, meta=meta, accum=accum, gathered=gathered, t=t:
+                        GF.segment_mm_direct(t, a, b, c, meta, accum,
                                              a_gather=gathered == "a", b_gather=gathered == "b"))
-    # dW_up transposed (gluon_bf16_wgrad_swap): the gathered x on the tile's rows, C stored
-    # transposed, by store and by atomic add
-    swap = dataclasses.replace(tune, gluon_bf16_wgrad_swap=True)
-    for (d, f2), shape in (((256, 512), "aligned"), ((200, 136), "odd")):
-        for accum in (Accum.STORE, Accum.ATOMIC):
-            meta = _Meta([100, 0, 37, 300], top_k=2)
-            s = meta.sorted_slot.numel()
-            ordered = torch.zeros(s, f2, dtype=torch.bfloat16)
-            tokens = torch.zeros(s // 2 + 1, d, dtype=torch.bfloat16)
-            c = torch.zeros(meta.num_experts, f2, d,
-                            dtype=torch.float32 if accum == Accum.ATOMIC else torch.bfloat16)
-            cases[f"bf16_wgrad_up_swap_{shape}_{accum.name.lower()}"] = (
-                lambda a=ordered, b=tokens, c=c, meta=meta, accum=accum:
-                GF.segment_mm_direct(swap, a, b, c, meta, accum, a_gather=False, b_gather=True))
     # the FP8 weight gradient (the same kernel, PADDED) and the FP8 row-grouped GEMM
     meta8 = _Meta([200, 0, 300, 56], top_k=1)
     g, mo, no = 12, 256, 384
@@ -243,28 +234,21 @@ def _cases():
             cases[f"bf16_dx_tmastore_{shape}"] = (
                 lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
                     tmas, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
-        # GEMM1 gated with one accumulator over the gate and up columns (WIDE)
+        # GEMM1 gated or not, and gated with one accumulator over the gate and up columns
+        # (WIDE)
         wide = dataclasses.replace(tune, gluon_bf16_up_config={**tune.gluon_bf16_up_config,
                                                                "WIDE": True})
-        for store_pre, store_h in ((True, True), (False, True)):
-            name = f"bf16_up_wide_{shape}" + "_pre" * store_pre + "_h" * store_h
-            cases[name] = (
-                lambda tokens=tokens, wu=wu, ordered=ordered, d=d, f=f, store_pre=store_pre,
-                store_h=store_h, pre=ordered2 if store_pre else None: GF.grouped_mm_direct(
-                    wide, tokens, wu, (wu.stride(0), wu.stride(2), wu.stride(1)), ordered,
-                    metab, n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, pre=pre, gated=True,
-                    act=0, store_pre=store_pre, store_h=store_h))
-        for gated in (True, False):
+        for kind, gated, t in (("gated", True, tune), ("plain", False, tune),
+                               ("wide", True, wide)):
             wup = wu if gated else w(f, d)
             for store_pre, store_h in ((True, True), (False, True), (True, False)):
-                name = f"bf16_up_{'gated' if gated else 'plain'}_{shape}"
-                name += "_pre" * store_pre + "_h" * store_h
+                name = f"bf16_up_{kind}_{shape}" + "_pre" * store_pre + "_h" * store_h
                 pre = (ordered2 if gated else ordered.clone()) if store_pre else None
                 h = ordered if store_h else None
                 cases[name] = (
                     lambda wup=wup, tokens=tokens, pre=pre, h=h, d=d, f=f, gated=gated,
-                    store_pre=store_pre, store_h=store_h: GF.grouped_mm_direct(
-                        tune, tokens, wup, (wup.stride(0), wup.stride(2), wup.stride(1)), h,
+                    store_pre=store_pre, store_h=store_h, t=t: GF.grouped_mm_direct(
+                        t, tokens, wup, (wup.stride(0), wup.stride(2), wup.stride(1)), h,
                         metab, n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, pre=pre,
                         gated=gated, act=0, store_pre=store_pre, store_h=store_h))
     return cases

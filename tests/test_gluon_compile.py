@@ -31,10 +31,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + ["bf16_down_aligned", "bf16_dx_aligned", "bf16_dh_aligned", "bf16_dh_odd"]
          + [f"bf16_dh_fused_{g}_{shape}" for g in ("gated", "plain")
             for shape in ("aligned", "odd")]
-         + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
+         + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain", "wide")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
-         + [f"bf16_up_wide_{shape}_{store}" for shape in ("aligned", "odd")
-            for store in ("pre_h", "h")]
          + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"])
 
 

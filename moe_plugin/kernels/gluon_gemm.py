@@ -403,10 +403,10 @@ if _HAVE_GLUON:
     @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
                       pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc, c_ptr,
-                      pre_ptr, hw_ptr,
-                      dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
-                      num_m_tiles, num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp,
-                      stride_sa, stride_sbe, stride_sbk, stride_sbn, HALF: gl.constexpr,
+                      pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
+                      offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
+                      stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk, stride_sbn,
+                      HALF: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr,
                       KPAIR: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
@@ -630,21 +630,19 @@ if _HAVE_GLUON:
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
                              pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
                              c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
-                             counts_ptr,
-                             offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
-                             stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk,
-                             stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR, INFO,
-                             EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL, STORE_PRE,
-                             STORE_H, WIDE, TMA_STORE)),
+                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles,
+                             stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
+                             stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
+                             KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
+                             STORE_PRE, STORE_H, WIDE, TMA_STORE)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
                              pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
                              c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
-                             counts_ptr,
-                             offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
-                             stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk,
-                             stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E, KPAIR, INFO,
-                             EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL, STORE_PRE,
-                             STORE_H, WIDE, TMA_STORE)),
+                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles,
+                             stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
+                             stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
+                             KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
+                             STORE_PRE, STORE_H, WIDE, TMA_STORE)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
                              info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
                              a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N,
@@ -714,6 +712,10 @@ def _plain_layout(t):
                                 rank=2)
 
 
+# the epilogues ``grouped_mm_direct`` runs (the fused dh' one is ``grouped_mm_act_bwd``'s)
+DIRECT_EPILOGUES = (Epilogue.STORE, Epilogue.ACT_FWD)
+
+
 def grouped_direct_fits(a, b, stride_b, n: int, k: int, *, epi: Epilogue = Epilogue.STORE,
                         gated: bool = False, bk: int = 64) -> bool:
     """Whether ``grouped_mm_direct`` serves these operands: bf16 (the dtype its GPU tests run;
@@ -743,7 +745,7 @@ def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k
     top_k`` (copied by ``cp.async`` from the producer warps), else ``p`` (TMA).
     ``Epilogue.ACT_FWD``: GEMM1 (``c`` = h when ``store_h``; ``pre`` = the pre-activation,
     stored when ``store_pre``, else its rounding dtype is ``c``'s)."""
-    if epi not in (Epilogue.STORE, Epilogue.ACT_FWD):
+    if epi not in DIRECT_EPILOGUES:
         raise ValueError(f"grouped_mm_direct: epi={epi!r}; the dh' GEMM with the activation "
                          "backward in its epilogue is grouped_mm_act_bwd")
     cfg = _bf16_config(tune, gather,

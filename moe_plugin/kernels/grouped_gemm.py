@@ -512,8 +512,8 @@ def _launch_grouped(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
         GF.grouped_mm(tune, a, sa, b, sb, stride_sb, c, meta, n=n, k=k)
         return
     if (quant == Quant.NONE and bias is None and tune.gluon_bf16_grouped
-            and epi in (Epilogue.STORE, Epilogue.ACT_FWD)
-            and tune.gemm_config(kind) is None and GF.available(tune, a)
+            and epi in GF.DIRECT_EPILOGUES and tune.gemm_config(kind) is None
+            and GF.available(tune, a)
             and GF.grouped_direct_fits(a, b, stride_b, n, k, epi=epi, gated=gated)):
         GF.grouped_mm_direct(tune, a, b, stride_b, c, meta, n=n, k=k, gather=gather, epi=epi,
                              pre=pre, gated=gated, act=act, store_pre=store_pre,
