@@ -14,8 +14,8 @@
 #             gradients under SEG_VARIANTS (GEMMS_S, 240; CONFIGS, default fine_30b mixtral)
 #   fused_dh  bench_gemms.py: the bf16 dh' with the activation backward in its epilogue against
 #             the split form (GEMMS_S)
-#   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap) against the
-#             default, LAYER_CONFIGS (GEMMS_S)
+#   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap, the default)
+#             against the untransposed kernel, LAYER_CONFIGS (GEMMS_S)
 #   up_wide   bench_gemms.py: the gated GEMM1 with one accumulator over the gate and up
 #             columns (gluon_bf16_up_config WIDE) against the default, LAYER_CONFIGS (GEMMS_S)
 #   tma_store bench_gemms.py: GEMM2, dx, dh' with the tile stored by TMA (gluon_bf16_config
@@ -26,7 +26,8 @@
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
 #             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
 #             540); QuACK's autotuning results are packed into OUT_DIR/quack_autotune.tar.xz
-#             afterwards (unpack it into .whl_sonic/quack_cache for the next call)
+#             afterwards (commit it as benchmarks/peers/quack_autotune_h200.tar.xz, which
+#             peers_env.sh unpacks, so that the next call's autotuner skips what is done)
 set -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR STEP...}
 shift

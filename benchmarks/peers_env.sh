@@ -12,7 +12,8 @@
 # tuned, so a run cut short keeps what it finished: `gpu_check.sh ... peers` packs those JSON
 # files into $OUT/quack_autotune.tar.xz; put that file into FOLDER (carried) and this script
 # unpacks it into QUACK_CACHE_DIR for the next call, whose autotuner then skips what is
-# cached. QUACK_COMPILE_WORKERS: parallel compiles.
+# cached; commit it as benchmarks/peers/quack_autotune_h200.tar.xz to keep it for later
+# sessions (the tool's checkouts do not keep ignored folders). QUACK_COMPILE_WORKERS: parallel compiles.
 _peers_src="${1:-.whl_sonic}"
 _peers_dst=/tmp/peers
 mkdir -p "$_peers_dst"
@@ -25,6 +26,10 @@ export QUACK_CACHE_AUTOTUNING=1
 export QUACK_CACHE_DIR="${QUACK_CACHE_DIR:-$PWD/$_peers_src/quack_cache}"
 export QUACK_COMPILE_WORKERS="${QUACK_COMPILE_WORKERS:-$(nproc)}"
 mkdir -p "$QUACK_CACHE_DIR"
-if [ -f "$_peers_src/quack_autotune.tar.xz" ]; then
-  tar -C "$QUACK_CACHE_DIR" -xJf "$_peers_src/quack_autotune.tar.xz" || return 1
-fi
+# the committed results (benchmarks/peers/quack_autotune_h200.tar.xz: an H200, these wheels),
+# then the carried ones (newer: they overwrite)
+for _tuned in benchmarks/peers/quack_autotune_h200.tar.xz "$_peers_src/quack_autotune.tar.xz"; do
+  if [ -f "$_tuned" ]; then
+    tar -C "$QUACK_CACHE_DIR" -xJf "$_tuned" || return 1
+  fi
+done

@@ -141,7 +141,8 @@ def _cases():
     # the gathered x on the tile's rows, C stored transposed), every epilogue, widths that are
     # multiples of 8 but not of 16 or of the tile
     swap = dataclasses.replace(tune, gluon_bf16_wgrad_swap=True)
-    for gathered, role, t in (("b", "wgrad_up", tune), ("b", "wgrad_up_swap", swap),
+    plain = dataclasses.replace(tune, gluon_bf16_wgrad_swap=False)
+    for gathered, role, t in (("b", "wgrad_up", plain), ("b", "wgrad_up_swap", swap),
                               ("a", "wgrad_down", tune)):
         for (d, f2), shape in (((256, 512), "aligned"), ((200, 136), "odd")):
             for accum in (Accum.STORE, Accum.ATOMIC, Accum.RMW):

@@ -71,7 +71,7 @@ class Tuning:
     # dW_up (B's rows gathered) as (x_eᵀ · dpre_e)ᵀ: the gathered x on the tile's 128 rows, the
     # tiles and form of dW_down, C stored transposed (``gluon_gemm.segment_mm_direct``; not for
     # a read-add-write into the output)
-    gluon_bf16_wgrad_swap: bool = False
+    gluon_bf16_wgrad_swap: bool = True
     # over it (``gluon_gemm.bf16_seg_config``) where B's rows are gathered (dW_up: x): 256 x 128
     # tiles, so that each k-step gathers 128 columns of x, not 256
     gluon_bf16_seg_bgather_config: dict = field(default_factory=lambda: dict(
