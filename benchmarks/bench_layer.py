@@ -222,11 +222,9 @@ IMPLS = {
 # around the whole measurement (forward and backward), to compare it with the defaults
 def _candidates() -> dict:
     """``moe_plugin_candidates``: the defaults with the prepared, not yet default, Gluon
-    variants on (benchmarks/NOTES.md): GEMM1's one wide accumulator, the plain epilogue by
-    TMA stores (3 ring slots)."""
+    variants on (benchmarks/NOTES.md): the plain epilogue by TMA stores (3 ring slots)."""
     t = tuning.current()
-    return dict(gluon_bf16_up_config={**t.gluon_bf16_up_config, "WIDE": True},
-                gluon_bf16_config={**t.gluon_bf16_config, "TMA_STORE": True, "STAGES": 3})
+    return dict(gluon_bf16_config={**t.gluon_bf16_config, "TMA_STORE": True, "STAGES": 3})
 
 
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),

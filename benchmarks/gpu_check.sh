@@ -16,8 +16,6 @@
 #             the split form (GEMMS_S)
 #   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap, the default)
 #             against the untransposed kernel, LAYER_CONFIGS (GEMMS_S)
-#   up_wide   bench_gemms.py: the gated GEMM1 with one accumulator over the gate and up
-#             columns (gluon_bf16_up_config WIDE) against the default, LAYER_CONFIGS (GEMMS_S)
 #   tma_store bench_gemms.py: GEMM2, dx, dh' with the tile stored by TMA (gluon_bf16_config
 #             TMA_STORE, 3 slots) against the default and 3 slots alone, LAYER_CONFIGS
 #   layer     bench_layer.py: moe_plugin (defaults) against LAYER_IMPLS (default
@@ -71,11 +69,6 @@ for step in "$@"; do
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels wgrad_up --enable gluon_bf16_wgrad_swap --against gluon_bf16_wgrad_swap \
         2>&1 | tee "$OUT/gemms_wgrad_swap.log" | grep -v '^ ' | cut -c1-220 ;;
-    up_wide)
-      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
-        --kernels up --against \
-        --grouped-variants '[{"_field": "gluon_bf16_up_config", "WIDE": true}]' \
-        2>&1 | tee "$OUT/gemms_up_wide.log" | grep -v '^ ' | cut -c1-220 ;;
     tma_store)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels down dx dh --against \

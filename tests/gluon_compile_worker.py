@@ -110,7 +110,7 @@ def compile_launch(fn):
 
 # the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
 # compiled the variant)
-REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "WIDE", "TMA_STORE")
+REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,12 +235,8 @@ def _cases():
             cases[f"bf16_dx_tmastore_{shape}"] = (
                 lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
                     tmas, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
-        # GEMM1 gated or not, and gated with one accumulator over the gate and up columns
-        # (WIDE)
-        wide = dataclasses.replace(tune, gluon_bf16_up_config={**tune.gluon_bf16_up_config,
-                                                               "WIDE": True})
-        for kind, gated, t in (("gated", True, tune), ("plain", False, tune),
-                               ("wide", True, wide)):
+        # GEMM1 gated or not
+        for kind, gated in (("gated", True), ("plain", False)):
             wup = wu if gated else w(f, d)
             for store_pre, store_h in ((True, True), (False, True), (True, False)):
                 name = f"bf16_up_{kind}_{shape}" + "_pre" * store_pre + "_h" * store_h
@@ -248,8 +244,8 @@ def _cases():
                 h = ordered if store_h else None
                 cases[name] = (
                     lambda wup=wup, tokens=tokens, pre=pre, h=h, d=d, f=f, gated=gated,
-                    store_pre=store_pre, store_h=store_h, t=t: GF.grouped_mm_direct(
-                        t, tokens, wup, (wup.stride(0), wup.stride(2), wup.stride(1)), h,
+                    store_pre=store_pre, store_h=store_h: GF.grouped_mm_direct(
+                        tune, tokens, wup, (wup.stride(0), wup.stride(2), wup.stride(1)), h,
                         metab, n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, pre=pre,
                         gated=gated, act=0, store_pre=store_pre, store_h=store_h))
     return cases

@@ -31,7 +31,7 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + ["bf16_down_aligned", "bf16_dx_aligned", "bf16_dh_aligned", "bf16_dh_odd"]
          + [f"bf16_dh_fused_{g}_{shape}" for g in ("gated", "plain")
             for shape in ("aligned", "odd")]
-         + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain", "wide")
+         + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
          + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"])
 
@@ -54,8 +54,8 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     the tile; dW_up also transposed, C stored transposed), the FP8 weight gradient, the FP8
     row-grouped GEMM (plain and with the fused dh' epilogue) and the 16-bit row-grouped GEMMs
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
-    backward in its epilogue, GEMM1 gated or not storing pre and / or h, gated with one wide
-    accumulator; the plain epilogue by TMA stores): compiled, within a Hopper block's shared
+    backward in its epilogue, GEMM1 gated or not storing pre and / or h; the plain epilogue
+    by TMA stores): compiled, within a Hopper block's shared
     memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]
@@ -74,8 +74,7 @@ LAUNCH = {
     "bf16_wgrad_down_aligned_store": dict(BM=128, BN=256, STAGES=3, A_GATHER=True),
     "bf16_wgrad_up_swap_aligned_atomic": dict(BM=128, BN=256, A_GATHER=True, B_GATHER=False,
                                               C_TRANS=True),
-    "bf16_up_wide_aligned_h": dict(WIDE=True, TMA_STORE=False),
-    "bf16_up_gated_aligned_h": dict(WIDE=False),
+    "bf16_up_gated_aligned_h": dict(TMA_STORE=False),
     "bf16_dh_tmastore_aligned": dict(TMA_STORE=True, STAGES=3, A_GATHER=True),
     "bf16_dx_tmastore_aligned": dict(TMA_STORE=True, STAGES=3),
     "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=False),
@@ -87,8 +86,8 @@ def test_gluon_case_compiles_the_intended_launch(case, compiled):
     """The constexpr arguments each variant's case was compiled with: the weight gradients'
     tiles (``gluon_gemm.bf16_seg_config``: 256 x 128 with x gathered, 128 x 256 with dout
     gathered, 128 x 128 for an fp32 read-add-write or widths not multiples of 16, the ring's
-    slots fitted beside a read-add-write tile), dW_up transposed, GEMM1's wide accumulator and
-    the TMA-store epilogue where their switches are on, and not elsewhere."""
+    slots fitted beside a read-add-write tile), dW_up transposed and the TMA-store epilogue
+    where their switches are on, and not elsewhere."""
     assert case in compiled and "launch" in compiled[case], compiled.get(case)
     got = compiled[case]["launch"]
     for key, want in LAUNCH[case].items():

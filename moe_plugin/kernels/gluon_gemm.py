@@ -214,7 +214,7 @@ if _HAVE_GLUON:
                       BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                       BLOCK_E: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
                       GATED: gl.constexpr, B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr,
-                      DUAL: gl.constexpr, TOPK: gl.constexpr, WIDE: gl.constexpr):
+                      DUAL: gl.constexpr, TOPK: gl.constexpr):
         """The ring over the tiles' k-steps: B's tiles by TMA (``B_KMAJOR``: B stored
         ``[E·NB, K]``, else ``[E·K, N]``; ``DUAL``: also the up rows ``NB/2`` further, into
         ring slot ``STAGES + s``), A's by TMA or, with ``A_GATHER`` (rows ``gather[p] //
@@ -276,12 +276,7 @@ if _HAVE_GLUON:
                     if not A_GATHER:
                         tma.async_copy_global_to_shared(a_desc, [row0, ks * BK], bar,
                                                         a_bufs.index(s))
-                    if B_KMAJOR and WIDE:  # the gate and up rows in one [2BN, BK] slot
-                        tma.async_copy_global_to_shared(b_desc, [brow0, ks * BK], bar,
-                                                        b_bufs.index(s).slice(0, BN))
-                        tma.async_copy_global_to_shared(b_desc, [brow0 + N, ks * BK], bar,
-                                                        b_bufs.index(s).slice(BN, BN))
-                    elif B_KMAJOR:
+                    if B_KMAJOR:
                         tma.async_copy_global_to_shared(b_desc, [brow0, ks * BK], bar,
                                                         b_bufs.index(s))
                         if DUAL:
@@ -412,7 +407,7 @@ if _HAVE_GLUON:
                       KPAIR: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
                       GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
                       B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
-                      STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, WIDE: gl.constexpr,
+                      STORE_PRE: gl.constexpr, STORE_H: gl.constexpr,
                       TMA_STORE: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc).
         ``SCALED`` (FP8): each k-step's product promoted with its scales, the two consumers'
@@ -483,11 +478,7 @@ if _HAVE_GLUON:
                         tn += 1
 
                 else:
-                    if WIDE:  # gate and up columns side by side in one accumulator
-                        acc = gl.zeros([HM, 2 * BN], gl.float32,
-                                       layout=_mma_layout(2 * BN, 4, 16))
-                    else:
-                        acc = gl.zeros([HM, BN], gl.float32, layout=mma)
+                    acc = gl.zeros([HM, BN], gl.float32, layout=mma)
                     acc2 = gl.zeros([HM, BN], gl.float32, layout=mma)
                     for ks in range(0, nk):
                         s = it % STAGES
@@ -500,7 +491,7 @@ if _HAVE_GLUON:
                                                 is_async=True)
                         else:
                             acc = warpgroup_mma(a, b_bufs.index(s), acc, is_async=True)
-                        if DUAL and not WIDE:
+                        if DUAL:
                             acc2 = warpgroup_mma(a, b_bufs.index(STAGES + s).permute((1, 0)),
                                                  acc2, is_async=True)
                             acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
@@ -509,15 +500,12 @@ if _HAVE_GLUON:
                         if ks > 0:  # the previous k-step's MMAs are done: release its slot
                             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
                         it += 1
-                    if DUAL and not WIDE:
+                    if DUAL:
                         acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
                     else:
                         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                     if nk > 0:
                         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                    if WIDE:  # columns [0, BN): gate, [BN, 2BN): up (same thread, registers)
-                        acc, acc2 = gl.split(gl.permute(gl.reshape(acc, [HM, 2, BN]),
-                                                        (0, 2, 1)))
 
                 rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
                 cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
@@ -568,15 +556,13 @@ if _HAVE_GLUON:
             GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
             B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, TOPK: gl.constexpr,
             STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
-            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr, WIDE: gl.constexpr,
+            LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
             TMA_STORE: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
         wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
         epilogue; ``EPI_ACT_FWD`` (16-bit, B K-major): GEMM1 with its activation (gated: the
-        gate and up tiles in one ring slot, two accumulators; ``WIDE``: one ``[BN·2]``-column
-        tile, one accumulator and one wgmma per k-step, split into gate and up in the
-        epilogue). ``TMA_STORE`` (16-bit, plain epilogue): the tile stored through shared
+        gate and up tiles in one ring slot, two accumulators). ``TMA_STORE`` (16-bit, plain epilogue): the tile stored through shared
         memory by ``c_desc``'s TMA (``_tma_store_tile``), the consumers on to the next tile
         while it is written."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
@@ -585,16 +571,10 @@ if _HAVE_GLUON:
         gl.static_assert(BM == 128, "two consumers of 64 rows")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
-        gl.static_assert(not WIDE or DUAL, "WIDE: the gated GEMM1's two column tiles")
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_shape,
                                            a_desc.layout)
-        if WIDE:
-            b_bufs = gl.allocate_shared_memory(
-                b_desc.dtype, [STAGES, 2 * b_desc.block_shape[0], b_desc.block_shape[1]],
-                b_desc.layout)
-        else:
-            b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * (1 + DUAL)]
-                                               + b_desc.block_shape, b_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * (1 + DUAL)]
+                                           + b_desc.block_shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -634,7 +614,7 @@ if _HAVE_GLUON:
                              stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
                              stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
                              KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
-                             STORE_PRE, STORE_H, WIDE, TMA_STORE)),
+                             STORE_PRE, STORE_H, TMA_STORE)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
                              pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
                              c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
@@ -642,13 +622,13 @@ if _HAVE_GLUON:
                              stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
                              stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
                              KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
-                             STORE_PRE, STORE_H, WIDE, TMA_STORE)),
+                             STORE_PRE, STORE_H, TMA_STORE)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
                              info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
                              a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N,
                              NB, K, num_m_tiles, num_tiles, stride_a, BM, BN, BK, STAGES,
                              GROUP_M, BLOCK_E, INFO, EPI, GATED, B_KMAJOR, A_GATHER, DUAL,
-                             TOPK, WIDE)),
+                             TOPK)),
         ], [4, LOAD_WARPS], [MMA_REGS, LOAD_REGS])
 
 
@@ -808,8 +788,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         INFO=cfg["INFO"], EPI=int(epi), GATED=gated, ACT=int(act), SCALED=scaled,
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], WIDE=bool(cfg.get("WIDE", False)) and gated
-        and epi == Epilogue.ACT_FWD, TMA_STORE=tma_store, num_warps=4,
+        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=tma_store, num_warps=4,
         maxnreg=cfg["MAXNREG"])
 
 
