@@ -562,9 +562,9 @@ if _HAVE_GLUON:
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
         wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
         epilogue; ``EPI_ACT_FWD`` (16-bit, B K-major): GEMM1 with its activation (gated: the
-        gate and up tiles in one ring slot, two accumulators). ``TMA_STORE`` (16-bit, plain epilogue): the tile stored through shared
-        memory by ``c_desc``'s TMA (``_tma_store_tile``), the consumers on to the next tile
-        while it is written."""
+        gate and up tiles in one ring slot, two accumulators). ``TMA_STORE`` (16-bit, plain
+        epilogue): the tile stored through shared memory by ``c_desc``'s TMA
+        (``_tma_store_tile``), the consumers on to the next tile while it is written."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
