@@ -104,8 +104,18 @@ def available(tune: tuning.Tuning, t: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(t.device)[0] == 9)
 
 
+# The shared layouts of the launchers' TMA descriptors are built once (the launch path runs per
+# GEMM call, and building a layout object costs host time)
+@functools.lru_cache(maxsize=None)
 def _smem_layout():
+    """The 128-byte-swizzled shared layout of the FP8 kernels' 2-D TMA tiles."""
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _unswizzled_layout(bits: int, rank: int):
+    """An unswizzled shared layout of ``bits``-bit elements and ``rank`` dimensions."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)
 
 
 if _HAVE_GLUON:
@@ -688,8 +698,7 @@ def _bf16_config(tune: tuning.Tuning, gather: bool, extra: dict) -> dict:
 
 def _plain_layout(t):
     """An unswizzled shared layout for TMA boxes of ``t`` (rows of any width)."""
-    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=t.element_size() * 8,
-                                rank=2)
+    return _unswizzled_layout(t.element_size() * 8, 2)
 
 
 # the epilogues ``grouped_mm_direct`` runs (the fused dh' one is ``grouped_mm_act_bwd``'s)
@@ -794,7 +803,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
 
 @functools.lru_cache(maxsize=None)
 def _nvmma_layout(rows: int, cols: int, dtype: torch.dtype):
-    """The default swizzled shared layout of ``[rows, cols]`` 16-bit TMA tiles (cached: the
+    """The default swizzled shared layout of ``[rows, cols]`` TMA tiles of ``dtype`` (cached: the
     launch path runs per GEMM call)."""
     return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[dtype])
 
@@ -1205,16 +1214,15 @@ def _c_desc(c, accum: Accum, bm: int, bn: int, stand_in):
     """The descriptor of the tiles added into (``accum == RMW``: ``[E·MO, NO]`` view, loaded by
     the producer), else a one-element stand-in over ``stand_in`` (token shared memory)."""
     if accum == Accum.RMW:
-        return TensorDescriptor.from_tensor(
-            c.view(-1, c.shape[2]), [bm, bn],
-            gl.NVMMASharedLayout.get_default_for([bm, bn], _GL_DTYPE[c.dtype]))
+        return TensorDescriptor.from_tensor(c.view(-1, c.shape[2]), [bm, bn],
+                                            _nvmma_layout(bm, bn, c.dtype))
     return _stand_in(stand_in)
 
 
 def _stand_in(t):
     """A 4-element 1-D descriptor over ``t``'s first bytes (an unused descriptor argument)."""
-    s1 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
-    return TensorDescriptor.from_tensor(t.view(-1).view(torch.float32)[:4], [4], s1)
+    return TensorDescriptor.from_tensor(t.view(-1).view(torch.float32)[:4], [4],
+                                        _unswizzled_layout(32, 1))
 
 
 def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
@@ -1228,7 +1236,7 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
     num_tiles = E * triton.cdiv(mo, bm) * triton.cdiv(no, bn)
     if num_tiles == 0:
         return c
-    s1 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    s1 = _unswizzled_layout(32, 1)
     # group-major operands as [G·MO, 128] / [G·NO, 128]: a tile's rows past MO read the next
     # group's (masked at the store), past the end TMA fills zeros
     a_desc = TensorDescriptor.from_tensor(qa.view(-1, 128), [bm, 128], _smem_layout())
@@ -1305,11 +1313,8 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
         return c.zero_() if accum == Accum.STORE else c
     if num_tiles == 0:
         return c
-    dt = _GL_DTYPE[a.dtype]
-    a_desc = TensorDescriptor.from_tensor(
-        a, [bk, bm // 2], gl.NVMMASharedLayout.get_default_for([bk, bm // 2], dt))
-    b_desc = TensorDescriptor.from_tensor(
-        b, [bk, bn], gl.NVMMASharedLayout.get_default_for([bk, bn], dt))
+    a_desc = TensorDescriptor.from_tensor(a, [bk, bm // 2], _nvmma_layout(bk, bm // 2, a.dtype))
+    b_desc = TensorDescriptor.from_tensor(b, [bk, bn], _nvmma_layout(bk, bn, b.dtype))
     _segment_mm_ws[(_programs(tune, num_tiles, c.device),)](
         a_desc, b_desc, _stand_in(meta.counts), _stand_in(meta.counts),
         _c_desc(c, accum, bm, bn, meta.counts), c, a, b, meta.sorted_slot, meta.counts,
