@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,temperature.gpu --format=c
   | tee "$OUT/smi.txt"
 # which code ran: the device copy's .git may be stale, so a hash of the package's and the
 # tests' files (compare with the same command in a checkout)
-find moe_plugin tests benchmarks -name '*.py' | sort | xargs cat | sha1sum | tee "$OUT/tree.txt"
+find moe_plugin tests benchmarks -name '*.py' | LC_ALL=C sort | xargs cat | sha1sum | tee "$OUT/tree.txt"
 
 for step in "$@"; do
   echo "=== $step"
