@@ -67,7 +67,7 @@ for step in "$@"; do
         2>&1 | tee "$OUT/gemms_fused_dh.log" | grep -v '^ ' | cut -c1-220 ;;
     wgrad_swap)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
-        --kernels wgrad_up --enable gluon_bf16_wgrad_swap --against gluon_bf16_wgrad_swap \
+        --kernels wgrad_up --against gluon_bf16_wgrad_swap \
         2>&1 | tee "$OUT/gemms_wgrad_swap.log" | grep -v '^ ' | cut -c1-220 ;;
     tma_store)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \

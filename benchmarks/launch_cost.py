@@ -8,51 +8,23 @@ argument specialisation and cache lookup), the part of fine_7b's step that the G
     PYTHONPATH=<triton 3.6>:. python benchmarks/launch_cost.py [--calls 200] [--profile 15]
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import gluon_compile_worker as W  # noqa: E402
 
-from moe_plugin.kernels import gluon_gemm as GF, tuning  # noqa: E402
-from moe_plugin.kernels.codes import Accum, Epilogue  # noqa: E402
+from moe_plugin.kernels import gluon_gemm as GF  # noqa: E402
 
 
-def launches():
-    """``name: launcher call`` for the bf16 layer's GEMM kinds (small shapes: the host cost
-    does not depend on them)."""
-    tune = dataclasses.replace(tuning.current(), gluon_programs=132)
-    meta = W._Meta([100, 0, 37, 300], top_k=2)
-    s = meta.sorted_slot.numel()
-    d, f = 256, 512
-    bf = dict(dtype=torch.bfloat16)
-    tokens, ordered = torch.zeros(s // 2 + 1, d, **bf), torch.zeros(s, f, **bf)
-    ordered2, y = torch.zeros(s, 2 * f, **bf), torch.zeros(s, d, **bf)
-    w_up, w_down = torch.zeros(4, 2 * f, d, **bf), torch.zeros(4, d, f, **bf)
-    dw_up = torch.zeros(4, 2 * f, d, dtype=torch.float32)
-    dw_down = torch.zeros(4, d, f, dtype=torch.float32)
-    kmajor = (w_up.stride(0), w_up.stride(2), w_up.stride(1))
-    return {
-        "gemm1": lambda: GF.grouped_mm_direct(
-            tune, tokens, w_up, kmajor, ordered, meta, n=f, k=d, gather=True,
-            epi=Epilogue.ACT_FWD, pre=ordered2, gated=True, act=0, store_pre=True),
-        "gemm2": lambda: GF.grouped_mm_direct(
-            tune, ordered, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), y,
-            meta, n=d, k=f, gather=False),
-        "dh": lambda: GF.grouped_mm_direct(tune, tokens, w_down, w_down.stride(), ordered, meta,
-                                           n=f, k=d, gather=True),
-        "dx": lambda: GF.grouped_mm_direct(tune, ordered2, w_up, w_up.stride(), y, meta, n=d,
-                                           k=2 * f, gather=False),
-        "dw_down": lambda: GF.segment_mm_direct(tune, tokens, ordered, dw_down, meta,
-                                                Accum.ATOMIC, a_gather=True, b_gather=False),
-        "dw_up": lambda: GF.segment_mm_direct(tune, ordered2, tokens, dw_up, meta, Accum.ATOMIC,
-                                              a_gather=False, b_gather=True),
-    }
+# the compile worker's cases of the bf16 layer's GEMMs as the defaults launch them (small
+# shapes: the host cost does not depend on them)
+LAUNCHES = {"gemm1": "bf16_up_gated_aligned_pre_h", "gemm2": "bf16_down_aligned",
+            "dh": "bf16_dh_aligned", "dx": "bf16_dx_aligned",
+            "dw_down": "bf16_wgrad_down_aligned_atomic",
+            "dw_up": "bf16_wgrad_up_swap_aligned_atomic"}
 
 
 def run_stopped(fn, calls):
@@ -72,7 +44,9 @@ def main():
     args = ap.parse_args()
     if not GF.api_supported():
         sys.exit(f"launch_cost.py: needs Triton 3.6's Gluon, got Triton {GF._triton_version()}")
-    for name, fn in launches().items():
+    cases = W._cases()
+    for name, case in LAUNCHES.items():
+        fn = cases[case]
         W.compile_launch(fn)  # compiled once; then every call stops at the launcher
         t0 = time.perf_counter()
         run_stopped(fn, args.calls)

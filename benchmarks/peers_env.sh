@@ -13,7 +13,8 @@
 # files into $OUT/quack_autotune.tar.xz; put that file into FOLDER (carried) and this script
 # unpacks it into QUACK_CACHE_DIR for the next call, whose autotuner then skips what is
 # cached; commit it as benchmarks/peers/quack_autotune_h200.tar.xz to keep it for later
-# sessions (the tool's checkouts do not keep ignored folders). QUACK_COMPILE_WORKERS: parallel compiles.
+# sessions (the tool's checkouts do not keep ignored folders). QUACK_COMPILE_WORKERS: parallel
+# compiles.
 _peers_src="${1:-.whl_sonic}"
 _peers_dst=/tmp/peers
 mkdir -p "$_peers_dst"

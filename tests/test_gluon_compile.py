@@ -55,8 +55,7 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     row-grouped GEMM (plain and with the fused dh' epilogue) and the 16-bit row-grouped GEMMs
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
     backward in its epilogue, GEMM1 gated or not storing pre and / or h; the plain epilogue
-    by TMA stores): compiled, within a Hopper block's shared
-    memory."""
+    by TMA stores): compiled, within a Hopper block's shared memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]
     assert "error" not in res, f"{case}: {res['error']}"

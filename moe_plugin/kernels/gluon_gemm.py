@@ -114,7 +114,8 @@ def _smem_layout():
 
 @functools.lru_cache(maxsize=None)
 def _unswizzled_layout(bits: int, rank: int):
-    """An unswizzled shared layout of ``bits``-bit elements and ``rank`` dimensions."""
+    """An unswizzled shared layout of ``bits``-bit elements and ``rank`` dimensions (TMA boxes
+    of rows of any width)."""
     return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)
 
 
@@ -682,7 +683,8 @@ def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weight
         cfg = {**tune.gluon_config, **tune.gluon_epi_config}
     dwp = torch.empty(triton.cdiv(n, cfg["BN"]), pre.shape[0], dtype=torch.float32,
                       device=pre.device)
-    pre_desc = TensorDescriptor.from_tensor(pre, [cfg["BM"], cfg["BN"]], _plain_layout(pre))
+    pre_desc = TensorDescriptor.from_tensor(pre, [cfg["BM"], cfg["BN"]],
+                                            _unswizzled_layout(pre.element_size() * 8, 2))
     _grouped_launch(tune, cfg, a, sa, b, sb, stride_sb, dpre, meta, n, k, epi=Epilogue.ACT_BWD,
                     pre_desc=pre_desc, hw=hw, dwp=dwp, weights=weights, gated=gated, act=act,
                     b_kmajor=sa is not None, gather=gather)
@@ -694,11 +696,6 @@ def _bf16_config(tune: tuning.Tuning, gather: bool, extra: dict) -> dict:
     gathered A ``gluon_bf16_gather_config`` over it, then ``extra`` (the GEMM's own)."""
     return {**tune.gluon_bf16_config, **(tune.gluon_bf16_gather_config if gather else {}),
             **extra}
-
-
-def _plain_layout(t):
-    """An unswizzled shared layout for TMA boxes of ``t`` (rows of any width)."""
-    return _unswizzled_layout(t.element_size() * 8, 2)
 
 
 # the epilogues ``grouped_mm_direct`` runs (the fused dh' one is ``grouped_mm_act_bwd``'s)
