@@ -196,6 +196,12 @@ class _Bucket:
         # per-window state
         self.used = [False] * len(params)  # got a gradient on this rank in the window
         self.work = None                   # async all-reduce handle not yet waited for
+        # the last handle waited for, kept until the bucket's next all-reduce: gloo's worker
+        # thread then never drops the last reference to it. That reference's destructor takes
+        # the GIL (the handle holds the thread-local state of the backward pass it was launched
+        # from), and a worker thread that waits for the GIL while the interpreter shuts down
+        # aborts the process ("terminate called without an active exception").
+        self.done_work = None
         self.sum_pending = False           # buffer holds a sum over ranks, not yet divided
         # per-round state (one round = one backward pass outside no_sync)
         self.ready = [False] * len(params)
@@ -500,6 +506,7 @@ class OverlappedGradSync:
             with self._stream_ctx(b):
                 self._resolve(b)
                 if b.world > 1:
+                    b.done_work = None
                     b.work = dist.all_reduce(b.buffer, op=dist.ReduceOp.SUM, group=b.group,
                                              async_op=True)
                 b.sum_pending = True
@@ -510,7 +517,7 @@ class OverlappedGradSync:
         buffer holds the average so far, the same on every rank."""
         if b.work is not None:
             b.work.wait()
-            b.work = None
+            b.done_work, b.work = b.work, None
         if b.sum_pending:
             if b.world > 1:
                 b.buffer.div_(b.world)
@@ -521,7 +528,7 @@ class OverlappedGradSync:
         for b in self._order:  # the current stream waits for the all-reduces ...
             if b.work is not None:
                 b.work.wait()
-                b.work = None
+                b.done_work, b.work = b.work, None
         for d, s in self._streams.items():  # ... and for the copies on the side stream
             cur[d].wait_stream(s)
         # which parameters got a gradient on some rank: known locally when this rank used all
