@@ -229,7 +229,9 @@ def _candidates() -> dict:
 
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),
          "moe_plugin_triton_grouped": ("moe_plugin", dict(gluon_bf16_grouped=False)),
-         "moe_plugin_candidates": ("moe_plugin", _candidates())}
+         "moe_plugin_candidates": ("moe_plugin", _candidates()),
+         # repeat Gluon launches without Triton's per-call binding (kernels/fast_launch.py)
+         "moe_plugin_fast_launch": ("moe_plugin", dict(fast_launch=True))}
 
 
 def measure(fn, inputs, rep_ms=200):

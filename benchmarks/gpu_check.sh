@@ -19,7 +19,7 @@
 #   tma_store bench_gemms.py: GEMM2, dx, dh' with the tile stored by TMA (gluon_bf16_config
 #             TMA_STORE, 3 slots) against the default and 3 slots alone, LAYER_CONFIGS
 #   layer     bench_layer.py: moe_plugin (defaults) against LAYER_IMPLS (default
-#             moe_plugin_triton_grouped moe_plugin_candidates), one process (LAYER_S, 300;
+#             moe_plugin_triton_grouped moe_plugin_fast_launch), one process (LAYER_S, 300;
 #             LAYER_CONFIGS, default all five of issue 21), JSON + md
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
 #             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
@@ -76,7 +76,7 @@ for step in "$@"; do
         2>&1 | tee "$OUT/gemms_tma_store.log" | grep -v '^ ' | cut -c1-220 ;;
     layer)
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
-        --impls moe_plugin ${LAYER_IMPLS:-moe_plugin_triton_grouped moe_plugin_candidates} \
+        --impls moe_plugin ${LAYER_IMPLS:-moe_plugin_triton_grouped moe_plugin_fast_launch} \
         --configs $LAYER_CONFIGS \
         --json "$OUT/layer.json" --md "$OUT/layer.md" 2>&1 | tee "$OUT/layer.log" | tail -14 ;;
     peers)

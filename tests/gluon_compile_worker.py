@@ -108,6 +108,136 @@ def compile_launch(fn):
     raise AssertionError("the call compiled no kernel")
 
 
+class _Recorder:
+    """A launcher that records its calls instead of launching (``recording()``)."""
+    calls: list = []
+
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args):
+        _Recorder.calls.append(args)
+
+
+class _RecordingUtils(_Utils):
+    def load_binary(self, name, kernel, shared, device):
+        return object(), f"function:{name}", 0, 0, 1024
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block Triton compiles for sm_90 and every launch appends its launcher
+    arguments to ``_Recorder.calls``. The kernels keep the recording launcher: a process that
+    records compiles nothing with ``compile_launch`` afterwards."""
+    stand_in = Sm90Driver()
+    stand_in.launcher_cls = _Recorder
+    stand_in.utils = _RecordingUtils()
+    saved = driver._active
+    driver.set_active(stand_in)
+    try:
+        yield
+    finally:
+        driver._active = saved
+
+
+def _launch_view(call) -> tuple:
+    """A launcher call with its tensors and tensor descriptors as what they describe."""
+    def view(v):
+        if isinstance(v, torch.Tensor):
+            return ("tensor", v.data_ptr(), tuple(v.shape), v.stride(), v.dtype)
+        if dataclasses.is_dataclass(v) and hasattr(v, "block_shape"):
+            return ("desc", v.base.data_ptr(), tuple(v.shape), tuple(v.strides),
+                    tuple(v.block_shape), v.layout, v.padding)
+        return v
+    # the launch metadata and the enter / exit hooks: none set (Triton's empty hook chains or
+    # None; the metadata is only read by hooks)
+    hooks = tuple(h is None or getattr(h, "calls", None) == [] for h in call[7:9])
+    return tuple(view(v) for v in call[:6]) + hooks + tuple(view(v) for v in call[9:])
+
+
+def launch_check(fn) -> dict:
+    """Runs the case ``fn`` (under ``recording()``) through ``JITFunction.run`` alone, then
+    twice more with ``fast_launch``: the third call must not reach ``JITFunction.run`` and must
+    call the launcher with what the first did."""
+    from triton.runtime.jit import JITFunction
+
+    from moe_plugin.kernels import fast_launch as FL
+    from moe_plugin.kernels import tuning
+    runs = []
+    plain_run = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        runs.append(self)
+        return plain_run(self, *args, **kwargs)
+
+    JITFunction.run = counted
+    try:
+        with recording(), tuning.override(fast_launch=True):
+            FL._OK = False  # every launcher() the function itself
+            fn()
+            FL._OK = True
+            plain = _Recorder.calls[-1]
+            fn()
+            n = len(runs)
+            fn()
+            fast = _Recorder.calls[-1]
+    finally:
+        JITFunction.run = plain_run
+        FL._OK = True
+    return {"same_launch": _launch_view(plain) == _launch_view(fast),
+            "fast_path": len(runs) == n, "args": len(plain)}
+
+
+def key_check() -> dict:
+    """``FastLaunch.key`` on the row-grouped kernel's last recorded launch: the same arguments
+    give the same key; a pointer off 16-byte alignment, an int no longer a multiple of 16, an
+    int 1 (Triton specialises it to a constant), a constexpr True passed as 1, and an equal
+    layout in a new object give another."""
+    from triton.experimental.gluon import language as gl
+
+    from moe_plugin.kernels import fast_launch as FL
+    from moe_plugin.kernels import gluon_gemm as GF
+    fl = FL._WRAPPED[GF._grouped_mm_ws]
+    names = fl._plan[0]
+    seen = {}
+    plain_launch = FL.FastLaunch.launch
+
+    def capture(self, grid, args, kwargs):
+        seen["call"] = (args, kwargs)
+        return plain_launch(self, grid, args, kwargs)
+
+    FL.FastLaunch.launch = capture
+    try:
+        with recording():
+            _cases()["bf16_dx_aligned"]()
+    finally:
+        FL.FastLaunch.launch = plain_launch
+    args, kwargs = seen["call"]
+    values = fl.values(args, kwargs)
+    base, _ = fl.key(0, values, kwargs)
+
+    def key_with(name, v):
+        changed = list(values)
+        changed[names.index(name)] = v
+        return fl.key(0, changed, kwargs)[0]
+
+    i = names.index
+    c = values[i("c_ptr")]
+    desc = values[i("a_desc")]
+    relaid = type(desc)(desc.base, desc.shape, desc.strides, desc.block_shape,
+                        gl.NVMMASharedLayout(**{f: getattr(desc.layout, f) for f in (
+                            "swizzle_byte_width", "element_bitwidth", "rank", "transposed",
+                            "fp4_padded", "cga_layout")}))
+    n = values[i("N")]
+    return {"same": fl.key(0, list(values), kwargs)[0] == base,
+            "misaligned_ptr": key_with("c_ptr", c.view(-1)[1:]) != base,
+            "int_alignment": n % 16 == 0 and key_with("N", n + 1) != base,
+            "int_one": key_with("N", 1) != base,
+            "constexpr_type": values[i("INFO")] is True and key_with("INFO", 1) != base,
+            "new_layout_object": (relaid.layout == desc.layout
+                                  and key_with("a_desc", relaid) != base)}
+
+
 # the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
 # compiled the variant)
 REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE")
@@ -135,7 +265,8 @@ def _cases():
     from moe_plugin.kernels import gluon_gemm as GF
     from moe_plugin.kernels import tuning
     from moe_plugin.kernels.codes import Accum
-    tune = dataclasses.replace(tuning.current(), gluon_programs=132)
+    # fast_launch on for the launch check (the compile cases' first launch is the same)
+    tune = dataclasses.replace(tuning.current(), gluon_programs=132, fast_launch=True)
     cases = {}
     # bf16 weight gradients: both operand roles (dW_up also transposed: gluon_bf16_wgrad_swap,
     # the gathered x on the tile's rows, C stored transposed), every epilogue, widths that are
@@ -255,6 +386,12 @@ def main():
     from moe_plugin.kernels import gluon_gemm as GF
     if not GF.api_supported():
         print(json.dumps({"unsupported": f"Triton {GF._triton_version()}"}))
+        return
+    if sys.argv[1:2] == ["--launch-check"]:  # in a process of its own: see recording()
+        for name, fn in _cases().items():
+            if name in sys.argv[2:]:
+                print(json.dumps({"launch_check": name, **launch_check(fn)}), flush=True)
+        print(json.dumps({"key_check": key_check()}), flush=True)
         return
     only = set(sys.argv[1:])
     for name, fn in _cases().items():

@@ -91,3 +91,44 @@ def test_gluon_case_compiles_the_intended_launch(case, compiled):
     got = compiled[case]["launch"]
     for key, want in LAUNCH[case].items():
         assert got.get(key) == want, f"{case}: {key} = {got.get(key)}, expected {want}"
+
+
+# launches compared through JITFunction.run and through fast_launch: the row-grouped kernel
+# (GEMM2, GEMM1 gated with a gathered A), the weight gradient (dW_up transposed), FP8
+FAST_LAUNCH_CASES = ["bf16_down_aligned", "bf16_up_gated_odd_pre_h",
+                     "bf16_wgrad_up_swap_aligned_atomic", "fp8_wgrad_rmw"]
+
+
+@pytest.fixture(scope="module")
+def launch_checked():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    worker = os.path.join(os.path.dirname(__file__), "gluon_compile_worker.py")
+    run = subprocess.run([sys.executable, worker, "--launch-check", *FAST_LAUNCH_CASES],
+                         env=env, capture_output=True, text=True, timeout=900)
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and lines, f"worker failed:\n{run.stdout}\n{run.stderr[-3000:]}"
+    return lines
+
+
+@pytest.mark.parametrize("case", FAST_LAUNCH_CASES)
+def test_fast_launch_calls_the_launcher_as_jit_run(case, launch_checked):
+    """``fast_launch.FastLaunch`` (``tuning.fast_launch``): a case launched a third time
+    takes the fast path (no ``JITFunction.run``) and calls the kernel's launcher with the grid,
+    stream, kernel and arguments (tensors, tensor descriptors, ints, constexprs) that the
+    launch through ``JITFunction.run`` did; no launch hooks (the stand-in driver's launcher
+    records the calls)."""
+    got = {r["launch_check"]: r for r in launch_checked if "launch_check" in r}
+    assert case in got, f"{case}: not run by the worker"
+    assert got[case]["fast_path"], f"{case}: the third launch went through JITFunction.run"
+    assert got[case]["same_launch"], f"{case}: the launcher got other arguments"
+
+
+def test_fast_launch_key_splits_specialisations(launch_checked):
+    """``FastLaunch.key``: the same arguments give the same key; a pointer off 16-byte
+    alignment, an int no longer a multiple of 16, an int 1, a constexpr True passed as 1 and
+    an equal shared layout in a new object each give another (Triton specialises on the first
+    four; the last only costs a second lookup)."""
+    checks = [r["key_check"] for r in launch_checked if "key_check" in r]
+    assert checks, "the worker ran no key check"
+    failed = [name for name, ok in checks[0].items() if not ok]
+    assert not failed, f"FastLaunch.key: {failed}"

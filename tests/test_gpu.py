@@ -354,6 +354,60 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, tma_store, tune, monke
         assert torch.equal(got, ref), f"{kind}: Gluon against Triton, max difference {diff}"
 
 
+@pytest.mark.parametrize("kind", ["down", "wgrad_down"])
+def test_fast_launch_equals_plain(kind, tune, monkeypatch):
+    """``fast_launch`` (``fast_launch.FastLaunch``): once a Gluon kernel has launched
+    with arguments of a specialisation, the next launches with new tensors of it skip
+    ``JITFunction.run`` and compute what ``JITFunction.run``'s launches compute, bitwise (the
+    row-grouped kernel: GEMM2; the weight-gradient kernel: dW_down); a new specialisation
+    (an odd output width) goes through ``JITFunction.run`` again."""
+    from triton.runtime.jit import JITFunction
+
+    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    g = torch.Generator().manual_seed(29)
+    n, k, e, f = 700, 2, 6, 192
+    meta = _ragged_meta(g, n, k, e)
+    s = meta.sorted_slot.numel()
+    used = int(meta.offsets[-1])
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(CUDA, torch.bfloat16)
+
+    def inputs(d):
+        if kind == "down":
+            return rnd(s, f), rnd(e, d, f) * 0.1
+        return rnd(n, d), rnd(s, f)
+
+    def run(x, w):
+        if kind == "down":
+            return G.expert_down(x, w, meta)[:used]
+        return G.wgrad_down(w, x, meta)
+
+    gluon_kernel = GF._grouped_mm_ws if kind == "down" else GF._segment_mm_ws
+    runs = []  # the Gluon kernel's launches through JITFunction.run
+    plain_run = JITFunction.run
+
+    def counted(self, *a, **kw):
+        if self is gluon_kernel:
+            runs.append(1)
+        return plain_run(self, *a, **kw)
+
+    monkeypatch.setattr(JITFunction, "run", counted)
+    for d in (320, 328):  # 328: a width that is not a multiple of 16 (another specialisation)
+        first, second = inputs(d), inputs(d)
+        with tuning.override(fast_launch=False):
+            ref = [run(*first), run(*second)]
+        with tuning.override(fast_launch=True):
+            before = len(runs)
+            run(*first)  # new to the fast path: JITFunction.run, its kernel kept
+            assert len(runs) == before + 1, "the Gluon kernel did not serve the GEMM"
+            got = [run(*second), run(*first)]
+            assert len(runs) == before + 1, "a repeated launch went through JITFunction.run"
+        assert torch.equal(got[0], ref[1]) and torch.equal(got[1], ref[0])
+
+
 @pytest.mark.parametrize("act,gated", [(0, True), (2, True), (3, False)],
                          ids=["swiglu", "swiglu_oai", "gelu"])
 @pytest.mark.parametrize("store", ["pre_h", "h", "pre"])

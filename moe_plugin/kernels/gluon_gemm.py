@@ -71,6 +71,7 @@ import triton
 from . import tuning
 from .activation import act_bwd_store, act_fwd
 from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, EPI_ACT_FWD, Accum, Epilogue
+from .fast_launch import launcher
 
 try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
     from triton.experimental import gluon
@@ -781,7 +782,8 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
               if tma_store else None)
     # without the fused dh' epilogue pre_desc is unused, without TMA_STORE c_desc: b_desc
     # stands in for them
-    _grouped_mm_ws[(_programs(tune, num_tiles, out.device),)](
+    grid = (_programs(tune, num_tiles, out.device),)
+    launcher(_grouped_mm_ws, tune.fast_launch)[grid](
         a_desc, b_desc, b_desc if pre_desc is None else pre_desc,
         b_desc if c_desc is None else c_desc, out, pre, hw,
         dummy if dwp is None else dwp, dummy if weights is None else weights, a,
@@ -1241,7 +1243,8 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
     sa_desc = TensorDescriptor.from_tensor(sa.view(-1), [bm], s1)
     sb_desc = TensorDescriptor.from_tensor(sb.view(-1), [bn], s1)
     c_desc = _c_desc(c, accum, bm, bn, sa)
-    _segment_mm_ws[(_programs(tune, num_tiles, c.device),)](
+    grid = (_programs(tune, num_tiles, c.device),)
+    launcher(_segment_mm_ws, tune.fast_launch)[grid](
         a_desc, b_desc, sa_desc, sb_desc, c_desc, c, c, c, meta.counts, meta.counts,
         meta.offsets, mo, no, E, num_tiles, 0, 0, c.stride(0), c.stride(1), c.stride(2),
         PADDED=True, TOPK=1, A_GATHER=False, B_GATHER=False, ACCUM=int(accum), GS=128, BM=bm,
@@ -1312,7 +1315,8 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
         return c
     a_desc = TensorDescriptor.from_tensor(a, [bk, bm // 2], _nvmma_layout(bk, bm // 2, a.dtype))
     b_desc = TensorDescriptor.from_tensor(b, [bk, bn], _nvmma_layout(bk, bn, b.dtype))
-    _segment_mm_ws[(_programs(tune, num_tiles, c.device),)](
+    grid = (_programs(tune, num_tiles, c.device),)
+    launcher(_segment_mm_ws, tune.fast_launch)[grid](
         a_desc, b_desc, _stand_in(meta.counts), _stand_in(meta.counts),
         _c_desc(c, accum, bm, bn, meta.counts), c, a, b, meta.sorted_slot, meta.counts,
         meta.offsets, mo, no, E, num_tiles, a.stride(0), b.stride(0), *c_strides,
@@ -1395,7 +1399,7 @@ def quantize_cols(tune: tuning.Tuning, src, meta, q, s, gather: bool):
     bc, warps = cfg["BC"], cfg["num_warps"]
     groups_cum, num_groups, _ = grouped_schedule(meta, 128, 1, 1)
     c = src.shape[1]
-    _fp8_cols_gl[(num_groups * triton.cdiv(c, bc),)](
+    launcher(_fp8_cols_gl, tune.fast_launch)[(num_groups * triton.cdiv(c, bc),)](
         src, meta.sorted_slot, groups_cum, meta.counts, meta.offsets, q, s, c, meta.num_experts,
         num_groups, src.stride(0), q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather,
         BC=bc, WC=cfg["WC"], GS=128, BLOCK_E=max(32, triton.next_power_of_2(meta.num_experts)),
