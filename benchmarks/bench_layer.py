@@ -222,9 +222,11 @@ IMPLS = {
 # around the whole measurement (forward and backward), to compare it with the defaults
 def _candidates() -> dict:
     """``moe_plugin_candidates``: the defaults with the prepared, not yet default, Gluon
-    variants on (benchmarks/NOTES.md): the plain epilogue by TMA stores (3 ring slots)."""
+    variants on (benchmarks/NOTES.md): GEMM2, dx and dh' with the consumers on whole 128 x 128
+    tiles in turn (PINGPONG, 5 ring slots; GEMM1 gated keeps its tiles)."""
     t = tuning.current()
-    return dict(gluon_bf16_config={**t.gluon_bf16_config, "TMA_STORE": True, "STAGES": 3})
+    return dict(gluon_bf16_config={**t.gluon_bf16_config, "PINGPONG": True, "BN": 128,
+                                   "STAGES": 5})
 
 
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),

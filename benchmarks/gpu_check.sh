@@ -18,6 +18,9 @@
 #             against the untransposed kernel, LAYER_CONFIGS (GEMMS_S)
 #   tma_store bench_gemms.py: GEMM2, dx, dh' with the tile stored by TMA (gluon_bf16_config
 #             TMA_STORE, 3 slots) against the default and 3 slots alone, LAYER_CONFIGS
+#   pingpong  bench_gemms.py: GEMM2, dx, dh' with the consumers on whole 128 x 128 tiles in
+#             turn (gluon_bf16_config PINGPONG; 5 and 6 slots) against the default and the
+#             cooperative 128 x 128 tile, LAYER_CONFIGS (GEMMS_S)
 #   layer     bench_layer.py: moe_plugin (defaults) against LAYER_IMPLS (default
 #             moe_plugin_triton_grouped moe_plugin_fast_launch), one process (LAYER_S, 300;
 #             LAYER_CONFIGS, default all five of issue 21), JSON + md
@@ -74,6 +77,11 @@ for step in "$@"; do
         --kernels down dx dh --against \
         --grouped-variants '[{"TMA_STORE": true, "STAGES": 3}, {"STAGES": 3}]' \
         2>&1 | tee "$OUT/gemms_tma_store.log" | grep -v '^ ' | cut -c1-220 ;;
+    pingpong)
+      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
+        --kernels down dx dh --against \
+        --grouped-variants '[{"PINGPONG": true, "BN": 128, "STAGES": 5}, {"PINGPONG": true, "BN": 128, "STAGES": 6}, {"BN": 128, "STAGES": 5}]' \
+        2>&1 | tee "$OUT/gemms_pingpong.log" | grep -v '^ ' | cut -c1-220 ;;
     layer)
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
         --impls moe_plugin ${LAYER_IMPLS:-moe_plugin_triton_grouped moe_plugin_fast_launch} \

@@ -240,7 +240,7 @@ def key_check() -> dict:
 
 # the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
 # compiled the variant)
-REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE")
+REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE", "PINGPONG")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +366,34 @@ def _cases():
             cases[f"bf16_dx_tmastore_{shape}"] = (
                 lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
                     tmas, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
+        # the consumers on whole tiles in turn (PINGPONG, 128 x 128 tiles): GEMM2, dx, the
+        # split form's dh' (A gathered), GEMM1 not gated
+        pp = dataclasses.replace(tune, gluon_bf16_config={
+            **tune.gluon_bf16_config, "PINGPONG": True, "BN": 128, "STAGES": 5})
+        if f % 64 == 0:
+            cases[f"bf16_down_pingpong_{shape}"] = (
+                lambda wd=wd, ordered=ordered, y=y, d=d, f=f: GF.grouped_mm_direct(
+                    pp, ordered, wd, (wd.stride(0), wd.stride(2), wd.stride(1)), y, metab,
+                    n=d, k=f, gather=False))
+        if (2 * f) % 64 == 0:
+            cases[f"bf16_dx_pingpong_{shape}"] = (
+                lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
+                    pp, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
+        cases[f"bf16_dh_pingpong_{shape}"] = (
+            lambda wd=wd, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
+                pp, tokens, wd, wd.stride(), ordered, metab, n=f, k=d, gather=True))
+        # ... not GEMM1 gated (two accumulators): its launch keeps the consumers on halves
+        cases[f"bf16_up_gated_pingpong_{shape}"] = (
+            lambda wu=wu, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
+                pp, tokens, wu, (wu.stride(0), wu.stride(2), wu.stride(1)), ordered, metab,
+                n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, gated=True, act=0, store_h=True))
+        wplain = w(f, d)
+        cases[f"bf16_up_plain_pingpong_{shape}"] = (
+            lambda wplain=wplain, tokens=tokens, ordered=ordered, d=d, f=f:
+            GF.grouped_mm_direct(
+                dataclasses.replace(pp, gluon_bf16_up_config={}), tokens, wplain,
+                (wplain.stride(0), wplain.stride(2), wplain.stride(1)), ordered, metab, n=f,
+                k=d, gather=True, epi=Epilogue.ACT_FWD, gated=False, act=3, store_h=True))
         # GEMM1 gated or not
         for kind, gated in (("gated", True), ("plain", False)):
             wup = wu if gated else w(f, d)

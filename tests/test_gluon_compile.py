@@ -33,7 +33,9 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
             for shape in ("aligned", "odd")]
          + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
-         + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"])
+         + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"]
+         + [f"bf16_{g}_pingpong_{shape}" for g in ("down", "dx", "dh", "up_plain", "up_gated")
+            for shape in ("aligned", "odd") if shape == "aligned" or g in ("dh", "up_plain")])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,8 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     row-grouped GEMM (plain and with the fused dh' epilogue) and the 16-bit row-grouped GEMMs
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
     backward in its epilogue, GEMM1 gated or not storing pre and / or h; the plain epilogue
-    by TMA stores): compiled, within a Hopper block's shared memory."""
+    by TMA stores; the consumers on whole tiles in turn): compiled, within a Hopper block's
+    shared memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]
     assert "error" not in res, f"{case}: {res['error']}"
@@ -76,7 +79,11 @@ LAUNCH = {
     "bf16_up_gated_aligned_h": dict(TMA_STORE=False),
     "bf16_dh_tmastore_aligned": dict(TMA_STORE=True, STAGES=3, A_GATHER=True),
     "bf16_dx_tmastore_aligned": dict(TMA_STORE=True, STAGES=3),
-    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=False),
+    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=False, PINGPONG=False),
+    "bf16_down_pingpong_aligned": dict(BN=128, STAGES=5, PINGPONG=True),
+    "bf16_dh_pingpong_odd": dict(BN=128, A_GATHER=True, PINGPONG=True),
+    "bf16_up_plain_pingpong_odd": dict(A_GATHER=True, PINGPONG=True),
+    "bf16_up_gated_pingpong_aligned": dict(PINGPONG=False),  # two accumulators: not served
 }
 
 

@@ -302,22 +302,25 @@ def _count_calls(monkeypatch, module, name):
 
 @pytest.mark.parametrize("kind", ["down", "dx", "dh"])
 @pytest.mark.parametrize("programs", [None, 3])
-@pytest.mark.parametrize("tma_store", [False, True], ids=["st", "tma_st"])
-def test_gluon_bf16_grouped_equals_triton(kind, programs, tma_store, tune, monkeypatch):
+@pytest.mark.parametrize("variant", ["st", "tma_st", "pingpong"])
+def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeypatch):
     """On Hopper, with ``gluon_bf16_grouped``, GEMM2 (B = W_downᵀ, K-major), dx (B = W_up,
     N-major) and the split form's dh' (A = dout rows gathered by ``cp.async``, B = W_down,
     N-major) run as the Gluon row-grouped kernel (``gluon_gemm.grouped_mm_direct``). Against
     the Triton kernel it replaces (the same 64-wide k-steps in order): bitwise equal; ragged
     experts, an empty one, output widths not multiples of the 128 tile, unused slots whose rows
     hold NaN, the persistent grid at one program per SM and at 3 programs; the tile stored
-    by registers or (``tma_store``: ``gluon_bf16_config["TMA_STORE"]``) through shared memory
-    by TMA in 16-row chunks, the chunk across an expert's end by masked stores."""
+    by registers or (``tma_st``: ``gluon_bf16_config["TMA_STORE"]``) through shared memory
+    by TMA in 16-row chunks, the chunk across an expert's end by masked stores; ``pingpong``
+    (``gluon_bf16_config["PINGPONG"]``, 128 x 128 tiles): each consumer warpgroup computes
+    whole tiles in turn."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
+    extra = {"st": {}, "tma_st": {"TMA_STORE": True, "STAGES": 3},
+             "pingpong": {"PINGPONG": True, "BN": 128, "STAGES": 5}}[variant]
     tune(gluon_programs=programs,
-         gluon_bf16_config={**tuning.current().gluon_bf16_config, "TMA_STORE": tma_store,
-                            **({"STAGES": 3} if tma_store else {})})
+         gluon_bf16_config={**tuning.current().gluon_bf16_config, **extra})
     g = torch.Generator().manual_seed(23)
     n, k, e, d, f = 700, 2, 6, 320, 192
     meta = _ragged_meta(g, n, k, e)
@@ -411,16 +414,23 @@ def test_fast_launch_equals_plain(kind, tune, monkeypatch):
 @pytest.mark.parametrize("act,gated", [(0, True), (2, True), (3, False)],
                          ids=["swiglu", "swiglu_oai", "gelu"])
 @pytest.mark.parametrize("store", ["pre_h", "h", "pre"])
-def test_gluon_bf16_up_equals_triton(act, gated, store, tune, monkeypatch):
+@pytest.mark.parametrize("pingpong", [False, True], ids=["", "pingpong"])
+def test_gluon_bf16_up_equals_triton(act, gated, store, pingpong, tune, monkeypatch):
     """GEMM1 + activation on the Gluon row-grouped kernel (``gluon_bf16_grouped``): x's rows
     gathered by ``cp.async``, W_up K-major, gated: the gate and up tiles in one ring slot and
-    two accumulators; pre and / or h stored (h from the rounded pre-activation).
+    two accumulators; pre and / or h stored (h from the rounded pre-activation); not gated
+    also with the consumers on whole tiles in turn (``PINGPONG``).
     Against the Triton kernel: bitwise equal (ragged experts, an empty one, F not a multiple
     of the tile, 3 programs)."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
+    if pingpong and gated:
+        pytest.skip("PINGPONG: one accumulator (GEMM1 not gated)")
     tune(gluon_programs=3 if store == "h" else None)
+    if pingpong:
+        tune(gluon_bf16_config={**tuning.current().gluon_bf16_config, "PINGPONG": True,
+                                "BN": 128, "STAGES": 5}, gluon_bf16_up_config={})
     g = torch.Generator().manual_seed(29)
     n, k, e, d, f = 700, 2, 6, 320, 192
     meta = _ragged_meta(g, n, k, e)

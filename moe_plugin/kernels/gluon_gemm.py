@@ -420,8 +420,11 @@ if _HAVE_GLUON:
                       GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
                       B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
                       STORE_PRE: gl.constexpr, STORE_H: gl.constexpr,
-                      TMA_STORE: gl.constexpr):
-        """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc).
+                      TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr):
+        """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
+        with ``PINGPONG`` (16-bit, plain or GEMM1 epilogue, one accumulator) all rows of every
+        other tile with an expert, so that one consumer's epilogue runs while the other's MMAs
+        do.
         ``SCALED`` (FP8): each k-step's product promoted with its scales, the two consumers'
         MMAs alternating; else (16-bit) the k-steps accumulate in the wgmma, one k-step left
         in flight (its slot released when the next is issued), ``DUAL``: a second accumulator
@@ -429,6 +432,8 @@ if _HAVE_GLUON:
         ``_act_bwd_epilogue`` (``EPI_ACT_BWD``) or GEMM1's activation (``EPI_ACT_FWD``: pre
         and / or h = act(pre), as ``grouped_gemm._grouped_mm_kernel``)."""
         HM: gl.constexpr = BM // 2
+        RM: gl.constexpr = BM if PINGPONG else HM  # the rows of a tile this consumer computes
+        R0: gl.constexpr = 0 if PINGPONG else HALF * HM  # ... from this row of the tile
         mma: gl.constexpr = _mma_layout(BN, 4, 8 if SCALED else 16)
         st: gl.constexpr = _store_layout(4)
         zero = gl.zeros([HM, BN], gl.float32, layout=mma)
@@ -448,110 +453,117 @@ if _HAVE_GLUON:
                                                         E, N, num_m_tiles, BM, BN, GROUP_M,
                                                         BLOCK_E, gl.num_warps())
             if e < E:
-                if SCALED:
-                    rows_m = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
-                    rmask_m = rows_m < seg_end
-                    sa_base = sa_ptr + gl.where(rmask_m, rows_m, 0).to(gl.int64) * stride_sa
-                    sb_base = (sb_ptr + e.to(gl.int64) * stride_sbe
-                               + ((pid_n * BN) // 128) * stride_sbn)
-                    acc = gl.zeros([HM, BN], gl.float32, layout=mma)
-                    k0 = 0
-                    if KPAIR:
-                        # two k-steps per turn: twice the MMA work between the turn hand-overs
-                        # (each step's product still promoted on its own, in order)
-                        for kp in range(0, nk // 2):
-                            s1 = it % STAGES
-                            s2 = (it + 1) % STAGES
-                            sc1 = _step_scales(sa_base, sb_base, 2 * kp, rmask_m, stride_sbk)
-                            sc2 = _step_scales(sa_base, sb_base, 2 * kp + 1, rmask_m, stride_sbk)
-                            p1, p2 = _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn, zero,
-                                               it, tn, HALF, HM, STAGES)
-                            mbarrier.arrive(empty.index(s1))
-                            mbarrier.arrive(empty.index(s2))
-                            acc = acc + p1 * sc1[:, None]
-                            acc = acc + p2 * sc2[:, None]
-                            it += 2
+                # PINGPONG: the consumers take the tiles with an expert in turn, whole
+                skip = (tp % 2 != HALF) if PINGPONG else False
+                if skip:
+                    it += nk  # the other consumer's tile: its k-steps are not ours
+                else:
+                    if SCALED:
+                        rows_m = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
+                        rmask_m = rows_m < seg_end
+                        sa_base = sa_ptr + gl.where(rmask_m, rows_m, 0).to(gl.int64) * stride_sa
+                        sb_base = (sb_ptr + e.to(gl.int64) * stride_sbe
+                                   + ((pid_n * BN) // 128) * stride_sbn)
+                        acc = gl.zeros([HM, BN], gl.float32, layout=mma)
+                        k0 = 0
+                        if KPAIR:
+                            # two k-steps per turn: twice the MMA work between the turn hand-overs
+                            # (each step's product still promoted on its own, in order)
+                            for kp in range(0, nk // 2):
+                                s1 = it % STAGES
+                                s2 = (it + 1) % STAGES
+                                sc1 = _step_scales(sa_base, sb_base, 2 * kp, rmask_m, stride_sbk)
+                                sc2 = _step_scales(sa_base, sb_base, 2 * kp + 1, rmask_m,
+                                                   stride_sbk)
+                                p1, p2 = _mma_pair(a_bufs, b_bufs, ready, my_turn, other_turn,
+                                                   zero, it, tn, HALF, HM, STAGES)
+                                mbarrier.arrive(empty.index(s1))
+                                mbarrier.arrive(empty.index(s2))
+                                acc = acc + p1 * sc1[:, None]
+                                acc = acc + p2 * sc2[:, None]
+                                it += 2
+                                tn += 1
+                            k0 = (nk // 2) * 2
+                        for ks in range(k0, nk):
+                            s = it % STAGES
+                            # the step's scales (global loads) first: their latency overlaps
+                            # the waits
+                            sc = _step_scales(sa_base, sb_base, ks, rmask_m, stride_sbk)
+                            mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))  # as in _seg_consumer
+                            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                            tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
+                                                b_bufs.index(s).permute((1, 0)), zero,
+                                                use_acc=False, is_async=True)
+                            mbarrier.arrive(other_turn)
+                            p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+                            mbarrier.arrive(empty.index(s))
+                            acc = acc + p * sc[:, None]
+                            it += 1
                             tn += 1
-                        k0 = (nk // 2) * 2
-                    for ks in range(k0, nk):
-                        s = it % STAGES
-                        # the step's scales (global loads) first: their latency overlaps the waits
-                        sc = _step_scales(sa_base, sb_base, ks, rmask_m, stride_sbk)
-                        mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))  # as in _seg_consumer
-                        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                        tok = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM),
-                                            b_bufs.index(s).permute((1, 0)), zero, use_acc=False,
-                                            is_async=True)
-                        mbarrier.arrive(other_turn)
-                        p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-                        mbarrier.arrive(empty.index(s))
-                        acc = acc + p * sc[:, None]
-                        it += 1
-                        tn += 1
 
-                else:
-                    acc = gl.zeros([HM, BN], gl.float32, layout=mma)
-                    acc2 = gl.zeros([HM, BN], gl.float32, layout=mma)
-                    for ks in range(0, nk):
-                        s = it % STAGES
-                        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                        if A_GATHER:
-                            fence_async_shared()  # the cp.async writes before the MMA's reads
-                        a = a_bufs.index(s).slice(HALF * HM, HM)
-                        if B_KMAJOR:
-                            acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc,
-                                                is_async=True)
-                        else:
-                            acc = warpgroup_mma(a, b_bufs.index(s), acc, is_async=True)
+                    else:
+                        acc = gl.zeros([RM, BN], gl.float32, layout=mma)
+                        acc2 = gl.zeros([RM, BN], gl.float32, layout=mma)
+                        for ks in range(0, nk):
+                            s = it % STAGES
+                            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                            if A_GATHER:
+                                fence_async_shared()  # the cp.async writes before the MMA's reads
+                            a = a_bufs.index(s).slice(R0, RM)
+                            if B_KMAJOR:
+                                acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc,
+                                                    is_async=True)
+                            else:
+                                acc = warpgroup_mma(a, b_bufs.index(s), acc, is_async=True)
+                            if DUAL:
+                                acc2 = warpgroup_mma(a, b_bufs.index(STAGES + s).permute((1, 0)),
+                                                     acc2, is_async=True)
+                                acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+                            else:
+                                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                            if ks > 0:  # the previous k-step's MMAs are done: release its slot
+                                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                            it += 1
                         if DUAL:
-                            acc2 = warpgroup_mma(a, b_bufs.index(STAGES + s).permute((1, 0)),
-                                                 acc2, is_async=True)
-                            acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+                            acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
                         else:
-                            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                        if ks > 0:  # the previous k-step's MMAs are done: release its slot
+                            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                        if nk > 0:
                             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                        it += 1
-                    if DUAL:
-                        acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
-                    else:
-                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                    if nk > 0:
-                        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
 
-                rows_s = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
-                cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-                cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
-                rows64 = rows_s.to(gl.int64)
-                if EPI == EPI_ACT_BWD:
-                    _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
-                                      c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
-                                      stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
-                                      ACT)
-                elif EPI == EPI_ACT_FWD:
-                    # h from the pre-activation rounded to its storage dtype (as the Triton
-                    # kernel: the same h whether pre is stored or recomputed in backward)
-                    g = gl.convert_layout(acc.to(pre_ptr.dtype.element_ty), st)
-                    p_ptrs = pre_ptr + rows64[:, None] * stride_pm + cols_s[None, :]
-                    if STORE_PRE:
-                        gl.store(p_ptrs, g, mask=cmask)
-                    if GATED:
-                        u = gl.convert_layout(acc2.to(pre_ptr.dtype.element_ty), st)
+                    rows_s = row0 + R0 + gl.arange(0, RM, layout=gl.SliceLayout(1, st))
+                    cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+                    cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
+                    rows64 = rows_s.to(gl.int64)
+                    if EPI == EPI_ACT_BWD:
+                        _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
+                                          c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
+                                          stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
+                                          ACT)
+                    elif EPI == EPI_ACT_FWD:
+                        # h from the pre-activation rounded to its storage dtype (as the Triton
+                        # kernel: the same h whether pre is stored or recomputed in backward)
+                        g = gl.convert_layout(acc.to(pre_ptr.dtype.element_ty), st)
+                        p_ptrs = pre_ptr + rows64[:, None] * stride_pm + cols_s[None, :]
                         if STORE_PRE:
-                            gl.store(p_ptrs + N, u, mask=cmask)
+                            gl.store(p_ptrs, g, mask=cmask)
+                        if GATED:
+                            u = gl.convert_layout(acc2.to(pre_ptr.dtype.element_ty), st)
+                            if STORE_PRE:
+                                gl.store(p_ptrs + N, u, mask=cmask)
+                        else:
+                            u = g
+                        if STORE_H:
+                            h = act_fwd(g.to(gl.float32), u.to(gl.float32), ACT)
+                            gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :],
+                                     h.to(c_ptr.dtype.element_ty), mask=cmask)
+                    elif TMA_STORE:
+                        _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N,
+                                        stride_cm, HALF, HM, BN)
                     else:
-                        u = g
-                    if STORE_H:
-                        h = act_fwd(g.to(gl.float32), u.to(gl.float32), ACT)
-                        gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :],
-                                 h.to(c_ptr.dtype.element_ty), mask=cmask)
-                elif TMA_STORE:
-                    _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N,
-                                    stride_cm, HALF, HM, BN)
-                else:
-                    out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
-                    gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :], out,
-                             mask=cmask)
+                        out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
+                        gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :], out,
+                                 mask=cmask)
                 tp += 1
         if TMA_STORE:
             tma.store_wait(0)  # the last tile's stores done reading shared memory
@@ -569,20 +581,24 @@ if _HAVE_GLUON:
             B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, TOPK: gl.constexpr,
             STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
-            TMA_STORE: gl.constexpr, num_warps: gl.constexpr):
+            TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
         wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
         epilogue; ``EPI_ACT_FWD`` (16-bit, B K-major): GEMM1 with its activation (gated: the
         gate and up tiles in one ring slot, two accumulators). ``TMA_STORE`` (16-bit, plain
         epilogue): the tile stored through shared memory by ``c_desc``'s TMA
-        (``_tma_store_tile``), the consumers on to the next tile while it is written."""
+        (``_tma_store_tile``), the consumers on to the next tile while it is written.
+        ``PINGPONG`` (16-bit, one accumulator, plain or GEMM1 epilogue): each consumer computes
+        whole tiles, every other one (a ring slot is released by one consumer)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
         gl.static_assert(BM == 128, "two consumers of 64 rows")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
+        gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE or EPI == EPI_ACT_BWD),
+                         "PINGPONG: 16-bit, one accumulator, plain or GEMM1 epilogue")
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_shape,
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * (1 + DUAL)]
@@ -592,7 +608,7 @@ if _HAVE_GLUON:
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=2)
+            mbarrier.init(empty.index(s), count=1 if PINGPONG else 2)  # the slot's consumers
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         info, info_ready, info_empty = _info_alloc()
@@ -626,7 +642,7 @@ if _HAVE_GLUON:
                              stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
                              stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
                              KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
-                             STORE_PRE, STORE_H, TMA_STORE)),
+                             STORE_PRE, STORE_H, TMA_STORE, PINGPONG)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
                              pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
                              c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
@@ -634,7 +650,7 @@ if _HAVE_GLUON:
                              stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
                              stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
                              KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
-                             STORE_PRE, STORE_H, TMA_STORE)),
+                             STORE_PRE, STORE_H, TMA_STORE, PINGPONG)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
                              info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
                              a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N,
@@ -780,6 +796,10 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
                  and out.data_ptr() % 16 == 0)
     c_desc = (TensorDescriptor.from_tensor(out, [16, bn], _nvmma_layout(16, bn, out.dtype))
               if tma_store else None)
+    # the consumers on whole tiles in turn (``cfg["PINGPONG"]``): 16-bit, one accumulator, the
+    # plain or GEMM1 epilogue by registers
+    pingpong = (bool(cfg.get("PINGPONG", False)) and not scaled and not tma_store
+                and epi != Epilogue.ACT_BWD and not (epi == Epilogue.ACT_FWD and gated))
     # without the fused dh' epilogue pre_desc is unused, without TMA_STORE c_desc: b_desc
     # stands in for them
     grid = (_programs(tune, num_tiles, out.device),)
@@ -796,8 +816,8 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         INFO=cfg["INFO"], EPI=int(epi), GATED=gated, ACT=int(act), SCALED=scaled,
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=tma_store, num_warps=4,
-        maxnreg=cfg["MAXNREG"])
+        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=tma_store, PINGPONG=pingpong,
+        num_warps=4, maxnreg=cfg["MAXNREG"])
 
 
 @functools.lru_cache(maxsize=None)
