@@ -333,20 +333,30 @@ def _cases():
         tokens = torch.zeros(sb_ // 2 + 1, d, dtype=torch.bfloat16)
         y = torch.zeros(sb_, d, dtype=torch.bfloat16)
         wd = w(d, f)        # W_down [E, D, F]
-        if f % 64 == 0:     # GEMM2: k = F
-            cases[f"bf16_down_{shape}"] = (
-                lambda wd=wd, ordered=ordered, y=y, d=d, f=f: GF.grouped_mm_direct(
-                    tune, ordered, wd, (wd.stride(0), wd.stride(2), wd.stride(1)), y, metab,
-                    n=d, k=f, gather=False))
         dpre = torch.zeros(sb_, 2 * f, dtype=torch.bfloat16)
         wu = w(2 * f, d)    # W_up [E, 2F, D]
-        if (2 * f) % 64 == 0:
-            cases[f"bf16_dx_{shape}"] = (
-                lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
-                    tune, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
-        cases[f"bf16_dh_{shape}"] = (
-            lambda wd=wd, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
-                tune, tokens, wd, wd.stride(), ordered, metab, n=f, k=d, gather=True))
+        # GEMM2 (k = F), dx (k = 2F), the split form's dh' (A gathered): as the defaults launch
+        # them, with the plain epilogue by TMA stores (TMA_STORE, 3 ring slots; dx, dh') and
+        # with the consumers on whole 128 x 128 tiles in turn (PINGPONG)
+        tmas = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
+                                                            "TMA_STORE": True, "STAGES": 3})
+        pp = dataclasses.replace(tune, gluon_bf16_config={
+            **tune.gluon_bf16_config, "PINGPONG": True, "BN": 128, "STAGES": 5})
+        for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
+                                 ("_pingpong", pp, "down dx dh")):
+            if "down" in kinds and f % 64 == 0:
+                cases[f"bf16_down{suffix}_{shape}"] = (
+                    lambda t=t, wd=wd, ordered=ordered, y=y, d=d, f=f: GF.grouped_mm_direct(
+                        t, ordered, wd, (wd.stride(0), wd.stride(2), wd.stride(1)), y, metab,
+                        n=d, k=f, gather=False))
+            if (2 * f) % 64 == 0:
+                cases[f"bf16_dx{suffix}_{shape}"] = (
+                    lambda t=t, wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
+                        t, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
+            cases[f"bf16_dh{suffix}_{shape}"] = (
+                lambda t=t, wd=wd, tokens=tokens, ordered=ordered, d=d, f=f:
+                GF.grouped_mm_direct(t, tokens, wd, wd.stride(), ordered, metab, n=f, k=d,
+                                     gather=True))
         for gated in (True, False):  # dh' with the activation backward in its epilogue
             prea = ordered2 if gated else ordered
             wts = torch.zeros(sb_, dtype=torch.float32)
@@ -356,32 +366,6 @@ def _cases():
                     tune, tokens, None, wd, None, (0, 0, 0), prea, wts, metab,
                     torch.empty_like(prea), torch.empty(sb_, f, dtype=torch.bfloat16), n=f, k=d,
                     gated=gated, act=0 if gated else 3, gather=True))
-        # the plain epilogue by TMA stores (TMA_STORE, 3 ring slots)
-        tmas = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
-                                                            "TMA_STORE": True, "STAGES": 3})
-        cases[f"bf16_dh_tmastore_{shape}"] = (
-            lambda wd=wd, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
-                tmas, tokens, wd, wd.stride(), ordered, metab, n=f, k=d, gather=True))
-        if (2 * f) % 64 == 0:
-            cases[f"bf16_dx_tmastore_{shape}"] = (
-                lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
-                    tmas, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
-        # the consumers on whole tiles in turn (PINGPONG, 128 x 128 tiles): GEMM2, dx, the
-        # split form's dh' (A gathered), GEMM1 not gated
-        pp = dataclasses.replace(tune, gluon_bf16_config={
-            **tune.gluon_bf16_config, "PINGPONG": True, "BN": 128, "STAGES": 5})
-        if f % 64 == 0:
-            cases[f"bf16_down_pingpong_{shape}"] = (
-                lambda wd=wd, ordered=ordered, y=y, d=d, f=f: GF.grouped_mm_direct(
-                    pp, ordered, wd, (wd.stride(0), wd.stride(2), wd.stride(1)), y, metab,
-                    n=d, k=f, gather=False))
-        if (2 * f) % 64 == 0:
-            cases[f"bf16_dx_pingpong_{shape}"] = (
-                lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
-                    pp, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
-        cases[f"bf16_dh_pingpong_{shape}"] = (
-            lambda wd=wd, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
-                pp, tokens, wd, wd.stride(), ordered, metab, n=f, k=d, gather=True))
         # ... not GEMM1 gated (two accumulators): its launch keeps the consumers on halves
         cases[f"bf16_up_gated_pingpong_{shape}"] = (
             lambda wu=wu, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(
