@@ -6,7 +6,12 @@ A stand-in CUDA driver (``Sm90Driver``) makes a launch compile the kernel as usu
 passes and ``ptxas``) and then raise ``Compiled`` with the compiled kernel's metadata instead
 of loading it.
 
+With ``--launch-check CASE...`` the launches run under ``recording()`` instead (a stand-in
+launcher that records its arguments) and each case is launched through ``JITFunction.run`` and
+through ``fast_launch`` (``launch_check``, ``key_check``); in a process of its own.
+
     python tests/gluon_compile_worker.py            # every case
+    python tests/gluon_compile_worker.py --launch-check bf16_down_aligned ...
 """
 import contextlib
 import dataclasses
