@@ -225,8 +225,7 @@ def _candidates() -> dict:
     variants on (benchmarks/NOTES.md): GEMM2, dx and dh' with the consumers on whole 128 x 128
     tiles in turn (PINGPONG, 5 ring slots; GEMM1 gated keeps its tiles)."""
     t = tuning.current()
-    return dict(gluon_bf16_config={**t.gluon_bf16_config, "PINGPONG": True, "BN": 128,
-                                   "STAGES": 5})
+    return dict(gluon_bf16_config={**t.gluon_bf16_config, **tuning.GLUON_BF16_PINGPONG})
 
 
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),

@@ -346,7 +346,7 @@ def _cases():
         tmas = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
                                                             "TMA_STORE": True, "STAGES": 3})
         pp = dataclasses.replace(tune, gluon_bf16_config={
-            **tune.gluon_bf16_config, "PINGPONG": True, "BN": 128, "STAGES": 5})
+            **tune.gluon_bf16_config, **tuning.GLUON_BF16_PINGPONG})
         for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
                                  ("_pingpong", pp, "down dx dh")):
             if "down" in kinds and f % 64 == 0:

@@ -318,7 +318,7 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
     extra = {"st": {}, "tma_st": {"TMA_STORE": True, "STAGES": 3},
-             "pingpong": {"PINGPONG": True, "BN": 128, "STAGES": 5}}[variant]
+             "pingpong": tuning.GLUON_BF16_PINGPONG}[variant]
     tune(gluon_programs=programs,
          gluon_bf16_config={**tuning.current().gluon_bf16_config, **extra})
     g = torch.Generator().manual_seed(23)
@@ -358,8 +358,8 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
 
 
 @pytest.mark.parametrize("kind", ["down", "wgrad_down"])
-def test_fast_launch_equals_plain(kind, tune, monkeypatch):
-    """``fast_launch`` (``fast_launch.FastLaunch``): once a Gluon kernel has launched
+def test_gluon_fast_launch_equals_plain(kind, tune, monkeypatch):
+    """``tuning.fast_launch`` (``fast_launch.FastLaunch``): once a Gluon kernel has launched
     with arguments of a specialisation, the next launches with new tensors of it skip
     ``JITFunction.run`` and compute what ``JITFunction.run``'s launches compute, bitwise (the
     row-grouped kernel: GEMM2; the weight-gradient kernel: dW_down); a new specialisation
@@ -429,8 +429,8 @@ def test_gluon_bf16_up_equals_triton(act, gated, store, pingpong, tune, monkeypa
         pytest.skip("PINGPONG: one accumulator (GEMM1 not gated)")
     tune(gluon_programs=3 if store == "h" else None)
     if pingpong:
-        tune(gluon_bf16_config={**tuning.current().gluon_bf16_config, "PINGPONG": True,
-                                "BN": 128, "STAGES": 5}, gluon_bf16_up_config={})
+        tune(gluon_bf16_config={**tuning.current().gluon_bf16_config,
+                                **tuning.GLUON_BF16_PINGPONG}, gluon_bf16_up_config={})
     g = torch.Generator().manual_seed(29)
     n, k, e, d, f = 700, 2, 6, 320, 192
     meta = _ragged_meta(g, n, k, e)

@@ -207,6 +207,13 @@ class _Bucket:
         self.ready = [False] * len(params)
         self.n_ready = 0
 
+    def wait(self) -> None:
+        """Waits for the bucket's all-reduce in flight, if any, keeping its handle
+        (``done_work``)."""
+        if self.work is not None:
+            self.work.wait()
+            self.done_work, self.work = self.work, None
+
     def describe(self) -> str:
         shapes = ",".join("x".join(map(str, p.shape)) for p in self.params)
         return (f"{self.kind}/{self.dtype}/{self.world}/{self.divisor}/{self.buffer.numel()}/"
@@ -515,9 +522,7 @@ class OverlappedGradSync:
     def _resolve(self, b: _Bucket) -> None:
         """Completes an earlier round of ``b`` (in the current stream context): afterwards the
         buffer holds the average so far, the same on every rank."""
-        if b.work is not None:
-            b.work.wait()
-            b.done_work, b.work = b.work, None
+        b.wait()
         if b.sum_pending:
             if b.world > 1:
                 b.buffer.div_(b.world)
@@ -526,9 +531,7 @@ class OverlappedGradSync:
     def _unpack(self) -> None:
         cur = {d: torch.cuda.current_stream(d) for d in self._streams}
         for b in self._order:  # the current stream waits for the all-reduces ...
-            if b.work is not None:
-                b.work.wait()
-                b.done_work, b.work = b.work, None
+            b.wait()
         for d, s in self._streams.items():  # ... and for the copies on the side stream
             cur[d].wait_stream(s)
         # which parameters got a gradient on some rank: known locally when this rank used all

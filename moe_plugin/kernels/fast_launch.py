@@ -120,7 +120,7 @@ class FastLaunch:
         the shared layouts it refers to by identity; key None before the function's first
         launch on ``device``."""
         fn = self.fn
-        caches = fn.device_caches.get(device) if hasattr(fn.device_caches, "get") else None
+        caches = fn.device_caches.get(device)  # a defaultdict: get() does not create it
         if caches is None:
             return None, None
         backend = caches[3]

@@ -121,6 +121,11 @@ class Tuning:
         return dict(cfg) if cfg is not None else None
 
 
+# the ping-pong variant of the 16-bit row-grouped GEMMs, over ``gluon_bf16_config`` (prepared,
+# not a default: benchmarks/NOTES.md, session 31): the consumers on whole 128 x 128 tiles in
+# turn, 5 ring slots
+GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5)
+
 _DEFAULT = Tuning()
 _current = _DEFAULT
 
