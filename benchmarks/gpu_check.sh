@@ -24,6 +24,8 @@
 #   layer     bench_layer.py: moe_plugin (defaults) against LAYER_IMPLS (default
 #             moe_plugin_triton_grouped moe_plugin_fast_launch), one process (LAYER_S, 300;
 #             LAYER_CONFIGS, default all five of issue 21), JSON + md
+#   triton39  the gluon step's tests and the gemms step's timings under Triton 3.9 (carried as
+#             .whl_triton39: benchmarks/triton39_bundle.sh), MOE_PLUGIN_GLUON_UNVERIFIED=1
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
 #             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
 #             540); QuACK's autotuning results are packed into OUT_DIR/quack_autotune.tar.xz
@@ -101,6 +103,28 @@ for step in "$@"; do
       # small file: the device tool brings back at most 8 files of 16 MiB
       (cd "$QUACK_CACHE_DIR" && find . -name '*.json' -print0 \
          | tar -cJf "$OUT/quack_autotune.tar.xz" --null -T -) ;;
+    triton39)
+      # the Gluon GPU tests and the gemms step's timings under Triton 3.9 (.whl_triton39
+      # carried, made by benchmarks/triton39_bundle.sh; its CUDA 12.9 ptxas for sm_90), in a
+      # subshell so that later steps run under the device's own Triton
+      if [ ! -d /tmp/t39site/triton ]; then
+        mkdir -p /tmp/t39site && tar -C /tmp/t39site -xJf .whl_triton39/triton-3.9.0-pruned.tar.xz \
+          || { echo "triton39: no .whl_triton39 bundle"; continue; }
+      fi
+      (
+        # the bundle has no AMD backend: the backends found by folder, not by the installed
+        # Triton 3.6's entry points
+        export PYTHONPATH="/tmp/t39site:$PYTHONPATH" MOE_PLUGIN_GLUON_UNVERIFIED=1 \
+          TRITON_BACKENDS_IN_TREE=1 TRITON_CACHE_DIR=/tmp/triton39_cache \
+          TRITON_PTXAS_BLACKWELL_PATH=/tmp/t39site/triton/backends/nvidia/bin/ptxas
+        python -c "import triton; print('triton', triton.__version__)" | tee "$OUT/triton39.txt"
+        timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py tests/test_quant.py \
+          -k "gluon or fused_act_bwd" -p no:cacheprovider 2>&1 \
+          | tee "$OUT/pytest_gluon_triton39.log" | tail -8
+        timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
+          --against gluon_bf16_grouped gluon_bf16_wgrad --seg-variants "$SEG_VARIANTS" \
+          2>&1 | tee "$OUT/gemms_triton39.log" | grep -v '^ ' | cut -c1-220
+      ) ;;
     *)
       echo "unknown step: $step" >&2; exit 2 ;;
   esac

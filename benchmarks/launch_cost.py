@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also the N functions with the most own time (cProfile, fast path)")
     args = ap.parse_args()
-    if not GF.api_supported():
+    if not GF.api_compiles():
         sys.exit(f"launch_cost.py: needs Triton 3.6's Gluon, got Triton {GF._triton_version()}")
     cases = W._cases()
     with W.recording(), tuning.override(fast_launch=True):

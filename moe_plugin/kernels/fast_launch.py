@@ -1,9 +1,9 @@
 """Launching a compiled Gluon kernel again without Triton's per-call argument binding.
 
-``JITFunction.run`` (Triton 3.6) binds every call's arguments to the signature, specialises each
-one, builds and hashes the cache key of the kernel, compares every global the kernel reads with
-its value at compile time (a ``constexpr.__ne__`` each: 15 for the row-grouped kernel) and only
-then launches. ``FastLaunch`` wraps a ``@gluon.jit`` function and keeps, per device, options and
+``JITFunction.run`` (Triton 3.6 to 3.9) binds every call's arguments to the signature,
+specialises each one, builds and hashes the cache key of the kernel, compares every global the
+kernel reads with its value at compile time (a ``constexpr.__ne__`` each: 15 for the
+row-grouped kernel) and only then launches. ``FastLaunch`` wraps a ``@gluon.jit`` function and keeps, per device, options and
 argument specialisation, the ``CompiledKernel`` that ``JITFunction.run`` chose the first time:
 
 * the key is built with the binder's own rules: each non-constexpr argument specialised by
@@ -29,7 +29,7 @@ import triton
 
 # the Triton versions whose launch path this mirrors (and was compared with: the compile
 # check's launch cases); under any other every launch goes through JITFunction.run
-FAST_LAUNCH_TRITON_VERSIONS = ((3, 6),)
+FAST_LAUNCH_TRITON_VERSIONS = ((3, 6), (3, 7), (3, 8), (3, 9))
 try:
     from triton import knobs
     from triton._C.libtriton import native_specialize_impl

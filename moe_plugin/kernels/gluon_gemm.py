@@ -64,6 +64,7 @@ interpreter (Gluon has none), the Triton kernels run. Tile rows of A past an exp
 of a tensor TMA fills zeros.
 """
 import functools
+import os
 
 import torch
 import triton
@@ -84,19 +85,45 @@ try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
 except Exception:  # pragma: no cover - a Triton without Gluon
     _HAVE_GLUON = False
 
-# Gluon's API changes between Triton releases (3.7 has no ``thread_barrier``, 3.9 renamed the
-# copy builtins): the Triton versions these kernels are written for and were run with on a
-# Hopper GPU. Under any other the Triton kernels run (``available``).
+# Gluon's API changes between Triton releases (3.7 renamed ``thread_barrier``, 3.9 the copy
+# builtins). Two lists of Triton versions:
+# ``GLUON_TRITON_VERSIONS``: the kernels compile there (``tests/test_gluon_compile.py``) and ran
+# on a Hopper GPU against the Triton kernels (the GPU-marked tests): they are used by default.
+# ``GLUON_TRITON_COMPILES``: they compile there; used only when the environment variable
+# ``MOE_PLUGIN_GLUON_UNVERIFIED`` is ``1`` (to run the GPU tests under such a Triton).
+# Under any other Triton the Triton kernels run (``available``).
 GLUON_TRITON_VERSIONS = ((3, 6),)
+GLUON_TRITON_COMPILES = ((3, 6), (3, 7), (3, 8), (3, 9))
+
+if _HAVE_GLUON:
+    # The builtins Gluon renamed, bound to this Triton's names (3.6: ``async_copy_*`` and
+    # ``thread_barrier``; 3.7: ``barrier``; 3.9: ``async_load`` / ``async_store``, the old
+    # names kept only to raise). Same arguments and lowering in all.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _cp_async_load = (getattr(async_copy, "async_load", None)
+                      or async_copy.async_copy_global_to_shared)
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 def _triton_version() -> tuple:
     return tuple(int(p) for p in triton.__version__.split(".")[:2])
 
 
+def api_compiles() -> bool:
+    """Whether this Triton has Gluon with an API these kernels compile under
+    (``GLUON_TRITON_COMPILES``)."""
+    return _HAVE_GLUON and _triton_version() in GLUON_TRITON_COMPILES
+
+
 def api_supported() -> bool:
-    """Whether this Triton has Gluon with the API these kernels are written for."""
-    return _HAVE_GLUON and _triton_version() in GLUON_TRITON_VERSIONS
+    """Whether the Gluon kernels may run under this Triton: a version they were run with on a
+    Hopper GPU (``GLUON_TRITON_VERSIONS``), or one they compile under with
+    ``MOE_PLUGIN_GLUON_UNVERIFIED=1``."""
+    if not api_compiles():
+        return False
+    return (_triton_version() in GLUON_TRITON_VERSIONS
+            or os.environ.get("MOE_PLUGIN_GLUON_UNVERIFIED") == "1")
 
 
 def available(tune: tuning.Tuning, t: torch.Tensor) -> bool:
@@ -281,21 +308,21 @@ if _HAVE_GLUON:
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
                     if A_GATHER:
-                        async_copy.async_copy_global_to_shared(a_bufs.index(s), a_tile + ks * BK,
+                        _cp_async_load(a_bufs.index(s), a_tile + ks * BK,
                                                                mask=a_mask)
                         async_copy.mbarrier_arrive(bar)
                     mbarrier.expect(bar, nbytes)
                     if not A_GATHER:
-                        tma.async_copy_global_to_shared(a_desc, [row0, ks * BK], bar,
+                        _tma_load(a_desc, [row0, ks * BK], bar,
                                                         a_bufs.index(s))
                     if B_KMAJOR:
-                        tma.async_copy_global_to_shared(b_desc, [brow0, ks * BK], bar,
+                        _tma_load(b_desc, [brow0, ks * BK], bar,
                                                         b_bufs.index(s))
                         if DUAL:
-                            tma.async_copy_global_to_shared(b_desc, [brow0 + N, ks * BK], bar,
+                            _tma_load(b_desc, [brow0 + N, ks * BK], bar,
                                                             b_bufs.index(STAGES + s))
                     else:
-                        tma.async_copy_global_to_shared(b_desc, [e * K + ks * BK, pid_n * BN],
+                        _tma_load(b_desc, [e * K + ks * BK, pid_n * BN],
                                                         bar, b_bufs.index(s))
                     it += 1
                     if EPI == EPI_ACT_BWD:
@@ -306,15 +333,15 @@ if _HAVE_GLUON:
                             mbarrier.wait(pre_empty, (tp & 1) ^ 1)
                             fence_async_shared()
                             mbarrier.expect(pre_ready, pre_desc.block_type.nbytes * (1 + GATED))
-                            tma.async_copy_global_to_shared(pre_desc, [row0, pid_n * BN],
+                            _tma_load(pre_desc, [row0, pid_n * BN],
                                                             pre_ready, pre_bufs.index(0))
                             if GATED:
-                                tma.async_copy_global_to_shared(pre_desc, [row0, N + pid_n * BN],
+                                _tma_load(pre_desc, [row0, N + pid_n * BN],
                                                                 pre_ready, pre_bufs.index(1))
                             wv = gl.load(w_ptr + slot, mask=rmask, other=0.0).to(gl.float32)
                         if ks == w_at:
                             w_buf.store(wv)
-                            gl.thread_barrier()  # the warps' stores before the elected arrive
+                            _cta_barrier()  # the warps' stores before the elected arrive
                             mbarrier.arrive(pre_ready)
                 tp += 1
 
@@ -360,7 +387,7 @@ if _HAVE_GLUON:
         st: gl.constexpr = _store_layout(4)
         mbarrier.wait(pre_ready, tp & 1)
         dh_buf.slice(HALF * HM, HM).store(acc.to(c_ptr.dtype.element_ty))
-        gl.thread_barrier()  # the warpgroup's dh' rows written before any is read back
+        _cta_barrier()  # the warpgroup's dh' rows written before any is read back
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
         for r in gl.static_range(HM // CH):
             rows = row0 + (HALF * HM + r * CH) + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
@@ -391,15 +418,15 @@ if _HAVE_GLUON:
         st: gl.constexpr = _store_layout(4)
         half = c_smem.slice(HALF * HM, HM)
         tma.store_wait(0)
-        gl.thread_barrier()  # every thread past the wait before any overwrites the buffer
+        _cta_barrier()  # every thread past the wait before any overwrites the buffer
         half.store(acc.to(c_desc.dtype))
         fence_async_shared()
-        gl.thread_barrier()  # all rows written (and fenced) before the TMA reads them
+        _cta_barrier()  # all rows written (and fenced) before the TMA reads them
         first = row0 + HALF * HM
         for c in gl.static_range(HM // CH):
             r0 = first + c * CH
             if r0 + CH <= seg_end:
-                tma.async_copy_shared_to_global(c_desc, [r0, pid_n * BN], half.slice(c * CH, CH))
+                _tma_store(c_desc, [r0, pid_n * BN], half.slice(c * CH, CH))
             elif r0 < seg_end:
                 rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
                 cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
@@ -956,13 +983,13 @@ if _HAVE_GLUON:
                     fence_async_shared()
                     g = first + ks
                     mbarrier.expect(bar, nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [g * MO + tm * BM, 0], bar,
+                    _tma_load(a_desc, [g * MO + tm * BM, 0], bar,
                                                     a_bufs.index(s))
-                    tma.async_copy_global_to_shared(b_desc, [g * NO + tn * BN, 0], bar,
+                    _tma_load(b_desc, [g * NO + tn * BN, 0], bar,
                                                     b_bufs.index(s))
-                    tma.async_copy_global_to_shared(sa_desc, [g * MO + tm * BM], bar,
+                    _tma_load(sa_desc, [g * MO + tm * BM], bar,
                                                     sa_bufs.index(s))
-                    tma.async_copy_global_to_shared(sb_desc, [g * NO + tn * BN], bar,
+                    _tma_load(sb_desc, [g * NO + tn * BN], bar,
                                                     sb_bufs.index(s))
                 else:
                     k0 = first + ks * GS
@@ -970,13 +997,13 @@ if _HAVE_GLUON:
                         for h in gl.static_range(2):
                             cols = tm * BM + h * HM + gl.arange(0, HM,
                                                                 layout=gl.SliceLayout(0, ga))
-                            async_copy.async_copy_global_to_shared(
+                            _cp_async_load(
                                 a_bufs.index(2 * s + h),
                                 a_ptr + ra.to(gl.int64)[:, None] * stride_a + cols[None, :],
                                 mask=(pa < first + cnt)[:, None] & (cols < MO)[None, :])
                     if B_GATHER:
                         cols = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, gb))
-                        async_copy.async_copy_global_to_shared(
+                        _cp_async_load(
                             b_bufs.index(s),
                             b_ptr + rb.to(gl.int64)[:, None] * stride_b + cols[None, :],
                             mask=(pb < first + cnt)[:, None] & (cols < NO)[None, :])
@@ -989,14 +1016,14 @@ if _HAVE_GLUON:
                             for h in gl.static_range(2):
                                 ca = tm * BM + h * HM + gl.arange(
                                     0, HM, layout=gl.SliceLayout(0, ga))
-                                async_copy.async_copy_global_to_shared(
+                                _cp_async_load(
                                     a_bufs.index(2 * s + h),
                                     a_ptr + pa.to(gl.int64)[:, None] * stride_a + ca[None, :],
                                     mask=(pa < first + cnt)[:, None] & (ca < MO)[None, :])
                         if not B_GATHER:
                             pb = k0 + gl.arange(0, GS, layout=gl.SliceLayout(1, gb))
                             cb = tn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, gb))
-                            async_copy.async_copy_global_to_shared(
+                            _cp_async_load(
                                 b_bufs.index(s),
                                 b_ptr + pb.to(gl.int64)[:, None] * stride_b + cb[None, :],
                                 mask=(pb < first + cnt)[:, None] & (cb < NO)[None, :])
@@ -1009,10 +1036,10 @@ if _HAVE_GLUON:
                         mbarrier.expect(bar, nbytes)
                         if not A_GATHER:
                             for h in gl.static_range(2):
-                                tma.async_copy_global_to_shared(
+                                _tma_load(
                                     a_desc, [k0, tm * BM + h * HM], bar, a_bufs.index(2 * s + h))
                         if not B_GATHER:
-                            tma.async_copy_global_to_shared(b_desc, [k0, tn * BN], bar,
+                            _tma_load(b_desc, [k0, tn * BN], bar,
                                                             b_bufs.index(s))
                 it += 1
             if ACCUM == ACCUM_RMW:
@@ -1021,7 +1048,7 @@ if _HAVE_GLUON:
                 mbarrier.wait(c_empty, (tc & 1) ^ 1)
                 fence_async_shared()
                 mbarrier.expect(c_ready, c_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(c_desc, [e * MO + tm * BM, tn * BN], c_ready,
+                _tma_load(c_desc, [e * MO + tm * BM, tn * BN], c_ready,
                                                 c_buf)
             tc += 1
 

@@ -108,7 +108,7 @@ class Tuning:
     # programs of the persistent Gluon kernels: None = one per SM
     gluon_programs: Optional[int] = None
     # a Gluon kernel launched again with arguments of the same specialisation skips Triton's
-    # per-call binding (``fast_launch.FastLaunch``, Triton 3.6); False: every launch by
+    # per-call binding (``fast_launch.FastLaunch``, Triton 3.6 to 3.9); False: every launch by
     # ``JITFunction.run``. Off until measured on a GPU (benchmarks/NOTES.md, session 31)
     fast_launch: bool = False
     # the router logits' backward for bf16 on CUDA on the tensor cores (``split_bf16``), False:
