@@ -52,7 +52,7 @@ def main():
                     help="also the N functions with the most own time (cProfile, fast path)")
     args = ap.parse_args()
     if not GF.api_compiles():
-        sys.exit(f"launch_cost.py: needs Triton 3.6's Gluon, got Triton {GF._triton_version()}")
+        sys.exit(f"launch_cost.py: needs a Triton whose Gluon the kernels compile under (GLUON_TRITON_COMPILES), got Triton {GF._triton_version()}")
     cases = W._cases()
     with W.recording(), tuning.override(fast_launch=True):
         for name, case in LAUNCHES.items():
