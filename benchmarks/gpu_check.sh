@@ -5,6 +5,10 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR STEP...
 #
+# The device tool brings back at most 8 files from $OUT: for more than one or two steps pass a
+# scratch OUT_DIR and pack it, e.g. `bash benchmarks/gpu_check.sh /tmp/o gluon layer;
+# tar -C /tmp/o -cJf $OUT/o.tar.xz .`
+#
 # Steps:
 #   suite     pytest -m gpu tests (SUITE_S, 540; SUITE_TESTS, default tests; megatron-core from
 #             the newest .whl/megatron_core-*.whl when megatron is not importable)
@@ -30,7 +34,9 @@
 #             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
 #             540); QuACK's autotuning results are packed into OUT_DIR/quack_autotune.tar.xz
 #             afterwards (commit it as benchmarks/peers/quack_autotune_h200.tar.xz, which
-#             peers_env.sh unpacks, so that the next call's autotuner skips what is done)
+#             peers_env.sh unpacks, so that the next call's autotuner skips what is done);
+#             PEER_ROUTER=1 also times the router-included layers (bench_layer --router);
+#             then benchmarks/peer_targets.py's verdicts into OUT_DIR/targets.md
 set -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR STEP...}
 shift
@@ -98,7 +104,15 @@ for step in "$@"; do
           --impls moe_plugin sonicmoe scattermoe grouped_mm --configs "$c" \
           --json "$OUT/peers_$c.json" --md "$OUT/peers_$c.md" 2>&1 \
           | tee "$OUT/peers_$c.log" | tail -8
+        if [ "${PEER_ROUTER:-0}" = 1 ]; then  # the router-included layers, same process
+          timeout "${PEERS_S:-540}" python benchmarks/bench_layer.py --router \
+            --impls moe_plugin sonicmoe --configs "$c" --json "$OUT/peers_router_$c.json" \
+            2>&1 | tee "$OUT/peers_router_$c.log" | tail -6
+        fi
       done
+      # issue 21's targets from this call's runs (each ratio within one run)
+      python benchmarks/peer_targets.py "$OUT"/peers_*.json --md "$OUT/targets.md" \
+        | grep -v "not measured" | head -30
       # the autotuning results only (JSON; the compiled candidates are rebuilt on demand), one
       # small file: the device tool brings back at most 8 files of 16 MiB
       (cd "$QUACK_CACHE_DIR" && find . -name '*.json' -print0 \

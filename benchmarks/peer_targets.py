@@ -1,0 +1,199 @@
+"""Issue 21's targets from ``bench_layer.py`` JSON files of one GPU: moe_plugin against SonicMoE
+(and against the ``torch._grouped_mm`` pipeline on mixtral), per config, beside the floor.
+
+    python benchmarks/peer_targets.py RUN.json... [--md OUT.md] [--json OUT.json] [--png OUT.png]
+
+Each input is one ``bench_layer.py`` run (one process): the plain mode with ``--impls
+moe_plugin sonicmoe ...`` (``gpu_check.sh ... peers`` writes one per config) or the ``--router``
+mode with SonicMoE (rows ``moe_plugin_router`` and ``sonicmoe_router``). A ratio is formed only
+between rows of the same file, so every comparison is of implementations measured in one
+process; where several files hold both rows of a target, the last one given is used. A
+target whose two rows are not in one file is reported as not measured, never estimated.
+
+Targets (``TARGETS``): forward + backward at least 1.1x SonicMoE (1.15x on fine_7b), forward
+and backward each at least 1.0x; the router-included layer at least 1.1x SonicMoE's; mixtral
+at least 1.15x ``grouped_mm``; extra peak memory at most SonicMoE's. A ratio is the other's
+time over ours (the same FLOPs: our TFLOP/s over theirs). The floor of a config is its
+forward + backward FLOPs (18·T·k·D·F) at the dense bf16 GEMM rate measured in that file.
+
+``--json`` writes one plain-mode run per config (each row with its run's ceiling) for
+``plot_results.py``; ``--png`` draws that chart.
+"""
+import argparse
+import json
+import os
+import sys
+
+# (name, config or None for all, implementation row, peer row, metric, required ratio)
+SPEED = "speed"    # the peer's time over ours
+MEMORY = "memory"  # our extra peak memory at most the peer's
+TARGETS = [
+    ("fwd+bwd vs SonicMoE", None, "moe_plugin", "sonicmoe", ("fwd_bwd_ms", SPEED), 1.10),
+    ("fwd vs SonicMoE", None, "moe_plugin", "sonicmoe", ("fwd_ms", SPEED), 1.0),
+    ("bwd vs SonicMoE", None, "moe_plugin", "sonicmoe", ("bwd_ms", SPEED), 1.0),
+    ("router included vs SonicMoE's", None, "moe_plugin_router", "sonicmoe_router",
+     ("fwd_bwd_ms", SPEED), 1.10),
+    ("fwd+bwd vs grouped_mm", "mixtral", "moe_plugin", "grouped_mm", ("fwd_bwd_ms", SPEED),
+     1.15),
+    ("extra peak memory vs SonicMoE", None, "moe_plugin", "sonicmoe",
+     ("peak_extra_gib", MEMORY), 1.0),
+]
+# configs with their own fwd+bwd requirement
+FWD_BWD_REQUIRED = {"fine_7b": 1.15}
+ISSUE_CONFIGS = ["fine_7b", "fine_30b", "coarse_120b", "mixtral", "qwen3_30b_a3b"]
+
+
+def load(paths):
+    """``{config: [(path, meta, {impl: row}), ...]}`` in the order given: each file's
+    balanced-routing rows by config."""
+    found = {}
+    for path in paths:
+        with open(path) as fh:
+            data = json.load(fh)
+        per_config = {}
+        for row in data["rows"]:
+            if not row.get("skew"):
+                per_config.setdefault(row["config"], {})[row["impl"]] = row
+        for config, rows in per_config.items():
+            found.setdefault(config, []).append((path, data["meta"], rows))
+    return found
+
+
+def _pair(runs, mine, peer):
+    """The last run (one file, one process) holding both rows, or None."""
+    for path, meta, rows in reversed(runs):
+        if mine in rows and peer in rows:
+            return path, meta, rows[mine], rows[peer]
+    return None
+
+
+def verdicts(found, configs=None):
+    """One dict per (config, target): ours, the peer's, the ratio, what is required, and
+    ``met`` (True / False, None when the two were not measured in one process)."""
+    out = []
+    for config in configs or ISSUE_CONFIGS:
+        runs = found.get(config, [])
+        for name, only, mine, peer, (key, kind), required in TARGETS:
+            if only is not None and config != only:
+                continue
+            if name.startswith("fwd+bwd vs SonicMoE"):
+                required = FWD_BWD_REQUIRED.get(config, required)
+            res = {"config": config, "target": name, "required": required, "ours": None,
+                   "peer": None, "ratio": None, "met": None, "unit": key, "source": None}
+            pair = _pair(runs, mine, peer)
+            if pair is not None:
+                path, _, a_row, b_row = pair
+                a, b = a_row[key], b_row[key]
+                res.update(ours=a, peer=b, source=os.path.basename(path))
+                if kind == SPEED:
+                    res["ratio"] = b / a
+                    res["met"] = res["ratio"] >= required
+                else:
+                    res["ratio"] = a / b if b else None
+                    res["met"] = a <= b * required
+            out.append(res)
+    return out
+
+
+def floors(found, configs=None):
+    """Per config: moe_plugin's forward + backward time (from the run compared with SonicMoE
+    when there is one, else the last run with moe_plugin), the floor (its FLOPs at that run's
+    dense bf16 rate) and their ratio."""
+    out = []
+    for config in configs or ISSUE_CONFIGS:
+        runs = found.get(config, [])
+        pair = _pair(runs, "moe_plugin", "sonicmoe") or _pair(runs, "moe_plugin", "moe_plugin")
+        if pair is None:
+            continue
+        path, meta, row, _ = pair
+        flops = 18 * row["T"] * row["k"] * row["D"] * row["F"]
+        rate = meta["ceilings"]["bf16_gemm_tflops"]
+        floor_ms = flops / rate / 1e9
+        out.append({"config": config, "ms": row["fwd_bwd_ms"], "floor_ms": floor_ms,
+                    "of_floor": floor_ms / row["fwd_bwd_ms"], "bf16_tflops": rate,
+                    "source": os.path.basename(path)})
+    return out
+
+
+def _fmt(value, unit):
+    if value is None:
+        return "—"
+    return f"{value:.2f} GiB" if unit == "peak_extra_gib" else f"{value:.3f} ms"
+
+
+def markdown(found, configs=None) -> str:
+    metas = {f"{m['device']}, torch {m['torch']}, triton {m['triton']}"
+             for runs in found.values() for _, m, _ in runs}
+    lines = ["Runs: " + "; ".join(sorted(metas)), "",
+             "| config | target | moe_plugin | peer | ratio | required | verdict | run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in verdicts(found, configs):
+        verdict = {True: "met", False: "missed", None: "not measured"}[v["met"]]
+        ratio = "—" if v["ratio"] is None else f"{v['ratio']:.2f}"
+        need = (f"≤ {v['required']:.2f}x" if v["unit"] == "peak_extra_gib"
+                else f"≥ {v['required']:.2f}x")
+        lines.append(f"| {v['config']} | {v['target']} | {_fmt(v['ours'], v['unit'])} | "
+                     f"{_fmt(v['peer'], v['unit'])} | {ratio} | {need} | {verdict} | "
+                     f"{v['source'] or '—'} |")
+    lines += ["", "| config | moe_plugin fwd+bwd | floor (FLOPs at the run's dense bf16 rate) | "
+              "floor / ours | run |", "|---|---|---|---|---|"]
+    for f in floors(found, configs):
+        lines.append(f"| {f['config']} | {f['ms']:.3f} ms | {f['floor_ms']:.3f} ms "
+                     f"({f['bf16_tflops']:.0f} TFLOP/s) | {f['of_floor']:.2f} | {f['source']} |")
+    return "\n".join(lines) + "\n"
+
+
+def merged(found, configs=None) -> dict:
+    """The plain-mode rows of one run per config (the run compared with SonicMoE when there is
+    one, else the last), each with its run's dense bf16 rate, and the runs' metadata
+    (``plot_results.plot``'s input)."""
+    rows, metas = [], []
+    for config in configs or [c for c in ISSUE_CONFIGS if c in found]:
+        runs = found.get(config, [])
+        with_peer = [r for r in runs if "moe_plugin" in r[2] and "sonicmoe" in r[2]]
+        plain = [r for r in runs if any("router" not in impl for impl in r[2])]
+        chosen = (with_peer or plain or [None])[-1]
+        if chosen is None:
+            continue
+        path, meta, by_impl = chosen
+        for impl, row in by_impl.items():
+            if "router" not in impl:
+                rows.append({**row, "bf16_gemm_tflops": meta["ceilings"]["bf16_gemm_tflops"],
+                             "source": os.path.basename(path)})
+        if meta not in metas:
+            metas.append(meta)
+    return {"meta": metas[0] if metas else {}, "metas": metas, "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="bench_layer.py JSON files")
+    ap.add_argument("--configs", nargs="*", default=None,
+                    help=f"configs to report (default: {' '.join(ISSUE_CONFIGS)})")
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=None)
+    args = ap.parse_args(argv)
+    for path in args.runs:
+        if not os.path.isfile(path):
+            ap.error(f"runs: no such file: {path}")
+    found = load(args.runs)
+    table = markdown(found, args.configs)
+    print(table)
+    if args.md:
+        with open(args.md, "w") as fh:
+            fh.write(table)
+    data = merged(found, args.configs)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(data, fh, indent=1)
+    if args.png:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import plot_results
+        plot_results.plot(data, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
