@@ -35,6 +35,7 @@ import torch
 
 from ..comm import dispatch as D
 from ..config import check_ep_experts_args
+from ..kernels import expert_stages
 from ..kernels.pack import PackedRows
 from .experts import (accumulation_buffers, quantized_weights, release, remember_wgrad_fusion,
                       restored_weights, returned_weight_grads, saved_weights, scale_args,
@@ -93,7 +94,7 @@ class EPExpertsFunction(torch.autograd.Function):
         dy_recv = D.combine_backward(dout, layout)
         # experts, data part; dx and d(weight) go straight into a packed buffer
         back = D.dispatch_backward_buffer(layout, dout.device)
-        _, dw_r, dpre, hw, db_down = torch.ops.moe_plugin.experts_backward_data(
+        _, dw_r, dpre, hw, db_down = expert_stages.backward_data(
             dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1),
             *weight_args(weights), *emeta, usable(pre), back.payload, ctx.act, ctx.gated, True,
             True, b_up, b_down, need_b_down, *scale_args(weights))
@@ -104,7 +105,7 @@ class EPExpertsFunction(torch.autograd.Function):
         home, work = D.send_home(back, layout)
         none = dout.new_empty(0)  # the ops' "no buffer"
         acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
-        dw_up, dw_down, db_up = torch.ops.moe_plugin.experts_backward_weight(
+        dw_up, dw_down, db_up = expert_stages.backward_weight(
             dy_recv, recv.payload, dpre, hw, *emeta, acc_up, acc_down, 1, need_up, need_down,
             ctx.fp8_wgrad, need_b_up)
         del dpre, hw, dy_recv

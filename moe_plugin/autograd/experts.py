@@ -3,7 +3,7 @@
 fusion helpers that the expert-parallel Function shares."""
 import torch
 
-from ..kernels import expert_stages  # noqa: F401  (registers torch.ops.moe_plugin.experts_*)
+from ..kernels import expert_stages  # registers torch.ops.moe_plugin.experts_*
 from ..kernels.quantize import QTensor
 from ..quant import cached_weight
 
@@ -146,7 +146,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         need_b_up, need_b_down = ctx.needs_input_grad[8:10]
         meta = (counts, offsets, sorted_slot, slot_pos)
         none = x.new_empty(0)  # the ops' "no buffer"
-        dx, dw_topk, dpre, hw, db_down = torch.ops.moe_plugin.experts_backward_data(
+        dx, dw_topk, dpre, hw, db_down = expert_stages.backward_data(
             dout, x, topk_weights, *weight_args(weights), *meta, usable(pre), none,
             ctx.act_code, ctx.gated, need_x, need_w, b_up, b_down, need_b_down,
             *scale_args(weights))
@@ -155,11 +155,11 @@ class FusedExpertsFunction(torch.autograd.Function):
         acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
         wgrad = dict(fp8=ctx.quant == "fp8_block_wgrad")
         # dW_down first, then hw goes (its memory serves dW_up), then dW_up and db_up
-        _, dw_down, _ = torch.ops.moe_plugin.experts_backward_weight(
+        _, dw_down, _ = expert_stages.backward_weight(
             dout, x, dpre, hw, *meta, none, acc_down, topk_weights.shape[1], False, need_down,
             **wgrad)
         del hw
-        dw_up, _, db_up = torch.ops.moe_plugin.experts_backward_weight(
+        dw_up, _, db_up = expert_stages.backward_weight(
             dout, x, dpre, none, *meta, acc_up, none, topk_weights.shape[1], need_up, False,
             need_b_up=need_b_up and b_up is not None, **wgrad)
         del dpre

@@ -181,8 +181,7 @@ def _(x, topk_ids, topk_weights, w_up, w_down, act, gated, save_pre, b_up=None, 
             x.new_empty(s if save_pre else 0, w_up.shape[1])]
 
 
-@torch.library.custom_op("moe_plugin::experts_backward_data", mutates_args=("dx_out",))
-def experts_backward_data_op(
+def _backward_data_impl(
         dout: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, w_up: torch.Tensor,
         w_down: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
         sorted_slot: torch.Tensor, slot_pos: torch.Tensor, pre: torch.Tensor,
@@ -210,6 +209,10 @@ def experts_backward_data_op(
     return tuple(_or_empty(g, x) for g in (dx, dw_topk, dpre, hw, db_down))
 
 
+experts_backward_data_op = torch.library.custom_op(
+    "moe_plugin::experts_backward_data", mutates_args=("dx_out",))(_backward_data_impl)
+
+
 @experts_backward_data_op.register_fake
 def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, dx_out,
       act, gated, need_x, need_w, b_up=None, b_down=None, need_b_down=False, w_up_scale=None,
@@ -224,9 +227,7 @@ def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_po
             torch.empty_like(b_down) if need_db else x.new_empty(0))
 
 
-@torch.library.custom_op("moe_plugin::experts_backward_weight",
-                         mutates_args=("acc_up", "acc_down"))
-def experts_backward_weight_op(
+def _backward_weight_impl(
         dout: torch.Tensor, x: torch.Tensor, dpre: torch.Tensor, hw: torch.Tensor,
         counts: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor,
         slot_pos: torch.Tensor, acc_up: torch.Tensor, acc_down: torch.Tensor, top_k: int,
@@ -247,6 +248,11 @@ def experts_backward_weight_op(
     return tuple(_or_empty(g, x) for g in (dw_up, dw_down, db_up))
 
 
+experts_backward_weight_op = torch.library.custom_op(
+    "moe_plugin::experts_backward_weight", mutates_args=("acc_up", "acc_down"))(
+        _backward_weight_impl)
+
+
 @experts_backward_weight_op.register_fake
 def _(dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_down, top_k,
       need_up, need_down, fp8=False, need_b_up=False):
@@ -256,3 +262,51 @@ def _(dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_dow
             x.new_empty(e, dout.shape[1], hw.shape[1]) if need_down and not acc_down.numel()
             else x.new_empty(0),
             dpre.new_empty(e, dpre.shape[1]) if need_b_up else x.new_empty(0))
+
+
+# --- eager calls of the backward ops ----------------------------------------------------------
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct(args) -> bool:
+    """Whether a backward op may run its implementation without the dispatcher: an eager call
+    (grad mode off, as in an autograd backward; not under ``torch.compile`` / export tracing;
+    no dispatch mode such as fake, functional or proxy tensors) on plain tensors. Going
+    through the dispatcher costs an op that mutates an argument ~150 µs of host time a call
+    (PyTorch's in-place-or-view kernel for Python custom ops rebuilds the schema's argument
+    list once per argument; benchmarks/NOTES.md, session 32), three times a backward."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
+
+
+def _call(op, impl, args, mutated):
+    """``op(*args)``, or where ``direct`` its implementation, the version counters of the
+    arguments at ``mutated`` bumped as the op's in-place-or-view kernel does."""
+    if not direct(args):
+        return op(*args)
+    out = impl(*args)
+    for i in mutated:
+        torch.autograd.graph.increment_version(args[i])
+    return out
+
+
+def backward_data(*args):
+    """``torch.ops.moe_plugin.experts_backward_data(*args)`` (its arguments positionally, up
+    to ``dx_out``, the mutated one, at least), eager calls without the dispatcher
+    (``direct``)."""
+    if len(args) < 11:
+        raise TypeError(f"backward_data: expected at least 11 positional arguments (through "
+                        f"dx_out), got {len(args)}")
+    return _call(torch.ops.moe_plugin.experts_backward_data, _backward_data_impl, args, (10,))
+
+
+def backward_weight(dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_down,
+                    top_k: int, need_up: bool, need_down: bool, fp8: bool = False,
+                    need_b_up: bool = False):
+    """``torch.ops.moe_plugin.experts_backward_weight`` (``acc_up``, ``acc_down`` the mutated
+    arguments), eager calls without the dispatcher (``direct``)."""
+    return _call(torch.ops.moe_plugin.experts_backward_weight, _backward_weight_impl,
+                 (dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_down,
+                  top_k, need_up, need_down, fp8, need_b_up), (8, 9))
