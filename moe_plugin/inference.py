@@ -13,7 +13,7 @@ import torch
 from . import quant as Q
 from .config import check_activation, check_choice, check_positive_int, check_tensor
 from .functional import check_topk_ids, select_triton
-from .kernels import expert_stages  # noqa: F401  (registers torch.ops.moe_plugin.experts_*)
+from .kernels import expert_stages  # the experts_* custom ops
 
 __all__ = ["fused_moe_quantized"]
 
@@ -105,7 +105,7 @@ def fused_moe_quantized(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
 
     def experts(x, ids, weights):
         """``(out, tokens per expert)`` of the quantised experts (the stage op)."""
-        out, counts, *_ = torch.ops.moe_plugin.experts_forward(
+        out, counts, *_ = expert_stages.experts_forward_op(
             x, ids, weights, w_up_q, w_down_q, act, gated, False, None, None, w_up_scale, None,
             w_down_scale, None)
         return out, counts

@@ -370,19 +370,19 @@ def test_backward_frees_pre_and_hw_early(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_backward_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
-    """``expert_stages.direct``: in an eager backward the two backward stage ops run their
-    implementation without PyTorch's dispatcher (whose handling of an op that mutates an
-    argument costs ~150 µs of host time a call); the gradients are bitwise those of the
-    dispatched ops, and the mutated ``main_grad`` buffers' version counters move as the ops'
-    move them. Under a dispatch mode (fake tensors: what ``torch.compile`` traces with) the
-    ops are dispatched."""
+
+def test_stage_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
+    """``eager.direct``: in eager mode the stage ops (forward, backward data, both weight
+    gradients) run their function without PyTorch's dispatcher (whose handling of an op that
+    mutates an argument costs ~150 µs of host time a call); the output and gradients are
+    bitwise those of the dispatched ops, and the mutated ``main_grad`` buffers' version
+    counters move as the ops' move them. Under a dispatch mode (fake tensors: what
+    ``torch.compile`` traces with) or with grad mode on the op is dispatched."""
     from moe_plugin.autograd.experts import ACCUMULATE_WGRAD_ATTR
-    from moe_plugin.kernels import expert_stages
+    from moe_plugin.kernels import eager
     taken = []
-    orig = expert_stages.direct
-    monkeypatch.setattr(expert_stages, "direct", lambda args: taken.append(orig(args))
-                        or taken[-1])
+    orig = eager.direct
+    monkeypatch.setattr(eager, "direct", lambda args: taken.append(orig(args)) or taken[-1])
     inp = expert_inputs(2, 9, 16, 8, 4, 2)
 
     def run():
@@ -396,15 +396,15 @@ def test_backward_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
         before = [w.main_grad._version for w in ws]
         out.backward(inp["gout"])
         bumps = [w.main_grad._version - v for w, v in zip(ws, before)]
-        return [t.grad for t in leaves] + [w.main_grad for w in ws], bumps
+        return [out.detach()] + [t.grad for t in leaves] + [w.main_grad for w in ws], bumps
 
-    direct_grads, direct_bumps = run()
-    assert taken == [True, True, True], taken
+    direct_res, direct_bumps = run()
+    assert taken == [True] * 4, taken  # forward, backward data, dW_down, dW_up
     taken.clear()
-    monkeypatch.setattr(expert_stages, "direct", lambda args: taken.append(False) or False)
-    op_grads, op_bumps = run()
-    assert taken == [False, False, False]
-    for a, b in zip(direct_grads, op_grads):
+    monkeypatch.setattr(eager, "direct", lambda args: taken.append(False) or False)
+    op_res, op_bumps = run()
+    assert taken == [False] * 4
+    for a, b in zip(direct_res, op_res):
         assert torch.equal(a, b)
     assert direct_bumps == op_bumps and min(op_bumps) >= 1, (direct_bumps, op_bumps)
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -414,3 +414,17 @@ def test_backward_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
     with torch.no_grad():
         assert orig((inp["x"], torch.nn.Parameter(inp["w_up"]), 3, None))
     assert not orig((inp["x"],))  # grad mode on (a backward with create_graph)
+
+
+def test_eager_op_binds_keywords_as_the_op_does():
+    """``eager.EagerOp``: keyword and default arguments reach the function in the op's
+    positional order on the direct path; a missing or unknown argument is a TypeError."""
+    from moe_plugin.kernels import expert_stages as ES
+    op = ES.experts_backward_weight_op
+    args = op._positional((1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11), {"need_down": True,
+                                                                 "need_up": False})
+    assert args == (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, False, True, False, False)
+    with pytest.raises(TypeError, match="missing argument 'need_down'"):
+        op._positional((1,) * 11, {"need_up": True})
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        op._positional((1,) * 13, {"bogus": 1})

@@ -64,7 +64,7 @@ class EPExpertsFunction(torch.autograd.Function):
         # fp8 experts ("fp8_block[_wgrad]"): the weights quantised (or cached)
         weights = quantized_weights(w_up, w_down, quant, weight_cache)
         y_recv, counts, offsets, sorted_slot, slot_pos, pre = \
-            torch.ops.moe_plugin.experts_forward(
+            expert_stages.experts_forward_op(
                 recv.payload, recv.ids.view(-1, 1), recv.weights.contiguous().view(-1, 1),
                 *weight_args(weights), act, gated, not recompute, b_up, b_down,
                 *scale_args(weights))
@@ -94,7 +94,7 @@ class EPExpertsFunction(torch.autograd.Function):
         dy_recv = D.combine_backward(dout, layout)
         # experts, data part; dx and d(weight) go straight into a packed buffer
         back = D.dispatch_backward_buffer(layout, dout.device)
-        _, dw_r, dpre, hw, db_down = expert_stages.backward_data(
+        _, dw_r, dpre, hw, db_down = expert_stages.experts_backward_data_op(
             dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1),
             *weight_args(weights), *emeta, usable(pre), back.payload, ctx.act, ctx.gated, True,
             True, b_up, b_down, need_b_down, *scale_args(weights))
@@ -105,7 +105,7 @@ class EPExpertsFunction(torch.autograd.Function):
         home, work = D.send_home(back, layout)
         none = dout.new_empty(0)  # the ops' "no buffer"
         acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
-        dw_up, dw_down, db_up = expert_stages.backward_weight(
+        dw_up, dw_down, db_up = expert_stages.experts_backward_weight_op(
             dy_recv, recv.payload, dpre, hw, *emeta, acc_up, acc_down, 1, need_up, need_down,
             ctx.fp8_wgrad, need_b_up)
         del dpre, hw, dy_recv

@@ -3,7 +3,7 @@
 fusion helpers that the expert-parallel Function shares."""
 import torch
 
-from ..kernels import expert_stages  # registers torch.ops.moe_plugin.experts_*
+from ..kernels import expert_stages  # the experts_* custom ops
 from ..kernels.quantize import QTensor
 from ..quant import cached_weight
 
@@ -127,7 +127,7 @@ class FusedExpertsFunction(torch.autograd.Function):
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
                 recompute: bool, b_up=None, b_down=None, quant=None, weight_cache=None):
         weights = quantized_weights(w_up, w_down, quant, weight_cache)
-        out, counts, offsets, sorted_slot, slot_pos, pre = torch.ops.moe_plugin.experts_forward(
+        out, counts, offsets, sorted_slot, slot_pos, pre = expert_stages.experts_forward_op(
             x, topk_ids, topk_weights, *weight_args(weights), act_code, gated, not recompute,
             b_up, b_down, *scale_args(weights))
         ctx.act_code, ctx.gated, ctx.quant = act_code, gated, quant
@@ -146,7 +146,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         need_b_up, need_b_down = ctx.needs_input_grad[8:10]
         meta = (counts, offsets, sorted_slot, slot_pos)
         none = x.new_empty(0)  # the ops' "no buffer"
-        dx, dw_topk, dpre, hw, db_down = expert_stages.backward_data(
+        dx, dw_topk, dpre, hw, db_down = expert_stages.experts_backward_data_op(
             dout, x, topk_weights, *weight_args(weights), *meta, usable(pre), none,
             ctx.act_code, ctx.gated, need_x, need_w, b_up, b_down, need_b_down,
             *scale_args(weights))
@@ -155,11 +155,11 @@ class FusedExpertsFunction(torch.autograd.Function):
         acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
         wgrad = dict(fp8=ctx.quant == "fp8_block_wgrad")
         # dW_down first, then hw goes (its memory serves dW_up), then dW_up and db_up
-        _, dw_down, _ = expert_stages.backward_weight(
+        _, dw_down, _ = expert_stages.experts_backward_weight_op(
             dout, x, dpre, hw, *meta, none, acc_down, topk_weights.shape[1], False, need_down,
             **wgrad)
         del hw
-        dw_up, _, db_up = expert_stages.backward_weight(
+        dw_up, _, db_up = expert_stages.experts_backward_weight_op(
             dout, x, dpre, none, *meta, acc_up, none, topk_weights.shape[1], need_up, False,
             need_b_up=need_b_up and b_up is not None, **wgrad)
         del dpre

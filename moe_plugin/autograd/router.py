@@ -1,7 +1,7 @@
 """Autograd Functions for the router: gate logits in fp32, and fused scores + top-k."""
 import torch
 
-from ..kernels import routing  # noqa: F401  (registers torch.ops.moe_plugin.route_*)
+from ..kernels import routing  # the route_* custom ops
 from ..kernels import tuning
 
 
@@ -75,7 +75,7 @@ class RouterFunction(torch.autograd.Function):
     def forward(ctx, logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
                 scaling_factor, need_aux, need_lse):
         bias = expert_bias if expert_bias is not None else logits.new_empty(0)
-        ids, w, colsum, cnt, lse = torch.ops.moe_plugin.route_fwd(
+        ids, w, colsum, cnt, lse = routing.route_fwd(
             logits, bias, top_k, score_func, renormalize, num_groups or 0, group_topk or 0,
             scaling_factor, need_aux, need_lse)
         ctx.save_for_backward(logits, ids)
@@ -88,7 +88,7 @@ class RouterFunction(torch.autograd.Function):
     def backward(ctx, _dids, dw, dcol, _dcnt, dlse):
         logits, ids = ctx.saved_tensors
         empty = logits.new_empty(0)
-        dl = torch.ops.moe_plugin.route_bwd(
+        dl = routing.route_bwd(
             logits, ids, dw if dw is not None else empty, dcol if dcol is not None else empty,
             dlse if dlse is not None else empty, ctx.score_func, ctx.renormalize,
             ctx.scaling_factor)

@@ -3,7 +3,8 @@ part -- each composed from the kernels and registered as a PyTorch custom op
 (``torch.ops.moe_plugin.experts_forward`` / ``experts_backward_data`` /
 ``experts_backward_weight``).
 
-Every training route calls these ops: the single-GPU autograd Function
+Every training route calls these ops (``eager.custom_op``: in eager mode without the
+dispatcher's host time): the single-GPU autograd Function
 (``autograd/experts.py``, bf16 and FP8 alike), expert parallelism (``autograd/ep_experts.py``,
 which splits the backward so that the weight part overlaps the all-to-all of the data part's
 result) and the quantised inference path. Registered ops are opaque to ``torch.compile``
@@ -21,6 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import eager
 from . import grouped_gemm as G
 from . import tuning
 from . import wgrad_fp8 as W8
@@ -150,7 +152,7 @@ def _or_empty(t, like):
     return t if t is not None else like.new_empty(0)
 
 
-@torch.library.custom_op("moe_plugin::experts_forward", mutates_args=())
+@eager.custom_op("moe_plugin::experts_forward")
 def experts_forward_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        w_up: torch.Tensor, w_down: torch.Tensor, act: int, gated: bool,
                        save_pre: bool, b_up: Optional[torch.Tensor] = None,
@@ -181,7 +183,8 @@ def _(x, topk_ids, topk_weights, w_up, w_down, act, gated, save_pre, b_up=None, 
             x.new_empty(s if save_pre else 0, w_up.shape[1])]
 
 
-def _backward_data_impl(
+@eager.custom_op("moe_plugin::experts_backward_data", mutates_args=("dx_out",))
+def experts_backward_data_op(
         dout: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, w_up: torch.Tensor,
         w_down: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
         sorted_slot: torch.Tensor, slot_pos: torch.Tensor, pre: torch.Tensor,
@@ -209,10 +212,6 @@ def _backward_data_impl(
     return tuple(_or_empty(g, x) for g in (dx, dw_topk, dpre, hw, db_down))
 
 
-experts_backward_data_op = torch.library.custom_op(
-    "moe_plugin::experts_backward_data", mutates_args=("dx_out",))(_backward_data_impl)
-
-
 @experts_backward_data_op.register_fake
 def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, dx_out,
       act, gated, need_x, need_w, b_up=None, b_down=None, need_b_down=False, w_up_scale=None,
@@ -227,7 +226,8 @@ def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_po
             torch.empty_like(b_down) if need_db else x.new_empty(0))
 
 
-def _backward_weight_impl(
+@eager.custom_op("moe_plugin::experts_backward_weight", mutates_args=("acc_up", "acc_down"))
+def experts_backward_weight_op(
         dout: torch.Tensor, x: torch.Tensor, dpre: torch.Tensor, hw: torch.Tensor,
         counts: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor,
         slot_pos: torch.Tensor, acc_up: torch.Tensor, acc_down: torch.Tensor, top_k: int,
@@ -248,11 +248,6 @@ def _backward_weight_impl(
     return tuple(_or_empty(g, x) for g in (dw_up, dw_down, db_up))
 
 
-experts_backward_weight_op = torch.library.custom_op(
-    "moe_plugin::experts_backward_weight", mutates_args=("acc_up", "acc_down"))(
-        _backward_weight_impl)
-
-
 @experts_backward_weight_op.register_fake
 def _(dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_down, top_k,
       need_up, need_down, fp8=False, need_b_up=False):
@@ -262,51 +257,3 @@ def _(dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_dow
             x.new_empty(e, dout.shape[1], hw.shape[1]) if need_down and not acc_down.numel()
             else x.new_empty(0),
             dpre.new_empty(e, dpre.shape[1]) if need_b_up else x.new_empty(0))
-
-
-# --- eager calls of the backward ops ----------------------------------------------------------
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def direct(args) -> bool:
-    """Whether a backward op may run its implementation without the dispatcher: an eager call
-    (grad mode off, as in an autograd backward; not under ``torch.compile`` / export tracing;
-    no dispatch mode such as fake, functional or proxy tensors) on plain tensors. Going
-    through the dispatcher costs an op that mutates an argument ~150 µs of host time a call
-    (PyTorch's in-place-or-view kernel for Python custom ops rebuilds the schema's argument
-    list once per argument; benchmarks/NOTES.md, session 32), three times a backward."""
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
-
-
-def _call(op, impl, args, mutated):
-    """``op(*args)``, or where ``direct`` its implementation, the version counters of the
-    arguments at ``mutated`` bumped as the op's in-place-or-view kernel does."""
-    if not direct(args):
-        return op(*args)
-    out = impl(*args)
-    for i in mutated:
-        torch.autograd.graph.increment_version(args[i])
-    return out
-
-
-def backward_data(*args):
-    """``torch.ops.moe_plugin.experts_backward_data(*args)`` (its arguments positionally, up
-    to ``dx_out``, the mutated one, at least), eager calls without the dispatcher
-    (``direct``)."""
-    if len(args) < 11:
-        raise TypeError(f"backward_data: expected at least 11 positional arguments (through "
-                        f"dx_out), got {len(args)}")
-    return _call(torch.ops.moe_plugin.experts_backward_data, _backward_data_impl, args, (10,))
-
-
-def backward_weight(dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_down,
-                    top_k: int, need_up: bool, need_down: bool, fp8: bool = False,
-                    need_b_up: bool = False):
-    """``torch.ops.moe_plugin.experts_backward_weight`` (``acc_up``, ``acc_down`` the mutated
-    arguments), eager calls without the dispatcher (``direct``)."""
-    return _call(torch.ops.moe_plugin.experts_backward_weight, _backward_weight_impl,
-                 (dout, x, dpre, hw, counts, offsets, sorted_slot, slot_pos, acc_up, acc_down,
-                  top_k, need_up, need_down, fp8, need_b_up), (8, 9))

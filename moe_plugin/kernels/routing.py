@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import eager
 from .activation import sigmoid
 from .codes import SCORE_SOFTMAX, Score
 from .common import next_pow2
@@ -282,9 +283,9 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
 
 # ---------------------------------------------------------------------------------------------
 # The launchers as custom ops (opaque to torch.compile, no host synchronisation; outputs not
-# asked for are empty tensors)
+# asked for are empty tensors; eager calls without the dispatcher: ``eager.custom_op``)
 
-@torch.library.custom_op("moe_plugin::route_fwd", mutates_args=())
+@eager.custom_op("moe_plugin::route_fwd")
 def route_fwd(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, score_func: str,
               renormalize: bool, num_groups: int, group_topk: int, scaling_factor: float,
               need_aux: bool, need_lse: bool) -> List[torch.Tensor]:
@@ -313,7 +314,7 @@ def _(logits, expert_bias, top_k, score_func, renormalize, num_groups, group_top
             logits.new_empty(n if need_lse else 0)]
 
 
-@torch.library.custom_op("moe_plugin::route_bwd", mutates_args=())
+@eager.custom_op("moe_plugin::route_bwd")
 def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights: torch.Tensor,
               d_colsum: torch.Tensor, d_lse: torch.Tensor, score_func: str, renormalize: bool,
               scaling_factor: float) -> torch.Tensor:
