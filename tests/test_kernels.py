@@ -359,20 +359,20 @@ def test_gluon_bf16_wgrad_tiles_fit_the_output():
 def test_gluon_runs_only_under_a_verified_triton_unless_asked(monkeypatch):
     """``gluon_gemm.api_supported``: the Gluon kernels run under a Triton they ran with on a
     Hopper GPU (``GLUON_TRITON_VERSIONS``); under one they only compile under
-    (``GLUON_TRITON_COMPILES``, 3.9) only with ``MOE_PLUGIN_GLUON_UNVERIFIED=1``; never under
+    (``GLUON_TRITON_COMPILES``, 3.7 to 3.9) only with ``MOE_PLUGIN_GLUON_UNVERIFIED=1``; never under
     one they do not compile under."""
     from moe_plugin.kernels import gluon_gemm as GF
     if not GF._HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
     unverified = [v for v in GF.GLUON_TRITON_COMPILES if v not in GF.GLUON_TRITON_VERSIONS]
     assert set(GF.GLUON_TRITON_VERSIONS) <= set(GF.GLUON_TRITON_COMPILES)
-    assert (3, 9) in GF.GLUON_TRITON_COMPILES and (3, 7) not in GF.GLUON_TRITON_COMPILES
+    assert (3, 9) in GF.GLUON_TRITON_COMPILES and (3, 99) not in GF.GLUON_TRITON_COMPILES
     for asked in (False, True):
         if asked:
             monkeypatch.setenv("MOE_PLUGIN_GLUON_UNVERIFIED", "1")
         else:
             monkeypatch.delenv("MOE_PLUGIN_GLUON_UNVERIFIED", raising=False)
-        for version in [*GF.GLUON_TRITON_VERSIONS, *unverified, (3, 7)]:
+        for version in [*GF.GLUON_TRITON_VERSIONS, *unverified, (3, 99)]:
             monkeypatch.setattr(GF, "_triton_version", lambda v=version: v)
             compiles = version in GF.GLUON_TRITON_COMPILES
             runs = version in GF.GLUON_TRITON_VERSIONS or (asked and compiles)
