@@ -308,22 +308,17 @@ if _HAVE_GLUON:
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
                     if A_GATHER:
-                        _cp_async_load(a_bufs.index(s), a_tile + ks * BK,
-                                                               mask=a_mask)
+                        _cp_async_load(a_bufs.index(s), a_tile + ks * BK, mask=a_mask)
                         async_copy.mbarrier_arrive(bar)
                     mbarrier.expect(bar, nbytes)
                     if not A_GATHER:
-                        _tma_load(a_desc, [row0, ks * BK], bar,
-                                                        a_bufs.index(s))
+                        _tma_load(a_desc, [row0, ks * BK], bar, a_bufs.index(s))
                     if B_KMAJOR:
-                        _tma_load(b_desc, [brow0, ks * BK], bar,
-                                                        b_bufs.index(s))
+                        _tma_load(b_desc, [brow0, ks * BK], bar, b_bufs.index(s))
                         if DUAL:
-                            _tma_load(b_desc, [brow0 + N, ks * BK], bar,
-                                                            b_bufs.index(STAGES + s))
+                            _tma_load(b_desc, [brow0 + N, ks * BK], bar, b_bufs.index(STAGES + s))
                     else:
-                        _tma_load(b_desc, [e * K + ks * BK, pid_n * BN],
-                                                        bar, b_bufs.index(s))
+                        _tma_load(b_desc, [e * K + ks * BK, pid_n * BN], bar, b_bufs.index(s))
                     it += 1
                     if EPI == EPI_ACT_BWD:
                         if ks == pre_at:
@@ -333,11 +328,10 @@ if _HAVE_GLUON:
                             mbarrier.wait(pre_empty, (tp & 1) ^ 1)
                             fence_async_shared()
                             mbarrier.expect(pre_ready, pre_desc.block_type.nbytes * (1 + GATED))
-                            _tma_load(pre_desc, [row0, pid_n * BN],
-                                                            pre_ready, pre_bufs.index(0))
+                            _tma_load(pre_desc, [row0, pid_n * BN], pre_ready, pre_bufs.index(0))
                             if GATED:
                                 _tma_load(pre_desc, [row0, N + pid_n * BN],
-                                                                pre_ready, pre_bufs.index(1))
+                                          pre_ready, pre_bufs.index(1))
                             wv = gl.load(w_ptr + slot, mask=rmask, other=0.0).to(gl.float32)
                         if ks == w_at:
                             w_buf.store(wv)
@@ -983,14 +977,10 @@ if _HAVE_GLUON:
                     fence_async_shared()
                     g = first + ks
                     mbarrier.expect(bar, nbytes)
-                    _tma_load(a_desc, [g * MO + tm * BM, 0], bar,
-                                                    a_bufs.index(s))
-                    _tma_load(b_desc, [g * NO + tn * BN, 0], bar,
-                                                    b_bufs.index(s))
-                    _tma_load(sa_desc, [g * MO + tm * BM], bar,
-                                                    sa_bufs.index(s))
-                    _tma_load(sb_desc, [g * NO + tn * BN], bar,
-                                                    sb_bufs.index(s))
+                    _tma_load(a_desc, [g * MO + tm * BM, 0], bar, a_bufs.index(s))
+                    _tma_load(b_desc, [g * NO + tn * BN, 0], bar, b_bufs.index(s))
+                    _tma_load(sa_desc, [g * MO + tm * BM], bar, sa_bufs.index(s))
+                    _tma_load(sb_desc, [g * NO + tn * BN], bar, sb_bufs.index(s))
                 else:
                     k0 = first + ks * GS
                     if A_GATHER:
@@ -1039,8 +1029,7 @@ if _HAVE_GLUON:
                                 _tma_load(
                                     a_desc, [k0, tm * BM + h * HM], bar, a_bufs.index(2 * s + h))
                         if not B_GATHER:
-                            _tma_load(b_desc, [k0, tn * BN], bar,
-                                                            b_bufs.index(s))
+                            _tma_load(b_desc, [k0, tn * BN], bar, b_bufs.index(s))
                 it += 1
             if ACCUM == ACCUM_RMW:
                 # the previous tile's epilogues done with c_buf (their generic loads ordered
@@ -1048,8 +1037,7 @@ if _HAVE_GLUON:
                 mbarrier.wait(c_empty, (tc & 1) ^ 1)
                 fence_async_shared()
                 mbarrier.expect(c_ready, c_desc.block_type.nbytes)
-                _tma_load(c_desc, [e * MO + tm * BM, tn * BN], c_ready,
-                                                c_buf)
+                _tma_load(c_desc, [e * MO + tm * BM, tn * BN], c_ready, c_buf)
             tc += 1
 
 
