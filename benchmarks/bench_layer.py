@@ -8,6 +8,8 @@ Implementations, all timed in one process on one GPU:
   * ``sonicmoe``     -- SonicMoE (pip ``sonic-moe``, QuACK / CuTe-DSL warp-specialised Hopper
                         GEMMs): ``sonicmoe.functional.moe_general_routing_inputs``
   * ``scattermoe``   -- ScatterMoE (github.com/shawntan/scattermoe, Triton): ``GLUMLP``
+  * ``moe_plugin_*`` -- ``moe_plugin`` with tuning changes (``TUNED``: the Triton grouped GEMMs,
+                        fast launch, every op call dispatched, the variants under test)
 The peers run when importable; otherwise their rows say "skipped" and why. Each peer holds
 the same weights as leaves in its own layout (converted once, outside the timed region):
 SonicMoE's interleaved gate/up rows as ``[2F, D, E]`` / ``[D, F, E]`` views, ScatterMoE's
@@ -232,7 +234,9 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          "moe_plugin_triton_grouped": ("moe_plugin", dict(gluon_bf16_grouped=False)),
          "moe_plugin_candidates": ("moe_plugin", _candidates()),
          # repeat Gluon launches without Triton's per-call binding (kernels/fast_launch.py)
-         "moe_plugin_fast_launch": ("moe_plugin", dict(fast_launch=True))}
+         "moe_plugin_fast_launch": ("moe_plugin", dict(fast_launch=True)),
+         # every custom-op call through PyTorch's dispatcher (kernels/eager.py)
+         "moe_plugin_dispatched": ("moe_plugin", dict(eager_ops=False))}
 
 
 def measure(fn, inputs, rep_ms=200):

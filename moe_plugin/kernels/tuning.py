@@ -111,6 +111,9 @@ class Tuning:
     # per-call binding (``fast_launch.FastLaunch``, Triton 3.6 to 3.9); False: every launch by
     # ``JITFunction.run``. Off until measured on a GPU (benchmarks/NOTES.md, session 31)
     fast_launch: bool = False
+    # the package's custom ops called in eager mode without PyTorch's dispatcher
+    # (``kernels/eager.py``); False: every call dispatched (traced calls always are)
+    eager_ops: bool = True
     # the router logits' backward for bf16 on CUDA on the tensor cores (``split_bf16``), False:
     # fp32 GEMMs on fp32 copies
     router_split_bwd: bool = True
