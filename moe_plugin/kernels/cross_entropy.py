@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpret_mode
+from .common import interpret_mode, next_pow2
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _ce_bwd_kernel(x_ptr, target_ptr, lse_ptr, dloss_ptr, dx_ptr, V, stride_x, s
 
 
 def _block(v: int) -> int:
-    return 64 if interpret_mode() else min(4096, triton.next_power_of_2(v))
+    return 64 if interpret_mode() else min(4096, next_pow2(v))
 
 
 def ce_forward(logits: torch.Tensor, target: torch.Tensor):

@@ -72,6 +72,7 @@ import triton
 from . import tuning
 from .activation import act_bwd_store, act_fwd
 from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, EPI_ACT_FWD, Accum, Epilogue
+from .common import cdiv, next_pow2
 from .fast_launch import launcher
 
 try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
@@ -106,6 +107,7 @@ if _HAVE_GLUON:
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_version() -> tuple:
     return tuple(int(p) for p in triton.__version__.split(".")[:2])
 
@@ -120,16 +122,21 @@ def api_supported() -> bool:
     """Whether the Gluon kernels may run under this Triton: a version they were run with on a
     Hopper GPU (``GLUON_TRITON_VERSIONS``), or one they compile under with
     ``MOE_PLUGIN_GLUON_UNVERIFIED=1``."""
-    if not api_compiles():
+    version = _triton_version()
+    if not _HAVE_GLUON or version not in GLUON_TRITON_COMPILES:
         return False
-    return (_triton_version() in GLUON_TRITON_VERSIONS
+    return (version in GLUON_TRITON_VERSIONS
             or os.environ.get("MOE_PLUGIN_GLUON_UNVERIFIED") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def available(tune: tuning.Tuning, t: torch.Tensor) -> bool:
     """Whether the Gluon kernels can run on ``t``'s device (and ``tune.gluon`` allows them)."""
-    return (tune.gluon and api_supported() and t.is_cuda
-            and torch.cuda.get_device_capability(t.device)[0] == 9)
+    return t.is_cuda and tune.gluon and api_supported() and _sm_major(t.device) == 9
 
 
 # The shared layouts of the launchers' TMA descriptors are built once (the launch path runs per
@@ -719,7 +726,7 @@ def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weight
         cfg = _bf16_config(tune, gather, tune.gluon_bf16_epi_config)
     else:
         cfg = {**tune.gluon_config, **tune.gluon_epi_config}
-    dwp = torch.empty(triton.cdiv(n, cfg["BN"]), pre.shape[0], dtype=torch.float32,
+    dwp = torch.empty(cdiv(n, cfg["BN"]), pre.shape[0], dtype=torch.float32,
                       device=pre.device)
     pre_desc = TensorDescriptor.from_tensor(pre, [cfg["BM"], cfg["BN"]],
                                             _unswizzled_layout(pre.element_size() * 8, 2))
@@ -833,7 +840,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         out.stride(0), pre.stride(0), hw.stride(0), 0 if dwp is None else dwp.stride(0),
         0 if sa is None else sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2],
         BM=bm, BN=bn, BK=bk, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
-        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=cfg.get("KPAIR", False),
+        BLOCK_E=max(32, next_pow2(E)), KPAIR=cfg.get("KPAIR", False),
         INFO=cfg["INFO"], EPI=int(epi), GATED=gated, ACT=int(act), SCALED=scaled,
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
@@ -869,8 +876,8 @@ def grouped_schedule(meta, bm: int, bn: int, n: int):
     tiles_cum = cache.get(bm)
     if tiles_cum is None:
         tiles_cum = cache[bm] = torch.cumsum((meta.counts + bm - 1) // bm, 0, dtype=torch.int32)
-    num_m_tiles = triton.cdiv(S, bm) + min(meta.num_experts, S)
-    return tiles_cum, num_m_tiles, (num_m_tiles * triton.cdiv(n, bn),)
+    num_m_tiles = cdiv(S, bm) + min(meta.num_experts, S)
+    return tiles_cum, num_m_tiles, (num_m_tiles * cdiv(n, bn),)
 
 
 if _HAVE_GLUON:
@@ -1267,7 +1274,7 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
     bm, bn = cfg["BM"], cfg["BN"]
     mo, no = qa.shape[1], qb.shape[1]
     E = meta.num_experts
-    num_tiles = E * triton.cdiv(mo, bm) * triton.cdiv(no, bn)
+    num_tiles = E * cdiv(mo, bm) * cdiv(no, bn)
     if num_tiles == 0:
         return c
     s1 = _unswizzled_layout(32, 1)
@@ -1283,7 +1290,7 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
         a_desc, b_desc, sa_desc, sb_desc, c_desc, c, c, c, meta.counts, meta.counts,
         meta.offsets, mo, no, E, num_tiles, 0, 0, c.stride(0), c.stride(1), c.stride(2),
         PADDED=True, TOPK=1, A_GATHER=False, B_GATHER=False, ACCUM=int(accum), GS=128, BM=bm,
-        BN=bn, STAGES=cfg["STAGES"], BLOCK_E=max(32, triton.next_power_of_2(E)),
+        BN=bn, STAGES=cfg["STAGES"], BLOCK_E=max(32, next_pow2(E)),
         KPAIR=cfg["KPAIR"], INFO=cfg["INFO"], LOAD_WARPS=1, LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], C_TRANS=False, num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
@@ -1343,7 +1350,7 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
     cfg = bf16_seg_config(tune, c, accum, mo, no, b_gather)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     E = meta.num_experts
-    num_tiles = E * triton.cdiv(mo, bm) * triton.cdiv(no, bn)
+    num_tiles = E * cdiv(mo, bm) * cdiv(no, bn)
     if meta.sorted_slot.numel() == 0:  # no tokens: zero gradients (added: nothing)
         return c.zero_() if accum == Accum.STORE else c
     if num_tiles == 0:
@@ -1357,7 +1364,7 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
         meta.offsets, mo, no, E, num_tiles, a.stride(0), b.stride(0), *c_strides,
         PADDED=False, TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
         ACCUM=int(accum), GS=bk, BM=bm, BN=bn, STAGES=cfg["STAGES"],
-        BLOCK_E=max(32, triton.next_power_of_2(E)), KPAIR=False, INFO=True,
+        BLOCK_E=max(32, next_pow2(E)), KPAIR=False, INFO=True,
         LOAD_WARPS=cfg["LOAD_WARPS"], LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
         C_TRANS=trans, num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
@@ -1434,9 +1441,9 @@ def quantize_cols(tune: tuning.Tuning, src, meta, q, s, gather: bool):
     bc, warps = cfg["BC"], cfg["num_warps"]
     groups_cum, num_groups, _ = grouped_schedule(meta, 128, 1, 1)
     c = src.shape[1]
-    launcher(_fp8_cols_gl, tune.fast_launch)[(num_groups * triton.cdiv(c, bc),)](
+    launcher(_fp8_cols_gl, tune.fast_launch)[(num_groups * cdiv(c, bc),)](
         src, meta.sorted_slot, groups_cum, meta.counts, meta.offsets, q, s, c, meta.num_experts,
         num_groups, src.stride(0), q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather,
-        BC=bc, WC=cfg["WC"], GS=128, BLOCK_E=max(32, triton.next_power_of_2(meta.num_experts)),
+        BC=bc, WC=cfg["WC"], GS=128, BLOCK_E=max(32, next_pow2(meta.num_experts)),
         num_warps=warps)
     return q, s

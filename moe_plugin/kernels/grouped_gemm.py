@@ -51,7 +51,7 @@ from . import tuning
 from .activation import act_bwd_store, act_fwd
 from .codes import (ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_FWD, EPI_STORE, QUANT_FP8, QUANT_INT8,
                     Accum, Epilogue, Quant)
-from .common import interpret_mode, next_pow2
+from .common import cdiv, interpret_mode, next_pow2
 from .permute import PermuteMeta
 from .quantize import QTensor, to_e4m3
 
@@ -519,8 +519,8 @@ def _launch_grouped(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
                              pre=pre, gated=gated, act=act, store_pre=store_pre,
                              store_h=store_h)
         return
-    num_m_tiles = triton.cdiv(S, bm) + min(E, S)
-    grid = (num_m_tiles * triton.cdiv(n, bn),)
+    num_m_tiles = cdiv(S, bm) + min(E, S)
+    grid = (num_m_tiles * cdiv(n, bn),)
     dummy = meta.counts
     _grouped_mm_kernel[grid](
         a, b, c if c is not None else pre, pre if pre is not None else dummy,
@@ -570,7 +570,7 @@ def _launch_segment(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
     cfg = _seg_config(tune, kind, a.dtype)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     E = meta.num_experts
-    grid = (E * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
+    grid = (E * cdiv(mo, bm) * cdiv(no, bn),)
     _segment_mm_kernel[grid](
         a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
@@ -639,7 +639,7 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
         if quant != Quant.FP8:
             raise ValueError("quant_h: h is quantised in the epilogue for fp8 GEMMs only")
         h = torch.empty(S, f, dtype=torch.float8_e4m3fn, device=a.device)
-        hs = torch.empty(S, triton.cdiv(f, 128), dtype=torch.float32, device=a.device)
+        hs = torch.empty(S, cdiv(f, 128), dtype=torch.float32, device=a.device)
         if pre is None:  # carries the rounding dtype of the pre-activation into the kernel
             pre = torch.empty(0, w.shape[1], dtype=dt, device=a.device)
     else:
@@ -658,10 +658,10 @@ def act_quant(pre, meta: PermuteMeta, act: int, gated: bool) -> QTensor:
     S = pre.shape[0]
     f = pre.shape[1] // 2 if gated else pre.shape[1]
     h = torch.empty(S, f, dtype=torch.float8_e4m3fn, device=pre.device)
-    hs = torch.empty(S, triton.cdiv(f, 128), dtype=torch.float32, device=pre.device)
+    hs = torch.empty(S, cdiv(f, 128), dtype=torch.float32, device=pre.device)
     if S and f:
         bm = 8 if interpret_mode() else 32
-        _act_quant_kernel[(triton.cdiv(S, bm), triton.cdiv(f, 128))](
+        _act_quant_kernel[(cdiv(S, bm), cdiv(f, 128))](
             pre, h, hs, meta.offsets, meta.num_experts, f, pre.stride(0), h.stride(0),
             hs.stride(0), GATED=gated, ACT=int(act), EMU=interpret_mode(), BM=bm, num_warps=4)
     return QTensor(h, hs)
@@ -732,14 +732,14 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
         # and then writes hw over the same tile (no extra [S, F] buffer)
         dh = hw
         _launch_grouped(tune, "dh", a, w, dh, meta, n=f, k=a.shape[1], **args)
-        dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
-        _act_bwd_kernel[(triton.cdiv(S, bm), triton.cdiv(f, bn))](
+        dwp = torch.empty(cdiv(f, bn), S, dtype=torch.float32, device=a.device)
+        _act_bwd_kernel[(cdiv(S, bm), cdiv(f, bn))](
             dh, pre, weights, dwp, hw, dpre, meta.sorted_slot, meta.offsets, meta.num_experts,
             f, dh.stride(0), pre.stride(0), dwp.stride(0), hw.stride(0), dpre.stride(0),
             GATED=gated, ACT=int(act), BM=bm, BN=bn, num_warps=warps)
         return dpre, hw, dwp.sum(0)
     bn = _mm_config(tune, "up_bwd", a.dtype, gated, f, quant)["BN"]
-    dwp = torch.empty(triton.cdiv(f, bn), S, dtype=torch.float32, device=a.device)
+    dwp = torch.empty(cdiv(f, bn), S, dtype=torch.float32, device=a.device)
     _launch_grouped(tune, "up_bwd", a, w, dpre, meta, n=f, k=a.shape[1], gated=gated,
                     epi=Epilogue.ACT_BWD, act=act, pre=pre, weights=weights, dwp=dwp, hw=hw,
                     **args)
@@ -769,7 +769,7 @@ def _launch_colsum(tune: tuning.Tuning, a, meta: PermuteMeta, *, no: int, gather
                    weights=None, c=None, bias=None, dwb=None):
     br, bn, warps = _colsum_block(tune)
     dummy = meta.counts
-    _segment_colsum_kernel[(meta.num_experts * triton.cdiv(no, bn),)](
+    _segment_colsum_kernel[(meta.num_experts * cdiv(no, bn),)](
         a, weights if weights is not None else dummy, bias if bias is not None else dummy,
         c if c is not None else dummy, dwb if dwb is not None else dummy, meta.sorted_slot,
         meta.counts, meta.offsets, no, a.stride(0), bias.stride(0) if bias is not None else 0,
@@ -805,7 +805,7 @@ def bias_down_grad(dout, b_down, topk_weights, meta: PermuteMeta, need_db: bool,
         db = (torch.zeros if S == 0 else torch.empty)(E, d, dtype=b_down.dtype,
                                                       device=b_down.device)
     if need_dot:
-        dwb = torch.empty(triton.cdiv(d, _colsum_block(tune)[1]), S, dtype=torch.float32,
+        dwb = torch.empty(cdiv(d, _colsum_block(tune)[1]), S, dtype=torch.float32,
                           device=dout.device)
     if S and (need_db or need_dot):
         assert dout.stride(1) == 1

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpret_mode, next_pow2
+from .common import cdiv, interpret_mode, next_pow2
 
 _ALIGN = 16  # bytes; packed rows keep 16-byte alignment for vector loads
 
@@ -93,7 +93,7 @@ def pack_rows(x, topk_ids, topk_weights, send_slot, num_local_experts: int) -> P
     w = topk_weights.reshape(-1).contiguous()
     i32 = send.buf.view(torch.int32)
     br, bd = (16, 32) if interpret_mode() else (8, min(512, next_pow2(d)))
-    _pack_kernel[(triton.cdiv(num_send, br),)](
+    _pack_kernel[(cdiv(num_send, br),)](
         x, send_slot, ids, w, send.buf.view(x.dtype), i32, send.buf.view(torch.float32),
         num_send, d, x.stride(0), send.buf.view(x.dtype).stride(0), i32.stride(0),
         send.meta_col, TOPK=topk_ids.shape[1], E_LOC=num_local_experts,

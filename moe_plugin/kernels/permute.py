@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpret_mode, next_pow2
+from .common import cdiv, interpret_mode, next_pow2
 
 
 @dataclass
@@ -108,7 +108,7 @@ def permute_metadata(topk_ids: torch.Tensor, num_experts: int) -> PermuteMeta:
         offsets = torch.zeros(E + 1, dtype=torch.int32, device=dev)
         return PermuteMeta(counts, offsets, sorted_slot, slot_pos, E, k)
     block = _block()
-    nb = triton.cdiv(S, block)
+    nb = cdiv(S, block)
     hist = torch.empty(E, nb, dtype=torch.int32, device=dev)
     _hist_kernel[(nb,)](ids, hist, S, E, nb, BLOCK=block,
                         BLOCK_E=min(next_pow2(E), 32 if interpret_mode() else 64))
@@ -166,7 +166,7 @@ def gather_reduce(y: torch.Tensor, meta: PermuteMeta, weights=None, out_dtype=No
     assert out.stride(1) == 1 and tuple(out.shape) == (n, D)
     bt, bd = (16, 32) if interpret_mode() else (16, min(256, next_pow2(D)))
     w = weights.contiguous() if weights is not None else y
-    _gather_reduce_kernel[(triton.cdiv(n, bt), triton.cdiv(D, bd))](
+    _gather_reduce_kernel[(cdiv(n, bt), cdiv(D, bd))](
         y, meta.slot_pos, w, out, n, D, y.stride(0), out.stride(0), TOPK=k,
         WEIGHTED=weights is not None, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
     return out
@@ -199,7 +199,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
         return out
     assert src.stride(1) == 1 and out.stride(1) == 1 and src.shape[1] == D
     br, bd = (16, 32) if interpret_mode() else (8, min(512, next_pow2(D)))
-    _gather_rows_kernel[(triton.cdiv(R, br), triton.cdiv(D, bd))](
+    _gather_rows_kernel[(cdiv(R, br), cdiv(D, bd))](
         src, index, out, R, D, src.stride(0), out.stride(0), DIV=div, BLOCK_R=br, BLOCK_D=bd,
         num_warps=4)
     return out

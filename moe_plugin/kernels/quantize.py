@@ -47,7 +47,7 @@ import triton.language as tl
 
 from . import tuning
 from .codes import Quant
-from .common import interpret_mode
+from .common import cdiv, interpret_mode
 
 GROUP = 128          # fp8: columns per activation scale, rows and columns per weight block
 FP8_DTYPE = torch.float8_e4m3fn
@@ -181,10 +181,10 @@ def fp8_quantize_rows(x: torch.Tensor, gather=None):
         rows, valid, top_k = gather
         m = rows.numel()
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(m, triton.cdiv(k, GROUP), dtype=torch.float32, device=x.device)
+    s = torch.empty(m, cdiv(k, GROUP), dtype=torch.float32, device=x.device)
     if m and k:
         bm, warps = (8, 4) if interpret_mode() else tuning.current().fp8_rows_block
-        grid = (triton.cdiv(m, bm), s.shape[1])
+        grid = (cdiv(m, bm), s.shape[1])
         _fp8_rows_kernel[grid if gather is not None else (grid[0] * grid[1],)](
             x, q, s, rows if gather is not None else s, valid if gather is not None else s,
             m, k, x.stride(0), q.stride(0), s.stride(0), TOPK=top_k if gather is not None else 1,
@@ -201,7 +201,7 @@ def fp8_quantize_blocks(w: torch.Tensor, transposed: bool = False):
     e, n, k = w.shape
     q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)
     qt = torch.empty(e, k, n, dtype=torch.float8_e4m3fn, device=w.device) if transposed else None
-    s = torch.empty(e, triton.cdiv(n, GROUP), triton.cdiv(k, GROUP), dtype=torch.float32,
+    s = torch.empty(e, cdiv(n, GROUP), cdiv(k, GROUP), dtype=torch.float32,
                     device=w.device)
     if q.numel():
         _fp8_blocks_kernel[(e, s.shape[1], s.shape[2])](

@@ -21,7 +21,7 @@ import triton.language as tl
 from . import eager
 from .activation import sigmoid
 from .codes import SCORE_SOFTMAX, Score
-from .common import next_pow2
+from .common import cdiv, next_pow2
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _BIG = tl.constexpr(2 ** 30)
@@ -230,7 +230,7 @@ def route_forward(logits: torch.Tensor, top_k: int, *, score_func: str, renormal
     g = num_groups or 1
     eg = e // g
     block_n = _rows_per_program(next_pow2(g) * next_pow2(eg))
-    grid = (triton.cdiv(n, block_n),)
+    grid = (cdiv(n, block_n),)
     ids = torch.empty(n, top_k, dtype=torch.int32, device=dev)
     w = torch.empty(n, top_k, dtype=torch.float32, device=dev)
     colsum = torch.empty(grid[0], e, dtype=torch.float32, device=dev) if need_aux else w
@@ -270,7 +270,7 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
     be = next_pow2(e)
     block_n = _rows_per_program(be, next_pow2(k))
     dummy = logits
-    _route_bwd_kernel[(triton.cdiv(n, block_n),)](
+    _route_bwd_kernel[(cdiv(n, block_n),)](
         logits, topk_ids, d_weights.contiguous() if d_weights is not None else dummy,
         d_colsum.contiguous() if d_colsum is not None else dummy,
         d_lse.contiguous() if d_lse is not None else dummy, dl,

@@ -35,7 +35,7 @@ from . import gluon_gemm as GF
 from . import grouped_gemm as G
 from . import tuning
 from .codes import QUANT_FP8, Accum
-from .common import interpret_mode, next_pow2
+from .common import cdiv, interpret_mode, next_pow2
 from .permute import PermuteMeta
 from .quantize import GROUP, to_e4m3
 
@@ -112,7 +112,7 @@ def _segment_mm_fp8_kernel(
 def num_groups(meta: PermuteMeta) -> int:
     """Groups of the padded layout (worst case over routings)."""
     S = meta.sorted_slot.numel()
-    return triton.cdiv(S, GROUP) + min(meta.num_experts, S)
+    return cdiv(S, GROUP) + min(meta.num_experts, S)
 
 
 def quantize_cols_grouped(src: torch.Tensor, meta: PermuteMeta, gather: bool,
@@ -132,7 +132,7 @@ def quantize_cols_grouped(src: torch.Tensor, meta: PermuteMeta, gather: bool,
         GF.quantize_cols(tune, src, meta, q, s, gather)
     elif g and c:
         bc, warps = (32, 4) if interpret_mode() else tune.fp8_cols_block
-        _fp8_cols_kernel[(g * triton.cdiv(c, bc),)](
+        _fp8_cols_kernel[(g * cdiv(c, bc),)](
             src, meta.sorted_slot, meta.counts, meta.offsets, q, s, c, meta.num_experts,
             src.stride(0), q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather,
             EMU=interpret_mode(), BC=bc, GS=GROUP, BLOCK_E=next_pow2(meta.num_experts),
@@ -174,7 +174,7 @@ def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     if GROUP % bk:
         raise ValueError(f"fp8 wgrad '{kind}': BK={bk} must divide {GROUP}")
-    grid = (meta.num_experts * triton.cdiv(mo, bm) * triton.cdiv(no, bn),)
+    grid = (meta.num_experts * cdiv(mo, bm) * cdiv(no, bn),)
     _segment_mm_fp8_kernel[grid](
         qa, qb, sa, sb, dw, meta.counts, mo, no, meta.num_experts, qa.stride(0), qb.stride(0),
         sa.stride(0), sb.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
