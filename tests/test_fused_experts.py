@@ -377,7 +377,8 @@ def test_stage_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
     mutates an argument costs ~150 µs of host time a call); the output and gradients are
     bitwise those of the dispatched ops, and the mutated ``main_grad`` buffers' version
     counters move as the ops' move them. Under a dispatch mode (fake tensors: what
-    ``torch.compile`` traces with) or with grad mode on the op is dispatched."""
+    ``torch.compile`` traces with), a ``torch.func`` transform or with grad mode on the op is
+    dispatched."""
     from moe_plugin.autograd.experts import ACCUMULATE_WGRAD_ATTR
     from moe_plugin.kernels import eager, tuning
     taken = []
@@ -414,6 +415,10 @@ def test_stage_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
     with torch.no_grad():
         assert orig((inp["x"], torch.nn.Parameter(inp["w_up"]), 3, None))
     assert not orig((inp["x"],))  # grad mode on (a backward with create_graph)
+    with torch.no_grad():  # vmap's batched tensors are of type torch.Tensor
+        seen = []
+        torch.func.vmap(lambda t: seen.append(orig((t,))) or t)(inp["x"])
+        assert seen == [False]
 
 
 def test_eager_op_binds_keywords_as_the_op_does():

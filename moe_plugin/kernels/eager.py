@@ -24,10 +24,12 @@ def direct(args) -> bool:
     """Whether a call may skip the dispatcher: ``tuning.eager_ops`` on, grad mode off (as
     inside an autograd Function's forward and backward; a ``create_graph`` backward keeps the
     op), not compiling or exporting, no dispatch mode (fake, functional, proxy tensors: what
-    tracing uses) and the tensor arguments plain tensors or parameters."""
+    tracing uses), no ``torch.func`` transform (``vmap``'s batched tensors look plain) and the
+    tensor arguments plain tensors or parameters."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and tuning.current().eager_ops
             and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None
             and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
 
 
