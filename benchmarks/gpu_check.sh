@@ -53,6 +53,18 @@ nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,temperature.gpu --format=c
 # tests' files (compare with the same command in a checkout)
 find moe_plugin tests benchmarks -name '*.py' | LC_ALL=C sort | xargs cat | sha1sum | tee "$OUT/tree.txt"
 
+# the gluon step's tests and the gemms step's timings (also run by the triton39 step), their
+# logs under the name given
+gluon_tests() {
+  timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py tests/test_quant.py \
+    -k "gluon or fused_act_bwd" -p no:cacheprovider 2>&1 | tee "$OUT/$1" | tail -8
+}
+gemm_timings() {
+  timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
+    --against gluon_bf16_grouped gluon_bf16_wgrad --seg-variants "$SEG_VARIANTS" \
+    2>&1 | tee "$OUT/$1" | grep -v '^ ' | cut -c1-220
+}
+
 for step in "$@"; do
   echo "=== $step"
   case $step in
@@ -66,12 +78,9 @@ for step in "$@"; do
       timeout "${SUITE_S:-540}" python -m pytest -q -rs -m gpu ${SUITE_TESTS:-tests} \
         -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 ;;
     gluon)
-      timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py tests/test_quant.py \
-        -k "gluon or fused_act_bwd" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gluon.log" | tail -8 ;;
+      gluon_tests pytest_gluon.log ;;
     gemms)
-      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
-        --against gluon_bf16_grouped gluon_bf16_wgrad --seg-variants "$SEG_VARIANTS" \
-        2>&1 | tee "$OUT/gemms.log" | grep -v '^ ' | cut -c1-220 ;;
+      gemm_timings gemms.log ;;
     fused_dh)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
         --kernels dh --enable gluon_bf16_fuse_act_bwd --against gluon_bf16_fuse_act_bwd \
@@ -132,12 +141,8 @@ for step in "$@"; do
           TRITON_BACKENDS_IN_TREE=1 TRITON_CACHE_DIR=/tmp/triton39_cache \
           TRITON_PTXAS_BLACKWELL_PATH=/tmp/t39site/triton/backends/nvidia/bin/ptxas
         python -c "import triton; print('triton', triton.__version__)" | tee "$OUT/triton39.txt"
-        timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py tests/test_quant.py \
-          -k "gluon or fused_act_bwd" -p no:cacheprovider 2>&1 \
-          | tee "$OUT/pytest_gluon_triton39.log" | tail -8
-        timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
-          --against gluon_bf16_grouped gluon_bf16_wgrad --seg-variants "$SEG_VARIANTS" \
-          2>&1 | tee "$OUT/gemms_triton39.log" | grep -v '^ ' | cut -c1-220
+        gluon_tests pytest_gluon_triton39.log
+        gemm_timings gemms_triton39.log
       ) ;;
     *)
       echo "unknown step: $step" >&2; exit 2 ;;

@@ -7,7 +7,7 @@ waits for (``profile_kernels.py --host``); the CUDA launch itself (the launcher'
 not in it. Each launch is timed through ``JITFunction.run`` ("plain") and through
 ``fast_launch`` ("fast", ``tuning.fast_launch``), alternately.
 
-    PYTHONPATH=<triton 3.6>:. python benchmarks/launch_cost.py [--calls 300] [--profile 15]
+    PYTHONPATH=<triton 3.6 to 3.9>:. python benchmarks/launch_cost.py [--calls 300] [--profile 15]
 """
 import argparse
 import json
@@ -52,7 +52,8 @@ def main():
                     help="also the N functions with the most own time (cProfile, fast path)")
     args = ap.parse_args()
     if not GF.api_compiles():
-        sys.exit(f"launch_cost.py: needs a Triton whose Gluon the kernels compile under (GLUON_TRITON_COMPILES), got Triton {GF._triton_version()}")
+        sys.exit(f"launch_cost.py: needs a Triton whose Gluon the kernels compile under "
+                 f"({GF.GLUON_TRITON_COMPILES}), got Triton {GF._triton_version()}")
     cases = W._cases()
     with W.recording(), tuning.override(fast_launch=True):
         for name, case in LAUNCHES.items():

@@ -3,8 +3,9 @@
 ``JITFunction.run`` (Triton 3.6 to 3.9) binds every call's arguments to the signature,
 specialises each one, builds and hashes the cache key of the kernel, compares every global the
 kernel reads with its value at compile time (a ``constexpr.__ne__`` each: 15 for the
-row-grouped kernel) and only then launches. ``FastLaunch`` wraps a ``@gluon.jit`` function and keeps, per device, options and
-argument specialisation, the ``CompiledKernel`` that ``JITFunction.run`` chose the first time:
+row-grouped kernel) and only then launches. ``FastLaunch`` wraps a ``@gluon.jit`` function and
+keeps, per device, options and argument specialisation, the ``CompiledKernel`` that
+``JITFunction.run`` chose the first time:
 
 * the key is built with the binder's own rules: each non-constexpr argument specialised by
   Triton's ``native_specialize_impl`` with the parameter's flags (annotation, ``is_const``,
@@ -25,18 +26,18 @@ Equal keys mean equal specialisations, so the launch is the one ``JITFunction.ru
 from __future__ import annotations
 
 import torch
-import triton
 
-# the Triton versions whose launch path this mirrors (and was compared with: the compile
-# check's launch cases); under any other every launch goes through JITFunction.run
-FAST_LAUNCH_TRITON_VERSIONS = ((3, 6), (3, 7), (3, 8), (3, 9))
+# Only the Gluon launchers call ``launcher``, and they run only under a Triton whose Gluon the
+# kernels compile under (``gluon_gemm.GLUON_TRITON_COMPILES``), each of which the compile check
+# runs the fast-launch launch checks under (``tests/test_gluon_compile.py``); a Triton without
+# the internals used here takes the plain path.
 try:
     from triton import knobs
     from triton._C.libtriton import native_specialize_impl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDesc
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
-    _OK = tuple(int(p) for p in triton.__version__.split(".")[:2]) in FAST_LAUNCH_TRITON_VERSIONS
+    _OK = True
 except Exception:  # pragma: no cover - a Triton without them: always the plain path
     _OK = False
 
@@ -167,9 +168,8 @@ _WRAPPED: dict = {}
 
 def launcher(jit_fn, enabled: bool):
     """What to index with the grid to launch ``jit_fn``: its ``FastLaunch`` (one per function)
-    where it applies (``enabled``, a compiled ``JITFunction`` of a Triton in
-    ``FAST_LAUNCH_TRITON_VERSIONS``, not while ``torch.compile`` traces), else the function
-    itself."""
+    where it applies (``enabled``, a compiled ``JITFunction`` of a Triton with the internals
+    used here, not while ``torch.compile`` traces), else the function itself."""
     if (not enabled or not _OK or not isinstance(jit_fn, JITFunction)
             or torch.compiler.is_compiling()):
         return jit_fn

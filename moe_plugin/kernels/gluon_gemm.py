@@ -122,11 +122,8 @@ def api_supported() -> bool:
     """Whether the Gluon kernels may run under this Triton: a version they were run with on a
     Hopper GPU (``GLUON_TRITON_VERSIONS``), or one they compile under with
     ``MOE_PLUGIN_GLUON_UNVERIFIED=1``."""
-    version = _triton_version()
-    if not _HAVE_GLUON or version not in GLUON_TRITON_COMPILES:
-        return False
-    return (version in GLUON_TRITON_VERSIONS
-            or os.environ.get("MOE_PLUGIN_GLUON_UNVERIFIED") == "1")
+    return api_compiles() and (_triton_version() in GLUON_TRITON_VERSIONS
+                               or os.environ.get("MOE_PLUGIN_GLUON_UNVERIFIED") == "1")
 
 
 @functools.lru_cache(maxsize=None)
