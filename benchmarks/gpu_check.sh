@@ -30,6 +30,10 @@
 #             LAYER_CONFIGS, default all five of issue 21), JSON + md
 #   triton39  the gluon step's tests and the gemms step's timings under Triton 3.9 (carried as
 #             .whl_triton39: benchmarks/triton39_bundle.sh), MOE_PLUGIN_GLUON_UNVERIFIED=1
+#   cluster   under Triton 3.9 as triton39 (its Gluon has TMA multicast; 3.6's has not): the
+#             GPU tests of GEMM2 / dx launched as clusters of two CTAs (GLUON_S), bench_gemms
+#             for them against one CTA a tile, LAYER_CONFIGS (GEMMS_S), and bench_layer's
+#             moe_plugin_cluster against the defaults, same process (LAYER_S)
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
 #             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
 #             540); QuACK's autotuning results are packed into OUT_DIR/quack_autotune.tar.xz
@@ -63,6 +67,22 @@ gemm_timings() {
   timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
     --against gluon_bf16_grouped gluon_bf16_wgrad --seg-variants "$SEG_VARIANTS" \
     2>&1 | tee "$OUT/$1" | grep -v '^ ' | cut -c1-220
+}
+
+# Triton 3.9 for the rest of the (sub)shell: the bundle carried as .whl_triton39 (made by
+# benchmarks/triton39_bundle.sh) unpacked once, its CUDA 12.9 ptxas for sm_90, the Gluon
+# kernels allowed under it; fails (1) without the bundle
+triton39() {
+  if [ ! -d /tmp/t39site/triton ]; then
+    mkdir -p /tmp/t39site && tar -C /tmp/t39site -xJf .whl_triton39/triton-3.9.0-pruned.tar.xz \
+      || { echo "no .whl_triton39 bundle"; return 1; }
+  fi
+  # the bundle has no AMD backend: the backends found by folder, not by the installed Triton
+  # 3.6's entry points
+  export PYTHONPATH="/tmp/t39site:$PYTHONPATH" MOE_PLUGIN_GLUON_UNVERIFIED=1 \
+    TRITON_BACKENDS_IN_TREE=1 TRITON_CACHE_DIR=/tmp/triton39_cache \
+    TRITON_PTXAS_BLACKWELL_PATH=/tmp/t39site/triton/backends/nvidia/bin/ptxas
+  python -c "import triton; print('triton', triton.__version__)" | tee -a "$OUT/triton39.txt"
 }
 
 for step in "$@"; do
@@ -127,22 +147,27 @@ for step in "$@"; do
       (cd "$QUACK_CACHE_DIR" && find . -name '*.json' -print0 \
          | tar -cJf "$OUT/quack_autotune.tar.xz" --null -T -) ;;
     triton39)
-      # the Gluon GPU tests and the gemms step's timings under Triton 3.9 (.whl_triton39
-      # carried, made by benchmarks/triton39_bundle.sh; its CUDA 12.9 ptxas for sm_90), in a
-      # subshell so that later steps run under the device's own Triton
-      if [ ! -d /tmp/t39site/triton ]; then
-        mkdir -p /tmp/t39site && tar -C /tmp/t39site -xJf .whl_triton39/triton-3.9.0-pruned.tar.xz \
-          || { echo "triton39: no .whl_triton39 bundle"; continue; }
-      fi
+      # the Gluon GPU tests and the gemms step's timings under Triton 3.9, in a subshell so
+      # that later steps run under the device's own Triton
       (
-        # the bundle has no AMD backend: the backends found by folder, not by the installed
-        # Triton 3.6's entry points
-        export PYTHONPATH="/tmp/t39site:$PYTHONPATH" MOE_PLUGIN_GLUON_UNVERIFIED=1 \
-          TRITON_BACKENDS_IN_TREE=1 TRITON_CACHE_DIR=/tmp/triton39_cache \
-          TRITON_PTXAS_BLACKWELL_PATH=/tmp/t39site/triton/backends/nvidia/bin/ptxas
-        python -c "import triton; print('triton', triton.__version__)" | tee "$OUT/triton39.txt"
+        triton39 || exit 0
         gluon_tests pytest_gluon_triton39.log
         gemm_timings gemms_triton39.log
+      ) ;;
+    cluster)
+      (
+        triton39 || exit 0
+        timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py \
+          -k "grouped_equals_triton and cluster" -p no:cacheprovider 2>&1 \
+          | tee "$OUT/pytest_cluster.log" | tail -8
+        timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
+          --kernels down dx --against \
+          --grouped-variants '[{"CLUSTER": 2}, {"CLUSTER": 2, "BN": 128, "STAGES": 6}]' \
+          2>&1 | tee "$OUT/gemms_cluster.log" | grep -v '^ ' | cut -c1-220
+        timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
+          --impls moe_plugin moe_plugin_cluster --configs $LAYER_CONFIGS \
+          --json "$OUT/layer_cluster.json" --md "$OUT/layer_cluster.md" 2>&1 \
+          | tee "$OUT/layer_cluster.log" | tail -14
       ) ;;
     *)
       echo "unknown step: $step" >&2; exit 2 ;;

@@ -245,7 +245,8 @@ def key_check() -> dict:
 
 # the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
 # compiled the variant)
-REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE", "PINGPONG")
+REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE", "PINGPONG",
+            "CN")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,8 +348,12 @@ def _cases():
                                                             "TMA_STORE": True, "STAGES": 3})
         pp = dataclasses.replace(tune, gluon_bf16_config={
             **tune.gluon_bf16_config, **tuning.GLUON_BF16_PINGPONG})
+        # ... and launched as clusters of two CTAs, A multicast (CLUSTER; dh' with its gathered
+        # A falls back to one CTA)
+        cl = dataclasses.replace(tune, gluon_bf16_config={
+            **tune.gluon_bf16_config, **tuning.GLUON_BF16_CLUSTER})
         for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
-                                 ("_pingpong", pp, "down dx dh")):
+                                 ("_pingpong", pp, "down dx dh"), ("_cluster", cl, "down dx dh")):
             if "down" in kinds and f % 64 == 0:
                 cases[f"bf16_down{suffix}_{shape}"] = (
                     lambda t=t, wd=wd, ordered=ordered, y=y, d=d, f=f: GF.grouped_mm_direct(

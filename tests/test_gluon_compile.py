@@ -35,7 +35,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
          + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"]
          + [f"bf16_{g}_pingpong_{shape}" for g in ("down", "dx", "dh", "up_plain", "up_gated")
-            for shape in ("aligned", "odd") if shape == "aligned" or g in ("dh", "up_plain")])
+            for shape in ("aligned", "odd") if shape == "aligned" or g in ("dh", "up_plain")]
+         + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh")])
 
 
 def _run_worker(*args):
@@ -64,8 +65,8 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     row-grouped GEMM (plain and with the fused dh' epilogue) and the 16-bit row-grouped GEMMs
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
     backward in its epilogue, GEMM1 gated or not storing pre and / or h; the plain epilogue
-    by TMA stores; the consumers on whole tiles in turn): compiled, within a Hopper block's
-    shared memory."""
+    by TMA stores; the consumers on whole tiles in turn; GEMM2 and dx launched as clusters of
+    two CTAs with A multicast): compiled, within a Hopper block's shared memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]
     assert "error" not in res, f"{case}: {res['error']}"
@@ -86,11 +87,17 @@ LAUNCH = {
     "bf16_up_gated_aligned_h": dict(TMA_STORE=False),
     "bf16_dh_tmastore_aligned": dict(TMA_STORE=True, STAGES=3, A_GATHER=True),
     "bf16_dx_tmastore_aligned": dict(TMA_STORE=True, STAGES=3),
-    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=False, PINGPONG=False),
     "bf16_down_pingpong_aligned": dict(BN=128, STAGES=5, PINGPONG=True),
     "bf16_dh_pingpong_odd": dict(BN=128, A_GATHER=True, PINGPONG=True),
     "bf16_up_plain_pingpong_odd": dict(A_GATHER=True, PINGPONG=True),
     "bf16_up_gated_pingpong_aligned": dict(PINGPONG=False),  # two accumulators: not served
+    # clusters of two CTAs (a tile of 2 x 256 columns) where this Triton has TMA multicast
+    "bf16_down_cluster_aligned": (dict(CN=2, BN=512, STAGES=4) if GF.cluster_compiles()
+                                  else dict(CN=1, BN=256)),
+    "bf16_dx_cluster_aligned": (dict(CN=2, BN=512, STAGES=4) if GF.cluster_compiles()
+                                else dict(CN=1, BN=256)),
+    "bf16_dh_cluster_aligned": dict(CN=1, A_GATHER=True),  # a gathered A: one CTA
+    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=False, PINGPONG=False, CN=1),
 }
 
 
@@ -100,7 +107,8 @@ def test_gluon_case_compiles_the_intended_launch(case, compiled):
     tiles (``gluon_gemm.bf16_seg_config``: 256 x 128 with x gathered, 128 x 256 with dout
     gathered, 128 x 128 for an fp32 read-add-write or widths not multiples of 16, the ring's
     slots fitted beside a read-add-write tile), dW_up transposed and the TMA-store epilogue
-    where their switches are on, and not elsewhere."""
+    where their switches are on, and not elsewhere; clusters of two CTAs for GEMM2 and dx
+    where asked and this Triton's Gluon has TMA multicast, never for a gathered A."""
     assert case in compiled and "launch" in compiled[case], compiled.get(case)
     got = compiled[case]["launch"]
     for key, want in LAUNCH[case].items():
@@ -108,8 +116,9 @@ def test_gluon_case_compiles_the_intended_launch(case, compiled):
 
 
 # launches compared through JITFunction.run and through fast_launch: the row-grouped kernel
-# (GEMM2, GEMM1 gated with a gathered A), the weight gradient (dW_up transposed), FP8
-FAST_LAUNCH_CASES = ["bf16_down_aligned", "bf16_up_gated_odd_pre_h",
+# (GEMM2, GEMM1 gated with a gathered A, dx as clusters of two CTAs where this Triton has
+# them), the weight gradient (dW_up transposed), FP8
+FAST_LAUNCH_CASES = ["bf16_down_aligned", "bf16_up_gated_odd_pre_h", "bf16_dx_cluster_aligned",
                      "bf16_wgrad_up_swap_aligned_atomic", "fp8_wgrad_rmw"]
 
 

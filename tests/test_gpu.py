@@ -302,7 +302,7 @@ def _count_calls(monkeypatch, module, name):
 
 @pytest.mark.parametrize("kind", ["down", "dx", "dh"])
 @pytest.mark.parametrize("programs", [None, 3])
-@pytest.mark.parametrize("variant", ["st", "tma_st", "pingpong"])
+@pytest.mark.parametrize("variant", ["st", "tma_st", "pingpong", "cluster"])
 def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeypatch):
     """On Hopper, with ``gluon_bf16_grouped``, GEMM2 (B = W_downᵀ, K-major), dx (B = W_up,
     N-major) and the split form's dh' (A = dout rows gathered by ``cp.async``, B = W_down,
@@ -313,12 +313,17 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     by registers or (``tma_st``: ``gluon_bf16_config["TMA_STORE"]``) through shared memory
     by TMA in 16-row chunks, the chunk across an expert's end by masked stores; ``pingpong``
     (``gluon_bf16_config["PINGPONG"]``, 128 x 128 tiles): each consumer warpgroup computes
-    whole tiles in turn."""
+    whole tiles in turn; ``cluster`` (``gluon_bf16_config["CLUSTER"]``, Triton >= 3.7):
+    GEMM2 and dx launched as clusters of two CTAs, A's tiles multicast to both, the second
+    CTA's columns partly past N (dh' with its gathered A stays on one CTA)."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
+    if variant == "cluster" and not GF.cluster_compiles():
+        pytest.skip(f"this Triton's Gluon has no TMA multicast (from {GF.GLUON_CLUSTER_FROM})")
     extra = {"st": {}, "tma_st": {"TMA_STORE": True, "STAGES": 3},
-             "pingpong": tuning.GLUON_BF16_PINGPONG}[variant]
+             "pingpong": tuning.GLUON_BF16_PINGPONG,
+             "cluster": tuning.GLUON_BF16_CLUSTER}[variant]
     tune(gluon_programs=programs,
          gluon_bf16_config={**tuning.current().gluon_bf16_config, **extra})
     g = torch.Generator().manual_seed(23)
@@ -345,11 +350,18 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
         run = lambda: G.expert_up_bwd(dout, w_down, pre, meta, wts, 0, True)
     res = []
     calls = _count_calls(monkeypatch, GF, "grouped_mm_direct")
+    ctas = []
+    programs_fn = GF._programs
+    monkeypatch.setattr(GF, "_programs",
+                        lambda *a, **kw: ctas.append(a[3] if len(a) > 3 else 1)
+                        or programs_fn(*a, **kw))
     for enabled in (False, True):
         with tuning.override(gluon_bf16_grouped=enabled, split_up_bwd=True):
             out = run()
         res.append(out if isinstance(out, tuple) else (out,))
     assert len(calls) == 1, "the Gluon kernel did not serve the GEMM"
+    want = 2 if variant == "cluster" and kind != "dh" else 1
+    assert ctas == [want], f"launched as clusters of {ctas}, expected [{want}]"
     for got, ref in zip(res[1], res[0]):
         ref, got = ref[:used], got[:used]
         assert ref.isfinite().all(), "the Triton kernel read an unused slot's row"

@@ -1,4 +1,6 @@
 """Unit tests of single kernels: permutation metadata, the un-permute reduce, and routing."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -377,3 +379,29 @@ def test_gluon_runs_only_under_a_verified_triton_unless_asked(monkeypatch):
             compiles = version in GF.GLUON_TRITON_COMPILES
             runs = version in GF.GLUON_TRITON_VERSIONS or (asked and compiles)
             assert (GF.api_compiles(), GF.api_supported()) == (compiles, runs), (version, asked)
+
+
+def test_gluon_cluster_grid_and_gate(monkeypatch):
+    """The row-grouped kernel launched as clusters of two CTAs (``gluon_bf16_config["CLUSTER"]``):
+    only where this Triton's Gluon has TMA multicast (``cluster_compiles``: from 3.7); its
+    persistent grid counts clusters, one per SM pair (or per two of ``gluon_programs``), no
+    more than the driver said fit at once, and at most one per tile."""
+    from moe_plugin.kernels import gluon_gemm as GF, tuning
+    if not GF._HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    for version, want in (((3, 6), False), ((3, 7), True), ((3, 9), True), ((3, 99), False)):
+        monkeypatch.setattr(GF, "_triton_version", lambda v=version: v)
+        assert GF.cluster_compiles() == want, version
+    monkeypatch.setattr(GF, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(GF, "_CLUSTER_CAPACITY", {})
+    t = tuning.current()
+    dev = "cuda:0"
+    assert GF._programs(t, 10_000, dev) == 132
+    assert GF._programs(t, 10_000, dev, 2) == 66
+    assert GF._programs(t, 40, dev, 2) == 40
+    assert GF._programs(dataclasses.replace(t, gluon_programs=3), 10_000, dev, 2) == 1
+    GF._CLUSTER_CAPACITY[(dev, 2)] = 60  # the driver's answer after a first launch
+    assert GF._programs(t, 10_000, dev, 2) == 60
+    assert GF._programs(t, 10_000, dev) == 132  # one-CTA launches unaffected
+    GF._CLUSTER_CAPACITY[(dev, 2)] = None  # no answer: one per SM pair
+    assert GF._programs(t, 10_000, dev, 2) == 66

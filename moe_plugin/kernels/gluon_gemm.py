@@ -71,7 +71,7 @@ import triton
 
 from . import tuning
 from .activation import act_bwd_store, act_fwd
-from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, EPI_ACT_FWD, Accum, Epilogue
+from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, EPI_ACT_FWD, EPI_STORE, Accum, Epilogue
 from .common import cdiv, next_pow2
 from .fast_launch import launcher
 
@@ -126,6 +126,16 @@ def api_supported() -> bool:
                                or os.environ.get("MOE_PLUGIN_GLUON_UNVERIFIED") == "1")
 
 
+# the Triton versions whose Gluon has TMA multicast into a cluster's CTAs (``_grouped_mm_ws``
+# with ``CN`` 2): from 3.7 on
+GLUON_CLUSTER_FROM = (3, 7)
+
+
+def cluster_compiles() -> bool:
+    """Whether this Triton's Gluon compiles the kernels launched as clusters (``CN`` 2)."""
+    return api_compiles() and _triton_version() >= GLUON_CLUSTER_FROM
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_major(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
@@ -153,16 +163,31 @@ def _unswizzled_layout(bits: int, rank: int):
 
 if _HAVE_GLUON:
     @gluon.constexpr_function
-    def _mma_layout(BN, num_warps, bits=8):
-        """The wgmma accumulator layout: m16 x BN x k(256 / bits) instructions (k32 for fp8,
-        k16 for 16-bit operands), warps along M."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                         instr_shape=[16, BN, 256 // bits])
+    def _cga(CN, rank, split=None):
+        """The CTA bases (``cga_layout``) of a layout in a kernel launched as clusters of
+        ``CN`` CTAs along the output's columns (``_grouped_mm_ws``'s ``CN``; also called by
+        host code): none for one CTA; for two, the tensor split between them along dimension
+        ``split`` (each CTA its half), or with ``split`` None the same whole tensor in each."""
+        if CN == 1:
+            return []
+        assert CN == 2, f"clusters of one or two CTAs, not {CN}"
+        return [[int(d == split) for d in range(rank)]]
 
     @gluon.constexpr_function
-    def _store_layout(num_warps):
-        """Row-major tiles for the epilogue stores: 8 consecutive columns per thread."""
-        return gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    def _mma_layout(BN, num_warps, bits=8, CN=1):
+        """The wgmma accumulator layout: m16 x BN x k(256 / bits) instructions (k32 for fp8,
+        k16 for 16-bit operands), warps along M; with ``CN`` 2 the accumulator of a cluster's
+        ``[rows, 2·BN]`` tile, each CTA its ``BN`` columns."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                         instr_shape=[16, BN, 256 // bits],
+                                         cga_layout=_cga(CN, 2, 1))
+
+    @gluon.constexpr_function
+    def _store_layout(num_warps, CN=1):
+        """Row-major tiles for the epilogue stores: 8 consecutive columns per thread (``CN``
+        2: a cluster's tile, each CTA its half of the columns)."""
+        return gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0],
+                                cga_layout=_cga(CN, 2, 1))
 
     @gluon.constexpr_function
     def _seg_store_layout(num_warps, c_trans):
@@ -174,21 +199,43 @@ if _HAVE_GLUON:
         return gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
 
     @gluon.constexpr_function
-    def _vector_layout(num_warps, n, replicated=False):
+    def _vector_layout(num_warps, n, replicated=False, CN=1):
         """An ``[n]`` vector (n a power of 2, >= 32) over the lanes and warps, or with
         ``replicated`` over the lanes of each warp, the same in every warp: its reductions
-        then stay within a warp (no barrier)."""
+        then stay within a warp (no barrier). In a cluster (``CN`` 2) the same in each CTA."""
         if not replicated:
-            return gl.BlockedLayout([1], [32], [num_warps], [0])
+            return gl.BlockedLayout([1], [32], [num_warps], [0], cga_layout=_cga(CN, 1))
         return gl.DistributedLinearLayout(
             [[32 << i] for i in range((n // 32).bit_length() - 1)],
-            [[1 << i] for i in range(5)], [[0]] * (num_warps.bit_length() - 1), [], [n])
+            [[1 << i] for i in range(5)], [[0]] * (num_warps.bit_length() - 1),
+            _cga(CN, 1), [n])
+
+    @gluon.constexpr_function
+    def _bar_layout(CN, shared=False):
+        """mbarriers of a kernel launched as clusters of ``CN`` CTAs: each CTA its own, or
+        with ``shared`` one for the pair, in the first CTA (the arrivals of both counted
+        there, its waits those of the first CTA only)."""
+        if CN == 1:
+            return mbarrier.MBarrierLayout()
+        return mbarrier.MBarrierLayout(cga_layout=[[0]] if shared else [[1]])
+
+    @gluon.constexpr_function
+    def _plain_smem(CN=1):
+        """An unswizzled shared layout (small buffers: tile facts, vectors), in a cluster the
+        same buffer in each CTA."""
+        return gl.SwizzledSharedLayout(1, 1, 1, order=[0], cga_layout=_cga(CN, 1))
+
+    @gluon.jit
+    def _bars(n: gl.constexpr, CN: gl.constexpr, SHARED: gl.constexpr = False):
+        """``n`` mbarriers (``.index(i)``) laid out by ``_bar_layout``."""
+        return gl.allocate_shared_memory(gl.int64, [n, 1 if SHARED else CN],
+                                         _bar_layout(CN, SHARED))
 
     @gluon.jit
     def _grouped_tile(pid, tiles_cum_ptr, offsets_ptr, counts_ptr, E, N, num_m_tiles,
                       BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr,
                       BLOCK_E: gl.constexpr, num_warps: gl.constexpr,
-                      REPLICATED: gl.constexpr = False):
+                      REPLICATED: gl.constexpr = False, CN: gl.constexpr = 1):
         """A row-grouped program's (expert, column tile, first row, end of the expert's rows):
         row tiles grouped GROUP_M at a time over the columns, the expert found from the
         inclusive cumulative tile counts; expert E: an idle program (the grid is sized for
@@ -199,7 +246,7 @@ if _HAVE_GLUON:
         size_m = gl.minimum(num_m_tiles - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % size_m
         pid_n = (pid % per_group) // size_m
-        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps, BLOCK_E, REPLICATED))
+        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps, BLOCK_E, REPLICATED, CN))
         cum = gl.load(tiles_cum_ptr + ex, mask=ex < E, other=2147483647)
         e = gl.sum((cum <= pid_m).to(gl.int32), 0)
         first = gl.sum(gl.where(ex == e - 1, cum, 0), 0)
@@ -208,24 +255,24 @@ if _HAVE_GLUON:
         return e, pid_n, seg0 + (pid_m - first) * BM, seg_end
 
     @gluon.jit
-    def _info_put(info, info_ready, info_empty, tc, a, b, c, d):
+    def _info_put(info, info_ready, info_empty, tc, a, b, c, d, CN: gl.constexpr = 1):
         """The producer hands a tile's four int32 facts to both consumers through a two-slot
         shared-memory ring (``tc``: tiles so far), so that they read them from shared memory
         at the tile's start instead of waiting on global loads and reductions."""
         slot = tc % 2
         mbarrier.wait(info_empty.index(slot), ((tc // 2) & 1) ^ 1)
-        idx = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+        idx = gl.arange(0, 32, layout=_vector_layout(gl.num_warps(), 32, False, CN))
         v = gl.where(idx == 0, a, gl.where(idx == 1, b, gl.where(idx == 2, c, d)))
         info.index(slot).store(v)
         mbarrier.arrive(info_ready.index(slot))
 
     @gluon.jit
-    def _info_get(info, info_ready, info_empty, tc):
+    def _info_get(info, info_ready, info_empty, tc, CN: gl.constexpr = 1):
         """A consumer's side of ``_info_put``: the four facts (in-warp reductions of a
         replicated vector), and the slot released."""
         slot = tc % 2
         mbarrier.wait(info_ready.index(slot), (tc // 2) & 1)
-        lay: gl.constexpr = _vector_layout(gl.num_warps(), 32, True)
+        lay: gl.constexpr = _vector_layout(gl.num_warps(), 32, True, CN)
         v = info.index(slot).load(lay)
         idx = gl.arange(0, 32, layout=lay)
         a = gl.sum(gl.where(idx == 0, v, 0), 0)
@@ -236,12 +283,12 @@ if _HAVE_GLUON:
         return a, b, c, d
 
     @gluon.jit
-    def _info_alloc():
-        """The tile-info ring of ``_info_put`` / ``_info_get``: slots, ready (1), empty (2)."""
-        info = gl.allocate_shared_memory(gl.int32, [2, 32],
-                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        info_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        info_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    def _info_alloc(CN: gl.constexpr = 1):
+        """The tile-info ring of ``_info_put`` / ``_info_get``: slots, ready (1), empty (2);
+        in a cluster (``CN`` 2) each CTA its own."""
+        info = gl.allocate_shared_memory(gl.int32, [2, 32], _plain_smem(CN))
+        info_ready = _bars(2, CN)
+        info_empty = _bars(2, CN)
         for i in gl.static_range(2):
             mbarrier.init(info_ready.index(i), count=1)
             mbarrier.init(info_empty.index(i), count=2)
@@ -250,14 +297,14 @@ if _HAVE_GLUON:
 
 if _HAVE_GLUON:
     @gluon.jit
-    def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
+    def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, a_empty, info, info_ready,
                       info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr, a_ptr,
                       gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K,
                       num_m_tiles, num_tiles, stride_a, BM: gl.constexpr, BN: gl.constexpr,
                       BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                       BLOCK_E: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
                       GATED: gl.constexpr, B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr,
-                      DUAL: gl.constexpr, TOPK: gl.constexpr):
+                      DUAL: gl.constexpr, TOPK: gl.constexpr, CN: gl.constexpr):
         """The ring over the tiles' k-steps: B's tiles by TMA (``B_KMAJOR``: B stored
         ``[E·NB, K]``, else ``[E·K, N]``; ``DUAL``: also the up rows ``NB/2`` further, into
         ring slot ``STAGES + s``), A's by TMA or, with ``A_GATHER`` (rows ``gather[p] //
@@ -265,9 +312,18 @@ if _HAVE_GLUON:
         copies' completion counted on ``ready`` as the seg producer's). With ``EPI ==
         EPI_ACT_BWD`` a few k-steps into a tile also its pre-activation tiles (TMA) and
         routing weights (gathered by these warps) for the activation-backward epilogue
-        (``pre_ready`` / ``pre_empty``)."""
-        nbytes: gl.constexpr = (a_desc.block_type.nbytes * (1 - A_GATHER)
-                                + b_desc.block_type.nbytes * (1 + DUAL))
+        (``pre_ready`` / ``pre_empty``).
+
+        In a cluster of two CTAs (``CN`` 2: the tile is ``BN`` columns wide, each CTA its half)
+        A's tile is the same in both: the first CTA's producer loads it into both CTAs' ring
+        slot (TMA multicast) once both CTAs' consumers released the slot (``a_empty``, shared:
+        its arrivals counted and waited for in the first CTA); B's half tile each CTA loads
+        itself, once its own consumers released the slot (``empty``)."""
+        if CN == 1:
+            nbytes: gl.constexpr = (a_desc.block_type.nbytes * (1 - A_GATHER)
+                                    + b_desc.block_type.nbytes * (1 + DUAL))
+        else:  # per CTA: A's whole tile, B's half
+            nbytes: gl.constexpr = a_desc.nbytes_per_cta + b_desc.nbytes_per_cta
         wl: gl.constexpr = gl.BlockedLayout([BM // (32 * gl.num_warps())], [32], [gl.num_warps()],
                                             [0])
         ga: gl.constexpr = _gather_layout(BK, gl.num_warps())
@@ -281,9 +337,9 @@ if _HAVE_GLUON:
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
                                                     E, N, num_m_tiles, BM, BN, GROUP_M,
-                                                    BLOCK_E, gl.num_warps())
+                                                    BLOCK_E, gl.num_warps(), False, CN)
             if INFO:
-                _info_put(info, info_ready, info_empty, tc, e, pid_n, row0, seg_end)
+                _info_put(info, info_ready, info_empty, tc, e, pid_n, row0, seg_end, CN)
                 tc += 1
             if e < E:  # expert E: an idle tile (the tile count is the worst case)
                 brow0 = e * NB + pid_n * BN
@@ -310,12 +366,16 @@ if _HAVE_GLUON:
                 for ks in range(0, nk):
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                    if CN > 1:  # (the first CTA's wait; the other's passes)
+                        mbarrier.wait(a_empty.index(s), ((it // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
                     if A_GATHER:
                         _cp_async_load(a_bufs.index(s), a_tile + ks * BK, mask=a_mask)
                         async_copy.mbarrier_arrive(bar)
                     mbarrier.expect(bar, nbytes)
-                    if not A_GATHER:
+                    if CN > 1:
+                        _tma_load(a_desc, [row0, ks * BK], bar, a_bufs.index(s), multicast=True)
+                    elif not A_GATHER:
                         _tma_load(a_desc, [row0, ks * BK], bar, a_bufs.index(s))
                     if B_KMAJOR:
                         _tma_load(b_desc, [brow0, ks * BK], bar, b_bufs.index(s))
@@ -433,7 +493,7 @@ if _HAVE_GLUON:
                          mask=(rows < seg_end)[:, None] & (cols < N)[None, :])
 
     @gluon.jit
-    def _grp_consumer(a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
+    def _grp_consumer(a_bufs, b_bufs, ready, empty, a_empty, turn, info, info_ready, info_empty,
                       pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc, c_ptr,
                       pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
                       offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
@@ -445,7 +505,7 @@ if _HAVE_GLUON:
                       GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
                       B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
                       STORE_PRE: gl.constexpr, STORE_H: gl.constexpr,
-                      TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr):
+                      TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
         with ``PINGPONG`` (16-bit, plain or GEMM1 epilogue, one accumulator) all rows of every
         other tile with an expert, so that one consumer's epilogue runs while the other's MMAs
@@ -455,12 +515,14 @@ if _HAVE_GLUON:
         in flight (its slot released when the next is issued), ``DUAL``: a second accumulator
         (GEMM1's up columns). The epilogue stores the tile (``EPI_STORE``), runs
         ``_act_bwd_epilogue`` (``EPI_ACT_BWD``) or GEMM1's activation (``EPI_ACT_FWD``: pre
-        and / or h = act(pre), as ``grouped_gemm._grouped_mm_kernel``)."""
+        and / or h = act(pre), as ``grouped_gemm._grouped_mm_kernel``). In a cluster (``CN``
+        2) the consumer's rows of the cluster's tile, each CTA's MMAs on its ``BN / 2``
+        columns; a slot is released to both producers (``empty``, ``a_empty``)."""
         HM: gl.constexpr = BM // 2
         RM: gl.constexpr = BM if PINGPONG else HM  # the rows of a tile this consumer computes
         R0: gl.constexpr = 0 if PINGPONG else HALF * HM  # ... from this row of the tile
-        mma: gl.constexpr = _mma_layout(BN, 4, 8 if SCALED else 16)
-        st: gl.constexpr = _store_layout(4)
+        mma: gl.constexpr = _mma_layout(BN // CN, 4, 8 if SCALED else 16, CN)
+        st: gl.constexpr = _store_layout(4, CN)
         zero = gl.zeros([HM, BN], gl.float32, layout=mma)
         my_turn = turn.index(HALF)
         other_turn = turn.index(1 - HALF)
@@ -471,12 +533,12 @@ if _HAVE_GLUON:
         tp = 0  # tiles with an expert so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             if INFO:
-                e, pid_n, row0, seg_end = _info_get(info, info_ready, info_empty, tc)
+                e, pid_n, row0, seg_end = _info_get(info, info_ready, info_empty, tc, CN)
                 tc += 1
             else:
                 e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
                                                         E, N, num_m_tiles, BM, BN, GROUP_M,
-                                                        BLOCK_E, gl.num_warps())
+                                                        BLOCK_E, gl.num_warps(), False, CN)
             if e < E:
                 # PINGPONG: the consumers take the tiles with an expert in turn, whole
                 skip = (tp % 2 != HALF) if PINGPONG else False
@@ -548,6 +610,8 @@ if _HAVE_GLUON:
                                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                             if ks > 0:  # the previous k-step's MMAs are done: release its slot
                                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                                if CN > 1:
+                                    mbarrier.arrive(a_empty.index((it + STAGES - 1) % STAGES))
                             it += 1
                         if DUAL:
                             acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
@@ -555,6 +619,8 @@ if _HAVE_GLUON:
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                         if nk > 0:
                             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                            if CN > 1:
+                                mbarrier.arrive(a_empty.index((it + STAGES - 1) % STAGES))
 
                     rows_s = row0 + R0 + gl.arange(0, RM, layout=gl.SliceLayout(1, st))
                     cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
@@ -606,7 +672,8 @@ if _HAVE_GLUON:
             B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, TOPK: gl.constexpr,
             STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
-            TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+            TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
+            num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
         wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
@@ -615,7 +682,10 @@ if _HAVE_GLUON:
         epilogue): the tile stored through shared memory by ``c_desc``'s TMA
         (``_tma_store_tile``), the consumers on to the next tile while it is written.
         ``PINGPONG`` (16-bit, one accumulator, plain or GEMM1 epilogue): each consumer computes
-        whole tiles, every other one (a ring slot is released by one consumer)."""
+        whole tiles, every other one (a ring slot is released by one consumer). ``CN`` 2
+        (16-bit, A by TMA, plain epilogue by registers; Triton >= 3.7): launched as clusters
+        of two CTAs along the columns, a tile ``BN`` columns wide split between them, A's
+        tile loaded once for both (TMA multicast, ``_grp_producer``)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
@@ -624,22 +694,31 @@ if _HAVE_GLUON:
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
         gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE or EPI == EPI_ACT_BWD),
                          "PINGPONG: 16-bit, one accumulator, plain or GEMM1 epilogue")
+        gl.static_assert(CN == 1 or not (SCALED or A_GATHER or DUAL or PINGPONG or TMA_STORE
+                                         or EPI != EPI_STORE),
+                         "CN 2: 16-bit, A by TMA, one accumulator, the plain epilogue")
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_shape,
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * (1 + DUAL)]
                                            + b_desc.block_shape, b_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ready = _bars(STAGES, CN)
+        empty = _bars(STAGES, CN)
+        turn = _bars(2, CN)
+        if CN > 1:
+            a_empty = _bars(STAGES, CN, True)  # A's slots, released by both CTAs
+        else:
+            a_empty = empty  # unused
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1 if PINGPONG else 2)  # the slot's consumers
+            if CN > 1:
+                mbarrier.init(a_empty.index(s), count=2)  # per CTA: 4 arrivals in all
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
-        info, info_ready, info_empty = _info_alloc()
+        info, info_ready, info_empty = _info_alloc(CN)
         # EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
         # (else token allocations: pre_desc is a stand-in)
-        plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        plain: gl.constexpr = _plain_smem(CN)
         if EPI == EPI_ACT_BWD:
             pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
                                                  pre_desc.layout)
@@ -654,34 +733,34 @@ if _HAVE_GLUON:
             c_smem = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
         else:
             c_smem = gl.allocate_shared_memory(gl.float32, [4], plain)
-        pre_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        pre_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        pre_ready = gl.allocate_shared_memory(gl.int64, [CN], _bar_layout(CN))
+        pre_empty = gl.allocate_shared_memory(gl.int64, [CN], _bar_layout(CN))
         mbarrier.init(pre_ready, count=2)  # the producer's expect and its weights' arrive
         mbarrier.init(pre_empty, count=2)  # both consumers
 
         gl.warp_specialize([
-            (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
+            (_grp_consumer, (a_bufs, b_bufs, ready, empty, a_empty, turn, info, info_ready, info_empty,
                              pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
                              c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
                              counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles,
                              stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
                              stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
                              KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
-                             STORE_PRE, STORE_H, TMA_STORE, PINGPONG)),
-            (_grp_consumer, (a_bufs, b_bufs, ready, empty, turn, info, info_ready, info_empty,
+                             STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN)),
+            (_grp_consumer, (a_bufs, b_bufs, ready, empty, a_empty, turn, info, info_ready, info_empty,
                              pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
                              c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
                              counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles,
                              stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
                              stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
                              KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
-                             STORE_PRE, STORE_H, TMA_STORE, PINGPONG)),
-            (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, info, info_ready,
+                             STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN)),
+            (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, a_empty, info, info_ready,
                              info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
                              a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N,
                              NB, K, num_m_tiles, num_tiles, stride_a, BM, BN, BK, STAGES,
                              GROUP_M, BLOCK_E, INFO, EPI, GATED, B_KMAJOR, A_GATHER, DUAL,
-                             TOPK)),
+                             TOPK, CN)),
         ], [4, LOAD_WARPS], [MMA_REGS, LOAD_REGS])
 
 
@@ -792,18 +871,33 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     """One launch of ``_grouped_mm_ws``: FP8 with scales (``sa`` given; ``tune.gluon_config``
     tiles, BK 128) or 16-bit (BK ``cfg["BK"]``)."""
     scaled = sa is not None
-    bm, bn = cfg["BM"], cfg["BN"]
+    bm = cfg["BM"]
     bk = 128 if scaled else cfg["BK"]
     S = meta.sorted_slot.numel()
     E = meta.num_experts
     if S == 0:
         return
     nb = n if nb is None else nb
+    out = c if c is not None else pre
+    # the output's TMA stores (16-bit, plain epilogue, ``cfg["TMA_STORE"]``): CH-row boxes
+    tma_store = (bool(cfg.get("TMA_STORE", False)) and not scaled and epi == Epilogue.STORE
+                 and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
+                 and out.data_ptr() % 16 == 0)
+    # the consumers on whole tiles in turn (``cfg["PINGPONG"]``): 16-bit, one accumulator, the
+    # plain or GEMM1 epilogue by registers
+    pingpong = (bool(cfg.get("PINGPONG", False)) and not scaled and not tma_store
+                and epi != Epilogue.ACT_BWD and not (epi == Epilogue.ACT_FWD and gated))
+    # clusters of two CTAs along the columns, A's tiles multicast (``cfg["CLUSTER"]``: 16-bit,
+    # A by TMA, the plain epilogue by registers; a Triton whose Gluon has multicast)
+    cn = (2 if cfg.get("CLUSTER", 1) == 2 and not (scaled or gather or tma_store or pingpong)
+          and epi == Epilogue.STORE and cluster_compiles() else 1)
+    bn = cfg["BN"] * cn  # the tile's columns (a cluster's: each CTA cfg["BN"])
     if scaled:
         a_lay = b_lay = _smem_layout()
     else:
-        a_lay = _nvmma_layout(bm, bk, a.dtype)
-        b_lay = _nvmma_layout(*((bn, bk) if b_kmajor else (bk, bn)), a.dtype)
+        a_lay = _nvmma_layout(bm, bk, a.dtype, cn, None)
+        b_lay = (_nvmma_layout(bn, bk, a.dtype, cn, 0) if b_kmajor
+                 else _nvmma_layout(bk, bn, a.dtype, cn, 1))
     # a gathered A: the descriptor only gives the shared layout of its tiles
     a_desc = TensorDescriptor.from_tensor(a, [bm, bk], a_lay)
     if b_kmajor:
@@ -811,24 +905,15 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     else:
         b_desc = TensorDescriptor.from_tensor(b.as_strided((E * k, n), (n, 1)), [bk, bn], b_lay)
     tiles_cum, num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
-    out = c if c is not None else pre
     pre = out if pre is None else pre
     hw = out if hw is None else hw
     dummy = meta.counts
-    # the output's TMA stores (16-bit, plain epilogue, ``cfg["TMA_STORE"]``): CH-row boxes
-    tma_store = (bool(cfg.get("TMA_STORE", False)) and not scaled and epi == Epilogue.STORE
-                 and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
-                 and out.data_ptr() % 16 == 0)
     c_desc = (TensorDescriptor.from_tensor(out, [16, bn], _nvmma_layout(16, bn, out.dtype))
               if tma_store else None)
-    # the consumers on whole tiles in turn (``cfg["PINGPONG"]``): 16-bit, one accumulator, the
-    # plain or GEMM1 epilogue by registers
-    pingpong = (bool(cfg.get("PINGPONG", False)) and not scaled and not tma_store
-                and epi != Epilogue.ACT_BWD and not (epi == Epilogue.ACT_FWD and gated))
     # without the fused dh' epilogue pre_desc is unused, without TMA_STORE c_desc: b_desc
     # stands in for them
-    grid = (_programs(tune, num_tiles, out.device),)
-    launcher(_grouped_mm_ws, tune.fast_launch)[grid](
+    grid = (_programs(tune, num_tiles, out.device, cn),)
+    kernel = launcher(_grouped_mm_ws, tune.fast_launch)[grid](
         a_desc, b_desc, b_desc if pre_desc is None else pre_desc,
         b_desc if c_desc is None else c_desc, out, pre, hw,
         dummy if dwp is None else dwp, dummy if weights is None else weights, a,
@@ -841,15 +926,21 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         INFO=cfg["INFO"], EPI=int(epi), GATED=gated, ACT=int(act), SCALED=scaled,
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=tma_store, PINGPONG=pingpong,
-        num_warps=4, maxnreg=cfg["MAXNREG"])
+        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=tma_store, PINGPONG=pingpong, CN=cn,
+        num_warps=4, num_ctas=cn, maxnreg=cfg["MAXNREG"])
+    if cn > 1 and kernel is not None:
+        _note_cluster_capacity(out.device, kernel, cn)
 
 
 @functools.lru_cache(maxsize=None)
-def _nvmma_layout(rows: int, cols: int, dtype: torch.dtype):
+def _nvmma_layout(rows: int, cols: int, dtype: torch.dtype, cn: int = 1, split=None):
     """The default swizzled shared layout of ``[rows, cols]`` TMA tiles of ``dtype`` (cached: the
-    launch path runs per GEMM call)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[dtype])
+    launch path runs per GEMM call); for a kernel launched as clusters of ``cn`` (2) CTAs,
+    the tile split between them along dimension ``split`` (or, None, whole in each)."""
+    if cn == 1:
+        return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[dtype])
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPE[dtype],
+                                                cga_layout=_cga(cn, 2, split))
 
 
 @functools.lru_cache(maxsize=None)
@@ -857,10 +948,34 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _programs(tune: tuning.Tuning, num_tiles: int, device) -> int:
+# (device, clusters' CTAs): how many clusters of a kernel fit on the device at once, as the
+# driver reported after the kernel's first launch (``_note_cluster_capacity``)
+_CLUSTER_CAPACITY = {}
+
+
+def _note_cluster_capacity(device, kernel, cn: int):
+    """Records, once per device and cluster size, how many clusters of ``kernel`` (one CTA per
+    SM: its shared memory) the device runs at once, so that later grids are no larger."""
+    key = (device, cn)
+    if key in _CLUSTER_CAPACITY:
+        return
+    try:
+        from triton.runtime.driver import driver
+        n = driver.active.utils.cuOccupancyMaxActiveClusters(
+            kernel.function, kernel.metadata.shared, cn)
+    except Exception:  # a driver without the query (or a stand-in): one per SM pair
+        n = 0
+    _CLUSTER_CAPACITY[key] = n if n > 0 else None
+
+
+def _programs(tune: tuning.Tuning, num_tiles: int, device, cn: int = 1) -> int:
     """Grid of a persistent kernel: one program per SM (or ``tune.gluon_programs``), at most
-    one per tile."""
-    n = tune.gluon_programs or _sm_count(device)
+    one per tile; launched as clusters of ``cn`` CTAs, one cluster per ``cn`` of them and no
+    more than the device runs at once (``_note_cluster_capacity``: a cluster that waited for
+    another to finish would double the kernel's tail)."""
+    n = (tune.gluon_programs or _sm_count(device)) // cn
+    if cn > 1 and _CLUSTER_CAPACITY.get((device, cn)):
+        n = min(n, _CLUSTER_CAPACITY[(device, cn)])
     return max(1, min(num_tiles, n))
 
 
