@@ -40,6 +40,9 @@
 #             afterwards (commit it as benchmarks/peers/quack_autotune_h200.tar.xz, which
 #             peers_env.sh unpacks, so that the next call's autotuner skips what is done);
 #             PEER_ROUTER=1 also times the router-included layers (bench_layer --router);
+#             PEER_IMPLS: more of ours beside the defaults (e.g. moe_plugin_cluster);
+#             PEER_TRITON39=1: under Triton 3.9 (the triton39 step's bundle, already unpacked
+#             by a call right before this one: both bundles do not fit one carry);
 #             then benchmarks/peer_targets.py's verdicts into OUT_DIR/targets.md
 set -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR STEP...}
@@ -128,9 +131,10 @@ for step in "$@"; do
       # shellcheck disable=SC1091
       # (the folder named: a sourced script without arguments sees this script's)
       source benchmarks/peers_env.sh .whl_sonic || { echo "peers_env.sh failed"; continue; }
+      if [ "${PEER_TRITON39:-0}" = 1 ]; then triton39 || continue; fi
       for c in ${PEER_CONFIGS:-fine_30b}; do
         timeout "${PEERS_S:-540}" python benchmarks/bench_layer.py \
-          --impls moe_plugin sonicmoe scattermoe grouped_mm --configs "$c" \
+          --impls moe_plugin ${PEER_IMPLS:-} sonicmoe scattermoe grouped_mm --configs "$c" \
           --json "$OUT/peers_$c.json" --md "$OUT/peers_$c.md" 2>&1 \
           | tee "$OUT/peers_$c.log" | tail -8
         if [ "${PEER_ROUTER:-0}" = 1 ]; then  # the router-included layers, same process

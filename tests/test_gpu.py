@@ -313,7 +313,7 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     by registers or (``tma_st``: ``gluon_bf16_config["TMA_STORE"]``) through shared memory
     by TMA in 16-row chunks, the chunk across an expert's end by masked stores; ``pingpong``
     (``gluon_bf16_config["PINGPONG"]``, 128 x 128 tiles): each consumer warpgroup computes
-    whole tiles in turn; ``cluster`` (``gluon_bf16_config["CLUSTER"]``, Triton >= 3.7):
+    whole tiles in turn; ``cluster`` (``gluon_bf16_config["CLUSTER"]``, Triton >= 3.8):
     GEMM2 and dx launched as clusters of two CTAs, A's tiles multicast to both, the second
     CTA's columns partly past N (dh' with its gathered A stays on one CTA)."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning

@@ -383,13 +383,14 @@ def test_gluon_runs_only_under_a_verified_triton_unless_asked(monkeypatch):
 
 def test_gluon_cluster_grid_and_gate(monkeypatch):
     """The row-grouped kernel launched as clusters of two CTAs (``gluon_bf16_config["CLUSTER"]``):
-    only where this Triton's Gluon has TMA multicast (``cluster_compiles``: from 3.7); its
+    only where this Triton's Gluon has TMA multicast (``cluster_compiles``: from 3.8); its
     persistent grid counts clusters, one per SM pair (or per two of ``gluon_programs``), no
     more than the driver said fit at once, and at most one per tile."""
     from moe_plugin.kernels import gluon_gemm as GF, tuning
     if not GF._HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    for version, want in (((3, 6), False), ((3, 7), True), ((3, 9), True), ((3, 99), False)):
+    for version, want in (((3, 6), False), ((3, 7), False), ((3, 8), True), ((3, 9), True),
+                          ((3, 99), False)):
         monkeypatch.setattr(GF, "_triton_version", lambda v=version: v)
         assert GF.cluster_compiles() == want, version
     monkeypatch.setattr(GF, "_sm_count", lambda device: 132)

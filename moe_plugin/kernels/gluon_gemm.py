@@ -126,9 +126,10 @@ def api_supported() -> bool:
                                or os.environ.get("MOE_PLUGIN_GLUON_UNVERIFIED") == "1")
 
 
-# the Triton versions whose Gluon has TMA multicast into a cluster's CTAs (``_grouped_mm_ws``
-# with ``CN`` 2): from 3.7 on
-GLUON_CLUSTER_FROM = (3, 7)
+# the Triton versions whose Gluon compiles ``_grouped_mm_ws`` with ``CN`` 2 (TMA multicast
+# into a cluster's CTAs): from 3.8 on (3.7 has multicast but cannot take a consumer's rows of a
+# tile held whole in both CTAs: "non-trivial block dimension not supported")
+GLUON_CLUSTER_FROM = (3, 8)
 
 
 def cluster_compiles() -> bool:
@@ -683,7 +684,7 @@ if _HAVE_GLUON:
         (``_tma_store_tile``), the consumers on to the next tile while it is written.
         ``PINGPONG`` (16-bit, one accumulator, plain or GEMM1 epilogue): each consumer computes
         whole tiles, every other one (a ring slot is released by one consumer). ``CN`` 2
-        (16-bit, A by TMA, plain epilogue by registers; Triton >= 3.7): launched as clusters
+        (16-bit, A by TMA, plain epilogue by registers; Triton >= 3.8): launched as clusters
         of two CTAs along the columns, a tile ``BN`` columns wide split between them, A's
         tile loaded once for both (TMA multicast, ``_grp_producer``)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")

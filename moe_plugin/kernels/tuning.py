@@ -130,7 +130,7 @@ class Tuning:
 GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5)
 # the 16-bit row-grouped GEMMs whose A is not gathered (GEMM2, dx) launched as clusters of two
 # CTAs along the columns, each CTA ``BN`` of a tile's 2·BN columns, A's tile loaded once for
-# both by TMA multicast (``gluon_gemm._grouped_mm_ws``'s ``CN``; Triton >= 3.7; prepared, not
+# both by TMA multicast (``gluon_gemm._grouped_mm_ws``'s ``CN``; Triton >= 3.8; prepared, not
 # a default: not yet run on a GPU, benchmarks/NOTES.md, session 33)
 GLUON_BF16_CLUSTER = dict(CLUSTER=2)
 
