@@ -233,7 +233,7 @@ def _candidates() -> dict:
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),
          "moe_plugin_triton_grouped": ("moe_plugin", dict(gluon_bf16_grouped=False)),
          "moe_plugin_candidates": ("moe_plugin", _candidates()),
-         # GEMM2 and dx launched as clusters of two CTAs, A multicast (Triton >= 3.8)
+         # the row-grouped GEMMs as clusters of two CTAs, one operand multicast (Triton >= 3.8)
          "moe_plugin_cluster": ("moe_plugin", dict(gluon_bf16_config={
              **tuning.current().gluon_bf16_config, **tuning.GLUON_BF16_CLUSTER})),
          # repeat Gluon launches without Triton's per-call binding (kernels/fast_launch.py)

@@ -31,9 +31,9 @@
 #   triton39  the gluon step's tests and the gemms step's timings under Triton 3.9 (carried as
 #             .whl_triton39: benchmarks/triton39_bundle.sh), MOE_PLUGIN_GLUON_UNVERIFIED=1
 #   cluster   under Triton 3.9 as triton39 (its Gluon has TMA multicast; 3.6's has not): the
-#             GPU tests of GEMM2 / dx launched as clusters of two CTAs (GLUON_S), bench_gemms
-#             for them against one CTA a tile, LAYER_CONFIGS (GEMMS_S), and bench_layer's
-#             moe_plugin_cluster against the defaults, same process (LAYER_S)
+#             GPU tests of the row-grouped GEMMs launched as clusters of two CTAs (GLUON_S),
+#             bench_gemms for GEMM1, GEMM2, dh', dx against one CTA a tile, LAYER_CONFIGS
+#             (GEMMS_S), and bench_layer's moe_plugin_cluster against the defaults (LAYER_S)
 #   peers     bench_layer.py with SonicMoE and ScatterMoE (benchmarks/peers_env.sh; .whl_sonic
 #             carried), PEER_CONFIGS (default fine_30b) one at a time (PEERS_S per config,
 #             540); QuACK's autotuning results are packed into OUT_DIR/quack_autotune.tar.xz
@@ -162,10 +162,10 @@ for step in "$@"; do
       (
         triton39 || exit 0
         timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py \
-          -k "grouped_equals_triton and cluster" -p no:cacheprovider 2>&1 \
+          -k "(grouped_equals_triton or up_equals_triton) and cluster" -p no:cacheprovider 2>&1 \
           | tee "$OUT/pytest_cluster.log" | tail -8
         timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
-          --kernels down dx --against \
+          --kernels up down dh dx --against \
           --grouped-variants '[{"CLUSTER": 2}, {"CLUSTER": 2, "BN": 128, "STAGES": 6}]' \
           2>&1 | tee "$OUT/gemms_cluster.log" | grep -v '^ ' | cut -c1-220
         timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \

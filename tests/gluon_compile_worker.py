@@ -246,7 +246,7 @@ def key_check() -> dict:
 # the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
 # compiled the variant)
 REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE", "PINGPONG",
-            "CN")
+            "CN", "CM")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,8 +348,8 @@ def _cases():
                                                             "TMA_STORE": True, "STAGES": 3})
         pp = dataclasses.replace(tune, gluon_bf16_config={
             **tune.gluon_bf16_config, **tuning.GLUON_BF16_PINGPONG})
-        # ... and launched as clusters of two CTAs, A multicast (CLUSTER; dh' with its gathered
-        # A falls back to one CTA)
+        # ... and launched as clusters of two CTAs (CLUSTER): along the columns, A multicast
+        # (GEMM2, dx), along the rows, B multicast (dh' with its gathered A)
         cl = dataclasses.replace(tune, gluon_bf16_config={
             **tune.gluon_bf16_config, **tuning.GLUON_BF16_CLUSTER})
         for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
@@ -401,6 +401,16 @@ def _cases():
                         tune, tokens, wup, (wup.stride(0), wup.stride(2), wup.stride(1)), h,
                         metab, n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, pre=pre,
                         gated=gated, act=0, store_pre=store_pre, store_h=store_h))
+        # GEMM1 as clusters of two CTAs along the rows (CLUSTER), W_up's tiles multicast
+        for kind, gated in (("gated", True), ("plain", False)):
+            wup = wu if gated else w(f, d)
+            pre = ordered2 if gated else ordered.clone()
+            cases[f"bf16_up_{kind}_cluster_{shape}"] = (
+                lambda wup=wup, tokens=tokens, pre=pre, ordered=ordered, d=d, f=f, gated=gated:
+                GF.grouped_mm_direct(
+                    cl, tokens, wup, (wup.stride(0), wup.stride(2), wup.stride(1)), ordered,
+                    metab, n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, pre=pre, gated=gated,
+                    act=0, store_pre=True, store_h=True))
     return cases
 
 

@@ -36,7 +36,9 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"]
          + [f"bf16_{g}_pingpong_{shape}" for g in ("down", "dx", "dh", "up_plain", "up_gated")
             for shape in ("aligned", "odd") if shape == "aligned" or g in ("dh", "up_plain")]
-         + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh")])
+         + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh")]
+         + [f"bf16_up_{g}_cluster_{shape}" for g in ("gated", "plain")
+            for shape in ("aligned", "odd")])
 
 
 def _run_worker(*args):
@@ -65,8 +67,9 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     row-grouped GEMM (plain and with the fused dh' epilogue) and the 16-bit row-grouped GEMMs
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
     backward in its epilogue, GEMM1 gated or not storing pre and / or h; the plain epilogue
-    by TMA stores; the consumers on whole tiles in turn; GEMM2 and dx launched as clusters of
-    two CTAs with A multicast): compiled, within a Hopper block's shared memory."""
+    by TMA stores; the consumers on whole tiles in turn; launched as clusters of two CTAs,
+    GEMM2 and dx with A multicast, dh' and GEMM1 with B multicast): compiled, within a Hopper
+    block's shared memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]
     assert "error" not in res, f"{case}: {res['error']}"
@@ -91,12 +94,16 @@ LAUNCH = {
     "bf16_dh_pingpong_odd": dict(BN=128, A_GATHER=True, PINGPONG=True),
     "bf16_up_plain_pingpong_odd": dict(A_GATHER=True, PINGPONG=True),
     "bf16_up_gated_pingpong_aligned": dict(PINGPONG=False),  # two accumulators: not served
-    # clusters of two CTAs (a tile of 2 x 256 columns) where this Triton has TMA multicast
-    "bf16_down_cluster_aligned": (dict(CN=2, BN=512, STAGES=4) if GF.cluster_compiles()
-                                  else dict(CN=1, BN=256)),
-    "bf16_dx_cluster_aligned": (dict(CN=2, BN=512, STAGES=4) if GF.cluster_compiles()
-                                else dict(CN=1, BN=256)),
-    "bf16_dh_cluster_aligned": dict(CN=1, A_GATHER=True),  # a gathered A: one CTA
+    # clusters of two CTAs where this Triton has TMA multicast: along the columns (A by TMA:
+    # a tile of 2 x 256 columns), along the rows (A gathered: 2 x 128 rows)
+    "bf16_down_cluster_aligned": (dict(CN=2, CM=1, BM=128, BN=512, STAGES=4)
+                                  if GF.cluster_compiles() else dict(CN=1, CM=1, BN=256)),
+    "bf16_dx_cluster_aligned": (dict(CN=2, CM=1, BN=512, STAGES=4) if GF.cluster_compiles()
+                                else dict(CN=1, CM=1, BN=256)),
+    "bf16_dh_cluster_aligned": (dict(CN=1, CM=2, BM=256, BN=256, A_GATHER=True)
+                                if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
+    "bf16_up_gated_cluster_odd": (dict(CN=1, CM=2, BM=256, BN=128, STAGES=4)
+                                  if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
     "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=False, PINGPONG=False, CN=1),
 }
 
@@ -108,7 +115,8 @@ def test_gluon_case_compiles_the_intended_launch(case, compiled):
     gathered, 128 x 128 for an fp32 read-add-write or widths not multiples of 16, the ring's
     slots fitted beside a read-add-write tile), dW_up transposed and the TMA-store epilogue
     where their switches are on, and not elsewhere; clusters of two CTAs for GEMM2 and dx
-    where asked and this Triton's Gluon has TMA multicast, never for a gathered A."""
+    where asked and this Triton's Gluon has TMA multicast, along the columns for an A by TMA
+    and along the rows for a gathered A."""
     assert case in compiled and "launch" in compiled[case], compiled.get(case)
     got = compiled[case]["launch"]
     for key, want in LAUNCH[case].items():

@@ -300,6 +300,14 @@ def _count_calls(monkeypatch, module, name):
     return calls
 
 
+def _count_ctas(monkeypatch, GF):
+    """The cluster size (CTAs) of each persistent Gluon launch, in the returned list."""
+    ctas, programs = [], GF._programs
+    monkeypatch.setattr(GF, "_programs", lambda *a, **kw: ctas.append(a[3] if len(a) > 3 else 1)
+                        or programs(*a, **kw))
+    return ctas
+
+
 @pytest.mark.parametrize("kind", ["down", "dx", "dh"])
 @pytest.mark.parametrize("programs", [None, 3])
 @pytest.mark.parametrize("variant", ["st", "tma_st", "pingpong", "cluster"])
@@ -314,8 +322,9 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     by TMA in 16-row chunks, the chunk across an expert's end by masked stores; ``pingpong``
     (``gluon_bf16_config["PINGPONG"]``, 128 x 128 tiles): each consumer warpgroup computes
     whole tiles in turn; ``cluster`` (``gluon_bf16_config["CLUSTER"]``, Triton >= 3.8):
-    GEMM2 and dx launched as clusters of two CTAs, A's tiles multicast to both, the second
-    CTA's columns partly past N (dh' with its gathered A stays on one CTA)."""
+    GEMM2 and dx launched as clusters of two CTAs along the columns, A's tiles multicast to
+    both, the second CTA's columns partly past N; dh' (A gathered) along the rows, B's tiles
+    multicast, the second CTA's rows past an expert's end in its last tiles."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
@@ -350,17 +359,13 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
         run = lambda: G.expert_up_bwd(dout, w_down, pre, meta, wts, 0, True)
     res = []
     calls = _count_calls(monkeypatch, GF, "grouped_mm_direct")
-    ctas = []
-    programs_fn = GF._programs
-    monkeypatch.setattr(GF, "_programs",
-                        lambda *a, **kw: ctas.append(a[3] if len(a) > 3 else 1)
-                        or programs_fn(*a, **kw))
+    ctas = _count_ctas(monkeypatch, GF)
     for enabled in (False, True):
         with tuning.override(gluon_bf16_grouped=enabled, split_up_bwd=True):
             out = run()
         res.append(out if isinstance(out, tuple) else (out,))
     assert len(calls) == 1, "the Gluon kernel did not serve the GEMM"
-    want = 2 if variant == "cluster" and kind != "dh" else 1
+    want = 2 if variant == "cluster" else 1
     assert ctas == [want], f"launched as clusters of {ctas}, expected [{want}]"
     for got, ref in zip(res[1], res[0]):
         ref, got = ref[:used], got[:used]
@@ -426,23 +431,29 @@ def test_gluon_fast_launch_equals_plain(kind, tune, monkeypatch):
 @pytest.mark.parametrize("act,gated", [(0, True), (2, True), (3, False)],
                          ids=["swiglu", "swiglu_oai", "gelu"])
 @pytest.mark.parametrize("store", ["pre_h", "h", "pre"])
-@pytest.mark.parametrize("pingpong", [False, True], ids=["", "pingpong"])
-def test_gluon_bf16_up_equals_triton(act, gated, store, pingpong, tune, monkeypatch):
+@pytest.mark.parametrize("variant", ["", "pingpong", "cluster"])
+def test_gluon_bf16_up_equals_triton(act, gated, store, variant, tune, monkeypatch):
     """GEMM1 + activation on the Gluon row-grouped kernel (``gluon_bf16_grouped``): x's rows
     gathered by ``cp.async``, W_up K-major, gated: the gate and up tiles in one ring slot and
     two accumulators; pre and / or h stored (h from the rounded pre-activation); not gated
-    also with the consumers on whole tiles in turn (``PINGPONG``).
+    also with the consumers on whole tiles in turn (``PINGPONG``); launched as clusters of two
+    CTAs along the rows, W_up's tiles multicast (``CLUSTER``, Triton >= 3.8).
     Against the Triton kernel: bitwise equal (ragged experts, an empty one, F not a multiple
     of the tile, 3 programs)."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
-    if pingpong and gated:
+    if variant == "pingpong" and gated:
         pytest.skip("PINGPONG: one accumulator (GEMM1 not gated)")
+    if variant == "cluster" and not GF.cluster_compiles():
+        pytest.skip(f"this Triton's Gluon has no TMA multicast (from {GF.GLUON_CLUSTER_FROM})")
     tune(gluon_programs=3 if store == "h" else None)
-    if pingpong:
+    if variant == "pingpong":
         tune(gluon_bf16_config={**tuning.current().gluon_bf16_config,
                                 **tuning.GLUON_BF16_PINGPONG}, gluon_bf16_up_config={})
+    elif variant == "cluster":
+        tune(gluon_bf16_config={**tuning.current().gluon_bf16_config,
+                                **tuning.GLUON_BF16_CLUSTER})
     g = torch.Generator().manual_seed(29)
     n, k, e, d, f = 700, 2, 6, 320, 192
     meta = _ragged_meta(g, n, k, e)
@@ -452,12 +463,14 @@ def test_gluon_bf16_up_equals_triton(act, gated, store, pingpong, tune, monkeypa
                                                                              torch.bfloat16)
     res = []
     calls = _count_calls(monkeypatch, GF, "grouped_mm_direct")
+    ctas = _count_ctas(monkeypatch, GF)
     for enabled in (False, True):
         with tuning.override(gluon_bf16_grouped=enabled):
             pre, h = G.expert_up(x, w_up, meta, act, gated, store_pre="pre" in store,
                                  store_h=store.endswith("h"))
         res.append([t[:used] for t in (pre, h) if t is not None])
     assert len(calls) == 1, "the Gluon kernel did not serve GEMM1"
+    assert ctas == [2 if variant == "cluster" else 1], f"launched as clusters of {ctas}"
     for got, ref in zip(res[1], res[0]):
         diff = (got.float() - ref.float()).abs().max().item()
         assert torch.equal(got, ref), f"GEMM1: Gluon against Triton, max difference {diff}"

@@ -48,6 +48,13 @@ producer TMA-loads the buffer's tile after issuing the tile's k-steps, so the ep
 from shared memory instead of waiting on a global load. ``_fp8_cols_gl``: the column
 quantisation of its operands.
 
+With ``gluon_bf16_config["CLUSTER"]`` 2 (Triton >= 3.8) the 16-bit row-grouped GEMMs with the
+plain or GEMM1 epilogue are launched as clusters of two CTAs that share one operand's tiles,
+loaded once for both by TMA multicast (``CN`` / ``CM``): along the columns when A comes by
+TMA (GEMM2, dx: A's tile shared), along the rows when A is gathered (GEMM1, dh': B's tiles
+shared). The kernel is then written for the cluster's tile, each layout's ``cga_layout``
+(``_cga``) saying how the CTAs divide it.
+
 The row-grouped kernel's consumers take each tile's facts (expert, column tile, rows) from the
 producer through a two-slot shared-memory ring (``INFO``; the weight gradient's likewise). For
 the dh' GEMM (``EPI == EPI_ACT_BWD``, ``grouped_mm_act_bwd``) the epilogue is
@@ -164,31 +171,33 @@ def _unswizzled_layout(bits: int, rank: int):
 
 if _HAVE_GLUON:
     @gluon.constexpr_function
-    def _cga(CN, rank, split=None):
+    def _cga(CTAS, rank, split=None):
         """The CTA bases (``cga_layout``) of a layout in a kernel launched as clusters of
-        ``CN`` CTAs along the output's columns (``_grouped_mm_ws``'s ``CN``; also called by
-        host code): none for one CTA; for two, the tensor split between them along dimension
-        ``split`` (each CTA its half), or with ``split`` None the same whole tensor in each."""
-        if CN == 1:
+        ``CTAS`` CTAs (``_grouped_mm_ws``'s ``CN`` / ``CM``; also called by host code): none
+        for one CTA; for two, the tensor split between them along dimension ``split`` (each
+        CTA its half), or with ``split`` None the same whole tensor in each."""
+        if CTAS == 1:
             return []
-        assert CN == 2, f"clusters of one or two CTAs, not {CN}"
+        assert CTAS == 2, f"clusters of one or two CTAs, not {CTAS}"
         return [[int(d == split) for d in range(rank)]]
 
     @gluon.constexpr_function
-    def _mma_layout(BN, num_warps, bits=8, CN=1):
+    def _mma_layout(BN, num_warps, bits=8, CTAS=1, SPLIT=1):
         """The wgmma accumulator layout: m16 x BN x k(256 / bits) instructions (k32 for fp8,
-        k16 for 16-bit operands), warps along M; with ``CN`` 2 the accumulator of a cluster's
-        ``[rows, 2·BN]`` tile, each CTA its ``BN`` columns."""
+        k16 for 16-bit operands), warps along M; in a cluster of two CTAs (``CTAS`` 2) the
+        accumulator of the cluster's tile, each CTA its half along dimension ``SPLIT`` (BN:
+        the columns of a CTA's instructions)."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                          instr_shape=[16, BN, 256 // bits],
-                                         cga_layout=_cga(CN, 2, 1))
+                                         cga_layout=_cga(CTAS, 2, SPLIT))
 
     @gluon.constexpr_function
-    def _store_layout(num_warps, CN=1):
-        """Row-major tiles for the epilogue stores: 8 consecutive columns per thread (``CN``
-        2: a cluster's tile, each CTA its half of the columns)."""
+    def _store_layout(num_warps, CTAS=1, SPLIT=1):
+        """Row-major tiles for the epilogue stores: 8 consecutive columns per thread (in a
+        cluster of two CTAs the cluster's tile, each CTA its half along dimension
+        ``SPLIT``)."""
         return gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0],
-                                cga_layout=_cga(CN, 2, 1))
+                                cga_layout=_cga(CTAS, 2, SPLIT))
 
     @gluon.constexpr_function
     def _seg_store_layout(num_warps, c_trans):
@@ -200,43 +209,44 @@ if _HAVE_GLUON:
         return gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
 
     @gluon.constexpr_function
-    def _vector_layout(num_warps, n, replicated=False, CN=1):
+    def _vector_layout(num_warps, n, replicated=False, CTAS=1):
         """An ``[n]`` vector (n a power of 2, >= 32) over the lanes and warps, or with
         ``replicated`` over the lanes of each warp, the same in every warp: its reductions
-        then stay within a warp (no barrier). In a cluster (``CN`` 2) the same in each CTA."""
+        then stay within a warp (no barrier). In a cluster (``CTAS`` 2) the same in each
+        CTA."""
         if not replicated:
-            return gl.BlockedLayout([1], [32], [num_warps], [0], cga_layout=_cga(CN, 1))
+            return gl.BlockedLayout([1], [32], [num_warps], [0], cga_layout=_cga(CTAS, 1))
         return gl.DistributedLinearLayout(
             [[32 << i] for i in range((n // 32).bit_length() - 1)],
             [[1 << i] for i in range(5)], [[0]] * (num_warps.bit_length() - 1),
-            _cga(CN, 1), [n])
+            _cga(CTAS, 1), [n])
 
     @gluon.constexpr_function
-    def _bar_layout(CN, shared=False):
-        """mbarriers of a kernel launched as clusters of ``CN`` CTAs: each CTA its own, or
+    def _bar_layout(CTAS, shared=False):
+        """mbarriers of a kernel launched as clusters of ``CTAS`` CTAs: each CTA its own, or
         with ``shared`` one for the pair, in the first CTA (the arrivals of both counted
         there, its waits those of the first CTA only)."""
-        if CN == 1:
+        if CTAS == 1:
             return mbarrier.MBarrierLayout()
         return mbarrier.MBarrierLayout(cga_layout=[[0]] if shared else [[1]])
 
     @gluon.constexpr_function
-    def _plain_smem(CN=1):
+    def _plain_smem(CTAS=1):
         """An unswizzled shared layout (small buffers: tile facts, vectors), in a cluster the
         same buffer in each CTA."""
-        return gl.SwizzledSharedLayout(1, 1, 1, order=[0], cga_layout=_cga(CN, 1))
+        return gl.SwizzledSharedLayout(1, 1, 1, order=[0], cga_layout=_cga(CTAS, 1))
 
     @gluon.jit
-    def _bars(n: gl.constexpr, CN: gl.constexpr, SHARED: gl.constexpr = False):
+    def _bars(n: gl.constexpr, CTAS: gl.constexpr, SHARED: gl.constexpr = False):
         """``n`` mbarriers (``.index(i)``) laid out by ``_bar_layout``."""
-        return gl.allocate_shared_memory(gl.int64, [n, 1 if SHARED else CN],
-                                         _bar_layout(CN, SHARED))
+        return gl.allocate_shared_memory(gl.int64, [n, 1 if SHARED else CTAS],
+                                         _bar_layout(CTAS, SHARED))
 
     @gluon.jit
     def _grouped_tile(pid, tiles_cum_ptr, offsets_ptr, counts_ptr, E, N, num_m_tiles,
                       BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr,
                       BLOCK_E: gl.constexpr, num_warps: gl.constexpr,
-                      REPLICATED: gl.constexpr = False, CN: gl.constexpr = 1):
+                      REPLICATED: gl.constexpr = False, CTAS: gl.constexpr = 1):
         """A row-grouped program's (expert, column tile, first row, end of the expert's rows):
         row tiles grouped GROUP_M at a time over the columns, the expert found from the
         inclusive cumulative tile counts; expert E: an idle program (the grid is sized for
@@ -247,7 +257,7 @@ if _HAVE_GLUON:
         size_m = gl.minimum(num_m_tiles - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % size_m
         pid_n = (pid % per_group) // size_m
-        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps, BLOCK_E, REPLICATED, CN))
+        ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps, BLOCK_E, REPLICATED, CTAS))
         cum = gl.load(tiles_cum_ptr + ex, mask=ex < E, other=2147483647)
         e = gl.sum((cum <= pid_m).to(gl.int32), 0)
         first = gl.sum(gl.where(ex == e - 1, cum, 0), 0)
@@ -256,24 +266,24 @@ if _HAVE_GLUON:
         return e, pid_n, seg0 + (pid_m - first) * BM, seg_end
 
     @gluon.jit
-    def _info_put(info, info_ready, info_empty, tc, a, b, c, d, CN: gl.constexpr = 1):
+    def _info_put(info, info_ready, info_empty, tc, a, b, c, d, CTAS: gl.constexpr = 1):
         """The producer hands a tile's four int32 facts to both consumers through a two-slot
         shared-memory ring (``tc``: tiles so far), so that they read them from shared memory
         at the tile's start instead of waiting on global loads and reductions."""
         slot = tc % 2
         mbarrier.wait(info_empty.index(slot), ((tc // 2) & 1) ^ 1)
-        idx = gl.arange(0, 32, layout=_vector_layout(gl.num_warps(), 32, False, CN))
+        idx = gl.arange(0, 32, layout=_vector_layout(gl.num_warps(), 32, False, CTAS))
         v = gl.where(idx == 0, a, gl.where(idx == 1, b, gl.where(idx == 2, c, d)))
         info.index(slot).store(v)
         mbarrier.arrive(info_ready.index(slot))
 
     @gluon.jit
-    def _info_get(info, info_ready, info_empty, tc, CN: gl.constexpr = 1):
+    def _info_get(info, info_ready, info_empty, tc, CTAS: gl.constexpr = 1):
         """A consumer's side of ``_info_put``: the four facts (in-warp reductions of a
         replicated vector), and the slot released."""
         slot = tc % 2
         mbarrier.wait(info_ready.index(slot), (tc // 2) & 1)
-        lay: gl.constexpr = _vector_layout(gl.num_warps(), 32, True, CN)
+        lay: gl.constexpr = _vector_layout(gl.num_warps(), 32, True, CTAS)
         v = info.index(slot).load(lay)
         idx = gl.arange(0, 32, layout=lay)
         a = gl.sum(gl.where(idx == 0, v, 0), 0)
@@ -284,12 +294,12 @@ if _HAVE_GLUON:
         return a, b, c, d
 
     @gluon.jit
-    def _info_alloc(CN: gl.constexpr = 1):
+    def _info_alloc(CTAS: gl.constexpr = 1):
         """The tile-info ring of ``_info_put`` / ``_info_get``: slots, ready (1), empty (2);
-        in a cluster (``CN`` 2) each CTA its own."""
-        info = gl.allocate_shared_memory(gl.int32, [2, 32], _plain_smem(CN))
-        info_ready = _bars(2, CN)
-        info_empty = _bars(2, CN)
+        in a cluster (``CTAS`` 2) each CTA its own."""
+        info = gl.allocate_shared_memory(gl.int32, [2, 32], _plain_smem(CTAS))
+        info_ready = _bars(2, CTAS)
+        info_empty = _bars(2, CTAS)
         for i in gl.static_range(2):
             mbarrier.init(info_ready.index(i), count=1)
             mbarrier.init(info_empty.index(i), count=2)
@@ -298,14 +308,15 @@ if _HAVE_GLUON:
 
 if _HAVE_GLUON:
     @gluon.jit
-    def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, a_empty, info, info_ready,
+    def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, m_empty, info, info_ready,
                       info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr, a_ptr,
                       gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K,
                       num_m_tiles, num_tiles, stride_a, BM: gl.constexpr, BN: gl.constexpr,
                       BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                       BLOCK_E: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
                       GATED: gl.constexpr, B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr,
-                      DUAL: gl.constexpr, TOPK: gl.constexpr, CN: gl.constexpr):
+                      DUAL: gl.constexpr, TOPK: gl.constexpr, CN: gl.constexpr,
+                      CM: gl.constexpr):
         """The ring over the tiles' k-steps: B's tiles by TMA (``B_KMAJOR``: B stored
         ``[E·NB, K]``, else ``[E·K, N]``; ``DUAL``: also the up rows ``NB/2`` further, into
         ring slot ``STAGES + s``), A's by TMA or, with ``A_GATHER`` (rows ``gather[p] //
@@ -315,22 +326,36 @@ if _HAVE_GLUON:
         routing weights (gathered by these warps) for the activation-backward epilogue
         (``pre_ready`` / ``pre_empty``).
 
-        In a cluster of two CTAs (``CN`` 2: the tile is ``BN`` columns wide, each CTA its half)
-        A's tile is the same in both: the first CTA's producer loads it into both CTAs' ring
-        slot (TMA multicast) once both CTAs' consumers released the slot (``a_empty``, shared:
-        its arrivals counted and waited for in the first CTA); B's half tile each CTA loads
-        itself, once its own consumers released the slot (``empty``)."""
-        if CN == 1:
+        In a cluster of two CTAs the operand both share is loaded once, by the first CTA's
+        producer into both CTAs' ring slot (TMA multicast), once both CTAs' consumers released
+        the slot (``m_empty``, shared: its arrivals counted and waited for in the first CTA);
+        the other operand's half tile each CTA loads itself, once its own consumers released
+        the slot (``empty``). ``CN`` 2 (a tile ``BN`` columns wide, each CTA its half): A's
+        tile shared. ``CM`` 2 (a tile ``BM`` rows high, each CTA its half; A gathered): B's
+        tile(s) shared, A's rows of each CTA in two ring slots ``2·s + h``, one per consumer
+        (``[2, BM/4, BK]``: both CTAs' rows of consumer h)."""
+        if CN * CM == 1:
             nbytes: gl.constexpr = (a_desc.block_type.nbytes * (1 - A_GATHER)
                                     + b_desc.block_type.nbytes * (1 + DUAL))
-        else:  # per CTA: A's whole tile, B's half
+        elif CN > 1:  # per CTA: A's whole tile, B's half
             nbytes: gl.constexpr = a_desc.nbytes_per_cta + b_desc.nbytes_per_cta
+        else:  # per CTA: B's whole tile(s); A gathered
+            nbytes: gl.constexpr = b_desc.nbytes_per_cta * (1 + DUAL)
         wl: gl.constexpr = gl.BlockedLayout([BM // (32 * gl.num_warps())], [32], [gl.num_warps()],
                                             [0])
         ga: gl.constexpr = _gather_layout(BK, gl.num_warps())
+        HQ: gl.constexpr = BM // (2 * CM)  # a consumer's rows in each CTA
         if A_GATHER:
             stride_a = stride_a // 8 * 8  # 16-byte rows (``grouped_direct_fits``)
-            kcols = gl.arange(0, BK, layout=gl.SliceLayout(0, ga))
+            if CM == 1:
+                kcols = gl.arange(0, BK, layout=gl.SliceLayout(0, ga))
+            else:  # [CTA, row, column] tiles of one consumer's rows in both CTAs
+                ga3: gl.constexpr = _gather_layout3(BK, gl.num_warps())
+                k3 = gl.arange(0, BK, layout=gl.SliceLayout(0, gl.SliceLayout(1, ga3)))
+                c3 = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, ga3)))
+                r3 = gl.arange(0, HQ, layout=gl.SliceLayout(0, gl.SliceLayout(2, ga3)))
+                k3 = k3[None, None, :]
+                r3 = c3[:, None, None] * (2 * HQ) + r3[None, :, None]  # the CTA's half first
         nk = K // BK
         it = 0
         tc = 0  # tiles so far
@@ -338,13 +363,24 @@ if _HAVE_GLUON:
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
                                                     E, N, num_m_tiles, BM, BN, GROUP_M,
-                                                    BLOCK_E, gl.num_warps(), False, CN)
+                                                    BLOCK_E, gl.num_warps(), False, CN * CM)
             if INFO:
-                _info_put(info, info_ready, info_empty, tc, e, pid_n, row0, seg_end, CN)
+                _info_put(info, info_ready, info_empty, tc, e, pid_n, row0, seg_end, CN * CM)
                 tc += 1
             if e < E:  # expert E: an idle tile (the tile count is the worst case)
                 brow0 = e * NB + pid_n * BN
-                if A_GATHER:
+                if A_GATHER and CM > 1:
+                    # per consumer h its rows of both CTAs (rows past the expert's segment
+                    # zero-filled)
+                    g0 = row0 + r3
+                    g1 = g0 + HQ
+                    a_mask0 = (g0 < seg_end) & (k3 < BK)
+                    a_mask1 = (g1 < seg_end) & (k3 < BK)
+                    arow0 = gl.load(gather_ptr + g0, mask=g0 < seg_end, other=0) // TOPK
+                    arow1 = gl.load(gather_ptr + g1, mask=g1 < seg_end, other=0) // TOPK
+                    a_tile0 = a_ptr + arow0.to(gl.int64) * stride_a + k3
+                    a_tile1 = a_ptr + arow1.to(gl.int64) * stride_a + k3
+                elif A_GATHER:
                     # the tile's token rows; rows past the expert's segment are zero-filled
                     grows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ga))
                     gmask = grows < seg_end
@@ -367,10 +403,14 @@ if _HAVE_GLUON:
                 for ks in range(0, nk):
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                    if CN > 1:  # (the first CTA's wait; the other's passes)
-                        mbarrier.wait(a_empty.index(s), ((it // STAGES) & 1) ^ 1)
+                    if CN * CM > 1:  # (the first CTA's wait; the other's passes)
+                        mbarrier.wait(m_empty.index(s), ((it // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
-                    if A_GATHER:
+                    if A_GATHER and CM > 1:
+                        _cp_async_load(a_bufs.index(2 * s), a_tile0 + ks * BK, mask=a_mask0)
+                        _cp_async_load(a_bufs.index(2 * s + 1), a_tile1 + ks * BK, mask=a_mask1)
+                        async_copy.mbarrier_arrive(bar)
+                    elif A_GATHER:
                         _cp_async_load(a_bufs.index(s), a_tile + ks * BK, mask=a_mask)
                         async_copy.mbarrier_arrive(bar)
                     mbarrier.expect(bar, nbytes)
@@ -378,7 +418,17 @@ if _HAVE_GLUON:
                         _tma_load(a_desc, [row0, ks * BK], bar, a_bufs.index(s), multicast=True)
                     elif not A_GATHER:
                         _tma_load(a_desc, [row0, ks * BK], bar, a_bufs.index(s))
-                    if B_KMAJOR:
+                    if CM > 1:  # B's tiles the same in both CTAs
+                        if B_KMAJOR:
+                            _tma_load(b_desc, [brow0, ks * BK], bar, b_bufs.index(s),
+                                      multicast=True)
+                            if DUAL:
+                                _tma_load(b_desc, [brow0 + N, ks * BK], bar,
+                                          b_bufs.index(STAGES + s), multicast=True)
+                        else:
+                            _tma_load(b_desc, [e * K + ks * BK, pid_n * BN], bar, b_bufs.index(s),
+                                      multicast=True)
+                    elif B_KMAJOR:
                         _tma_load(b_desc, [brow0, ks * BK], bar, b_bufs.index(s))
                         if DUAL:
                             _tma_load(b_desc, [brow0 + N, ks * BK], bar, b_bufs.index(STAGES + s))
@@ -494,7 +544,7 @@ if _HAVE_GLUON:
                          mask=(rows < seg_end)[:, None] & (cols < N)[None, :])
 
     @gluon.jit
-    def _grp_consumer(a_bufs, b_bufs, ready, empty, a_empty, turn, info, info_ready, info_empty,
+    def _grp_consumer(a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready, info_empty,
                       pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc, c_ptr,
                       pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
                       offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
@@ -506,7 +556,8 @@ if _HAVE_GLUON:
                       GATED: gl.constexpr, ACT: gl.constexpr, SCALED: gl.constexpr,
                       B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
                       STORE_PRE: gl.constexpr, STORE_H: gl.constexpr,
-                      TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr):
+                      TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
+                      CM: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
         with ``PINGPONG`` (16-bit, plain or GEMM1 epilogue, one accumulator) all rows of every
         other tile with an expert, so that one consumer's epilogue runs while the other's MMAs
@@ -516,15 +567,20 @@ if _HAVE_GLUON:
         in flight (its slot released when the next is issued), ``DUAL``: a second accumulator
         (GEMM1's up columns). The epilogue stores the tile (``EPI_STORE``), runs
         ``_act_bwd_epilogue`` (``EPI_ACT_BWD``) or GEMM1's activation (``EPI_ACT_FWD``: pre
-        and / or h = act(pre), as ``grouped_gemm._grouped_mm_kernel``). In a cluster (``CN``
-        2) the consumer's rows of the cluster's tile, each CTA's MMAs on its ``BN / 2``
-        columns; a slot is released to both producers (``empty``, ``a_empty``)."""
-        HM: gl.constexpr = BM // 2
+        and / or h = act(pre), as ``grouped_gemm._grouped_mm_kernel``). In a cluster of two
+        CTAs the consumer's rows of the cluster's tile, each CTA's MMAs on its half of the
+        columns (``CN`` 2) or of the rows (``CM`` 2: the consumer's 64 rows in each CTA, one
+        ring slot per consumer); a slot is released to both producers (``empty``,
+        ``m_empty``)."""
+        CTAS: gl.constexpr = CN * CM
+        HM: gl.constexpr = BM // (2 * CM)  # a consumer's rows in each CTA
         RM: gl.constexpr = BM if PINGPONG else HM  # the rows of a tile this consumer computes
         R0: gl.constexpr = 0 if PINGPONG else HALF * HM  # ... from this row of the tile
-        mma: gl.constexpr = _mma_layout(BN // CN, 4, 8 if SCALED else 16, CN)
-        st: gl.constexpr = _store_layout(4, CN)
-        zero = gl.zeros([HM, BN], gl.float32, layout=mma)
+        RG: gl.constexpr = RM * CM  # ... in all the cluster's CTAs
+        SPLIT: gl.constexpr = 1 if CN > 1 else 0  # the tile's dimension split between CTAs
+        mma: gl.constexpr = _mma_layout(BN // CN, 4, 8 if SCALED else 16, CTAS, SPLIT)
+        st: gl.constexpr = _store_layout(4, CTAS, SPLIT)
+        zero = gl.zeros([HM * CM, BN], gl.float32, layout=mma)
         my_turn = turn.index(HALF)
         other_turn = turn.index(1 - HALF)
         nk = K // BK
@@ -534,12 +590,12 @@ if _HAVE_GLUON:
         tp = 0  # tiles with an expert so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             if INFO:
-                e, pid_n, row0, seg_end = _info_get(info, info_ready, info_empty, tc, CN)
+                e, pid_n, row0, seg_end = _info_get(info, info_ready, info_empty, tc, CTAS)
                 tc += 1
             else:
                 e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
                                                         E, N, num_m_tiles, BM, BN, GROUP_M,
-                                                        BLOCK_E, gl.num_warps(), False, CN)
+                                                        BLOCK_E, gl.num_warps(), False, CTAS)
             if e < E:
                 # PINGPONG: the consumers take the tiles with an expert in turn, whole
                 skip = (tp % 2 != HALF) if PINGPONG else False
@@ -590,14 +646,17 @@ if _HAVE_GLUON:
                             tn += 1
 
                     else:
-                        acc = gl.zeros([RM, BN], gl.float32, layout=mma)
-                        acc2 = gl.zeros([RM, BN], gl.float32, layout=mma)
+                        acc = gl.zeros([RG, BN], gl.float32, layout=mma)
+                        acc2 = gl.zeros([RG, BN], gl.float32, layout=mma)
                         for ks in range(0, nk):
                             s = it % STAGES
                             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                             if A_GATHER:
                                 fence_async_shared()  # the cp.async writes before the MMA's reads
-                            a = a_bufs.index(s).slice(R0, RM)
+                            if CM > 1:  # the consumer's slot: its rows of both CTAs
+                                a = a_bufs.index(2 * s + HALF).reshape([RG, BK])
+                            else:
+                                a = a_bufs.index(s).slice(R0, RM)
                             if B_KMAJOR:
                                 acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc,
                                                     is_async=True)
@@ -611,8 +670,8 @@ if _HAVE_GLUON:
                                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                             if ks > 0:  # the previous k-step's MMAs are done: release its slot
                                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                                if CN > 1:
-                                    mbarrier.arrive(a_empty.index((it + STAGES - 1) % STAGES))
+                                if CTAS > 1:
+                                    mbarrier.arrive(m_empty.index((it + STAGES - 1) % STAGES))
                             it += 1
                         if DUAL:
                             acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
@@ -620,10 +679,14 @@ if _HAVE_GLUON:
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                         if nk > 0:
                             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                            if CN > 1:
-                                mbarrier.arrive(a_empty.index((it + STAGES - 1) % STAGES))
+                            if CTAS > 1:
+                                mbarrier.arrive(m_empty.index((it + STAGES - 1) % STAGES))
 
-                    rows_s = row0 + R0 + gl.arange(0, RM, layout=gl.SliceLayout(1, st))
+                    if CM > 1:  # CTA c's rows of this consumer: c·BM/2 + HALF·HM + [0, HM)
+                        r_s = gl.arange(0, RG, layout=gl.SliceLayout(1, st))
+                        rows_s = row0 + (r_s // HM) * (2 * HM) + HALF * HM + r_s % HM
+                    else:
+                        rows_s = row0 + R0 + gl.arange(0, RM, layout=gl.SliceLayout(1, st))
                     cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
                     cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
                     rows64 = rows_s.to(gl.int64)
@@ -674,7 +737,7 @@ if _HAVE_GLUON:
             STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
             TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
-            num_warps: gl.constexpr):
+            CM: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
         wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
@@ -686,40 +749,52 @@ if _HAVE_GLUON:
         whole tiles, every other one (a ring slot is released by one consumer). ``CN`` 2
         (16-bit, A by TMA, plain epilogue by registers; Triton >= 3.8): launched as clusters
         of two CTAs along the columns, a tile ``BN`` columns wide split between them, A's
-        tile loaded once for both (TMA multicast, ``_grp_producer``)."""
+        tile loaded once for both (TMA multicast, ``_grp_producer``). ``CM`` 2 (16-bit, A
+        gathered, plain or GEMM1 epilogue by registers; Triton >= 3.8): clusters of two CTAs
+        along the rows, a tile ``BM`` (256) rows high split between them, B's tiles loaded once
+        for both."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
-        gl.static_assert(BM == 128, "two consumers of 64 rows")
+        gl.static_assert(BM == 128 * CM, "two consumers of 64 rows (in each CTA)")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
         gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE or EPI == EPI_ACT_BWD),
                          "PINGPONG: 16-bit, one accumulator, plain or GEMM1 epilogue")
         gl.static_assert(CN == 1 or not (SCALED or A_GATHER or DUAL or PINGPONG or TMA_STORE
-                                         or EPI != EPI_STORE),
+                                         or EPI != EPI_STORE or CM > 1),
                          "CN 2: 16-bit, A by TMA, one accumulator, the plain epilogue")
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_shape,
-                                           a_desc.layout)
+        gl.static_assert(CM == 1 or (A_GATHER and not (SCALED or PINGPONG or TMA_STORE
+                                                       or EPI == EPI_ACT_BWD)),
+                         "CM 2: 16-bit, A gathered, the plain or GEMM1 epilogue")
+        CTAS: gl.constexpr = CN * CM
+        if CM > 1:  # per ring slot and consumer its rows of both CTAs (``_grp_producer``)
+            a_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
+                [2, BM // 4, BK], a_desc.dtype, cga_layout=_cga(2, 3, 0))
+            a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, 2, BM // 4, BK], a_lay)
+        else:
+            a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_shape,
+                                               a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * (1 + DUAL)]
                                            + b_desc.block_shape, b_desc.layout)
-        ready = _bars(STAGES, CN)
-        empty = _bars(STAGES, CN)
-        turn = _bars(2, CN)
-        if CN > 1:
-            a_empty = _bars(STAGES, CN, True)  # A's slots, released by both CTAs
+        ready = _bars(STAGES, CTAS)
+        empty = _bars(STAGES, CTAS)
+        turn = _bars(2, CTAS)
+        if CTAS > 1:
+            m_empty = _bars(STAGES, CTAS, True)  # the shared operand's slots, both CTAs'
         else:
-            a_empty = empty  # unused
+            m_empty = empty  # unused
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1 if PINGPONG else 2)  # the slot's consumers
-            if CN > 1:
-                mbarrier.init(a_empty.index(s), count=2)  # per CTA: 4 arrivals in all
+            if CTAS > 1:
+                mbarrier.init(m_empty.index(s), count=2)  # per CTA: 4 arrivals in all
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
-        info, info_ready, info_empty = _info_alloc(CN)
+        info, info_ready, info_empty = _info_alloc(CTAS)
         # EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
         # (else token allocations: pre_desc is a stand-in)
-        plain: gl.constexpr = _plain_smem(CN)
+        plain: gl.constexpr = _plain_smem(CTAS)
         if EPI == EPI_ACT_BWD:
             pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
                                                  pre_desc.layout)
@@ -734,34 +809,34 @@ if _HAVE_GLUON:
             c_smem = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
         else:
             c_smem = gl.allocate_shared_memory(gl.float32, [4], plain)
-        pre_ready = gl.allocate_shared_memory(gl.int64, [CN], _bar_layout(CN))
-        pre_empty = gl.allocate_shared_memory(gl.int64, [CN], _bar_layout(CN))
+        pre_ready = gl.allocate_shared_memory(gl.int64, [CTAS], _bar_layout(CTAS))
+        pre_empty = gl.allocate_shared_memory(gl.int64, [CTAS], _bar_layout(CTAS))
         mbarrier.init(pre_ready, count=2)  # the producer's expect and its weights' arrive
         mbarrier.init(pre_empty, count=2)  # both consumers
 
         gl.warp_specialize([
-            (_grp_consumer, (a_bufs, b_bufs, ready, empty, a_empty, turn, info, info_ready, info_empty,
-                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
-                             c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
-                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles,
-                             stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
-                             stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
-                             KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
-                             STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN)),
-            (_grp_consumer, (a_bufs, b_bufs, ready, empty, a_empty, turn, info, info_ready, info_empty,
-                             pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc,
-                             c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr,
-                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles, num_tiles,
-                             stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa, stride_sbe,
-                             stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M, BLOCK_E,
-                             KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER, DUAL,
-                             STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN)),
-            (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, a_empty, info, info_ready,
-                             info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr,
-                             a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N,
-                             NB, K, num_m_tiles, num_tiles, stride_a, BM, BN, BK, STAGES,
-                             GROUP_M, BLOCK_E, INFO, EPI, GATED, B_KMAJOR, A_GATHER, DUAL,
-                             TOPK, CN)),
+            (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
+                             info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
+                             c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
+                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
+                             stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M,
+                             BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
+                             DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM)),
+            (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
+                             info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
+                             c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
+                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
+                             stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M,
+                             BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
+                             DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM)),
+            (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, m_empty, info,
+                             info_ready, info_empty, pre_desc, pre_bufs, w_buf, pre_ready,
+                             pre_empty, w_ptr, a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr,
+                             offsets_ptr, E, N, NB, K, num_m_tiles, num_tiles, stride_a, BM, BN,
+                             BK, STAGES, GROUP_M, BLOCK_E, INFO, EPI, GATED, B_KMAJOR, A_GATHER,
+                             DUAL, TOPK, CN, CM)),
         ], [4, LOAD_WARPS], [MMA_REGS, LOAD_REGS])
 
 
@@ -872,7 +947,6 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     """One launch of ``_grouped_mm_ws``: FP8 with scales (``sa`` given; ``tune.gluon_config``
     tiles, BK 128) or 16-bit (BK ``cfg["BK"]``)."""
     scaled = sa is not None
-    bm = cfg["BM"]
     bk = 128 if scaled else cfg["BK"]
     S = meta.sorted_slot.numel()
     E = meta.num_experts
@@ -888,17 +962,23 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     # plain or GEMM1 epilogue by registers
     pingpong = (bool(cfg.get("PINGPONG", False)) and not scaled and not tma_store
                 and epi != Epilogue.ACT_BWD and not (epi == Epilogue.ACT_FWD and gated))
-    # clusters of two CTAs along the columns, A's tiles multicast (``cfg["CLUSTER"]``: 16-bit,
-    # A by TMA, the plain epilogue by registers; a Triton whose Gluon has multicast)
-    cn = (2 if cfg.get("CLUSTER", 1) == 2 and not (scaled or gather or tma_store or pingpong)
-          and epi == Epilogue.STORE and cluster_compiles() else 1)
-    bn = cfg["BN"] * cn  # the tile's columns (a cluster's: each CTA cfg["BN"])
+    # clusters of two CTAs (``cfg["CLUSTER"]`` 2; 16-bit, the plain epilogue or GEMM1's by
+    # registers; a Triton whose Gluon has multicast): along the columns sharing A's tiles
+    # (A by TMA: GEMM2, dx), or along the rows sharing B's (A gathered: GEMM1, dh')
+    cluster = (cfg.get("CLUSTER", 1) == 2 and not (scaled or tma_store or pingpong)
+               and (epi == Epilogue.STORE or (epi == Epilogue.ACT_FWD and gather))
+               and cluster_compiles())
+    cn = 2 if cluster and not gather else 1
+    cm = 2 if cluster and gather else 1
+    bm, bn = cfg["BM"] * cm, cfg["BN"] * cn  # the tile (a cluster's: each CTA cfg's)
     if scaled:
         a_lay = b_lay = _smem_layout()
     else:
-        a_lay = _nvmma_layout(bm, bk, a.dtype, cn, None)
-        b_lay = (_nvmma_layout(bn, bk, a.dtype, cn, 0) if b_kmajor
-                 else _nvmma_layout(bk, bn, a.dtype, cn, 1))
+        # the CTAs' halves of a tile (split), or the same tile in both (None)
+        a_lay = _nvmma_layout(bm, bk, a.dtype, cn * cm, 0 if cm > 1 else None)
+        b_split = None if cn == 1 else (0 if b_kmajor else 1)
+        b_lay = (_nvmma_layout(bn, bk, a.dtype, cn * cm, b_split) if b_kmajor
+                 else _nvmma_layout(bk, bn, a.dtype, cn * cm, b_split))
     # a gathered A: the descriptor only gives the shared layout of its tiles
     a_desc = TensorDescriptor.from_tensor(a, [bm, bk], a_lay)
     if b_kmajor:
@@ -913,7 +993,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
               if tma_store else None)
     # without the fused dh' epilogue pre_desc is unused, without TMA_STORE c_desc: b_desc
     # stands in for them
-    grid = (_programs(tune, num_tiles, out.device, cn),)
+    grid = (_programs(tune, num_tiles, out.device, cn * cm),)
     kernel = launcher(_grouped_mm_ws, tune.fast_launch)[grid](
         a_desc, b_desc, b_desc if pre_desc is None else pre_desc,
         b_desc if c_desc is None else c_desc, out, pre, hw,
@@ -927,10 +1007,10 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         INFO=cfg["INFO"], EPI=int(epi), GATED=gated, ACT=int(act), SCALED=scaled,
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=tma_store, PINGPONG=pingpong, CN=cn,
-        num_warps=4, num_ctas=cn, maxnreg=cfg["MAXNREG"])
-    if cn > 1 and kernel is not None:
-        _note_cluster_capacity(out.device, kernel, cn)
+        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=tma_store, PINGPONG=pingpong, CN=cn, CM=cm,
+        num_warps=4, num_ctas=cn * cm, maxnreg=cfg["MAXNREG"])
+    if cn * cm > 1 and kernel is not None:
+        _note_cluster_capacity(out.device, kernel, cn * cm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1023,6 +1103,14 @@ if _HAVE_GLUON:
         per thread, the lanes along the columns first."""
         lanes = min(32, cols // 8)
         return gl.BlockedLayout([1, 8], [32 // lanes, lanes], [num_warps, 1], [1, 0])
+
+    @gluon.constexpr_function
+    def _gather_layout3(cols, num_warps):
+        """``_gather_layout`` of ``[2, rows, cols]`` tiles split between a cluster's two CTAs
+        along the first dimension (each CTA copies its own rows)."""
+        lanes = min(32, cols // 8)
+        return gl.BlockedLayout([1, 1, 8], [1, 32 // lanes, lanes], [1, num_warps, 1],
+                                [2, 1, 0], cga_layout=_cga(2, 3, 0))
 
     @gluon.jit
     def _seg_producer(a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,

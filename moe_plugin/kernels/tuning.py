@@ -128,10 +128,12 @@ class Tuning:
 # not a default: benchmarks/NOTES.md, session 31): the consumers on whole 128 x 128 tiles in
 # turn, 5 ring slots
 GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5)
-# the 16-bit row-grouped GEMMs whose A is not gathered (GEMM2, dx) launched as clusters of two
-# CTAs along the columns, each CTA ``BN`` of a tile's 2·BN columns, A's tile loaded once for
-# both by TMA multicast (``gluon_gemm._grouped_mm_ws``'s ``CN``; Triton >= 3.8; prepared, not
-# a default: not yet run on a GPU, benchmarks/NOTES.md, session 33)
+# the 16-bit row-grouped GEMMs launched as clusters of two CTAs, the operand both CTAs need
+# loaded once for both by TMA multicast (``gluon_gemm._grouped_mm_ws``'s ``CN`` / ``CM``;
+# Triton >= 3.8): GEMM2 and dx (A by TMA) along the columns, each CTA ``BN`` of a tile's 2·BN
+# columns, A's tiles shared; GEMM1 and dh' (A gathered) along the rows, each CTA ``BM`` of
+# 2·BM rows, B's tiles shared. Prepared, not a default: not yet run on a GPU
+# (benchmarks/NOTES.md, session 33)
 GLUON_BF16_CLUSTER = dict(CLUSTER=2)
 
 _DEFAULT = Tuning()
