@@ -166,7 +166,7 @@ for step in "$@"; do
           | tee "$OUT/pytest_cluster.log" | tail -8
         timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
           --kernels up down dh dx --against \
-          --grouped-variants '[{"CLUSTER": 2}, {"CLUSTER": 2, "BN": 128, "STAGES": 6}]' \
+          --grouped-variants '[{"CLUSTER": 2}, {"CLUSTER": 2, "BN": 128, "STAGES": 6}, {"CLUSTER": 2, "PINGPONG": true, "BN": 128, "STAGES": 5}]' \
           2>&1 | tee "$OUT/gemms_cluster.log" | grep -v '^ ' | cut -c1-220
         timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
           --impls moe_plugin moe_plugin_cluster --configs $LAYER_CONFIGS \

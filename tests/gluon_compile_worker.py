@@ -352,17 +352,22 @@ def _cases():
         # (GEMM2, dx), along the rows, B multicast (dh' with its gathered A)
         cl = dataclasses.replace(tune, gluon_bf16_config={
             **tune.gluon_bf16_config, **tuning.GLUON_BF16_CLUSTER})
+        clpp = dataclasses.replace(tune, gluon_bf16_config={
+            **tune.gluon_bf16_config, **tuning.GLUON_BF16_PINGPONG, **tuning.GLUON_BF16_CLUSTER})
         for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
-                                 ("_pingpong", pp, "down dx dh"), ("_cluster", cl, "down dx dh")):
+                                 ("_pingpong", pp, "down dx dh"), ("_cluster", cl, "down dx dh"),
+                                 ("_pingpong_cluster", clpp, "down")):
             if "down" in kinds and f % 64 == 0:
                 cases[f"bf16_down{suffix}_{shape}"] = (
                     lambda t=t, wd=wd, ordered=ordered, y=y, d=d, f=f: GF.grouped_mm_direct(
                         t, ordered, wd, (wd.stride(0), wd.stride(2), wd.stride(1)), y, metab,
                         n=d, k=f, gather=False))
-            if (2 * f) % 64 == 0:
+            if "dx" in kinds and (2 * f) % 64 == 0:
                 cases[f"bf16_dx{suffix}_{shape}"] = (
                     lambda t=t, wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
                         t, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False))
+            if "dh" not in kinds:
+                continue
             cases[f"bf16_dh{suffix}_{shape}"] = (
                 lambda t=t, wd=wd, tokens=tokens, ordered=ordered, d=d, f=f:
                 GF.grouped_mm_direct(t, tokens, wd, wd.stride(), ordered, metab, n=f, k=d,

@@ -36,7 +36,7 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"]
          + [f"bf16_{g}_pingpong_{shape}" for g in ("down", "dx", "dh", "up_plain", "up_gated")
             for shape in ("aligned", "odd") if shape == "aligned" or g in ("dh", "up_plain")]
-         + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh")]
+         + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh", "down_pingpong")]
          + [f"bf16_up_{g}_cluster_{shape}" for g in ("gated", "plain")
             for shape in ("aligned", "odd")])
 
@@ -100,6 +100,8 @@ LAUNCH = {
                                   if GF.cluster_compiles() else dict(CN=1, CM=1, BN=256)),
     "bf16_dx_cluster_aligned": (dict(CN=2, CM=1, BN=512, STAGES=4) if GF.cluster_compiles()
                                 else dict(CN=1, CM=1, BN=256)),
+    "bf16_down_pingpong_cluster_aligned": (dict(CN=2, BN=256, PINGPONG=True)
+                                           if GF.cluster_compiles() else dict(CN=1, BN=128)),
     "bf16_dh_cluster_aligned": (dict(CN=1, CM=2, BM=256, BN=256, A_GATHER=True)
                                 if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
     "bf16_up_gated_cluster_odd": (dict(CN=1, CM=2, BM=256, BN=128, STAGES=4)

@@ -310,7 +310,7 @@ def _count_ctas(monkeypatch, GF):
 
 @pytest.mark.parametrize("kind", ["down", "dx", "dh"])
 @pytest.mark.parametrize("programs", [None, 3])
-@pytest.mark.parametrize("variant", ["st", "tma_st", "pingpong", "cluster"])
+@pytest.mark.parametrize("variant", ["st", "tma_st", "pingpong", "cluster", "pingpong_cluster"])
 def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeypatch):
     """On Hopper, with ``gluon_bf16_grouped``, GEMM2 (B = W_downᵀ, K-major), dx (B = W_up,
     N-major) and the split form's dh' (A = dout rows gathered by ``cp.async``, B = W_down,
@@ -324,15 +324,18 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     whole tiles in turn; ``cluster`` (``gluon_bf16_config["CLUSTER"]``, Triton >= 3.8):
     GEMM2 and dx launched as clusters of two CTAs along the columns, A's tiles multicast to
     both, the second CTA's columns partly past N; dh' (A gathered) along the rows, B's tiles
-    multicast, the second CTA's rows past an expert's end in its last tiles."""
+    multicast, the second CTA's rows past an expert's end in its last tiles;
+    ``pingpong_cluster``: GEMM2 and dx with both (dh' ping-pong on one CTA)."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
-    if variant == "cluster" and not GF.cluster_compiles():
+    if "cluster" in variant and not GF.cluster_compiles():
         pytest.skip(f"this Triton's Gluon has no TMA multicast (from {GF.GLUON_CLUSTER_FROM})")
     extra = {"st": {}, "tma_st": {"TMA_STORE": True, "STAGES": 3},
              "pingpong": tuning.GLUON_BF16_PINGPONG,
-             "cluster": tuning.GLUON_BF16_CLUSTER}[variant]
+             "cluster": tuning.GLUON_BF16_CLUSTER,
+             "pingpong_cluster": {**tuning.GLUON_BF16_PINGPONG,
+                                  **tuning.GLUON_BF16_CLUSTER}}[variant]
     tune(gluon_programs=programs,
          gluon_bf16_config={**tuning.current().gluon_bf16_config, **extra})
     g = torch.Generator().manual_seed(23)
@@ -365,7 +368,7 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
             out = run()
         res.append(out if isinstance(out, tuple) else (out,))
     assert len(calls) == 1, "the Gluon kernel did not serve the GEMM"
-    want = 2 if variant == "cluster" else 1
+    want = 2 if variant == "cluster" or (variant == "pingpong_cluster" and kind != "dh") else 1
     assert ctas == [want], f"launched as clusters of {ctas}, expected [{want}]"
     for got, ref in zip(res[1], res[0]):
         ref, got = ref[:used], got[:used]

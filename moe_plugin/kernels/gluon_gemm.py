@@ -747,12 +747,12 @@ if _HAVE_GLUON:
         (``_tma_store_tile``), the consumers on to the next tile while it is written.
         ``PINGPONG`` (16-bit, one accumulator, plain or GEMM1 epilogue): each consumer computes
         whole tiles, every other one (a ring slot is released by one consumer). ``CN`` 2
-        (16-bit, A by TMA, plain epilogue by registers; Triton >= 3.8): launched as clusters
-        of two CTAs along the columns, a tile ``BN`` columns wide split between them, A's
-        tile loaded once for both (TMA multicast, ``_grp_producer``). ``CM`` 2 (16-bit, A
-        gathered, plain or GEMM1 epilogue by registers; Triton >= 3.8): clusters of two CTAs
-        along the rows, a tile ``BM`` (256) rows high split between them, B's tiles loaded once
-        for both."""
+        (16-bit, A by TMA, plain epilogue by registers, also ``PINGPONG``; Triton >= 3.8):
+        launched as clusters of two CTAs along the columns, a tile ``BN`` columns wide split
+        between them, A's tile loaded once for both (TMA multicast, ``_grp_producer``). ``CM``
+        2 (16-bit, A gathered, plain or GEMM1 epilogue by registers; Triton >= 3.8): clusters
+        of two CTAs along the rows, a tile ``BM`` (256) rows high split between them, B's
+        tiles loaded once for both."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
@@ -761,7 +761,7 @@ if _HAVE_GLUON:
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
         gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE or EPI == EPI_ACT_BWD),
                          "PINGPONG: 16-bit, one accumulator, plain or GEMM1 epilogue")
-        gl.static_assert(CN == 1 or not (SCALED or A_GATHER or DUAL or PINGPONG or TMA_STORE
+        gl.static_assert(CN == 1 or not (SCALED or A_GATHER or DUAL or TMA_STORE
                                          or EPI != EPI_STORE or CM > 1),
                          "CN 2: 16-bit, A by TMA, one accumulator, the plain epilogue")
         gl.static_assert(CM == 1 or (A_GATHER and not (SCALED or PINGPONG or TMA_STORE
@@ -787,8 +787,8 @@ if _HAVE_GLUON:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1 if PINGPONG else 2)  # the slot's consumers
-            if CTAS > 1:
-                mbarrier.init(m_empty.index(s), count=2)  # per CTA: 4 arrivals in all
+            if CTAS > 1:  # the slot's consumers in each CTA (the first CTA's count doubled)
+                mbarrier.init(m_empty.index(s), count=1 if PINGPONG else 2)
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         info, info_ready, info_empty = _info_alloc(CTAS)
@@ -964,8 +964,9 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
                 and epi != Epilogue.ACT_BWD and not (epi == Epilogue.ACT_FWD and gated))
     # clusters of two CTAs (``cfg["CLUSTER"]`` 2; 16-bit, the plain epilogue or GEMM1's by
     # registers; a Triton whose Gluon has multicast): along the columns sharing A's tiles
-    # (A by TMA: GEMM2, dx), or along the rows sharing B's (A gathered: GEMM1, dh')
-    cluster = (cfg.get("CLUSTER", 1) == 2 and not (scaled or tma_store or pingpong)
+    # (A by TMA: GEMM2, dx; also with PINGPONG), or along the rows sharing B's (A gathered:
+    # GEMM1, dh')
+    cluster = (cfg.get("CLUSTER", 1) == 2 and not (scaled or tma_store or (pingpong and gather))
                and (epi == Epilogue.STORE or (epi == Epilogue.ACT_FWD and gather))
                and cluster_compiles())
     cn = 2 if cluster and not gather else 1
