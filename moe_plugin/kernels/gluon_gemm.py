@@ -561,7 +561,8 @@ if _HAVE_GLUON:
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
         with ``PINGPONG`` (16-bit, plain or GEMM1 epilogue, one accumulator) all rows of every
         other tile with an expert, so that one consumer's epilogue runs while the other's MMAs
-        do.
+        do; their main loops take turns (``turn``), as a consumer skipping the other's tile
+        would otherwise wait on a slot's ``ready`` up to two phases ahead.
         ``SCALED`` (FP8): each k-step's product promoted with its scales, the two consumers'
         MMAs alternating; else (16-bit) the k-steps accumulate in the wgmma, one k-step left
         in flight (its slot released when the next is issued), ``DUAL``: a second accumulator
@@ -648,6 +649,12 @@ if _HAVE_GLUON:
                     else:
                         acc = gl.zeros([RG, BN], gl.float32, layout=mma)
                         acc2 = gl.zeros([RG, BN], gl.float32, layout=mma)
+                        if PINGPONG:
+                            # the consumers' main loops in turn: this tile's k-steps are waited
+                            # for only once the other consumer has waited for its previous
+                            # tile's, so that a slot's ``ready`` is never two phases behind
+                            # this wait (its parity could not tell them apart)
+                            mbarrier.wait(my_turn, (tn & 1) ^ (1 - HALF))
                         for ks in range(0, nk):
                             s = it % STAGES
                             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
@@ -673,6 +680,9 @@ if _HAVE_GLUON:
                                 if CTAS > 1:
                                     mbarrier.arrive(m_empty.index((it + STAGES - 1) % STAGES))
                             it += 1
+                        if PINGPONG:  # the other consumer's main loop may start
+                            mbarrier.arrive(other_turn)
+                            tn += 1
                         if DUAL:
                             acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
                         else:
