@@ -400,12 +400,19 @@ def main(argv=None):
     ap.add_argument("--router", action="store_true",
                     help="the layer with its router against the experts alone (see above); "
                          "with 'sonicmoe' in --impls also SonicMoE's router-included layer")
+    ap.add_argument("--quack-top", type=int, default=None, metavar="N",
+                    help="SonicMoE's autotuner times, per GEMM role, only the N fastest "
+                         "candidates of each earlier tuning result under QUACK_CACHE_DIR "
+                         "(quack_shortlist.py); default: every candidate")
     args = ap.parse_args(argv)
     meta = run_meta(ceilings=ceilings())
+    if args.quack_top is not None:
+        meta["sonicmoe_quack_top"] = args.quack_top
+        shortlist_quack(args.quack_top)
     print(json.dumps(meta), flush=True)
     if args.router:
         rows = [r for name in args.configs for r in router_rows(name, args)]
-        emit(markdown(meta, rows), args.md, args.json, {"meta": meta, "rows": rows})
+        emit(markdown(meta, rows), args.md, args.json, with_shortlist({"meta": meta, "rows": rows}))
         return
     rows = []
     for name in args.configs:
@@ -452,7 +459,30 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             del inputs
             torch.cuda.empty_cache()
-    emit(markdown(meta, rows), args.md, args.json, {"meta": meta, "rows": rows})
+    emit(markdown(meta, rows), args.md, args.json, with_shortlist({"meta": meta, "rows": rows}))
+
+
+def shortlist_quack(top):
+    """``--quack-top``: QuACK's autotuner on shortlists (``quack_shortlist.restrict``)."""
+    import quack_shortlist
+    try:
+        import quack.autotuner  # noqa: F401
+    except Exception as ex:  # SonicMoE's rows will say why it is unavailable
+        print(f"--quack-top: QuACK not importable ({type(ex).__name__}), nothing shortlisted",
+              flush=True)
+        return
+    lists = quack_shortlist.restrict(top)
+    print(json.dumps({"quack_shortlists": {" ".join(r): len(c) for r, c in lists.items()}}),
+          flush=True)
+
+
+def with_shortlist(out):
+    """The run's output with what the shortlists did to each autotuned call, if any."""
+    import quack_shortlist
+    if quack_shortlist.applied:
+        out["quack_shortlist"] = quack_shortlist.applied
+        print(json.dumps({"quack_shortlist": quack_shortlist.applied}), flush=True)
+    return out
 
 
 def markdown(meta, rows):
@@ -461,7 +491,10 @@ def markdown(meta, rows):
              f"{meta['ceilings']['bf16_gemm_tflops']:.0f} TFLOP/s, copy "
              f"{meta['ceilings']['copy_tbps']:.2f} TB/s"
              + (f", fp8 GEMM {meta['ceilings']['fp8_gemm_tflops']:.0f} TFLOP/s"
-                if "fp8_gemm_tflops" in meta["ceilings"] else "") + ".", "",
+                if "fp8_gemm_tflops" in meta["ceilings"] else "") + "."
+             + (f" SonicMoE's autotuner timed per GEMM role only the {meta['sonicmoe_quack_top']}"
+                " fastest candidates of each earlier tuning result (`--quack-top`)."
+                if "sonicmoe_quack_top" in meta else ""), "",
              "| config | impl | routing | fwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | "
              "fwd+bwd TFLOP/s | extra peak GiB | rel err vs grouped_mm (out / dx) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -41,6 +41,10 @@
 #             peers_env.sh unpacks, so that the next call's autotuner skips what is done);
 #             PEER_ROUTER=1 also times the router-included layers (bench_layer --router);
 #             PEER_IMPLS: more of ours beside the defaults (e.g. moe_plugin_cluster);
+#             PEER_SET: the peers (default "sonicmoe scattermoe grouped_mm");
+#             PEER_QUACK_TOP=N: SonicMoE's autotuner times per GEMM role only the N fastest
+#             candidates of each committed tuning result (bench_layer.py --quack-top; a
+#             fresh config's full tuning does not fit a call);
 #             PEER_TRITON39=1: under Triton 3.9 (the triton39 step's bundle, already unpacked
 #             by a call right before this one: both bundles do not fit one carry);
 #             then benchmarks/peer_targets.py's verdicts into OUT_DIR/targets.md
@@ -132,13 +136,16 @@ for step in "$@"; do
       # (the folder named: a sourced script without arguments sees this script's)
       source benchmarks/peers_env.sh .whl_sonic || { echo "peers_env.sh failed"; continue; }
       if [ "${PEER_TRITON39:-0}" = 1 ]; then triton39 || continue; fi
+      # PEER_QUACK_TOP=N: SonicMoE's autotuning on shortlists (bench_layer.py --quack-top)
+      _top=${PEER_QUACK_TOP:+--quack-top $PEER_QUACK_TOP}
       for c in ${PEER_CONFIGS:-fine_30b}; do
-        timeout "${PEERS_S:-540}" python benchmarks/bench_layer.py \
-          --impls moe_plugin ${PEER_IMPLS:-} sonicmoe scattermoe grouped_mm --configs "$c" \
+        timeout "${PEERS_S:-540}" python benchmarks/bench_layer.py $_top \
+          --impls moe_plugin ${PEER_IMPLS:-} ${PEER_SET:-sonicmoe scattermoe grouped_mm} \
+          --configs "$c" \
           --json "$OUT/peers_$c.json" --md "$OUT/peers_$c.md" 2>&1 \
           | tee "$OUT/peers_$c.log" | tail -8
         if [ "${PEER_ROUTER:-0}" = 1 ]; then  # the router-included layers, same process
-          timeout "${PEERS_S:-540}" python benchmarks/bench_layer.py --router \
+          timeout "${PEERS_S:-540}" python benchmarks/bench_layer.py --router $_top \
             --impls moe_plugin sonicmoe --configs "$c" --json "$OUT/peers_router_$c.json" \
             2>&1 | tee "$OUT/peers_router_$c.log" | tail -6
         fi

@@ -8,7 +8,9 @@ moe_plugin sonicmoe ...`` (``gpu_check.sh ... peers`` writes one per config) or 
 mode with SonicMoE (rows ``moe_plugin_router`` and ``sonicmoe_router``). A ratio is formed only
 between rows of the same file, so every comparison is of implementations measured in one
 process; where several files hold both rows of a target, the last one given is used. A
-target whose two rows are not in one file is reported as not measured, never estimated.
+target whose two rows are not in one file is reported as not measured, never estimated. A
+run whose SonicMoE autotuning was shortlisted (``bench_layer.py --quack-top N``) says so in
+the run column.
 
 Targets (``TARGETS``): forward + backward at least 1.1x SonicMoE (1.15x on fine_7b), forward
 and backward each at least 1.0x; the router-included layer at least 1.1x SonicMoE's; mixtral
@@ -82,9 +84,10 @@ def verdicts(found, configs=None):
                    "peer": None, "ratio": None, "met": None, "unit": key, "source": None}
             pair = _pair(runs, mine, peer)
             if pair is not None:
-                path, _, a_row, b_row = pair
+                path, meta, a_row, b_row = pair
                 a, b = a_row[key], b_row[key]
-                res.update(ours=a, peer=b, source=os.path.basename(path))
+                res.update(ours=a, peer=b, source=os.path.basename(path),
+                           quack_top=meta.get("sonicmoe_quack_top"))
                 if kind == SPEED:
                     res["ratio"] = b / a
                     res["met"] = res["ratio"] >= required
@@ -134,7 +137,10 @@ def markdown(found, configs=None) -> str:
                 else f"≥ {v['required']:.2f}x")
         lines.append(f"| {v['config']} | {v['target']} | {_fmt(v['ours'], v['unit'])} | "
                      f"{_fmt(v['peer'], v['unit'])} | {ratio} | {need} | {verdict} | "
-                     f"{v['source'] or '—'} |")
+                     f"{v['source'] or '—'}"
+                     + (f" (SonicMoE tuned on shortlists of {v['quack_top']})"
+                        if v.get("quack_top") is not None and "SonicMoE" in v["target"]
+                        else "") + " |")
     lines += ["", "| config | moe_plugin fwd+bwd | floor (FLOPs at the run's dense bf16 rate) | "
               "floor / ours | run |", "|---|---|---|---|---|"]
     for f in floors(found, configs):

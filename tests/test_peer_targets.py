@@ -99,3 +99,84 @@ def test_cli_writes_table_json_and_chart(tmp_path):
     assert os.path.getsize(png) > 1000
     with pytest.raises(SystemExit):
         PT.main([str(tmp_path / "missing.json")])
+
+
+def test_shortlisted_run_is_marked(tmp_path):
+    """A run whose SonicMoE tuning was shortlisted says so beside SonicMoE's targets only."""
+    meta = dict(META, sonicmoe_quack_top=3)
+    peers = write(tmp_path, "peers_mixtral.json", [
+        row("mixtral", "moe_plugin", 9.0, 30.0), row("mixtral", "sonicmoe", 10.0, 31.0),
+        row("mixtral", "grouped_mm", 12.0, 40.0)], meta=meta)
+    lines = PT.markdown(PT.load([peers]), ["mixtral"]).splitlines()
+    sonic = [ln for ln in lines if "| fwd+bwd vs SonicMoE |" in ln]
+    grouped = [ln for ln in lines if "| fwd+bwd vs grouped_mm |" in ln]
+    assert len(sonic) == 1 and "shortlists of 3" in sonic[0]
+    assert len(grouped) == 1 and "shortlist" not in grouped[0]
+
+
+def _tuning_result(folder, fn_name, key, timings):
+    folder.mkdir(parents=True)
+    (folder / f"{fn_name}.autotune.json").write_text(json.dumps(
+        {"key": key, "configs_timings": [[c, [t, t, t]] for c, t in timings]}))
+
+
+def test_quack_shortlists_by_role(tmp_path):
+    """Per role (function + the key's non-shape parts) the union of each result's fastest
+    candidates; shapes do not split a role, strides do."""
+    import quack_shortlist as QS
+    gemm2 = ["False", "torch.Size([262144, 512])", "[2, 1]", "torch.bfloat16",
+             "torch.Size([128, 512, 4096])", "[2, 1, 2]"]
+    gemm2_other_shape = [p.replace("512", "256") for p in gemm2]
+    dx = gemm2[:-1] + ["[2, 2, 1]"]
+    _tuning_result(tmp_path / "a", "gemm_tuned", gemm2, [("c1", 2.0), ("c2", 1.0), ("c3", 3.0)])
+    _tuning_result(tmp_path / "b", "gemm_tuned", gemm2_other_shape,
+                   [("c1", 1.5), ("c2", 2.5), ("c4", 0.5)])
+    _tuning_result(tmp_path / "c", "gemm_tuned", dx, [("c3", 1.0), ("c1", 2.0)])
+    lists = QS.shortlists(str(tmp_path), 2)
+    assert QS.role("gemm_tuned", gemm2) == QS.role("gemm_tuned", gemm2_other_shape)
+    assert lists[QS.role("gemm_tuned", gemm2)] == ["c2", "c1", "c4"]
+    assert lists[QS.role("gemm_tuned", dx)] == ["c3", "c1"]
+    assert len(lists) == 2
+    assert QS.shortlists(str(tmp_path), 1)[QS.role("gemm_tuned", gemm2)] == ["c2", "c4"]
+    with pytest.raises(ValueError, match="top"):
+        QS.shortlists(str(tmp_path), 0)
+
+
+def test_quack_restrict_filters_the_roles_it_knows(tmp_path, monkeypatch):
+    """``restrict`` keeps, of the configs QuACK would time, those on the call's role's
+    shortlist (all of them for a role without one) and records what it did."""
+    import types
+
+    import torch
+
+    import quack_shortlist as QS
+
+    class Autotuner:  # the attributes quack.autotuner.Autotuner has when it prunes
+        def __init__(self, fn, keys, configs):
+            self.fn, self.keys, self.configs = fn, keys, configs
+            self.arg_names = ["A", "B", "flag"]
+
+        def prune_configs(self, kwargs):
+            return list(self.configs)
+
+    fake = types.ModuleType("quack.autotuner")
+    fake.Autotuner = Autotuner
+    monkeypatch.setitem(sys.modules, "quack", types.ModuleType("quack"))
+    monkeypatch.setitem(sys.modules, "quack.autotuner", fake)
+    monkeypatch.setattr(QS, "applied", [])
+
+    def gemm_tuned(A, B, flag):
+        pass
+    a, b = torch.empty(64, 32), torch.empty(4, 32, 16).transpose(1, 2)
+    key = ["False", str(a.shape), "[2, 1]", str(a.dtype), str(b.shape), "[2, 1, 2]",
+           str(b.dtype)]
+    _tuning_result(tmp_path / "a", "gemm_tuned", key, [("c1", 2.0), ("c2", 1.0), ("c3", 3.0)])
+    QS.restrict(2, str(tmp_path))
+    tuner = Autotuner(gemm_tuned, ["flag"], ["c1", "c2", "c3", "c4"])
+    tuner.nargs = {"A": a, "B": b}
+    assert tuner.prune_configs({"flag": False}) == ["c1", "c2"]
+    tuner.nargs = {"A": a, "B": b.contiguous()}   # other strides: another role, not shortlisted
+    assert tuner.prune_configs({"flag": False}) == ["c1", "c2", "c3", "c4"]
+    assert [(r["candidates"], r["timed"]) for r in QS.applied] == [(4, 2), (4, 4)]
+    with pytest.raises(ValueError, match="cache_dir"):
+        QS.restrict(2, str(tmp_path / "missing"))
