@@ -18,7 +18,9 @@ SonicMoE's interleaved gate/up rows as ``[2F, D, E]`` / ``[D, F, E]`` views, Sca
 Routing: softmax top-k over random logits (the same ids and weights for every implementation).
 FLOPs counted: forward 6·T·k·D·F, backward 12·T·k·D·F (router excluded).
 Times are medians of ``triton.testing.do_bench``; peak memory is the extra peak allocation of a
-forward+backward over the memory held before it (inputs, weights, gradient buffers).
+forward+backward over the memory held before it (inputs, weights; no gradient buffer: every
+implementation's gradients, a peer's own weight copies' included, count as allocated in the
+pass; ``time_and_peak``).
 
     python benchmarks/bench_layer.py                       # all configs, JSON + markdown
     python benchmarks/bench_layer.py --configs fine_7b --impls moe_plugin grouped_mm
@@ -139,6 +141,13 @@ def _own_weights(build):
             own.clear()
             own[key] = build(w_up, w_down, *args)
         return own[key]
+
+    def release():
+        """Drop the gradients of the copies (``time_and_peak``'s baseline holds none)."""
+        for copy in own.values():
+            for t in (copy.parameters() if isinstance(copy, torch.nn.Module) else copy):
+                t.grad = None
+    get.release = release
     return get
 
 
@@ -161,6 +170,7 @@ def sonicmoe_impl():
             None, w2.permute(1, 2, 0), None, w1.shape[0],
             torch.cuda.current_stream().cuda_stream, ActivationType.SWIGLU)
         return out
+    run.release_grads = own.release
     return run
 
 
@@ -202,6 +212,7 @@ def scattermoe_impl():
         mlp = own(w_up, w_down, ids.shape[1])
         mlp.zero_grad(set_to_none=True)
         return mlp(x, weights.to(x.dtype), ids.long())
+    run.release_grads = own.release
     return run
 
 
@@ -242,8 +253,30 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          "moe_plugin_dispatched": ("moe_plugin", dict(eager_ops=False))}
 
 
-def measure(fn, inputs, rep_ms=200):
+def time_and_peak(fwd, fwd_bwd, params, rep_ms, release=None):
+    """``(forward ms, forward+backward ms, extra peak bytes)``. The peak is that of one
+    forward+backward over the memory held before it, with no gradient buffer held then (the
+    ``params``' gradients and, by ``release()``, those of a peer's own weight copies): every
+    implementation's gradients count, allocated within the pass. Times: medians of
+    ``do_bench``, gradients set to None between forward+backward runs."""
     from triton.testing import do_bench
+    fwd_bwd()  # compile / warm up
+    torch.cuda.synchronize()
+    for p in params:
+        p.grad = None
+    if release is not None:
+        release()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    t_f = do_bench(fwd, warmup=25, rep=rep_ms, return_mode="median")
+    t_fb = do_bench(fwd_bwd, warmup=25, rep=rep_ms, grad_to_none=params, return_mode="median")
+    return t_f, t_fb, peak
+
+
+def measure(fn, inputs, rep_ms=200):
     x, ids, weights, w_up, w_down = inputs
     params = [x, weights, w_up, w_down]
     for p in params:
@@ -255,27 +288,13 @@ def measure(fn, inputs, rep_ms=200):
             fn(x, ids, weights, w_up, w_down)
 
     def fwd_bwd():
-        out = fn(x, ids, weights, w_up, w_down)
-        out.backward(dout)
+        fn(x, ids, weights, w_up, w_down).backward(dout)
 
-    fwd_bwd()  # compile / warm up
-    torch.cuda.synchronize()
-    for p in params:
-        p.grad = None
-    # memory: extra peak of a forward+backward (gradient buffers included in the baseline)
-    fwd_bwd()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    t_f = do_bench(fwd, warmup=25, rep=rep_ms, return_mode="median")
-    t_fb = do_bench(fwd_bwd, warmup=25, rep=rep_ms, grad_to_none=params, return_mode="median")
+    out = time_and_peak(fwd, fwd_bwd, params, rep_ms, getattr(fn, "release_grads", None))
     for p in params:
         p.grad = None
         p.requires_grad_(False)
-    return t_f, t_fb, peak
+    return out
 
 
 def check(fn, ref_fn, inputs):
@@ -313,8 +332,6 @@ def ceilings():
 
 def router_rows(name, args):
     """``--router``: rows for the layer with its router and for its experts alone."""
-    from triton.testing import do_bench
-
     import moe_plugin
     T, D, F, E, k = CONFIGS[name]
     x, _, _, w_up, w_down = make_inputs(T, D, F, E, k)
@@ -355,18 +372,7 @@ def router_rows(name, args):
 
             def fwd_bwd():
                 fn(*params).backward(dout)
-            fwd_bwd()
-            torch.cuda.synchronize()
-            for p in params:
-                p.grad = None
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fwd_bwd()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            t_f = do_bench(fwd, warmup=25, rep=args.rep_ms, return_mode="median")
-            t_fb = do_bench(fwd_bwd, warmup=25, rep=args.rep_ms, grad_to_none=params,
-                            return_mode="median")
+            t_f, t_fb, peak = time_and_peak(fwd, fwd_bwd, params, args.rep_ms)
         for p in params:
             p.grad = None
             p.requires_grad_(False)
@@ -406,6 +412,10 @@ def main(argv=None):
                          "(quack_shortlist.py); default: every candidate")
     args = ap.parse_args(argv)
     meta = run_meta(ceilings=ceilings())
+    # the peak's method (``time_and_peak``): no gradient buffer held before the pass, peers'
+    # own weight copies included (earlier runs held a peer's copies' gradients in the baseline
+    # and released them in the pass: its peak understated by its weight gradients)
+    meta["peak_grads_in_pass"] = True
     if args.quack_top is not None:
         meta["sonicmoe_quack_top"] = args.quack_top
         shortlist_quack(args.quack_top)

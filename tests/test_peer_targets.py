@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import peer_targets as PT  # noqa: E402
 
 META = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0",
-        "ceilings": {"bf16_gemm_tflops": 700.0, "copy_tbps": 4.2}}
+        "ceilings": {"bf16_gemm_tflops": 700.0, "copy_tbps": 4.2}, "peak_grads_in_pass": True}
 SHAPES = {"fine_30b": (32768, 4096, 512, 128, 8), "mixtral": (8192, 4096, 14336, 8, 2),
           "fine_7b": (24576, 1536, 256, 128, 8)}
 
@@ -180,3 +180,24 @@ def test_quack_restrict_filters_the_roles_it_knows(tmp_path, monkeypatch):
     assert [(r["candidates"], r["timed"]) for r in QS.applied] == [(4, 2), (4, 4)]
     with pytest.raises(ValueError, match="cache_dir"):
         QS.restrict(2, str(tmp_path / "missing"))
+
+
+def test_memory_comparable_only_with_the_fixed_peak(tmp_path):
+    """A plain run measured before ``time_and_peak`` (no ``peak_grads_in_pass``) gives no
+    memory verdict (it understated SonicMoE's peak), its speed verdicts stand; the router
+    runs' memory is compared as measured."""
+    old = {k: v for k, v in META.items() if k != "peak_grads_in_pass"}
+    peers = write(tmp_path, "peers_fine_30b.json", [
+        row("fine_30b", "moe_plugin", 6.0, 18.0, peak=3.75),
+        row("fine_30b", "sonicmoe", 6.6, 21.0, peak=3.0)], meta=old)
+    router = write(tmp_path, "peers_router_fine_30b.json", [
+        row("fine_30b", "moe_plugin_router", 6.2, 19.0, peak=3.77),
+        row("fine_30b", "sonicmoe_router", 6.4, 19.5, peak=4.51)], meta=old)
+    got = by_target(PT.verdicts(PT.load([peers, router]), ["fine_30b"]), "fine_30b")
+    mem = got["extra peak memory vs SonicMoE"]
+    assert mem["met"] is None and mem["comparable"] is False and mem["ours"] is None
+    assert got["fwd+bwd vs SonicMoE"]["met"] is True
+    rmem = got["extra peak memory vs SonicMoE's, router included"]
+    assert rmem["met"] is True and rmem["ratio"] == pytest.approx(3.77 / 4.51)
+    table = PT.markdown(PT.load([peers, router]), ["fine_30b"])
+    assert "not comparable" in table
