@@ -98,6 +98,41 @@ def layer_kernels(root: str, src: str, base: str = "moe_plugin_triton_grouped") 
     return lines
 
 
+PEER_CONFIGS = ("fine_7b", "fine_30b", "qwen3_30b_a3b", "coarse_120b", "mixtral")
+
+
+def _tflops3(r) -> str:
+    return f"{r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}"
+
+
+def peers(root: str, *sources) -> list:
+    """moe_plugin beside SonicMoE (and the ``torch._grouped_mm`` pipeline), each config's pair
+    of runs (``bench_layer.py`` plain, then ``--router``): TFLOP/s, SonicMoE's time over ours,
+    the router-included layers, and the run's dense bf16 rate."""
+    runs = {}
+    for src in sources:
+        data = _load(root, src)
+        for r in data["rows"]:
+            runs.setdefault(r["config"], {})[r["impl"]] = dict(r, meta=data["meta"])
+    lines = [_row(["config (T, D, F, E, k)", "moe_plugin fwd / bwd / fwd+bwd",
+                   "SonicMoE fwd / bwd / fwd+bwd", "SonicMoE's time ÷ ours, fwd+bwd",
+                   "router included: moe_plugin / SonicMoE fwd+bwd", "`torch._grouped_mm` "
+                   "fwd+bwd", "dense bf16 (run)", "SonicMoE tuning"]),
+             "|---|---|---|---|---|---|---|---|"]
+    for c in PEER_CONFIGS:
+        o, p, g = runs[c]["moe_plugin"], runs[c]["sonicmoe"], runs[c]["grouped_mm"]
+        ro, rp = runs[c]["moe_plugin_router"], runs[c]["sonicmoe_router"]
+        top = o["meta"].get("sonicmoe_quack_top")
+        lines.append(_row([
+            f"{c} ({o['T']}, {o['D']}, {o['F']}, {o['E']}, {o['k']})", _tflops3(o), _tflops3(p),
+            f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×",
+            f"{ro['fwd_bwd_tflops']:.0f} / {rp['fwd_bwd_tflops']:.0f} "
+            f"({rp['fwd_bwd_ms'] / ro['fwd_bwd_ms']:.2f}×)",
+            f"{g['fwd_bwd_tflops']:.0f}", f"{o['meta']['ceilings']['bf16_gemm_tflops']:.0f}",
+            "full" if top is None else f"shortlists of {top}"]))
+    return lines
+
+
 def recompute(root: str, src: str) -> list:
     """``recompute=True`` against off, for each config the file measured both ways (balanced
     routing); the pre-activation size by the formula ``T·k·2F`` bf16 elements (SwiGLU)."""
@@ -279,6 +314,8 @@ def _ce_sources():
 TABLES = {
     "layer_speed": Table((f"{RESULTS}/h100_bench_layer.json",), layer_speed),
     "layer_h200": Table((f"{RESULTS}/h200_layer_s29b.json",), layer_kernels),
+    "peers_h200": Table(tuple(f"{RESULTS}/h200_peers_{mode}{c}_s34.json" for c in PEER_CONFIGS
+                              for mode in ("", "router_")), peers),
     "recompute": Table((f"{RESULTS}/h100_bench_layer.json",), recompute),
     "recompute_run3": Table((f"{RESULTS}/h100_bench_layer_run3.json",), recompute),
     "fp8_training": Table((f"{RESULTS}/h100_bench_fp8.json",), fp8_training),
