@@ -321,7 +321,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     check_quant(quant, use_triton=use_triton)
     check_bias_quant(b_up, b_down, quant)
     check_weight_cache(weight_cache)
-    ids, weights, aux, z = route_tokens(
+    ids, weights, aux, z, x = route_tokens(
         x, gate_weight, top_k, score_func=score_func, renormalize=renormalize,
         expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
         scaling_factor=scaling_factor, capacity_factor=capacity_factor, drop_policy=drop_policy,
@@ -401,7 +401,10 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
     """The router stage shared by ``fused_moe`` and ``MoELayer`` (arguments already checked).
 
     ``x [N, D]`` is the router input. Returns ``(topk_ids [N, k] (-1 for dropped slots),
-    topk_weights fp32 [N, k], aux_loss, z_loss)``. With ``seq_shape = (num_seqs, seq_len,
+    topk_weights fp32 [N, k], aux_loss, z_loss, x_after)``: ``x_after`` is ``x`` for the
+    layer's later uses (the experts): with the Triton path an alias from
+    ``RouterLogitsFunction`` whose gradient the router's backward adds its own to in one GEMM
+    (``share_input``), else ``x`` itself. With ``seq_shape = (num_seqs, seq_len,
     batch_first)`` the load-balance loss is the per-sequence variant
     (``reference.seq_load_balance_loss``) instead of the per-batch one. ``check_finite``: see
     ``fused_moe``. ``gate_bias [E]`` is added to the logits; ``logits_hook(logits) -> logits``
@@ -415,8 +418,9 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
     batch_aux = need_aux and seq_shape is None
     fused_losses = use_triton and valid is None
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    x_after = x
     if use_triton:
-        logits = RouterLogitsFunction.apply(x, gate_weight)
+        logits, x_after = RouterLogitsFunction.apply(x, gate_weight, True)
     else:
         rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         zero = zero.to(rdt)
@@ -451,4 +455,4 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
                                               *seq_shape, valid=valid)
     if capacity_factor is not None:
         ids = _capacity_drop(ids, weights, num_experts, capacity_factor, drop_policy)
-    return ids, weights, aux, z
+    return ids, weights, aux, z, x_after

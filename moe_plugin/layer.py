@@ -509,13 +509,15 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
     if cfg.training and cfg.router_jitter > 0:
         eps = cfg.router_jitter
         hr = hr * torch.empty_like(hr).uniform_(1.0 - eps, 1.0 + eps)
-    ids, weights, aux, z = route_tokens(
+    ids, weights, aux, z, hr_after = route_tokens(
         hr, w_gate, cfg.top_k, score_func=cfg.score_func, renormalize=cfg.renormalize,
         expert_bias=expert_bias, num_groups=cfg.num_groups, group_topk=cfg.group_topk,
         scaling_factor=cfg.scaling_factor, capacity_factor=cfg.capacity_factor,
         drop_policy=cfg.drop_policy, aux_loss_coeff=cfg.aux_loss_coeff,
         z_loss_coeff=cfg.z_loss_coeff, use_triton=use_triton, seq_shape=seq_shape,
         gate_bias=gate_bias, logits_hook=logits_hook, valid=valid)
+    if hr is h:  # the router's input alias: its backward adds the experts' dx in its GEMM
+        h = hr_after
 
     xe = h if latent_down is None else F.linear(h, latent_down)
     if cfg.apply_weight_to_input:

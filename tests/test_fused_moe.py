@@ -332,3 +332,36 @@ def test_split_bf16_pieces_carry_fp32():
         assert rel <= tol, (parts, rel)
     assert ((split_bf16(t, 2).double().view(64, 2, 32).sum(1) - t.double()).abs()
             / t.double().abs()).max() > 2.0 ** -24
+
+
+@pytest.mark.parametrize("uses", ["both", "alias_only", "logits_only"])
+def test_router_logits_shared_input(uses):
+    """``RouterLogitsFunction(share_input=True)`` returns ``x`` again (an alias) for the
+    experts; its backward gets the alias's gradient and returns ``x``'s whole gradient
+    (``dlogits · W`` added inside the GEMM): the exact sums of both uses, and each use alone
+    (the other's gradient absent) still exact."""
+    from moe_plugin.autograd.router import RouterLogitsFunction
+    g = torch.Generator().manual_seed(3)
+    n, d, e = 40, 24, 8
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).float().requires_grad_()
+    w = (torch.randn(e, d, generator=g) / d ** 0.5).requires_grad_()
+    gl, gx = torch.randn(n, e, generator=g), torch.randn(n, d, generator=g)
+    logits, xa = RouterLogitsFunction.apply(x, w, True)
+    assert xa.data_ptr() == x.data_ptr() and xa.shape == x.shape
+    assert torch.equal(logits, x.detach() @ w.detach().t())
+    loss = 0
+    if uses != "alias_only":
+        loss = loss + (logits * gl).sum()
+    if uses != "logits_only":
+        loss = loss + (xa * gx).sum()
+    loss.backward()
+    want_dx = torch.zeros(n, d, dtype=torch.float64)
+    if uses != "alias_only":
+        want_dx += gl.double() @ w.detach().double()
+    if uses != "logits_only":
+        want_dx += gx.double()
+    assert_close(x.grad, want_dx, 1e-6, "dx")
+    if uses == "alias_only":
+        assert w.grad is None or not w.grad.any()
+    else:
+        assert_close(w.grad, gl.double().t() @ x.detach().double(), 1e-6, "dW")

@@ -214,6 +214,26 @@ def test_router_logits_backward_bf16_split():
     assert min(same) > 0.9, same
 
 
+def test_router_logits_shared_input_bf16_split():
+    """With the input shared (``share_input``: the experts' dx arriving as the alias's
+    gradient), the bf16 split backward adds ``dlogits · W`` to it inside the GEMM: within one
+    bf16 rounding of the exact sum plus fp32 accumulation's error bound."""
+    from moe_plugin.autograd.router import RouterLogitsFunction
+    g = torch.Generator().manual_seed(1)
+    n, d, e = 2048, 512, 128
+    x = torch.randn(n, d, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    w = (torch.randn(e, d, generator=g) / d ** 0.5).to(DEVICE, torch.bfloat16)
+    dl = (torch.randn(n, e, generator=g) * torch.logspace(-6, 2, e)).to(DEVICE)
+    dxo = torch.randn(n, d, generator=g).to(DEVICE, torch.bfloat16)
+    logits, xa = RouterLogitsFunction.apply(x, w, True)
+    torch.autograd.backward([logits, xa], [dl, dxo])
+    exact = dxo.double() + dl.double() @ w.double()
+    bound = dxo.double().abs() + dl.double().abs() @ w.double().abs()
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=1e-30))) - 7)
+    err = (x.grad.double() - exact).abs()
+    assert (err <= ulp + 2.0 ** -20 * bound).all()
+
+
 def _ragged_meta(g, n, k, e):
     """Routing with an empty expert (3), an expert with 5 tokens (5: fewer than a tile), counts
     not multiples of the 128-row tile and unused slots (-1: rows past the last expert's)."""

@@ -28,35 +28,51 @@ class RouterLogitsFunction(torch.autograd.Function):
     GEMMs with fp32 accumulation. For bf16 on CUDA (``tuning.current().router_split_bwd``)
     they run on the tensor cores: the fp32 ``dlogits`` split into three bf16 pieces
     (``split_bf16``), ``dx = [d1 d2 d3] · [W; W; W]`` and ``dW = Σ_i d_iᵀ · x``, neither x nor
-    W copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32."""
+    W copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32.
+
+    ``share_input=True``: also returns ``x`` again (an alias) for the layer's other uses of
+    the router input (the experts). Its gradient then reaches this backward, which adds the
+    router's ``dlogits · W`` to it inside the GEMM (``addmm``: one rounding, no separate
+    ``[N, D]`` gradient for autograd to add)."""
 
     @staticmethod
-    def forward(ctx, x, gate_weight):
+    def forward(ctx, x, gate_weight, share_input=False):
         ctx.save_for_backward(x, gate_weight)
+        ctx.set_materialize_grads(False)
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype:
-            return torch.mm(x, gate_weight.t(), out_dtype=torch.float32)
-        return torch.mm(x.float(), gate_weight.float().t())
+            logits = torch.mm(x, gate_weight.t(), out_dtype=torch.float32)
+        else:
+            logits = torch.mm(x.float(), gate_weight.float().t())
+        return (logits, x.view_as(x)) if share_input else logits
 
     @staticmethod
-    def backward(ctx, dlogits):
+    def backward(ctx, dlogits, dx_other=None):
         x, w = ctx.saved_tensors
         dx = dw = None
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if dlogits is None:  # the logits did not reach the loss: the alias's gradient only
+            return (dx_other if need_dx else None), None, None
         if (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == x.dtype
                 and tuning.current().router_split_bwd):
             d3 = split_bf16(dlogits.float())
-            if ctx.needs_input_grad[0]:
-                # bf16 out: one rounding of the fp32 accumulator, no fp32 [N, D] in memory
-                dx = torch.mm(d3, w.repeat(3, 1))
-            if ctx.needs_input_grad[1]:
+            if need_dx:
+                # bf16 out: one rounding of the fp32 accumulator (plus the alias's gradient),
+                # no fp32 [N, D] in memory
+                w3 = w.repeat(3, 1)
+                dx = (torch.mm(d3, w3) if dx_other is None
+                      else torch.addmm(dx_other.to(x.dtype), d3, w3))
+            if need_dw:
                 e = w.shape[0]
                 dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)
                 dw = dw.to(w.dtype)
-            return dx, dw
-        if ctx.needs_input_grad[0]:
-            dx = torch.mm(dlogits, w.float()).to(x.dtype)
-        if ctx.needs_input_grad[1]:
+            return dx, dw, None
+        if need_dx:
+            wf = w.float()
+            dx = (torch.mm(dlogits, wf) if dx_other is None
+                  else torch.addmm(dx_other.float(), dlogits, wf)).to(x.dtype)
+        if need_dw:
             dw = torch.mm(dlogits.t(), x.float()).to(w.dtype)
-        return dx, dw
+        return dx, dw, None
 
 
 class RouterFunction(torch.autograd.Function):
