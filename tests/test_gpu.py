@@ -254,7 +254,8 @@ def _ragged_meta(g, n, k, e):
                                             (2, torch.float32), (2, torch.bfloat16)],
                          ids=["store", "atomic_fp32", "rmw_fp32", "rmw_bf16"])
 @pytest.mark.parametrize("programs", [None, 3])
-@pytest.mark.parametrize("widths", [(200, 136), (320, 384)], ids=["odd", "aligned"])
+@pytest.mark.parametrize("widths", [(200, 136), (320, 384), (320, 192), (328, 192)],
+                         ids=["odd", "aligned", "fast_launch_test320", "fast_launch_test328"])
 def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths, tune):
     """On Hopper the bf16 weight gradients run as the Gluon kernel (``gluon_gemm.
     segment_mm_direct``: the contiguous operand by TMA, the gathered one by ``cp.async`` from
@@ -264,7 +265,8 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths,
     token counts not multiples of 64, an empty expert, an expert with fewer tokens than a
     k-step, MO and NO not multiples of the tile: multiples of 8 only (the 128-wide tiles of
     ``gluon_bf16_seg_narrow_config``) or of 64 (the 256-wide default tiles, but for fp32
-    read-add-write); dW_up also computed transposed (``gluon_bf16_wgrad_swap``); the
+    read-add-write), and the widths of ``test_gluon_fast_launch_equals_plain`` (320 / 328 x 192, where
+    session 34 saw wrong values on the plain path too); dW_up also computed transposed (``gluon_bf16_wgrad_swap``); the
     persistent grid at one program per SM and at 3 programs; unused slots' rows (NaN) after
     the last expert's."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
