@@ -345,17 +345,23 @@ def test_expert_biases_torch_backend(seed):
 
 
 def test_backward_frees_pre_and_hw_early(monkeypatch):
-    """The backward frees the saved pre-activation as soon as the data stage has used it and
-    ``hw`` once dW_down is computed (dW_up's buffer can take their memory); a second backward
+    """The backward frees the saved pre-activation as soon as the activation backward has used
+    it (before the dx GEMM's ``[S, D]`` buffer) and ``hw`` once dW_down is computed (dW_up's buffer can take their memory); a second backward
     through the same graph (``retain_graph``) recomputes pre and gives the same gradients."""
     from moe_plugin.kernels import expert_stages
-    calls = []
+    calls, pre_at_dx = [], []
     orig = expert_stages.experts_backward_weight
+    orig_dx = expert_stages.experts_backward_dx
 
     def spy(dout, x, dpre, hw, meta, need_up, need_down, *args, **kwargs):
         calls.append((need_up, need_down, hw.numel() > 0))
         return orig(dout, x, dpre, hw, meta, need_up, need_down, *args, **kwargs)
+
+    def spy_dx(*args, **kwargs):  # pre's memory already freed when dx's buffer comes
+        pre_at_dx.append(pre.untyped_storage().size())
+        return orig_dx(*args, **kwargs)
     monkeypatch.setattr(expert_stages, "experts_backward_weight", spy)
+    monkeypatch.setattr(expert_stages, "experts_backward_dx", spy_dx)
     inp = expert_inputs(1, 9, 16, 8, 4, 2)
     leaves = [inp[n].clone().requires_grad_() for n in ("x", "weights", "w_up", "w_down")]
     out = fused_experts(leaves[0], inp["ids"], leaves[1], leaves[2], leaves[3], "swiglu")
@@ -364,6 +370,7 @@ def test_backward_frees_pre_and_hw_early(monkeypatch):
     assert pre.untyped_storage().size() > 0
     first = torch.autograd.grad(out, leaves, inp["gout"], retain_graph=True)
     assert pre.untyped_storage().size() == 0, "pre kept until the end of the backward"
+    assert pre_at_dx == [0], "pre still held when the dx GEMM ran"
     assert calls == [(False, True, True), (True, False, False)], calls
     second = torch.autograd.grad(out, leaves, inp["gout"])
     for a, b in zip(first, second):
@@ -372,8 +379,8 @@ def test_backward_frees_pre_and_hw_early(monkeypatch):
 
 
 def test_stage_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
-    """``eager.direct``: in eager mode the stage ops (forward, backward data, both weight
-    gradients) run their function without PyTorch's dispatcher (whose handling of an op that
+    """``eager.direct``: in eager mode the stage ops (forward, the backward data part's two,
+    both weight gradients) run their function without PyTorch's dispatcher (whose handling of an op that
     mutates an argument costs ~150 µs of host time a call); the output and gradients are
     bitwise those of the dispatched ops, and the mutated ``main_grad`` buffers' version
     counters move as the ops' move them. Under a dispatch mode (fake tensors: what
@@ -400,11 +407,11 @@ def test_stage_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
         return [out.detach()] + [t.grad for t in leaves] + [w.main_grad for w in ws], bumps
 
     direct_res, direct_bumps = run()
-    assert taken == [True] * 4, taken  # forward, backward data, dW_down, dW_up
+    assert taken == [True] * 5, taken  # forward, backward act and dx, dW_down, dW_up
     taken.clear()
     with tuning.override(eager_ops=False):
         op_res, op_bumps = run()
-    assert taken == [False] * 4
+    assert taken == [False] * 5
     for a, b in zip(direct_res, op_res):
         assert torch.equal(a, b)
     assert direct_bumps == op_bumps and min(op_bumps) >= 1, (direct_bumps, op_bumps)

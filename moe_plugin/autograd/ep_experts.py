@@ -21,7 +21,8 @@ token's k slots.
 
 Backward reuses the forward's handle (no recount, no host synchronisation):
 ``combine_backward`` brings ``dout`` to the experts; the expert data backward
-(``experts_backward_data``) writes ``dx`` and d(weight) per received row into one packed
+(``experts_backward_act`` then ``experts_backward_dx``) writes ``dx`` and d(weight) per
+received row into one packed
 buffer that ``send_home`` sends back asynchronously; while that exchange is in flight the
 weight-gradient GEMMs (``experts_backward_weight``) run; ``dispatch_backward`` then sums
 ``dx`` over each token's slots and scatters d(weight) to ``[N, k]``. The group and the
@@ -94,12 +95,15 @@ class EPExpertsFunction(torch.autograd.Function):
         dy_recv = D.combine_backward(dout, layout)
         # experts, data part; dx and d(weight) go straight into a packed buffer
         back = D.dispatch_backward_buffer(layout, dout.device)
-        _, dw_r, dpre, hw, db_down = expert_stages.experts_backward_data_op(
+        dw_r, dpre, hw, db_down = expert_stages.experts_backward_act_op(
             dy_recv, recv.payload, recv.weights.contiguous().view(-1, 1),
-            *weight_args(weights), *emeta, usable(pre), back.payload, ctx.act, ctx.gated, True,
-            True, b_up, b_down, need_b_down, *scale_args(weights))
-        release(pre)  # as the single-GPU Function: pre's memory goes before the weight stage
+            *weight_args(weights), *emeta, usable(pre), ctx.act, ctx.gated, True, b_up, b_down,
+            need_b_down, *scale_args(weights))
+        release(pre)  # as the single-GPU Function: pre's memory goes before dx's buffer
         del pre
+        expert_stages.experts_backward_dx_op(
+            dpre, recv.payload, weight_args(weights)[0], *emeta, 1, back.payload,
+            *scale_args(weights)[:2])
         back.weights.copy_(dw_r.view(-1).float())
         # send them home, overlapped with the weight gradients
         home, work = D.send_home(back, layout)

@@ -95,8 +95,8 @@ class FusedExpertsFunction(torch.autograd.Function):
     most N·k + E + 1 elements), and, unless ``recompute``, the pre-activation ``pre [N·k,
     2F|F]``. Not saved: ``h`` and ``y`` (GEMM2's input and output).
 
-    Backward (``experts_backward_data``, then ``experts_backward_weight`` for dW_down and for
-    dW_up) recomputes: ``pre``
+    Backward (``experts_backward_act``, ``experts_backward_dx``, then ``experts_backward_weight``
+    for dW_down and for dW_up) recomputes: ``pre``
     (GEMM1 again, same kernel and configuration, so bitwise the same values) when
     ``recompute``; ``h = act(pre)`` in the epilogue of the first backward GEMM ``dh' =
     dout[t]·W_down[e]``, which also yields d(topk_weights) (``<dh', h>``), ``dpre`` (activation
@@ -105,8 +105,9 @@ class FusedExpertsFunction(torch.autograd.Function):
     segment GEMMs. Biases: ``db_up[e]`` = the sum of ``dpre`` over the expert's rows,
     ``db_down[e]`` = the sum of ``w · dout[t]`` over its slots, and d(topk_weights) gains
     ``dout[t] · b_down[e]``: per-expert passes in a fixed order, no atomics, no host sync.
-    Memory: ``pre`` is freed once the data stage has used it (``release``), ``hw`` once dW_down
-    is computed, so dW_up's buffer can take their memory.
+    Memory: ``pre`` is freed once the activation backward has used it (``release``), before
+    dx's ``[N·k, D]`` buffer is allocated, ``hw`` once dW_down is computed, so dW_up's buffer
+    can take their memory.
 
     FP8 (``quant``): ``x`` is quantised per token and 128 columns (e4m3, into expert order),
     the weights per 128 x 128 block: anew, or taken from ``weight_cache``
@@ -146,12 +147,14 @@ class FusedExpertsFunction(torch.autograd.Function):
         need_b_up, need_b_down = ctx.needs_input_grad[8:10]
         meta = (counts, offsets, sorted_slot, slot_pos)
         none = x.new_empty(0)  # the ops' "no buffer"
-        dx, dw_topk, dpre, hw, db_down = expert_stages.experts_backward_data_op(
-            dout, x, topk_weights, *weight_args(weights), *meta, usable(pre), none,
-            ctx.act_code, ctx.gated, need_x, need_w, b_up, b_down, need_b_down,
-            *scale_args(weights))
-        release(pre)
+        dw_topk, dpre, hw, db_down = expert_stages.experts_backward_act_op(
+            dout, x, topk_weights, *weight_args(weights), *meta, usable(pre), ctx.act_code,
+            ctx.gated, need_w, b_up, b_down, need_b_down, *scale_args(weights))
+        release(pre)  # before dx's [S, D] buffer
         del pre
+        dx = (expert_stages.experts_backward_dx_op(
+            dpre, x, weight_args(weights)[0], *meta, topk_weights.shape[1], none,
+            *scale_args(weights)[:2]) if need_x else None)
         acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
         wgrad = dict(fp8=ctx.quant == "fp8_block_wgrad")
         # dW_down first, then hw goes (its memory serves dW_up), then dW_up and db_up

@@ -1,6 +1,7 @@
 """The routed-expert pipeline in three stages -- forward, backward data part, backward weight
 part -- each composed from the kernels and registered as a PyTorch custom op
-(``torch.ops.moe_plugin.experts_forward`` / ``experts_backward_data`` /
+(``torch.ops.moe_plugin.experts_forward``, the data part as ``experts_backward_act`` then
+``experts_backward_dx`` (so that the saved pre-activation can be freed between them),
 ``experts_backward_weight``).
 
 Every training route calls these ops (``eager.custom_op``: in eager mode without the
@@ -77,25 +78,24 @@ def _experts_forward_quant(tune, x, topk_weights, w_up: QTensor, w_down: QTensor
     return out, meta, pre
 
 
-def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta, pre,
-                          act: int, gated: bool, need_x: bool, need_w: bool, dx_out=None,
-                          b_up=None, b_down=None, need_b_down: bool = False):
-    """Returns ``(dx | None, d_topk_weights | None, dpre, hw, db_down | None)``; ``pre`` None =
-    recompute it (with ``b_up``, exactly as the forward ran GEMM1).
+def experts_backward_act(dout, x, topk_weights, w_down, meta: PermuteMeta, pre, act: int,
+                         gated: bool, need_w: bool, w_up=None, b_up=None, b_down=None,
+                         need_b_down: bool = False):
+    """The first half of the backward data part: ``dh' = dout[t] · W_down[e]`` with the
+    activation backward. Returns ``(d_topk_weights | None, dpre, hw, db_down | None)``;
+    ``pre`` None = recompute it from ``x`` and ``w_up`` (with ``b_up``, exactly as the forward
+    ran GEMM1). The caller can free ``pre`` before ``experts_backward_dx``: the two are
+    separate so that pre's memory is gone when dx's ``[S, D]`` buffer is allocated.
 
     ``b_down [E, D]``: its part of the routing-weight gradient, ``dout[t] · b_down[e]``, is
     added, and with ``need_b_down`` its gradient ``db_down[e] = Σ_{slots of e} w · dout[t]``
     is computed (``bias_down_grad``: one pass over the gathered dout rows, no atomics).
-
-    ``dx_out``: optional preallocated ``[N, D]`` view for dx. ``w_up``/``w_down`` given as fp8
-    ``QTensor``s: dgrad in FP8 -- ``dout`` and ``dpre`` are quantised per row and 128 columns
-    (and ``x`` for a recomputed GEMM1, with the forward's flags: the same ``pre`` bitwise);
-    ``dpre`` and ``hw`` (the weight-gradient operands) stay in the input dtype."""
+    ``w_down`` (and ``w_up`` for a recompute) given as fp8 ``QTensor``s: dgrad in FP8 --
+    ``dout`` quantised per row and 128 columns (and ``x`` for a recomputed GEMM1, with the
+    forward's flags: the same ``pre`` bitwise); ``dpre`` and ``hw`` (the weight-gradient
+    operands) stay in the input dtype."""
     tune = tuning.current()
-    quant = isinstance(w_up, QTensor)
-
-    def q(t):
-        return quantize_rows(t, Quant.FP8) if quant else t
+    quant = isinstance(w_down, QTensor)
     if pre is None:  # recompute GEMM1 exactly as the forward ran it
         pre, _ = G.expert_up(quantize_rows_expert_order(x, meta) if quant else x, w_up, meta,
                              act, gated, store_pre=True, store_h=False, out_dtype=x.dtype,
@@ -106,7 +106,7 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
         quantize_rows_expert_order(dout, meta) if quant else dout, w_down, pre, meta,
         topk_weights, act, gated, expert_order=quant, tune=tune)
     del pre
-    dx = dw_topk = db_down = None
+    dw_topk = db_down = None
     if b_down is not None and (need_b_down or need_w):
         db_down, dw_bias = G.bias_down_grad(dout, b_down, topk_weights, meta, need_b_down,
                                             need_w, tune=tune)
@@ -114,10 +114,19 @@ def experts_backward_data(dout, x, topk_weights, w_up, w_down, meta: PermuteMeta
             dw_perm = dw_perm + dw_bias
     if need_w:
         dw_topk = to_slots(dw_perm, meta.slot_pos, topk_weights)
-    if need_x:
-        dxp = G.expert_dx(q(dpre), w_up, meta, out_dtype=x.dtype, tune=tune)
-        dx = gather_reduce(dxp, meta, None, out_dtype=x.dtype, out=dx_out)
-    return dx, dw_topk, dpre, hw, db_down
+    return dw_topk, dpre, hw, db_down
+
+
+def experts_backward_dx(dpre, w_up, meta: PermuteMeta, n: int, dtype, dx_out=None):
+    """The second half of the backward data part: ``dx [n, D] = Σ_k dpre · W_up[e]`` (the dx
+    GEMM in expert order, then reduced over each token's k slots) in ``dtype``, into
+    ``dx_out`` (a preallocated ``[n, D]`` view) when given. ``w_up`` an fp8 ``QTensor``:
+    ``dpre`` quantised per row and 128 columns, an FP8 GEMM."""
+    tune = tuning.current()
+    if isinstance(w_up, QTensor):
+        dpre = quantize_rows(dpre, Quant.FP8)
+    dxp = G.expert_dx(dpre, w_up, meta, out_dtype=dtype, tune=tune)
+    return gather_reduce(dxp, meta, None, out_dtype=dtype, out=dx_out)
 
 
 def experts_backward_weight(dout, x, dpre, hw, meta: PermuteMeta, need_up: bool,
@@ -183,47 +192,59 @@ def _(x, topk_ids, topk_weights, w_up, w_down, act, gated, save_pre, b_up=None, 
             x.new_empty(s if save_pre else 0, w_up.shape[1])]
 
 
-@eager.custom_op("moe_plugin::experts_backward_data", mutates_args=("dx_out",))
-def experts_backward_data_op(
+@eager.custom_op("moe_plugin::experts_backward_act")
+def experts_backward_act_op(
         dout: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, w_up: torch.Tensor,
         w_down: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
-        sorted_slot: torch.Tensor, slot_pos: torch.Tensor, pre: torch.Tensor,
-        dx_out: torch.Tensor, act: int, gated: bool, need_x: bool, need_w: bool,
-        b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None,
-        need_b_down: bool = False, w_up_scale: Optional[torch.Tensor] = None,
-        w_up_t: Optional[torch.Tensor] = None, w_down_scale: Optional[torch.Tensor] = None,
-        w_down_t: Optional[torch.Tensor] = None
-        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``experts_backward_data``. Returns ``(dx, d_topk_weights, dpre, hw, db_down)``; a
-    gradient not needed is empty, and so is dx when it went into ``dx_out`` (empty: none; a
-    mutated argument is never optional, as PyTorch drops trailing default arguments before
-    it looks them up). ``pre`` empty means recompute it."""
+        sorted_slot: torch.Tensor, slot_pos: torch.Tensor, pre: torch.Tensor, act: int,
+        gated: bool, need_w: bool, b_up: Optional[torch.Tensor] = None,
+        b_down: Optional[torch.Tensor] = None, need_b_down: bool = False,
+        w_up_scale: Optional[torch.Tensor] = None, w_up_t: Optional[torch.Tensor] = None,
+        w_down_scale: Optional[torch.Tensor] = None, w_down_t: Optional[torch.Tensor] = None
+        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``experts_backward_act``. Returns ``(d_topk_weights, dpre, hw, db_down)``; a gradient
+    not needed is empty. ``pre`` empty means recompute it (``x``, ``w_up``)."""
     meta = _meta(counts, offsets, sorted_slot, slot_pos, topk_weights.shape[1])
     recompute = pre.numel() == 0 and sorted_slot.numel() > 0
-    dx, dw_topk, dpre, hw, db_down = experts_backward_data(
-        dout.contiguous(), x, topk_weights, _weight(w_up, w_up_scale, w_up_t),
-        _weight(w_down, w_down_scale, w_down_t), meta, None if recompute else pre, act, gated,
-        need_x, need_w, dx_out=dx_out if dx_out.numel() else None, b_up=b_up, b_down=b_down,
-        need_b_down=need_b_down and b_down is not None)
-    if dx_out.numel():
-        dx = None
-    # (a tuple, not a list: functionalisation, e.g. under torch.compile, takes ops that
-    # mutate an argument only with fixed outputs)
-    return tuple(_or_empty(g, x) for g in (dx, dw_topk, dpre, hw, db_down))
+    dw_topk, dpre, hw, db_down = experts_backward_act(
+        dout.contiguous(), x, topk_weights, _weight(w_down, w_down_scale, w_down_t), meta,
+        None if recompute else pre, act, gated, need_w, w_up=_weight(w_up, w_up_scale, w_up_t),
+        b_up=b_up, b_down=b_down, need_b_down=need_b_down and b_down is not None)
+    return tuple(_or_empty(g, x) for g in (dw_topk, dpre, hw, db_down))
 
 
-@experts_backward_data_op.register_fake
-def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, dx_out,
-      act, gated, need_x, need_w, b_up=None, b_down=None, need_b_down=False, w_up_scale=None,
-      w_up_t=None, w_down_scale=None, w_down_t=None):
+@experts_backward_act_op.register_fake
+def _(dout, x, topk_weights, w_up, w_down, counts, offsets, sorted_slot, slot_pos, pre, act,
+      gated, need_w, b_up=None, b_down=None, need_b_down=False, w_up_scale=None, w_up_t=None,
+      w_down_scale=None, w_down_t=None):
     s = sorted_slot.numel()
     rows = w_up.shape[1]
     f = rows // 2 if gated else rows
     need_db = need_b_down and b_down is not None
-    return (torch.empty_like(x) if need_x and not dx_out.numel() else x.new_empty(0),
-            torch.empty_like(topk_weights) if need_w else x.new_empty(0),
+    return (torch.empty_like(topk_weights) if need_w else x.new_empty(0),
             x.new_empty(s, rows), x.new_empty(s, f),
             torch.empty_like(b_down) if need_db else x.new_empty(0))
+
+
+@eager.custom_op("moe_plugin::experts_backward_dx", mutates_args=("dx_out",))
+def experts_backward_dx_op(
+        dpre: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, counts: torch.Tensor,
+        offsets: torch.Tensor, sorted_slot: torch.Tensor, slot_pos: torch.Tensor, top_k: int,
+        dx_out: torch.Tensor, w_up_scale: Optional[torch.Tensor] = None,
+        w_up_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``experts_backward_dx`` for ``x``'s shape and dtype. Returns dx, or empty when it went
+    into ``dx_out`` (empty: none; a mutated argument is never optional, as PyTorch drops
+    trailing default arguments before it looks them up)."""
+    meta = _meta(counts, offsets, sorted_slot, slot_pos, top_k)
+    dx = experts_backward_dx(dpre, _weight(w_up, w_up_scale, w_up_t), meta, x.shape[0],
+                             x.dtype, dx_out=dx_out if dx_out.numel() else None)
+    return x.new_empty(0) if dx_out.numel() else dx
+
+
+@experts_backward_dx_op.register_fake
+def _(dpre, x, w_up, counts, offsets, sorted_slot, slot_pos, top_k, dx_out, w_up_scale=None,
+      w_up_t=None):
+    return x.new_empty(0) if dx_out.numel() else torch.empty_like(x)
 
 
 @eager.custom_op("moe_plugin::experts_backward_weight", mutates_args=("acc_up", "acc_down"))
