@@ -406,3 +406,30 @@ def test_gluon_cluster_grid_and_gate(monkeypatch):
     assert GF._programs(t, 10_000, dev) == 132  # one-CTA launches unaffected
     GF._CLUSTER_CAPACITY[(dev, 2)] = None  # no answer: one per SM pair
     assert GF._programs(t, 10_000, dev, 2) == 66
+
+
+@pytest.mark.parametrize("shape", [(37, 8), (5, 130)])
+def test_split_bf16_kernel_equals_torch(shape):
+    """The router backward's operand split (``routing.split_bf16_pieces``: one Triton pass)
+    equals the PyTorch form (``autograd.router.split_bf16`` off CUDA) bitwise, values across
+    forty decades and signs, and the pieces sum back to the fp32 input."""
+    from moe_plugin.autograd.router import split_bf16
+    from moe_plugin.kernels.routing import split_bf16_pieces
+    g = torch.Generator().manual_seed(5)
+    n, e = shape
+    t = torch.randn(n, e, generator=g) * torch.logspace(-20, 20, n * e).view(n, e)
+    got = split_bf16_pieces(t.to(DEVICE), 3).cpu()
+    want = split_bf16(t, 3)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, 3 * e)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    total = sum(got[:, i * e:(i + 1) * e].double() for i in range(3))
+    assert torch.equal(total.float(), t)
+    # non-finite values: as the PyTorch form (inf, then NaN left over; NaN throughout; a
+    # finite value rounding up to inf)
+    t[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38])
+    got = split_bf16_pieces(t.to(DEVICE), 3).cpu().float()
+    want = split_bf16(t, 3).float()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    with pytest.raises(ValueError, match="parts"):
+        split_bf16_pieces(t.to(DEVICE), 0)

@@ -10,7 +10,10 @@ def split_bf16(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
     (``[N, parts·E]``): ``t ≈ Σ_i piece_i``, each piece the bf16 rounding of what the earlier
     ones left. Three pieces carry 24 bits of mantissa, fp32's, so a GEMM of the pieces with
     fp32 accumulation gives an fp32 GEMM's result up to the order of its sums (apart from
-    values near fp32's underflow), on the bf16 tensor cores."""
+    values near fp32's underflow), on the bf16 tensor cores. On CUDA one kernel
+    (``torch.ops.moe_plugin.split_bf16``), elsewhere PyTorch ops (the same values)."""
+    if t.is_cuda:
+        return routing.split_bf16(t, parts)
     pieces = []
     rest = t
     for _ in range(parts):

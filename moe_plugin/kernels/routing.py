@@ -281,6 +281,42 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
     return dl
 
 
+@triton.jit
+def _split_bf16_kernel(t_ptr, out_ptr, n_elem, E, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """``out [N, PARTS·E]`` bf16: piece i of ``t [N, E]`` (fp32, contiguous) in columns
+    ``[i·E, (i+1)·E)``, each the bf16 rounding of what the earlier pieces left."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elem
+    rest = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    row = offs // E
+    dst = out_ptr + row * (PARTS * E) + (offs - row * E)
+    for i in tl.static_range(PARTS):
+        # round to nearest even on the bits (as torch's ``.to(bfloat16)``; Triton's interpreter
+        # truncates): the piece is then exactly a bf16 value, so its conversion is exact
+        bits = rest.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        piece = tl.where(rest != rest, rest, bits.to(tl.float32, bitcast=True))  # NaN stays
+        tl.store(dst + i * E, piece.to(tl.bfloat16), mask=mask)
+        rest = rest - piece
+
+
+def split_bf16_pieces(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
+    """``t`` (fp32 ``[N, E]``) as ``parts`` bf16 pieces side by side, ``[N, parts·E]``
+    (``autograd.router.split_bf16``'s result) in one pass: one read of ``t``, one write."""
+    if t.dim() != 2 or t.dtype != torch.float32:
+        raise ValueError(f"t: expected a 2-D fp32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if parts < 1:
+        raise ValueError(f"parts: expected at least 1, got {parts}")
+    t = t.contiguous()
+    n, e = t.shape
+    out = torch.empty(n, parts * e, dtype=torch.bfloat16, device=t.device)
+    if t.numel():
+        block = 1024
+        _split_bf16_kernel[(cdiv(t.numel(), block),)](t, out, t.numel(), e, PARTS=parts,
+                                                       BLOCK=block, num_warps=4)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The launchers as custom ops (opaque to torch.compile, no host synchronisation; outputs not
 # asked for are empty tensors; eager calls without the dispatcher: ``eager.custom_op``)
@@ -328,3 +364,14 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights: torch.Ten
 @route_bwd.register_fake
 def _(logits, topk_ids, d_weights, d_colsum, d_lse, score_func, renormalize, scaling_factor):
     return torch.empty_like(logits)
+
+
+@eager.custom_op("moe_plugin::split_bf16")
+def split_bf16(t: torch.Tensor, parts: int) -> torch.Tensor:
+    """``split_bf16_pieces`` (the router logits' backward operand)."""
+    return split_bf16_pieces(t, parts)
+
+
+@split_bf16.register_fake
+def _(t, parts):
+    return t.new_empty(t.shape[0], parts * t.shape[1], dtype=torch.bfloat16)
