@@ -402,9 +402,9 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
 
     ``x [N, D]`` is the router input. Returns ``(topk_ids [N, k] (-1 for dropped slots),
     topk_weights fp32 [N, k], aux_loss, z_loss, x_after)``: ``x_after`` is ``x`` for the
-    layer's later uses (the experts): with the Triton path an alias from
-    ``RouterLogitsFunction`` whose gradient the router's backward adds its own to in one GEMM
-    (``share_input``), else ``x`` itself. With ``seq_shape = (num_seqs, seq_len,
+    layer's later uses (the experts): with the Triton path and a gradient for ``x`` an alias
+    from ``RouterLogitsFunction`` whose gradient the router's backward adds its own to in one
+    GEMM (``share_input``), else ``x`` itself. With ``seq_shape = (num_seqs, seq_len,
     batch_first)`` the load-balance loss is the per-sequence variant
     (``reference.seq_load_balance_loss``) instead of the per-batch one. ``check_finite``: see
     ``fused_moe``. ``gate_bias [E]`` is added to the logits; ``logits_hook(logits) -> logits``
@@ -419,8 +419,11 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
     fused_losses = use_triton and valid is None
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     x_after = x
-    if use_triton:
+    if use_triton and x.requires_grad and torch.is_grad_enabled():
+        # (only then: an alias of an x without a gradient would make the experts compute dx)
         logits, x_after = RouterLogitsFunction.apply(x, gate_weight, True)
+    elif use_triton:
+        logits = RouterLogitsFunction.apply(x, gate_weight)
     else:
         rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         zero = zero.to(rdt)
