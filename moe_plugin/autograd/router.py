@@ -63,7 +63,7 @@ class RouterLogitsFunction(torch.autograd.Function):
                 # no fp32 [N, D] in memory
                 w3 = w.repeat(3, 1)
                 dx = (torch.mm(d3, w3) if dx_other is None
-                      else torch.addmm(dx_other.to(x.dtype), d3, w3))
+                      else torch.addmm(dx_other, d3, w3))
             if need_dw:
                 e = w.shape[0]
                 dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)

@@ -117,10 +117,10 @@ def experts_backward_act(dout, x, topk_weights, w_down, meta: PermuteMeta, pre, 
     return dw_topk, dpre, hw, db_down
 
 
-def experts_backward_dx(dpre, w_up, meta: PermuteMeta, n: int, dtype, dx_out=None):
-    """The second half of the backward data part: ``dx [n, D] = Σ_k dpre · W_up[e]`` (the dx
+def experts_backward_dx(dpre, w_up, meta: PermuteMeta, dtype, dx_out=None):
+    """The second half of the backward data part: ``dx [N, D] = Σ_k dpre · W_up[e]`` (the dx
     GEMM in expert order, then reduced over each token's k slots) in ``dtype``, into
-    ``dx_out`` (a preallocated ``[n, D]`` view) when given. ``w_up`` an fp8 ``QTensor``:
+    ``dx_out`` (a preallocated ``[N, D]`` view) when given. ``w_up`` an fp8 ``QTensor``:
     ``dpre`` quantised per row and 128 columns, an FP8 GEMM."""
     tune = tuning.current()
     if isinstance(w_up, QTensor):
@@ -236,8 +236,8 @@ def experts_backward_dx_op(
     into ``dx_out`` (empty: none; a mutated argument is never optional, as PyTorch drops
     trailing default arguments before it looks them up)."""
     meta = _meta(counts, offsets, sorted_slot, slot_pos, top_k)
-    dx = experts_backward_dx(dpre, _weight(w_up, w_up_scale, w_up_t), meta, x.shape[0],
-                             x.dtype, dx_out=dx_out if dx_out.numel() else None)
+    dx = experts_backward_dx(dpre, _weight(w_up, w_up_scale, w_up_t), meta, x.dtype,
+                             dx_out=dx_out if dx_out.numel() else None)
     return x.new_empty(0) if dx_out.numel() else dx
 
 
