@@ -191,6 +191,18 @@ def check_ids_range(topk_ids: torch.Tensor, num_experts: int) -> None:
 def check_routing_args(num_experts: int, top_k, score_func, renormalize, expert_bias,
                        num_groups, group_topk, scaling_factor, capacity_factor, drop_policy,
                        aux_loss_coeff, z_loss_coeff, device=None) -> None:
+    check_router_args(num_experts, top_k, score_func, renormalize, expert_bias, num_groups,
+                      group_topk, scaling_factor, device)
+    check_capacity_factor(capacity_factor, allow_none=True)
+    check_choice("drop_policy", drop_policy, DROP_POLICIES)
+    check_nonneg_float("aux_loss_coeff", aux_loss_coeff)
+    check_nonneg_float("z_loss_coeff", z_loss_coeff)
+
+
+def check_router_args(num_experts: int, top_k, score_func, renormalize, expert_bias,
+                      num_groups, group_topk, scaling_factor, device=None) -> None:
+    """The routing arguments the router kernel itself takes (``kernels.routing.route_forward``
+    checks them too)."""
     check_positive_int("top_k", top_k)
     if top_k > num_experts:
         raise ValueError(f"top_k: expected at most num_experts={num_experts}, got {top_k}")
@@ -227,10 +239,6 @@ def check_routing_args(num_experts: int, top_k, score_func, renormalize, expert_
     if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
             or not math.isfinite(scaling_factor) or scaling_factor <= 0:
         raise ValueError(f"scaling_factor: expected a finite number > 0, got {scaling_factor!r}")
-    check_capacity_factor(capacity_factor, allow_none=True)
-    check_choice("drop_policy", drop_policy, DROP_POLICIES)
-    check_nonneg_float("aux_loss_coeff", aux_loss_coeff)
-    check_nonneg_float("z_loss_coeff", z_loss_coeff)
 
 
 def check_router_jitter(router_jitter) -> None:

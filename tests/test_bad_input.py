@@ -246,3 +246,72 @@ def test_fused_experts_host_id_check_on_cuda():
     with pytest.raises(ValueError, match="topk_ids"):
         fused_experts(**kwargs, validate_ids=True)
 
+
+
+def _kernel_operands():
+    """Operands of the expert GEMM entry points (``moe_plugin.kernels``) for N tokens, top-k K:
+    token rows ``x``/``dout`` [N, D], slot rows ``pre``/``dpre`` [S, 2F], ``h``/``hw`` [S, F]."""
+    from moe_plugin.kernels.permute import permute_metadata
+    gen = torch.Generator().manual_seed(3)
+    a = _experts_args()
+    meta = permute_metadata(a["topk_ids"], E)
+    s = N * K
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    return meta, dict(x=a["hidden_states"], dout=rnd(N, D), pre=rnd(s, 2 * F), h=rnd(s, F),
+                      w_up=a["w_up"], w_down=a["w_down"], weights=a["topk_weights"])
+
+
+# route_forward's arguments besides logits and top_k (x [N, D] serves as logits [N, E = D])
+ROUTE = dict(score_func="softmax", renormalize=True, expert_bias=None, num_groups=None,
+             group_topk=None, scaling_factor=1.0, need_aux=False, need_lse=False)
+
+
+@pytest.mark.parametrize("case,match", [
+    # the misuse that read out of bounds in a GPU test (session 34): dout and hw swapped
+    (lambda G, W8, m, o: G.wgrad_down(o["h"], o["dout"], m), "wgrad_down: dout must be"),
+    (lambda G, W8, m, o: W8.wgrad_down_fp8(o["h"], o["dout"], m), "wgrad_down_fp8: dout"),
+    (lambda G, W8, m, o: G.wgrad_up(o["x"], o["pre"], m), "wgrad_up: x must be"),
+    (lambda G, W8, m, o: G.expert_up(o["x"][:-1], o["w_up"], m, 0, True, store_pre=True,
+                                     store_h=True), "expert_up: x must be"),
+    (lambda G, W8, m, o: G.expert_up(o["x"], o["w_up"][..., :-1], m, 0, True,
+                                     store_pre=True, store_h=True), r"w_up.shape\[2\]"),
+    (lambda G, W8, m, o: G.expert_up(o["x"], o["w_up"][:-1], m, 0, True, store_pre=True,
+                                     store_h=True), "w_up must have 4 experts"),
+    (lambda G, W8, m, o: G.expert_down(o["h"][:-1], o["w_down"], m), "expert_down: h must"),
+    (lambda G, W8, m, o: G.expert_down(o["h"][:, :-1], o["w_down"], m),
+     r"w_down.shape\[2\] must be 3"),
+    (lambda G, W8, m, o: G.expert_up_bwd(o["dout"], o["w_down"], o["h"], m, o["weights"], 0,
+                                         True), r"pre.shape\[1\] must be 8"),
+    (lambda G, W8, m, o: G.expert_up_bwd(o["dout"], o["w_down"], o["pre"], m,
+                                         o["weights"][:, :1], 0, True), "topk_weights"),
+    (lambda G, W8, m, o: G.expert_dx(o["h"], o["w_up"], m), r"w_up.shape\[1\] must be 4"),
+    (lambda G, W8, m, o: G.grouped_gemm.bias_down_grad(
+        o["dout"], o["w_down"][:-1, :, 0], o["weights"], m, True, True),
+     "b_down must have 4 experts"),
+    (lambda G, W8, m, o: G.gather_reduce(o["h"], m, o["weights"][:, :1]),
+     "gather_reduce: weights"),
+    (lambda G, W8, m, o: G.gather_rows(o["h"], m.sorted_slot, o["pre"], div=K),
+     "gather_rows: src must be"),
+    (lambda G, W8, m, o: G.route_forward(o["x"].to(torch.bfloat16), K, **ROUTE),
+     "route_forward: logits must be"),
+    (lambda G, W8, m, o: G.route_forward(o["x"], D + 1, **ROUTE), "top_k: expected at most"),
+    (lambda G, W8, m, o: G.route_backward(o["x"], o["weights"].int(), o["weights"][:, :1], None,
+                                          None, score_func="softmax", renormalize=True,
+                                          scaling_factor=1.0), "route_backward: d_weights"),
+], ids=["wgrad_down_swapped", "wgrad_down_fp8_swapped", "wgrad_up_swapped", "up_x_rows",
+        "up_w_width", "up_w_experts", "down_h_rows", "down_h_width", "up_bwd_pre_width",
+        "up_bwd_weights", "dx_width", "bias_down", "gather_reduce_weights",
+        "gather_rows_width", "route_logits_dtype", "route_top_k", "route_bwd_dweights"])
+def test_kernel_entry_points_check_operand_shapes(case, match):
+    """The expert GEMM entry points index rows and columns from the routing metadata and their
+    operands' shapes: operands that do not fit (here: rows swapped, one row or column short,
+    an expert missing) raise ValueError naming the argument, before any kernel reads past an
+    operand's end."""
+    from moe_plugin import kernels as G
+    from moe_plugin.kernels import wgrad_fp8 as W8
+    meta, ops = _kernel_operands()
+    with pytest.raises(ValueError, match=match):
+        case(G, W8, meta, ops)

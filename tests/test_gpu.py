@@ -265,10 +265,9 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths,
     token counts not multiples of 64, an empty expert, an expert with fewer tokens than a
     k-step, MO and NO not multiples of the tile: multiples of 8 only (the 128-wide tiles of
     ``gluon_bf16_seg_narrow_config``) or of 64 (the 256-wide default tiles, but for fp32
-    read-add-write), and the widths of ``test_gluon_fast_launch_equals_plain`` (320 / 328 x 192, where
-    session 34 saw wrong values on the plain path too); dW_up also computed transposed (``gluon_bf16_wgrad_swap``); the
-    persistent grid at one program per SM and at 3 programs; unused slots' rows (NaN) after
-    the last expert's."""
+    read-add-write), and the widths of ``test_gluon_fast_launch_equals_plain`` (320 / 328 x
+    192); dW_up also computed transposed (``gluon_bf16_wgrad_swap``); the persistent grid at
+    one program per SM and at 3 programs; unused slots' rows (NaN) after the last expert's."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
@@ -428,7 +427,7 @@ def test_gluon_fast_launch_equals_plain(kind, tune, monkeypatch):
     def run(x, w):
         if kind == "down":
             return G.expert_down(x, w, meta)[:used]
-        return G.wgrad_down(w, x, meta)
+        return G.wgrad_down(x, w, meta)  # dout [n, d] (token rows), hw [s, f] (expert order)
 
     gluon_kernel = GF._grouped_mm_ws if kind == "down" else GF._segment_mm_ws
     runs = []  # the Gluon kernel's launches through JITFunction.run

@@ -176,6 +176,24 @@ def test_route_kernels(case, n, e, k, seed):
         assert_close(dl, r_dl, FP32_TOL, f"dlogits {use}")
 
 
+def test_route_kernels_take_strided_logits():
+    """``route_forward`` / ``route_backward`` index the logits by rows: a view with a column
+    stride (every other column of a wider tensor) and int64 ids give what the contiguous
+    tensor and int32 ids give."""
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(9, 16, generator=gen).to(DEVICE)
+    view, dense = wide[:, ::2], wide[:, ::2].contiguous()
+    kw = dict(score_func="softmax", renormalize=True, expert_bias=None, num_groups=None,
+              group_topk=None, scaling_factor=1.0, need_aux=True, need_lse=True)
+    got, want = K.route_forward(view, 2, **kw), K.route_forward(dense, 2, **kw)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    dw = torch.randn(9, 2, generator=gen).to(DEVICE)
+    bw = dict(score_func="softmax", renormalize=True, scaling_factor=1.0)
+    assert torch.equal(K.route_backward(view, want[0].long(), dw, None, None, **bw),
+                       K.route_backward(dense, want[0], dw, None, None, **bw))
+
+
 @pytest.mark.parametrize("mode", [1, 2], ids=["atomic", "read_modify_write"])
 @pytest.mark.parametrize("which", ["wgrad_up", "wgrad_down"])
 def test_wgrad_accumulates_into_buffer(which, mode, seed, tune):

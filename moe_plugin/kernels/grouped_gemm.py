@@ -582,6 +582,30 @@ def _launch_segment(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
 # ----------------------------------------------------------------------------------------------
 # The expert GEMMs of the forward and backward passes (shapes: S = N·k slots, D, F, E)
 
+def check_operands(fn: str, meta: PermuteMeta, tokens=(), slots=(), widths=(), experts=()):
+    """Raises ``ValueError`` naming the argument of ``fn`` whose shape does not fit ``meta``
+    or the other operands; the kernels index rows and columns from ``meta`` and these shapes,
+    so a mismatch would read or write out of bounds. ``tokens``: ``(name, t)`` read as token
+    rows (N = S / k rows); ``slots``: one row per slot in expert order (S rows); ``widths``:
+    ``(name, t, dim, size, what)``, ``t.shape[dim]`` must be ``size`` (``what`` says which);
+    ``experts``: ``(name, t)`` with one entry per expert in dim 0. ``QTensor`` operands by
+    their values' shape."""
+    S = meta.sorted_slot.numel()
+    for rows, group, kind in ((S // max(meta.top_k, 1), tokens, "token"),
+                              (S, slots, "slot (expert-order)")):
+        for name, t in group:
+            if len(t.shape) != 2 or t.shape[0] != rows:
+                raise ValueError(f"{fn}: {name} must be [{rows}, *] (one row per {kind} of "
+                                 f"the routing metadata), got {tuple(t.shape)}")
+    for name, t in experts:
+        if t.shape[0] != meta.num_experts:
+            raise ValueError(f"{fn}: {name} must have {meta.num_experts} experts in dim 0, "
+                             f"got {tuple(t.shape)}")
+    for name, t, dim, size, what in widths:
+        if t.shape[dim] != size:
+            raise ValueError(f"{fn}: {name}.shape[{dim}] must be {size} ({what}), got "
+                             f"{tuple(t.shape)}")
+
 def _operands(a, w, w_transposed: bool, out_dtype=None):
     """``(a values, a scales, W values, W scales, W-scale strides (expert, k, n), mode,
     output dtype)`` for a row-grouped GEMM with B = W[e]ᵀ (``w_transposed``: k runs along W's
@@ -623,6 +647,11 @@ def expert_up(x, w_up, meta: PermuteMeta, act: int, gated: bool, *, store_pre: b
     Gluon kernel (``gluon_gemm``), storing pre, and h comes from one pass over it
     (``_act_quant_kernel``: the fused epilogue's arithmetic, the same h bitwise)."""
     tune = tune or tuning.current()
+    biases = () if b_up is None else (("b_up", b_up),)
+    check_operands("expert_up", meta, tokens=() if expert_order else (("x", x),),
+                   slots=(("x", x),) if expert_order else (), experts=(("w_up", w_up),) + biases,
+                   widths=(("w_up", w_up, 2, x.shape[-1], "x's width D"),)
+                   + tuple((n, b, 1, w_up.shape[1], "w_up's rows") for n, b in biases))
     a, sa, w, sb, stride_sb, quant, dt = _operands(x, w_up, True, out_dtype)
     S = meta.sorted_slot.numel()
     f = w.shape[1] // 2 if gated else w.shape[1]
@@ -672,6 +701,11 @@ def expert_down(h, w_down, meta: PermuteMeta, out_dtype=None, b_down=None,
     """GEMM2: ``y [S, D] = h [S, F] · W_down[e]ᵀ (+ b_down[e])`` in expert order
     (``h``/``w_down`` may be ``QTensor``s: y in ``out_dtype``, default bf16; ``b_down [E, D]``
     is added to the fp32 accumulator)."""
+    biases = () if b_down is None else (("b_down", b_down),)
+    check_operands("expert_down", meta, slots=(("h", h),),
+                   experts=(("w_down", w_down),) + biases,
+                   widths=(("w_down", w_down, 2, h.shape[-1], "h's width F"),)
+                   + tuple((n, b, 1, w_down.shape[1], "w_down's rows") for n, b in biases))
     a, sa, w, sb, stride_sb, quant, dt = _operands(h, w_down, True, out_dtype)
     S = a.shape[0]
     d = w.shape[1]
@@ -699,6 +733,15 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
     fp8 ``QTensor``s (dgrad in fp8); the outputs are then in ``pre``'s dtype (and so is the
     stored dh' of the split form: it rounds dh' once more than the fused epilogue does)."""
     tune = tune or tuning.current()
+    check_operands("expert_up_bwd", meta, tokens=() if expert_order else (("dout", dout),),
+                   slots=(("pre", pre),) + ((("dout", dout),) if expert_order else ()),
+                   experts=(("w_down", w_down),),
+                   widths=(("w_down", w_down, 1, dout.shape[-1], "dout's width D"),
+                           ("pre", pre, 1, w_down.shape[2] * (2 if gated else 1),
+                            "w_down's width F" + (", twice: gated" if gated else ""))))
+    if topk_weights.numel() != meta.sorted_slot.numel():
+        raise ValueError(f"expert_up_bwd: topk_weights must have one weight per slot "
+                         f"({meta.sorted_slot.numel()}), got {tuple(topk_weights.shape)}")
     a, sa, w, sb, stride_sb, quant, _ = _operands(dout, w_down, False)
     S = pre.shape[0]
     f = w.shape[2]
@@ -750,6 +793,8 @@ def expert_dx(dpre, w_up, meta: PermuteMeta, out_dtype=None,
               tune: Optional[tuning.Tuning] = None):
     """``dx_perm [S, D] = dpre [S, 2F|F] · W_up[e]`` in expert order (fp8 ``QTensor``
     operands: dx in ``out_dtype``, default bf16)."""
+    check_operands("expert_dx", meta, slots=(("dpre", dpre),), experts=(("w_up", w_up),),
+                   widths=(("w_up", w_up, 1, dpre.shape[-1], "dpre's width"),))
     a, sa, w, sb, stride_sb, quant, dt = _operands(dpre, w_up, False, out_dtype)
     S = a.shape[0]
     d = w.shape[2]
@@ -781,6 +826,7 @@ def _launch_colsum(tune: tuning.Tuning, a, meta: PermuteMeta, *, no: int, gather
 def bias_up_grad(dpre, meta: PermuteMeta, tune: Optional[tuning.Tuning] = None):
     """``db_up [E, 2F|F] = Σ_{p of expert e} dpre[p]`` (``dpre`` in expert order, the routing
     weight applied already), in ``dpre``'s dtype; zeros for experts without rows."""
+    check_operands("bias_up_grad", meta, slots=(("dpre", dpre),))
     E, no = meta.num_experts, dpre.shape[1]
     if meta.sorted_slot.numel() == 0:
         return torch.zeros(E, no, dtype=dpre.dtype, device=dpre.device)
@@ -798,6 +844,9 @@ def bias_down_grad(dout, b_down, topk_weights, meta: PermuteMeta, need_db: bool,
     and ``dwb[p] = dout[row(p)] · b_down[e]`` (the bias part of slot p's routing-weight
     gradient, in expert order; rows past the routed ones are not written)."""
     tune = tune or tuning.current()
+    check_operands("bias_down_grad", meta, tokens=(("dout", dout),),
+                   experts=(("b_down", b_down),),
+                   widths=(("b_down", b_down, 1, dout.shape[1], "dout's width D"),))
     E, d = b_down.shape
     S = meta.sorted_slot.numel()
     db = dwb = None
@@ -831,6 +880,7 @@ def wgrad_out(shape, like, out):
 def wgrad_down(dout, hw, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
     """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` (``hw = w_p · h_p``); with ``out``
     (``[E, D, F]``, any float dtype) added into it instead and returned."""
+    check_operands("wgrad_down", meta, tokens=(("dout", dout),), slots=(("hw", hw),))
     dw, acc = wgrad_out((meta.num_experts, dout.shape[1], hw.shape[1]), hw, out)
     _launch_segment(tune or tuning.current(), "wgrad_down", dout, hw, dw, meta,
                     mo=dout.shape[1], no=hw.shape[1],
@@ -841,6 +891,7 @@ def wgrad_down(dout, hw, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuni
 
 def wgrad_up(dpre, x, meta: PermuteMeta, out=None, tune: Optional[tuning.Tuning] = None):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]``; with ``out`` added into it."""
+    check_operands("wgrad_up", meta, tokens=(("x", x),), slots=(("dpre", dpre),))
     dw, acc = wgrad_out((meta.num_experts, dpre.shape[1], x.shape[1]), x, out)
     _launch_segment(tune or tuning.current(), "wgrad_up", dpre, x, dw, meta,
                     mo=dpre.shape[1], no=x.shape[1],

@@ -163,7 +163,12 @@ def gather_reduce(y: torch.Tensor, meta: PermuteMeta, weights=None, out_dtype=No
         return out
     if y.stride(1) != 1:
         y = y.contiguous()
-    assert out.stride(1) == 1 and tuple(out.shape) == (n, D)
+    if out.stride(1) != 1 or tuple(out.shape) != (n, D):
+        raise ValueError(f"gather_reduce: out must be [{n}, {D}] with unit column stride, got "
+                         f"shape {tuple(out.shape)}, strides {tuple(out.stride())}")
+    if weights is not None and weights.numel() != n * k:
+        raise ValueError(f"gather_reduce: weights must have one weight per slot ({n * k}), "
+                         f"got {tuple(weights.shape)}")
     bt, bd = (16, 32) if interpret_mode() else (16, min(256, next_pow2(D)))
     w = weights.contiguous() if weights is not None else y
     _gather_reduce_kernel[(cdiv(n, bt), cdiv(D, bd))](
@@ -195,9 +200,17 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
     """``out[r] = src[index[r] // div]`` (zeros where ``index[r] < 0``); one pass, any row
     strides (``out`` may be the payload view of a packed buffer)."""
     R, D = out.shape
+    if src.dim() != 2 or src.shape[1] != D or index.numel() != R:
+        raise ValueError(f"gather_rows: src must be [*, {D}] and index have {R} entries (out "
+                         f"{tuple(out.shape)}), got src {tuple(src.shape)}, index "
+                         f"{tuple(index.shape)}")
     if R == 0:
         return out
-    assert src.stride(1) == 1 and out.stride(1) == 1 and src.shape[1] == D
+    if out.stride(1) != 1:
+        raise ValueError(f"gather_rows: out must have unit column stride, got strides "
+                         f"{tuple(out.stride())}")
+    if src.stride(1) != 1:
+        src = src.contiguous()
     br, bd = (16, 32) if interpret_mode() else (8, min(512, next_pow2(D)))
     _gather_rows_kernel[(cdiv(R, br), cdiv(D, bd))](
         src, index, out, R, D, src.stride(0), out.stride(0), DIV=div, BLOCK_R=br, BLOCK_D=bd,

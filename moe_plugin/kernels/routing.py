@@ -218,6 +218,14 @@ def _rows_per_program(block_e: int, block_k: int = 1) -> int:
     return max(1, min(64, 4096 // (block_e * block_k)))
 
 
+def _fp32_logits(fn: str, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` checked (2-D fp32) with unit column stride (the kernels index rows only)."""
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"{fn}: logits must be a 2-D float32 tensor [N, E], got "
+                         f"{logits.dtype} {tuple(logits.shape)}")
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
 def route_forward(logits: torch.Tensor, top_k: int, *, score_func: str, renormalize: bool,
                   expert_bias, num_groups, group_topk, scaling_factor: float,
                   need_aux: bool, need_lse: bool):
@@ -225,7 +233,11 @@ def route_forward(logits: torch.Tensor, top_k: int, *, score_func: str, renormal
 
     Returns ``(topk_ids int32 [N, k], topk_weights fp32 [N, k], aux_colsum fp32 [E] | None,
     aux_counts int32 [E] | None, lse fp32 [N] | None)``."""
+    from ..config import check_router_args  # (config imports this package)
+    logits = _fp32_logits("route_forward", logits)
     n, e = logits.shape
+    check_router_args(e, top_k, score_func, renormalize, expert_bias, num_groups, group_topk,
+                      scaling_factor, logits.device)
     dev = logits.device
     g = num_groups or 1
     eg = e // g
@@ -262,8 +274,18 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
 
     ``d_weights`` [N, k] (grad of topk_weights), ``d_colsum`` [E] (grad of the aux score column
     sums) and ``d_lse`` [N] (grad of the per-row logsumexp) may each be None (zero)."""
+    logits = _fp32_logits("route_backward", logits)
     n, e = logits.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != n:
+        raise ValueError(f"route_backward: topk_ids must be [{n}, k] (one row per row of "
+                         f"logits), got {tuple(topk_ids.shape)}")
     k = topk_ids.shape[1]
+    for name, t, shape in (("d_weights", d_weights, (n, k)), ("d_colsum", d_colsum, (e,)),
+                           ("d_lse", d_lse, (n,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"route_backward: {name} must be {list(shape)}, got "
+                             f"{tuple(t.shape)}")
+    topk_ids = topk_ids.to(torch.int32).contiguous()
     dl = torch.empty_like(logits)
     if n == 0:
         return dl

@@ -109,7 +109,8 @@ class Tuning:
     gluon_programs: Optional[int] = None
     # a Gluon kernel launched again with arguments of the same specialisation skips Triton's
     # per-call binding (``fast_launch.FastLaunch``, Triton 3.6 to 3.9); False: every launch by
-    # ``JITFunction.run``. Off until measured on a GPU (benchmarks/NOTES.md, session 31)
+    # ``JITFunction.run``. Off until its GPU test passes (benchmarks/NOTES.md, sessions 33-35:
+    # +1% on fine_7b; the failure seen was that test's own out-of-bounds operand)
     fast_launch: bool = False
     # the package's custom ops called in eager mode without PyTorch's dispatcher
     # (``kernels/eager.py``); False: every call dispatched (traced calls always are)
@@ -124,15 +125,15 @@ class Tuning:
         return dict(cfg) if cfg is not None else None
 
 
-# the ping-pong variant of the 16-bit row-grouped GEMMs, over ``gluon_bf16_config`` (prepared,
-# not a default: benchmarks/NOTES.md, session 31): the consumers on whole 128 x 128 tiles in
-# turn, 5 ring slots
+# the ping-pong variant of the 16-bit row-grouped GEMMs, over ``gluon_bf16_config`` (not a
+# default: on the H200 GEMM2 −4% on fine_30b, dx and dh' slower; benchmarks/NOTES.md, session
+# 33): the consumers on whole 128 x 128 tiles in turn, 5 ring slots
 GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5)
 # the 16-bit row-grouped GEMMs launched as clusters of two CTAs, the operand both CTAs need
 # loaded once for both by TMA multicast (``gluon_gemm._grouped_mm_ws``'s ``CN`` / ``CM``;
 # Triton >= 3.8): GEMM2 and dx (A by TMA) along the columns, each CTA ``BN`` of a tile's 2·BN
 # columns, A's tiles shared; GEMM1 and dh' (A gathered) along the rows, each CTA ``BM`` of
-# 2·BM rows, B's tiles shared. Prepared, not a default: not yet run on a GPU
+# 2·BM rows, B's tiles shared. Not a default: within ±2% of one CTA a tile on the H200
 # (benchmarks/NOTES.md, session 33)
 GLUON_BF16_CLUSTER = dict(CLUSTER=2)
 

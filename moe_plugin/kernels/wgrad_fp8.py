@@ -150,11 +150,15 @@ def _config(tune: tuning.Tuning, kind: str) -> dict:
 
 
 def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta, out=None,
-              tune: Optional[tuning.Tuning] = None):
+              tune: Optional[tuning.Tuning] = None, names=("a", "b")):
     """``dW[e] [MO, NO] = Σ_p A[p]ᵀ · B[p]`` with both operands quantised here (per column and
     128 tokens); ``a [rows, MO]`` / ``b [rows, NO]`` high precision, ``*_gather``: token-order
-    rows. Output in b's dtype, or added into ``out`` (fp32 accumulation either way)."""
+    rows. Output in b's dtype, or added into ``out`` (fp32 accumulation either way).
+    ``names``: a's and b's names in shape errors (the caller's arguments)."""
     tune = tune or tuning.current()
+    ops = tuple(zip(names, (a, b), (a_gather, b_gather)))
+    G.check_operands(kind, meta, tokens=tuple((n, t) for n, t, g in ops if g),
+                     slots=tuple((n, t) for n, t, g in ops if not g))
     mo, no = a.shape[1], b.shape[1]
     dw, accumulate = G.wgrad_out((meta.num_experts, mo, no), b, out)
     qa, sa = quantize_cols_grouped(a, meta, a_gather, tune)
@@ -186,10 +190,12 @@ def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta
 def wgrad_down_fp8(dout, hw, meta: PermuteMeta, out=None,
                    tune: Optional[tuning.Tuning] = None):
     """``dW_down[e] [D, F] = Σ_p dout[row(p)]ᵀ · hw[p]`` in FP8 (``G.wgrad_down``'s contract)."""
-    return wgrad_fp8("wgrad_down_fp8", dout, True, hw, False, meta, out, tune)
+    return wgrad_fp8("wgrad_down_fp8", dout, True, hw, False, meta, out, tune,
+                     names=("dout", "hw"))
 
 
 def wgrad_up_fp8(dpre, x, meta: PermuteMeta, out=None,
                  tune: Optional[tuning.Tuning] = None):
     """``dW_up[e] [2F|F, D] = Σ_p dpre[p]ᵀ · x[row(p)]`` in FP8 (``G.wgrad_up``'s contract)."""
-    return wgrad_fp8("wgrad_up_fp8", dpre, False, x, True, meta, out, tune)
+    return wgrad_fp8("wgrad_up_fp8", dpre, False, x, True, meta, out, tune,
+                     names=("dpre", "x"))
