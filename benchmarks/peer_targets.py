@@ -16,8 +16,10 @@ SonicMoE's (``NEEDS_META``).
 
 Targets (``TARGETS``): forward + backward at least 1.1x SonicMoE (1.15x on fine_7b), forward
 and backward each at least 1.0x; the router-included layer at least 1.1x SonicMoE's; mixtral
-at least 1.15x ``grouped_mm``; extra peak memory at most SonicMoE's. A ratio is the other's
-time over ours (the same FLOPs: our TFLOP/s over theirs). The floor of a config is its
+at least 1.15x ``grouped_mm``; extra peak memory at most SonicMoE's; the router at most 3% of
+the layer's forward + backward on fine_30b; ``fp8_block_wgrad`` on fine_7b not slower than
+bf16. A ratio is the other's time over ours (the same FLOPs: our TFLOP/s over theirs); the
+router's share is (router included − routing given) / router included. The floor of a config is its
 forward + backward FLOPs (18·T·k·D·F) at the dense bf16 GEMM rate measured in that file.
 
 ``--json`` writes one plain-mode run per config (each row with its run's ceiling) for
@@ -31,6 +33,7 @@ import sys
 # (name, config or None for all, implementation row, peer row, metric, required ratio)
 SPEED = "speed"    # the peer's time over ours
 MEMORY = "memory"  # our extra peak memory at most the peer's
+SHARE = "share"    # (ours − the peer's) / ours at most the required fraction: the router's part
 TARGETS = [
     ("fwd+bwd vs SonicMoE", None, "moe_plugin", "sonicmoe", ("fwd_bwd_ms", SPEED), 1.10),
     ("fwd vs SonicMoE", None, "moe_plugin", "sonicmoe", ("fwd_ms", SPEED), 1.0),
@@ -43,6 +46,14 @@ TARGETS = [
      ("peak_extra_gib", MEMORY), 1.0),
     ("extra peak memory vs SonicMoE's, router included", None, "moe_plugin_router",
      "sonicmoe_router", ("peak_extra_gib", MEMORY), 1.0),
+    # the router's share of the layer: the router-included layer against the same layer with
+    # the routing given (``bench_layer.py --router``'s two rows of ours)
+    ("router share of the layer", "fine_30b", "moe_plugin_router", "moe_plugin_given_routing",
+     ("fwd_bwd_ms", SHARE), 0.03),
+    # the FP8 path with FP8 weight gradients not slower than bf16 (the row "moe_plugin" is the
+    # peer here: its time over fp8_block_wgrad's)
+    ("fp8_block_wgrad fwd+bwd vs bf16", "fine_7b", "moe_plugin_fp8w", "moe_plugin",
+     ("fwd_bwd_ms", SPEED), 1.0),
 ]
 # targets whose rows are comparable only in runs whose metadata has the key: the plain mode's
 # peak memory before ``bench_layer.time_and_peak`` held SonicMoE's own weight copies'
@@ -102,6 +113,9 @@ def verdicts(found, configs=None):
                 if kind == SPEED:
                     res["ratio"] = b / a
                     res["met"] = res["ratio"] >= required
+                elif kind == SHARE:
+                    res["ratio"] = (a - b) / a
+                    res["met"] = res["ratio"] <= required
                 else:
                     res["ratio"] = a / b if b else None
                     res["met"] = a <= b * required
@@ -145,8 +159,11 @@ def markdown(found, configs=None) -> str:
         verdict = {True: "met", False: "missed", None: "not measured"}[v["met"]]
         if v.get("comparable") is False:
             verdict = "not comparable (measured before bench_layer's peak fix)"
-        ratio = "—" if v["ratio"] is None else f"{v['ratio']:.2f}"
-        need = (f"≤ {v['required']:.2f}x" if v["unit"] == "peak_extra_gib"
+        share = v["target"].startswith("router share")
+        ratio = ("—" if v["ratio"] is None
+                 else f"{v['ratio']:.1%}" if share else f"{v['ratio']:.2f}")
+        need = (f"≤ {v['required']:.0%}" if share
+                else f"≤ {v['required']:.2f}x" if v["unit"] == "peak_extra_gib"
                 else f"≥ {v['required']:.2f}x")
         lines.append(f"| {v['config']} | {v['target']} | {_fmt(v['ours'], v['unit'])} | "
                      f"{_fmt(v['peer'], v['unit'])} | {ratio} | {need} | {verdict} | "

@@ -201,3 +201,31 @@ def test_memory_comparable_only_with_the_fixed_peak(tmp_path):
     assert rmem["met"] is True and rmem["ratio"] == pytest.approx(3.77 / 4.51)
     table = PT.markdown(PT.load([peers, router]), ["fine_30b"])
     assert "not comparable" in table
+
+
+def test_router_share_and_fp8_targets(tmp_path):
+    """The router's share of the layer (fine_30b: router-included against routing given, one
+    run, at most 3%) and fp8_block_wgrad against bf16 (fine_7b: not slower), each only from
+    rows of one run."""
+    router = write(tmp_path, "router.json", [
+        row("fine_30b", "moe_plugin_router", 6.0, 20.0),
+        row("fine_30b", "moe_plugin_given_routing", 5.9, 19.5)])
+    layer = write(tmp_path, "layer.json", [row("fine_7b", "moe_plugin", 1.0, 3.3),
+                                           row("fine_7b", "moe_plugin_fp8w", 1.1, 3.4)])
+    found = PT.load([router, layer])
+    share = by_target(PT.verdicts(found, ["fine_30b"]), "fine_30b")["router share of the layer"]
+    assert share["ratio"] == pytest.approx(0.5 / 20.0) and share["met"] is True   # 2.5%
+    fp8 = by_target(PT.verdicts(found, ["fine_7b"]), "fine_7b")[
+        "fp8_block_wgrad fwd+bwd vs bf16"]
+    assert fp8["ours"] == 3.4 and fp8["ratio"] == pytest.approx(3.3 / 3.4)
+    assert fp8["met"] is False
+    assert "router share of the layer" not in by_target(PT.verdicts(found, ["fine_7b"]),
+                                                        "fine_7b")
+    text = PT.markdown(found, ["fine_30b", "fine_7b"])
+    assert "| 2.5% | ≤ 3% | met |" in text
+    slow = write(tmp_path, "router2.json", [
+        row("fine_30b", "moe_plugin_router", 6.0, 20.0),
+        row("fine_30b", "moe_plugin_given_routing", 5.9, 19.2)])
+    share = by_target(PT.verdicts(PT.load([slow]), ["fine_30b"]), "fine_30b")[
+        "router share of the layer"]
+    assert share["ratio"] == pytest.approx(0.04) and share["met"] is False
