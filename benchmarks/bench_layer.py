@@ -235,10 +235,11 @@ IMPLS = {
 # around the whole measurement (forward and backward), to compare it with the defaults
 def _candidates() -> dict:
     """``moe_plugin_candidates``: the defaults with the prepared, not yet default, Gluon
-    variants on (benchmarks/NOTES.md): GEMM2, dx and dh' with the consumers on whole 128 x 128
-    tiles in turn (PINGPONG, 5 ring slots; GEMM1 gated keeps its tiles)."""
+    variants on (benchmarks/NOTES.md): GEMM2, dx and the split form's dh' with their plain
+    epilogue by TMA stores of four column parts (``tuning.GLUON_BF16_TMA_PARTS``, 4 ring
+    slots)."""
     t = tuning.current()
-    return dict(gluon_bf16_config={**t.gluon_bf16_config, **tuning.GLUON_BF16_PINGPONG})
+    return dict(gluon_bf16_config={**t.gluon_bf16_config, **tuning.GLUON_BF16_TMA_PARTS})
 
 
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),

@@ -21,7 +21,8 @@
 #   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap, the default)
 #             against the untransposed kernel, LAYER_CONFIGS (GEMMS_S)
 #   tma_store bench_gemms.py: GEMM2, dx, dh' with the tile stored by TMA (gluon_bf16_config
-#             TMA_STORE, 3 slots) against the default and 3 slots alone, LAYER_CONFIGS
+#             TMA_STORE: 4 = four column parts through small buffers, 4 slots; True = the
+#             whole tile staged, 3 slots) against the default and 3 slots alone, LAYER_CONFIGS
 #   pingpong  bench_gemms.py: GEMM2, dx, dh' with the consumers on whole 128 x 128 tiles in
 #             turn (gluon_bf16_config PINGPONG; 5 and 6 slots) against the default and the
 #             cooperative 128 x 128 tile, LAYER_CONFIGS (GEMMS_S)
@@ -119,7 +120,7 @@ for step in "$@"; do
     tma_store)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels down dx dh --against \
-        --grouped-variants '[{"TMA_STORE": true, "STAGES": 3}, {"STAGES": 3}]' \
+        --grouped-variants '[{"TMA_STORE": 4}, {"TMA_STORE": true, "STAGES": 3}, {"STAGES": 3}]' \
         2>&1 | tee "$OUT/gemms_tma_store.log" | grep -v '^ ' | cut -c1-220 ;;
     pingpong)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \

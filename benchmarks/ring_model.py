@@ -159,6 +159,28 @@ def check(*, seeds, ordered=True, stages=3, tiles=6, nks=(1, 2, 3, 4, 7, 12)):
     return failures
 
 
+def store_parts(tiles, parts=4, partial_waits_all=True):
+    """The TMA-store epilogue in column parts (``gluon_gemm._tma_store_part``): one consumer's
+    parts go through two buffers in turn (part j of all parts so far: buffer j % 2); a part
+    whose rows are all inside the expert's (``tiles[i]`` True) waits until at most one bulk
+    store is still reading shared memory (``store_wait(1)``) and issues one; a part across an
+    expert's end waits for all (``store_wait(0)``; False: ``store_wait(1)`` too) and stores
+    without TMA. Worst case: a store finishes reading only when a wait forces it. Returns the
+    first (tile, part) that overwrites a buffer a pending store still reads, or None."""
+    pending = []  # the buffers of the stores issued and not yet known done, oldest first
+    j = 0
+    for i, full in enumerate(tiles):
+        for part in range(parts):
+            keep = 1 if full or not partial_waits_all else 0
+            pending = pending[len(pending) - keep:] if len(pending) > keep else pending
+            if j % 2 in pending:
+                return i, part
+            if full:
+                pending.append(j % 2)
+            j += 1
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--unordered", action="store_true",

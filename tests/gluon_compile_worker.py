@@ -354,7 +354,11 @@ def _cases():
             **tune.gluon_bf16_config, **tuning.GLUON_BF16_CLUSTER})
         clpp = dataclasses.replace(tune, gluon_bf16_config={
             **tune.gluon_bf16_config, **tuning.GLUON_BF16_PINGPONG, **tuning.GLUON_BF16_CLUSTER})
+        # ... and by TMA stores of four column parts through small buffers (4 ring slots)
+        tmap = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
+                                                            **tuning.GLUON_BF16_TMA_PARTS})
         for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
+                                 ("_tmaparts", tmap, "down dx dh"),
                                  ("_pingpong", pp, "down dx dh"), ("_cluster", cl, "down dx dh"),
                                  ("_pingpong_cluster", clpp, "down")):
             if "down" in kinds and f % 64 == 0:

@@ -28,3 +28,18 @@ def test_ping_pong_without_turns_reads_too_early():
     for cluster in (False, True):
         assert {(True, cluster, nk) for nk in (3, 4, 7, 12)} <= failed
         assert not {(True, cluster, nk) for nk in (1, 2)} & failed
+
+
+def test_store_parts_buffer_reuse():
+    """The TMA-store epilogue in column parts through two buffers per consumer: with a part
+    across an expert's end waiting for every pending store, no buffer is overwritten while a
+    store still reads it, over every sequence of whole and partial tiles up to 6 long; waiting
+    for all but one there too fails (a whole tile's last store still reading the buffer a
+    partial tile's second part overwrites)."""
+    import itertools
+    for n in range(1, 7):
+        for tiles in itertools.product((True, False), repeat=n):
+            for parts in (2, 4):
+                assert RM.store_parts(tiles, parts) is None, (tiles, parts)
+    assert RM.store_parts((True, False), 4, partial_waits_all=False) == (1, 1)
+    assert RM.store_parts((True, False), 2, partial_waits_all=False) == (1, 1)

@@ -515,33 +515,94 @@ if _HAVE_GLUON:
         mbarrier.arrive(pre_empty)
 
     @gluon.jit
-    def _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N, stride_cm,
-                        HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr):
-        """A consumer's rows of a plain tile stored through shared memory: its ``[HM, BN]``
-        half of ``c_smem`` written from the accumulator, then each CH-row chunk (``c_desc``'s
-        box) wholly inside the expert's rows sent by an asynchronous TMA store (columns past N
-        clipped by the descriptor) and the chunk across the expert's end by masked stores;
-        chunks past it skipped. The buffer is reused once this warpgroup's TMA stores of the
-        previous tile have read it: the epilogue does not wait for its global writes."""
-        CH: gl.constexpr = c_desc.block_type.shape[0]
+    def _col_halves(t, HM: gl.constexpr, W: gl.constexpr):
+        """``t [HM, 2·W]`` as its two column halves ``[HM, W]`` (in a wgmma accumulator's
+        layout the half is a register index: no data moves)."""
+        return gl.split(gl.permute(gl.reshape(t, [HM, 2, W]), (0, 2, 1)))
+
+    @gluon.jit
+    def _tma_store_part(v, buf, c_desc, c_ptr, r0, seg_end, col0, N, stride_cm,
+                        HM: gl.constexpr, W: gl.constexpr):
+        """``v [HM, W]`` (a consumer's rows from ``r0``, columns from ``col0``) stored through
+        ``buf``: rows wholly inside the expert's by one asynchronous TMA store (``c_desc``'s
+        ``[HM, W]`` box; columns past N clipped by the descriptor), else -- an expert's last
+        tile -- by masked stores from ``buf``. Each part issues at most one TMA store, and a
+        part without one first waits for all earlier ones, so waiting until at most one store
+        is pending before ``buf`` is overwritten waits for the store that read ``buf`` two
+        parts ago (the consumer alternates between two buffers), not for the last part's."""
         st: gl.constexpr = _store_layout(4)
-        half = c_smem.slice(HALF * HM, HM)
-        tma.store_wait(0)
+        full = r0 + HM <= seg_end
+        if full:
+            tma.store_wait(1)
+        else:
+            tma.store_wait(0)
         _cta_barrier()  # every thread past the wait before any overwrites the buffer
-        half.store(acc.to(c_desc.dtype))
+        buf.store(v.to(c_desc.dtype))
         fence_async_shared()
-        _cta_barrier()  # all rows written (and fenced) before the TMA reads them
-        first = row0 + HALF * HM
-        for c in gl.static_range(HM // CH):
-            r0 = first + c * CH
-            if r0 + CH <= seg_end:
-                _tma_store(c_desc, [r0, pid_n * BN], half.slice(c * CH, CH))
-            elif r0 < seg_end:
-                rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
-                cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-                v = half.slice(c * CH, CH).load(st)
-                gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], v,
-                         mask=(rows < seg_end)[:, None] & (cols < N)[None, :])
+        _cta_barrier()  # all rows written (and fenced) before they are read
+        if full:
+            _tma_store(c_desc, [r0, col0], buf)
+        elif r0 < seg_end:
+            rows = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
+            cols = col0 + gl.arange(0, W, layout=gl.SliceLayout(0, st))
+            gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :],
+                     buf.load(st), mask=(rows < seg_end)[:, None] & (cols < N)[None, :])
+
+    @gluon.jit
+    def _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N, stride_cm,
+                        HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
+                        PARTS: gl.constexpr):
+        """A consumer's rows of a plain tile stored through shared memory. ``PARTS`` 1: its
+        ``[HM, BN]`` half of ``c_smem`` written from the accumulator, then each CH-row chunk
+        (``c_desc``'s box) wholly inside the expert's rows sent by an asynchronous TMA store
+        (columns past N clipped by the descriptor) and the chunk across the expert's end by
+        masked stores; chunks past it skipped. The buffer is reused once this warpgroup's TMA
+        stores of the previous tile have read it: the epilogue does not wait for its global
+        writes. ``PARTS`` 2 or 4: the accumulator in that many column parts, in turn through
+        this consumer's two ``[HM, BN/PARTS]`` buffers of ``c_smem`` (``_tma_store_part``:
+        a quarter of the shared memory of one, so that the ring keeps its slots)."""
+        if PARTS > 1:
+            W: gl.constexpr = BN // PARTS
+            r0 = row0 + HALF * HM
+            col0 = pid_n * BN
+            lo, hi = _col_halves(acc, HM, BN // 2)
+            if PARTS == 2:
+                _tma_store_part(lo, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end, col0,
+                                N, stride_cm, HM, W)
+                _tma_store_part(hi, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
+                                col0 + W, N, stride_cm, HM, W)
+            else:
+                gl.static_assert(PARTS == 4, "PARTS: 1, 2 or 4")
+                q0, q1 = _col_halves(lo, HM, W)
+                q2, q3 = _col_halves(hi, HM, W)
+                _tma_store_part(q0, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end, col0,
+                                N, stride_cm, HM, W)
+                _tma_store_part(q1, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
+                                col0 + W, N, stride_cm, HM, W)
+                _tma_store_part(q2, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end,
+                                col0 + 2 * W, N, stride_cm, HM, W)
+                _tma_store_part(q3, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
+                                col0 + 3 * W, N, stride_cm, HM, W)
+        else:
+            CH: gl.constexpr = c_desc.block_type.shape[0]
+            st: gl.constexpr = _store_layout(4)
+            half = c_smem.slice(HALF * HM, HM)
+            tma.store_wait(0)
+            _cta_barrier()  # every thread past the wait before any overwrites the buffer
+            half.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            _cta_barrier()  # all rows written (and fenced) before the TMA reads them
+            first = row0 + HALF * HM
+            for c in gl.static_range(HM // CH):
+                r0 = first + c * CH
+                if r0 + CH <= seg_end:
+                    _tma_store(c_desc, [r0, pid_n * BN], half.slice(c * CH, CH))
+                elif r0 < seg_end:
+                    rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
+                    cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+                    v = half.slice(c * CH, CH).load(st)
+                    gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], v,
+                             mask=(rows < seg_end)[:, None] & (cols < N)[None, :])
 
     @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready, info_empty,
@@ -724,7 +785,7 @@ if _HAVE_GLUON:
                                      h.to(c_ptr.dtype.element_ty), mask=cmask)
                     elif TMA_STORE:
                         _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N,
-                                        stride_cm, HALF, HM, BN)
+                                        stride_cm, HALF, HM, BN, TMA_STORE)
                     else:
                         out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
                         gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :], out,
@@ -815,8 +876,11 @@ if _HAVE_GLUON:
             pre_bufs = gl.allocate_shared_memory(gl.float32, [2, 4], plain)
             dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
             w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
-        if TMA_STORE:  # the output tile on its way out (else a token allocation)
+        if TMA_STORE == 1:  # the output tile on its way out (else a token allocation)
             c_smem = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
+        elif TMA_STORE > 1:  # two buffers per consumer of one column part of its rows
+            c_smem = gl.allocate_shared_memory(c_desc.dtype, [4, BM // 2, BN // TMA_STORE],
+                                               c_desc.layout)
         else:
             c_smem = gl.allocate_shared_memory(gl.float32, [4], plain)
         pre_ready = gl.allocate_shared_memory(gl.int64, [CTAS], _bar_layout(CTAS))
@@ -964,8 +1028,11 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         return
     nb = n if nb is None else nb
     out = c if c is not None else pre
-    # the output's TMA stores (16-bit, plain epilogue, ``cfg["TMA_STORE"]``): CH-row boxes
-    tma_store = (bool(cfg.get("TMA_STORE", False)) and not scaled and epi == Epilogue.STORE
+    # the output's TMA stores (16-bit, plain epilogue, ``cfg["TMA_STORE"]``): 1 (True) the
+    # whole tile staged, CH-row boxes; 2 or 4: in that many column parts through two buffers
+    # per consumer, one [BM/2, BN/parts] box each
+    parts = int(cfg.get("TMA_STORE", 0))
+    tma_store = (parts > 0 and not scaled and epi == Epilogue.STORE
                  and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
                  and out.data_ptr() % 16 == 0)
     # the consumers on whole tiles in turn (``cfg["PINGPONG"]``): 16-bit, one accumulator, the
@@ -1000,7 +1067,8 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     pre = out if pre is None else pre
     hw = out if hw is None else hw
     dummy = meta.counts
-    c_desc = (TensorDescriptor.from_tensor(out, [16, bn], _nvmma_layout(16, bn, out.dtype))
+    box = [16, bn] if parts == 1 else [bm // 2, bn // max(parts, 1)]
+    c_desc = (TensorDescriptor.from_tensor(out, box, _nvmma_layout(*box, out.dtype))
               if tma_store else None)
     # without the fused dh' epilogue pre_desc is unused, without TMA_STORE c_desc: b_desc
     # stands in for them
@@ -1018,7 +1086,8 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         INFO=cfg["INFO"], EPI=int(epi), GATED=gated, ACT=int(act), SCALED=scaled,
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=tma_store, PINGPONG=pingpong, CN=cn, CM=cm,
+        MMA_REGS=cfg["MMA_REGS"], TMA_STORE=parts if tma_store else 0, PINGPONG=pingpong,
+        CN=cn, CM=cm,
         num_warps=4, num_ctas=cn * cm, maxnreg=cfg["MAXNREG"])
     if cn * cm > 1 and kernel is not None:
         _note_cluster_capacity(out.device, kernel, cn * cm)

@@ -129,6 +129,12 @@ class Tuning:
 # default: on the H200 GEMM2 −4% on fine_30b, dx and dh' slower; benchmarks/NOTES.md, session
 # 33): the consumers on whole 128 x 128 tiles in turn, 5 ring slots
 GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5)
+# the plain epilogue of the 16-bit row-grouped GEMMs (GEMM2, dx, the split form's dh') by
+# asynchronous TMA stores of four column parts of each consumer's rows through two 8 KB buffers
+# per consumer (``gluon_gemm._tma_store_part``), the ring keeping its 4 slots (``TMA_STORE``
+# True stages the whole tile and leaves room for 3). Prepared, not a default: not yet run on a
+# GPU (benchmarks/NOTES.md, session 35)
+GLUON_BF16_TMA_PARTS = dict(TMA_STORE=4)
 # the 16-bit row-grouped GEMMs launched as clusters of two CTAs, the operand both CTAs need
 # loaded once for both by TMA multicast (``gluon_gemm._grouped_mm_ws``'s ``CN`` / ``CM``;
 # Triton >= 3.8): GEMM2 and dx (A by TMA) along the columns, each CTA ``BN`` of a tile's 2·BN
