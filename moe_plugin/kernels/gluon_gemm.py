@@ -558,31 +558,25 @@ if _HAVE_GLUON:
         (columns past N clipped by the descriptor) and the chunk across the expert's end by
         masked stores; chunks past it skipped. The buffer is reused once this warpgroup's TMA
         stores of the previous tile have read it: the epilogue does not wait for its global
-        writes. ``PARTS`` 2 or 4: the accumulator in that many column parts, in turn through
-        this consumer's two ``[HM, BN/PARTS]`` buffers of ``c_smem`` (``_tma_store_part``:
-        a quarter of the shared memory of one, so that the ring keeps its slots)."""
+        writes. ``PARTS`` 4: the accumulator in four column parts, in turn through this
+        consumer's two ``[HM, BN/4]`` buffers of ``c_smem`` (``_tma_store_part``: a quarter of
+        the whole tile's shared memory, so that the ring keeps its slots)."""
         if PARTS > 1:
             W: gl.constexpr = BN // PARTS
             r0 = row0 + HALF * HM
             col0 = pid_n * BN
+            gl.static_assert(PARTS == 4, "TMA_STORE: 0, 1 (the whole tile) or 4 (parts)")
             lo, hi = _col_halves(acc, HM, BN // 2)
-            if PARTS == 2:
-                _tma_store_part(lo, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end, col0,
-                                N, stride_cm, HM, W)
-                _tma_store_part(hi, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
-                                col0 + W, N, stride_cm, HM, W)
-            else:
-                gl.static_assert(PARTS == 4, "PARTS: 1, 2 or 4")
-                q0, q1 = _col_halves(lo, HM, W)
-                q2, q3 = _col_halves(hi, HM, W)
-                _tma_store_part(q0, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end, col0,
-                                N, stride_cm, HM, W)
-                _tma_store_part(q1, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
-                                col0 + W, N, stride_cm, HM, W)
-                _tma_store_part(q2, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end,
-                                col0 + 2 * W, N, stride_cm, HM, W)
-                _tma_store_part(q3, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
-                                col0 + 3 * W, N, stride_cm, HM, W)
+            q0, q1 = _col_halves(lo, HM, W)
+            q2, q3 = _col_halves(hi, HM, W)
+            _tma_store_part(q0, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end, col0, N,
+                            stride_cm, HM, W)
+            _tma_store_part(q1, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
+                            col0 + W, N, stride_cm, HM, W)
+            _tma_store_part(q2, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end,
+                            col0 + 2 * W, N, stride_cm, HM, W)
+            _tma_store_part(q3, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
+                            col0 + 3 * W, N, stride_cm, HM, W)
         else:
             CH: gl.constexpr = c_desc.block_type.shape[0]
             st: gl.constexpr = _store_layout(4)
@@ -878,7 +872,7 @@ if _HAVE_GLUON:
             w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
         if TMA_STORE == 1:  # the output tile on its way out (else a token allocation)
             c_smem = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
-        elif TMA_STORE > 1:  # two buffers per consumer of one column part of its rows
+        elif TMA_STORE == 4:  # two buffers per consumer of one column part of its rows
             c_smem = gl.allocate_shared_memory(c_desc.dtype, [4, BM // 2, BN // TMA_STORE],
                                                c_desc.layout)
         else:
@@ -1029,8 +1023,8 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     nb = n if nb is None else nb
     out = c if c is not None else pre
     # the output's TMA stores (16-bit, plain epilogue, ``cfg["TMA_STORE"]``): 1 (True) the
-    # whole tile staged, CH-row boxes; 2 or 4: in that many column parts through two buffers
-    # per consumer, one [BM/2, BN/parts] box each
+    # whole tile staged, CH-row boxes; 4: in four column parts through two buffers per
+    # consumer, one [BM/2, BN/4] box each
     parts = int(cfg.get("TMA_STORE", 0))
     tma_store = (parts > 0 and not scaled and epi == Epilogue.STORE
                  and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
