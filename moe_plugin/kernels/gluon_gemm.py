@@ -1061,9 +1061,10 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     pre = out if pre is None else pre
     hw = out if hw is None else hw
     dummy = meta.counts
-    box = [16, bn] if parts == 1 else [bm // 2, bn // max(parts, 1)]
-    c_desc = (TensorDescriptor.from_tensor(out, box, _nvmma_layout(*box, out.dtype))
-              if tma_store else None)
+    c_desc = None
+    if tma_store:
+        box = [16, bn] if parts == 1 else [bm // 2, bn // parts]
+        c_desc = TensorDescriptor.from_tensor(out, box, _nvmma_layout(*box, out.dtype))
     # without the fused dh' epilogue pre_desc is unused, without TMA_STORE c_desc: b_desc
     # stands in for them
     grid = (_programs(tune, num_tiles, out.device, cn * cm),)

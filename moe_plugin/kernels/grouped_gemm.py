@@ -52,7 +52,7 @@ from .activation import act_bwd_store, act_fwd
 from .codes import (ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_FWD, EPI_STORE, QUANT_FP8, QUANT_INT8,
                     Accum, Epilogue, Quant)
 from .common import cdiv, interpret_mode, next_pow2
-from .permute import PermuteMeta
+from .permute import PermuteMeta, check_operands
 from .quantize import QTensor, to_e4m3
 
 
@@ -582,30 +582,6 @@ def _launch_segment(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
 # ----------------------------------------------------------------------------------------------
 # The expert GEMMs of the forward and backward passes (shapes: S = N·k slots, D, F, E)
 
-def check_operands(fn: str, meta: PermuteMeta, tokens=(), slots=(), widths=(), experts=()):
-    """Raises ``ValueError`` naming the argument of ``fn`` whose shape does not fit ``meta``
-    or the other operands; the kernels index rows and columns from ``meta`` and these shapes,
-    so a mismatch would read or write out of bounds. ``tokens``: ``(name, t)`` read as token
-    rows (N = S / k rows); ``slots``: one row per slot in expert order (S rows); ``widths``:
-    ``(name, t, dim, size, what)``, ``t.shape[dim]`` must be ``size`` (``what`` says which);
-    ``experts``: ``(name, t)`` with one entry per expert in dim 0. ``QTensor`` operands by
-    their values' shape."""
-    S = meta.sorted_slot.numel()
-    for rows, group, kind in ((S // max(meta.top_k, 1), tokens, "token"),
-                              (S, slots, "slot (expert-order)")):
-        for name, t in group:
-            if len(t.shape) != 2 or t.shape[0] != rows:
-                raise ValueError(f"{fn}: {name} must be [{rows}, *] (one row per {kind} of "
-                                 f"the routing metadata), got {tuple(t.shape)}")
-    for name, t in experts:
-        if t.shape[0] != meta.num_experts:
-            raise ValueError(f"{fn}: {name} must have {meta.num_experts} experts in dim 0, "
-                             f"got {tuple(t.shape)}")
-    for name, t, dim, size, what in widths:
-        if t.shape[dim] != size:
-            raise ValueError(f"{fn}: {name}.shape[{dim}] must be {size} ({what}), got "
-                             f"{tuple(t.shape)}")
-
 def _operands(a, w, w_transposed: bool, out_dtype=None):
     """``(a values, a scales, W values, W scales, W-scale strides (expert, k, n), mode,
     output dtype)`` for a row-grouped GEMM with B = W[e]ᵀ (``w_transposed``: k runs along W's
@@ -738,10 +714,8 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
                    experts=(("w_down", w_down),),
                    widths=(("w_down", w_down, 1, dout.shape[-1], "dout's width D"),
                            ("pre", pre, 1, w_down.shape[2] * (2 if gated else 1),
-                            "w_down's width F" + (", twice: gated" if gated else ""))))
-    if topk_weights.numel() != meta.sorted_slot.numel():
-        raise ValueError(f"expert_up_bwd: topk_weights must have one weight per slot "
-                         f"({meta.sorted_slot.numel()}), got {tuple(topk_weights.shape)}")
+                            "w_down's width F" + (", twice: gated" if gated else ""))),
+                   per_slot=(("topk_weights", topk_weights),))
     a, sa, w, sb, stride_sb, quant, _ = _operands(dout, w_down, False)
     S = pre.shape[0]
     f = w.shape[2]

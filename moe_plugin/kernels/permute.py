@@ -42,6 +42,37 @@ class PermuteMeta:
         return cls(*tensors, num_experts=num_experts, top_k=top_k)
 
 
+def check_operands(fn: str, meta: PermuteMeta, tokens=(), slots=(), widths=(), experts=(),
+                   per_slot=()):
+    """Raises ``ValueError`` naming the argument of ``fn`` whose shape does not fit ``meta``
+    or the other operands; the kernels index rows and columns from ``meta`` and these shapes,
+    so a mismatch would read or write out of bounds. ``tokens``: ``(name, t)`` read as token
+    rows (N = S / k rows); ``slots``: one row per slot in expert order (S rows); ``widths``:
+    ``(name, t, dim, size, what)``, ``t.shape[dim]`` must be ``size`` (``what`` says which);
+    ``experts``: ``(name, t)`` with one entry per expert in dim 0; ``per_slot``: ``(name, t)``
+    with one element per slot (routing weights, any shape). ``QTensor`` operands by their
+    values' shape."""
+    S = meta.sorted_slot.numel()
+    for rows, group, kind in ((S // max(meta.top_k, 1), tokens, "token"),
+                              (S, slots, "slot (expert-order)")):
+        for name, t in group:
+            if len(t.shape) != 2 or t.shape[0] != rows:
+                raise ValueError(f"{fn}: {name} must be [{rows}, *] (one row per {kind} of "
+                                 f"the routing metadata), got {tuple(t.shape)}")
+    for name, t in experts:
+        if t.shape[0] != meta.num_experts:
+            raise ValueError(f"{fn}: {name} must have {meta.num_experts} experts in dim 0, "
+                             f"got {tuple(t.shape)}")
+    for name, t, dim, size, what in widths:
+        if t.shape[dim] != size:
+            raise ValueError(f"{fn}: {name}.shape[{dim}] must be {size} ({what}), got "
+                             f"{tuple(t.shape)}")
+    for name, t in per_slot:
+        if t.numel() != S:
+            raise ValueError(f"{fn}: {name} must have one weight per slot ({S}), got "
+                             f"{tuple(t.shape)}")
+
+
 @triton.jit
 def _hist_kernel(ids_ptr, hist_ptr, S, E, NB, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
@@ -166,9 +197,8 @@ def gather_reduce(y: torch.Tensor, meta: PermuteMeta, weights=None, out_dtype=No
     if out.stride(1) != 1 or tuple(out.shape) != (n, D):
         raise ValueError(f"gather_reduce: out must be [{n}, {D}] with unit column stride, got "
                          f"shape {tuple(out.shape)}, strides {tuple(out.stride())}")
-    if weights is not None and weights.numel() != n * k:
-        raise ValueError(f"gather_reduce: weights must have one weight per slot ({n * k}), "
-                         f"got {tuple(weights.shape)}")
+    if weights is not None:
+        check_operands("gather_reduce", meta, per_slot=(("weights", weights),))
     bt, bd = (16, 32) if interpret_mode() else (16, min(256, next_pow2(D)))
     w = weights.contiguous() if weights is not None else y
     _gather_reduce_kernel[(cdiv(n, bt), cdiv(D, bd))](

@@ -218,12 +218,13 @@ def _rows_per_program(block_e: int, block_k: int = 1) -> int:
     return max(1, min(64, 4096 // (block_e * block_k)))
 
 
-def _fp32_logits(fn: str, logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` checked (2-D fp32) with unit column stride (the kernels index rows only)."""
-    if logits.dim() != 2 or logits.dtype != torch.float32:
-        raise ValueError(f"{fn}: logits must be a 2-D float32 tensor [N, E], got "
-                         f"{logits.dtype} {tuple(logits.shape)}")
-    return logits if logits.stride(1) == 1 else logits.contiguous()
+def _fp32_2d(fn: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` checked (2-D fp32) with unit column stride (the kernels index its rows by their
+    stride, its columns as contiguous)."""
+    if t.dim() != 2 or t.dtype != torch.float32:
+        raise ValueError(f"{fn}: {name} must be a 2-D float32 tensor, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    return t if t.stride(1) == 1 else t.contiguous()
 
 
 def route_forward(logits: torch.Tensor, top_k: int, *, score_func: str, renormalize: bool,
@@ -232,12 +233,24 @@ def route_forward(logits: torch.Tensor, top_k: int, *, score_func: str, renormal
     """Fused routing forward on fp32 logits ``[N, E]``.
 
     Returns ``(topk_ids int32 [N, k], topk_weights fp32 [N, k], aux_colsum fp32 [E] | None,
-    aux_counts int32 [E] | None, lse fp32 [N] | None)``."""
+    aux_counts int32 [E] | None, lse fp32 [N] | None)``. The routing arguments are checked
+    with the public API's rules (``config.check_router_args``)."""
     from ..config import check_router_args  # (config imports this package)
-    logits = _fp32_logits("route_forward", logits)
+    logits = _fp32_2d("route_forward", "logits", logits)
+    check_router_args(logits.shape[1], top_k, score_func, renormalize, expert_bias, num_groups,
+                      group_topk, scaling_factor, logits.device)
+    return _route_forward(logits, top_k, score_func=score_func, renormalize=renormalize,
+                          expert_bias=expert_bias, num_groups=num_groups,
+                          group_topk=group_topk, scaling_factor=scaling_factor,
+                          need_aux=need_aux, need_lse=need_lse)
+
+
+def _route_forward(logits, top_k, *, score_func, renormalize, expert_bias, num_groups,
+                   group_topk, scaling_factor, need_aux, need_lse):
+    """``route_forward`` with its routing arguments already checked (``fused_moe``,
+    ``MoELayer`` and the Megatron layer check them once per call, before the router op)."""
+    logits = _fp32_2d("route_forward", "logits", logits)
     n, e = logits.shape
-    check_router_args(e, top_k, score_func, renormalize, expert_bias, num_groups, group_topk,
-                      scaling_factor, logits.device)
     dev = logits.device
     g = num_groups or 1
     eg = e // g
@@ -274,7 +287,7 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
 
     ``d_weights`` [N, k] (grad of topk_weights), ``d_colsum`` [E] (grad of the aux score column
     sums) and ``d_lse`` [N] (grad of the per-row logsumexp) may each be None (zero)."""
-    logits = _fp32_logits("route_backward", logits)
+    logits = _fp32_2d("route_backward", "logits", logits)
     n, e = logits.shape
     if topk_ids.dim() != 2 or topk_ids.shape[0] != n:
         raise ValueError(f"route_backward: topk_ids must be [{n}, k] (one row per row of "
@@ -325,11 +338,9 @@ def _split_bf16_kernel(t_ptr, out_ptr, n_elem, E, PARTS: tl.constexpr, BLOCK: tl
 def split_bf16_pieces(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
     """``t`` (fp32 ``[N, E]``) as ``parts`` bf16 pieces side by side, ``[N, parts·E]``
     (``autograd.router.split_bf16``'s result) in one pass: one read of ``t``, one write."""
-    if t.dim() != 2 or t.dtype != torch.float32:
-        raise ValueError(f"t: expected a 2-D fp32 tensor, got {t.dtype} {tuple(t.shape)}")
+    t = _fp32_2d("split_bf16_pieces", "t", t).contiguous()  # (flat offsets)
     if parts < 1:
         raise ValueError(f"parts: expected at least 1, got {parts}")
-    t = t.contiguous()
     n, e = t.shape
     out = torch.empty(n, parts * e, dtype=torch.bfloat16, device=t.device)
     if t.numel():
@@ -350,7 +361,7 @@ def route_fwd(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, score
     """Returns ``[topk_ids int32 [N, k], topk_weights fp32 [N, k], aux_colsum [E] | [0],
     aux_counts int32 [E] | [0], lse [N] | [0]]``. ``expert_bias`` empty = none;
     ``num_groups`` 0 = not group-limited."""
-    ids, w, colsum, cnt, lse = route_forward(
+    ids, w, colsum, cnt, lse = _route_forward(
         logits, top_k, score_func=score_func, renormalize=renormalize,
         expert_bias=expert_bias if expert_bias.numel() else None,
         num_groups=num_groups or None, group_topk=group_topk or None,

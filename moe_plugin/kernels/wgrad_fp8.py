@@ -36,7 +36,7 @@ from . import grouped_gemm as G
 from . import tuning
 from .codes import QUANT_FP8, Accum
 from .common import cdiv, interpret_mode, next_pow2
-from .permute import PermuteMeta
+from .permute import PermuteMeta, check_operands
 from .quantize import GROUP, to_e4m3
 
 
@@ -157,8 +157,8 @@ def wgrad_fp8(kind: str, a, a_gather: bool, b, b_gather: bool, meta: PermuteMeta
     ``names``: a's and b's names in shape errors (the caller's arguments)."""
     tune = tune or tuning.current()
     ops = tuple(zip(names, (a, b), (a_gather, b_gather)))
-    G.check_operands(kind, meta, tokens=tuple((n, t) for n, t, g in ops if g),
-                     slots=tuple((n, t) for n, t, g in ops if not g))
+    check_operands(kind, meta, tokens=tuple((n, t) for n, t, g in ops if g),
+                   slots=tuple((n, t) for n, t, g in ops if not g))
     mo, no = a.shape[1], b.shape[1]
     dw, accumulate = G.wgrad_out((meta.num_experts, mo, no), b, out)
     qa, sa = quantize_cols_grouped(a, meta, a_gather, tune)
