@@ -346,8 +346,9 @@ def test_expert_biases_torch_backend(seed):
 
 def test_backward_frees_pre_and_hw_early(monkeypatch):
     """The backward frees the saved pre-activation as soon as the activation backward has used
-    it (before the dx GEMM's ``[S, D]`` buffer) and ``hw`` once dW_down is computed (dW_up's buffer can take their memory); a second backward
-    through the same graph (``retain_graph``) recomputes pre and gives the same gradients."""
+    it (before the dx GEMM's ``[S, D]`` buffer) and ``hw`` once dW_down is computed (dW_up's
+    buffer can take their memory); a second backward through the same graph
+    (``retain_graph``) recomputes pre and gives the same gradients."""
     from moe_plugin.kernels import expert_stages
     calls, pre_at_dx = [], []
     orig = expert_stages.experts_backward_weight
@@ -380,10 +381,10 @@ def test_backward_frees_pre_and_hw_early(monkeypatch):
 
 def test_stage_ops_called_directly_equal_the_dispatched_ops(monkeypatch):
     """``eager.direct``: in eager mode the stage ops (forward, the backward data part's two,
-    both weight gradients) run their function without PyTorch's dispatcher (whose handling of an op that
-    mutates an argument costs ~150 µs of host time a call); the output and gradients are
-    bitwise those of the dispatched ops, and the mutated ``main_grad`` buffers' version
-    counters move as the ops' move them. Under a dispatch mode (fake tensors: what
+    both weight gradients) run their function without PyTorch's dispatcher (whose handling of
+    an op that mutates an argument costs ~150 µs of host time a call); the output and
+    gradients are bitwise those of the dispatched ops, and the mutated ``main_grad`` buffers'
+    version counters move as the ops' move them. Under a dispatch mode (fake tensors: what
     ``torch.compile`` traces with), a ``torch.func`` transform or with grad mode on the op is
     dispatched."""
     from moe_plugin.autograd.experts import ACCUMULATE_WGRAD_ATTR

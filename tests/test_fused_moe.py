@@ -367,7 +367,7 @@ def test_router_logits_shared_input(uses):
         assert_close(w.grad, gl.double().t() @ x.detach().double(), 1e-6, "dW")
 
 
-def test_router_alias_only_when_x_needs_a_gradient():
+def test_router_alias_only_when_x_needs_a_gradient(monkeypatch):
     """``fused_moe`` hands the experts the router's input alias only when ``x`` has a
     gradient: with a gradient for the gate weight alone the experts compute no dx (their
     input does not require one)."""
@@ -383,12 +383,11 @@ def test_router_alias_only_when_x_needs_a_gradient():
     gate = torch.randn(8, 32, generator=g).requires_grad_()
     w_up = torch.randn(8, 48, 32, generator=g) * 0.1
     w_down = torch.randn(8, 32, 24, generator=g) * 0.1
-    import unittest.mock as mock
-    with mock.patch.object(expert_stages, "experts_backward_dx", spy):
-        out, _ = fused_moe(x, gate, w_up, w_down, 2, backend="triton")
-        out.sum().backward()
-        assert gate.grad is not None and not seen
-        xg = x.clone().requires_grad_()
-        out, _ = fused_moe(xg, gate, w_up, w_down, 2, backend="triton")
-        out.sum().backward()
-        assert seen and xg.grad is not None
+    monkeypatch.setattr(expert_stages, "experts_backward_dx", spy)
+    out, _ = fused_moe(x, gate, w_up, w_down, 2, backend="triton")
+    out.sum().backward()
+    assert gate.grad is not None and not seen
+    xg = x.clone().requires_grad_()
+    out, _ = fused_moe(xg, gate, w_up, w_down, 2, backend="triton")
+    out.sum().backward()
+    assert seen and xg.grad is not None
