@@ -451,3 +451,38 @@ def test_split_bf16_kernel_equals_torch(shape):
     assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
     with pytest.raises(ValueError, match="parts"):
         split_bf16_pieces(t.to(DEVICE), 0)
+
+
+def test_pieces_dx_sums_pieces_and_c():
+    """``routing.pieces_dx`` (the router's split-form dx with the experts' dx added): ``c +
+    Σ_i piece_i · W`` in one fp32 accumulator, within fp32 summation's error bound of the
+    exact sum, for widths off the tile sizes (E 40: a partial k-step; D 45, N 37: partial
+    tiles); with ``c`` absent, fp32 operands, one piece; bad shapes named."""
+    from moe_plugin.kernels.routing import pieces_dx, split_bf16_pieces
+    g = torch.Generator().manual_seed(7)
+    n, e, d = 37, 40, 45
+    dl = torch.randn(n, e, generator=g) * torch.logspace(-4, 2, e)
+    w = torch.randn(e, d, generator=g).to(torch.bfloat16)
+    c = torch.randn(n, d, generator=g)
+    p3 = split_bf16_pieces(dl.to(DEVICE), 3)
+    got = pieces_dx(p3, w.to(DEVICE), c.to(DEVICE)).cpu()
+    assert got.dtype == torch.float32 and got.shape == (n, d)
+    p3d, wd = p3.cpu().double(), w.double()
+    exact = c.double() + sum(p3d[:, i * e:(i + 1) * e] @ wd for i in range(3))
+    bound = c.double().abs() + sum(p3d[:, i * e:(i + 1) * e].abs() @ wd.abs() for i in range(3))
+    assert ((got.double() - exact).abs() <= (3 * e + 1) * 2.0 ** -24 * bound).all()
+    # the pieces carry the fp32 dlogits: the result is dlogits · W to fp32 accuracy
+    bound1 = c.double().abs() + dl.double().abs() @ wd.abs()
+    assert ((got.double() - c.double() - dl.double() @ wd).abs()
+            <= (3 * e + 1) * 2.0 ** -24 * bound1).all()
+    wf = w.float()
+    got1 = pieces_dx(dl.to(DEVICE), wf.to(DEVICE)).cpu()
+    exact1 = dl.double() @ wf.double()
+    assert ((got1.double() - exact1).abs()
+            <= e * 2.0 ** -24 * (dl.double().abs() @ wf.double().abs())).all()
+    with pytest.raises(ValueError, match="c must be"):
+        pieces_dx(p3, w.to(DEVICE), c[:, :-1].to(DEVICE))
+    with pytest.raises(ValueError, match="pieces must be"):
+        pieces_dx(p3[:, :-1], w.to(DEVICE))
+    with pytest.raises(ValueError, match="one dtype"):
+        pieces_dx(p3, wf.to(DEVICE))

@@ -30,13 +30,13 @@ class RouterLogitsFunction(torch.autograd.Function):
     (no fp32 copy of x). Saves ``x`` and ``gate_weight`` (inputs, no copies). Backward: two
     GEMMs with fp32 accumulation. For bf16 on CUDA (``tuning.current().router_split_bwd``)
     they run on the tensor cores: the fp32 ``dlogits`` split into three bf16 pieces
-    (``split_bf16``), ``dx = [d1 d2 d3] · [W; W; W]`` and ``dW = Σ_i d_iᵀ · x``, neither x nor
-    W copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32.
+    (``split_bf16``), ``dx = Σ_i d_i · W`` (``routing.pieces_dx``) and ``dW = Σ_i d_iᵀ · x``,
+    neither x nor W copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32.
 
     ``share_input=True``: also returns ``x`` again (an alias) for the layer's other uses of
     the router input (the experts). Its gradient then reaches this backward, which adds the
-    router's ``dlogits · W`` to it inside the GEMM (``addmm``: one rounding, no separate
-    ``[N, D]`` gradient for autograd to add)."""
+    router's ``dlogits · W`` to it inside the GEMM (one rounding of the fp32 sum in the split
+    form, no separate ``[N, D]`` gradient for autograd to add)."""
 
     @staticmethod
     def forward(ctx, x, gate_weight, share_input=False):
@@ -59,11 +59,9 @@ class RouterLogitsFunction(torch.autograd.Function):
                 and tuning.current().router_split_bwd):
             d3 = split_bf16(dlogits.float())
             if need_dx:
-                # bf16 out: one rounding of the fp32 accumulator (plus the alias's gradient),
-                # no fp32 [N, D] in memory
-                w3 = w.repeat(3, 1)
-                dx = (torch.mm(d3, w3) if dx_other is None
-                      else torch.addmm(dx_other, d3, w3))
+                # bf16 out: one rounding of the fp32 accumulator plus the alias's gradient, no
+                # fp32 [N, D] in memory
+                dx = routing.pieces_dx_op(d3, w, dx_other)
             if need_dw:
                 e = w.shape[0]
                 dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)

@@ -70,7 +70,7 @@ def expert_of_tile(tile_m, counts_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constexp
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
+def dot_acc(a, b, acc, IEEE: tl.constexpr):
     if IEEE:  # fp32 operands; under the interpreter also 16-bit ones, whose tl.dot the
         # Triton 3.9 interpreter gets wrong: upcast (exact), accumulate in fp32
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -82,13 +82,13 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def mma_step(a, b, acc, sa, sb, QUANT: tl.constexpr, IEEE: tl.constexpr):
     """One k-step ``acc += a · b`` of the row-grouped kernel: fp8 with the step's scales of A's
     rows (``sa``) and B's columns (``sb``) applied to the partial product, int8 in int32, else
-    in fp32 (``_dot``)."""
+    in fp32 (``dot_acc``)."""
     if QUANT == QUANT_FP8:
         return acc + tl.dot(a, b) * (sa[:, None] * sb[None, :])
     elif QUANT == QUANT_INT8:
         return tl.dot(a, b, acc, out_dtype=tl.int32)
     else:
-        return _dot(a, b, acc, IEEE)
+        return dot_acc(a, b, acc, IEEE)
 
 
 @triton.jit
@@ -350,7 +350,7 @@ def _segment_mm_kernel(
                     mask=pmask[:, None] & mmask[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                     mask=pmask[:, None] & nmask[None, :], other=0.0)
-        acc = _dot(tl.trans(a), b, acc, IEEE)
+        acc = dot_acc(tl.trans(a), b, acc, IEEE)
     store_wgrad(acc, c_ptr, e, offs_m, offs_n, mmask, nmask, cnt, stride_ce, stride_cm,
                  stride_cn, ACCUM)
 
@@ -474,7 +474,7 @@ def _seg_config(tune: tuning.Tuning, kind: str, dtype: torch.dtype) -> dict:
 
 def _ieee(dtype: torch.dtype) -> bool:
     """The kernels' ``IEEE`` flag: fp32 operands, and under the interpreter every dtype
-    (``_dot`` upcasts there: the interpreter's 16-bit ``tl.dot`` is wrong)."""
+    (``dot_acc`` upcasts there: the interpreter's 16-bit ``tl.dot`` is wrong)."""
     return dtype == torch.float32 or interpret_mode()
 
 

@@ -12,16 +12,18 @@ score distribution and the per-expert counts of the aux top-k (partials ``[progr
 summed afterwards: no atomics, so results are deterministic), and per row the logsumexp of
 the logits for the z-loss.
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from . import eager
+from . import tuning
 from .activation import sigmoid
 from .codes import SCORE_SOFTMAX, Score
-from .common import cdiv, next_pow2
+from .common import cdiv, interpret_mode, next_pow2
+from .grouped_gemm import dot_acc
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _BIG = tl.constexpr(2 ** 30)
@@ -350,6 +352,71 @@ def split_bf16_pieces(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w, stride_c,
+                      stride_o, PARTS: tl.constexpr, HAS_C: tl.constexpr, IEEE: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``out [N, D] = C + Σ_i piece_i · W``: ``pieces [N, PARTS·E]`` (piece i in columns
+    ``[i·E, (i+1)·E)``), ``W [E, D]``; one fp32 accumulator, C added to it, one rounding to
+    out's dtype. The column tiles of a row tile are consecutive programs (its pieces read
+    from L2)."""
+    n_col = tl.cdiv(D, BN)
+    pid = tl.program_id(0)
+    rm = (pid // n_col).to(tl.int64) * BM + tl.arange(0, BM)
+    rn = (pid % n_col) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    row_ok = rm[:, None] < N
+    col_ok = rn[None, :] < D
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, E, BK):
+        kk = k0 + rk
+        b = tl.load(w_ptr + kk[:, None] * stride_w + rn[None, :],
+                    mask=(kk[:, None] < E) & col_ok, other=0.0)
+        for i in tl.static_range(PARTS):
+            a = tl.load(p_ptr + rm[:, None] * stride_p + (i * E + kk)[None, :],
+                        mask=row_ok & (kk[None, :] < E), other=0.0)
+            acc = dot_acc(a, b, acc, IEEE)
+    mask = row_ok & col_ok
+    if HAS_C:
+        acc += tl.load(c_ptr + rm[:, None] * stride_c + rn[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
+    """``c + Σ_i piece_i · w`` (``[N, D]``, c's dtype, else w's) for ``pieces [N, P·E]``
+    (``split_bf16_pieces``'s P pieces of an fp32 ``[N, E]``) and ``w [E, D]``: the P products
+    and ``c`` summed in one fp32 accumulator and rounded once, the router logits' dx with the
+    experts' dx (``c``) added (``torch.addmm`` with a 16-bit ``c`` gives no such promise)."""
+    fn = "pieces_dx"
+    if pieces.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"{fn}: pieces and w must be 2-D, got {tuple(pieces.shape)} and "
+                         f"{tuple(w.shape)}")
+    n, pe = pieces.shape
+    e, d = w.shape
+    if e == 0 or pe % e:
+        raise ValueError(f"{fn}: pieces must be [N, P·E] for w [E, D] = {tuple(w.shape)}, got "
+                         f"{tuple(pieces.shape)}")
+    if pieces.dtype != w.dtype:
+        raise ValueError(f"{fn}: pieces and w must have one dtype, got {pieces.dtype} and "
+                         f"{w.dtype}")
+    if c is not None and tuple(c.shape) != (n, d):
+        raise ValueError(f"{fn}: c must be [{n}, {d}], got {tuple(c.shape)}")
+    pieces = pieces.contiguous()
+    w = w.contiguous()
+    c = c.contiguous() if c is not None else None
+    out = torch.empty(n, d, dtype=c.dtype if c is not None else w.dtype, device=w.device)
+    if out.numel():
+        bm, bn, bk, warps = (16, 32, 32, 4) if interpret_mode() else tuning.current().pieces_dx_block
+        _pieces_dx_kernel[(cdiv(n, bm) * cdiv(d, bn),)](
+            pieces, w, c if c is not None else out, out, n, d, e, pieces.stride(0),
+            w.stride(0), c.stride(0) if c is not None else 0, out.stride(0), PARTS=pe // e,
+            HAS_C=c is not None, IEEE=w.dtype == torch.float32 or interpret_mode(),
+            BM=bm, BN=bn, BK=bk, num_warps=warps)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The launchers as custom ops (opaque to torch.compile, no host synchronisation; outputs not
 # asked for are empty tensors; eager calls without the dispatcher: ``eager.custom_op``)
@@ -408,3 +475,15 @@ def split_bf16(t: torch.Tensor, parts: int) -> torch.Tensor:
 @split_bf16.register_fake
 def _(t, parts):
     return t.new_empty(t.shape[0], parts * t.shape[1], dtype=torch.bfloat16)
+
+
+@eager.custom_op("moe_plugin::pieces_dx")
+def pieces_dx_op(pieces: torch.Tensor, w: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
+    """``pieces_dx`` (the router logits' bf16 dx, the experts' dx as ``c``)."""
+    return pieces_dx(pieces, w, c)
+
+
+@pieces_dx_op.register_fake
+def _(pieces, w, c):
+    return pieces.new_empty(pieces.shape[0], w.shape[1],
+                            dtype=c.dtype if c is not None else w.dtype)

@@ -118,6 +118,8 @@ class Tuning:
     # the router logits' backward for bf16 on CUDA on the tensor cores (``split_bf16``), False:
     # fp32 GEMMs on fp32 copies
     router_split_bwd: bool = True
+    # (BM, BN, BK, num_warps) of ``routing.pieces_dx``, the split form's dx GEMM
+    pieces_dx_block: tuple = (128, 128, 64, 8)
 
     def gemm_config(self, kind: str) -> Optional[dict]:
         """A copy of the override for GEMM ``kind``, or None."""

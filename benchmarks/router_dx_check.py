@@ -1,0 +1,63 @@
+"""The router's split-form dx with the experts' dx added (``routing.pieces_dx``) against
+``torch.addmm(dx_experts, [d1 d2 d3], [W; W; W])`` on a GPU: rounding (largest error in units
+of the bf16 ulp of the exact sum, and how many elements differ from one rounding of the fp32
+sum) and time per call on a layer's shape. Prints JSON lines."""
+import argparse
+import json
+
+import torch
+import triton.testing
+
+from moe_plugin.kernels import routing, tuning
+
+
+def rounding(n, d, e, dev):
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(e, d, generator=g) / d ** 0.5).to(dev, torch.bfloat16)
+    dl = (torch.randn(n, e, generator=g) * torch.logspace(-6, 2, e)).to(dev)
+    c = torch.randn(n, d, generator=g).to(dev, torch.bfloat16)
+    p3 = routing.split_bf16_pieces(dl, 3)
+    exact = c.double() + p3.double().view(n, 3, e).sum(1) @ w.double()
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=1e-30))) - 7)
+    one = exact.to(torch.bfloat16)  # one rounding of (nearly) the exact sum
+    runs = {"pieces_dx": routing.pieces_dx(p3, w, c),
+            "addmm": torch.addmm(c, p3, w.repeat(3, 1)),
+            "mm_then_add": torch.mm(p3, w.repeat(3, 1)) + c}
+    for name, got in runs.items():
+        r = ((got.double() - exact).abs() / ulp)
+        print(json.dumps(dict(check="rounding", impl=name, max_err_ulp=round(r.max().item(), 3),
+                              over_1ulp=int((r > 1).sum().item()),
+                              differ_from_one_rounding=int((got != one).sum().item()),
+                              elements=n * d)), flush=True)
+
+
+def timing(n, d, e, dev, blocks):
+    w = torch.randn(e, d, device=dev, dtype=torch.bfloat16)
+    p3 = torch.randn(n, 3 * e, device=dev, dtype=torch.bfloat16)
+    c = torch.randn(n, d, device=dev, dtype=torch.bfloat16)
+    w3 = w.repeat(3, 1)
+    runs = {"addmm": lambda: torch.addmm(c, p3, w3), "mm": lambda: torch.mm(p3, w3)}
+    for b in blocks:
+        def f(b=b):
+            with tuning.override(pieces_dx_block=tuple(b)):
+                return routing.pieces_dx(p3, w, c)
+        runs[f"pieces_dx{tuple(b)}"] = f
+    for name, fn in runs.items():
+        ms = triton.testing.do_bench(fn, warmup=25, rep=200)
+        print(json.dumps(dict(check="time", shape=[n, d, e], impl=name, ms=round(ms, 4),
+                              gb_s=round((2 * n * d * 2) / ms / 1e6, 1))), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--blocks", default="128,128,64,8;128,256,64,8;64,256,64,4;128,128,128,8")
+    args = ap.parse_args()
+    dev = "cuda"
+    rounding(2048, 512, 128, dev)
+    blocks = [[int(v) for v in b.split(",")] for b in args.blocks.split(";")]
+    for n, d, e in ((32768, 4096, 128), (32768, 2048, 128)):
+        timing(n, d, e, dev, blocks)
+
+
+if __name__ == "__main__":
+    main()
