@@ -233,18 +233,12 @@ IMPLS = {
 }
 # moe_plugin with one kernel family forced on or off (fields of ``kernels.tuning``), applied
 # around the whole measurement (forward and backward), to compare it with the defaults
-def _candidates() -> dict:
-    """``moe_plugin_candidates``: the defaults with the prepared, not yet default, Gluon
-    variants on (benchmarks/NOTES.md): GEMM2, dx and the split form's dh' with their plain
-    epilogue by TMA stores of four column parts (``tuning.GLUON_BF16_TMA_PARTS``, 4 ring
-    slots)."""
-    t = tuning.current()
-    return dict(gluon_bf16_config={**t.gluon_bf16_config, **tuning.GLUON_BF16_TMA_PARTS})
-
-
 TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True)),
          "moe_plugin_triton_grouped": ("moe_plugin", dict(gluon_bf16_grouped=False)),
-         "moe_plugin_candidates": ("moe_plugin", _candidates()),
+         # GEMM2, dx and the split form's dh' with their plain epilogue by registers (the
+         # default before session 36: now by TMA stores of four column parts)
+         "moe_plugin_reg_store": ("moe_plugin", dict(gluon_bf16_config={
+             **tuning.current().gluon_bf16_config, **tuning.GLUON_BF16_REG_STORE})),
          # the row-grouped GEMMs as clusters of two CTAs, one operand multicast (Triton >= 3.8)
          "moe_plugin_cluster": ("moe_plugin", dict(gluon_bf16_config={
              **tuning.current().gluon_bf16_config, **tuning.GLUON_BF16_CLUSTER})),

@@ -21,8 +21,9 @@
 #   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap, the default)
 #             against the untransposed kernel, LAYER_CONFIGS (GEMMS_S)
 #   tma_store bench_gemms.py: GEMM2, dx, dh' with the tile stored by TMA (gluon_bf16_config
-#             TMA_STORE: 4 = four column parts through small buffers, 4 slots; True = the
-#             whole tile staged, 3 slots) against the default and 3 slots alone, LAYER_CONFIGS
+#             TMA_STORE: 4 = four column parts through small buffers, 4 slots, the default;
+#             True = the whole tile staged, 3 slots; 0 = by registers) against the default,
+#             LAYER_CONFIGS
 #   pingpong  bench_gemms.py: GEMM2, dx, dh' with the consumers on whole 128 x 128 tiles in
 #             turn (gluon_bf16_config PINGPONG; 5 and 6 slots) against the default and the
 #             cooperative 128 x 128 tile, LAYER_CONFIGS (GEMMS_S)
@@ -120,12 +121,12 @@ for step in "$@"; do
     tma_store)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels down dx dh --against \
-        --grouped-variants '[{"TMA_STORE": 4}, {"TMA_STORE": true, "STAGES": 3}, {"STAGES": 3}]' \
+        --grouped-variants '[{"TMA_STORE": 0}, {"TMA_STORE": true, "STAGES": 3}, {"TMA_STORE": 0, "STAGES": 3}]' \
         2>&1 | tee "$OUT/gemms_tma_store.log" | grep -v '^ ' | cut -c1-220 ;;
     pingpong)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels down dx dh --against \
-        --grouped-variants '[{"PINGPONG": true, "BN": 128, "STAGES": 5}, {"PINGPONG": true, "BN": 128, "STAGES": 6}, {"BN": 128, "STAGES": 5}]' \
+        --grouped-variants '[{"PINGPONG": true, "BN": 128, "STAGES": 5, "TMA_STORE": 0}, {"PINGPONG": true, "BN": 128, "STAGES": 6, "TMA_STORE": 0}, {"BN": 128, "STAGES": 5}]' \
         2>&1 | tee "$OUT/gemms_pingpong.log" | grep -v '^ ' | cut -c1-220 ;;
     layer)
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
@@ -174,7 +175,7 @@ for step in "$@"; do
           | tee "$OUT/pytest_cluster.log" | tail -8
         timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
           --kernels up down dh dx --against \
-          --grouped-variants '[{"CLUSTER": 2}, {"CLUSTER": 2, "BN": 128, "STAGES": 6}, {"CLUSTER": 2, "PINGPONG": true, "BN": 128, "STAGES": 5}]' \
+          --grouped-variants '[{"CLUSTER": 2, "TMA_STORE": 0}, {"CLUSTER": 2, "BN": 128, "STAGES": 6, "TMA_STORE": 0}, {"CLUSTER": 2, "PINGPONG": true, "BN": 128, "STAGES": 5, "TMA_STORE": 0}]' \
           2>&1 | tee "$OUT/gemms_cluster.log" | grep -v '^ ' | cut -c1-220
         timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
           --impls moe_plugin moe_plugin_cluster --configs $LAYER_CONFIGS \

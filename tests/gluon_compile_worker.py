@@ -342,7 +342,8 @@ def _cases():
         dpre = torch.zeros(sb_, 2 * f, dtype=torch.bfloat16)
         wu = w(2 * f, d)    # W_up [E, 2F, D]
         # GEMM2 (k = F), dx (k = 2F), the split form's dh' (A gathered): as the defaults launch
-        # them, with the plain epilogue by TMA stores (TMA_STORE, 3 ring slots; dx, dh') and
+        # them (the plain epilogue by TMA stores of four column parts), with the whole tile
+        # staged for its TMA stores (TMA_STORE True, 3 ring slots; dx, dh') and
         # with the consumers on whole 128 x 128 tiles in turn (PINGPONG)
         tmas = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
                                                             "TMA_STORE": True, "STAGES": 3})
@@ -354,11 +355,11 @@ def _cases():
             **tune.gluon_bf16_config, **tuning.GLUON_BF16_CLUSTER})
         clpp = dataclasses.replace(tune, gluon_bf16_config={
             **tune.gluon_bf16_config, **tuning.GLUON_BF16_PINGPONG, **tuning.GLUON_BF16_CLUSTER})
-        # ... and by TMA stores of four column parts through small buffers (4 ring slots)
-        tmap = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
-                                                            **tuning.GLUON_BF16_TMA_PARTS})
+        # ... and with the plain epilogue by registers (TMA_STORE 0)
+        regs = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
+                                                            **tuning.GLUON_BF16_REG_STORE})
         for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
-                                 ("_tmaparts", tmap, "down dx dh"),
+                                 ("_regs", regs, "down dx dh"),
                                  ("_pingpong", pp, "down dx dh"), ("_cluster", cl, "down dx dh"),
                                  ("_pingpong_cluster", clpp, "down")):
             if "down" in kinds and f % 64 == 0:

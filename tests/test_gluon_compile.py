@@ -34,8 +34,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
          + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"]
-         + ["bf16_down_tmaparts_aligned", "bf16_dx_tmaparts_aligned", "bf16_dh_tmaparts_aligned",
-            "bf16_dh_tmaparts_odd"]
+         + ["bf16_down_regs_aligned", "bf16_dx_regs_aligned", "bf16_dh_regs_aligned",
+            "bf16_dh_regs_odd"]
          + [f"bf16_{g}_pingpong_{shape}" for g in ("down", "dx", "dh", "up_plain", "up_gated")
             for shape in ("aligned", "odd") if shape == "aligned" or g in ("dh", "up_plain")]
          + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh", "down_pingpong")]
@@ -92,9 +92,10 @@ LAUNCH = {
     "bf16_up_gated_aligned_h": dict(TMA_STORE=False),
     "bf16_dh_tmastore_aligned": dict(TMA_STORE=True, STAGES=3, A_GATHER=True),
     "bf16_dx_tmastore_aligned": dict(TMA_STORE=True, STAGES=3),
-    "bf16_down_tmaparts_aligned": dict(TMA_STORE=4, STAGES=4, BN=256),
-    "bf16_dx_tmaparts_aligned": dict(TMA_STORE=4, STAGES=4, BN=256),
-    "bf16_dh_tmaparts_odd": dict(TMA_STORE=4, STAGES=4, A_GATHER=True),
+    "bf16_down_regs_aligned": dict(TMA_STORE=0, STAGES=4, BN=256),
+    "bf16_dx_aligned": dict(TMA_STORE=4, STAGES=4, BN=256),
+    "bf16_dh_odd": dict(TMA_STORE=4, STAGES=4, A_GATHER=True),
+    "bf16_dh_regs_odd": dict(TMA_STORE=0, STAGES=4, A_GATHER=True),
     "bf16_down_pingpong_aligned": dict(BN=128, STAGES=5, PINGPONG=True),
     "bf16_dh_pingpong_odd": dict(BN=128, A_GATHER=True, PINGPONG=True),
     "bf16_up_plain_pingpong_odd": dict(A_GATHER=True, PINGPONG=True),
@@ -111,7 +112,7 @@ LAUNCH = {
                                 if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
     "bf16_up_gated_cluster_odd": (dict(CN=1, CM=2, BM=256, BN=128, STAGES=4)
                                   if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
-    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=False, PINGPONG=False, CN=1),
+    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=4, PINGPONG=False, CN=1),
 }
 
 

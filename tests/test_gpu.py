@@ -340,11 +340,12 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     the Triton kernel it replaces (the same 64-wide k-steps in order): bitwise equal; ragged
     experts, an empty one, output widths not multiples of the 128 tile, unused slots whose rows
     hold NaN, the persistent grid at one program per SM and at 3 programs; the tile stored
-    by registers or (``tma_st``: ``gluon_bf16_config["TMA_STORE"]``) through shared memory
-    by TMA in 16-row chunks, the chunk across an expert's end by masked stores; ``tma_parts``
-    (``tuning.GLUON_BF16_TMA_PARTS``): in four column parts of each consumer's 64 rows through
-    two small buffers, a part across an expert's end by masked stores, buffers reused across
-    tiles whole and partial (3 programs: many tiles each); ``pingpong``
+    by registers (``st``: ``tuning.GLUON_BF16_REG_STORE``), or (``tma_st``:
+    ``gluon_bf16_config["TMA_STORE"]`` True) through shared memory by TMA in 16-row chunks, the
+    chunk across an expert's end by masked stores, or (``tma_parts``: TMA_STORE 4, the
+    default) in four column parts of each consumer's 64 rows through two small buffers, a part
+    across an expert's end by masked stores, buffers reused across tiles whole and partial (3
+    programs: many tiles each); ``pingpong``
     (``gluon_bf16_config["PINGPONG"]``, 128 x 128 tiles): each consumer warpgroup computes
     whole tiles in turn; ``cluster`` (``gluon_bf16_config["CLUSTER"]``, Triton >= 3.8):
     GEMM2 and dx launched as clusters of two CTAs along the columns, A's tiles multicast to
@@ -356,8 +357,8 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
         pytest.skip("Gluon Hopper kernels not available here")
     if "cluster" in variant and not GF.cluster_compiles():
         pytest.skip(f"this Triton's Gluon has no TMA multicast (from {GF.GLUON_CLUSTER_FROM})")
-    extra = {"st": {}, "tma_st": {"TMA_STORE": True, "STAGES": 3},
-             "tma_parts": tuning.GLUON_BF16_TMA_PARTS,
+    extra = {"st": tuning.GLUON_BF16_REG_STORE, "tma_st": {"TMA_STORE": True, "STAGES": 3},
+             "tma_parts": {"TMA_STORE": 4},
              "pingpong": tuning.GLUON_BF16_PINGPONG,
              "cluster": tuning.GLUON_BF16_CLUSTER,
              "pingpong_cluster": {**tuning.GLUON_BF16_PINGPONG,

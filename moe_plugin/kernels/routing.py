@@ -367,6 +367,9 @@ def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w,
     rk = tl.arange(0, BK)
     row_ok = rm[:, None] < N
     col_ok = rn[None, :] < D
+    mask = row_ok & col_ok
+    if HAS_C:  # (read first: its latency under the products')
+        cin = tl.load(c_ptr + rm[:, None] * stride_c + rn[None, :], mask=mask, other=0.0)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, E, BK):
         kk = k0 + rk
@@ -376,10 +379,8 @@ def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w,
             a = tl.load(p_ptr + rm[:, None] * stride_p + (i * E + kk)[None, :],
                         mask=row_ok & (kk[None, :] < E), other=0.0)
             acc = dot_acc(a, b, acc, IEEE)
-    mask = row_ok & col_ok
     if HAS_C:
-        acc += tl.load(c_ptr + rm[:, None] * stride_c + rn[None, :], mask=mask,
-                       other=0.0).to(tl.float32)
+        acc += cin.to(tl.float32)
     tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -408,12 +409,13 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
     c = c.contiguous() if c is not None else None
     out = torch.empty(n, d, dtype=c.dtype if c is not None else w.dtype, device=w.device)
     if out.numel():
-        bm, bn, bk, warps = (16, 32, 32, 4) if interpret_mode() else tuning.current().pieces_dx_block
+        bm, bn, bk, warps, stages = ((16, 32, 32, 4, 1) if interpret_mode()
+                                     else tuning.current().pieces_dx_block)
         _pieces_dx_kernel[(cdiv(n, bm) * cdiv(d, bn),)](
             pieces, w, c if c is not None else out, out, n, d, e, pieces.stride(0),
             w.stride(0), c.stride(0) if c is not None else 0, out.stride(0), PARTS=pe // e,
             HAS_C=c is not None, IEEE=w.dtype == torch.float32 or interpret_mode(),
-            BM=bm, BN=bn, BK=bk, num_warps=warps)
+            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -90,7 +90,7 @@ class Tuning:
     gluon_bf16_grouped: bool = True
     gluon_bf16_config: dict = field(default_factory=lambda: dict(
         BM=128, BN=256, BK=64, STAGES=4, GROUP_M=8, INFO=True, LOAD_WARPS=1, LOAD_REGS=40,
-        MMA_REGS=232, MAXNREG=168))
+        MMA_REGS=232, MAXNREG=168, TMA_STORE=4))
     gluon_bf16_gather_config: dict = field(default_factory=lambda: dict(
         LOAD_WARPS=4, LOAD_REGS=88, MMA_REGS=208))
     gluon_bf16_up_config: dict = field(default_factory=lambda: dict(BN=128, STAGES=4))
@@ -118,8 +118,8 @@ class Tuning:
     # the router logits' backward for bf16 on CUDA on the tensor cores (``split_bf16``), False:
     # fp32 GEMMs on fp32 copies
     router_split_bwd: bool = True
-    # (BM, BN, BK, num_warps) of ``routing.pieces_dx``, the split form's dx GEMM
-    pieces_dx_block: tuple = (128, 128, 64, 8)
+    # (BM, BN, BK, num_warps, num_stages) of ``routing.pieces_dx``, the split form's dx GEMM
+    pieces_dx_block: tuple = (128, 128, 64, 8, 3)
 
     def gemm_config(self, kind: str) -> Optional[dict]:
         """A copy of the override for GEMM ``kind``, or None."""
@@ -127,23 +127,25 @@ class Tuning:
         return dict(cfg) if cfg is not None else None
 
 
+# ``gluon_bf16_config["TMA_STORE"]``: the plain epilogue of the 16-bit row-grouped GEMMs
+# (GEMM2, dx, the split form's dh') by asynchronous TMA stores, 4 (the default): four column
+# parts of each consumer's rows through two 8 KB buffers per consumer
+# (``gluon_gemm._tma_store_part``), the ring keeping its 4 slots; True: the whole tile staged,
+# room for 3 slots; 0: by registers. The default since session 36 (fine_30b fwd+bwd −2.0%,
+# mixtral −0.3% on an H100; benchmarks/NOTES.md)
+# the plain epilogue by registers (the default before session 36), for comparisons
+GLUON_BF16_REG_STORE = dict(TMA_STORE=0)
 # the ping-pong variant of the 16-bit row-grouped GEMMs, over ``gluon_bf16_config`` (not a
 # default: on the H200 GEMM2 −4% on fine_30b, dx and dh' slower; benchmarks/NOTES.md, session
-# 33): the consumers on whole 128 x 128 tiles in turn, 5 ring slots
-GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5)
-# the plain epilogue of the 16-bit row-grouped GEMMs (GEMM2, dx, the split form's dh') by
-# asynchronous TMA stores of four column parts of each consumer's rows through two 8 KB buffers
-# per consumer (``gluon_gemm._tma_store_part``), the ring keeping its 4 slots (``TMA_STORE``
-# True stages the whole tile and leaves room for 3). Prepared, not a default: not yet run on a
-# GPU (benchmarks/NOTES.md, session 35)
-GLUON_BF16_TMA_PARTS = dict(TMA_STORE=4)
+# 33): the consumers on whole 128 x 128 tiles in turn, 5 ring slots, the epilogue by registers
+GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5, TMA_STORE=0)
 # the 16-bit row-grouped GEMMs launched as clusters of two CTAs, the operand both CTAs need
 # loaded once for both by TMA multicast (``gluon_gemm._grouped_mm_ws``'s ``CN`` / ``CM``;
 # Triton >= 3.8): GEMM2 and dx (A by TMA) along the columns, each CTA ``BN`` of a tile's 2·BN
 # columns, A's tiles shared; GEMM1 and dh' (A gathered) along the rows, each CTA ``BM`` of
-# 2·BM rows, B's tiles shared. Not a default: within ±2% of one CTA a tile on the H200
-# (benchmarks/NOTES.md, session 33)
-GLUON_BF16_CLUSTER = dict(CLUSTER=2)
+# 2·BM rows, B's tiles shared, the epilogue by registers. Not a default: within ±2% of one
+# CTA a tile on the H200 (benchmarks/NOTES.md, session 33)
+GLUON_BF16_CLUSTER = dict(CLUSTER=2, TMA_STORE=0)
 
 _DEFAULT = Tuning()
 _current = _DEFAULT
