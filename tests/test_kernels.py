@@ -480,6 +480,12 @@ def test_pieces_dx_sums_pieces_and_c():
     exact1 = dl.double() @ wf.double()
     assert ((got1.double() - exact1).abs()
             <= e * 2.0 ** -24 * (dl.double().abs() @ wf.double().abs())).all()
+    # the registered op (what the router's backward calls): its fake implementation and
+    # schema agree with the function, with and without c
+    from moe_plugin.kernels.routing import pieces_dx_op
+    for args in ((p3, w.to(DEVICE), c.to(DEVICE)), (p3, w.to(DEVICE), None)):
+        torch.library.opcheck(pieces_dx_op.op, args,
+                              test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="c must be"):
         pieces_dx(p3, w.to(DEVICE), c[:, :-1].to(DEVICE))
     with pytest.raises(ValueError, match="pieces must be"):
