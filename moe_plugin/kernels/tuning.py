@@ -109,8 +109,8 @@ class Tuning:
     gluon_programs: Optional[int] = None
     # a Gluon kernel launched again with arguments of the same specialisation skips Triton's
     # per-call binding (``fast_launch.FastLaunch``, Triton 3.6 to 3.9); False: every launch by
-    # ``JITFunction.run``. Off until its GPU test passes (benchmarks/NOTES.md, sessions 33-35:
-    # +1% on fine_7b; the failure seen was that test's own out-of-bounds operand)
+    # ``JITFunction.run``. Off until the whole GPU suite has run with it on (its own GPU tests
+    # pass; +1% on fine_7b; benchmarks/NOTES.md, sessions 33-36)
     fast_launch: bool = False
     # the package's custom ops called in eager mode without PyTorch's dispatcher
     # (``kernels/eager.py``); False: every call dispatched (traced calls always are)
@@ -131,9 +131,9 @@ class Tuning:
 # (GEMM2, dx, the split form's dh') by asynchronous TMA stores, 4 (the default): four column
 # parts of each consumer's rows through two 8 KB buffers per consumer
 # (``gluon_gemm._tma_store_part``), the ring keeping its 4 slots; True: the whole tile staged,
-# room for 3 slots; 0: by registers. The default since session 36 (fine_30b fwd+bwd −2.0%,
-# mixtral −0.3% on an H100; benchmarks/NOTES.md)
-# the plain epilogue by registers (the default before session 36), for comparisons
+# room for 3 slots; 0: by registers (against which the default measured fine_30b fwd+bwd
+# −2.0%, mixtral −0.3% on an H100; benchmarks/NOTES.md, session 36)
+# the plain epilogue by registers, for comparisons
 GLUON_BF16_REG_STORE = dict(TMA_STORE=0)
 # the ping-pong variant of the 16-bit row-grouped GEMMs, over ``gluon_bf16_config`` (not a
 # default: on the H200 GEMM2 −4% on fine_30b, dx and dh' slower; benchmarks/NOTES.md, session
