@@ -472,7 +472,7 @@ def _seg_config(tune: tuning.Tuning, kind: str, dtype: torch.dtype) -> dict:
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
-def _ieee(dtype: torch.dtype) -> bool:
+def dot_ieee(dtype: torch.dtype) -> bool:
     """The kernels' ``IEEE`` flag: fp32 operands, and under the interpreter every dtype
     (``dot_acc`` upcasts there: the interpreter's 16-bit ``tl.dot`` is wrong)."""
     return dtype == torch.float32 or interpret_mode()
@@ -534,7 +534,7 @@ def _launch_grouped(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
         sa.stride(0) if sa is not None else 0, stride_sb[0], stride_sb[1], stride_sb[2],
         hs.stride(0) if hs is not None else 0, bias.stride(0) if bias is not None else 0,
         TOPK=meta.top_k, GATHER=gather, GATED=gated, EPI=int(epi), ACT=int(act),
-        STORE_PRE=store_pre, STORE_H=store_h, HAS_BIAS=bias is not None, IEEE=_ieee(a.dtype),
+        STORE_PRE=store_pre, STORE_H=store_h, HAS_BIAS=bias is not None, IEEE=dot_ieee(a.dtype),
         EVEN_K=k % bk == 0, QUANT=int(quant), QOUT=qout, FP8_EMU=qout and interpret_mode(),
         BM=bm, BN=bn, BK=bk,
         BLOCK_E=next_pow2(E), **cfg)
@@ -575,7 +575,7 @@ def _launch_segment(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
         a, b, c, meta.sorted_slot, meta.counts, meta.offsets, mo, no,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1), c.stride(2),
         TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
-        IEEE=_ieee(a.dtype), ACCUM=int(mode),
+        IEEE=dot_ieee(a.dtype), ACCUM=int(mode),
         BM=bm, BN=bn, BK=bk, **cfg)
 
 

@@ -23,7 +23,7 @@ from . import tuning
 from .activation import sigmoid
 from .codes import SCORE_SOFTMAX, Score
 from .common import cdiv, interpret_mode, next_pow2
-from .grouped_gemm import dot_acc
+from .grouped_gemm import dot_acc, dot_ieee
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _BIG = tl.constexpr(2 ** 30)
@@ -414,7 +414,7 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
         _pieces_dx_kernel[(cdiv(n, bm) * cdiv(d, bn),)](
             pieces, w, c if c is not None else out, out, n, d, e, pieces.stride(0),
             w.stride(0), c.stride(0) if c is not None else 0, out.stride(0), PARTS=pe // e,
-            HAS_C=c is not None, IEEE=w.dtype == torch.float32 or interpret_mode(),
+            HAS_C=c is not None, IEEE=dot_ieee(w.dtype),
             BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return out
 
