@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import CONFIGS, make_inputs  # noqa: E402
 
-from moe_plugin import fused_experts  # noqa: E402
+from moe_plugin import fused_experts, fused_moe  # noqa: E402
 from moe_plugin.quant import WeightCache  # noqa: E402
 
 
@@ -28,6 +28,9 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["mixtral"])
     ap.add_argument("--quant", default=None, help="fused_experts' quant (default: bf16)")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--router", action="store_true",
+                    help="the layer with its router (fused_moe: gate GEMM, softmax top-k and "
+                         "their backward) instead of fused_experts with routing given")
     ap.add_argument("--host", type=int, default=0, metavar="N",
                     help="also the N Python functions with the most host time of a step "
                          "(cProfile, own time), to find launch overhead")
@@ -45,11 +48,20 @@ def profile_config(name, args):
     dout = torch.randn_like(x)
 
     cache = WeightCache()  # quantised once, as once per optimizer step in training
+    if args.router:
+        g = torch.Generator(device="cuda").manual_seed(1)
+        gate = (torch.randn(E, D, device="cuda", dtype=x.dtype, generator=g) / D ** 0.5)
+        leaves = [leaves[0], gate.requires_grad_(), leaves[2], leaves[3]]
 
-    def step():
-        out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], quant=args.quant,
-                            weight_cache=cache)
-        torch.autograd.grad(out, leaves, dout)
+        def step():
+            out = fused_moe(leaves[0], leaves[1], leaves[2], leaves[3], k, activation="swiglu",
+                            quant=args.quant, weight_cache=cache)[0]
+            torch.autograd.grad(out, leaves, dout)
+    else:
+        def step():
+            out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3],
+                                quant=args.quant, weight_cache=cache)
+            torch.autograd.grad(out, leaves, dout)
     for _ in range(3):  # compile, warm the caches
         step()
     torch.cuda.synchronize()
@@ -81,7 +93,8 @@ def profile_config(name, args):
         r[1] += 1
         spans.append((ev.time_range.start, ev.time_range.end, ev.name))
     total = sum(v[0] for v in rows.values())
-    print(json.dumps({"config": name, "quant": args.quant, "gpu_ms_per_step": round(total, 3),
+    print(json.dumps({"config": name, "quant": args.quant, "router": args.router,
+                      "gpu_ms_per_step": round(total, 3),
                       "elapsed_ms_per_step": round(elapsed, 3), "host_sync_calls": syncs}))
     for kname, (ms, n) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
         print(json.dumps({"kernel": kname[:90], "ms": round(ms, 3),
