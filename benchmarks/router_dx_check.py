@@ -1,7 +1,9 @@
 """The router's split-form dx with the experts' dx added (``routing.pieces_dx``) against
 ``torch.addmm(dx_experts, [d1 d2 d3], [W; W; W])`` on a GPU: rounding (largest error in units
 of the bf16 ulp of the exact sum, and how many elements differ from one rounding of the fp32
-sum) and time per call on a layer's shape. Prints JSON lines."""
+sum) and time per call on a layer's shape; likewise the split form's weight gradient
+(``routing.pieces_dw``, ``tuning.router_dw_kernel``) against the ``torch.mm`` of the stacked
+pieces it would replace. Prints JSON lines."""
 import argparse
 import json
 
@@ -23,12 +25,49 @@ def rounding(n, d, e, dev):
     runs = {"pieces_dx": routing.pieces_dx(p3, w, c),
             "addmm": torch.addmm(c, p3, w.repeat(3, 1)),
             "mm_then_add": torch.mm(p3, w.repeat(3, 1)) + c}
+    x = torch.randn(n, d, generator=g).to(dev, torch.bfloat16)
+    exact_dw = p3.double().view(n, 3, e).sum(1).t() @ x.double()
+    ulp_dw = 2.0 ** (torch.floor(torch.log2(exact_dw.abs().clamp(min=1e-30))) - 7)
+    with tuning.override(router_dw_block=(128, 128, 64, 8, 2, 512)):  # 4 partial sums
+        dw_runs = {"pieces_dw": routing.pieces_dw(p3, x, 3, torch.bfloat16),
+                   "mm_sum": dw_mm(p3, x, e)}
+    for name, got in dw_runs.items():
+        r = ((got.double() - exact_dw).abs() / ulp_dw)
+        print(json.dumps(dict(check="rounding_dw", impl=name, max_err_ulp=round(r.max().item(), 3),
+                              over_1ulp=int((r > 1).sum().item()),
+                              differ_from_one_rounding=int((got != exact_dw.to(got.dtype)).sum().item()),
+                              elements=e * d)), flush=True)
     for name, got in runs.items():
         r = ((got.double() - exact).abs() / ulp)
         print(json.dumps(dict(check="rounding", impl=name, max_err_ulp=round(r.max().item(), 3),
                               over_1ulp=int((r > 1).sum().item()),
                               differ_from_one_rounding=int((got != one).sum().item()),
                               elements=n * d)), flush=True)
+
+
+def dw_mm(p3, x, e):
+    """The router backward's weight gradient without ``router_dw_kernel``."""
+    return torch.mm(p3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0).to(x.dtype)
+
+
+def timing_dw(n, d, e, dev, blocks):
+    x = torch.randn(n, d, device=dev, dtype=torch.bfloat16)
+    p3 = torch.randn(n, 3 * e, device=dev, dtype=torch.bfloat16)
+    runs = {"dw_mm_sum": lambda: dw_mm(p3, x, e),
+            "dw_mm_only": lambda: torch.mm(p3.t(), x, out_dtype=torch.float32)}
+    for b in blocks:
+        def f(b=b):
+            with tuning.override(router_dw_block=tuple(b)):
+                return routing.pieces_dw(p3, x, 3, torch.bfloat16)
+        runs[f"pieces_dw{tuple(b)}"] = f
+    for name, fn in runs.items():
+        try:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=200)
+        except Exception as ex:
+            print(json.dumps(dict(check="time_dw", impl=name, error=str(ex)[:160])), flush=True)
+            continue
+        print(json.dumps(dict(check="time_dw", shape=[n, d, e], impl=name, ms=round(ms, 4),
+                              tflops=round(2 * n * 3 * e * d / ms / 1e9, 1))), flush=True)
 
 
 def timing(n, d, e, dev, blocks):
@@ -55,12 +94,17 @@ def timing(n, d, e, dev, blocks):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--blocks", default="128,128,64,8,3;128,128,64,8,1;128,128,128,8,1;64,256,64,8,2;128,256,128,8,1")
+    ap.add_argument("--dw-blocks", default="128,128,64,8,2,4096;128,128,64,8,3,4096;"
+                    "128,256,64,8,2,4096;128,128,64,8,2,2048;128,128,64,8,2,8192")
     args = ap.parse_args()
     dev = "cuda"
     rounding(2048, 512, 128, dev)
     blocks = [[int(v) for v in b.split(",")] for b in args.blocks.split(";")]
     for n, d, e in ((32768, 4096, 128), (32768, 2048, 128)):
         timing(n, d, e, dev, blocks)
+    dw_blocks = [[int(v) for v in b.split(",")] for b in args.dw_blocks.split(";")]
+    for n, d, e in ((32768, 4096, 128), (32768, 2048, 128)):
+        timing_dw(n, d, e, dev, dw_blocks)
 
 
 if __name__ == "__main__":

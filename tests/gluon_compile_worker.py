@@ -421,6 +421,14 @@ def _cases():
                     cl, tokens, wup, (wup.stride(0), wup.stride(2), wup.stride(1)), ordered,
                     metab, n=f, k=d, gather=True, epi=Epilogue.ACT_FWD, pre=pre, gated=gated,
                     act=0, store_pre=True, store_h=True))
+    # the router's split-form backward GEMMs (Triton kernels; their tiles and stages from the
+    # active tuning, run on GPUs only: a default that outgrows shared memory fails here)
+    from moe_plugin.kernels import routing
+    pieces = torch.zeros(256, 3 * 128, dtype=torch.bfloat16)
+    w_gate = torch.zeros(128, 512, dtype=torch.bfloat16)
+    x_router = torch.zeros(256, 512, dtype=torch.bfloat16)
+    cases["router_pieces_dx"] = lambda: routing.pieces_dx(pieces, w_gate, x_router)
+    cases["router_pieces_dw"] = lambda: routing.pieces_dw(pieces, x_router, 3, torch.bfloat16)
     return cases
 
 

@@ -40,7 +40,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
             for shape in ("aligned", "odd") if shape == "aligned" or g in ("dh", "up_plain")]
          + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh", "down_pingpong")]
          + [f"bf16_up_{g}_cluster_{shape}" for g in ("gated", "plain")
-            for shape in ("aligned", "odd")])
+            for shape in ("aligned", "odd")]
+         + ["router_pieces_dx", "router_pieces_dw"])
 
 
 def _run_worker(*args):
@@ -70,7 +71,8 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
     backward in its epilogue, GEMM1 gated or not storing pre and / or h; the plain epilogue
     by TMA stores; the consumers on whole tiles in turn; launched as clusters of two CTAs,
-    GEMM2 and dx with A multicast, dh' and GEMM1 with B multicast): compiled, within a Hopper
+    GEMM2 and dx with A multicast, dh' and GEMM1 with B multicast), and the router's split-form
+    backward GEMMs (Triton kernels at their tuned GPU tiles): compiled, within a Hopper
     block's shared memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]

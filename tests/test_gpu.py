@@ -185,10 +185,13 @@ def test_bf16_fused_moe_gelu_erf_biases(case, seed):
     check_moe(inp, K, tol=BF16_TOL, activation="gelu_erf", **kwargs)
 
 
-def test_router_logits_backward_bf16_split():
+@pytest.mark.parametrize("dw_kernel", [False, True], ids=["dw_mm", "dw_kernel"])
+def test_router_logits_backward_bf16_split(dw_kernel):
     """``RouterLogitsFunction``'s backward for bf16 on CUDA runs on the tensor cores (dlogits
     as three bf16 pieces): dx and dW within one bf16 ulp of the exact gradients plus fp32
-    accumulation's error bound, as the fp32 GEMMs' path; dlogits spans eight decades."""
+    accumulation's error bound, as the fp32 GEMMs' path; dlogits spans eight decades. dW by
+    ``torch.mm`` or by ``routing.pieces_dw`` (``router_dw_kernel``; chunks of 512 tokens:
+    four partial sums)."""
     from moe_plugin.autograd.router import RouterLogitsFunction
     from moe_plugin.kernels import tuning
     g = torch.Generator().manual_seed(0)
@@ -202,7 +205,8 @@ def test_router_logits_backward_bf16_split():
     got = {}
     for split in (True, False):
         xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-        with tuning.override(router_split_bwd=split):
+        with tuning.override(router_split_bwd=split, router_dw_kernel=dw_kernel,
+                             router_dw_block=(128, 128, 64, 8, 2, 512)):
             RouterLogitsFunction.apply(xl, wl).backward(dl)
         got[split] = {"dx": xl.grad, "dw": wl.grad}
         for name in ("dx", "dw"):

@@ -492,3 +492,42 @@ def test_pieces_dx_sums_pieces_and_c():
         pieces_dx(p3[:, :-1], w.to(DEVICE))
     with pytest.raises(ValueError, match="one dtype"):
         pieces_dx(p3, wf.to(DEVICE))
+
+
+def test_pieces_dw_sums_pieces_over_token_chunks():
+    """``routing.pieces_dw`` (the router's split-form weight gradient, ``router_dw_kernel``):
+    ``Σ_i piece_iᵀ · x`` within fp32 summation's error bound of the exact sum, over several
+    token chunks (N 150: chunks of 64 rows under the interpreter, the last partial), widths
+    off the tile sizes (E 40, D 45); bf16 out one rounding of the fp32 sum; the op's schema
+    and fake implementation; bad shapes named."""
+    from moe_plugin.kernels.routing import pieces_dw, pieces_dw_op, split_bf16_pieces
+    g = torch.Generator().manual_seed(8)
+    n, e, d = 150, 40, 45
+    dl = torch.randn(n, e, generator=g) * torch.logspace(-4, 2, e)
+    x = torch.randn(n, d, generator=g).to(torch.bfloat16)
+    p3 = split_bf16_pieces(dl.to(DEVICE), 3)
+    got = pieces_dw(p3, x.to(DEVICE), 3, torch.float32).cpu()
+    assert got.dtype == torch.float32 and got.shape == (e, d)
+    p3d, xd = p3.cpu().double(), x.double()
+    exact = sum(p3d[:, i * e:(i + 1) * e].t() @ xd for i in range(3))
+    bound = sum(p3d[:, i * e:(i + 1) * e].abs().t() @ xd.abs() for i in range(3))
+    assert ((got.double() - exact).abs() <= (3 * n + 3) * 2.0 ** -24 * bound).all()
+    # bf16 out (the router's gradient dtype): one rounding of the fp32 result
+    got16 = pieces_dw(p3, x.to(DEVICE)).cpu()
+    assert got16.dtype == torch.bfloat16 and torch.equal(got16, got.to(torch.bfloat16))
+    # one chunk, fp32 operands, one piece
+    got1 = pieces_dw(dl[:50].to(DEVICE), x[:50].float().to(DEVICE), 1).cpu()
+    exact1 = dl[:50].double().t() @ x[:50].double()
+    assert ((got1.double() - exact1).abs()
+            <= 50 * 2.0 ** -24 * (dl[:50].double().abs().t() @ x[:50].double().abs())).all()
+    torch.library.opcheck(pieces_dw_op.op, (p3, x.to(DEVICE), 3, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="rows"):
+        pieces_dw(p3, x[:-1].to(DEVICE))
+    with pytest.raises(ValueError, match="3·E"):
+        pieces_dw(p3[:, :-1], x.to(DEVICE))
+    with pytest.raises(ValueError, match="one dtype"):
+        pieces_dw(p3, x.float().to(DEVICE))
+    # the empty batch: a zero gradient of the right shape
+    assert torch.equal(pieces_dw(p3[:0], x[:0].to(DEVICE)).cpu(), torch.zeros(e, d,
+                                                                             dtype=x.dtype))

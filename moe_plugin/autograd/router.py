@@ -30,8 +30,9 @@ class RouterLogitsFunction(torch.autograd.Function):
     (no fp32 copy of x). Saves ``x`` and ``gate_weight`` (inputs, no copies). Backward: two
     GEMMs with fp32 accumulation. For bf16 on CUDA (``tuning.current().router_split_bwd``)
     they run on the tensor cores: the fp32 ``dlogits`` split into three bf16 pieces
-    (``split_bf16``), ``dx = Σ_i d_i · W`` (``routing.pieces_dx``) and ``dW = Σ_i d_iᵀ · x``,
-    neither x nor W copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32.
+    (``split_bf16``), ``dx = Σ_i d_i · W`` (``routing.pieces_dx``) and ``dW = Σ_i d_iᵀ · x``
+    (``torch.mm``, or ``routing.pieces_dw`` with ``router_dw_kernel``), neither x nor W
+    copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32.
 
     ``share_input=True``: also returns ``x`` again (an alias) for the layer's other uses of
     the router input (the experts). Its gradient then reaches this backward, which adds the
@@ -62,7 +63,9 @@ class RouterLogitsFunction(torch.autograd.Function):
                 # bf16 out: one rounding of the fp32 accumulator plus the alias's gradient, no
                 # fp32 [N, D] in memory
                 dx = routing.pieces_dx_op(d3, w, dx_other)
-            if need_dw:
+            if need_dw and tuning.current().router_dw_kernel:
+                dw = routing.pieces_dw_op(d3, x, 3, w.dtype)
+            elif need_dw:
                 e = w.shape[0]
                 dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)
                 dw = dw.to(w.dtype)

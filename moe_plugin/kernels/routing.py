@@ -419,6 +419,77 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _pieces_dw_kernel(p_ptr, x_ptr, part_ptr, N, D, E, chunk, stride_p, stride_x, stride_ps,
+                      PARTS: tl.constexpr, IEEE: tl.constexpr, BE: tl.constexpr,
+                      BD: tl.constexpr, BK: tl.constexpr):
+    """``part[s] [E, D] = Σ_i piece_iᵀ · x`` over the tokens of chunk ``s`` (rows ``[s·chunk,
+    (s+1)·chunk)``; ``pieces [N, PARTS·E]``, piece i in columns ``[i·E, (i+1)·E)``, ``x [N,
+    D]``): the PARTS products of a k-step share x's tile and one fp32 accumulator. Grid:
+    (E tiles · D tiles, chunks); the E tiles of a D tile are consecutive programs."""
+    n_e = tl.cdiv(E, BE)
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    re = (pid % n_e) * BE + tl.arange(0, BE)
+    rd = (pid // n_e) * BD + tl.arange(0, BD)
+    rk = tl.arange(0, BK)
+    e_ok = re[None, :] < E
+    d_ok = rd[None, :] < D
+    acc = tl.zeros((BE, BD), dtype=tl.float32)
+    start = s * chunk
+    stop = tl.minimum(start + chunk, N)
+    for k0 in range(start, stop, BK):
+        kk = (k0 + rk).to(tl.int64)
+        k_ok = kk[:, None] < stop
+        xt = tl.load(x_ptr + kk[:, None] * stride_x + rd[None, :], mask=k_ok & d_ok, other=0.0)
+        for i in tl.static_range(PARTS):
+            a = tl.load(p_ptr + kk[:, None] * stride_p + (i * E + re)[None, :],
+                        mask=k_ok & e_ok, other=0.0)
+            acc = dot_acc(tl.trans(a), xt, acc, IEEE)
+    out = part_ptr + s.to(tl.int64) * stride_ps + re[:, None].to(tl.int64) * D + rd[None, :]
+    tl.store(out, acc, mask=(re[:, None] < E) & d_ok)
+
+
+def pieces_dw(pieces: torch.Tensor, x: torch.Tensor, parts: int = 3,
+              out_dtype=None) -> torch.Tensor:
+    """``Σ_i piece_iᵀ · x`` (``[E, D]``, ``out_dtype``, default x's) for ``pieces [N, P·E]``
+    (``split_bf16_pieces``'s ``parts`` = P pieces of an fp32 ``[N, E]``) and ``x [N, D]``: the router
+    logits' weight gradient in one kernel (``_pieces_dw_kernel``): the tokens in chunks of
+    ``tuning.router_dw_block``'s ``chunk`` rows, each chunk's P products in one fp32
+    accumulator (x read once for all P pieces and all experts of a tile), the chunks' fp32
+    partial sums then added in chunk order (deterministic: the chunks depend on N and the
+    tuning only)."""
+    fn = "pieces_dw"
+    if pieces.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"{fn}: pieces and x must be 2-D, got {tuple(pieces.shape)} and "
+                         f"{tuple(x.shape)}")
+    n, pe = pieces.shape
+    if x.shape[0] != n:
+        raise ValueError(f"{fn}: x must have the pieces' {n} rows, got {tuple(x.shape)}")
+    if pieces.dtype != x.dtype:
+        raise ValueError(f"{fn}: pieces and x must have one dtype, got {pieces.dtype} and "
+                         f"{x.dtype}")
+    d = x.shape[1]
+    if parts < 1 or pe % parts:
+        raise ValueError(f"{fn}: pieces must be [N, {parts}·E] ({parts} pieces), got "
+                         f"{tuple(pieces.shape)}")
+    e = pe // parts
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if n == 0 or e == 0 or d == 0:
+        return torch.zeros(e, d, dtype=out_dtype, device=x.device)
+    pieces, x = pieces.contiguous(), x.contiguous()
+    be, bd, bk, warps, stages, chunk = ((16, 32, 32, 4, 1, 64) if interpret_mode()
+                                        else tuning.current().router_dw_block)
+    chunk = cdiv(chunk, bk) * bk
+    num_chunks = cdiv(n, chunk)
+    part = torch.empty(num_chunks, e, d, dtype=torch.float32, device=x.device)
+    _pieces_dw_kernel[(cdiv(e, be) * cdiv(d, bd), num_chunks)](
+        pieces, x, part, n, d, e, chunk, pieces.stride(0), x.stride(0), part.stride(0),
+        PARTS=parts, IEEE=dot_ieee(x.dtype), BE=be, BD=bd, BK=bk, num_warps=warps,
+        num_stages=stages)
+    return (part[0] if num_chunks == 1 else part.sum(0)).to(out_dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # The launchers as custom ops (opaque to torch.compile, no host synchronisation; outputs not
 # asked for are empty tensors; eager calls without the dispatcher: ``eager.custom_op``)
@@ -489,3 +560,15 @@ def pieces_dx_op(pieces: torch.Tensor, w: torch.Tensor, c: Optional[torch.Tensor
 def _(pieces, w, c):
     return pieces.new_empty(pieces.shape[0], w.shape[1],
                             dtype=c.dtype if c is not None else w.dtype)
+
+
+@eager.custom_op("moe_plugin::pieces_dw")
+def pieces_dw_op(pieces: torch.Tensor, x: torch.Tensor, parts: int,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """``pieces_dw`` (the router logits' weight gradient in the split form)."""
+    return pieces_dw(pieces, x, parts, out_dtype)
+
+
+@pieces_dw_op.register_fake
+def _(pieces, x, parts, out_dtype):
+    return x.new_empty(pieces.shape[1] // parts, x.shape[1], dtype=out_dtype)

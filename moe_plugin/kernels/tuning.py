@@ -120,6 +120,13 @@ class Tuning:
     router_split_bwd: bool = True
     # (BM, BN, BK, num_warps, num_stages) of ``routing.pieces_dx``, the split form's dx GEMM
     pieces_dx_block: tuple = (128, 128, 64, 8, 3)
+    # the split form's weight gradient: ``routing.pieces_dw`` (one kernel, x read once for the
+    # three pieces) when True, else ``torch.mm`` of the stacked pieces with an fp32 output,
+    # summed (prepared, off: not yet timed on a GPU)
+    router_dw_kernel: bool = False
+    # (BE, BD, BK, num_warps, num_stages, chunk) of ``routing.pieces_dw``: chunk = tokens per
+    # fp32 partial sum (the partials added in order)
+    router_dw_block: tuple = (128, 128, 64, 8, 2, 4096)
 
     def gemm_config(self, kind: str) -> Optional[dict]:
         """A copy of the override for GEMM ``kind``, or None."""
