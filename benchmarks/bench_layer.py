@@ -29,8 +29,9 @@ pass; ``time_and_peak``).
 experts; gate weight gradient included) against the experts alone on the same routing
 (``fused_experts`` with the ids and weights ``fused_moe`` chose): the router's share of the
 layer's time. ``moe_plugin_router_fp32bwd`` is the same layer with the router logits'
-backward as fp32 GEMMs on fp32 copies (``tuning.router_split_bwd=False``, the earlier path).
-FLOPs counted as above (router excluded).
+backward as fp32 GEMMs on fp32 copies (``tuning.router_split_bwd=False``, the earlier path),
+``moe_plugin_router_dw_kernel`` with the split form's weight gradient as one kernel
+(``tuning.router_dw_kernel``). FLOPs counted as above (router excluded).
 """
 from __future__ import annotations
 
@@ -344,23 +345,27 @@ def router_rows(name, args):
     def experts(x, gate, w_up, w_down, weights):
         return moe_plugin.fused_experts(x, ids, weights, w_up, w_down, "swiglu",
                                         validate_ids=False)
-    runs = [("moe_plugin_router", layer, True, [x, gate, w_up, w_down, weights]),
-            ("moe_plugin_router_fp32bwd", layer, False, [x, gate, w_up, w_down, weights])]
+    split = dict(router_split_bwd=True)
+    runs = [("moe_plugin_router", layer, split, [x, gate, w_up, w_down, weights]),
+            ("moe_plugin_router_fp32bwd", layer, dict(router_split_bwd=False),
+             [x, gate, w_up, w_down, weights]),
+            ("moe_plugin_router_dw_kernel", layer, dict(split, router_dw_kernel=True),
+             [x, gate, w_up, w_down, weights])]
     if "sonicmoe" in args.impls:
         try:
             sonic = sonicmoe_router_layer(k)
             w1 = _interleaved(w_up).contiguous()
             runs.append(("sonicmoe_router", lambda x, gate, w1, w2, _w: sonic(x, gate, w1, w2),
-                         True, [x, gate, w1, w_down.clone(), weights]))
+                         split, [x, gate, w1, w_down.clone(), weights]))
         except PeerUnavailable as ex:
             print(json.dumps({"config": name, "impl": "sonicmoe_router", "skipped": str(ex)}),
                   flush=True)
-    runs.append(("moe_plugin_given_routing", experts, True, [x, gate, w_up, w_down, weights]))
+    runs.append(("moe_plugin_given_routing", experts, split, [x, gate, w_up, w_down, weights]))
     rows = []
-    for impl, fn, split, params in runs:
+    for impl, fn, changes, params in runs:
         for p in params:
             p.requires_grad_(True)
-        with tuning.override(router_split_bwd=split):
+        with tuning.override(**changes):
             def fwd():
                 with torch.no_grad():
                     fn(*params)
