@@ -453,12 +453,12 @@ def _pieces_dw_kernel(p_ptr, x_ptr, part_ptr, N, D, E, chunk, stride_p, stride_x
 def pieces_dw(pieces: torch.Tensor, x: torch.Tensor, parts: int = 3,
               out_dtype=None) -> torch.Tensor:
     """``Σ_i piece_iᵀ · x`` (``[E, D]``, ``out_dtype``, default x's) for ``pieces [N, P·E]``
-    (``split_bf16_pieces``'s ``parts`` = P pieces of an fp32 ``[N, E]``) and ``x [N, D]``: the router
-    logits' weight gradient in one kernel (``_pieces_dw_kernel``): the tokens in chunks of
-    ``tuning.router_dw_block``'s ``chunk`` rows, each chunk's P products in one fp32
-    accumulator (x read once for all P pieces and all experts of a tile), the chunks' fp32
-    partial sums then added in chunk order (deterministic: the chunks depend on N and the
-    tuning only)."""
+    (``split_bf16_pieces``'s ``parts`` = P pieces of an fp32 ``[N, E]``) and ``x [N, D]``:
+    the router logits' weight gradient in one kernel (``_pieces_dw_kernel``): the tokens in
+    chunks of ``tuning.router_dw_block``'s ``chunk`` rows, each chunk's P products in one
+    fp32 accumulator (x read once for all P pieces and all experts of a tile), the chunks'
+    fp32 partial sums then added in chunk order (deterministic: the chunks depend on N and
+    the tuning only)."""
     fn = "pieces_dw"
     if pieces.dim() != 2 or x.dim() != 2:
         raise ValueError(f"{fn}: pieces and x must be 2-D, got {tuple(pieces.shape)} and "
