@@ -10,6 +10,7 @@ import json
 import torch
 import triton.testing
 
+from moe_plugin.autograd.router import split_dw
 from moe_plugin.kernels import routing, tuning
 
 
@@ -30,7 +31,7 @@ def rounding(n, d, e, dev):
     ulp_dw = 2.0 ** (torch.floor(torch.log2(exact_dw.abs().clamp(min=1e-30))) - 7)
     with tuning.override(router_dw_block=(128, 128, 64, 8, 2, 512)):  # 4 partial sums
         dw_runs = {"pieces_dw": routing.pieces_dw(p3, x, 3, torch.bfloat16),
-                   "mm_sum": dw_mm(p3, x, e)}
+                   "mm_sum": dw_mm(p3, x)}
     for name, got in dw_runs.items():
         r = ((got.double() - exact_dw).abs() / ulp_dw)
         one_dw = exact_dw.to(got.dtype)
@@ -47,29 +48,36 @@ def rounding(n, d, e, dev):
                               elements=n * d)), flush=True)
 
 
-def dw_mm(p3, x, e):
+def dw_mm(p3, x):
     """The router backward's weight gradient without ``router_dw_kernel``."""
-    return torch.mm(p3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0).to(x.dtype)
+    with tuning.override(router_dw_kernel=False):
+        return split_dw(p3, x, x.dtype)
+
+
+def _time(check, shape, runs, rate):
+    """Times each of ``runs`` (name: function) and prints it with ``rate(ms)`` (a dict)."""
+    for name, fn in runs.items():
+        try:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=200)
+        except Exception as ex:  # e.g. a block too large for shared memory
+            print(json.dumps(dict(check=check, impl=name, error=str(ex)[:160])), flush=True)
+            continue
+        print(json.dumps(dict(check=check, shape=shape, impl=name, ms=round(ms, 4),
+                              **rate(ms))), flush=True)
 
 
 def timing_dw(n, d, e, dev, blocks):
     x = torch.randn(n, d, device=dev, dtype=torch.bfloat16)
     p3 = torch.randn(n, 3 * e, device=dev, dtype=torch.bfloat16)
-    runs = {"dw_mm_sum": lambda: dw_mm(p3, x, e),
+    runs = {"dw_mm_sum": lambda: dw_mm(p3, x),
             "dw_mm_only": lambda: torch.mm(p3.t(), x, out_dtype=torch.float32)}
     for b in blocks:
         def f(b=b):
             with tuning.override(router_dw_block=tuple(b)):
                 return routing.pieces_dw(p3, x, 3, torch.bfloat16)
         runs[f"pieces_dw{tuple(b)}"] = f
-    for name, fn in runs.items():
-        try:
-            ms = triton.testing.do_bench(fn, warmup=25, rep=200)
-        except Exception as ex:
-            print(json.dumps(dict(check="time_dw", impl=name, error=str(ex)[:160])), flush=True)
-            continue
-        print(json.dumps(dict(check="time_dw", shape=[n, d, e], impl=name, ms=round(ms, 4),
-                              tflops=round(2 * n * 3 * e * d / ms / 1e9, 1))), flush=True)
+    _time("time_dw", [n, d, e], runs,
+          lambda ms: dict(tflops=round(2 * n * 3 * e * d / ms / 1e9, 1)))
 
 
 def timing(n, d, e, dev, blocks):
@@ -83,14 +91,12 @@ def timing(n, d, e, dev, blocks):
             with tuning.override(pieces_dx_block=tuple(b)):
                 return routing.pieces_dx(p3, w, c)
         runs[f"pieces_dx{tuple(b)}"] = f
-    for name, fn in runs.items():
-        try:
-            ms = triton.testing.do_bench(fn, warmup=25, rep=200)
-        except Exception as ex:  # e.g. a block too large for shared memory
-            print(json.dumps(dict(check="time", impl=name, error=str(ex)[:160])), flush=True)
-            continue
-        print(json.dumps(dict(check="time", shape=[n, d, e], impl=name, ms=round(ms, 4),
-                              gb_s=round((2 * n * d * 2) / ms / 1e6, 1))), flush=True)
+    _time("time", [n, d, e], runs, lambda ms: dict(gb_s=round((2 * n * d * 2) / ms / 1e6, 1)))
+
+
+def _blocks(spec):
+    """``"a,b,c;d,e,f"`` as ``[[a, b, c], [d, e, f]]``."""
+    return [[int(v) for v in b.split(",")] for b in spec.split(";")]
 
 
 def main():
@@ -101,12 +107,10 @@ def main():
     args = ap.parse_args()
     dev = "cuda"
     rounding(2048, 512, 128, dev)
-    blocks = [[int(v) for v in b.split(",")] for b in args.blocks.split(";")]
     for n, d, e in ((32768, 4096, 128), (32768, 2048, 128)):
-        timing(n, d, e, dev, blocks)
-    dw_blocks = [[int(v) for v in b.split(",")] for b in args.dw_blocks.split(";")]
+        timing(n, d, e, dev, _blocks(args.blocks))
     for n, d, e in ((32768, 4096, 128), (32768, 2048, 128)):
-        timing_dw(n, d, e, dev, dw_blocks)
+        timing_dw(n, d, e, dev, _blocks(args.dw_blocks))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,18 @@ def split_bf16(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
     return torch.cat(pieces, dim=-1)
 
 
+def split_dw(d3: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The split form's weight gradient ``Σ_i d_iᵀ · x`` (``d3 [N, 3·E]``: ``split_bf16``'s
+    pieces; ``x [N, D]``; ``[E, D]`` in ``out_dtype``): ``routing.pieces_dw`` with
+    ``tuning.current().router_dw_kernel``, else one ``torch.mm`` of the stacked pieces with an
+    fp32 output, its three ``[E, D]`` blocks summed."""
+    if tuning.current().router_dw_kernel:
+        return routing.pieces_dw_op(d3, x, 3, out_dtype)
+    e = d3.shape[1] // 3
+    dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)
+    return dw.to(out_dtype)
+
+
 class RouterLogitsFunction(torch.autograd.Function):
     """``logits fp32 [N, E] = x [N, D] · gate_weightᵀ`` with fp32 accumulation and output.
 
@@ -31,8 +43,7 @@ class RouterLogitsFunction(torch.autograd.Function):
     GEMMs with fp32 accumulation. For bf16 on CUDA (``tuning.current().router_split_bwd``)
     they run on the tensor cores: the fp32 ``dlogits`` split into three bf16 pieces
     (``split_bf16``), ``dx = Σ_i d_i · W`` (``routing.pieces_dx``) and ``dW = Σ_i d_iᵀ · x``
-    (``torch.mm``, or ``routing.pieces_dw`` with ``router_dw_kernel``), neither x nor W
-    copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32.
+    (``split_dw``), neither x nor W copied to fp32; otherwise ``dlogits · W`` and ``dlogitsᵀ · x`` in fp32.
 
     ``share_input=True``: also returns ``x`` again (an alias) for the layer's other uses of
     the router input (the experts). Its gradient then reaches this backward, which adds the
@@ -63,12 +74,8 @@ class RouterLogitsFunction(torch.autograd.Function):
                 # bf16 out: one rounding of the fp32 accumulator plus the alias's gradient, no
                 # fp32 [N, D] in memory
                 dx = routing.pieces_dx_op(d3, w, dx_other)
-            if need_dw and tuning.current().router_dw_kernel:
-                dw = routing.pieces_dw_op(d3, x, 3, w.dtype)
-            elif need_dw:
-                e = w.shape[0]
-                dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)
-                dw = dw.to(w.dtype)
+            if need_dw:
+                dw = split_dw(d3, x, w.dtype)
             return dx, dw, None
         if need_dx:
             wf = w.float()
