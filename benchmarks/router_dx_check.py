@@ -101,7 +101,8 @@ def _blocks(spec):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--blocks", default="128,128,64,8,3;128,128,64,8,1;128,128,128,8,1;64,256,64,8,2;128,256,128,8,1")
+    ap.add_argument("--blocks", default="128,128,64,8,3;128,128,64,8,1;128,128,128,8,1;"
+                    "64,256,64,8,2;128,256,128,8,1;128,256,64,8,2")
     ap.add_argument("--dw-blocks", default="128,128,64,8,2,4096;128,128,64,8,3,4096;"
                     "128,256,64,8,2,4096;128,128,64,8,2,2048;128,128,64,8,2,8192")
     args = ap.parse_args()
