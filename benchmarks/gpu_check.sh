@@ -28,6 +28,10 @@
 #   pingpong  bench_gemms.py: GEMM2, dx, dh' with the consumers on whole 128 x 128 tiles in
 #             turn (gluon_bf16_config PINGPONG; 5 and 6 slots) against the default and the
 #             cooperative 128 x 128 tile, LAYER_CONFIGS (GEMMS_S)
+#   router    the router's split-form backward GEMMs timed and their rounding checked
+#             (router_dx_check.py: pieces_dx / pieces_dw tilings against torch.mm) and the
+#             fine_30b layer with its router profiled per kernel (profile_kernels.py --router)
+#             (ROUTER_S, 100 each)
 #   layer     bench_layer.py: moe_plugin (defaults) against LAYER_IMPLS (default
 #             moe_plugin_triton_grouped moe_plugin_fast_launch), one process (LAYER_S, 300;
 #             LAYER_CONFIGS, default all five of issue 21), JSON + md
@@ -111,6 +115,11 @@ for step in "$@"; do
       gluon_tests pytest_gluon.log ;;
     gemms)
       gemm_timings gemms.log ;;
+    router)
+      timeout "${ROUTER_S:-100}" python benchmarks/router_dx_check.py 2>&1 \
+        | tee "$OUT/router_dx.log" | tail -30
+      timeout "${ROUTER_S:-100}" python benchmarks/profile_kernels.py --configs fine_30b \
+        --router --steps 3 2>&1 | tee "$OUT/profile_router.log" | head -30 ;;
     fused_dh)
       # the fused dh' (default tiles: the whole tile's inputs staged) against the split form
       # and against the fused dh' on 128 x 256 tiles in column parts (GLUON_BF16_ACT_PARTS)
