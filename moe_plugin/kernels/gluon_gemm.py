@@ -574,7 +574,7 @@ if _HAVE_GLUON:
         index of the wgmma layout) are processed in that layout, their pre-activation tiles
         read from the consumer's two part buffers (parts 0 and 1 TMA-loaded when the tile
         began, part p + 2 into part p's buffer once p is done), the routing weights ``wv``
-        (the consumer's rows, loaded when the tile began). The routing-weight gradient's
+        (the consumer's rows, loaded during the main loop). The routing-weight gradient's
         partial sums are one per part (row ``NP·pid_n + p`` of ``dwp``)."""
         gl.static_assert(NP == 4 or NP == 8, "four or eight column parts")
         r0 = row0 + HALF * HM
@@ -793,12 +793,15 @@ if _HAVE_GLUON:
                                                pid_n * BN, N, HALF, 0, GATED)
                             _act_bwd_part_load(pre_desc, pre_bufs, pre_ready, row0 + HALF * HM,
                                                pid_n * BN + BN // ACT_PARTS, N, HALF, 1, GATED)
-                            wrows = row0 + HALF * HM + gl.arange(
-                                0, HM, layout=gl.SliceLayout(1, _mma_layout(BN // ACT_PARTS, 4,
-                                                                            16)))
+                            # (the weights' load depends on the slot ids': issued a few
+                            # k-steps in, when the ids are there, so that no wait holds up
+                            # the MMAs)
+                            wlay: gl.constexpr = gl.SliceLayout(1, _mma_layout(BN // ACT_PARTS,
+                                                                               4, 16))
+                            wrows = row0 + HALF * HM + gl.arange(0, HM, layout=wlay)
                             wslot = gl.load(gather_ptr + wrows, mask=wrows < seg_end, other=0)
-                            wv = gl.load(w_ptr + wslot, mask=wrows < seg_end,
-                                         other=0.0).to(gl.float32)
+                            wv = gl.zeros([HM], gl.float32, layout=wlay)
+                            w_at = gl.minimum(4, nk - 1)
                         acc = gl.zeros([RG, BN], gl.float32, layout=mma)
                         acc2 = gl.zeros([RG, BN], gl.float32, layout=mma)
                         if PINGPONG:
@@ -831,6 +834,10 @@ if _HAVE_GLUON:
                                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
                                 if CTAS > 1:
                                     mbarrier.arrive(m_empty.index((it + STAGES - 1) % STAGES))
+                            if EPI == EPI_ACT_BWD and ACT_PARTS > 0:
+                                if ks == w_at:
+                                    wv = gl.load(w_ptr + wslot, mask=wrows < seg_end,
+                                                 other=0.0).to(gl.float32)
                             it += 1
                         if PINGPONG:  # the other consumer's main loop may start
                             mbarrier.arrive(other_turn)
