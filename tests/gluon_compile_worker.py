@@ -247,7 +247,7 @@ def key_check() -> dict:
 # the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
 # compiled the variant)
 REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE", "PINGPONG",
-            "CN", "CM", "ACT_PARTS")
+            "CN", "CM", "ACT_PARTS", "ACT_BUFS")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,8 +382,11 @@ def _cases():
         # tile's inputs, and in column parts on 128 x 256 tiles (GLUON_BF16_ACT_PARTS)
         parts = dataclasses.replace(tune, gluon_bf16_epi_config={
             **tune.gluon_bf16_epi_config, **tuning.GLUON_BF16_ACT_PARTS})
-        for (form, t), gated in itertools.product((("", tune), ("_parts", parts)),
-                                                  (True, False)):
+        parts4 = dataclasses.replace(tune, gluon_bf16_epi_config={   # four part buffers
+            **tune.gluon_bf16_epi_config, **tuning.GLUON_BF16_ACT_PARTS, "STAGES": 3,
+            "ACT_BUFS": 4})
+        for (form, t), gated in itertools.product(
+                (("", tune), ("_parts", parts), ("_parts4", parts4)), (True, False)):
             prea = ordered2 if gated else ordered
             wts = torch.zeros(sb_, dtype=torch.float32)
             cases[f"bf16_dh_fused{form}_{'gated' if gated else 'plain'}_{shape}"] = (

@@ -29,7 +29,7 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + [f"fp8_wgrad_{acc}" for acc in ("store", "atomic", "rmw")]
          + ["fp8_grouped", "fp8_dh_fused"]
          + ["bf16_down_aligned", "bf16_dx_aligned", "bf16_dh_aligned", "bf16_dh_odd"]
-         + [f"bf16_dh_fused{form}_{g}_{shape}" for form in ("", "_parts")
+         + [f"bf16_dh_fused{form}_{g}_{shape}" for form in ("", "_parts", "_parts4")
             for g in ("gated", "plain") for shape in ("aligned", "odd")]
          + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
@@ -119,7 +119,8 @@ LAUNCH = {
     # the fused dh': the whole tile's inputs staged by the producer, or in column parts
     "bf16_dh_fused_gated_aligned": dict(BN=128, STAGES=3, ACT_PARTS=0, A_GATHER=True),
     "bf16_dh_fused_parts_gated_aligned": dict(BN=256, STAGES=4, ACT_PARTS=8, A_GATHER=True),
-    "bf16_dh_fused_parts_plain_odd": dict(BN=256, ACT_PARTS=8),
+    "bf16_dh_fused_parts_plain_odd": dict(BN=256, ACT_PARTS=8, ACT_BUFS=2),
+    "bf16_dh_fused_parts4_gated_aligned": dict(BN=256, STAGES=3, ACT_PARTS=8, ACT_BUFS=4),
 }
 
 

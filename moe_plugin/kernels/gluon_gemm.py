@@ -521,26 +521,27 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _act_bwd_part_load(pre_desc, pre_bufs, pre_bars, r0, col0, N, HALF: gl.constexpr,
-                           b: gl.constexpr, GATED: gl.constexpr):
+                           b: gl.constexpr, NB: gl.constexpr, GATED: gl.constexpr):
         """Consumer ``HALF``'s pre-activation tiles of one column part (``pre_desc``'s
         ``[HM, W]`` box at rows ``r0``, columns ``col0``; gated also the up tile ``N`` columns
-        on) TMA-loaded into its buffer ``b`` (``pre_bufs[(2·HALF + b)·2 + {0, 1}]``), counted
-        on ``pre_bars[2·HALF + b]``. Its earlier generic reads of the buffer are over (the
-        caller's barrier) and ordered before the TMA's writes here."""
+        on) TMA-loaded into its buffer ``b`` of ``NB`` (``pre_bufs[(NB·HALF + b)·2 + {0,
+        1}]``), counted on ``pre_bars[NB·HALF + b]``. Its earlier generic reads of the buffer
+        are over (the caller's barrier) and ordered before the TMA's writes here."""
         fence_async_shared()
-        bar = pre_bars.index(2 * HALF + b)
+        bar = pre_bars.index(NB * HALF + b)
         mbarrier.expect(bar, pre_desc.block_type.nbytes * (1 + GATED))
-        _tma_load(pre_desc, [r0, col0], bar, pre_bufs.index((2 * HALF + b) * 2))
+        _tma_load(pre_desc, [r0, col0], bar, pre_bufs.index((NB * HALF + b) * 2))
         if GATED:
-            _tma_load(pre_desc, [r0, N + col0], bar, pre_bufs.index((2 * HALF + b) * 2 + 1))
+            _tma_load(pre_desc, [r0, N + col0], bar, pre_bufs.index((NB * HALF + b) * 2 + 1))
 
     @gluon.jit
     def _act_bwd_part(q, P: gl.constexpr, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
                       dwp_ptr, r0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
                       HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
-                      NP: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr):
+                      NP: gl.constexpr, NB: gl.constexpr, GATED: gl.constexpr,
+                      ACT: gl.constexpr):
         """Column part ``P`` of ``_act_bwd_parts_epilogue`` (``q [HM, W]``: its accumulator
-        columns); then part ``P + 2``'s tiles requested into the part's buffer."""
+        columns), from buffer ``P % NB``; then part ``P + NB``'s tiles requested into it."""
         W: gl.constexpr = BN // NP
         part: gl.constexpr = _mma_layout(W, 4, 16)
         rows = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, part))
@@ -549,8 +550,8 @@ if _HAVE_GLUON:
         cmask = rmask[:, None] & (cols < N)[None, :]
         # dh' rounded to the output dtype first, as the split form stores it
         dh = gl.convert_layout(q.to(c_ptr.dtype.element_ty), part).to(gl.float32)
-        buf = (2 * HALF + P % 2) * 2
-        mbarrier.wait(pre_bars.index(2 * HALF + P % 2), (P // 2) % 2)
+        buf = (NB * HALF + P % NB) * 2
+        mbarrier.wait(pre_bars.index(NB * HALF + P % NB), (P // NB) % 2)
         g = pre_bufs.index(buf).load(part).to(gl.float32)
         if GATED:
             u = pre_bufs.index(buf + 1).load(part).to(gl.float32)
@@ -559,21 +560,22 @@ if _HAVE_GLUON:
         act_bwd_store(dh, g, u, wv, rows.to(gl.int64), cols, rmask, cmask, pid_n * NP + P,
                       dwp_ptr, hw_ptr, c_ptr, N, stride_dwp, stride_hw, stride_cm, GATED, ACT)
         _cta_barrier()  # the warpgroup's reads of the buffer over
-        if P + 2 < NP:
-            _act_bwd_part_load(pre_desc, pre_bufs, pre_bars, r0, pid_n * BN + (P + 2) * W, N,
-                               HALF, P % 2, GATED)
+        if P + NB < NP:
+            _act_bwd_part_load(pre_desc, pre_bufs, pre_bars, r0, pid_n * BN + (P + NB) * W, N,
+                               HALF, P % NB, NB, GATED)
 
     @gluon.jit
     def _act_bwd_parts_epilogue(acc, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr, dwp_ptr,
                                 row0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
                                 HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
-                                NP: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr):
+                                NP: gl.constexpr, NB: gl.constexpr, GATED: gl.constexpr,
+                                ACT: gl.constexpr):
         """``_act_bwd_epilogue``'s arithmetic on a consumer's rows of a wide dh' tile (``acc
         [HM, BN]``) in ``NP`` (4 or 8) column parts of ``W = BN/NP`` (``_act_bwd_part``),
         without staging dh' in shared memory: each part's accumulator columns (a register
         index of the wgmma layout) are processed in that layout, their pre-activation tiles
-        read from the consumer's two part buffers (parts 0 and 1 TMA-loaded when the tile
-        began, part p + 2 into part p's buffer once p is done), the routing weights ``wv``
+        read from the consumer's ``NB`` part buffers (parts 0 to NB - 1 TMA-loaded when the
+        tile began, part p + NB into part p's buffer once p is done), the routing weights ``wv``
         (the consumer's rows, loaded during the main loop). The routing-weight gradient's
         partial sums are one per part (row ``NP·pid_n + p`` of ``dwp``)."""
         gl.static_assert(NP == 4 or NP == 8, "four or eight column parts")
@@ -584,15 +586,15 @@ if _HAVE_GLUON:
             if NP == 4:
                 _act_bwd_part(quarters[i], i, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
                               dwp_ptr, r0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
-                              HALF, HM, BN, NP, GATED, ACT)
+                              HALF, HM, BN, NP, NB, GATED, ACT)
             else:
                 e0, e1 = _col_halves(quarters[i], HM, BN // 8)
                 _act_bwd_part(e0, 2 * i, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
                               dwp_ptr, r0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
-                              HALF, HM, BN, NP, GATED, ACT)
+                              HALF, HM, BN, NP, NB, GATED, ACT)
                 _act_bwd_part(e1, 2 * i + 1, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
                               dwp_ptr, r0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
-                              HALF, HM, BN, NP, GATED, ACT)
+                              HALF, HM, BN, NP, NB, GATED, ACT)
 
     @gluon.jit
     def _col_halves(t, HM: gl.constexpr, W: gl.constexpr):
@@ -693,7 +695,7 @@ if _HAVE_GLUON:
                       B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
                       STORE_PRE: gl.constexpr, STORE_H: gl.constexpr,
                       TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
-                      CM: gl.constexpr, ACT_PARTS: gl.constexpr):
+                      CM: gl.constexpr, ACT_PARTS: gl.constexpr, ACT_BUFS: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
         with ``PINGPONG`` (16-bit, plain or GEMM1 epilogue, one accumulator) all rows of every
         other tile with an expert, so that one consumer's epilogue runs while the other's MMAs
@@ -787,12 +789,13 @@ if _HAVE_GLUON:
                     else:
                         if EPI == EPI_ACT_BWD and ACT_PARTS > 0:
                             # the epilogue's inputs requested now, used after the main loop:
-                            # the first two column parts' pre-activation tiles and the rows'
-                            # routing weights
-                            _act_bwd_part_load(pre_desc, pre_bufs, pre_ready, row0 + HALF * HM,
-                                               pid_n * BN, N, HALF, 0, GATED)
-                            _act_bwd_part_load(pre_desc, pre_bufs, pre_ready, row0 + HALF * HM,
-                                               pid_n * BN + BN // ACT_PARTS, N, HALF, 1, GATED)
+                            # the first ACT_BUFS column parts' pre-activation tiles and the
+                            # rows' routing weights
+                            for b in gl.static_range(ACT_BUFS):
+                                _act_bwd_part_load(pre_desc, pre_bufs, pre_ready,
+                                                   row0 + HALF * HM,
+                                                   pid_n * BN + b * (BN // ACT_PARTS), N, HALF,
+                                                   b, ACT_BUFS, GATED)
                             # (the weights' load depends on the slot ids': issued a few
                             # k-steps in, when the ids are there, so that no wait holds up
                             # the MMAs)
@@ -863,7 +866,7 @@ if _HAVE_GLUON:
                         _act_bwd_parts_epilogue(acc, pre_desc, pre_bufs, pre_ready, wv, c_ptr,
                                                 hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
                                                 stride_cm, stride_hw, stride_dwp, HALF, HM, BN,
-                                                ACT_PARTS, GATED, ACT)
+                                                ACT_PARTS, ACT_BUFS, GATED, ACT)
                     elif EPI == EPI_ACT_BWD:
                         _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
                                           c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
@@ -911,13 +914,14 @@ if _HAVE_GLUON:
             STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
             TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
-            CM: gl.constexpr, ACT_PARTS: gl.constexpr, num_warps: gl.constexpr):
+            CM: gl.constexpr, ACT_PARTS: gl.constexpr, ACT_BUFS: gl.constexpr,
+            num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
         wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's epilogue
         (``ACT_PARTS`` 4 or 8, 16-bit: by each consumer in column parts of its rows,
-        ``_act_bwd_parts_epilogue``, the pre-activation's part tiles in two buffers per
-        consumer; else the whole tile's inputs staged by the producer); ``EPI_ACT_FWD``
+        ``_act_bwd_parts_epilogue``, the pre-activation's part tiles in ``ACT_BUFS`` (2 or 4)
+        buffers per consumer; else the whole tile's inputs staged by the producer); ``EPI_ACT_FWD``
         (16-bit, B K-major): GEMM1 with its activation (gated: the gate and up tiles in one
         ring slot, two accumulators). ``TMA_STORE`` (16-bit, plain
         epilogue): the tile stored through shared memory by ``c_desc``'s TMA
@@ -935,8 +939,10 @@ if _HAVE_GLUON:
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
         gl.static_assert(BM == 128 * CM, "two consumers of 64 rows (in each CTA)")
         gl.static_assert(ACT_PARTS == 0 or (EPI == EPI_ACT_BWD and not SCALED and CN * CM == 1
-                                            and (ACT_PARTS == 4 or ACT_PARTS == 8)),
-                         "ACT_PARTS 4 or 8: the 16-bit dh' GEMM with the activation backward")
+                                            and (ACT_PARTS == 4 or ACT_PARTS == 8)
+                                            and (ACT_BUFS == 2 or ACT_BUFS == 4)),
+                         "ACT_PARTS 4 or 8 (ACT_BUFS 2 or 4): the 16-bit dh' GEMM with the "
+                         "activation backward")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
         gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE or EPI == EPI_ACT_BWD),
@@ -975,8 +981,9 @@ if _HAVE_GLUON:
         # EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
         # (else token allocations: pre_desc is a stand-in)
         plain: gl.constexpr = _plain_smem(CTAS)
-        if ACT_PARTS > 0:  # per consumer two part buffers of gate and up tiles
-            pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [8] + pre_desc.block_shape,
+        if ACT_PARTS > 0:  # per consumer ACT_BUFS part buffers of gate and up tiles
+            pre_bufs = gl.allocate_shared_memory(pre_desc.dtype,
+                                                 [4 * ACT_BUFS] + pre_desc.block_shape,
                                                  pre_desc.layout)
             dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
             w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
@@ -997,13 +1004,13 @@ if _HAVE_GLUON:
                                                c_desc.layout)
         else:
             c_smem = gl.allocate_shared_memory(gl.float32, [4], plain)
-        if ACT_PARTS > 0:  # a consumer's part buffer b: its TMA loads (2·HALF + b)
-            pre_ready = _bars(4, CTAS)
+        if ACT_PARTS > 0:  # a consumer's part buffer b: its TMA loads (ACT_BUFS·HALF + b)
+            pre_ready = _bars(2 * ACT_BUFS, CTAS)
         else:
             pre_ready = gl.allocate_shared_memory(gl.int64, [CTAS], _bar_layout(CTAS))
         pre_empty = gl.allocate_shared_memory(gl.int64, [CTAS], _bar_layout(CTAS))
         if ACT_PARTS > 0:
-            for i in gl.static_range(4):
+            for i in gl.static_range(2 * ACT_BUFS):
                 mbarrier.init(pre_ready.index(i), count=1)
         else:
             mbarrier.init(pre_ready, count=2)  # the producer's expect and its weights' arrive
@@ -1018,7 +1025,7 @@ if _HAVE_GLUON:
                              stride_sa, stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK,
                              STAGES, GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED,
                              B_KMAJOR, A_GATHER, DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG,
-                             CN, CM, ACT_PARTS)),
+                             CN, CM, ACT_PARTS, ACT_BUFS)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
                              info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, pre_desc,
                              c_smem, c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr,
@@ -1027,7 +1034,7 @@ if _HAVE_GLUON:
                              stride_sa, stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK,
                              STAGES, GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED,
                              B_KMAJOR, A_GATHER, DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG,
-                             CN, CM, ACT_PARTS)),
+                             CN, CM, ACT_PARTS, ACT_BUFS)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, m_empty, info,
                              info_ready, info_empty, pre_desc, pre_bufs, w_buf, pre_ready,
                              pre_empty, w_ptr, a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr,
@@ -1078,7 +1085,7 @@ def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weight
         cfg = {**tune.gluon_config, **tune.gluon_epi_config}
     # ``cfg["ACT_PARTS"]`` 4 or 8 (16-bit): the epilogue by each consumer in column parts
     # (``_act_bwd_parts_epilogue``: a [BM/2, BN/parts] box of pre per part, a partial sum per
-    # part)
+    # part), through ``cfg["ACT_BUFS"]`` (2 or 4) part buffers
     parts = int(cfg.get("ACT_PARTS", 0)) if sa is None else 0
     dwp = torch.empty(cdiv(n, cfg["BN"]) * max(parts, 1), pre.shape[0], dtype=torch.float32,
                       device=pre.device)
@@ -1090,7 +1097,8 @@ def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weight
                                                 _unswizzled_layout(pre.element_size() * 8, 2))
     _grouped_launch(tune, cfg, a, sa, b, sb, stride_sb, dpre, meta, n, k, epi=Epilogue.ACT_BWD,
                     pre_desc=pre_desc, hw=hw, dwp=dwp, weights=weights, gated=gated, act=act,
-                    b_kmajor=sa is not None, gather=gather, act_parts=parts)
+                    b_kmajor=sa is not None, gather=gather, act_parts=parts,
+                    act_bufs=int(cfg.get("ACT_BUFS", 2)))
     return dwp.sum(0)
 
 
@@ -1149,7 +1157,7 @@ def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k
 def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, meta, n, k, *,
                     epi: Epilogue, pre_desc=None, hw=None, dwp=None, weights=None,
                     gated=False, act=0, b_kmajor=True, nb=None, gather=False, pre=None,
-                    store_pre=False, store_h=True, act_parts=0):
+                    store_pre=False, store_h=True, act_parts=0, act_bufs=2):
     """One launch of ``_grouped_mm_ws``: FP8 with scales (``sa`` given; ``tune.gluon_config``
     tiles, BK 128) or 16-bit (BK ``cfg["BK"]``)."""
     scaled = sa is not None
@@ -1220,7 +1228,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], TMA_STORE=parts if tma_store else 0, PINGPONG=pingpong,
-        CN=cn, CM=cm, ACT_PARTS=act_parts,
+        CN=cn, CM=cm, ACT_PARTS=act_parts, ACT_BUFS=act_bufs,
         num_warps=4, num_ctas=cn * cm, maxnreg=cfg["MAXNREG"])
     if cn * cm > 1 and kernel is not None:
         _note_cluster_capacity(out.device, kernel, cn * cm)

@@ -147,8 +147,8 @@ GLUON_BF16_REG_STORE = dict(TMA_STORE=0)
 # not yet run on a GPU; benchmarks/NOTES.md, session 38): each consumer processes its rows in
 # eight 32-column parts in the wgmma layout (``gluon_gemm._act_bwd_parts_epilogue``), their
 # pre-activation tiles TMA-loaded by the consumer into two part buffers (8 KB with gate and
-# up), the ring keeping 4 slots; the consumers at 232 registers (none spilled), the producer
-# warps at 40
+# up; ``ACT_BUFS`` 4 with 3 ring slots: four), the ring keeping 4 slots; the consumers at 232
+# registers (none spilled), the producer warps at 40
 GLUON_BF16_ACT_PARTS = dict(BN=256, STAGES=4, ACT_PARTS=8, LOAD_REGS=40, MMA_REGS=232)
 # the ping-pong variant of the 16-bit row-grouped GEMMs, over ``gluon_bf16_config`` (not a
 # default: on the H200 GEMM2 −4% on fine_30b, dx and dh' slower; benchmarks/NOTES.md, session
