@@ -940,8 +940,10 @@ if _HAVE_GLUON:
         gl.static_assert(BM == 128 * CM, "two consumers of 64 rows (in each CTA)")
         gl.static_assert(ACT_PARTS == 0 or (EPI == EPI_ACT_BWD and not SCALED and CN * CM == 1
                                             and (ACT_PARTS == 4 or ACT_PARTS == 8)
-                                            and (ACT_BUFS == 2 or ACT_BUFS == 4)),
-                         "ACT_PARTS 4 or 8 (ACT_BUFS 2 or 4): the 16-bit dh' GEMM with the "
+                                            and (ACT_BUFS == 2 or ACT_BUFS == 4)
+                                            and (ACT_PARTS // ACT_BUFS) % 2 == 0),
+                         "ACT_PARTS 4 or 8, ACT_BUFS 2 or 4, an even number of loads per "
+                         "buffer and tile (the waits' parity): the 16-bit dh' GEMM with the "
                          "activation backward")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
