@@ -146,9 +146,9 @@ GLUON_BF16_REG_STORE = dict(TMA_STORE=0)
 # on the split form's 128 x 256 tiles, over ``gluon_bf16_epi_config`` (prepared, not a default:
 # not yet run on a GPU; benchmarks/NOTES.md, session 38): each consumer processes its rows in
 # eight 32-column parts in the wgmma layout (``gluon_gemm._act_bwd_parts_epilogue``), their
-# pre-activation tiles TMA-loaded by the consumer into two part buffers (8 KB with gate and
-# up; ``ACT_BUFS`` 4 with 3 ring slots: four), the ring keeping 4 slots; the consumers at 232
-# registers (none spilled), the producer warps at 40
+# pre-activation tiles TMA-loaded by the consumer into two part buffers of 8 KB (gate and up),
+# the ring keeping 4 slots (``ACT_BUFS`` 4 over this: four part buffers, with ``STAGES`` 3);
+# the consumers at 232 registers (none spilled), the producer warps at 40
 GLUON_BF16_ACT_PARTS = dict(BN=256, STAGES=4, ACT_PARTS=8, LOAD_REGS=40, MMA_REGS=232)
 # the ping-pong variant of the 16-bit row-grouped GEMMs, over ``gluon_bf16_config`` (not a
 # default: on the H200 GEMM2 −4% on fine_30b, dx and dh' slower; benchmarks/NOTES.md, session
