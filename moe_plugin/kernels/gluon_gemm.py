@@ -520,19 +520,25 @@ if _HAVE_GLUON:
         mbarrier.arrive(pre_empty)
 
     @gluon.jit
-    def _act_bwd_part_load(pre_desc, pre_bufs, pre_bars, r0, col0, N, HALF: gl.constexpr,
-                           b: gl.constexpr, NB: gl.constexpr, GATED: gl.constexpr):
+    def _act_bwd_part_load(pre_desc, pre_bufs, pre_bars, r0, col0, N, seg_end,
+                           HALF: gl.constexpr, b: gl.constexpr, NB: gl.constexpr,
+                           GATED: gl.constexpr):
         """Consumer ``HALF``'s pre-activation tiles of one column part (``pre_desc``'s
         ``[HM, W]`` box at rows ``r0``, columns ``col0``; gated also the up tile ``N`` columns
         on) TMA-loaded into its buffer ``b`` of ``NB`` (``pre_bufs[(NB·HALF + b)·2 + {0,
-        1}]``), counted on ``pre_bars[NB·HALF + b]``. Its earlier generic reads of the buffer
-        are over (the caller's barrier) and ordered before the TMA's writes here."""
+        1}]``), counted on ``pre_bars[NB·HALF + b]``. A part wholly past the expert's rows or
+        past N (none of its values used) loads a box moved back to start inside the tensor
+        (every box starts in bounds; parts of it may lie past the end: zero-filled). Its
+        earlier generic reads of the buffer are over (the caller's barrier) and ordered before
+        the TMA's writes here."""
+        r = gl.minimum(r0, seg_end - 1)
+        c = gl.minimum(col0, N - 1)
         fence_async_shared()
         bar = pre_bars.index(NB * HALF + b)
         mbarrier.expect(bar, pre_desc.block_type.nbytes * (1 + GATED))
-        _tma_load(pre_desc, [r0, col0], bar, pre_bufs.index((NB * HALF + b) * 2))
+        _tma_load(pre_desc, [r, c], bar, pre_bufs.index((NB * HALF + b) * 2))
         if GATED:
-            _tma_load(pre_desc, [r0, N + col0], bar, pre_bufs.index((NB * HALF + b) * 2 + 1))
+            _tma_load(pre_desc, [r, N + c], bar, pre_bufs.index((NB * HALF + b) * 2 + 1))
 
     @gluon.jit
     def _act_bwd_part(q, P: gl.constexpr, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
@@ -562,7 +568,7 @@ if _HAVE_GLUON:
         _cta_barrier()  # the warpgroup's reads of the buffer over
         if P + NB < NP:
             _act_bwd_part_load(pre_desc, pre_bufs, pre_bars, r0, pid_n * BN + (P + NB) * W, N,
-                               HALF, P % NB, NB, GATED)
+                               seg_end, HALF, P % NB, NB, GATED)
 
     @gluon.jit
     def _act_bwd_parts_epilogue(acc, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr, dwp_ptr,
@@ -794,8 +800,8 @@ if _HAVE_GLUON:
                             for b in gl.static_range(ACT_BUFS):
                                 _act_bwd_part_load(pre_desc, pre_bufs, pre_ready,
                                                    row0 + HALF * HM,
-                                                   pid_n * BN + b * (BN // ACT_PARTS), N, HALF,
-                                                   b, ACT_BUFS, GATED)
+                                                   pid_n * BN + b * (BN // ACT_PARTS), N,
+                                                   seg_end, HALF, b, ACT_BUFS, GATED)
                             # (the weights' load depends on the slot ids': issued a few
                             # k-steps in, when the ids are there, so that no wait holds up
                             # the MMAs)
