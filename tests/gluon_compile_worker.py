@@ -378,6 +378,18 @@ def _cases():
                 lambda t=t, wd=wd, tokens=tokens, ordered=ordered, d=d, f=f:
                 GF.grouped_mm_direct(t, tokens, wd, wd.stride(), ordered, metab, n=f, k=d,
                                      gather=True))
+        # one GEMM's own configuration (``gluon_bf16_kind_configs``): GEMM2 ping-pong, dx not
+        kindpp = dataclasses.replace(tune, gluon_bf16_kind_configs={
+            "down": tuning.GLUON_BF16_PINGPONG})
+        if f % 64 == 0:
+            cases[f"bf16_down_kindpp_{shape}"] = (
+                lambda wd=wd, ordered=ordered, y=y, d=d, f=f: GF.grouped_mm_direct(
+                    kindpp, ordered, wd, (wd.stride(0), wd.stride(2), wd.stride(1)), y, metab,
+                    n=d, k=f, gather=False, kind="down"))
+            cases[f"bf16_dx_kindpp_{shape}"] = (
+                lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
+                    kindpp, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False,
+                    kind="dx"))
         # dh' with the activation backward in its epilogue: the producer staging the whole
         # tile's inputs, and in column parts on 128 x 256 tiles (GLUON_BF16_ACT_PARTS)
         parts = dataclasses.replace(tune, gluon_bf16_epi_config={

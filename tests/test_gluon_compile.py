@@ -41,6 +41,7 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh", "down_pingpong")]
          + [f"bf16_up_{g}_cluster_{shape}" for g in ("gated", "plain")
             for shape in ("aligned", "odd")]
+         + ["bf16_down_kindpp_aligned", "bf16_dx_kindpp_aligned"]
          + ["router_pieces_dx", "router_pieces_dw"])
 
 
@@ -121,6 +122,10 @@ LAUNCH = {
     "bf16_dh_fused_parts_gated_aligned": dict(BN=256, STAGES=4, ACT_PARTS=8, A_GATHER=True),
     "bf16_dh_fused_parts_plain_odd": dict(BN=256, ACT_PARTS=8, ACT_BUFS=2),
     "bf16_dh_fused_parts4_gated_aligned": dict(BN=256, STAGES=3, ACT_PARTS=8, ACT_BUFS=4),
+    # one GEMM's own configuration: GEMM2 with the consumers on whole tiles in turn, dx (the
+    # same tuning) on the defaults
+    "bf16_down_kindpp_aligned": dict(PINGPONG=True, BN=128, STAGES=5, TMA_STORE=0),
+    "bf16_dx_kindpp_aligned": dict(PINGPONG=False, BN=256, STAGES=4, TMA_STORE=4),
 }
 
 
@@ -130,7 +135,8 @@ def test_gluon_case_compiles_the_intended_launch(case, compiled):
     tiles (``gluon_gemm.bf16_seg_config``: 256 x 128 with x gathered, 128 x 256 with dout
     gathered, 128 x 128 for an fp32 read-add-write or widths not multiples of 16, the ring's
     slots fitted beside a read-add-write tile), dW_up transposed and the TMA-store epilogue
-    where their switches are on, and not elsewhere; clusters of two CTAs for GEMM2 and dx
+    where their switches are on, and not elsewhere; a configuration for one GEMM
+    (``gluon_bf16_kind_configs``) on that GEMM only; clusters of two CTAs for GEMM2 and dx
     where asked and this Triton's Gluon has TMA multicast, along the columns for an A by TMA
     and along the rows for a gathered A."""
     assert case in compiled and "launch" in compiled[case], compiled.get(case)

@@ -346,6 +346,31 @@ def test_gluon_row_grouped_fits_exactly_the_operands_it_reads():
                              gather=True, epi=Epilogue.ACT_BWD)
 
 
+def test_gluon_row_grouped_launches_name_their_gemm(monkeypatch):
+    """Each 16-bit row-grouped GEMM hands the Gluon launcher its name (``kind``), the key of
+    ``Tuning.gluon_bf16_kind_configs`` (a configuration for that GEMM alone): GEMM1 "up",
+    GEMM2 "down", the split form's dh' "dh", dx "dx" (the launcher replaced by a recorder:
+    this machine has no Hopper GPU)."""
+    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    from moe_plugin.kernels.permute import permute_metadata
+    kinds = []
+    monkeypatch.setattr(GF, "available", lambda tune, t: True)
+    monkeypatch.setattr(GF, "grouped_direct_fits", lambda *a, **k: True)
+    monkeypatch.setattr(GF, "grouped_mm_direct", lambda *a, **k: kinds.append(k["kind"]))
+    bf = torch.bfloat16
+    n, k, e, d, f = 8, 2, 3, 64, 64
+    meta = permute_metadata(torch.randint(0, e, (n, k), dtype=torch.int32), e)
+    x = torch.zeros(n, d, dtype=bf)
+    w_up, w_down = torch.zeros(e, 2 * f, d, dtype=bf), torch.zeros(e, d, f, dtype=bf)
+    G.expert_up(x, w_up, meta, 0, True, store_pre=True, store_h=True)
+    G.expert_down(torch.zeros(n * k, f, dtype=bf), w_down, meta)
+    with tuning.override(split_up_bwd=True, gluon_bf16_fuse_act_bwd=False):
+        G.expert_up_bwd(x, w_down, torch.zeros(n * k, 2 * f, dtype=bf), meta,
+                        torch.rand(n, k), 0, True)
+    G.expert_dx(torch.zeros(n * k, 2 * f, dtype=bf), w_up, meta)
+    assert kinds == ["up", "down", "dh", "dx"]
+
+
 def test_gluon_bf16_wgrad_tiles_fit_the_output():
     """``gluon_gemm.bf16_seg_config``: the 16-bit weight gradients' 128 x 256 tiles
     (``gluon_bf16_seg_config``; dW_down, A's rows gathered), 256 x 128 where B's rows are

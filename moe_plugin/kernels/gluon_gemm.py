@@ -1143,18 +1143,21 @@ def grouped_direct_fits(a, b, stride_b, n: int, k: int, *, epi: Epilogue = Epilo
 
 def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k: int,
                       gather: bool, epi: Epilogue = Epilogue.STORE, pre=None, gated=False,
-                      act=0, store_pre=False, store_h=True):
+                      act=0, store_pre=False, store_h=True, kind=None):
     """``grouped_gemm._grouped_mm_kernel``'s contract on 16-bit operands (``grouped_direct_fits``;
     no bias): ``C[p, n] = Σ_k A[row(p), k] · B_e[k, n]``, fp32 accumulation over 64-wide
     k-steps in order (the Triton kernel's sums). ``gather``: A's rows are ``sorted_slot[p] //
     top_k`` (copied by ``cp.async`` from the producer warps), else ``p`` (TMA).
     ``Epilogue.ACT_FWD``: GEMM1 (``c`` = h when ``store_h``; ``pre`` = the pre-activation,
-    stored when ``store_pre``, else its rounding dtype is ``c``'s)."""
+    stored when ``store_pre``, else its rounding dtype is ``c``'s). ``kind`` (a key of
+    ``Tuning.gemm_configs``: "up", "down", "dh", "dx"): ``tune.gluon_bf16_kind_configs[kind]``
+    applies over the GEMM's configuration."""
     if epi not in DIRECT_EPILOGUES:
         raise ValueError(f"grouped_mm_direct: epi={epi!r}; the dh' GEMM with the activation "
                          "backward in its epilogue is grouped_mm_act_bwd")
     cfg = _bf16_config(tune, gather,
-                       tune.gluon_bf16_up_config if epi == Epilogue.ACT_FWD else {})
+                       {**(tune.gluon_bf16_up_config if epi == Epilogue.ACT_FWD else {}),
+                        **tune.gluon_bf16_kind_configs.get(kind, {})})
     b_kmajor = stride_b[1] == 1 and stride_b[2] == k
     _grouped_launch(tune, cfg, a, None, b, None, (0, 0, 0), c, meta, n, k, epi=epi,
                     b_kmajor=b_kmajor, nb=stride_b[0] // k if b_kmajor else n, gather=gather,

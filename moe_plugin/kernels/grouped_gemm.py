@@ -517,7 +517,7 @@ def _launch_grouped(tune: tuning.Tuning, kind: str, a, b, c, meta: PermuteMeta, 
             and GF.grouped_direct_fits(a, b, stride_b, n, k, epi=epi, gated=gated)):
         GF.grouped_mm_direct(tune, a, b, stride_b, c, meta, n=n, k=k, gather=gather, epi=epi,
                              pre=pre, gated=gated, act=act, store_pre=store_pre,
-                             store_h=store_h)
+                             store_h=store_h, kind=kind)
         return
     num_m_tiles = cdiv(S, bm) + min(E, S)
     grid = (num_m_tiles * cdiv(n, bn),)

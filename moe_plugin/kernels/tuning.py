@@ -94,6 +94,10 @@ class Tuning:
     gluon_bf16_gather_config: dict = field(default_factory=lambda: dict(
         LOAD_WARPS=4, LOAD_REGS=88, MMA_REGS=208))
     gluon_bf16_up_config: dict = field(default_factory=lambda: dict(BN=128, STAGES=4))
+    # per GEMM ("up", "down", "dh", "dx": the split form's dh'), a dict applied over that
+    # GEMM's configuration above (e.g. ``{"down": GLUON_BF16_PINGPONG}``: GEMM2 alone with
+    # its consumers on whole tiles in turn); none by default
+    gluon_bf16_kind_configs: dict = field(default_factory=dict)
     # the 16-bit dh' GEMM with the activation backward in its Gluon epilogue (as FP8's,
     # ``gluon_fuse_act_bwd``), in place of the split form, when ``gluon_bf16_fuse_act_bwd``;
     # its tiles (``gluon_bf16_epi_config`` over the gathered GEMM's): the pre-activation tiles
