@@ -248,6 +248,10 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          "moe_plugin_act_parts": ("moe_plugin", dict(
              gluon_bf16_fuse_act_bwd=True, gluon_bf16_epi_config={
                  **tuning.current().gluon_bf16_epi_config, **tuning.GLUON_BF16_ACT_PARTS})),
+         # GEMM2 alone with its consumers on whole tiles in turn (the other GEMMs on the
+         # defaults: tuning.gluon_bf16_kind_configs)
+         "moe_plugin_down_pingpong": ("moe_plugin", dict(
+             gluon_bf16_kind_configs={"down": tuning.GLUON_BF16_PINGPONG})),
          # repeat Gluon launches without Triton's per-call binding (kernels/fast_launch.py)
          "moe_plugin_fast_launch": ("moe_plugin", dict(fast_launch=True)),
          # every custom-op call through PyTorch's dispatcher (kernels/eager.py)
