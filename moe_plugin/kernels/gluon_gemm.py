@@ -585,22 +585,15 @@ if _HAVE_GLUON:
         (the consumer's rows, loaded during the main loop). The routing-weight gradient's
         partial sums are one per part (row ``NP·pid_n + p`` of ``dwp``)."""
         gl.static_assert(NP == 4 or NP == 8, "four or eight column parts")
-        r0 = row0 + HALF * HM
         lo, hi = _col_halves(acc, HM, BN // 2)
-        quarters = _col_halves(lo, HM, BN // 4) + _col_halves(hi, HM, BN // 4)
-        for i in gl.static_range(4):
-            if NP == 4:
-                _act_bwd_part(quarters[i], i, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
-                              dwp_ptr, r0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
-                              HALF, HM, BN, NP, NB, GATED, ACT)
-            else:
-                e0, e1 = _col_halves(quarters[i], HM, BN // 8)
-                _act_bwd_part(e0, 2 * i, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
-                              dwp_ptr, r0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
-                              HALF, HM, BN, NP, NB, GATED, ACT)
-                _act_bwd_part(e1, 2 * i + 1, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
-                              dwp_ptr, r0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
-                              HALF, HM, BN, NP, NB, GATED, ACT)
+        qs = _col_halves(lo, HM, BN // 4) + _col_halves(hi, HM, BN // 4)
+        if NP == 8:
+            qs = (_col_halves(qs[0], HM, BN // 8) + _col_halves(qs[1], HM, BN // 8)
+                  + _col_halves(qs[2], HM, BN // 8) + _col_halves(qs[3], HM, BN // 8))
+        for p in gl.static_range(NP):
+            _act_bwd_part(qs[p], p, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr, dwp_ptr,
+                          row0 + HALF * HM, seg_end, pid_n, N, stride_cm, stride_hw,
+                          stride_dwp, HALF, HM, BN, NP, NB, GATED, ACT)
 
     @gluon.jit
     def _col_halves(t, HM: gl.constexpr, W: gl.constexpr):
