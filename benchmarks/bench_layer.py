@@ -243,11 +243,6 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          # the row-grouped GEMMs as clusters of two CTAs, one operand multicast (Triton >= 3.8)
          "moe_plugin_cluster": ("moe_plugin", dict(gluon_bf16_config={
              **tuning.current().gluon_bf16_config, **tuning.GLUON_BF16_CLUSTER})),
-         # the bf16 dh' GEMM with the activation backward in its epilogue, on 128 x 256 tiles in
-         # eight column parts (tuning.GLUON_BF16_ACT_PARTS), in place of the split form
-         "moe_plugin_act_parts": ("moe_plugin", dict(
-             gluon_bf16_fuse_act_bwd=True, gluon_bf16_epi_config={
-                 **tuning.current().gluon_bf16_epi_config, **tuning.GLUON_BF16_ACT_PARTS})),
          # GEMM2 alone with its consumers on whole tiles in turn (the other GEMMs on the
          # defaults: tuning.gluon_bf16_kind_configs)
          "moe_plugin_down_pingpong": ("moe_plugin", dict(

@@ -16,9 +16,8 @@
 #             (GLUON_S, 300)
 #   gemms     bench_gemms.py: the row-grouped GEMMs against the Triton ones and the weight
 #             gradients under SEG_VARIANTS (GEMMS_S, 240; CONFIGS, default fine_30b mixtral)
-#   fused_dh  bench_gemms.py: the bf16 dh' with the activation backward in its epilogue (the
-#             default tiles, and in column parts: GLUON_BF16_ACT_PARTS, also with four part
-#             buffers and 3 ring slots) against the split form (GEMMS_S; CONFIGS)
+#   fused_dh  bench_gemms.py: the bf16 dh' with the activation backward in its epilogue against
+#             the split form (GEMMS_S; CONFIGS)
 #   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap, the default)
 #             against the untransposed kernel, LAYER_CONFIGS (GEMMS_S)
 #   tma_store bench_gemms.py: GEMM2, dx, dh' with the tile stored by TMA (gluon_bf16_config
@@ -121,11 +120,8 @@ for step in "$@"; do
       timeout "${ROUTER_S:-100}" python benchmarks/profile_kernels.py --configs fine_30b \
         --router --steps 3 2>&1 | tee "$OUT/profile_router.log" | head -30 ;;
     fused_dh)
-      # the fused dh' (default tiles: the whole tile's inputs staged) against the split form
-      # and against the fused dh' on 128 x 256 tiles in column parts (GLUON_BF16_ACT_PARTS)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
         --kernels dh --enable gluon_bf16_fuse_act_bwd --against gluon_bf16_fuse_act_bwd \
-        --grouped-variants "$(python -c 'import json; from moe_plugin.kernels import tuning as t; v = {"_field": "gluon_bf16_epi_config", **t.GLUON_BF16_ACT_PARTS}; print(json.dumps([v, {**v, "STAGES": 3, "ACT_BUFS": 4}]))')" \
         2>&1 | tee "$OUT/gemms_fused_dh.log" | grep -v '^ ' | cut -c1-220 ;;
     wgrad_swap)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \

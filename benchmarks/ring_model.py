@@ -15,8 +15,7 @@ Checked, for every interleaving drawn: a consumer never reads a slot before its 
 k-step landed, no load overwrites a slot a consumer is reading, no barrier gets more arrivals
 than its count, no deadlock.
 
-Also modelled: the TMA-store epilogue's two buffers (``store_parts``) and the fused dh'
-epilogue's part buffers and their barriers' phases (``act_parts``).
+Also modelled: the TMA-store epilogue's two buffers (``store_parts``).
 
     python benchmarks/ring_model.py              # the kernel's protocols: all pass
     python benchmarks/ring_model.py --unordered  # ping-pong without the turns: fails
@@ -181,50 +180,6 @@ def store_parts(tiles, parts=4, partial_waits_all=True):
             if full:
                 pending.append(j % 2)
             j += 1
-    return None
-
-
-def act_parts(parts, bufs, tiles, seed):
-    """The fused dh' epilogue in column parts (``gluon_gemm._act_bwd_parts_epilogue``), one
-    consumer: ``bufs`` part buffers, each with its barrier; when a tile begins the loads of
-    parts 0 .. bufs - 1, after part p has been read the load of part p + bufs into p's buffer;
-    part p waits on its buffer's barrier with parity ``(p // bufs) % 2``. Loads land in order
-    per buffer at random points (a wait makes them land until it passes). Returns None, or
-    the first ``(tile, part, what)`` read too early ("stale": the wait passed on an earlier
-    phase) or waited for forever ("deadlock")."""
-    rnd = random.Random(seed)
-    bars = [Barrier(1) for _ in range(bufs)]
-    inflight = [[] for _ in range(bufs)]  # per buffer the (tile, part) loads not yet landed
-    content = [None] * bufs
-
-    def issue(t, p):
-        inflight[p % bufs].append((t, p))
-        bars[p % bufs].expect(1)
-
-    def land(b):
-        content[b] = inflight[b].pop(0)
-        bars[b].land(1)
-
-    def land_some():
-        for b in range(bufs):
-            while inflight[b] and rnd.random() < 0.5:
-                land(b)
-
-    for t in range(tiles):
-        for p in range(bufs):
-            issue(t, p)
-        land_some()  # the main loop
-        for p in range(parts):
-            b = p % bufs
-            while not bars[b].passed((p // bufs) % 2):
-                if not inflight[b]:
-                    return t, p, "deadlock"
-                land(b)
-            if content[b] != (t, p):
-                return t, p, "stale"
-            land_some()
-            if p + bufs < parts:
-                issue(t, p + bufs)
     return None
 
 

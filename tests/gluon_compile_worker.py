@@ -15,7 +15,6 @@ through ``fast_launch`` (``launch_check``, ``key_check``); in a process of its o
 """
 import contextlib
 import dataclasses
-import itertools
 import json
 import sys
 
@@ -247,7 +246,7 @@ def key_check() -> dict:
 # the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
 # compiled the variant)
 REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE", "PINGPONG",
-            "CN", "CM", "ACT_PARTS", "ACT_BUFS")
+            "CN", "CM")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,21 +389,13 @@ def _cases():
                 lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
                     kindpp, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False,
                     kind="dx"))
-        # dh' with the activation backward in its epilogue: the producer staging the whole
-        # tile's inputs, and in column parts on 128 x 256 tiles (GLUON_BF16_ACT_PARTS)
-        parts = dataclasses.replace(tune, gluon_bf16_epi_config={
-            **tune.gluon_bf16_epi_config, **tuning.GLUON_BF16_ACT_PARTS})
-        parts4 = dataclasses.replace(tune, gluon_bf16_epi_config={   # four part buffers
-            **tune.gluon_bf16_epi_config, **tuning.GLUON_BF16_ACT_PARTS, "STAGES": 3,
-            "ACT_BUFS": 4})
-        for (form, t), gated in itertools.product(
-                (("", tune), ("_parts", parts), ("_parts4", parts4)), (True, False)):
+        for gated in (True, False):  # dh' with the activation backward in its epilogue
             prea = ordered2 if gated else ordered
             wts = torch.zeros(sb_, dtype=torch.float32)
-            cases[f"bf16_dh_fused{form}_{'gated' if gated else 'plain'}_{shape}"] = (
-                lambda t=t, wd=wd, tokens=tokens, prea=prea, wts=wts, d=d, f=f, gated=gated:
+            cases[f"bf16_dh_fused_{'gated' if gated else 'plain'}_{shape}"] = (
+                lambda wd=wd, tokens=tokens, prea=prea, wts=wts, d=d, f=f, gated=gated:
                 GF.grouped_mm_act_bwd(
-                    t, tokens, None, wd, None, (0, 0, 0), prea, wts, metab,
+                    tune, tokens, None, wd, None, (0, 0, 0), prea, wts, metab,
                     torch.empty_like(prea), torch.empty(sb_, f, dtype=torch.bfloat16), n=f, k=d,
                     gated=gated, act=0 if gated else 3, gather=True))
         # ... not GEMM1 gated (two accumulators): its launch keeps the consumers on halves

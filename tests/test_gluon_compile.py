@@ -29,8 +29,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + [f"fp8_wgrad_{acc}" for acc in ("store", "atomic", "rmw")]
          + ["fp8_grouped", "fp8_dh_fused"]
          + ["bf16_down_aligned", "bf16_dx_aligned", "bf16_dh_aligned", "bf16_dh_odd"]
-         + [f"bf16_dh_fused{form}_{g}_{shape}" for form in ("", "_parts", "_parts4")
-            for g in ("gated", "plain") for shape in ("aligned", "odd")]
+         + [f"bf16_dh_fused_{g}_{shape}" for g in ("gated", "plain")
+            for shape in ("aligned", "odd")]
          + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
          + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"]
@@ -70,8 +70,7 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     the tile; dW_up also transposed, C stored transposed), the FP8 weight gradient, the FP8
     row-grouped GEMM (plain and with the fused dh' epilogue) and the 16-bit row-grouped GEMMs
     (``grouped_mm_direct``: GEMM2, dx, dh' with gathered rows, plain or with the activation
-    backward in its epilogue (its inputs staged for the whole tile, or in column parts),
-    GEMM1 gated or not storing pre and / or h; the plain epilogue
+    backward in its epilogue, GEMM1 gated or not storing pre and / or h; the plain epilogue
     by TMA stores; the consumers on whole tiles in turn; launched as clusters of two CTAs,
     GEMM2 and dx with A multicast, dh' and GEMM1 with B multicast), and the router's split-form
     backward GEMMs (Triton kernels at their tuned GPU tiles): compiled, within a Hopper
@@ -117,11 +116,8 @@ LAUNCH = {
     "bf16_up_gated_cluster_odd": (dict(CN=1, CM=2, BM=256, BN=128, STAGES=4)
                                   if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
     "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=4, PINGPONG=False, CN=1),
-    # the fused dh': the whole tile's inputs staged by the producer, or in column parts
-    "bf16_dh_fused_gated_aligned": dict(BN=128, STAGES=3, ACT_PARTS=0, A_GATHER=True),
-    "bf16_dh_fused_parts_gated_aligned": dict(BN=256, STAGES=4, ACT_PARTS=8, A_GATHER=True),
-    "bf16_dh_fused_parts_plain_odd": dict(BN=256, ACT_PARTS=8, ACT_BUFS=2),
-    "bf16_dh_fused_parts4_gated_aligned": dict(BN=256, STAGES=3, ACT_PARTS=8, ACT_BUFS=4),
+    # the fused dh': the whole tile's inputs staged by the producer beside a 3-slot ring
+    "bf16_dh_fused_gated_aligned": dict(BN=128, STAGES=3, A_GATHER=True),
     # one GEMM's own configuration: GEMM2 with the consumers on whole tiles in turn, dx (the
     # same tuning) on the defaults
     "bf16_down_kindpp_aligned": dict(PINGPONG=True, BN=128, STAGES=5, TMA_STORE=0),

@@ -510,16 +510,11 @@ def test_gluon_bf16_up_equals_triton(act, gated, store, variant, tune, monkeypat
         assert torch.equal(got, ref), f"GEMM1: Gluon against Triton, max difference {diff}"
 
 
-@pytest.mark.parametrize("form", ["staged", "parts", "parts4"])
 @pytest.mark.parametrize("activation", ["swiglu", "swiglu_oai", "gelu"])
-def test_gluon_bf16_dh_act_bwd_equals_split(activation, form, tune, monkeypatch):
+def test_gluon_bf16_dh_act_bwd_equals_split(activation, tune, monkeypatch):
     """With ``gluon_bf16_fuse_act_bwd`` the bf16 dh' GEMM (dout rows gathered by ``cp.async``,
-    W_down N-major) runs the activation backward in its Gluon epilogue (dh' never stored):
-    ``staged``, the default tiles, the producer TMA-loading the tile's pre-activation and
-    gathering its routing weights; ``parts`` (``tuning.GLUON_BF16_ACT_PARTS``), 128 x 256
-    tiles whose consumers load their own and process eight column parts in turn through two
-    part buffers (``parts4``: four, 3 ring slots; F 320: a whole tile and one whose last six
-    parts lie past F).
+    W_down N-major) runs the activation backward in its Gluon epilogue (the pre-activation
+    tiles TMA-loaded, the routing weights gathered by the producer warps, dh' never stored).
     Against the split form (the Gluon dh' GEMM storing dh', then ``_act_bwd_kernel``): the
     output, dx, dW_up and dW_down bitwise equal, the routing-weight gradient (its row sums
     summed in another order) to fp32 rounding; gated and not, F not a multiple of the tile,
@@ -530,12 +525,8 @@ def test_gluon_bf16_dh_act_bwd_equals_split(activation, form, tune, monkeypatch)
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
     tune(gluon_programs=3, gluon_bf16_grouped=True)
-    if form != "staged":
-        tune(gluon_bf16_epi_config={**tuning.current().gluon_bf16_epi_config,
-                                    **tuning.GLUON_BF16_ACT_PARTS,
-                                    **(dict(STAGES=3, ACT_BUFS=4) if form == "parts4" else {})})
     g = torch.Generator().manual_seed(31)
-    n, k, e, d, f = 600, 2, 6, 320, 192 if form == "staged" else 320
+    n, k, e, d, f = 600, 2, 6, 320, 192
     gated = activation != "gelu"
     x = torch.randn(n, d, generator=g).to(CUDA, torch.bfloat16)
     ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)

@@ -43,16 +43,3 @@ def test_store_parts_buffer_reuse():
                 assert RM.store_parts(tiles, parts) is None, (tiles, parts)
     assert RM.store_parts((True, False), 4, partial_waits_all=False) == (1, 1)
     assert RM.store_parts((True, False), 2, partial_waits_all=False) == (1, 1)
-
-
-def test_act_parts_buffer_phases():
-    """The fused dh' epilogue in column parts (a consumer's part buffers, each part waiting on
-    its buffer's barrier with parity ``(p // bufs) % 2``): over five tiles and random landing
-    orders no part reads its buffer before its own tiles landed, nor waits forever, where each
-    buffer gets an even number of loads a tile (the kernel's static assertion); with one load
-    a buffer and tile the second tile's first wait passes on the first tile's phase (or
-    hangs)."""
-    for parts, bufs in ((4, 2), (8, 2), (8, 4)):
-        assert [RM.act_parts(parts, bufs, 5, seed) for seed in range(100)] == [None] * 100
-    for parts, bufs in ((4, 4), (8, 8)):
-        assert all(RM.act_parts(parts, bufs, 5, seed)[:2] == (1, 0) for seed in range(20))

@@ -61,10 +61,7 @@ the dh' GEMM (``EPI == EPI_ACT_BWD``, ``grouped_mm_act_bwd``) the epilogue is
 ``grouped_gemm``'s split activation pass (``_act_bwd_kernel``, same arithmetic, bitwise the
 same dpre / hw / routing-weight gradient): the producer TMA-loads the tile's pre-activation
 and gathers its routing weights a few k-steps into the tile, the consumers stage dh' in shared
-memory and process it 16 rows at a time; dh' is never stored. With ``ACT_PARTS`` (wide tiles,
-whose whole inputs would not fit beside the ring) each consumer instead requests its own
-rows' inputs when the tile begins and processes its accumulator in column parts in the wgmma
-layout (``_act_bwd_parts_epilogue``).
+memory and process it 16 rows at a time; dh' is never stored.
 
 Used where ``available()`` (Gluon importable, a compute-capability-9 GPU, ``tune.gluon``) and
 the shapes fit (``grouped_fits``, ``grouped_direct_fits``, ...: K a multiple of the k-step,
@@ -319,7 +316,7 @@ if _HAVE_GLUON:
                       BLOCK_E: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
                       GATED: gl.constexpr, B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr,
                       DUAL: gl.constexpr, TOPK: gl.constexpr, CN: gl.constexpr,
-                      CM: gl.constexpr, ACT_PARTS: gl.constexpr):
+                      CM: gl.constexpr):
         """The ring over the tiles' k-steps: B's tiles by TMA (``B_KMAJOR``: B stored
         ``[E·NB, K]``, else ``[E·K, N]``; ``DUAL``: also the up rows ``NB/2`` further, into
         ring slot ``STAGES + s``), A's by TMA or, with ``A_GATHER`` (rows ``gather[p] //
@@ -327,8 +324,7 @@ if _HAVE_GLUON:
         copies' completion counted on ``ready`` as the seg producer's). With ``EPI ==
         EPI_ACT_BWD`` a few k-steps into a tile also its pre-activation tiles (TMA) and
         routing weights (gathered by these warps) for the activation-backward epilogue
-        (``pre_ready`` / ``pre_empty``; with ``ACT_PARTS`` the consumers load their own:
-        ``_act_bwd_parts_epilogue``).
+        (``pre_ready`` / ``pre_empty``).
 
         In a cluster of two CTAs the operand both share is loaded once, by the first CTA's
         producer into both CTAs' ring slot (TMA multicast), once both CTAs' consumers released
@@ -360,7 +356,6 @@ if _HAVE_GLUON:
                 r3 = gl.arange(0, HQ, layout=gl.SliceLayout(0, gl.SliceLayout(2, ga3)))
                 k3 = k3[None, None, :]
                 r3 = c3[:, None, None] * (2 * HQ) + r3[None, :, None]  # the CTA's half first
-        STAGED: gl.constexpr = EPI == EPI_ACT_BWD and ACT_PARTS == 0  # the epilogue's inputs
         nk = K // BK
         it = 0
         tc = 0  # tiles so far
@@ -392,7 +387,7 @@ if _HAVE_GLUON:
                     arow = gl.load(gather_ptr + grows, mask=gmask, other=0) // TOPK
                     a_tile = a_ptr + arow.to(gl.int64)[:, None] * stride_a + kcols[None, :]
                     a_mask = gmask[:, None] & (kcols < BK)[None, :]
-                if STAGED:
+                if EPI == EPI_ACT_BWD:
                     # the epilogue's inputs are requested a few k-steps into the tile (the
                     # previous tile's epilogues are over by then: both consumers released
                     # this tile's first slot) and arrive long before its epilogue: the
@@ -440,7 +435,7 @@ if _HAVE_GLUON:
                     else:
                         _tma_load(b_desc, [e * K + ks * BK, pid_n * BN], bar, b_bufs.index(s))
                     it += 1
-                    if STAGED:
+                    if EPI == EPI_ACT_BWD:
                         if ks == pre_at:
                             # both consumers' epilogues done with the buffers (their generic
                             # loads ordered before the TMA writes); pre_ready counts two
@@ -518,82 +513,6 @@ if _HAVE_GLUON:
             act_bwd_store(dh, g, u, wp, rows64, cols, rmask, cmask, pid_n, dwp_ptr, hw_ptr, c_ptr,
                           N, stride_dwp, stride_hw, stride_cm, GATED, ACT)
         mbarrier.arrive(pre_empty)
-
-    @gluon.jit
-    def _act_bwd_part_load(pre_desc, pre_bufs, pre_bars, r0, col0, N, seg_end,
-                           HALF: gl.constexpr, b: gl.constexpr, NB: gl.constexpr,
-                           GATED: gl.constexpr):
-        """Consumer ``HALF``'s pre-activation tiles of one column part (``pre_desc``'s
-        ``[HM, W]`` box at rows ``r0``, columns ``col0``; gated also the up tile ``N`` columns
-        on) TMA-loaded into its buffer ``b`` of ``NB`` (``pre_bufs[(NB·HALF + b)·2 + {0,
-        1}]``), counted on ``pre_bars[NB·HALF + b]``. A part wholly past the expert's rows or
-        past N (none of its values used) loads a box moved back to start inside the tensor
-        (every box starts in bounds; parts of it may lie past the end: zero-filled). Its
-        earlier generic reads of the buffer are over (the caller's barrier) and ordered before
-        the TMA's writes here."""
-        r = gl.minimum(r0, seg_end - 1)
-        c = gl.minimum(col0, N - 1)
-        fence_async_shared()
-        bar = pre_bars.index(NB * HALF + b)
-        mbarrier.expect(bar, pre_desc.block_type.nbytes * (1 + GATED))
-        _tma_load(pre_desc, [r, c], bar, pre_bufs.index((NB * HALF + b) * 2))
-        if GATED:
-            _tma_load(pre_desc, [r, N + c], bar, pre_bufs.index((NB * HALF + b) * 2 + 1))
-
-    @gluon.jit
-    def _act_bwd_part(q, P: gl.constexpr, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr,
-                      dwp_ptr, r0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
-                      HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
-                      NP: gl.constexpr, NB: gl.constexpr, GATED: gl.constexpr,
-                      ACT: gl.constexpr):
-        """Column part ``P`` of ``_act_bwd_parts_epilogue`` (``q [HM, W]``: its accumulator
-        columns), from buffer ``P % NB``; then part ``P + NB``'s tiles requested into it."""
-        W: gl.constexpr = BN // NP
-        part: gl.constexpr = _mma_layout(W, 4, 16)
-        rows = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, part))
-        rmask = rows < seg_end
-        cols = pid_n * BN + P * W + gl.arange(0, W, layout=gl.SliceLayout(0, part))
-        cmask = rmask[:, None] & (cols < N)[None, :]
-        # dh' rounded to the output dtype first, as the split form stores it
-        dh = gl.convert_layout(q.to(c_ptr.dtype.element_ty), part).to(gl.float32)
-        buf = (NB * HALF + P % NB) * 2
-        mbarrier.wait(pre_bars.index(NB * HALF + P % NB), (P // NB) % 2)
-        g = pre_bufs.index(buf).load(part).to(gl.float32)
-        if GATED:
-            u = pre_bufs.index(buf + 1).load(part).to(gl.float32)
-        else:
-            u = g
-        act_bwd_store(dh, g, u, wv, rows.to(gl.int64), cols, rmask, cmask, pid_n * NP + P,
-                      dwp_ptr, hw_ptr, c_ptr, N, stride_dwp, stride_hw, stride_cm, GATED, ACT)
-        _cta_barrier()  # the warpgroup's reads of the buffer over
-        if P + NB < NP:
-            _act_bwd_part_load(pre_desc, pre_bufs, pre_bars, r0, pid_n * BN + (P + NB) * W, N,
-                               seg_end, HALF, P % NB, NB, GATED)
-
-    @gluon.jit
-    def _act_bwd_parts_epilogue(acc, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr, dwp_ptr,
-                                row0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
-                                HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
-                                NP: gl.constexpr, NB: gl.constexpr, GATED: gl.constexpr,
-                                ACT: gl.constexpr):
-        """``_act_bwd_epilogue``'s arithmetic on a consumer's rows of a wide dh' tile (``acc
-        [HM, BN]``) in ``NP`` (4 or 8) column parts of ``W = BN/NP`` (``_act_bwd_part``),
-        without staging dh' in shared memory: each part's accumulator columns (a register
-        index of the wgmma layout) are processed in that layout, their pre-activation tiles
-        read from the consumer's ``NB`` part buffers (parts 0 to NB - 1 TMA-loaded when the
-        tile began, part p + NB into part p's buffer once p is done), the routing weights ``wv``
-        (the consumer's rows, loaded during the main loop). The routing-weight gradient's
-        partial sums are one per part (row ``NP·pid_n + p`` of ``dwp``)."""
-        gl.static_assert(NP == 4 or NP == 8, "four or eight column parts")
-        lo, hi = _col_halves(acc, HM, BN // 2)
-        qs = _col_halves(lo, HM, BN // 4) + _col_halves(hi, HM, BN // 4)
-        if NP == 8:
-            qs = (_col_halves(qs[0], HM, BN // 8) + _col_halves(qs[1], HM, BN // 8)
-                  + _col_halves(qs[2], HM, BN // 8) + _col_halves(qs[3], HM, BN // 8))
-        for p in gl.static_range(NP):
-            _act_bwd_part(qs[p], p, pre_desc, pre_bufs, pre_bars, wv, c_ptr, hw_ptr, dwp_ptr,
-                          row0 + HALF * HM, seg_end, pid_n, N, stride_cm, stride_hw,
-                          stride_dwp, HALF, HM, BN, NP, NB, GATED, ACT)
 
     @gluon.jit
     def _col_halves(t, HM: gl.constexpr, W: gl.constexpr):
@@ -681,9 +600,8 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready, info_empty,
-                      pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, pre_desc, c_smem, c_desc,
-                      c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr, sa_ptr, sb_ptr,
-                      tiles_cum_ptr, counts_ptr,
+                      pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc, c_ptr,
+                      pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
                       offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
                       stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk, stride_sbn,
                       HALF: gl.constexpr,
@@ -694,7 +612,7 @@ if _HAVE_GLUON:
                       B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
                       STORE_PRE: gl.constexpr, STORE_H: gl.constexpr,
                       TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
-                      CM: gl.constexpr, ACT_PARTS: gl.constexpr, ACT_BUFS: gl.constexpr):
+                      CM: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
         with ``PINGPONG`` (16-bit, plain or GEMM1 epilogue, one accumulator) all rows of every
         other tile with an expert, so that one consumer's epilogue runs while the other's MMAs
@@ -704,9 +622,7 @@ if _HAVE_GLUON:
         MMAs alternating; else (16-bit) the k-steps accumulate in the wgmma, one k-step left
         in flight (its slot released when the next is issued), ``DUAL``: a second accumulator
         (GEMM1's up columns). The epilogue stores the tile (``EPI_STORE``), runs
-        ``_act_bwd_epilogue`` (``EPI_ACT_BWD``; with ``ACT_PARTS``
-        ``_act_bwd_parts_epilogue``, whose pre-activation tiles and routing weights the
-        consumer requests when the tile begins) or GEMM1's activation (``EPI_ACT_FWD``: pre
+        ``_act_bwd_epilogue`` (``EPI_ACT_BWD``) or GEMM1's activation (``EPI_ACT_FWD``: pre
         and / or h = act(pre), as ``grouped_gemm._grouped_mm_kernel``). In a cluster of two
         CTAs the consumer's rows of the cluster's tile, each CTA's MMAs on its half of the
         columns (``CN`` 2) or of the rows (``CM`` 2: the consumer's 64 rows in each CTA, one
@@ -786,24 +702,6 @@ if _HAVE_GLUON:
                             tn += 1
 
                     else:
-                        if EPI == EPI_ACT_BWD and ACT_PARTS > 0:
-                            # the epilogue's inputs requested now, used after the main loop:
-                            # the first ACT_BUFS column parts' pre-activation tiles and the
-                            # rows' routing weights
-                            for b in gl.static_range(ACT_BUFS):
-                                _act_bwd_part_load(pre_desc, pre_bufs, pre_ready,
-                                                   row0 + HALF * HM,
-                                                   pid_n * BN + b * (BN // ACT_PARTS), N,
-                                                   seg_end, HALF, b, ACT_BUFS, GATED)
-                            # (the weights' load depends on the slot ids': issued a few
-                            # k-steps in, when the ids are there, so that no wait holds up
-                            # the MMAs)
-                            wlay: gl.constexpr = gl.SliceLayout(1, _mma_layout(BN // ACT_PARTS,
-                                                                               4, 16))
-                            wrows = row0 + HALF * HM + gl.arange(0, HM, layout=wlay)
-                            wslot = gl.load(gather_ptr + wrows, mask=wrows < seg_end, other=0)
-                            wv = gl.zeros([HM], gl.float32, layout=wlay)
-                            w_at = gl.minimum(4, nk - 1)
                         acc = gl.zeros([RG, BN], gl.float32, layout=mma)
                         acc2 = gl.zeros([RG, BN], gl.float32, layout=mma)
                         if PINGPONG:
@@ -836,10 +734,6 @@ if _HAVE_GLUON:
                                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
                                 if CTAS > 1:
                                     mbarrier.arrive(m_empty.index((it + STAGES - 1) % STAGES))
-                            if EPI == EPI_ACT_BWD and ACT_PARTS > 0:
-                                if ks == w_at:
-                                    wv = gl.load(w_ptr + wslot, mask=wrows < seg_end,
-                                                 other=0.0).to(gl.float32)
                             it += 1
                         if PINGPONG:  # the other consumer's main loop may start
                             mbarrier.arrive(other_turn)
@@ -861,12 +755,7 @@ if _HAVE_GLUON:
                     cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
                     cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
                     rows64 = rows_s.to(gl.int64)
-                    if EPI == EPI_ACT_BWD and ACT_PARTS > 0:
-                        _act_bwd_parts_epilogue(acc, pre_desc, pre_bufs, pre_ready, wv, c_ptr,
-                                                hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
-                                                stride_cm, stride_hw, stride_dwp, HALF, HM, BN,
-                                                ACT_PARTS, ACT_BUFS, GATED, ACT)
-                    elif EPI == EPI_ACT_BWD:
+                    if EPI == EPI_ACT_BWD:
                         _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
                                           c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
                                           stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
@@ -913,16 +802,12 @@ if _HAVE_GLUON:
             STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
             TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
-            CM: gl.constexpr, ACT_PARTS: gl.constexpr, ACT_BUFS: gl.constexpr,
-            num_warps: gl.constexpr):
+            CM: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
-        wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's epilogue
-        (``ACT_PARTS`` 4 or 8, 16-bit: by each consumer in column parts of its rows,
-        ``_act_bwd_parts_epilogue``, the pre-activation's part tiles in ``ACT_BUFS`` (2 or 4)
-        buffers per consumer; else the whole tile's inputs staged by the producer); ``EPI_ACT_FWD``
-        (16-bit, B K-major): GEMM1 with its activation (gated: the gate and up tiles in one
-        ring slot, two accumulators). ``TMA_STORE`` (16-bit, plain
+        wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
+        epilogue; ``EPI_ACT_FWD`` (16-bit, B K-major): GEMM1 with its activation (gated: the
+        gate and up tiles in one ring slot, two accumulators). ``TMA_STORE`` (16-bit, plain
         epilogue): the tile stored through shared memory by ``c_desc``'s TMA
         (``_tma_store_tile``), the consumers on to the next tile while it is written.
         ``PINGPONG`` (16-bit, one accumulator, plain or GEMM1 epilogue): each consumer computes
@@ -937,13 +822,6 @@ if _HAVE_GLUON:
         gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
         gl.static_assert(BM == 128 * CM, "two consumers of 64 rows (in each CTA)")
-        gl.static_assert(ACT_PARTS == 0 or (EPI == EPI_ACT_BWD and not SCALED and CN * CM == 1
-                                            and (ACT_PARTS == 4 or ACT_PARTS == 8)
-                                            and (ACT_BUFS == 2 or ACT_BUFS == 4)
-                                            and (ACT_PARTS // ACT_BUFS) % 2 == 0),
-                         "ACT_PARTS 4 or 8, ACT_BUFS 2 or 4, an even number of loads per "
-                         "buffer and tile (the waits' parity): the 16-bit dh' GEMM with the "
-                         "activation backward")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
         gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE or EPI == EPI_ACT_BWD),
@@ -982,13 +860,7 @@ if _HAVE_GLUON:
         # EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
         # (else token allocations: pre_desc is a stand-in)
         plain: gl.constexpr = _plain_smem(CTAS)
-        if ACT_PARTS > 0:  # per consumer ACT_BUFS part buffers of gate and up tiles
-            pre_bufs = gl.allocate_shared_memory(pre_desc.dtype,
-                                                 [4 * ACT_BUFS] + pre_desc.block_shape,
-                                                 pre_desc.layout)
-            dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
-            w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
-        elif EPI == EPI_ACT_BWD:
+        if EPI == EPI_ACT_BWD:
             pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
                                                  pre_desc.layout)
             dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN],
@@ -1005,43 +877,34 @@ if _HAVE_GLUON:
                                                c_desc.layout)
         else:
             c_smem = gl.allocate_shared_memory(gl.float32, [4], plain)
-        if ACT_PARTS > 0:  # a consumer's part buffer b: its TMA loads (ACT_BUFS·HALF + b)
-            pre_ready = _bars(2 * ACT_BUFS, CTAS)
-        else:
-            pre_ready = gl.allocate_shared_memory(gl.int64, [CTAS], _bar_layout(CTAS))
+        pre_ready = gl.allocate_shared_memory(gl.int64, [CTAS], _bar_layout(CTAS))
         pre_empty = gl.allocate_shared_memory(gl.int64, [CTAS], _bar_layout(CTAS))
-        if ACT_PARTS > 0:
-            for i in gl.static_range(2 * ACT_BUFS):
-                mbarrier.init(pre_ready.index(i), count=1)
-        else:
-            mbarrier.init(pre_ready, count=2)  # the producer's expect and its weights' arrive
+        mbarrier.init(pre_ready, count=2)  # the producer's expect and its weights' arrive
         mbarrier.init(pre_empty, count=2)  # both consumers
 
         gl.warp_specialize([
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
-                             info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, pre_desc,
-                             c_smem, c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr,
-                             sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
-                             num_m_tiles, num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp,
-                             stride_sa, stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK,
-                             STAGES, GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED,
-                             B_KMAJOR, A_GATHER, DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG,
-                             CN, CM, ACT_PARTS, ACT_BUFS)),
+                             info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
+                             c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
+                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
+                             stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M,
+                             BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
+                             DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
-                             info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, pre_desc,
-                             c_smem, c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr,
-                             sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K,
-                             num_m_tiles, num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp,
-                             stride_sa, stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK,
-                             STAGES, GROUP_M, BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED,
-                             B_KMAJOR, A_GATHER, DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG,
-                             CN, CM, ACT_PARTS, ACT_BUFS)),
+                             info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
+                             c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
+                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
+                             stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M,
+                             BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
+                             DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, m_empty, info,
                              info_ready, info_empty, pre_desc, pre_bufs, w_buf, pre_ready,
                              pre_empty, w_ptr, a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr,
                              offsets_ptr, E, N, NB, K, num_m_tiles, num_tiles, stride_a, BM, BN,
                              BK, STAGES, GROUP_M, BLOCK_E, INFO, EPI, GATED, B_KMAJOR, A_GATHER,
-                             DUAL, TOPK, CN, CM, ACT_PARTS)),
+                             DUAL, TOPK, CN, CM)),
         ], [4, LOAD_WARPS], [MMA_REGS, LOAD_REGS])
 
 
@@ -1072,8 +935,7 @@ def act_bwd_fits(pre, dpre, hw) -> bool:
 def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weights, meta, dpre,
                        hw, *, n: int, k: int, gated: bool, act: int, gather: bool = False):
     """dh' = the row-grouped GEMM with ``grouped_gemm._act_bwd_kernel`` fused into its epilogue
-    (``_act_bwd_epilogue``, or with ``ACT_PARTS`` in the configuration
-    ``_act_bwd_parts_epilogue``): writes ``dpre`` and ``hw`` without storing dh' and returns the
+    (``_act_bwd_epilogue``): writes ``dpre`` and ``hw`` without storing dh' and returns the
     routing-weight gradient per slot (fp32 ``[S]``, the sum of the epilogue's partials, one
     per column tile). Bitwise the split form's ``dpre`` and ``hw`` (dh' is rounded to
     ``pre``'s dtype as the split form stores it). FP8 (``sa`` given; B K-major, as
@@ -1084,22 +946,13 @@ def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weight
         cfg = _bf16_config(tune, gather, tune.gluon_bf16_epi_config)
     else:
         cfg = {**tune.gluon_config, **tune.gluon_epi_config}
-    # ``cfg["ACT_PARTS"]`` 4 or 8 (16-bit): the epilogue by each consumer in column parts
-    # (``_act_bwd_parts_epilogue``: a [BM/2, BN/parts] box of pre per part, a partial sum per
-    # part), through ``cfg["ACT_BUFS"]`` (2 or 4) part buffers
-    parts = int(cfg.get("ACT_PARTS", 0)) if sa is None else 0
-    dwp = torch.empty(cdiv(n, cfg["BN"]) * max(parts, 1), pre.shape[0], dtype=torch.float32,
+    dwp = torch.empty(cdiv(n, cfg["BN"]), pre.shape[0], dtype=torch.float32,
                       device=pre.device)
-    if parts:
-        box = [cfg["BM"] // 2, cfg["BN"] // parts]
-        pre_desc = TensorDescriptor.from_tensor(pre, box, _nvmma_layout(*box, pre.dtype))
-    else:
-        pre_desc = TensorDescriptor.from_tensor(pre, [cfg["BM"], cfg["BN"]],
-                                                _unswizzled_layout(pre.element_size() * 8, 2))
+    pre_desc = TensorDescriptor.from_tensor(pre, [cfg["BM"], cfg["BN"]],
+                                            _unswizzled_layout(pre.element_size() * 8, 2))
     _grouped_launch(tune, cfg, a, sa, b, sb, stride_sb, dpre, meta, n, k, epi=Epilogue.ACT_BWD,
                     pre_desc=pre_desc, hw=hw, dwp=dwp, weights=weights, gated=gated, act=act,
-                    b_kmajor=sa is not None, gather=gather, act_parts=parts,
-                    act_bufs=int(cfg.get("ACT_BUFS", 2)))
+                    b_kmajor=sa is not None, gather=gather)
     return dwp.sum(0)
 
 
@@ -1161,7 +1014,7 @@ def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k
 def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, meta, n, k, *,
                     epi: Epilogue, pre_desc=None, hw=None, dwp=None, weights=None,
                     gated=False, act=0, b_kmajor=True, nb=None, gather=False, pre=None,
-                    store_pre=False, store_h=True, act_parts=0, act_bufs=2):
+                    store_pre=False, store_h=True):
     """One launch of ``_grouped_mm_ws``: FP8 with scales (``sa`` given; ``tune.gluon_config``
     tiles, BK 128) or 16-bit (BK ``cfg["BK"]``)."""
     scaled = sa is not None
@@ -1232,7 +1085,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], TMA_STORE=parts if tma_store else 0, PINGPONG=pingpong,
-        CN=cn, CM=cm, ACT_PARTS=act_parts, ACT_BUFS=act_bufs,
+        CN=cn, CM=cm,
         num_warps=4, num_ctas=cn * cm, maxnreg=cfg["MAXNREG"])
     if cn * cm > 1 and kernel is not None:
         _note_cluster_capacity(out.device, kernel, cn * cm)

@@ -101,7 +101,8 @@ class Tuning:
     # the 16-bit dh' GEMM with the activation backward in its Gluon epilogue (as FP8's,
     # ``gluon_fuse_act_bwd``), in place of the split form, when ``gluon_bf16_fuse_act_bwd``;
     # its tiles (``gluon_bf16_epi_config`` over the gathered GEMM's): the pre-activation tiles
-    # and dh' take shared memory (``GLUON_BF16_ACT_PARTS``: 128 x 256 tiles in column parts)
+    # and dh' take shared memory (slower than the split form on an H100: benchmarks/NOTES.md,
+    # sessions 29 and 39)
     gluon_bf16_fuse_act_bwd: bool = False
     gluon_bf16_epi_config: dict = field(default_factory=lambda: dict(BN=128, STAGES=3))
     # the Gluon column quantisation: BC columns per tile, WC of the warps along the columns
@@ -123,7 +124,8 @@ class Tuning:
     # fp32 GEMMs on fp32 copies
     router_split_bwd: bool = True
     # (BM, BN, BK, num_warps, num_stages) of ``routing.pieces_dx``, the split form's dx GEMM
-    pieces_dx_block: tuple = (128, 128, 64, 8, 3)
+    # (the fastest of router_dx_check.py's sweep on an H100: benchmarks/NOTES.md, session 39)
+    pieces_dx_block: tuple = (128, 256, 64, 8, 2)
     # the split form's weight gradient: ``routing.pieces_dw`` (one kernel, x read once for the
     # three pieces) when True, else ``torch.mm`` of the stacked pieces with an fp32 output,
     # summed (prepared, off: not yet timed on a GPU)
@@ -146,14 +148,6 @@ class Tuning:
 # −2.0%, mixtral −0.3% on an H100; benchmarks/NOTES.md, session 36)
 # the plain epilogue by registers, for comparisons
 GLUON_BF16_REG_STORE = dict(TMA_STORE=0)
-# the 16-bit dh' GEMM with the activation backward in its epilogue (``gluon_bf16_fuse_act_bwd``)
-# on the split form's 128 x 256 tiles, over ``gluon_bf16_epi_config`` (prepared, not a default:
-# not yet run on a GPU; benchmarks/NOTES.md, session 38): each consumer processes its rows in
-# eight 32-column parts in the wgmma layout (``gluon_gemm._act_bwd_parts_epilogue``), their
-# pre-activation tiles TMA-loaded by the consumer into two part buffers of 8 KB (gate and up),
-# the ring keeping 4 slots (``ACT_BUFS`` 4 over this: four part buffers, with ``STAGES`` 3);
-# the consumers at 232 registers (none spilled), the producer warps at 40
-GLUON_BF16_ACT_PARTS = dict(BN=256, STAGES=4, ACT_PARTS=8, LOAD_REGS=40, MMA_REGS=232)
 # the ping-pong variant of the 16-bit row-grouped GEMMs, over ``gluon_bf16_config`` (not a
 # default: on the H200 GEMM2 −4% on fine_30b, dx and dh' slower; benchmarks/NOTES.md, session
 # 33): the consumers on whole 128 x 128 tiles in turn, 5 ring slots, the epilogue by registers
