@@ -441,6 +441,16 @@ def _cases():
     x_router = torch.zeros(256, 512, dtype=torch.bfloat16)
     cases["router_pieces_dx"] = lambda: routing.pieces_dx(pieces, w_gate, x_router)
     cases["router_pieces_dw"] = lambda: routing.pieces_dw(pieces, x_router, 3, torch.bfloat16)
+    # the routing forward (top-k by one max of packed int64 ranks a pick): plain softmax with
+    # the aux statistics, and group-limited sigmoid with a bias (the aux top-k apart)
+    logits = torch.zeros(256, 128, dtype=torch.float32)
+    cases["router_route_fwd"] = lambda: routing.route_forward(
+        logits, 8, score_func="softmax", renormalize=True, expert_bias=None, num_groups=None,
+        group_topk=None, scaling_factor=1.0, need_aux=True, need_lse=True)
+    cases["router_route_fwd_groups"] = lambda: routing.route_forward(
+        logits, 8, score_func="sigmoid", renormalize=True,
+        expert_bias=torch.zeros(128, dtype=torch.float32), num_groups=8, group_topk=4,
+        scaling_factor=2.5, need_aux=True, need_lse=False)
     return cases
 
 

@@ -194,6 +194,43 @@ def test_route_kernels_take_strided_logits():
                        K.route_backward(dense, want[0], dw, None, None, **bw))
 
 
+@pytest.mark.parametrize("groups", [None, 4])
+def test_route_forward_ties_and_non_finite_order(groups):
+    """The forward's top-k (one max of packed ranks a pick) orders as a stable descending
+    ``torch.sort`` of the selection scores: ties to the lowest expert, NaN above +inf (several
+    NaNs: lowest first), -inf last; group-limited: the groups by their top-2 sums (ties:
+    lowest group). Sigmoid scores of small integers (distinct in fp32), NaN and +-inf logits;
+    the aux counts."""
+    gen = torch.Generator().manual_seed(11)
+    n, e, k = 40, 16, 5
+    logits = torch.randint(-2, 3, (n, e), generator=gen).float()
+    logits[3, [1, 7]] = float("nan")
+    logits[4, [2, 9, 12]] = float("inf")
+    logits[5, :] = float("-inf")
+    logits[6, [0, 5]] = float("-inf")
+    logits[6, [4, 11]] = float("nan")
+    logits[7, :] = 0.0
+    kw = dict(score_func="sigmoid", renormalize=False, expert_bias=None, num_groups=groups,
+              group_topk=2 if groups else None, scaling_factor=1.0)
+    ids, w, _, cnt, _ = K.route_forward(logits.to(DEVICE), k, need_aux=True, need_lse=False,
+                                        **kw)
+    s = torch.sigmoid(logits.double())
+    if groups:  # sort's key: NaN first, then the value (stable: lowest index on ties)
+        gs = s.view(n, groups, -1)
+        top2 = torch.sort(gs, dim=-1, descending=True, stable=True).values[..., :2].sum(-1)
+        keep = torch.sort(top2, dim=-1, descending=True, stable=True).indices[:, :2]
+        mask = torch.zeros(n, groups, dtype=torch.bool).scatter_(1, keep, True)
+        s = s.masked_fill(~mask.repeat_interleave(e // groups, 1), float("-inf"))
+    want = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(ids.long().cpu(), want)
+    # the aux counts: without groups those of the selection itself, with groups those of a
+    # plain top-k of the aux distribution (all NaN in a row with a NaN: its lowest k experts)
+    if groups:
+        aux = reference._aux_scores(logits.double(), "sigmoid")
+        want = torch.sort(aux, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(cnt.long().cpu(), torch.bincount(want.flatten(), minlength=e))
+
+
 @pytest.mark.parametrize("mode", [1, 2], ids=["atomic", "read_modify_write"])
 @pytest.mark.parametrize("which", ["wgrad_up", "wgrad_down"])
 def test_wgrad_accumulates_into_buffer(which, mode, seed, tune):

@@ -27,31 +27,40 @@ from .grouped_gemm import dot_acc, dot_ieee
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _BIG = tl.constexpr(2 ** 30)
+_RANK_MIN = tl.constexpr(-(2 ** 63))  # below every rank (``_rank``)
 
 
 @triton.jit
-def _pick(key, avail, idx):
-    """Index of the largest ``key`` among the ``avail`` entries of each row, over the last two
-    axes of a ``[rows, a, b]`` tile (ties: lowest ``idx``; NaN ranks above every number, as
-    in ``torch.sort``). Every row has an available entry, so the result is one of its
-    ``idx``."""
-    nan = key != key
-    has_nan = tl.max(tl.max((avail & nan).to(tl.int32), 2), 1)
-    k2 = tl.where(avail & ~nan, key, _NEG_INF)
-    best = tl.max(tl.max(k2, 2), 1)
-    cand = avail & tl.where(has_nan[:, None, None] > 0, nan, k2 == best[:, None, None])
-    return tl.min(tl.min(tl.where(cand, idx, _BIG), 2), 1)
+def _rank(key, idx):
+    """Each entry's rank as one int64: the order-preserving int32 image of its fp32 ``key``
+    (``-0`` as ``+0``; every NaN as the positive quiet NaN, which ranks above ``+inf``, as in
+    ``torch.sort``) in the high half, ``_BIG - idx`` in the low half (ties: lowest ``idx``).
+    One max of ranks is the arg-max with its tie-break and NaN rule."""
+    key = tl.where(key != key, float("nan"), tl.where(key == 0.0, 0.0, key))
+    b = key.to(tl.int32, bitcast=True)
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return (b.to(tl.int64) << 32) | (-idx.to(tl.int64) + _BIG)
 
 
 @triton.jit
-def _pick_last(key, avail, idx):
+def _unrank(best):
+    """The ``idx`` of a rank made by ``_rank``."""
+    return -best.to(tl.int32) + _BIG  # (the low half: the int32 truncation)
+
+
+@triton.jit
+def _pick(rank, avail):
+    """Index of the largest ranked entry (``_rank``) among the ``avail`` entries of each row,
+    over the last two axes of a ``[rows, a, b]`` tile. Every row has an available entry, so
+    the result is one of its indices."""
+    r = tl.where(avail, rank, _RANK_MIN)
+    return _unrank(tl.max(tl.max(r, 2), 1))
+
+
+@triton.jit
+def _pick_last(rank, avail):
     """``_pick`` over the last axis only: ``[rows, a, b]`` → ``[rows, a]``."""
-    nan = key != key
-    has_nan = tl.max((avail & nan).to(tl.int32), 2)
-    k2 = tl.where(avail & ~nan, key, _NEG_INF)
-    best = tl.max(k2, 2)
-    cand = avail & tl.where(has_nan[:, :, None] > 0, nan, k2 == best[:, :, None])
-    return tl.min(tl.where(cand, idx, _BIG), 2)
+    return _unrank(tl.max(tl.where(avail, rank, _RANK_MIN), 2))
 
 
 @triton.jit
@@ -95,8 +104,9 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
         # group score: sum of the group's top GROUP_K selection scores
         gavail = avail
         gscore = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        erank = _rank(sel, e3)
         for _ in tl.static_range(GROUP_K):
-            ga = _pick_last(sel, gavail, e3)
+            ga = _pick_last(erank, gavail)
             hitg = e3 == ga[:, :, None]
             gscore += tl.sum(tl.where(hitg & gavail, sel, 0.0), 2)
             gavail = gavail & ~hitg
@@ -104,24 +114,23 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
         gs3 = gscore[:, :, None]
         gsel = (g3 < G) & (r3 >= 0)
         keep = gsel & (g3 < 0)
+        grank = _rank(gs3, g3)
         for _ in tl.static_range(GROUP_TOPK):
-            bi = _pick(gs3, gsel & ~keep, g3)
+            bi = _pick(grank, gsel & ~keep)
             keep = keep | (g3 == bi[:, None, None])
         avail = avail & keep
     kk = tl.arange(0, BLOCK_K)[None, :]
     wv = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     iv = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
-    cnt = tl.zeros([BLOCK_G, BLOCK_EG], dtype=tl.int32)
+    srank = _rank(sel, flat)
+    left = avail  # the entries not taken
     for j in tl.static_range(K):
-        a = _pick(sel, avail, flat)
+        a = _pick(srank, left)
         hit = flat == a[:, None, None]
         sv = tl.sum(tl.sum(tl.where(hit, s, 0.0), 2), 1)
         wv = tl.where(kk == j, sv[:, None], wv)
         iv = tl.where(kk == j, a[:, None], iv)
-        avail = avail & ~hit
-        if NEED_AUX:
-            if not AUX_SEPARATE:
-                cnt += tl.sum((hit & m).to(tl.int32), 0)
+        left = left & ~hit
     if RENORM:  # (padding rows past N: denominator 1, not 0/0)
         if SCORE == SCORE_SOFTMAX:
             wv = wv / tl.where(rows < N, tl.sum(wv, 1), 1.0)[:, None]
@@ -140,12 +149,14 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
         p = tl.where(m, p, 0.0)
         colsum = tl.sum(p, 0)
         if AUX_SEPARATE:  # plain top-k of the aux scores (no bias, no groups)
-            aavail = emask & (r3 >= 0)
+            avail = emask & (r3 >= 0)
+            left = avail
+            prank = _rank(p, flat)
             for j in tl.static_range(K):
-                a = _pick(p, aavail, flat)
-                hit = flat == a[:, None, None]
-                cnt += tl.sum((hit & m).to(tl.int32), 0)
-                aavail = aavail & ~hit
+                a = _pick(prank, left)
+                left = left & (flat != a[:, None, None])
+        # the per-expert counts of the (aux) top-k: the entries taken, summed over the rows
+        cnt = tl.sum((avail & ~left & m).to(tl.int32), 0)
         E = G * EG
         flat2 = tl.arange(0, BLOCK_G)[:, None] * EG + tl.arange(0, BLOCK_EG)[None, :]
         emask2 = (tl.arange(0, BLOCK_G)[:, None] < G) & (tl.arange(0, BLOCK_EG)[None, :] < EG)
@@ -220,6 +231,14 @@ def _rows_per_program(block_e: int, block_k: int = 1) -> int:
     return max(1, min(64, 4096 // (block_e * block_k)))
 
 
+def _fwd_warps(tile: int) -> int:
+    """Warps of the routing forward for a ``[rows, experts]`` tile of ``tile`` elements: 16
+    elements a thread (2 to 8 warps). At 64 a thread (fine_30b's 32 x 128 tile on 2 warps)
+    its ranks, scores and masks spilled (0.8-1 KB of stack a thread on sm_90), at 32 (4 warps)
+    up to 96 bytes; at 16 none."""
+    return max(2, min(8, tile // 512))
+
+
 def _fp32_2d(fn: str, name: str, t: torch.Tensor) -> torch.Tensor:
     """``t`` checked (2-D fp32) with unit column stride (the kernels index its rows by their
     stride, its columns as contiguous)."""
@@ -273,7 +292,7 @@ def _route_forward(logits, top_k, *, score_func, renormalize, expert_bias, num_g
             RENORM=renormalize, HAS_BIAS=expert_bias is not None, NEED_AUX=need_aux,
             AUX_SEPARATE=(expert_bias is not None or g > 1), NEED_LSE=need_lse,
             BLOCK_N=block_n, BLOCK_G=next_pow2(g), BLOCK_EG=next_pow2(eg),
-            BLOCK_K=next_pow2(top_k), num_warps=4 if block >= 512 else 2)
+            BLOCK_K=next_pow2(top_k), num_warps=_fwd_warps(block_n * block))
     if need_aux:
         colsum_out = colsum.sum(0) if n > 0 else torch.zeros(e, dtype=torch.float32, device=dev)
         cnt_out = cnt.sum(0, dtype=torch.int32) if n > 0 else torch.zeros(e, dtype=torch.int32,
