@@ -101,8 +101,10 @@ def _blocks(spec):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--blocks", default="128,128,64,8,3;128,128,64,8,1;128,128,128,8,1;"
-                    "64,256,64,8,2;128,256,128,8,1;128,256,64,8,2")
+    # the default tile and its neighbours (session 39's sweep: 128,256,64,8,2 fastest of
+    # 128x128 / 64x256 / 128x256 tiles with 1-3 stages and BK 64 / 128)
+    ap.add_argument("--blocks", default="128,128,64,8,3;128,256,64,8,2;128,256,64,8,3;"
+                    "256,128,64,8,2;256,128,64,8,3;128,256,32,8,4")
     ap.add_argument("--dw-blocks", default="128,128,64,8,2,4096;128,128,64,8,3,4096;"
                     "128,256,64,8,2,4096;128,128,64,8,2,2048;128,128,64,8,2,8192")
     args = ap.parse_args()
