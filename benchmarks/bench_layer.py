@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -467,6 +468,10 @@ def main(argv=None):
                        "dx_rel_err_vs_grouped_mm": err_dx}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.json:  # the rows so far, in case the run is cut short (a time limit)
+                    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+                    with open(args.json, "w") as fh:
+                        json.dump({"meta": {**meta, "partial": True}, "rows": rows}, fh, indent=1)
                 # each implementation starts from an empty cache: a later one inheriting the
                 # segments of an earlier one measured up to 10% slower (NOTES.md, session 13)
                 gc.collect()
