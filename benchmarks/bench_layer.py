@@ -38,11 +38,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 
 import torch
-from report import emit, run_meta
+from report import emit, run_meta, save_json
 from moe_plugin.kernels import tuning
 
 CONFIGS = {  # name: (T, D, F, E, k)
@@ -469,9 +468,7 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.json:  # the rows so far, in case the run is cut short (a time limit)
-                    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-                    with open(args.json, "w") as fh:
-                        json.dump({"meta": {**meta, "partial": True}, "rows": rows}, fh, indent=1)
+                    save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
                 # each implementation starts from an empty cache: a later one inheriting the
                 # segments of an earlier one measured up to 10% slower (NOTES.md, session 13)
                 gc.collect()

@@ -17,12 +17,22 @@ def run_meta(device="cuda", **extra) -> dict:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), **extra}
 
 
+def _write(path, write) -> None:
+    """``write(fh)`` into ``path`` (its folder made if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        write(fh)
+
+
+def save_json(path, payload) -> None:
+    """``payload`` as indented JSON in ``path``."""
+    _write(path, lambda fh: json.dump(payload, fh, indent=1))
+
+
 def emit(table: str, md_path=None, json_path=None, payload=None) -> None:
     """Prints ``table``; writes it to ``md_path`` and ``payload`` to ``json_path`` when given."""
     print(table, flush=True)
-    for path, write in ((json_path, lambda fh: json.dump(payload, fh, indent=1)),
-                        (md_path, lambda fh: fh.write(table))):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as fh:
-                write(fh)
+    if json_path:
+        save_json(json_path, payload)
+    if md_path:
+        _write(md_path, lambda fh: fh.write(table))
