@@ -100,14 +100,15 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
     # ``avail``: the experts still selectable in each row (a mask, not a -inf score, so a
     # selection score of -inf or NaN can neither be taken twice nor hide the last expert)
     avail = emask & (r3 >= 0)
+    srank = _rank(sel, flat)
     if G > 1:
-        # group score: sum of the group's top GROUP_K selection scores
+        # group score: sum of the group's top GROUP_K selection scores (a group's entries
+        # rank by flat index in the order of their index in the group)
         gavail = avail
         gscore = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
-        erank = _rank(sel, e3)
         for _ in tl.static_range(GROUP_K):
-            ga = _pick_last(erank, gavail)
-            hitg = e3 == ga[:, :, None]
+            ga = _pick_last(srank, gavail)
+            hitg = flat == ga[:, :, None]
             gscore += tl.sum(tl.where(hitg & gavail, sel, 0.0), 2)
             gavail = gavail & ~hitg
         # the best GROUP_TOPK groups, as a [rows, groups, 1] tile
@@ -122,7 +123,6 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, colsum_ptr, cnt_ptr,
     kk = tl.arange(0, BLOCK_K)[None, :]
     wv = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     iv = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
-    srank = _rank(sel, flat)
     left = avail  # the entries not taken
     for j in tl.static_range(K):
         a = _pick(srank, left)
