@@ -473,7 +473,7 @@ def test_gluon_cluster_grid_and_gate(monkeypatch):
                           ((3, 99), False)):
         monkeypatch.setattr(GF, "_triton_version", lambda v=version: v)
         assert GF.cluster_compiles() == want, version
-    monkeypatch.setattr(GF, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(GF, "sm_count", lambda device: 132)
     monkeypatch.setattr(GF, "_CLUSTER_CAPACITY", {})
     t = tuning.current()
     dev = "cuda:0"
@@ -518,25 +518,36 @@ def test_split_bf16_kernel_equals_torch(shape):
 def test_pieces_dx_sums_pieces_and_c():
     """``routing.pieces_dx`` (the router's split-form dx with the experts' dx added): ``c +
     Σ_i piece_i · W`` in one fp32 accumulator, within fp32 summation's error bound of the
-    exact sum, for widths off the tile sizes (E 40: a partial k-step; D 45, N 37: partial
-    tiles); with ``c`` absent, fp32 operands, one piece; bad shapes named."""
+    exact sum, for widths off the tile sizes (E 40: k-steps, the last partial; E 24: one
+    k-step, W's tile kept for all row tiles; D 45, N 37: partial tiles, several row tiles a
+    program); with ``c`` absent, fp32 operands, one piece; bad shapes named."""
     from moe_plugin.kernels.routing import pieces_dx, split_bf16_pieces
     g = torch.Generator().manual_seed(7)
-    n, e, d = 37, 40, 45
-    dl = torch.randn(n, e, generator=g) * torch.logspace(-4, 2, e)
-    w = torch.randn(e, d, generator=g).to(torch.bfloat16)
-    c = torch.randn(n, d, generator=g)
-    p3 = split_bf16_pieces(dl.to(DEVICE), 3)
-    got = pieces_dx(p3, w.to(DEVICE), c.to(DEVICE)).cpu()
-    assert got.dtype == torch.float32 and got.shape == (n, d)
-    p3d, wd = p3.cpu().double(), w.double()
-    exact = c.double() + sum(p3d[:, i * e:(i + 1) * e] @ wd for i in range(3))
-    bound = c.double().abs() + sum(p3d[:, i * e:(i + 1) * e].abs() @ wd.abs() for i in range(3))
-    assert ((got.double() - exact).abs() <= (3 * e + 1) * 2.0 ** -24 * bound).all()
-    # the pieces carry the fp32 dlogits: the result is dlogits · W to fp32 accuracy
-    bound1 = c.double().abs() + dl.double().abs() @ wd.abs()
-    assert ((got.double() - c.double() - dl.double() @ wd).abs()
-            <= (3 * e + 1) * 2.0 ** -24 * bound1).all()
+    n, d = 37, 45
+    for e in (24, 40):  # (the interpreter's k-step: 32)
+        dl = torch.randn(n, e, generator=g) * torch.logspace(-4, 2, e)
+        w = torch.randn(e, d, generator=g).to(torch.bfloat16)
+        c = torch.randn(n, d, generator=g)
+        p3 = split_bf16_pieces(dl.to(DEVICE), 3)
+        got = pieces_dx(p3, w.to(DEVICE), c.to(DEVICE)).cpu()
+        assert got.dtype == torch.float32 and got.shape == (n, d)
+        p3d, wd = p3.cpu().double(), w.double()
+        exact = c.double() + sum(p3d[:, i * e:(i + 1) * e] @ wd for i in range(3))
+        bound = c.double().abs() + sum(p3d[:, i * e:(i + 1) * e].abs() @ wd.abs()
+                                       for i in range(3))
+        assert ((got.double() - exact).abs() <= (3 * e + 1) * 2.0 ** -24 * bound).all(), e
+        # pieces of one magnitude (each piece's product counts alike)
+        pr = torch.randn(n, 3 * e, generator=g).to(torch.bfloat16)
+        got_r = pieces_dx(pr.to(DEVICE), w.to(DEVICE), c.to(DEVICE)).cpu().double()
+        prd = pr.double()
+        exact_r = c.double() + sum(prd[:, i * e:(i + 1) * e] @ wd for i in range(3))
+        bound_r = c.double().abs() + sum(prd[:, i * e:(i + 1) * e].abs() @ wd.abs()
+                                         for i in range(3))
+        assert ((got_r - exact_r).abs() <= (3 * e + 1) * 2.0 ** -24 * bound_r).all(), e
+        # the pieces carry the fp32 dlogits: the result is dlogits · W to fp32 accuracy
+        bound1 = c.double().abs() + dl.double().abs() @ wd.abs()
+        assert ((got.double() - c.double() - dl.double() @ wd).abs()
+                <= (3 * e + 1) * 2.0 ** -24 * bound1).all(), e
     wf = w.float()
     got1 = pieces_dx(dl.to(DEVICE), wf.to(DEVICE)).cpu()
     exact1 = dl.double() @ wf.double()

@@ -1,5 +1,8 @@
 """Small helpers shared by the kernel launch wrappers."""
+import functools
 import os
+
+import torch
 
 
 def interpret_mode() -> bool:
@@ -15,3 +18,9 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (the persistent kernels' program count)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count

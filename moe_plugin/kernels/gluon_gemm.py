@@ -79,7 +79,7 @@ import triton
 from . import tuning
 from .activation import act_bwd_store, act_fwd
 from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, EPI_ACT_FWD, EPI_STORE, Accum, Epilogue
-from .common import cdiv, next_pow2
+from .common import cdiv, next_pow2, sm_count
 from .fast_launch import launcher
 
 try:  # Gluon (Triton >= 3.5 with the Hopper dialect)
@@ -1102,11 +1102,6 @@ def _nvmma_layout(rows: int, cols: int, dtype: torch.dtype, cn: int = 1, split=N
                                                 cga_layout=_cga(cn, 2, split))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # (device, clusters' CTAs): how many clusters of a kernel fit on the device at once, as the
 # driver reported after the kernel's first launch (``_note_cluster_capacity``)
 _CLUSTER_CAPACITY = {}
@@ -1132,7 +1127,7 @@ def _programs(tune: tuning.Tuning, num_tiles: int, device, cn: int = 1) -> int:
     one per tile; launched as clusters of ``cn`` CTAs, one cluster per ``cn`` of them and no
     more than the device runs at once (``_note_cluster_capacity``: a cluster that waited for
     another to finish would double the kernel's tail)."""
-    n = (tune.gluon_programs or _sm_count(device)) // cn
+    n = (tune.gluon_programs or sm_count(device)) // cn
     if cn > 1 and _CLUSTER_CAPACITY.get((device, cn)):
         n = min(n, _CLUSTER_CAPACITY[(device, cn)])
     return max(1, min(num_tiles, n))

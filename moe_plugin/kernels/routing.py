@@ -22,7 +22,7 @@ from . import eager
 from . import tuning
 from .activation import sigmoid
 from .codes import SCORE_SOFTMAX, Score
-from .common import cdiv, interpret_mode, next_pow2
+from .common import cdiv, interpret_mode, next_pow2, sm_count
 from .grouped_gemm import dot_acc, dot_ieee
 
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -374,34 +374,49 @@ def split_bf16_pieces(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
 @triton.jit
 def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w, stride_c,
                       stride_o, PARTS: tl.constexpr, HAS_C: tl.constexpr, IEEE: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      KSTEPS: tl.constexpr, STAGES: tl.constexpr):
     """``out [N, D] = C + Σ_i piece_i · W``: ``pieces [N, PARTS·E]`` (piece i in columns
-    ``[i·E, (i+1)·E)``), ``W [E, D]``; one fp32 accumulator, C added to it, one rounding to
-    out's dtype. The column tiles of a row tile are consecutive programs (its pieces read
-    from L2)."""
+    ``[i·E, (i+1)·E)``), ``W [E, D]``; one fp32 accumulator (per k-step of BK the pieces in
+    order), C added to it, one rounding to out's dtype. Persistent: a program keeps one column
+    tile and takes every ``num_programs / column tiles``-th row tile, so that with E in one
+    k-step (``KSTEPS == 1``) its tile of W is read once and stays in shared memory, and the
+    row loop is pipelined (the next row tile's pieces and C load during a tile's products and
+    epilogue); with more k-steps the k loop is (as a non-persistent kernel's)."""
     n_col = tl.cdiv(D, BN)
     pid = tl.program_id(0)
-    rm = (pid // n_col).to(tl.int64) * BM + tl.arange(0, BM)
     rn = (pid % n_col) * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    row_ok = rm[:, None] < N
     col_ok = rn[None, :] < D
-    mask = row_ok & col_ok
-    if HAS_C:  # (read first: its latency under the products')
-        cin = tl.load(c_ptr + rm[:, None] * stride_c + rn[None, :], mask=mask, other=0.0)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, E, BK):
-        kk = k0 + rk
-        b = tl.load(w_ptr + kk[:, None] * stride_w + rn[None, :],
-                    mask=(kk[:, None] < E) & col_ok, other=0.0)
-        for i in tl.static_range(PARTS):
-            a = tl.load(p_ptr + rm[:, None] * stride_p + (i * E + kk)[None, :],
-                        mask=row_ok & (kk[None, :] < E), other=0.0)
-            acc = dot_acc(a, b, acc, IEEE)
-    if HAS_C:
-        acc += cin.to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    rk = tl.arange(0, BK)
+    if KSTEPS == 1:
+        b_all = tl.load(w_ptr + rk[:, None] * stride_w + rn[None, :],
+                        mask=(rk[:, None] < E) & col_ok, other=0.0)
+    for t in tl.range(pid // n_col, tl.cdiv(N, BM), tl.num_programs(0) // n_col,
+                      num_stages=STAGES):
+        rm = tl.arange(0, BM).to(tl.int64) + t * BM  # (int64: the row offsets)
+        row_ok = rm[:, None] < N
+        mask = row_ok & col_ok
+        if HAS_C:  # (read first: its latency under the products')
+            cin = tl.load(c_ptr + rm[:, None] * stride_c + rn[None, :], mask=mask, other=0.0)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if KSTEPS == 1:
+            for i in tl.static_range(PARTS):
+                a = tl.load(p_ptr + rm[:, None] * stride_p + (i * E + rk)[None, :],
+                            mask=row_ok & (rk[None, :] < E), other=0.0)
+                acc = dot_acc(a, b_all, acc, IEEE)
+        else:  # (an inner loop: the pipeliner's, each k-step's W tile read from L2)
+            for k0 in range(0, E, BK):
+                kk = k0 + rk
+                b = tl.load(w_ptr + kk[:, None] * stride_w + rn[None, :],
+                            mask=(kk[:, None] < E) & col_ok, other=0.0)
+                for i in tl.static_range(PARTS):
+                    a = tl.load(p_ptr + rm[:, None] * stride_p + (i * E + kk)[None, :],
+                                mask=row_ok & (kk[None, :] < E), other=0.0)
+                    acc = dot_acc(a, b, acc, IEEE)
+        if HAS_C:
+            acc += cin.to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
@@ -428,13 +443,18 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
     c = c.contiguous() if c is not None else None
     out = torch.empty(n, d, dtype=c.dtype if c is not None else w.dtype, device=w.device)
     if out.numel():
-        bm, bn, bk, warps, stages = ((16, 32, 32, 4, 1) if interpret_mode()
-                                     else tuning.current().pieces_dx_block)
-        _pieces_dx_kernel[(cdiv(n, bm) * cdiv(d, bn),)](
+        bm, bn, bk, warps, stages, per_sm = ((16, 32, 32, 4, 1, 1) if interpret_mode()
+                                             else tuning.current().pieces_dx_block)
+        bk = min(bk, next_pow2(e))  # (a k-step no wider than E's power of two)
+        n_col, n_row = cdiv(d, bn), cdiv(n, bm)
+        sms = 2 if interpret_mode() else tuning.current().gluon_programs or sm_count(w.device)
+        # a multiple of the column tiles (each program keeps one), at most one a tile
+        programs = n_col * max(1, min(n_row, per_sm * sms // n_col))
+        _pieces_dx_kernel[(programs,)](
             pieces, w, c if c is not None else out, out, n, d, e, pieces.stride(0),
             w.stride(0), c.stride(0) if c is not None else 0, out.stride(0), PARTS=pe // e,
-            HAS_C=c is not None, IEEE=dot_ieee(w.dtype),
-            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+            HAS_C=c is not None, IEEE=dot_ieee(w.dtype), BM=bm, BN=bn, BK=bk,
+            KSTEPS=cdiv(e, bk), STAGES=stages, num_warps=warps, num_stages=stages)
     return out
 
 

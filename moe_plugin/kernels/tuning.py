@@ -110,7 +110,8 @@ class Tuning:
     # the FP8 dh' GEMM on Hopper runs the activation backward in its epilogue (False: the
     # split form)
     gluon_fuse_act_bwd: bool = True
-    # programs of the persistent Gluon kernels: None = one per SM
+    # programs of the persistent Gluon kernels (and SMs counted by the router's persistent
+    # ``pieces_dx``): None = one per SM
     gluon_programs: Optional[int] = None
     # a Gluon kernel launched again with arguments of the same specialisation skips Triton's
     # per-call binding (``fast_launch.FastLaunch``, Triton 3.6 to 3.9); False: every launch by
@@ -123,9 +124,11 @@ class Tuning:
     # the router logits' backward for bf16 on CUDA on the tensor cores (``split_bf16``), False:
     # fp32 GEMMs on fp32 copies
     router_split_bwd: bool = True
-    # (BM, BN, BK, num_warps, num_stages) of ``routing.pieces_dx``, the split form's dx GEMM
-    # (the fastest of router_dx_check.py's sweep on an H100: benchmarks/NOTES.md, session 39)
-    pieces_dx_block: tuple = (128, 256, 64, 8, 2)
+    # (BM, BN, BK, num_warps, num_stages, programs per SM) of ``routing.pieces_dx``, the split
+    # form's dx GEMM (persistent; E up to BK in one k-step: W's tile resident, the row loop
+    # pipelined). Compiled for sm_90: 156 KB of shared memory, 168 registers, no stack;
+    # not yet timed on a GPU (benchmarks/NOTES.md, session 40)
+    pieces_dx_block: tuple = (64, 128, 128, 4, 2, 1)
     # the split form's weight gradient: ``routing.pieces_dw`` (one kernel, x read once for the
     # three pieces) when True, else ``torch.mm`` of the stacked pieces with an fp32 output,
     # summed (prepared, off: not yet timed on a GPU)
