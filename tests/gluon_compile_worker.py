@@ -454,6 +454,11 @@ def _cases():
         logits, 8, score_func="sigmoid", renormalize=True,
         expert_bias=torch.zeros(128, dtype=torch.float32), num_groups=8, group_topk=4,
         scaling_factor=2.5, need_aux=True, need_lse=False)
+    # the routing backward (the k picks one at a time on [rows, experts] tiles)
+    ids = torch.zeros(256, 8, dtype=torch.int32)
+    cases["router_route_bwd"] = lambda: routing.route_backward(
+        logits, ids, torch.zeros(256, 8), torch.zeros(128), torch.zeros(256),
+        score_func="softmax", renormalize=True, scaling_factor=1.0)
     return cases
 
 

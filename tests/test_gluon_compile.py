@@ -43,7 +43,7 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
             for shape in ("aligned", "odd")]
          + ["bf16_down_kindpp_aligned", "bf16_dx_kindpp_aligned"]
          + ["router_pieces_dx", "router_pieces_dw", "router_route_fwd",
-            "router_route_fwd_groups"])
+            "router_route_fwd_groups", "router_route_bwd"])
 
 
 def _run_worker(*args):
@@ -74,8 +74,8 @@ def test_gluon_kernel_compiles_for_sm90(case, compiled):
     backward in its epilogue, GEMM1 gated or not storing pre and / or h; the plain epilogue
     by TMA stores; the consumers on whole tiles in turn; launched as clusters of two CTAs,
     GEMM2 and dx with A multicast, dh' and GEMM1 with B multicast), the router's split-form
-    backward GEMMs (Triton kernels at their tuned GPU tiles) and its routing forward (int64
-    ranks): compiled, within a Hopper block's shared memory."""
+    backward GEMMs (Triton kernels at their tuned GPU tiles), its routing forward (int64
+    ranks) and backward: compiled, within a Hopper block's shared memory."""
     assert case in compiled, f"{case}: not run by the worker"
     res = compiled[case]
     assert "error" not in res, f"{case}: {res['error']}"

@@ -190,22 +190,33 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, dw_ptr, dcol_ptr, dlse_ptr, dlogits_p
         s = tl.where(m, sigmoid(x), 0.0)
     ds = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     if HAS_DW:
+        # the k picks one at a time ([rows, experts] tiles only): pick j's expert and weight
+        # gradient taken out of the row's [k] loads, its score by a masked row sum
         kk = tl.arange(0, BLOCK_K)[None, :]
         kmask = (kk < K) & rvalid[:, None]
         ids = tl.load(ids_ptr + r64[:, None] * K + kk, mask=kmask, other=-1)
         dw = tl.load(dw_ptr + r64[:, None] * K + kk, mask=kmask, other=0.0)
-        hit = ids[:, :, None] == e2[:, None, :]
-        sv = tl.sum(tl.where(hit, s[:, None, :], 0.0), 2)
         if RENORM:
-            if SCORE == SCORE_SOFTMAX:
-                z = tl.sum(sv, 1)
-            else:
-                z = tl.sum(sv, 1) + 1e-20
+            z = tl.zeros([BLOCK_N], dtype=tl.float32)
+            zdw = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(K):
+                id_j = tl.sum(tl.where(kk == j, ids, 0), 1)
+                dw_j = tl.sum(tl.where(kk == j, dw, 0.0), 1)
+                sv_j = tl.sum(tl.where(e2 == id_j[:, None], s, 0.0), 1)
+                z += sv_j
+                zdw += dw_j * sv_j
+            if SCORE != SCORE_SOFTMAX:
+                z += 1e-20
             z = tl.where(rvalid, z, 1.0)
-            dsv = scaling * (dw / z[:, None] - (tl.sum(dw * sv, 1) / (z * z))[:, None])
-        else:
-            dsv = scaling * dw
-        ds += tl.sum(tl.where(hit, dsv[:, :, None], 0.0), 1)
+            zdw = zdw / (z * z)
+        for j in tl.static_range(K):
+            id_j = tl.sum(tl.where(kk == j, ids, 0), 1)
+            dw_j = tl.sum(tl.where(kk == j, dw, 0.0), 1)
+            if RENORM:
+                dsv_j = scaling * (dw_j / z - zdw)
+            else:
+                dsv_j = scaling * dw_j
+            ds += tl.where(e2 == id_j[:, None], dsv_j[:, None], 0.0)
     if HAS_DCOL:
         dcol = tl.load(dcol_ptr + e2, mask=e2 < E, other=0.0)
         if SCORE == SCORE_SOFTMAX:
@@ -226,16 +237,16 @@ def _score_code(score_func: str) -> Score:
     return Score.SOFTMAX if score_func == "softmax" else Score.SIGMOID
 
 
-def _rows_per_program(block_e: int, block_k: int = 1) -> int:
-    """Rows per program: a [rows, experts] (× k in the backward) tile of about 4K elements."""
-    return max(1, min(64, 4096 // (block_e * block_k)))
+def _rows_per_program(block_e: int) -> int:
+    """Rows per program of the routing kernels: a [rows, experts] tile of about 4K elements."""
+    return max(1, min(64, 4096 // block_e))
 
 
-def _fwd_warps(tile: int) -> int:
-    """Warps of the routing forward for a ``[rows, experts]`` tile of ``tile`` elements: 16
+def _warps(tile: int) -> int:
+    """Warps of the routing kernels for a ``[rows, experts]`` tile of ``tile`` elements: 16
     elements a thread (2 to 8 warps). At 64 a thread (fine_30b's 32 x 128 tile on 2 warps)
-    its ranks, scores and masks spilled (0.8-1 KB of stack a thread on sm_90), at 32 (4 warps)
-    up to 96 bytes; at 16 none."""
+    the forward's ranks, scores and masks spilled (0.8-1 KB of stack a thread on sm_90), at 32
+    (4 warps) up to 96 bytes; at 16 none."""
     return max(2, min(8, tile // 512))
 
 
@@ -292,7 +303,7 @@ def _route_forward(logits, top_k, *, score_func, renormalize, expert_bias, num_g
             RENORM=renormalize, HAS_BIAS=expert_bias is not None, NEED_AUX=need_aux,
             AUX_SEPARATE=(expert_bias is not None or g > 1), NEED_LSE=need_lse,
             BLOCK_N=block_n, BLOCK_G=next_pow2(g), BLOCK_EG=next_pow2(eg),
-            BLOCK_K=next_pow2(top_k), num_warps=_fwd_warps(block_n * block))
+            BLOCK_K=next_pow2(top_k), num_warps=_warps(block_n * block))
     if need_aux:
         colsum_out = colsum.sum(0) if n > 0 else torch.zeros(e, dtype=torch.float32, device=dev)
         cnt_out = cnt.sum(0, dtype=torch.int32) if n > 0 else torch.zeros(e, dtype=torch.int32,
@@ -324,7 +335,9 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
     if n == 0:
         return dl
     be = next_pow2(e)
-    block_n = _rows_per_program(be, next_pow2(k))
+    # a [rows, experts] tile of about 2K elements, 8 a thread (fine_30b's 16 x 128 on 8 warps:
+    # 108 registers on sm_90, two programs an SM; 32 x 128 on 8 warps took 190)
+    block_n = max(1, _rows_per_program(be) // 2)
     dummy = logits
     _route_bwd_kernel[(cdiv(n, block_n),)](
         logits, topk_ids, d_weights.contiguous() if d_weights is not None else dummy,
@@ -333,7 +346,7 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
         n, logits.stride(0), dl.stride(0), float(scaling_factor),
         E=e, K=k, SCORE=int(_score_code(score_func)), RENORM=renormalize,
         HAS_DW=d_weights is not None, HAS_DCOL=d_colsum is not None, HAS_DLSE=d_lse is not None,
-        BLOCK_N=block_n, BLOCK_E=be, BLOCK_K=next_pow2(k), num_warps=4 if be >= 512 else 2)
+        BLOCK_N=block_n, BLOCK_E=be, BLOCK_K=next_pow2(k), num_warps=_warps(2 * block_n * be))
     return dl
 
 
