@@ -443,6 +443,11 @@ def _cases():
         with tuning.override(gluon_programs=132):  # (persistent: the SMs counted)
             return routing.pieces_dx(pieces, w_gate, x_router)
     cases["router_pieces_dx"] = router_pieces_dx
+
+    def router_pieces_dx_small_e():  # E 8: a k-step of 16 (the MMA's least)
+        with tuning.override(gluon_programs=132):
+            return routing.pieces_dx(pieces[:, :24], w_gate[:8], x_router)
+    cases["router_pieces_dx_small_e"] = router_pieces_dx_small_e
     cases["router_pieces_dw"] = lambda: routing.pieces_dw(pieces, x_router, 3, torch.bfloat16)
     # the routing forward (top-k by one max of packed int64 ranks a pick): plain softmax with
     # the aux statistics, and group-limited sigmoid with a bias (the aux top-k apart)

@@ -458,7 +458,8 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
     if out.numel():
         bm, bn, bk, warps, stages, per_sm = ((16, 32, 32, 4, 1, 1) if interpret_mode()
                                              else tuning.current().pieces_dx_block)
-        bk = min(bk, next_pow2(e))  # (a k-step no wider than E's power of two)
+        # a k-step no wider than E's power of two, at least the MMA's 16
+        bk = min(bk, max(16, next_pow2(e)))
         n_col, n_row = cdiv(d, bn), cdiv(n, bm)
         sms = 2 if interpret_mode() else tuning.current().gluon_programs or sm_count(w.device)
         # a multiple of the column tiles (each program keeps one), at most one a tile

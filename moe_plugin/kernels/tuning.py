@@ -126,9 +126,10 @@ class Tuning:
     router_split_bwd: bool = True
     # (BM, BN, BK, num_warps, num_stages, programs per SM) of ``routing.pieces_dx``, the split
     # form's dx GEMM (persistent; E up to BK in one k-step: W's tile resident, the row loop
-    # pipelined). Compiled for sm_90: 156 KB of shared memory, 168 registers, no stack;
-    # not yet timed on a GPU (benchmarks/NOTES.md, session 40)
-    pieces_dx_block: tuple = (64, 128, 128, 4, 2, 1)
+    # pipelined; sm_90: 221 KB of shared memory). The fastest of router_dx_check.py's sweep
+    # on an H100 (benchmarks/NOTES.md, session 40): 0.258 ms at fine_30b's shape against
+    # 0.367 for the earlier non-persistent kernel
+    pieces_dx_block: tuple = (64, 128, 128, 4, 3, 1)
     # the split form's weight gradient: ``routing.pieces_dw`` (one kernel, x read once for the
     # three pieces) when True, else ``torch.mm`` of the stacked pieces with an fp32 output,
     # summed (prepared, off: not yet timed on a GPU)
