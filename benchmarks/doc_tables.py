@@ -108,7 +108,8 @@ def _tflops3(r) -> str:
 def peers(root: str, *sources) -> list:
     """moe_plugin beside SonicMoE (and the ``torch._grouped_mm`` pipeline), each config's pair
     of runs (``bench_layer.py`` plain, then ``--router``): TFLOP/s, SonicMoE's time over ours,
-    the router-included layers, and the run's dense bf16 rate."""
+    the router-included layers, and the run's dense bf16 rate. A config without both plain rows
+    is left out; a run not made (router-included layers, ``grouped_mm``) reads "not measured"."""
     runs = {}
     for src in sources:
         data = _load(root, src)
@@ -120,15 +121,19 @@ def peers(root: str, *sources) -> list:
                    "fwd+bwd", "dense bf16 (run)", "SonicMoE tuning"]),
              "|---|---|---|---|---|---|---|---|"]
     for c in PEER_CONFIGS:
-        o, p, g = runs[c]["moe_plugin"], runs[c]["sonicmoe"], runs[c]["grouped_mm"]
-        ro, rp = runs[c]["moe_plugin_router"], runs[c]["sonicmoe_router"]
+        got = runs.get(c, {})
+        if "moe_plugin" not in got or "sonicmoe" not in got:
+            continue
+        o, p, g = got["moe_plugin"], got["sonicmoe"], got.get("grouped_mm")
+        ro, rp = got.get("moe_plugin_router"), got.get("sonicmoe_router")
         top = o["meta"].get("sonicmoe_quack_top")
         lines.append(_row([
             f"{c} ({o['T']}, {o['D']}, {o['F']}, {o['E']}, {o['k']})", _tflops3(o), _tflops3(p),
             f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×",
-            f"{ro['fwd_bwd_tflops']:.0f} / {rp['fwd_bwd_tflops']:.0f} "
-            f"({rp['fwd_bwd_ms'] / ro['fwd_bwd_ms']:.2f}×)",
-            f"{g['fwd_bwd_tflops']:.0f}", f"{o['meta']['ceilings']['bf16_gemm_tflops']:.0f}",
+            (f"{ro['fwd_bwd_tflops']:.0f} / {rp['fwd_bwd_tflops']:.0f} "
+             f"({rp['fwd_bwd_ms'] / ro['fwd_bwd_ms']:.2f}×)") if ro and rp else "not measured",
+            f"{g['fwd_bwd_tflops']:.0f}" if g else "not measured",
+            f"{o['meta']['ceilings']['bf16_gemm_tflops']:.0f}",
             "full" if top is None else f"shortlists of {top}"]))
     return lines
 
@@ -316,6 +321,10 @@ TABLES = {
     "layer_h200": Table((f"{RESULTS}/h200_layer_s29b.json",), layer_kernels),
     "peers_h200": Table(tuple(f"{RESULTS}/h200_peers_{mode}{c}_s34.json" for c in PEER_CONFIGS
                               for mode in ("", "router_")), peers),
+    # session 40's runs (coarse_120b not measured; the router-included layers on fine_30b only)
+    "peers_h200_s40": Table(tuple(f"{RESULTS}/h200_s40_peers_{c}.json"
+                                  for c in ("fine_7b", "fine_30b", "qwen3_30b_a3b", "mixtral"))
+                            + (f"{RESULTS}/h200_s40_peers_router_fine_30b.json",), peers),
     "recompute": Table((f"{RESULTS}/h100_bench_layer.json",), recompute),
     "recompute_run3": Table((f"{RESULTS}/h100_bench_layer_run3.json",), recompute),
     "fp8_training": Table((f"{RESULTS}/h100_bench_fp8.json",), fp8_training),
