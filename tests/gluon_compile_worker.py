@@ -448,6 +448,13 @@ def _cases():
         with tuning.override(gluon_programs=132):
             return routing.pieces_dx(pieces[:, :24], w_gate[:8], x_router)
     cases["router_pieces_dx_small_e"] = router_pieces_dx_small_e
+
+    def router_pieces_dx_e256():  # E 256: a k loop, its stages fitted to shared memory
+        p256 = torch.zeros(256, 3 * 256, dtype=torch.bfloat16)
+        w256 = torch.zeros(256, 512, dtype=torch.bfloat16)
+        with tuning.override(gluon_programs=132):
+            return routing.pieces_dx(p256, w256, x_router)
+    cases["router_pieces_dx_e256"] = router_pieces_dx_e256
     cases["router_pieces_dw"] = lambda: routing.pieces_dw(pieces, x_router, 3, torch.bfloat16)
     # the routing forward (top-k by one max of packed int64 ranks a pick): plain softmax with
     # the aux statistics, and group-limited sigmoid with a bias (the aux top-k apart)

@@ -42,7 +42,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + [f"bf16_up_{g}_cluster_{shape}" for g in ("gated", "plain")
             for shape in ("aligned", "odd")]
          + ["bf16_down_kindpp_aligned", "bf16_dx_kindpp_aligned"]
-         + ["router_pieces_dx", "router_pieces_dx_small_e", "router_pieces_dw", "router_route_fwd",
+         + ["router_pieces_dx", "router_pieces_dx_small_e", "router_pieces_dx_e256",
+            "router_pieces_dw", "router_route_fwd",
             "router_route_fwd_groups", "router_route_bwd"])
 
 

@@ -432,6 +432,32 @@ def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w,
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# shared memory a Triton program may plan for (a Hopper block's 227 KB less room for the
+# compiler's own buffers)
+_SMEM_BUDGET = 224 * 1024
+
+
+def _pieces_dx_fit(e: int, parts: int, bm: int, bn: int, bk: int, stages: int, esize: int,
+                   csize: int) -> tuple:
+    """``(BK, stages)`` of ``_pieces_dx_kernel`` for ``E = e``: one k-step (W's ``[BK, BN]``
+    tile resident, each stage a row tile's pieces and C) where E fits ``bk`` and that fits the
+    shared memory, else a k loop whose stages (a W tile and the pieces' tiles each) fit it, BK
+    halved (not below the MMA's 16) and then stages cut until they do. Sizes in bytes:
+    ``esize`` of the operands, ``csize`` of C (0 without C)."""
+    one = max(16, next_pow2(e))
+    if one <= bk:
+        for s in range(stages, 0, -1):
+            if one * bn * esize + s * (parts * bm * one * esize + bm * bn * csize) \
+                    <= _SMEM_BUDGET:
+                return one, s
+    k, s = max(16, min(bk, one // 2)), stages
+    while k > 16 and s * (bn + parts * bm) * k * esize > _SMEM_BUDGET:
+        k //= 2
+    while s > 1 and s * (bn + parts * bm) * k * esize > _SMEM_BUDGET:
+        s -= 1
+    return k, s
+
+
 def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
     """``c + Σ_i piece_i · w`` (``[N, D]``, c's dtype, else w's) for ``pieces [N, P·E]``
     (``split_bf16_pieces``'s P pieces of an fp32 ``[N, E]``) and ``w [E, D]``: the P products
@@ -458,8 +484,8 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
     if out.numel():
         bm, bn, bk, warps, stages, per_sm = ((16, 32, 32, 4, 1, 1) if interpret_mode()
                                              else tuning.current().pieces_dx_block)
-        # a k-step no wider than E's power of two, at least the MMA's 16
-        bk = min(bk, max(16, next_pow2(e)))
+        bk, stages = _pieces_dx_fit(e, pe // e, bm, bn, bk, stages, w.element_size(),
+                                    out.element_size() if c is not None else 0)
         n_col, n_row = cdiv(d, bn), cdiv(n, bm)
         sms = 2 if interpret_mode() else tuning.current().gluon_programs or sm_count(w.device)
         # a multiple of the column tiles (each program keeps one), at most one a tile
