@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import CONFIGS, make_inputs  # noqa: E402
 
 from moe_plugin import fused_experts, fused_moe  # noqa: E402
+from moe_plugin.kernels import tuning  # noqa: E402
 from moe_plugin.quant import WeightCache  # noqa: E402
 
 
@@ -34,10 +35,14 @@ def main():
     ap.add_argument("--host", type=int, default=0, metavar="N",
                     help="also the N Python functions with the most host time of a step "
                          "(cProfile, own time), to find launch overhead")
+    ap.add_argument("--fast-launch", action="store_true",
+                    help="with tuning.fast_launch on (Gluon launches without Triton's "
+                         "per-call binding)")
     args = ap.parse_args()
-    for name in args.configs:
-        profile_config(name, args)
-        torch.cuda.empty_cache()
+    with tuning.override(fast_launch=args.fast_launch):
+        for name in args.configs:
+            profile_config(name, args)
+            torch.cuda.empty_cache()
 
 
 def profile_config(name, args):
@@ -94,6 +99,7 @@ def profile_config(name, args):
         spans.append((ev.time_range.start, ev.time_range.end, ev.name))
     total = sum(v[0] for v in rows.values())
     print(json.dumps({"config": name, "quant": args.quant, "router": args.router,
+                      "fast_launch": args.fast_launch,
                       "gpu_ms_per_step": round(total, 3),
                       "elapsed_ms_per_step": round(elapsed, 3), "host_sync_calls": syncs}))
     for kname, (ms, n) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
