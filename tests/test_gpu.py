@@ -218,13 +218,15 @@ def test_router_logits_backward_bf16_split(dw_kernel):
     assert min(same) > 0.9, same
 
 
-def test_router_logits_shared_input_bf16_split():
+@pytest.mark.parametrize("e", [128, 256, 8])
+def test_router_logits_shared_input_bf16_split(e):
     """With the input shared (``share_input``: the experts' dx arriving as the alias's
     gradient), the bf16 split backward adds ``dlogits · W`` to it inside the GEMM: within one
-    bf16 rounding of the exact sum plus fp32 accumulation's error bound."""
+    bf16 rounding of the exact sum plus fp32 accumulation's error bound. E 128: one k-step,
+    W's tile resident; 256: a k loop (``routing._pieces_dx_fit``: BK 64); 8: a k-step of 16."""
     from moe_plugin.autograd.router import RouterLogitsFunction
     g = torch.Generator().manual_seed(1)
-    n, d, e = 2048, 512, 128
+    n, d = 2048, 512
     x = torch.randn(n, d, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
     w = (torch.randn(e, d, generator=g) / d ** 0.5).to(DEVICE, torch.bfloat16)
     dl = (torch.randn(n, e, generator=g) * torch.logspace(-6, 2, e)).to(DEVICE)
