@@ -439,22 +439,17 @@ def _cases():
     pieces = torch.zeros(256, 3 * 128, dtype=torch.bfloat16)
     w_gate = torch.zeros(128, 512, dtype=torch.bfloat16)
     x_router = torch.zeros(256, 512, dtype=torch.bfloat16)
-    def router_pieces_dx():
-        with tuning.override(gluon_programs=132):  # (persistent: the SMs counted)
-            return routing.pieces_dx(pieces, w_gate, x_router)
-    cases["router_pieces_dx"] = router_pieces_dx
-
-    def router_pieces_dx_small_e():  # E 8: a k-step of 16 (the MMA's least)
-        with tuning.override(gluon_programs=132):
-            return routing.pieces_dx(pieces[:, :24], w_gate[:8], x_router)
-    cases["router_pieces_dx_small_e"] = router_pieces_dx_small_e
-
-    def router_pieces_dx_e256():  # E 256: a k loop, its stages fitted to shared memory
-        p256 = torch.zeros(256, 3 * 256, dtype=torch.bfloat16)
-        w256 = torch.zeros(256, 512, dtype=torch.bfloat16)
-        with tuning.override(gluon_programs=132):
-            return routing.pieces_dx(p256, w256, x_router)
-    cases["router_pieces_dx_e256"] = router_pieces_dx_e256
+    def pieces_dx(p, w):
+        def case():
+            with tuning.override(gluon_programs=132):  # (persistent: the SMs counted)
+                return routing.pieces_dx(p, w, x_router)
+        return case
+    # E 128: one k-step, W resident; E 8: a k-step of 16 (the MMA's least); E 256: a k loop,
+    # its stages fitted to shared memory
+    cases["router_pieces_dx"] = pieces_dx(pieces, w_gate)
+    cases["router_pieces_dx_small_e"] = pieces_dx(pieces[:, :24], w_gate[:8])
+    cases["router_pieces_dx_e256"] = pieces_dx(torch.zeros(256, 3 * 256, dtype=torch.bfloat16),
+                                               torch.zeros(256, 512, dtype=torch.bfloat16))
     cases["router_pieces_dw"] = lambda: routing.pieces_dw(pieces, x_router, 3, torch.bfloat16)
     # the routing forward (top-k by one max of packed int64 ranks a pick): plain softmax with
     # the aux statistics, and group-limited sigmoid with a bias (the aux top-k apart)

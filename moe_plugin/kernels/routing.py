@@ -242,12 +242,12 @@ def _rows_per_program(block_e: int) -> int:
     return max(1, min(64, 4096 // block_e))
 
 
-def _warps(tile: int) -> int:
-    """Warps of the routing kernels for a ``[rows, experts]`` tile of ``tile`` elements: 16
-    elements a thread (2 to 8 warps). At 64 a thread (fine_30b's 32 x 128 tile on 2 warps)
-    the forward's ranks, scores and masks spilled (0.8-1 KB of stack a thread on sm_90), at 32
-    (4 warps) up to 96 bytes; at 16 none."""
-    return max(2, min(8, tile // 512))
+def _warps(tile: int, per_thread: int = 16) -> int:
+    """Warps of the routing kernels for a ``[rows, experts]`` tile of ``tile`` elements,
+    ``per_thread`` elements a thread (2 to 8 warps). At 64 a thread (fine_30b's 32 x 128 tile
+    on 2 warps) the forward's ranks, scores and masks spilled (0.8-1 KB of stack a thread on
+    sm_90), at 32 (4 warps) up to 96 bytes; at 16 none."""
+    return max(2, min(8, tile // (32 * per_thread)))
 
 
 def _fp32_2d(fn: str, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -346,7 +346,8 @@ def route_backward(logits: torch.Tensor, topk_ids: torch.Tensor, d_weights, d_co
         n, logits.stride(0), dl.stride(0), float(scaling_factor),
         E=e, K=k, SCORE=int(_score_code(score_func)), RENORM=renormalize,
         HAS_DW=d_weights is not None, HAS_DCOL=d_colsum is not None, HAS_DLSE=d_lse is not None,
-        BLOCK_N=block_n, BLOCK_E=be, BLOCK_K=next_pow2(k), num_warps=_warps(2 * block_n * be))
+        BLOCK_N=block_n, BLOCK_E=be, BLOCK_K=next_pow2(k),
+        num_warps=_warps(block_n * be, per_thread=8))
     return dl
 
 
@@ -385,6 +386,18 @@ def split_bf16_pieces(t: torch.Tensor, parts: int = 3) -> torch.Tensor:
 
 
 @triton.jit
+def _pieces_step(acc, p_ptr, rm, row_ok, stride_p, kk, b, E, PARTS: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """One k-step of ``_pieces_dx_kernel``: ``acc += piece_i[rm, kk] · b`` for the pieces in
+    order (``b``: W's rows ``kk``)."""
+    for i in tl.static_range(PARTS):
+        a = tl.load(p_ptr + rm[:, None] * stride_p + (i * E + kk)[None, :],
+                    mask=row_ok & (kk[None, :] < E), other=0.0)
+        acc = dot_acc(a, b, acc, IEEE)
+    return acc
+
+
+@triton.jit
 def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w, stride_c,
                       stride_o, PARTS: tl.constexpr, HAS_C: tl.constexpr, IEEE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -413,19 +426,13 @@ def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w,
             cin = tl.load(c_ptr + rm[:, None] * stride_c + rn[None, :], mask=mask, other=0.0)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if KSTEPS == 1:
-            for i in tl.static_range(PARTS):
-                a = tl.load(p_ptr + rm[:, None] * stride_p + (i * E + rk)[None, :],
-                            mask=row_ok & (rk[None, :] < E), other=0.0)
-                acc = dot_acc(a, b_all, acc, IEEE)
+            acc = _pieces_step(acc, p_ptr, rm, row_ok, stride_p, rk, b_all, E, PARTS, IEEE)
         else:  # (an inner loop: the pipeliner's, each k-step's W tile read from L2)
             for k0 in range(0, E, BK):
                 kk = k0 + rk
                 b = tl.load(w_ptr + kk[:, None] * stride_w + rn[None, :],
                             mask=(kk[:, None] < E) & col_ok, other=0.0)
-                for i in tl.static_range(PARTS):
-                    a = tl.load(p_ptr + rm[:, None] * stride_p + (i * E + kk)[None, :],
-                                mask=row_ok & (kk[None, :] < E), other=0.0)
-                    acc = dot_acc(a, b, acc, IEEE)
+                acc = _pieces_step(acc, p_ptr, rm, row_ok, stride_p, kk, b, E, PARTS, IEEE)
         if HAS_C:
             acc += cin.to(tl.float32)
         tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :],
@@ -482,12 +489,13 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
     c = c.contiguous() if c is not None else None
     out = torch.empty(n, d, dtype=c.dtype if c is not None else w.dtype, device=w.device)
     if out.numel():
+        tune = tuning.current()
         bm, bn, bk, warps, stages, per_sm = ((16, 32, 32, 4, 1, 1) if interpret_mode()
-                                             else tuning.current().pieces_dx_block)
+                                             else tune.pieces_dx_block)
         bk, stages = _pieces_dx_fit(e, pe // e, bm, bn, bk, stages, w.element_size(),
                                     out.element_size() if c is not None else 0)
         n_col, n_row = cdiv(d, bn), cdiv(n, bm)
-        sms = 2 if interpret_mode() else tuning.current().gluon_programs or sm_count(w.device)
+        sms = 2 if interpret_mode() else tune.gluon_programs or sm_count(w.device)
         # a multiple of the column tiles (each program keeps one), at most one a tile
         programs = n_col * max(1, min(n_row, per_sm * sms // n_col))
         _pieces_dx_kernel[(programs,)](
