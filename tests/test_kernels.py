@@ -524,26 +524,28 @@ def test_pieces_dx_sums_pieces_and_c():
     from moe_plugin.kernels.routing import pieces_dx, split_bf16_pieces
     g = torch.Generator().manual_seed(7)
     n, d = 37, 45
+
+    def check_sum(p3, w, c, e):
+        """pieces_dx(p3, w, c) within fp32 summation's bound of the exact ``c + Σ p_i · w``;
+        returns the result (fp32, on the CPU)."""
+        got = pieces_dx(p3.to(DEVICE), w.to(DEVICE), c.to(DEVICE)).cpu()
+        assert got.dtype == torch.float32 and got.shape == (n, d)
+        pd, wd = p3.cpu().double(), w.double()
+        exact = c.double() + sum(pd[:, i * e:(i + 1) * e] @ wd for i in range(3))
+        bound = c.double().abs() + sum(pd[:, i * e:(i + 1) * e].abs() @ wd.abs()
+                                       for i in range(3))
+        assert ((got.double() - exact).abs() <= (3 * e + 1) * 2.0 ** -24 * bound).all(), e
+        return got
+
     for e in (24, 40):  # (the interpreter's k-step: 32)
         dl = torch.randn(n, e, generator=g) * torch.logspace(-4, 2, e)
         w = torch.randn(e, d, generator=g).to(torch.bfloat16)
         c = torch.randn(n, d, generator=g)
         p3 = split_bf16_pieces(dl.to(DEVICE), 3)
-        got = pieces_dx(p3, w.to(DEVICE), c.to(DEVICE)).cpu()
-        assert got.dtype == torch.float32 and got.shape == (n, d)
-        p3d, wd = p3.cpu().double(), w.double()
-        exact = c.double() + sum(p3d[:, i * e:(i + 1) * e] @ wd for i in range(3))
-        bound = c.double().abs() + sum(p3d[:, i * e:(i + 1) * e].abs() @ wd.abs()
-                                       for i in range(3))
-        assert ((got.double() - exact).abs() <= (3 * e + 1) * 2.0 ** -24 * bound).all(), e
+        got = check_sum(p3, w, c, e)
         # pieces of one magnitude (each piece's product counts alike)
-        pr = torch.randn(n, 3 * e, generator=g).to(torch.bfloat16)
-        got_r = pieces_dx(pr.to(DEVICE), w.to(DEVICE), c.to(DEVICE)).cpu().double()
-        prd = pr.double()
-        exact_r = c.double() + sum(prd[:, i * e:(i + 1) * e] @ wd for i in range(3))
-        bound_r = c.double().abs() + sum(prd[:, i * e:(i + 1) * e].abs() @ wd.abs()
-                                         for i in range(3))
-        assert ((got_r - exact_r).abs() <= (3 * e + 1) * 2.0 ** -24 * bound_r).all(), e
+        check_sum(torch.randn(n, 3 * e, generator=g).to(torch.bfloat16), w, c, e)
+        wd = w.double()
         # the pieces carry the fp32 dlogits: the result is dlogits · W to fp32 accuracy
         bound1 = c.double().abs() + dl.double().abs() @ wd.abs()
         assert ((got.double() - c.double() - dl.double() @ wd).abs()
