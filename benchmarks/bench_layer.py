@@ -247,8 +247,9 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          # defaults: tuning.gluon_bf16_kind_configs)
          "moe_plugin_down_pingpong": ("moe_plugin", dict(
              gluon_bf16_kind_configs={"down": tuning.GLUON_BF16_PINGPONG})),
-         # repeat Gluon launches without Triton's per-call binding (kernels/fast_launch.py)
-         "moe_plugin_fast_launch": ("moe_plugin", dict(fast_launch=True)),
+         # every Gluon launch through Triton's per-call binding (the default before session
+         # 41: repeat launches skip it, kernels/fast_launch.py)
+         "moe_plugin_plain_launch": ("moe_plugin", dict(fast_launch=False)),
          # every custom-op call through PyTorch's dispatcher (kernels/eager.py)
          "moe_plugin_dispatched": ("moe_plugin", dict(eager_ops=False))}
 

@@ -32,7 +32,7 @@
 #             fine_30b layer with its router profiled per kernel (profile_kernels.py --router)
 #             (ROUTER_S, 100 each)
 #   layer     bench_layer.py: moe_plugin (defaults) against LAYER_IMPLS (default
-#             moe_plugin_triton_grouped moe_plugin_fast_launch), one process (LAYER_S, 300;
+#             moe_plugin_triton_grouped moe_plugin_plain_launch), one process (LAYER_S, 300;
 #             LAYER_CONFIGS, default all five of issue 21), JSON + md
 #   triton39  the gluon step's tests and the gemms step's timings under Triton 3.9 (carried as
 #             .whl_triton39: benchmarks/triton39_bundle.sh), MOE_PLUGIN_GLUON_UNVERIFIED=1
@@ -139,7 +139,7 @@ for step in "$@"; do
         2>&1 | tee "$OUT/gemms_pingpong.log" | grep -v '^ ' | cut -c1-220 ;;
     layer)
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
-        --impls moe_plugin ${LAYER_IMPLS:-moe_plugin_triton_grouped moe_plugin_fast_launch} \
+        --impls moe_plugin ${LAYER_IMPLS:-moe_plugin_triton_grouped moe_plugin_plain_launch} \
         --configs $LAYER_CONFIGS \
         --json "$OUT/layer.json" --md "$OUT/layer.md" 2>&1 | tee "$OUT/layer.log" | tail -14 ;;
     peers)

@@ -35,10 +35,11 @@ def main():
     ap.add_argument("--host", type=int, default=0, metavar="N",
                     help="also the N Python functions with the most host time of a step "
                          "(cProfile, own time), to find launch overhead")
-    ap.add_argument("--fast-launch", action="store_true",
-                    help="with tuning.fast_launch on (Gluon launches without Triton's "
+    ap.add_argument("--plain-launch", action="store_true",
+                    help="with tuning.fast_launch off (every Gluon launch through Triton's "
                          "per-call binding)")
     args = ap.parse_args()
+    args.fast_launch = tuning.current().fast_launch and not args.plain_launch
     with tuning.override(fast_launch=args.fast_launch):
         for name in args.configs:
             profile_config(name, args)

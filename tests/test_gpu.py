@@ -419,9 +419,12 @@ def test_gluon_fast_launch_equals_plain(kind, tune, monkeypatch):
     (an odd output width) goes through ``JITFunction.run`` again."""
     from triton.runtime.jit import JITFunction
 
-    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    from moe_plugin.kernels import fast_launch as FL, gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
+    # a fast path of its own: the kernels earlier tests launched (fast launch is the default)
+    # must not be known to it
+    monkeypatch.setattr(FL, "_WRAPPED", {})
     g = torch.Generator().manual_seed(29)
     n, k, e, f = 700, 2, 6, 192
     meta = _ragged_meta(g, n, k, e)

@@ -115,9 +115,8 @@ class Tuning:
     gluon_programs: Optional[int] = None
     # a Gluon kernel launched again with arguments of the same specialisation skips Triton's
     # per-call binding (``fast_launch.FastLaunch``, Triton 3.6 to 3.9); False: every launch by
-    # ``JITFunction.run``. Off until the whole GPU suite has run with it on (its own GPU tests
-    # pass; +1% on fine_7b; benchmarks/NOTES.md, sessions 33-36)
-    fast_launch: bool = False
+    # ``JITFunction.run``
+    fast_launch: bool = True
     # the package's custom ops called in eager mode without PyTorch's dispatcher
     # (``kernels/eager.py``); False: every call dispatched (traced calls always are)
     eager_ops: bool = True
