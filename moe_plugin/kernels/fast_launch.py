@@ -25,6 +25,8 @@ Equal keys mean equal specialisations, so the launch is the one ``JITFunction.ru
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 # Only the Gluon launchers call ``launcher``, and they run only under a Triton whose Gluon the
@@ -63,18 +65,21 @@ class FastLaunch:
     def _build_plan(self):
         fn = self.fn
         names = [p.name for p in fn.params]
-        rules = []
-        for p in fn.params:
+        consts, rules = [], []  # constexpr positions; (position, rule) of the others
+        for i, p in enumerate(fn.params):
             if p.is_constexpr:
-                rules.append(None)
+                consts.append(i)
                 continue
             ann = p.annotation_type
             fixed = (bool(ann) and isinstance(ann, str)
                      and (ann == "u1" or ann[:2] in ("fp", "bf")))
-            rules.append((ann, fixed or p.do_not_specialize, p.is_const,
+            rules.append((i, ann, fixed or p.do_not_specialize, p.is_const,
                           not p.do_not_specialize_on_alignment))
         defaults = {p.name: p.default for p in fn.params}
-        self._plan = (names, set(names), rules, defaults)
+        # the constexpr values as one tuple, taken in C (itemgetter of one index gives the value)
+        take = operator.itemgetter(*consts) if len(consts) > 1 else (
+            (lambda v, i=consts[0]: (v[i],)) if consts else (lambda v: ()))
+        self._plan = (names, set(names), rules, defaults, take)
 
     # -- launching ---------------------------------------------------------------------------
 
@@ -125,16 +130,15 @@ class FastLaunch:
         if caches is None:
             return None, None
         backend = caches[3]
-        nameset, rules = self._plan[1], self._plan[2]
+        nameset, rules, take = self._plan[1], self._plan[2], self._plan[4]
         options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in nameset))
+        # constexprs by value and type (Triton's key tells 1 from True)
+        consts = take(values)
         key = [device, options, kwargs.get("debug", fn.debug) or knobs.runtime.debug,
-               knobs.compilation.instrumentation_mode]
+               knobs.compilation.instrumentation_mode, consts, tuple(map(type, consts))]
         layouts = []
-        for v, rule in zip(values, rules):
-            if rule is None:  # constexpr: by value (and type: Triton's key tells 1 from True)
-                key.append((v.__class__, v))
-                continue
-            ann, fixed, is_const, align = rule
+        for i, ann, fixed, is_const, align in rules:
+            v = values[i]
             if fixed and ann:
                 key.append(ann)
             elif isinstance(v, _GluonDesc):
