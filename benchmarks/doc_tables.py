@@ -325,6 +325,11 @@ TABLES = {
     "peers_h200_s40": Table(tuple(f"{RESULTS}/h200_s40_peers_{c}.json"
                                   for c in ("fine_7b", "fine_30b", "qwen3_30b_a3b", "mixtral"))
                             + (f"{RESULTS}/h200_s40_peers_router_fine_30b.json",), peers),
+    # session 41's runs on an H100 (the H200 was asked for): fine_7b with fast launch the
+    # default (the second of the session's two fine_7b processes), coarse_120b
+    "peers_h100_s41": Table((f"{RESULTS}/h100_s41_b_peers_fine_7b.json",
+                             f"{RESULTS}/h100_s41_b_peers_router_fine_7b.json",
+                             f"{RESULTS}/h100_s41_peers_coarse_120b.json"), peers),
     "recompute": Table((f"{RESULTS}/h100_bench_layer.json",), recompute),
     "recompute_run3": Table((f"{RESULTS}/h100_bench_layer_run3.json",), recompute),
     "fp8_training": Table((f"{RESULTS}/h100_bench_fp8.json",), fp8_training),
