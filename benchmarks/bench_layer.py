@@ -31,7 +31,9 @@ experts; gate weight gradient included) against the experts alone on the same ro
 layer's time. ``moe_plugin_router_fp32bwd`` is the same layer with the router logits'
 backward as fp32 GEMMs on fp32 copies (``tuning.router_split_bwd=False``, the earlier path),
 ``moe_plugin_router_dw_kernel`` with the split form's weight gradient as one kernel
-(``tuning.router_dw_kernel``). FLOPs counted as above (router excluded).
+(``tuning.router_dw_kernel``). FLOPs counted as above (router excluded). The experts alone are
+timed first and again last (``moe_plugin_given_routing_again``): the shares are against the
+first, and the second shows how far the process's timings drifted in between.
 """
 from __future__ import annotations
 
@@ -368,6 +370,7 @@ def router_rows(name, args):
         except PeerUnavailable as ex:
             print(json.dumps({"config": name, "impl": "sonicmoe_router", "skipped": str(ex)}),
                   flush=True)
+    runs.append(("moe_plugin_given_routing_again",) + runs[0][1:])
     rows = []
     for impl, fn, changes, params in runs:
         for p in params:
@@ -391,7 +394,8 @@ def router_rows(name, args):
         gc.collect()
         torch.cuda.empty_cache()
     given = rows[0]["fwd_bwd_ms"]
-    for row in rows[1:]:  # (SonicMoE's layer: its time is in its row, beside ours)
+    rows[-1]["drift_vs_first"] = rows[-1]["fwd_bwd_ms"] / given - 1
+    for row in rows[1:-1]:  # (SonicMoE's layer: its time is in its row, beside ours)
         if row["impl"].startswith("moe_plugin"):
             row["router_share_fwd_bwd"] = 1 - given / row["fwd_bwd_ms"]
     for row in rows:
@@ -524,6 +528,8 @@ def markdown(meta, rows):
                      f"{r['peak_extra_gib']:.2f} | "
                      + (f"router {100 * r['router_share_fwd_bwd']:.1f}% of fwd+bwd"
                         if "router_share_fwd_bwd" in r else
+                        f"{100 * r['drift_vs_first']:+.1f}% against the first"
+                        if "drift_vs_first" in r else
                         f"{r.get('rel_err_vs_grouped_mm', float('nan')):.1e} / "
                         f"{r.get('dx_rel_err_vs_grouped_mm', float('nan')):.1e}") + " |")
     return "\n".join(lines) + "\n"
