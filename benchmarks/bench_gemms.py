@@ -4,8 +4,11 @@ Stages``) with the default tuning, against the same GEMM with a kernel family sw
 segment kernel), and optionally the Gluon weight gradient under other configurations
 (``--seg-variants``) and the Gluon row-grouped GEMMs under others (``--grouped-variants``: dicts
 over ``gluon_bf16_config``, or over the field a dict's ``"_field"`` names). ``--enable``: fields
-set True in every run. The dense bf16 matmul rate of the same run is printed as the ceiling.
-Outputs of each pair are compared bitwise (``equal``).
+set True in every run. The dense bf16 matmul rate of the same run is printed as the ceiling;
+``--bmm`` also times, in the same rounds, cuBLAS on each GEMM's problem with the rows spread
+evenly over the experts (``torch.bmm`` of E GEMMs of the same M / E, N and K; the weight
+gradients E GEMMs of K = M / E): a ceiling of the same shapes. Outputs of each pair are
+compared bitwise (``equal``; the bmm run is not compared).
 
     python benchmarks/bench_gemms.py --configs fine_30b mixtral --kernels wgrad_up wgrad_down
     python benchmarks/bench_gemms.py --enable gluon_bf16_grouped --against gluon_bf16_grouped \
@@ -44,6 +47,8 @@ def main():
     ap.add_argument("--grouped-variants", default=None,
                     help="JSON list of dicts applied over gluon_bf16_config (or '_field')")
     ap.add_argument("--enable", nargs="*", default=[])
+    ap.add_argument("--bmm", action="store_true",
+                    help="also cuBLAS on each GEMM's shapes, rows spread evenly (torch.bmm)")
     ap.add_argument("--rep-ms", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3,
                     help="the runs of a GEMM timed in turn this many times (A B A B ...): the "
@@ -71,20 +76,26 @@ def main():
                     base = getattr(tuning.current(), field)
                     runs.append((f"{field}:{json.dumps(v)}", {field: {**base, **v}}))
             runs = [(label, {**enabled, **changes}) for label, changes in runs]
+            fns = dict.fromkeys((label for label, _ in runs), fn)
+            if args.bmm:
+                runs.append(("cublas_bmm", {}))
+                fns["cublas_bmm"] = bmm_of(st, kind)
             ref = None
             times = {}  # label -> per-round medians
             equal = {}
             for label, changes in runs:  # correctness once, before the timing
                 with tuning.override(**changes):
                     try:
-                        out = fn()
+                        out = fns[label]()
                     except Exception as ex:  # out of shared memory etc.
                         print(json.dumps({"config": name, "kernel": kind, "run": label,
                                           "error": repr(ex)[:300]}), flush=True)
                         continue
                 first = out[0] if isinstance(out, tuple) else out
                 eq = None
-                if ref is None:
+                if label == "cublas_bmm":
+                    pass  # another problem's values
+                elif ref is None:
                     ref = first.clone() if torch.is_tensor(first) else None
                 elif torch.is_tensor(first):
                     eq = bool(torch.equal(first, ref))
@@ -95,8 +106,8 @@ def main():
                 for label, changes in runs:
                     if label in times:
                         with tuning.override(**changes):
-                            times[label].append(do_bench(fn, warmup=5, rep=args.rep_ms,
-                                                         return_mode="median"))
+                            times[label].append(do_bench(fns[label], warmup=5,
+                                                         rep=args.rep_ms, return_mode="median"))
             for label, ts in times.items():
                 t = statistics.median(ts)
                 print(json.dumps({"config": name, "kernel": kind, "run": label,
@@ -105,6 +116,21 @@ def main():
                                   "equal": equal[label]}), flush=True)
         del st
         torch.cuda.empty_cache()
+
+
+def bmm_of(st, kind):
+    """cuBLAS on GEMM ``kind``'s shapes with the slots spread evenly over the E experts:
+    ``torch.bmm`` of E problems of M / E rows (row-grouped GEMMs: [M / E, K] x [K, N]; weight
+    gradients: [N_out, M / E] x [M / E, D]), operands random."""
+    T, D, F, E, k = st.shape
+    rows = T * k // E
+    mnk = {"up": (rows, 2 * F, D), "down": (rows, D, F), "dh": (rows, F, D),
+           "up_bwd": (rows, F, D), "dx": (rows, D, 2 * F),
+           "wgrad_down": (F, D, rows), "wgrad_up": (2 * F, D, rows)}[kind]
+    m, n, kk = mnk
+    a = torch.randn(E, m, kk, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(E, kk, n, device="cuda", dtype=torch.bfloat16)
+    return lambda: torch.bmm(a, b)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@
 #             (GLUON_S, 300)
 #   gemms     bench_gemms.py: the row-grouped GEMMs against the Triton ones and the weight
 #             gradients under SEG_VARIANTS (GEMMS_S, 240; CONFIGS, default fine_30b mixtral)
+#   shapes    bench_gemms.py: each GEMM of the pass at the defaults beside cuBLAS on its shapes,
+#             rows spread evenly over the experts (torch.bmm, --bmm) (GEMMS_S; CONFIGS)
 #   fused_dh  bench_gemms.py: the bf16 dh' with the activation backward in its epilogue against
 #             the split form (GEMMS_S; CONFIGS)
 #   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap, the default)
@@ -119,6 +121,10 @@ for step in "$@"; do
         | tee "$OUT/router_dx.log" | tail -30
       timeout "${ROUTER_S:-100}" python benchmarks/profile_kernels.py --configs fine_30b \
         --router --steps 3 2>&1 | tee "$OUT/profile_router.log" | head -30 ;;
+    shapes)
+      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
+        --kernels up down dh dx wgrad_down wgrad_up --against --bmm \
+        2>&1 | tee "$OUT/gemms_shapes.log" | grep -v '^ ' | cut -c1-220 ;;
     fused_dh)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
         --kernels dh --enable gluon_bf16_fuse_act_bwd --against gluon_bf16_fuse_act_bwd \
