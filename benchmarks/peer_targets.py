@@ -22,6 +22,14 @@ bf16. A ratio is the other's time over ours (the same FLOPs: our TFLOP/s over th
 router's share is (router included − routing given) / router included. The floor of a config is its
 forward + backward FLOPs (18·T·k·D·F) at the dense bf16 GEMM rate measured in that file.
 
+What the fwd+bwd target asks of the GEMMs (a model on measured inputs, ``floors``): both
+implementations make the same separate memory passes besides their GEMMs (``pass_bytes``:
+the k-way sums of the forward output and of dx, the SwiGLU backward), taken at the copy rate
+measured in that file; what is left of a time is GEMM time, and the floor over it is the
+share of the dense rate the GEMMs ran at — ours, SonicMoE's, and what the target needs
+(SonicMoE's time over the required ratio, less the passes). SonicMoE fuses its activation
+backward into a GEMM, so its share is somewhat overstated and the needed one understated.
+
 ``--json`` writes one plain-mode run per config (each row with its run's ceiling) for
 ``plot_results.py``; ``--png`` draws that chart.
 """
@@ -123,23 +131,51 @@ def verdicts(found, configs=None):
     return out
 
 
+def pass_bytes(T, D, F, k, elem=2):
+    """Bytes of the forward + backward's memory passes outside the GEMMs (16-bit, SwiGLU, S =
+    T·k slots): the forward output's and dx's k-way sums (each reads [S, D], writes [T, D])
+    and the activation backward (reads pre [S, 2F] and dh [S, F], writes dpre [S, 2F] and the
+    weighted h [S, F])."""
+    S = T * k
+    return elem * (2 * (S * D + T * D) + 6 * S * F)
+
+
 def floors(found, configs=None):
     """Per config: moe_plugin's forward + backward time (from the run compared with SonicMoE
     when there is one, else the last run with moe_plugin), the floor (its FLOPs at that run's
-    dense bf16 rate) and their ratio."""
+    dense bf16 rate) and their ratio; where the run measured its copy rate, the memory passes'
+    time at it (``pass_bytes``) and the share of the dense rate the GEMMs ran at (``gemm_share``:
+    ours, SonicMoE's and the one the fwd+bwd target needs, None without SonicMoE's row)."""
     out = []
     for config in configs or ISSUE_CONFIGS:
         runs = found.get(config, [])
-        pair = _pair(runs, "moe_plugin", "sonicmoe") or _pair(runs, "moe_plugin", "moe_plugin")
+        pair = _pair(runs, "moe_plugin", "sonicmoe")
+        with_peer = pair is not None
+        pair = pair or _pair(runs, "moe_plugin", "moe_plugin")
         if pair is None:
             continue
-        path, meta, row, _ = pair
+        path, meta, row, peer = pair
         flops = 18 * row["T"] * row["k"] * row["D"] * row["F"]
         rate = meta["ceilings"]["bf16_gemm_tflops"]
         floor_ms = flops / rate / 1e9
-        out.append({"config": config, "ms": row["fwd_bwd_ms"], "floor_ms": floor_ms,
-                    "of_floor": floor_ms / row["fwd_bwd_ms"], "bf16_tflops": rate,
-                    "source": os.path.basename(path)})
+        f = {"config": config, "ms": row["fwd_bwd_ms"], "floor_ms": floor_ms,
+             "of_floor": floor_ms / row["fwd_bwd_ms"], "bf16_tflops": rate,
+             "source": os.path.basename(path), "passes_ms": None,
+             "gemm_share": {"ours": None, "sonicmoe": None, "needed": None}}
+        copy = meta["ceilings"].get("copy_tbps")
+        if copy:
+            passes = pass_bytes(row["T"], row["D"], row["F"], row["k"]) / copy / 1e9
+            f["passes_ms"] = passes
+
+            def share(ms):
+                return floor_ms / (ms - passes) if ms > passes else None
+            f["gemm_share"]["ours"] = share(row["fwd_bwd_ms"])
+            if with_peer:
+                need = FWD_BWD_REQUIRED.get(config, next(
+                    t[-1] for t in TARGETS if t[0] == "fwd+bwd vs SonicMoE"))
+                f["gemm_share"]["sonicmoe"] = share(peer["fwd_bwd_ms"])
+                f["gemm_share"]["needed"] = share(peer["fwd_bwd_ms"] / need)
+        out.append(f)
     return out
 
 
@@ -172,10 +208,19 @@ def markdown(found, configs=None) -> str:
                         if v.get("quack_top") is not None and "SonicMoE" in v["target"]
                         else "") + " |")
     lines += ["", "| config | moe_plugin fwd+bwd | floor (FLOPs at the run's dense bf16 rate) | "
-              "floor / ours | run |", "|---|---|---|---|---|"]
+              "floor / ours | memory passes (model, at the run's copy rate) | GEMMs' share of "
+              "the dense rate: ours / SonicMoE / needed for the target | run |",
+              "|---|---|---|---|---|---|---|"]
+
+    def pct(x):
+        return "—" if x is None else f"{x:.0%}"
     for f in floors(found, configs):
+        g = f["gemm_share"]
         lines.append(f"| {f['config']} | {f['ms']:.3f} ms | {f['floor_ms']:.3f} ms "
-                     f"({f['bf16_tflops']:.0f} TFLOP/s) | {f['of_floor']:.2f} | {f['source']} |")
+                     f"({f['bf16_tflops']:.0f} TFLOP/s) | {f['of_floor']:.2f} | "
+                     + ("—" if f["passes_ms"] is None else f"{f['passes_ms']:.3f} ms")
+                     + f" | {pct(g['ours'])} / {pct(g['sonicmoe'])} / {pct(g['needed'])} | "
+                     f"{f['source']} |")
     return "\n".join(lines) + "\n"
 
 

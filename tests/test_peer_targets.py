@@ -52,6 +52,28 @@ def test_ratios_and_verdicts_within_one_run(tmp_path):
     flops = 18 * 32768 * 8 * 4096 * 512
     assert floor["floor_ms"] == pytest.approx(flops / 700e9)
     assert floor["of_floor"] == pytest.approx(flops / 700e9 / 18.0)
+    # the GEMMs' share of the dense rate once the memory passes (at the run's copy rate) are
+    # taken off: ours, SonicMoE's, and what 1.1x SonicMoE's time leaves for the GEMMs
+    passes = PT.pass_bytes(32768, 4096, 512, 8) / 4.2e9
+    assert floor["passes_ms"] == pytest.approx(passes)
+    share = floor["gemm_share"]
+    assert share["ours"] == pytest.approx(flops / 700e9 / (18.0 - passes))
+    assert share["sonicmoe"] == pytest.approx(flops / 700e9 / (19.0 - passes))
+    assert share["needed"] == pytest.approx(flops / 700e9 / (19.0 / 1.1 - passes))
+
+
+def test_pass_bytes_and_no_share_without_a_copy_rate(tmp_path):
+    """The passes: two k-way sums (read [S, D], write [T, D]) and the SwiGLU backward (read
+    [S, 2F] + [S, F], write [S, 2F] + [S, F]), 2 bytes an element; a run without a measured
+    copy rate gives no passes and no shares."""
+    assert PT.pass_bytes(2, 3, 5, 2) == 2 * (2 * (4 * 3 + 2 * 3) + (2 + 1 + 2 + 1) * 4 * 5)
+    meta = dict(META, ceilings={"bf16_gemm_tflops": 700.0})
+    peers = write(tmp_path, "peers_mixtral.json", [row("mixtral", "moe_plugin", 9.0, 30.0),
+                                                    row("mixtral", "sonicmoe", 9.5, 29.0)],
+                  meta=meta)
+    floor = PT.floors(PT.load([peers]), ["mixtral"])[0]
+    assert floor["passes_ms"] is None and set(floor["gemm_share"].values()) == {None}
+    assert "| — | — / — / — |" in PT.markdown(PT.load([peers]), ["mixtral"])
 
 
 def test_no_ratio_across_runs_and_the_paired_run_kept(tmp_path):
