@@ -358,8 +358,11 @@ def _cases():
         # ... and with the plain epilogue by registers (TMA_STORE 0)
         regs = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
                                                             **tuning.GLUON_BF16_REG_STORE})
+        # ... and with 256 x 128 tiles (each consumer 128 rows)
+        tall = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
+                                                            **tuning.GLUON_BF16_TALL})
         for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
-                                 ("_regs", regs, "down dx dh"),
+                                 ("_regs", regs, "down dx dh"), ("_tall", tall, "down dx dh"),
                                  ("_pingpong", pp, "down dx dh"), ("_cluster", cl, "down dx dh"),
                                  ("_pingpong_cluster", clpp, "down")):
             if "down" in kinds and f % 64 == 0:

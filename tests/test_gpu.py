@@ -338,7 +338,7 @@ def _count_ctas(monkeypatch, GF):
 @pytest.mark.parametrize("kind", ["down", "dx", "dh"])
 @pytest.mark.parametrize("programs", [None, 3])
 @pytest.mark.parametrize("variant", ["st", "tma_st", "tma_parts", "pingpong", "cluster",
-                                     "pingpong_cluster"])
+                                     "pingpong_cluster", "tall", "tall_st"])
 def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeypatch):
     """On Hopper, with ``gluon_bf16_grouped``, GEMM2 (B = W_downᵀ, K-major), dx (B = W_up,
     N-major) and the split form's dh' (A = dout rows gathered by ``cp.async``, B = W_down,
@@ -357,7 +357,9 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     GEMM2 and dx launched as clusters of two CTAs along the columns, A's tiles multicast to
     both, the second CTA's columns partly past N; dh' (A gathered) along the rows, B's tiles
     multicast, the second CTA's rows past an expert's end in its last tiles;
-    ``pingpong_cluster``: GEMM2 and dx with both (dh' ping-pong on one CTA)."""
+    ``pingpong_cluster``: GEMM2 and dx with both (dh' ping-pong on one CTA); ``tall``
+    (``tuning.GLUON_BF16_TALL``, 256 x 128 tiles: each consumer 128 rows) with the default
+    TMA-parts store, ``tall_st`` by registers."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
@@ -368,7 +370,9 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
              "pingpong": tuning.GLUON_BF16_PINGPONG,
              "cluster": tuning.GLUON_BF16_CLUSTER,
              "pingpong_cluster": {**tuning.GLUON_BF16_PINGPONG,
-                                  **tuning.GLUON_BF16_CLUSTER}}[variant]
+                                  **tuning.GLUON_BF16_CLUSTER},
+             "tall": tuning.GLUON_BF16_TALL,
+             "tall_st": {**tuning.GLUON_BF16_TALL, **tuning.GLUON_BF16_REG_STORE}}[variant]
     tune(gluon_programs=programs,
          gluon_bf16_config={**tuning.current().gluon_bf16_config, **extra})
     g = torch.Generator().manual_seed(23)

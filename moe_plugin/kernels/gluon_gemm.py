@@ -821,7 +821,9 @@ if _HAVE_GLUON:
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
-        gl.static_assert(BM == 128 * CM, "two consumers of 64 rows (in each CTA)")
+        gl.static_assert(BM == 128 * CM or (BM == 256 and CM == 1 and not SCALED
+                                            and not PINGPONG and EPI == EPI_STORE),
+                         "two consumers of 64 rows (in each CTA), or of 128 (16-bit, plain)")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
         gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE or EPI == EPI_ACT_BWD),

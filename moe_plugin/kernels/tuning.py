@@ -162,6 +162,10 @@ GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5, TMA_STORE=0)
 # 2·BM rows, B's tiles shared, the epilogue by registers. Not a default: within ±2% of one
 # CTA a tile on the H200 (benchmarks/NOTES.md, session 33)
 GLUON_BF16_CLUSTER = dict(CLUSTER=2, TMA_STORE=0)
+# 256 x 128 tiles for the 16-bit row-grouped GEMMs with the plain epilogue (GEMM2, dx, the
+# split form's dh'): each consumer warpgroup 128 rows (two m64 row blocks sharing B's tile),
+# the shape of SonicMoE's dx winner; the same shared memory per ring slot as 128 x 256
+GLUON_BF16_TALL = dict(BM=256, BN=128)
 
 _DEFAULT = Tuning()
 _current = _DEFAULT
