@@ -253,7 +253,14 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          # 41: repeat launches skip it, kernels/fast_launch.py)
          "moe_plugin_plain_launch": ("moe_plugin", dict(fast_launch=False)),
          # every custom-op call through PyTorch's dispatcher (kernels/eager.py)
-         "moe_plugin_dispatched": ("moe_plugin", dict(eager_ops=False))}
+         "moe_plugin_dispatched": ("moe_plugin", dict(eager_ops=False)),
+         # the weight gradients' output tiles row by row (GROUP_M 1: the order before session
+         # 42; now in bands of GROUP_M row tiles), bf16 and with FP8 weight gradients
+         "moe_plugin_wgrad_rowwise": ("moe_plugin", dict(gluon_bf16_seg_config={
+             **tuning.current().gluon_bf16_seg_config, "GROUP_M": 1})),
+         "moe_plugin_fp8w_wgrad_rowwise": ("moe_plugin_fp8w", dict(
+             gluon_bf16_seg_config={**tuning.current().gluon_bf16_seg_config, "GROUP_M": 1},
+             gluon_seg_config={**tuning.current().gluon_seg_config, "GROUP_M": 1}))}
 
 
 def time_and_peak(fwd, fwd_bwd, params, rep_ms, release=None):

@@ -273,14 +273,19 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths,
     ``gluon_bf16_seg_narrow_config``) or of 64 (the 256-wide default tiles, but for fp32
     read-add-write), and the widths of ``test_gluon_fast_launch_equals_plain`` (320 / 328 x
     192); dW_up also computed transposed (``gluon_bf16_wgrad_swap``); the persistent grid at
-    one program per SM and at 3 programs; unused slots' rows (NaN) after the last expert's."""
+    one program per SM and at 3 programs (there with the output's tiles in bands of two row
+    tiles, ``GROUP_M``); unused slots' rows (NaN) after the last expert's."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
     # wgrad_up_swap: dW_up computed transposed (gluon_bf16_wgrad_swap; a read-add-write into
     # the output takes the untransposed kernel)
+    # 3 programs: the output tiles in bands of 2 row tiles (GROUP_M; 3 row tiles at the
+    # aligned widths: a band cut short), else the default bands (wider than the rows)
+    seg = tuning.current().gluon_bf16_seg_config
     tune(gluon_programs=programs, wgrad_accum_mode=mode,
-         gluon_bf16_wgrad_swap=kind == "wgrad_up_swap")
+         gluon_bf16_wgrad_swap=kind == "wgrad_up_swap",
+         gluon_bf16_seg_config={**seg, "GROUP_M": 2 if programs == 3 else seg["GROUP_M"]})
     kind = kind.replace("_swap", "")
     g = torch.Generator().manual_seed(21)
     n, k, e = 700, 2, 6

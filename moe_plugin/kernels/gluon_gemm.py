@@ -1151,16 +1151,23 @@ def grouped_schedule(meta, bm: int, bn: int, n: int):
 if _HAVE_GLUON:
     @gluon.jit
     def _seg_tile(t, counts_ptr, offsets_ptr, MO, NO, E, PADDED: gl.constexpr, GS: gl.constexpr,
-                  BM: gl.constexpr, BN: gl.constexpr, BLOCK_E: gl.constexpr):
+                  BM: gl.constexpr, BN: gl.constexpr, BLOCK_E: gl.constexpr,
+                  GROUP_M: gl.constexpr):
         """Weight-gradient tile t's (expert, MO tile, NO tile, first, k-steps): tiles run
-        expert-major, then MO tiles, then NO tiles. ``PADDED`` (the FP8 group layout): first
-        group and groups of GS tokens; else the expert's first row and its token count."""
+        expert-major; within an expert, bands of ``GROUP_M`` MO tiles, each band over the NO
+        tiles with its MO tiles fastest (the programs working at once share A's and B's
+        column slabs in L2; ``GROUP_M`` 1: MO tiles, then NO tiles). ``PADDED`` (the FP8
+        group layout): first group and groups of GS tokens; else the expert's first row and
+        its token count."""
         tiles_m = gl.cdiv(MO, BM)
         tiles_n = gl.cdiv(NO, BN)
         e = t // (tiles_m * tiles_n)
         r = t % (tiles_m * tiles_n)
-        tm = r // tiles_n
-        tn = r % tiles_n
+        per_band = GROUP_M * tiles_n
+        first_m = (r // per_band) * GROUP_M
+        size_m = gl.minimum(tiles_m - first_m, GROUP_M)
+        tm = first_m + (r % per_band) % size_m
+        tn = (r % per_band) // size_m
         if PADDED:
             ex = gl.arange(0, BLOCK_E, layout=_vector_layout(gl.num_warps(), BLOCK_E))
             cnt_v = gl.load(counts_ptr + ex, mask=ex < E, other=0)
@@ -1194,7 +1201,7 @@ if _HAVE_GLUON:
                       num_tiles, stride_a, stride_b, PADDED: gl.constexpr, TOPK: gl.constexpr,
                       A_GATHER: gl.constexpr, B_GATHER: gl.constexpr, ACCUM: gl.constexpr,
                       GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                      BLOCK_E: gl.constexpr, INFO: gl.constexpr):
+                      BLOCK_E: gl.constexpr, INFO: gl.constexpr, GROUP_M: gl.constexpr):
         """The ring over this program's tiles and their k-steps (``it`` counts the k-steps over
         all tiles: ring slot ``it % STAGES``, pass ``it // STAGES``); with ``ACCUM == 2``,
         after a tile's k-steps, the tile of the buffer added into (``c_buf``, ``c_ready`` /
@@ -1225,7 +1232,7 @@ if _HAVE_GLUON:
         tc = 0  # tiles so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             e, tm, tn, first, cnt = _seg_tile(t, counts_ptr, offsets_ptr, MO, NO, E, PADDED, GS,
-                                              BM, BN, BLOCK_E)
+                                              BM, BN, BLOCK_E, GROUP_M)
             if PADDED:
                 ng = cnt
             else:
@@ -1331,7 +1338,7 @@ if _HAVE_GLUON:
                       PADDED: gl.constexpr, GATHERED: gl.constexpr, ACCUM: gl.constexpr,
                       GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                       BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr,
-                      C_TRANS: gl.constexpr):
+                      C_TRANS: gl.constexpr, GROUP_M: gl.constexpr):
         """Consumer ``HALF`` (0 or 1, one warpgroup): rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of
         each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``;
         ``C_TRANS``: C's rows adjacent in memory, ``stride_cm == 1``).
@@ -1353,7 +1360,7 @@ if _HAVE_GLUON:
                 e, tm, tile_n, ng = _info_get(info, info_ready, info_empty, tc)
             else:
                 e, tm, tile_n, _first, ng = _seg_tile(t, counts_ptr, offsets_ptr, MO, NO, E,
-                                                      PADDED, GS, BM, BN, BLOCK_E)
+                                                      PADDED, GS, BM, BN, BLOCK_E, GROUP_M)
                 if not PADDED:
                     ng = gl.cdiv(ng, GS)
             acc = gl.zeros([HM, BN], gl.float32, layout=mma)
@@ -1446,10 +1453,10 @@ if _HAVE_GLUON:
             GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
             BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr,
             LOAD_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
-            C_TRANS: gl.constexpr, num_warps: gl.constexpr):
+            C_TRANS: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
         """The weight gradient ``C[e] (+)= Σ_p A[p]ᵀ · B[p]`` over expert e's tokens: a
         producer (``LOAD_WARPS`` warps) + two consumers (module doc); program i does tiles i,
-        i + grid, ... ``PADDED``: FP8 operands in ``wgrad_fp8``'s padded group layout with
+        i + grid, ... in ``_seg_tile``'s order (``GROUP_M``) ``PADDED``: FP8 operands in ``wgrad_fp8``'s padded group layout with
         their scales; else 16-bit operands in place (``_seg_producer``). ``C_TRANS``: C is
         stored transposed (``stride_cm == 1``; the epilogue's threads along the rows), by
         store or atomic add."""
@@ -1491,17 +1498,17 @@ if _HAVE_GLUON:
                              c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
                              offsets_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn,
                              0, PADDED, GATHERED, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR,
-                             INFO, C_TRANS)),
+                             INFO, C_TRANS, GROUP_M)),
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
                              c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
                              offsets_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn,
                              1, PADDED, GATHERED, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR,
-                             INFO, C_TRANS)),
+                             INFO, C_TRANS, GROUP_M)),
             (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
                              sb_bufs, c_buf, ready, empty, c_ready, c_empty, info, info_ready,
                              info_empty, a_ptr, b_ptr, gather_ptr, counts_ptr, offsets_ptr, MO,
                              NO, E, num_tiles, stride_a, stride_b, PADDED, TOPK, A_GATHER,
-                             B_GATHER, ACCUM, GS, BM, BN, STAGES, BLOCK_E, INFO)),
+                             B_GATHER, ACCUM, GS, BM, BN, STAGES, BLOCK_E, INFO, GROUP_M)),
         ], [4, LOAD_WARPS], [MMA_REGS, LOAD_REGS])
 
 
@@ -1568,7 +1575,8 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
         PADDED=True, TOPK=1, A_GATHER=False, B_GATHER=False, ACCUM=int(accum), GS=128, BM=bm,
         BN=bn, STAGES=cfg["STAGES"], BLOCK_E=max(32, next_pow2(E)),
         KPAIR=cfg["KPAIR"], INFO=cfg["INFO"], LOAD_WARPS=1, LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], C_TRANS=False, num_warps=4, maxnreg=cfg["MAXNREG"])
+        MMA_REGS=cfg["MMA_REGS"], C_TRANS=False, GROUP_M=cfg["GROUP_M"], num_warps=4,
+        maxnreg=cfg["MAXNREG"])
     return c
 
 
@@ -1642,7 +1650,7 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
         ACCUM=int(accum), GS=bk, BM=bm, BN=bn, STAGES=cfg["STAGES"],
         BLOCK_E=max(32, next_pow2(E)), KPAIR=False, INFO=True,
         LOAD_WARPS=cfg["LOAD_WARPS"], LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
-        C_TRANS=trans, num_warps=4, maxnreg=cfg["MAXNREG"])
+        C_TRANS=trans, GROUP_M=cfg["GROUP_M"], num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
 
 

@@ -57,17 +57,20 @@ class Tuning:
     # the dh' GEMM with the activation backward in its epilogue: fewer ring slots (its
     # pre-activation tiles take shared memory); applied over ``gluon_config``
     gluon_epi_config: dict = field(default_factory=lambda: dict(STAGES=4))
-    # the Gluon FP8 weight-gradient GEMM
+    # the Gluon FP8 weight-gradient GEMM; GROUP_M: each expert's output tiles in bands of
+    # GROUP_M row tiles, a band's row tiles fastest (``gluon_gemm._seg_tile``; 1: row by row),
+    # so that the programs at work share their operands' column slabs in L2 (an expert's
+    # operands may be larger than L2: mixtral's dpre 117 MB)
     gluon_seg_config: dict = field(default_factory=lambda: dict(
         BM=128, BN=128, STAGES=4, KPAIR=True, INFO=True, LOAD_REGS=40, MMA_REGS=232,
-        MAXNREG=168))
+        MAXNREG=168, GROUP_M=8))
     # the Gluon 16-bit weight-gradient GEMM (``segment_mm_direct``): used where available
     # when ``gluon`` and ``gluon_bf16_wgrad``; BK tokens a k-step, LOAD_WARPS producer warps
-    # (they also run the gathered operand's copies)
+    # (they also run the gathered operand's copies); GROUP_M as the FP8 kernel's
     gluon_bf16_wgrad: bool = True
     gluon_bf16_seg_config: dict = field(default_factory=lambda: dict(
         BM=128, BN=256, BK=64, STAGES=3, LOAD_WARPS=4, LOAD_REGS=72, MMA_REGS=216,
-        MAXNREG=168))
+        MAXNREG=168, GROUP_M=8))
     # dW_up (B's rows gathered) as (x_eᵀ · dpre_e)ᵀ: the gathered x on the tile's 128 rows, the
     # tiles and form of dW_down, C stored transposed (``gluon_gemm.segment_mm_direct``; not for
     # a read-add-write into the output)
