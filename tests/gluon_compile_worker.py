@@ -300,6 +300,14 @@ def _cases():
                         lambda a=a, b=b, c=c, meta=meta, accum=accum, gathered=gathered, t=t:
                         GF.segment_mm_direct(t, a, b, c, meta, accum,
                                              a_gather=gathered == "a", b_gather=gathered == "b"))
+                    if accum == Accum.STORE:  # ... and stored by TMA in column parts
+                        tt = dataclasses.replace(t, gluon_bf16_seg_config={
+                            **t.gluon_bf16_seg_config, "TMA_STORE": 1})
+                        cases[f"bf16_{role}_{shape}_store_tma"] = (
+                            lambda a=a, b=b, c=c, meta=meta, gathered=gathered, tt=tt:
+                            GF.segment_mm_direct(tt, a, b, c, meta, Accum.STORE,
+                                                 a_gather=gathered == "a",
+                                                 b_gather=gathered == "b"))
     # the FP8 weight gradient (the same kernel, PADDED) and the FP8 row-grouped GEMM
     meta8 = _Meta([200, 0, 300, 56], top_k=1)
     g, mo, no = 12, 256, 384

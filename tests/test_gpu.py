@@ -256,13 +256,14 @@ def _ragged_meta(g, n, k, e):
 
 
 @pytest.mark.parametrize("kind", ["wgrad_up", "wgrad_up_swap", "wgrad_down"])
-@pytest.mark.parametrize("mode,out_dtype", [(None, torch.bfloat16), (1, torch.float32),
-                                            (2, torch.float32), (2, torch.bfloat16)],
-                         ids=["store", "atomic_fp32", "rmw_fp32", "rmw_bf16"])
+@pytest.mark.parametrize("mode,out_dtype,tma", [
+    (None, torch.bfloat16, 0), (None, torch.bfloat16, 1), (1, torch.float32, 0),
+    (2, torch.float32, 0), (2, torch.bfloat16, 0)],
+    ids=["store", "store_tma", "atomic_fp32", "rmw_fp32", "rmw_bf16"])
 @pytest.mark.parametrize("programs", [None, 3])
 @pytest.mark.parametrize("widths", [(200, 136), (320, 384), (320, 192), (328, 192)],
                          ids=["odd", "aligned", "fast_launch_test320", "fast_launch_test328"])
-def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths, tune):
+def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, tma, programs, widths, tune):
     """On Hopper the bf16 weight gradients run as the Gluon kernel (``gluon_gemm.
     segment_mm_direct``: the contiguous operand by TMA, the gathered one by ``cp.async`` from
     the producer warps, warp-specialised, persistent). Against the Triton segment kernel it
@@ -274,7 +275,9 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths,
     read-add-write), and the widths of ``test_gluon_fast_launch_equals_plain`` (320 / 328 x
     192); dW_up also computed transposed (``gluon_bf16_wgrad_swap``); the persistent grid at
     one program per SM and at 3 programs (there with the output's tiles in bands of two row
-    tiles, ``GROUP_M``); unused slots' rows (NaN) after the last expert's."""
+    tiles, ``GROUP_M``); unused slots' rows (NaN) after the last expert's; the stored output
+    by registers and (``store_tma``: ``gluon_bf16_seg_config["TMA_STORE"]``) by TMA stores of
+    column parts, those across an expert's last row or column by masked stores."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
@@ -285,7 +288,8 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, programs, widths,
     seg = tuning.current().gluon_bf16_seg_config
     tune(gluon_programs=programs, wgrad_accum_mode=mode,
          gluon_bf16_wgrad_swap=kind == "wgrad_up_swap",
-         gluon_bf16_seg_config={**seg, "GROUP_M": 2 if programs == 3 else seg["GROUP_M"]})
+         gluon_bf16_seg_config={**seg, "GROUP_M": 2 if programs == 3 else seg["GROUP_M"],
+                                "TMA_STORE": tma})
     kind = kind.replace("_swap", "")
     g = torch.Generator().manual_seed(21)
     n, k, e = 700, 2, 6

@@ -78,7 +78,8 @@ import triton
 
 from . import tuning
 from .activation import act_bwd_store, act_fwd
-from .codes import ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_BWD, EPI_ACT_FWD, EPI_STORE, Accum, Epilogue
+from .codes import (ACCUM_ATOMIC, ACCUM_RMW, ACCUM_STORE, EPI_ACT_BWD, EPI_ACT_FWD, EPI_STORE,
+                    Accum, Epilogue)
 from .common import cdiv, next_pow2, sm_count
 from .fast_launch import launcher
 
@@ -1338,10 +1339,15 @@ if _HAVE_GLUON:
                       PADDED: gl.constexpr, GATHERED: gl.constexpr, ACCUM: gl.constexpr,
                       GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                       BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr,
-                      C_TRANS: gl.constexpr, GROUP_M: gl.constexpr):
+                      C_TRANS: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr,
+                      c_desc):
         """Consumer ``HALF`` (0 or 1, one warpgroup): rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of
         each tile; per tile the epilogue (store, atomic add or load-add-store: ``ACCUM``;
-        ``C_TRANS``: C's rows adjacent in memory, ``stride_cm == 1``).
+        ``C_TRANS``: C's rows adjacent in memory, ``stride_cm == 1``). ``TMA_STORE`` (16-bit,
+        ``ACCUM`` store; C contiguous): the tile in four column parts through this consumer's
+        two buffers of ``c_buf`` by asynchronous TMA stores (``_tma_store_part`` on C as
+        ``[E·MO, NO]``, or with ``C_TRANS`` each part transposed on C as ``[E·NO, MO]``), the
+        parts across an expert's end by masked stores.
         ``PADDED`` (FP8): each k-step's product promoted with its scales, the two consumers'
         MMAs alternating (module doc). Else (16-bit): the k-steps accumulate in the MMAs, one
         left in flight (its slot released when the next is issued); ``GATHERED``: a proxy
@@ -1422,26 +1428,62 @@ if _HAVE_GLUON:
                 if ng > 0:
                     mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
 
-            out = gl.convert_layout(acc, st)
-            om = tm * BM + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
-            on = tile_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-            c_ptrs = (c_ptr + e.to(gl.int64) * stride_ce + om[:, None].to(gl.int64) * stride_cm
-                      + on[None, :] * stride_cn)
-            cmask = (om < MO)[:, None] & (on < NO)[None, :]
-            if ACCUM == ACCUM_ATOMIC:  # one atomic add per element; no tokens: unchanged
-                if ng > 0:
-                    gl.atomic_add(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask,
-                                  sem="relaxed")
-            elif ACCUM == ACCUM_RMW:  # the tile added into: in c_buf already (the producer's TMA)
-                mbarrier.wait(c_ready, tc & 1)
-                prev = c_buf.slice(HALF * HM, HM).load(st)
-                mbarrier.arrive(c_empty)
-                if ng > 0:
-                    out = out + prev.to(gl.float32)
-                    gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+            if TMA_STORE:
+                W: gl.constexpr = BN // 4
+                r_m = tm * BM + HALF * HM  # this consumer's first row of C[e] (or column)
+                c_n = tile_n * BN
+                lo, hi = _col_halves(acc.to(c_ptr.dtype.element_ty), HM, BN // 2)
+                q0, q1 = _col_halves(lo, HM, W)
+                q2, q3 = _col_halves(hi, HM, W)
+                if C_TRANS:
+                    base = e * NO
+                    _tma_store_part(gl.permute(q0, (1, 0)), c_buf.index(2 * HALF), c_desc,
+                                    c_ptr, base + c_n, base + NO, r_m, MO, stride_cn, W, HM)
+                    _tma_store_part(gl.permute(q1, (1, 0)), c_buf.index(2 * HALF + 1), c_desc,
+                                    c_ptr, base + c_n + W, base + NO, r_m, MO, stride_cn, W, HM)
+                    _tma_store_part(gl.permute(q2, (1, 0)), c_buf.index(2 * HALF), c_desc,
+                                    c_ptr, base + c_n + 2 * W, base + NO, r_m, MO, stride_cn, W,
+                                    HM)
+                    _tma_store_part(gl.permute(q3, (1, 0)), c_buf.index(2 * HALF + 1), c_desc,
+                                    c_ptr, base + c_n + 3 * W, base + NO, r_m, MO, stride_cn, W,
+                                    HM)
+                else:
+                    base = e * MO
+                    _tma_store_part(q0, c_buf.index(2 * HALF), c_desc, c_ptr, base + r_m,
+                                    base + MO, c_n, NO, stride_cm, HM, W)
+                    _tma_store_part(q1, c_buf.index(2 * HALF + 1), c_desc, c_ptr, base + r_m,
+                                    base + MO, c_n + W, NO, stride_cm, HM, W)
+                    _tma_store_part(q2, c_buf.index(2 * HALF), c_desc, c_ptr, base + r_m,
+                                    base + MO, c_n + 2 * W, NO, stride_cm, HM, W)
+                    _tma_store_part(q3, c_buf.index(2 * HALF + 1), c_desc, c_ptr, base + r_m,
+                                    base + MO, c_n + 3 * W, NO, stride_cm, HM, W)
             else:
-                gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+                if ACCUM == ACCUM_STORE:
+                    # rounded before the layout change (half the shared-memory traffic of fp32)
+                    out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), st)
+                else:
+                    out = gl.convert_layout(acc, st)
+                om = tm * BM + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, st))
+                on = tile_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
+                c_ptrs = (c_ptr + e.to(gl.int64) * stride_ce
+                          + om[:, None].to(gl.int64) * stride_cm + on[None, :] * stride_cn)
+                cmask = (om < MO)[:, None] & (on < NO)[None, :]
+                if ACCUM == ACCUM_ATOMIC:  # one atomic add per element; no tokens: unchanged
+                    if ng > 0:
+                        gl.atomic_add(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask,
+                                      sem="relaxed")
+                elif ACCUM == ACCUM_RMW:  # the tile added into: in c_buf (the producer's TMA)
+                    mbarrier.wait(c_ready, tc & 1)
+                    prev = c_buf.slice(HALF * HM, HM).load(st)
+                    mbarrier.arrive(c_empty)
+                    if ng > 0:
+                        out = out + prev.to(gl.float32)
+                        gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+                else:
+                    gl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
             tc += 1
+        if TMA_STORE:
+            tma.store_wait(0)  # the last tile's stores done reading shared memory
 
 
     @gluon.jit
@@ -1453,13 +1495,15 @@ if _HAVE_GLUON:
             GS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
             BLOCK_E: gl.constexpr, KPAIR: gl.constexpr, INFO: gl.constexpr,
             LOAD_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
-            C_TRANS: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+            C_TRANS: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr,
+            num_warps: gl.constexpr):
         """The weight gradient ``C[e] (+)= Σ_p A[p]ᵀ · B[p]`` over expert e's tokens: a
         producer (``LOAD_WARPS`` warps) + two consumers (module doc); program i does tiles i,
-        i + grid, ... in ``_seg_tile``'s order (``GROUP_M``) ``PADDED``: FP8 operands in ``wgrad_fp8``'s padded group layout with
-        their scales; else 16-bit operands in place (``_seg_producer``). ``C_TRANS``: C is
-        stored transposed (``stride_cm == 1``; the epilogue's threads along the rows), by
-        store or atomic add."""
+        i + grid, ... in ``_seg_tile``'s order (``GROUP_M``). ``PADDED``: FP8 operands in
+        ``wgrad_fp8``'s padded group layout with their scales; else 16-bit operands in place
+        (``_seg_producer``). ``C_TRANS``: C is stored transposed (``stride_cm == 1``; the
+        epilogue's threads along the rows), by store or atomic add. ``TMA_STORE``: a stored C
+        by TMA in column parts (``_seg_consumer``; ``c_desc`` C's, its box a part's)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(BM == 128 or (BM == 256 and not PADDED and not A_GATHER),
                          "two consumers of 64 rows (16-bit, A by TMA: 64 or 128)")
@@ -1485,7 +1529,12 @@ if _HAVE_GLUON:
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         # ACCUM == 2: one [BM, BN] tile of the buffer added into (else a token allocation)
-        c_buf = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_shape, c_desc.layout)
+        if TMA_STORE:  # two [BM/2, BN/4] part buffers per consumer (C's, c_desc's box)
+            gl.static_assert(ACCUM == ACCUM_STORE and not PADDED, "TMA_STORE: 16-bit, stored")
+            c_buf = gl.allocate_shared_memory(c_desc.dtype, [4] + c_desc.block_shape,
+                                              c_desc.layout)
+        else:
+            c_buf = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_shape, c_desc.layout)
         c_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         c_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(c_ready, count=1)
@@ -1498,12 +1547,12 @@ if _HAVE_GLUON:
                              c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
                              offsets_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn,
                              0, PADDED, GATHERED, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR,
-                             INFO, C_TRANS, GROUP_M)),
+                             INFO, C_TRANS, GROUP_M, TMA_STORE, c_desc)),
             (_seg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn,
                              c_ready, c_empty, info, info_ready, info_empty, c_ptr, counts_ptr,
                              offsets_ptr, MO, NO, E, num_tiles, stride_ce, stride_cm, stride_cn,
                              1, PADDED, GATHERED, ACCUM, GS, BM, BN, STAGES, BLOCK_E, KPAIR,
-                             INFO, C_TRANS, GROUP_M)),
+                             INFO, C_TRANS, GROUP_M, TMA_STORE, c_desc)),
             (_seg_producer, (a_desc, b_desc, sa_desc, sb_desc, c_desc, a_bufs, b_bufs, sa_bufs,
                              sb_bufs, c_buf, ready, empty, c_ready, c_empty, info, info_ready,
                              info_empty, a_ptr, b_ptr, gather_ptr, counts_ptr, offsets_ptr, MO,
@@ -1575,8 +1624,8 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
         PADDED=True, TOPK=1, A_GATHER=False, B_GATHER=False, ACCUM=int(accum), GS=128, BM=bm,
         BN=bn, STAGES=cfg["STAGES"], BLOCK_E=max(32, next_pow2(E)),
         KPAIR=cfg["KPAIR"], INFO=cfg["INFO"], LOAD_WARPS=1, LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], C_TRANS=False, GROUP_M=cfg["GROUP_M"], num_warps=4,
-        maxnreg=cfg["MAXNREG"])
+        MMA_REGS=cfg["MMA_REGS"], C_TRANS=False, GROUP_M=cfg["GROUP_M"], TMA_STORE=False,
+        num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
 
 
@@ -1602,16 +1651,26 @@ def bf16_seg_config(tune: tuning.Tuning, c, accum: Accum, mo: int, no: int,
     ``tune.gluon_bf16_seg_config``, ``tune.gluon_bf16_seg_bgather_config`` over it where B's
     rows are gathered, ``tune.gluon_bf16_seg_narrow_config`` over both where a read-add-write
     tile is 32-bit or MO or NO is not a multiple of 16; ``STAGES`` lowered to the ring slots
-    that fit in shared memory beside a read-add-write tile."""
+    that fit in shared memory beside a read-add-write tile or the TMA store's part buffers;
+    ``TMA_STORE`` (1: the epilogue by TMA stores) kept only where ``_seg_tma_store_fits``."""
     cfg = dict(tune.gluon_bf16_seg_config)
     if b_gather:
         cfg.update(tune.gluon_bf16_seg_bgather_config)
     if (accum == Accum.RMW and c.element_size() > 2) or mo % 16 or no % 16:
         cfg.update(tune.gluon_bf16_seg_narrow_config)
     slot = (cfg["BM"] + cfg["BN"]) * cfg["BK"] * 2
-    tile = cfg["BM"] * cfg["BN"] * c.element_size() if accum == Accum.RMW else 0
+    cfg["TMA_STORE"] = int(bool(cfg.get("TMA_STORE", 0)) and _seg_tma_store_fits(c, accum))
+    tile = cfg["BM"] * cfg["BN"] * c.element_size()
+    tile = tile if accum == Accum.RMW else tile // 2 if cfg["TMA_STORE"] else 0
     cfg["STAGES"] = min(cfg["STAGES"], (_SMEM_LIMIT - _SEG_SMEM_OTHER - tile) // slot)
     return cfg
+
+
+def _seg_tma_store_fits(c, accum: Accum) -> bool:
+    """Whether the 16-bit weight gradient's epilogue may store ``c`` by TMA: stored (not
+    added into), 16-bit, 16-byte aligned rows."""
+    return (accum == Accum.STORE and c.element_size() == 2 and c.data_ptr() % 16 == 0
+            and (c.shape[2] * 2) % 16 == 0)
 
 
 def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gather: bool,
@@ -1641,16 +1700,23 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
         return c
     a_desc = TensorDescriptor.from_tensor(a, [bk, bm // 2], _nvmma_layout(bk, bm // 2, a.dtype))
     b_desc = TensorDescriptor.from_tensor(b, [bk, bn], _nvmma_layout(bk, bn, b.dtype))
+    if cfg["TMA_STORE"]:  # C as [E·rows, cols], a consumer's column part a box
+        box = [bn // 4, bm // 2] if trans else [bm // 2, bn // 4]
+        c_desc = TensorDescriptor.from_tensor(c.view(-1, c.shape[2]), box,
+                                              _nvmma_layout(*box, c.dtype))
+    else:
+        c_desc = _c_desc(c, accum, bm, bn, meta.counts)
     grid = (_programs(tune, num_tiles, c.device),)
     launcher(_segment_mm_ws, tune.fast_launch)[grid](
         a_desc, b_desc, _stand_in(meta.counts), _stand_in(meta.counts),
-        _c_desc(c, accum, bm, bn, meta.counts), c, a, b, meta.sorted_slot, meta.counts,
+        c_desc, c, a, b, meta.sorted_slot, meta.counts,
         meta.offsets, mo, no, E, num_tiles, a.stride(0), b.stride(0), *c_strides,
         PADDED=False, TOPK=meta.top_k, A_GATHER=a_gather, B_GATHER=b_gather,
         ACCUM=int(accum), GS=bk, BM=bm, BN=bn, STAGES=cfg["STAGES"],
         BLOCK_E=max(32, next_pow2(E)), KPAIR=False, INFO=True,
         LOAD_WARPS=cfg["LOAD_WARPS"], LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
-        C_TRANS=trans, GROUP_M=cfg["GROUP_M"], num_warps=4, maxnreg=cfg["MAXNREG"])
+        C_TRANS=trans, GROUP_M=cfg["GROUP_M"], TMA_STORE=bool(cfg["TMA_STORE"]), num_warps=4,
+        maxnreg=cfg["MAXNREG"])
     return c
 
 

@@ -66,11 +66,12 @@ class Tuning:
         MAXNREG=168, GROUP_M=8))
     # the Gluon 16-bit weight-gradient GEMM (``segment_mm_direct``): used where available
     # when ``gluon`` and ``gluon_bf16_wgrad``; BK tokens a k-step, LOAD_WARPS producer warps
-    # (they also run the gathered operand's copies); GROUP_M as the FP8 kernel's
+    # (they also run the gathered operand's copies); GROUP_M as the FP8 kernel's; TMA_STORE
+    # 1: a stored (not added into) 16-bit output by TMA stores of column parts, 0: registers
     gluon_bf16_wgrad: bool = True
     gluon_bf16_seg_config: dict = field(default_factory=lambda: dict(
         BM=128, BN=256, BK=64, STAGES=3, LOAD_WARPS=4, LOAD_REGS=72, MMA_REGS=216,
-        MAXNREG=168, GROUP_M=8))
+        MAXNREG=168, GROUP_M=8, TMA_STORE=0))
     # dW_up (B's rows gathered) as (x_eᵀ · dpre_e)ᵀ: the gathered x on the tile's 128 rows, the
     # tiles and form of dW_down, C stored transposed (``gluon_gemm.segment_mm_direct``; not for
     # a read-add-write into the output)
