@@ -258,9 +258,10 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          # 42; now in bands of GROUP_M row tiles), bf16 and with FP8 weight gradients
          "moe_plugin_wgrad_rowwise": ("moe_plugin", dict(gluon_bf16_seg_config={
              **tuning.current().gluon_bf16_seg_config, "GROUP_M": 1})),
-         # the stored bf16 weight gradients by TMA stores of column parts (not the default)
-         "moe_plugin_wgrad_tma_store": ("moe_plugin", dict(gluon_bf16_seg_config={
-             **tuning.current().gluon_bf16_seg_config, "TMA_STORE": 1})),
+         # the stored bf16 weight gradients by registers (the default before session 42: now
+         # by TMA stores of column parts)
+         "moe_plugin_wgrad_reg_store": ("moe_plugin", dict(gluon_bf16_seg_config={
+             **tuning.current().gluon_bf16_seg_config, "TMA_STORE": 0})),
          "moe_plugin_fp8w_wgrad_rowwise": ("moe_plugin_fp8w", dict(
              gluon_bf16_seg_config={**tuning.current().gluon_bf16_seg_config, "GROUP_M": 1},
              gluon_seg_config={**tuning.current().gluon_seg_config, "GROUP_M": 1}))}

@@ -300,10 +300,10 @@ def _cases():
                         lambda a=a, b=b, c=c, meta=meta, accum=accum, gathered=gathered, t=t:
                         GF.segment_mm_direct(t, a, b, c, meta, accum,
                                              a_gather=gathered == "a", b_gather=gathered == "b"))
-                    if accum == Accum.STORE:  # ... and stored by TMA in column parts
+                    if accum == Accum.STORE:  # ... and stored by registers (TMA: default)
                         tt = dataclasses.replace(t, gluon_bf16_seg_config={
-                            **t.gluon_bf16_seg_config, "TMA_STORE": 1})
-                        cases[f"bf16_{role}_{shape}_store_tma"] = (
+                            **t.gluon_bf16_seg_config, "TMA_STORE": 0})
+                        cases[f"bf16_{role}_{shape}_store_regs"] = (
                             lambda a=a, b=b, c=c, meta=meta, gathered=gathered, tt=tt:
                             GF.segment_mm_direct(tt, a, b, c, meta, Accum.STORE,
                                                  a_gather=gathered == "a",

@@ -26,7 +26,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
           for shape in ("aligned", "odd") for acc in ("store", "atomic", "rmw", "rmw32")]
          + [f"bf16_wgrad_up_swap_{shape}_{acc}" for shape in ("aligned", "odd")
             for acc in ("store", "atomic")]
-         + [f"bf16_{role}_{shape}_store_tma" for role in ("wgrad_up", "wgrad_up_swap", "wgrad_down")
+         + [f"bf16_{role}_{shape}_store_regs" for role in ("wgrad_up", "wgrad_up_swap",
+                                                           "wgrad_down")
             for shape in ("aligned", "odd")]
          + [f"fp8_wgrad_{acc}" for acc in ("store", "atomic", "rmw")]
          + ["fp8_grouped", "fp8_dh_fused"]
@@ -123,10 +124,13 @@ LAUNCH = {
                                   if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
     "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=4, PINGPONG=False, CN=1),
     "bf16_dx_tall_aligned": dict(BM=256, BN=128, STAGES=4, TMA_STORE=4),
-    "bf16_wgrad_up_swap_aligned_store_tma": dict(BM=128, BN=256, STAGES=3, C_TRANS=True,
-                                                 TMA_STORE=True),
-    "bf16_wgrad_down_odd_store_tma": dict(BM=128, BN=128, STAGES=4, TMA_STORE=True),
-    "bf16_wgrad_up_aligned_store": dict(TMA_STORE=False),
+    # the stored weight gradients by TMA in column parts (the default), or by registers
+    "bf16_wgrad_up_swap_aligned_store": dict(BM=128, BN=256, STAGES=3, C_TRANS=True,
+                                             TMA_STORE=True),
+    "bf16_wgrad_down_odd_store": dict(BM=128, BN=128, STAGES=4, TMA_STORE=True),
+    "bf16_wgrad_up_aligned_store": dict(BM=256, BN=128, STAGES=3, TMA_STORE=True),  # fitted
+    "bf16_wgrad_up_aligned_store_regs": dict(TMA_STORE=False),
+    "bf16_wgrad_down_aligned_atomic": dict(TMA_STORE=False),
     "bf16_dh_tall_odd": dict(BM=256, BN=128, STAGES=4, TMA_STORE=4, A_GATHER=True),
     # the fused dh': the whole tile's inputs staged by the producer beside a 3-slot ring
     "bf16_dh_fused_gated_aligned": dict(BN=128, STAGES=3, A_GATHER=True),

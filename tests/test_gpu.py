@@ -259,7 +259,7 @@ def _ragged_meta(g, n, k, e):
 @pytest.mark.parametrize("mode,out_dtype,tma", [
     (None, torch.bfloat16, 0), (None, torch.bfloat16, 1), (1, torch.float32, 0),
     (2, torch.float32, 0), (2, torch.bfloat16, 0)],
-    ids=["store", "store_tma", "atomic_fp32", "rmw_fp32", "rmw_bf16"])
+    ids=["store_regs", "store_tma", "atomic_fp32", "rmw_fp32", "rmw_bf16"])
 @pytest.mark.parametrize("programs", [None, 3])
 @pytest.mark.parametrize("widths", [(200, 136), (320, 384), (320, 192), (328, 192)],
                          ids=["odd", "aligned", "fast_launch_test320", "fast_launch_test328"])
@@ -276,8 +276,9 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, tma, programs, wi
     192); dW_up also computed transposed (``gluon_bf16_wgrad_swap``); the persistent grid at
     one program per SM and at 3 programs (there with the output's tiles in bands of two row
     tiles, ``GROUP_M``); unused slots' rows (NaN) after the last expert's; the stored output
-    by registers and (``store_tma``: ``gluon_bf16_seg_config["TMA_STORE"]``) by TMA stores of
-    column parts, those across an expert's last row or column by masked stores."""
+    by registers and (``store_tma``: ``gluon_bf16_seg_config["TMA_STORE"]``, the default) by
+    TMA stores of column parts, those across an expert's last row or column by masked
+    stores."""
     from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")

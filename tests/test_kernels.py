@@ -415,7 +415,7 @@ def test_gluon_bf16_wgrad_tiles_fit_the_output():
     config``) for a read-add-write into fp32 (the fp32 tile and the ring exceed a Hopper
     block's shared memory) and for widths not multiples of 16 (the masked epilogue spills
     registers at 256 wide); the ring's slots lowered to what fits beside a read-add-write
-    tile."""
+    tile or the TMA store's part buffers (a stored 16-bit output: ``TMA_STORE``)."""
     from moe_plugin.kernels import gluon_gemm as GF, tuning
     from moe_plugin.kernels.codes import Accum
     tune = tuning.current()
@@ -423,14 +423,18 @@ def test_gluon_bf16_wgrad_tiles_fit_the_output():
 
     def cfg(*args, **kw):
         c = GF.bf16_seg_config(tune, *args, **kw)
+        tile = c["BM"] * c["BN"] * args[0].element_size()
         smem = ((c["BM"] + c["BN"]) * c["BK"] * 2 * c["STAGES"]
-                + (c["BM"] * c["BN"] * args[0].element_size() if args[1] == Accum.RMW else 0))
+                + (tile if args[1] == Accum.RMW else tile // 2 if c["TMA_STORE"] else 0))
+        assert c["TMA_STORE"] == (args[1] == Accum.STORE and args[0].element_size() == 2)
         assert smem + GF._SEG_SMEM_OTHER <= GF._SMEM_LIMIT, c
         return c["BM"], c["BN"], c["STAGES"]
     assert cfg(f32, Accum.ATOMIC, 1024, 4096) == (128, 256, 3)
     assert cfg(bf, Accum.STORE, 1024, 4096) == (128, 256, 3)
     assert cfg(bf, Accum.RMW, 1024, 4096) == (128, 256, 3)
     assert cfg(f32, Accum.ATOMIC, 1024, 4096, b_gather=True) == (256, 128, 4)
+    # stored by TMA: the part buffers beside the ring (256 x 128: 3 slots fit)
+    assert cfg(bf, Accum.STORE, 1024, 4096, b_gather=True) == (256, 128, 3)
     assert cfg(bf, Accum.RMW, 1024, 4096, b_gather=True) == (256, 128, 3)  # 4 do not fit
     for b_gather in (False, True):
         assert cfg(f32, Accum.RMW, 1024, 4096, b_gather=b_gather) == (128, 128, 4)
