@@ -330,6 +330,10 @@ TABLES = {
     "peers_h100_s41": Table((f"{RESULTS}/h100_s41_b_peers_fine_7b.json",
                              f"{RESULTS}/h100_s41_b_peers_router_fine_7b.json",
                              f"{RESULTS}/h100_s41_peers_coarse_120b.json"), peers),
+    # session 42's runs on an H100 (the H200 was asked for): the weight gradients' tile bands
+    # (all three) and their TMA-store epilogue (fine_30b, qwen3_30b_a3b; mixtral before it)
+    "peers_h100_s42": Table(tuple(f"{RESULTS}/h100_s42_peers_{c}.json"
+                                  for c in ("fine_30b", "qwen3_30b_a3b", "mixtral")), peers),
     "recompute": Table((f"{RESULTS}/h100_bench_layer.json",), recompute),
     "recompute_run3": Table((f"{RESULTS}/h100_bench_layer_run3.json",), recompute),
     "fp8_training": Table((f"{RESULTS}/h100_bench_fp8.json",), fp8_training),
