@@ -330,6 +330,47 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, tma, programs, wi
         assert not res[1][3].any(), "the empty expert's gradient is not zero"
 
 
+@pytest.mark.parametrize("kind", ["down", "dh"])
+def test_gluon_bf16_grouped_many_experts_equals_triton(kind, tune, monkeypatch):
+    """The row-grouped Gluon GEMMs (GEMM2; dh' with A gathered) at 130 experts, most with
+    fewer rows than a tile, expert 0 with several tiles, every 17th empty (a 256-wide vector
+    of experts when a program finds its tile's expert): bitwise the Triton kernel's output."""
+    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    from moe_plugin.kernels.permute import permute_metadata
+    if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
+        pytest.skip("Gluon Hopper kernels not available here")
+    g = torch.Generator().manual_seed(29)
+    n, k, e, d, f = 1200, 8, 130, 256, 192
+    ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
+    ids[ids % 17 == 3] = 0      # experts 3, 20, 37, ...: no tokens; expert 0: over 128 rows
+    meta = permute_metadata(ids.to(CUDA), e)
+    counts = meta.counts.tolist()
+    assert counts[3] == 0 and max(counts) > 128 and min(c for c in counts if c) < 128
+    s = meta.sorted_slot.numel()
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(CUDA, torch.bfloat16)
+
+    w_down = rnd(e, d, f) * 0.1
+    if kind == "down":
+        h = rnd(s, f)
+        run = lambda: G.expert_down(h, w_down, meta)
+    else:
+        dout, pre = rnd(n, d), rnd(s, 2 * f)
+        wts = torch.rand(n, k, generator=g).to(CUDA)
+        run = lambda: G.expert_up_bwd(dout, w_down, pre, meta, wts, 0, True)
+    calls = _count_calls(monkeypatch, GF, "grouped_mm_direct")
+    res = []
+    for enabled in (False, True):
+        with tuning.override(gluon_bf16_grouped=enabled, split_up_bwd=True):
+            out = run()
+        res.append(out if isinstance(out, tuple) else (out,))
+    assert len(calls) == 1, "the Gluon kernel did not serve the GEMM"
+    for got, ref in zip(res[1], res[0]):
+        diff = (got.float() - ref.float()).abs().max().item()
+        assert torch.equal(got, ref), f"{kind}: Gluon against Triton, max difference {diff}"
+
+
 def _count_calls(monkeypatch, module, name):
     """Counts the calls of ``module.name`` (still called) in the returned list's length."""
     calls, orig = [], getattr(module, name)

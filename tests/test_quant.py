@@ -511,19 +511,21 @@ def test_fp8_cuda_graph_follows_weight_updates(quant):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("config", [None, dict(BC=64, num_warps=4, WC=1)])
-def test_fp8_cols_gluon_pass_equals_triton(gather, config, tune):
+@pytest.mark.parametrize("e", [6, 130])
+def test_fp8_cols_gluon_pass_equals_triton(gather, config, e, tune):
     """The column quantisation of the FP8 wgrad operands (per column and 128 tokens of one
     expert, stored transposed in the padded group layout) runs on Hopper as a Gluon pass
     (``gluon_gemm._fp8_cols_gl``): bitwise the Triton kernel's values and scales in every
     written group, with an empty expert, segments not multiples of 128, unused slots and a
-    column count that is not a multiple of the column block."""
+    column count that is not a multiple of the column block; 6 experts (one 32-wide vector of
+    experts) and 130 (256 wide: several per lane)."""
     from moe_plugin.kernels.permute import permute_metadata
     if not GF.available(tuning.current(), torch.empty(0, device=DEVICE)):
         pytest.skip("Gluon Hopper kernels not available here")
     if config is not None:
         tune(gluon_cols_config=config)
     g = torch.Generator().manual_seed(8)
-    n, k, e, c = 500, 2, 6, 200
+    n, k, c = (500, 2, 200) if e == 6 else (1200, 8, 200)
     ids = torch.randint(0, e, (n, k), generator=g, dtype=torch.int32)
     ids[ids == 2] = 3   # expert 2: no tokens
     ids[:5, 0] = -1     # unused slots
