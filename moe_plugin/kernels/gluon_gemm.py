@@ -1333,6 +1333,20 @@ if _HAVE_GLUON:
 
 
     @gluon.jit
+    def _seg_store_part(q, buf, c_desc, c_ptr, e, r_m, c_n, MO, NO, stride_cm, stride_cn,
+                        HM: gl.constexpr, W: gl.constexpr, C_TRANS: gl.constexpr):
+        """A weight-gradient tile's part ``q [HM, W]`` (rows ``r_m..`` of C[e], columns
+        ``c_n..``) stored through ``buf`` by ``_tma_store_part`` on C as ``[E·MO, NO]``, or
+        with ``C_TRANS`` transposed on C as ``[E·NO, MO]``: an expert's last rows (columns)
+        by masked stores."""
+        if C_TRANS:
+            _tma_store_part(gl.permute(q, (1, 0)), buf, c_desc, c_ptr, e * NO + c_n,
+                            e * NO + NO, r_m, MO, stride_cn, W, HM)
+        else:
+            _tma_store_part(q, buf, c_desc, c_ptr, e * MO + r_m, e * MO + MO, c_n, NO,
+                            stride_cm, HM, W)
+
+    @gluon.jit
     def _seg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, c_buf, ready, empty, turn, c_ready,
                       c_empty, info, info_ready, info_empty, c_ptr, counts_ptr, offsets_ptr, MO,
                       NO, E, num_tiles, stride_ce, stride_cm, stride_cn, HALF: gl.constexpr,
@@ -1430,33 +1444,19 @@ if _HAVE_GLUON:
 
             if TMA_STORE:
                 W: gl.constexpr = BN // 4
-                r_m = tm * BM + HALF * HM  # this consumer's first row of C[e] (or column)
-                c_n = tile_n * BN
                 lo, hi = _col_halves(acc.to(c_ptr.dtype.element_ty), HM, BN // 2)
                 q0, q1 = _col_halves(lo, HM, W)
                 q2, q3 = _col_halves(hi, HM, W)
-                if C_TRANS:
-                    base = e * NO
-                    _tma_store_part(gl.permute(q0, (1, 0)), c_buf.index(2 * HALF), c_desc,
-                                    c_ptr, base + c_n, base + NO, r_m, MO, stride_cn, W, HM)
-                    _tma_store_part(gl.permute(q1, (1, 0)), c_buf.index(2 * HALF + 1), c_desc,
-                                    c_ptr, base + c_n + W, base + NO, r_m, MO, stride_cn, W, HM)
-                    _tma_store_part(gl.permute(q2, (1, 0)), c_buf.index(2 * HALF), c_desc,
-                                    c_ptr, base + c_n + 2 * W, base + NO, r_m, MO, stride_cn, W,
-                                    HM)
-                    _tma_store_part(gl.permute(q3, (1, 0)), c_buf.index(2 * HALF + 1), c_desc,
-                                    c_ptr, base + c_n + 3 * W, base + NO, r_m, MO, stride_cn, W,
-                                    HM)
-                else:
-                    base = e * MO
-                    _tma_store_part(q0, c_buf.index(2 * HALF), c_desc, c_ptr, base + r_m,
-                                    base + MO, c_n, NO, stride_cm, HM, W)
-                    _tma_store_part(q1, c_buf.index(2 * HALF + 1), c_desc, c_ptr, base + r_m,
-                                    base + MO, c_n + W, NO, stride_cm, HM, W)
-                    _tma_store_part(q2, c_buf.index(2 * HALF), c_desc, c_ptr, base + r_m,
-                                    base + MO, c_n + 2 * W, NO, stride_cm, HM, W)
-                    _tma_store_part(q3, c_buf.index(2 * HALF + 1), c_desc, c_ptr, base + r_m,
-                                    base + MO, c_n + 3 * W, NO, stride_cm, HM, W)
+                r_m = tm * BM + HALF * HM  # this consumer's first row of C[e] (or column)
+                c_n = tile_n * BN
+                _seg_store_part(q0, c_buf.index(2 * HALF), c_desc, c_ptr, e, r_m, c_n, MO, NO,
+                                stride_cm, stride_cn, HM, W, C_TRANS)
+                _seg_store_part(q1, c_buf.index(2 * HALF + 1), c_desc, c_ptr, e, r_m, c_n + W,
+                                MO, NO, stride_cm, stride_cn, HM, W, C_TRANS)
+                _seg_store_part(q2, c_buf.index(2 * HALF), c_desc, c_ptr, e, r_m, c_n + 2 * W,
+                                MO, NO, stride_cm, stride_cn, HM, W, C_TRANS)
+                _seg_store_part(q3, c_buf.index(2 * HALF + 1), c_desc, c_ptr, e, r_m,
+                                c_n + 3 * W, MO, NO, stride_cm, stride_cn, HM, W, C_TRANS)
             else:
                 if ACCUM == ACCUM_STORE:
                     # rounded before the layout change (half the shared-memory traffic of fp32)
@@ -1624,8 +1624,8 @@ def segment_mm(tune: tuning.Tuning, qa, sa, qb, sb, c, meta, accum: Accum):
         PADDED=True, TOPK=1, A_GATHER=False, B_GATHER=False, ACCUM=int(accum), GS=128, BM=bm,
         BN=bn, STAGES=cfg["STAGES"], BLOCK_E=max(32, next_pow2(E)),
         KPAIR=cfg["KPAIR"], INFO=cfg["INFO"], LOAD_WARPS=1, LOAD_REGS=cfg["LOAD_REGS"],
-        MMA_REGS=cfg["MMA_REGS"], C_TRANS=False, GROUP_M=cfg["GROUP_M"], TMA_STORE=False,
-        num_warps=4, maxnreg=cfg["MAXNREG"])
+        MMA_REGS=cfg["MMA_REGS"], C_TRANS=False, GROUP_M=cfg.get("GROUP_M", 1),
+        TMA_STORE=False, num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
 
 
@@ -1715,8 +1715,8 @@ def segment_mm_direct(tune: tuning.Tuning, a, b, c, meta, accum: Accum, *, a_gat
         ACCUM=int(accum), GS=bk, BM=bm, BN=bn, STAGES=cfg["STAGES"],
         BLOCK_E=max(32, next_pow2(E)), KPAIR=False, INFO=True,
         LOAD_WARPS=cfg["LOAD_WARPS"], LOAD_REGS=cfg["LOAD_REGS"], MMA_REGS=cfg["MMA_REGS"],
-        C_TRANS=trans, GROUP_M=cfg["GROUP_M"], TMA_STORE=bool(cfg["TMA_STORE"]), num_warps=4,
-        maxnreg=cfg["MAXNREG"])
+        C_TRANS=trans, GROUP_M=cfg.get("GROUP_M", 1), TMA_STORE=bool(cfg["TMA_STORE"]),
+        num_warps=4, maxnreg=cfg["MAXNREG"])
     return c
 
 

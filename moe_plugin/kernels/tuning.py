@@ -66,10 +66,11 @@ class Tuning:
         MAXNREG=168, GROUP_M=8))
     # the Gluon 16-bit weight-gradient GEMM (``segment_mm_direct``): used where available
     # when ``gluon`` and ``gluon_bf16_wgrad``; BK tokens a k-step, LOAD_WARPS producer warps
-    # (they also run the gathered operand's copies); GROUP_M as the FP8 kernel's; TMA_STORE
-    # 1: a stored (not added into) 16-bit output by TMA stores of column parts, 0: registers
-    # (against which TMA measured -1 to -6% a weight gradient on an H100 but for qwen3's
-    # dW_down, +5%; benchmarks/NOTES.md, session 42)
+    # (they also run the gathered operand's copies); GROUP_M as the FP8 kernel's (in either,
+    # a configuration without it: row by row); TMA_STORE 1: a stored (not added into) 16-bit
+    # output by TMA stores of column parts, 0: by registers (against which TMA measured -1 to
+    # -6% a weight gradient on an H100 but for qwen3's dW_down, +5%; benchmarks/NOTES.md,
+    # session 42)
     gluon_bf16_wgrad: bool = True
     gluon_bf16_seg_config: dict = field(default_factory=lambda: dict(
         BM=128, BN=256, BK=64, STAGES=3, LOAD_WARPS=4, LOAD_REGS=72, MMA_REGS=216,
