@@ -46,6 +46,9 @@ def main():
                     help="JSON list of dicts applied over gluon_bf16_seg_config")
     ap.add_argument("--grouped-variants", default=None,
                     help="JSON list of dicts applied over gluon_bf16_config (or '_field')")
+    ap.add_argument("--tune-variants", default=None,
+                    help="JSON list of dicts of Tuning fields, each run as given (lists become "
+                         "tuples), e.g. '[{\"act_bwd_block\": [64, 128, 8]}]'")
     ap.add_argument("--enable", nargs="*", default=[])
     ap.add_argument("--bmm", action="store_true",
                     help="also cuBLAS on each GEMM's shapes, rows spread evenly (torch.bmm)")
@@ -58,6 +61,8 @@ def main():
     print(json.dumps({"ceiling_tflops": round(_dense_rate(), 1)}), flush=True)
     variants = json.loads(args.seg_variants) if args.seg_variants else []
     gvariants = json.loads(args.grouped_variants) if args.grouped_variants else []
+    tvariants = [{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
+                 for v in (json.loads(args.tune_variants) if args.tune_variants else [])]
     enabled = {f: True for f in args.enable}
     for name in args.configs:
         st = Stages(name)
@@ -75,6 +80,7 @@ def main():
                     field = v.pop("_field", "gluon_bf16_config")
                     base = getattr(tuning.current(), field)
                     runs.append((f"{field}:{json.dumps(v)}", {field: {**base, **v}}))
+            runs += [(f"tune:{json.dumps(v)}", v) for v in tvariants]
             runs = [(label, {**enabled, **changes}) for label, changes in runs]
             fns = dict.fromkeys((label for label, _ in runs), fn)
             if args.bmm:
