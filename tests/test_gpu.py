@@ -330,12 +330,13 @@ def test_gluon_bf16_wgrad_equals_triton(kind, mode, out_dtype, tma, programs, wi
         assert not res[1][3].any(), "the empty expert's gradient is not zero"
 
 
-@pytest.mark.parametrize("kind", ["down", "dh"])
+@pytest.mark.parametrize("kind", ["down", "dx", "dh"])
 def test_gluon_bf16_grouped_many_experts_equals_triton(kind, tune, monkeypatch):
-    """The row-grouped Gluon GEMMs (GEMM2; dh' with A gathered) at 130 experts, most with
+    """The row-grouped Gluon GEMMs (GEMM2, dx, dh' with A gathered) at 130 experts, most with
     fewer rows than a tile, expert 0 with several tiles, every 17th empty (a 256-wide vector
-    of experts when a program finds its tile's expert): bitwise the Triton kernel's output."""
-    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    of experts when a program finds its tile's expert): bitwise the Triton kernel's output
+    (``_grouped_gluon_equals_triton``)."""
+    from moe_plugin.kernels import gluon_gemm as GF, tuning
     from moe_plugin.kernels.permute import permute_metadata
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
@@ -346,29 +347,7 @@ def test_gluon_bf16_grouped_many_experts_equals_triton(kind, tune, monkeypatch):
     meta = permute_metadata(ids.to(CUDA), e)
     counts = meta.counts.tolist()
     assert counts[3] == 0 and max(counts) > 128 and min(c for c in counts if c) < 128
-    s = meta.sorted_slot.numel()
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(CUDA, torch.bfloat16)
-
-    w_down = rnd(e, d, f) * 0.1
-    if kind == "down":
-        h = rnd(s, f)
-        run = lambda: G.expert_down(h, w_down, meta)
-    else:
-        dout, pre = rnd(n, d), rnd(s, 2 * f)
-        wts = torch.rand(n, k, generator=g).to(CUDA)
-        run = lambda: G.expert_up_bwd(dout, w_down, pre, meta, wts, 0, True)
-    calls = _count_calls(monkeypatch, GF, "grouped_mm_direct")
-    res = []
-    for enabled in (False, True):
-        with tuning.override(gluon_bf16_grouped=enabled, split_up_bwd=True):
-            out = run()
-        res.append(out if isinstance(out, tuple) else (out,))
-    assert len(calls) == 1, "the Gluon kernel did not serve the GEMM"
-    for got, ref in zip(res[1], res[0]):
-        diff = (got.float() - ref.float()).abs().max().item()
-        assert torch.equal(got, ref), f"{kind}: Gluon against Triton, max difference {diff}"
+    _grouped_gluon_equals_triton(kind, meta, g, d, f, monkeypatch)
 
 
 def _count_calls(monkeypatch, module, name):
@@ -411,7 +390,7 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     ``pingpong_cluster``: GEMM2 and dx with both (dh' ping-pong on one CTA); ``tall``
     (``tuning.GLUON_BF16_TALL``, 256 x 128 tiles: each consumer 128 rows) with the default
     TMA-parts store, ``tall_st`` by registers."""
-    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    from moe_plugin.kernels import gluon_gemm as GF, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
     if "cluster" in variant and not GF.cluster_compiles():
@@ -428,8 +407,19 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
          gluon_bf16_config={**tuning.current().gluon_bf16_config, **extra})
     g = torch.Generator().manual_seed(23)
     n, k, e, d, f = 700, 2, 6, 320, 192
-    meta = _ragged_meta(g, n, k, e)
+    want = 2 if variant == "cluster" or (variant == "pingpong_cluster" and kind != "dh") else 1
+    _grouped_gluon_equals_triton(kind, _ragged_meta(g, n, k, e), g, d, f, monkeypatch, want)
+
+
+def _grouped_gluon_equals_triton(kind, meta, g, d, f, monkeypatch, ctas_want=1):
+    """Runs row-grouped GEMM ``kind`` ("down": GEMM2, "dx", "dh": the split form's dh' with
+    A gathered) on ``meta``'s routing (random bf16 operands from ``g``; rows of unused slots
+    NaN) by the Triton kernel, then by the Gluon kernel, which must serve it once, launched as
+    clusters of ``ctas_want``: bitwise the same rows, the Triton kernel's finite."""
+    from moe_plugin.kernels import gluon_gemm as GF, grouped_gemm as G, tuning
+    e, k = meta.num_experts, meta.top_k
     s = meta.sorted_slot.numel()
+    n = s // k
     used = int(meta.offsets[-1])
 
     def rnd(*shape):
@@ -456,8 +446,7 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
             out = run()
         res.append(out if isinstance(out, tuple) else (out,))
     assert len(calls) == 1, "the Gluon kernel did not serve the GEMM"
-    want = 2 if variant == "cluster" or (variant == "pingpong_cluster" and kind != "dh") else 1
-    assert ctas == [want], f"launched as clusters of {ctas}, expected [{want}]"
+    assert ctas == [ctas_want], f"launched as clusters of {ctas}, expected [{ctas_want}]"
     for got, ref in zip(res[1], res[0]):
         ref, got = ref[:used], got[:used]
         assert ref.isfinite().all(), "the Triton kernel read an unused slot's row"
