@@ -223,6 +223,14 @@ if _HAVE_GLUON:
             _cga(CTAS, 1), [n])
 
     @gluon.constexpr_function
+    def _scan_layout(num_warps, n, CTAS=1):
+        """An ``[n]`` vector for a scan: contiguous runs of ``n / (32·num_warps)`` elements per
+        thread (at least one; smaller vectors repeat over the warps). In a cluster the same in
+        each CTA."""
+        return gl.BlockedLayout([max(1, n // (32 * num_warps))], [32], [num_warps], [0],
+                                cga_layout=_cga(CTAS, 1))
+
+    @gluon.constexpr_function
     def _bar_layout(CTAS, shared=False):
         """mbarriers of a kernel launched as clusters of ``CTAS`` CTAs: each CTA its own, or
         with ``shared`` one for the pair, in the first CTA (the arrivals of both counted
@@ -244,22 +252,34 @@ if _HAVE_GLUON:
                                          _bar_layout(CTAS, SHARED))
 
     @gluon.jit
-    def _grouped_tile(pid, tiles_cum_ptr, offsets_ptr, counts_ptr, E, N, num_m_tiles,
+    def _sum_i32(a, b):
+        return a + b
+
+    @gluon.jit
+    def _grouped_tile(pid, offsets_ptr, counts_ptr, E, N, num_m_tiles,
                       BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr,
                       BLOCK_E: gl.constexpr, num_warps: gl.constexpr,
                       REPLICATED: gl.constexpr = False, CTAS: gl.constexpr = 1):
         """A row-grouped program's (expert, column tile, first row, end of the expert's rows):
         row tiles grouped GROUP_M at a time over the columns, the expert found from the
-        inclusive cumulative tile counts; expert E: an idle program (the grid is sized for
-        the worst case)."""
+        inclusive cumulative tile counts (a scan of the experts' counts, here); expert E: an
+        idle program (the grid is sized for the worst case)."""
         num_n = gl.cdiv(N, BN)
         per_group = GROUP_M * num_n
         first_m = (pid // per_group) * GROUP_M
         size_m = gl.minimum(num_m_tiles - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % size_m
         pid_n = (pid % per_group) // size_m
+        # the scan on contiguous runs of experts per thread (a plain blocked layout: Triton
+        # 3.6's scan of the replicated vector layout was wrong on the GPU), then to the
+        # working layout
+        sl: gl.constexpr = _scan_layout(num_warps, BLOCK_E, CTAS)
+        es = gl.arange(0, BLOCK_E, layout=sl)
+        cnt = gl.load(counts_ptr + es, mask=es < E, other=0)
+        cum = gl.associative_scan((cnt + (BM - 1)) // BM, 0, _sum_i32)
         ex = gl.arange(0, BLOCK_E, layout=_vector_layout(num_warps, BLOCK_E, REPLICATED, CTAS))
-        cum = gl.load(tiles_cum_ptr + ex, mask=ex < E, other=2147483647)
+        cum = gl.convert_layout(cum, _vector_layout(num_warps, BLOCK_E, REPLICATED, CTAS))
+        cum = gl.where(ex < E, cum, 2147483647)
         e = gl.sum((cum <= pid_m).to(gl.int32), 0)
         first = gl.sum(gl.where(ex == e - 1, cum, 0), 0)
         seg0 = gl.load(offsets_ptr + e)  # offsets has E + 1 entries
@@ -311,7 +331,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _grp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, m_empty, info, info_ready,
                       info_empty, pre_desc, pre_bufs, w_buf, pre_ready, pre_empty, w_ptr, a_ptr,
-                      gather_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K,
+                      gather_ptr, counts_ptr, offsets_ptr, E, N, NB, K,
                       num_m_tiles, num_tiles, stride_a, BM: gl.constexpr, BN: gl.constexpr,
                       BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                       BLOCK_E: gl.constexpr, INFO: gl.constexpr, EPI: gl.constexpr,
@@ -362,7 +382,7 @@ if _HAVE_GLUON:
         tc = 0  # tiles so far
         tp = 0  # tiles with an expert so far
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
+            e, pid_n, row0, seg_end = _grouped_tile(t, offsets_ptr, counts_ptr,
                                                     E, N, num_m_tiles, BM, BN, GROUP_M,
                                                     BLOCK_E, gl.num_warps(), False, CN * CM)
             if INFO:
@@ -602,7 +622,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready, info_empty,
                       pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc, c_ptr,
-                      pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr,
+                      pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, counts_ptr,
                       offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
                       stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk, stride_sbn,
                       HALF: gl.constexpr,
@@ -650,7 +670,7 @@ if _HAVE_GLUON:
                 e, pid_n, row0, seg_end = _info_get(info, info_ready, info_empty, tc, CTAS)
                 tc += 1
             else:
-                e, pid_n, row0, seg_end = _grouped_tile(t, tiles_cum_ptr, offsets_ptr, counts_ptr,
+                e, pid_n, row0, seg_end = _grouped_tile(t, offsets_ptr, counts_ptr,
                                                         E, N, num_m_tiles, BM, BN, GROUP_M,
                                                         BLOCK_E, gl.num_warps(), False, CTAS)
             if e < E:
@@ -793,7 +813,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _grouped_mm_ws(
             a_desc, b_desc, pre_desc, c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, a_ptr,
-            gather_ptr, sa_ptr, sb_ptr, tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, NB, K,
+            gather_ptr, sa_ptr, sb_ptr, counts_ptr, offsets_ptr, E, N, NB, K,
             num_m_tiles, num_tiles, stride_a, stride_cm, stride_pm, stride_hw, stride_dwp,
             stride_sa, stride_sbe, stride_sbk, stride_sbn, BM: gl.constexpr, BN: gl.constexpr,
             BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
@@ -889,7 +909,7 @@ if _HAVE_GLUON:
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
                              info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
                              c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
-                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
                              num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
                              stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M,
                              BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
@@ -897,14 +917,14 @@ if _HAVE_GLUON:
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
                              info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
                              c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
-                             tiles_cum_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
                              num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
                              stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M,
                              BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
                              DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, m_empty, info,
                              info_ready, info_empty, pre_desc, pre_bufs, w_buf, pre_ready,
-                             pre_empty, w_ptr, a_ptr, gather_ptr, tiles_cum_ptr, counts_ptr,
+                             pre_empty, w_ptr, a_ptr, gather_ptr, counts_ptr,
                              offsets_ptr, E, N, NB, K, num_m_tiles, num_tiles, stride_a, BM, BN,
                              BK, STAGES, GROUP_M, BLOCK_E, INFO, EPI, GATED, B_KMAJOR, A_GATHER,
                              DUAL, TOPK, CN, CM)),
@@ -1063,7 +1083,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         b_desc = TensorDescriptor.from_tensor(b.as_strided((E * nb, k), (k, 1)), [bn, bk], b_lay)
     else:
         b_desc = TensorDescriptor.from_tensor(b.as_strided((E * k, n), (n, 1)), [bk, bn], b_lay)
-    tiles_cum, num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
+    num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
     pre = out if pre is None else pre
     hw = out if hw is None else hw
     dummy = meta.counts
@@ -1078,7 +1098,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         a_desc, b_desc, b_desc if pre_desc is None else pre_desc,
         b_desc if c_desc is None else c_desc, out, pre, hw,
         dummy if dwp is None else dwp, dummy if weights is None else weights, a,
-        meta.sorted_slot, dummy if sa is None else sa, dummy if sb is None else sb, tiles_cum,
+        meta.sorted_slot, dummy if sa is None else sa, dummy if sb is None else sb,
         meta.counts, meta.offsets, E, n, nb, k, num_m_tiles, num_tiles, a.stride(0),
         out.stride(0), pre.stride(0), hw.stride(0), 0 if dwp is None else dwp.stride(0),
         0 if sa is None else sa.stride(0), stride_sb[0], stride_sb[1], stride_sb[2],
@@ -1137,16 +1157,11 @@ def _programs(tune: tuning.Tuning, num_tiles: int, device, cn: int = 1) -> int:
 
 
 def grouped_schedule(meta, bm: int, bn: int, n: int):
-    """``_grouped_tile``'s inputs for a row-grouped launch: the inclusive cumulative row-tile
-    counts per expert (on the device; computed once per ``meta`` and row tile, as the GEMMs
-    of a pass share it), the worst-case row-tile count and the grid."""
+    """A row-grouped launch's worst-case row-tile count and grid (``_grouped_tile`` finds a
+    tile's expert from the counts on the device)."""
     S = meta.sorted_slot.numel()
-    cache = meta.__dict__.setdefault("_tiles_cum", {})
-    tiles_cum = cache.get(bm)
-    if tiles_cum is None:
-        tiles_cum = cache[bm] = torch.cumsum((meta.counts + bm - 1) // bm, 0, dtype=torch.int32)
     num_m_tiles = cdiv(S, bm) + min(meta.num_experts, S)
-    return tiles_cum, num_m_tiles, (num_m_tiles * cdiv(n, bn),)
+    return num_m_tiles, (num_m_tiles * cdiv(n, bn),)
 
 
 if _HAVE_GLUON:
@@ -1743,7 +1758,7 @@ if _HAVE_GLUON:
                                           warps, [], [GS, BC])
 
     @gluon.jit
-    def _fp8_cols_gl(src_ptr, gather_ptr, groups_cum_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr,
+    def _fp8_cols_gl(src_ptr, gather_ptr, counts_ptr, offsets_ptr, q_ptr, s_ptr,
                      C, E, num_groups, stride_src, stride_q, stride_s, TOPK: gl.constexpr,
                      GATHER: gl.constexpr, BC: gl.constexpr, WC: gl.constexpr, GS: gl.constexpr,
                      BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
@@ -1755,7 +1770,7 @@ if _HAVE_GLUON:
         ncb = gl.cdiv(C, BC)
         g = gl.program_id(0) // ncb
         cb = gl.program_id(0) % ncb
-        e, _n, p0, seg_end = _grouped_tile(g, groups_cum_ptr, offsets_ptr, counts_ptr, E, 1,
+        e, _n, p0, seg_end = _grouped_tile(g, offsets_ptr, counts_ptr, E, 1,
                                            num_groups, GS, 1, 1, BLOCK_E, num_warps, True)
         if e < E:
             p = p0 + gl.arange(0, GS, layout=gl.SliceLayout(1, ld))
@@ -1789,10 +1804,10 @@ def quantize_cols(tune: tuning.Tuning, src, meta, q, s, gather: bool):
     ``_fp8_cols_gl``."""
     cfg = dict(tune.gluon_cols_config)
     bc, warps = cfg["BC"], cfg["num_warps"]
-    groups_cum, num_groups, _ = grouped_schedule(meta, 128, 1, 1)
+    num_groups, _ = grouped_schedule(meta, 128, 1, 1)
     c = src.shape[1]
     launcher(_fp8_cols_gl, tune.fast_launch)[(num_groups * cdiv(c, bc),)](
-        src, meta.sorted_slot, groups_cum, meta.counts, meta.offsets, q, s, c, meta.num_experts,
+        src, meta.sorted_slot, meta.counts, meta.offsets, q, s, c, meta.num_experts,
         num_groups, src.stride(0), q.stride(0), s.stride(0), TOPK=meta.top_k, GATHER=gather,
         BC=bc, WC=cfg["WC"], GS=128, BLOCK_E=max(32, next_pow2(meta.num_experts)),
         num_warps=warps)
