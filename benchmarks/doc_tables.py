@@ -321,19 +321,10 @@ TABLES = {
     "layer_h200": Table((f"{RESULTS}/h200_layer_s29b.json",), layer_kernels),
     "peers_h200": Table(tuple(f"{RESULTS}/h200_peers_{mode}{c}_s34.json" for c in PEER_CONFIGS
                               for mode in ("", "router_")), peers),
-    # session 40's runs (coarse_120b not measured; the router-included layers on fine_30b only)
-    "peers_h200_s40": Table(tuple(f"{RESULTS}/h200_s40_peers_{c}.json"
-                                  for c in ("fine_7b", "fine_30b", "qwen3_30b_a3b", "mixtral"))
-                            + (f"{RESULTS}/h200_s40_peers_router_fine_30b.json",), peers),
-    # session 41's runs on an H100 (the H200 was asked for): fine_7b with fast launch the
-    # default (the second of the session's two fine_7b processes), coarse_120b
-    "peers_h100_s41": Table((f"{RESULTS}/h100_s41_b_peers_fine_7b.json",
-                             f"{RESULTS}/h100_s41_b_peers_router_fine_7b.json",
-                             f"{RESULTS}/h100_s41_peers_coarse_120b.json"), peers),
-    # session 42's runs on an H100 (the H200 was asked for): the weight gradients' tile bands
-    # (all three) and their TMA-store epilogue (fine_30b, qwen3_30b_a3b; mixtral before it)
-    "peers_h100_s42": Table(tuple(f"{RESULTS}/h100_s42_peers_{c}.json"
-                                  for c in ("fine_30b", "qwen3_30b_a3b", "mixtral")), peers),
+    # session 43's runs (H200): fine_7b from the first of its two processes, the router-included
+    # layers on fine_30b
+    "peers_h200_s43": Table(tuple(f"{RESULTS}/h200_s43_peers_{c}.json" for c in PEER_CONFIGS)
+                            + (f"{RESULTS}/h200_s43_peers_router_fine_30b.json",), peers),
     "recompute": Table((f"{RESULTS}/h100_bench_layer.json",), recompute),
     "recompute_run3": Table((f"{RESULTS}/h100_bench_layer_run3.json",), recompute),
     "fp8_training": Table((f"{RESULTS}/h100_bench_fp8.json",), fp8_training),

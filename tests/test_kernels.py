@@ -264,7 +264,8 @@ def test_wgrad_accumulates_into_buffer(which, mode, seed, tune):
 def test_split_activation_backward_matches_fused_epilogue(activation, seed, tune):
     """``expert_up_bwd``: the split form (dh' stored, then ``_act_bwd_kernel``) gives the
     fused epilogue's dpre, hw and routing-weight gradient (fp32: dh' is stored unrounded),
-    for experts without rows and unused slots too."""
+    for experts without rows and unused slots too; the pass's two tile orders
+    (``act_bwd_cols_fast``) give the same bits."""
     from moe_plugin.config import check_activation
     act, gated = check_activation(activation)
     n, d, f, e, k = 37, 24, 40, 6, 2
@@ -279,14 +280,16 @@ def test_split_activation_backward_matches_fused_epilogue(activation, seed, tune
     pre, _ = K.expert_up(x, w_up, meta, act, gated, store_pre=True, store_h=False)
     valid = int(meta.offsets[-1])
     out = {}
-    for split in (False, True):
-        tune(split_up_bwd=split)
+    for split, cols_fast in ((False, True), (True, True), ("rows_fast", False)):
+        tune(split_up_bwd=bool(split), act_bwd_cols_fast=cols_fast)
         dpre, hw, dwp = K.expert_up_bwd(dout, w_down, pre, meta, weights, act, gated)
         out[split] = (dpre[:valid], hw[:valid], dwp[:valid])
     assert 0 < valid < n * k
-    for name, a, b in zip(("dpre", "hw", "dw_perm"), out[True], out[False]):
+    for name, a, b, c in zip(("dpre", "hw", "dw_perm"), out[True], out[False],
+                             out["rows_fast"]):
         assert b.norm() > 0, name
         assert_close(a, b, FP32_TOL, name)
+        assert torch.equal(a, c), f"{name}: the two tile orders differ"
 
 
 def test_bias_gradient_kernels(seed):

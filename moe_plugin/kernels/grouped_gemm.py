@@ -241,15 +241,29 @@ def _store_h_e4m3(h, c_ptrs, hs_ptrs, cmask, rmask, EMU: tl.constexpr):
 
 
 @triton.jit
-def _routed_tile(offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr):
-    """The [BM, BN] tile (program ids 0, 1) of an elementwise pass over the routed rows
-    ``[0, offsets[E])`` of an ``[S, N]`` tensor: (rows, rows as int64, row mask, columns,
-    tile mask)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+def _routed_tile(offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr,
+                 COLS_FAST: tl.constexpr = False):
+    """The [BM, BN] tile of an elementwise pass over the routed rows ``[0, offsets[E])`` of an
+    ``[S, N]`` tensor: (column tile, rows, rows as int64, row mask, columns, tile mask). The
+    grid is (row tiles, column tiles), or with ``COLS_FAST`` one axis of row tiles x column
+    tiles, the column tiles fastest (the programs at work at once cover whole rows)."""
+    if COLS_FAST:
+        tiles_n = tl.cdiv(N, BN)
+        pid_m = tl.program_id(0) // tiles_n
+        pid_n = tl.program_id(0) % tiles_n
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < tl.load(offsets_ptr + E)
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     cmask = rmask[:, None] & (offs_n < N)[None, :]
-    return rows, rows.to(tl.int64), rmask, offs_n, cmask
+    return pid_n, rows, rows.to(tl.int64), rmask, offs_n, cmask
+
+
+def _routed_grid(S: int, n: int, bm: int, bn: int, cols_fast: bool = False) -> tuple:
+    """The grid of a ``_routed_tile`` pass over ``[S, n]`` in ``[bm, bn]`` tiles."""
+    return (cdiv(S, bm) * cdiv(n, bn),) if cols_fast else (cdiv(S, bm), cdiv(n, bn))
 
 
 @triton.jit
@@ -271,8 +285,7 @@ def _act_quant_kernel(pre_ptr, h_ptr, hs_ptr, offsets_ptr, E, N, stride_pm, stri
                       BM: tl.constexpr):
     """``h = act(pre)`` quantised per 128 columns (``_store_h_e4m3``) for the rows of every
     expert: the GEMM1 epilogue of the fused kernel as a pass over a stored pre-activation."""
-    pid_n = tl.program_id(1)
-    rows, rows64, rmask, offs_n, cmask = _routed_tile(offsets_ptr, E, N, BM, 128)
+    pid_n, rows, rows64, rmask, offs_n, cmask = _routed_tile(offsets_ptr, E, N, BM, 128)
     g, u = _load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED)
     h = act_fwd(g, u, ACT)
     _store_h_e4m3(h, h_ptr + rows64[:, None] * stride_hm + offs_n[None, :],
@@ -296,12 +309,13 @@ def _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr,
 def _act_bwd_kernel(dh_ptr, pre_ptr, w_ptr, dwp_ptr, hw_ptr, c_ptr, gather_ptr, offsets_ptr,
                     E, N, stride_dh, stride_pm, stride_dwp, stride_hw, stride_cm,
                     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr):
+                    BN: tl.constexpr, COLS_FAST: tl.constexpr):
     """The split form of ``EPI_ACT_BWD``: ``_act_bwd_tile`` on a stored ``dh' [S, N]`` for
-    the rows of every expert (``[0, offsets[E])``, expert order). ``hw`` may be ``dh``'s own
-    memory: a program loads its dh' tile before it writes that tile of hw."""
-    pid_n = tl.program_id(1)
-    rows, rows64, rmask, offs_n, cmask = _routed_tile(offsets_ptr, E, N, BM, BN)
+    the rows of every expert (``[0, offsets[E])``, expert order), tiles in ``_routed_tile``'s
+    order. ``hw`` may be ``dh``'s own memory: a program loads its dh' tile before it writes
+    that tile of hw."""
+    pid_n, rows, rows64, rmask, offs_n, cmask = _routed_tile(offsets_ptr, E, N, BM, BN,
+                                                             COLS_FAST)
     slot = tl.load(gather_ptr + rows, mask=rmask, other=0)
     dh = tl.load(dh_ptr + rows64[:, None] * stride_dh + offs_n[None, :], mask=cmask,
                  other=0.0).to(tl.float32)
@@ -666,7 +680,7 @@ def act_quant(pre, meta: PermuteMeta, act: int, gated: bool) -> QTensor:
     hs = torch.empty(S, cdiv(f, 128), dtype=torch.float32, device=pre.device)
     if S and f:
         bm = 8 if interpret_mode() else 32
-        _act_quant_kernel[(cdiv(S, bm), cdiv(f, 128))](
+        _act_quant_kernel[_routed_grid(S, f, bm, 128)](
             pre, h, hs, meta.offsets, meta.num_experts, f, pre.stride(0), h.stride(0),
             hs.stride(0), GATED=gated, ACT=int(act), EMU=interpret_mode(), BM=bm, num_warps=4)
     return QTensor(h, hs)
@@ -750,10 +764,11 @@ def expert_up_bwd(dout, w_down, pre, meta: PermuteMeta, topk_weights, act: int, 
         dh = hw
         _launch_grouped(tune, "dh", a, w, dh, meta, n=f, k=a.shape[1], **args)
         dwp = torch.empty(cdiv(f, bn), S, dtype=torch.float32, device=a.device)
-        _act_bwd_kernel[(cdiv(S, bm), cdiv(f, bn))](
+        _act_bwd_kernel[_routed_grid(S, f, bm, bn, tune.act_bwd_cols_fast)](
             dh, pre, weights, dwp, hw, dpre, meta.sorted_slot, meta.offsets, meta.num_experts,
             f, dh.stride(0), pre.stride(0), dwp.stride(0), hw.stride(0), dpre.stride(0),
-            GATED=gated, ACT=int(act), BM=bm, BN=bn, num_warps=warps)
+            GATED=gated, ACT=int(act), BM=bm, BN=bn, COLS_FAST=tune.act_bwd_cols_fast,
+            num_warps=warps)
         return dpre, hw, dwp.sum(0)
     bn = _mm_config(tune, "up_bwd", a.dtype, gated, f, quant)["BN"]
     dwp = torch.empty(cdiv(f, bn), S, dtype=torch.float32, device=a.device)

@@ -36,6 +36,9 @@ class Tuning:
     # dh' (``_act_bwd_kernel``), False in the GEMM's epilogue (``Epilogue.ACT_BWD``)
     split_up_bwd: bool = True
     act_bwd_block: tuple = (32, 128, 4)     # rows, columns, warps of _act_bwd_kernel
+    # its tiles in one grid axis, the column tiles fastest (the programs at work cover whole
+    # rows of dh', pre, hw and dpre); False: a 2-D grid, the row tiles fastest
+    act_bwd_cols_fast: bool = True
     bias_grad_block: tuple = (64, 128, 4)   # rows per step, columns, warps of the bias grads
     # how the weight-gradient kernels add into an accumulation buffer (``codes.Accum``):
     # None = atomic adds into fp32 buffers, read-modify-write otherwise (and the Gluon kernel's
