@@ -95,17 +95,31 @@ def load(paths):
     return found
 
 
+def _pairs(runs, mine, peer):
+    """Every run (one file, one process) holding both rows, in the order given."""
+    return [(path, meta, rows[mine], rows[peer]) for path, meta, rows in runs
+            if mine in rows and peer in rows]
+
+
 def _pair(runs, mine, peer):
-    """The last run (one file, one process) holding both rows, or None."""
-    for path, meta, rows in reversed(runs):
-        if mine in rows and peer in rows:
-            return path, meta, rows[mine], rows[peer]
-    return None
+    """The last run holding both rows, or None."""
+    pairs = _pairs(runs, mine, peer)
+    return pairs[-1] if pairs else None
+
+
+def _judge(kind, a, b, required):
+    """(ratio, met) of ours ``a`` against the peer's ``b`` for a target of ``kind``."""
+    if kind == SPEED:
+        return b / a, b / a >= required
+    if kind == SHARE:
+        return (a - b) / a, (a - b) / a <= required
+    return (a / b if b else None), a <= b * required
 
 
 def verdicts(found, configs=None):
     """One dict per (config, target): ours, the peer's, the ratio, what is required, and
-    ``met`` (True / False, None when the two were not measured in one process)."""
+    ``met`` (True / False, None when the two were not measured in one process), from the last
+    run given that holds both; ``others``: the (file, ratio, met) of each earlier such run."""
     out = []
     for config in configs or ISSUE_CONFIGS:
         runs = found.get(config, [])
@@ -115,25 +129,22 @@ def verdicts(found, configs=None):
             if name == "fwd+bwd vs SonicMoE":
                 required = fwd_bwd_required(config)
             res = {"config": config, "target": name, "required": required, "ours": None,
-                   "peer": None, "ratio": None, "met": None, "unit": key, "source": None}
-            pair = _pair(runs, mine, peer)
-            if pair is not None and name in NEEDS_META and not pair[1].get(NEEDS_META[name]):
-                res.update(source=os.path.basename(pair[0]), comparable=False)
-                pair = None
-            if pair is not None:
-                path, meta, a_row, b_row = pair
+                   "peer": None, "ratio": None, "met": None, "unit": key, "source": None,
+                   "others": []}
+            pairs = _pairs(runs, mine, peer)
+            if name in NEEDS_META:
+                usable = [p for p in pairs if p[1].get(NEEDS_META[name])]
+                if pairs and not usable:
+                    res.update(source=os.path.basename(pairs[-1][0]), comparable=False)
+                pairs = usable
+            if pairs:
+                path, meta, a_row, b_row = pairs[-1]
                 a, b = a_row[key], b_row[key]
-                res.update(ours=a, peer=b, source=os.path.basename(path),
+                ratio, met = _judge(kind, a, b, required)
+                res.update(ours=a, peer=b, source=os.path.basename(path), ratio=ratio, met=met,
                            quack_top=meta.get("sonicmoe_quack_top"))
-                if kind == SPEED:
-                    res["ratio"] = b / a
-                    res["met"] = res["ratio"] >= required
-                elif kind == SHARE:
-                    res["ratio"] = (a - b) / a
-                    res["met"] = res["ratio"] <= required
-                else:
-                    res["ratio"] = a / b if b else None
-                    res["met"] = a <= b * required
+                res["others"] = [(os.path.basename(p), *_judge(kind, x[key], y[key], required))
+                                 for p, _, x, y in pairs[:-1]]
             out.append(res)
     return out
 
@@ -201,8 +212,14 @@ def markdown(found, configs=None) -> str:
         if v.get("comparable") is False:
             verdict = "not comparable (measured before bench_layer's peak fix)"
         share = v["target"].startswith("router share")
-        ratio = ("—" if v["ratio"] is None
-                 else f"{v['ratio']:.1%}" if share else f"{v['ratio']:.2f}")
+
+        def fmt(r):
+            return "—" if r is None else f"{r:.1%}" if share else f"{r:.2f}"
+        ratio = fmt(v["ratio"])
+        if v["others"]:  # the same target measured in other runs: each one's ratio shown
+            ratio += " (other runs: " + ", ".join(fmt(r) for _, r, _ in v["others"]) + ")"
+            if any(m != v["met"] for _, _, m in v["others"]):
+                verdict += " here, " + ("missed" if v["met"] else "met") + " in another run"
         need = (f"≤ {v['required']:.0%}" if share
                 else f"≤ {v['required']:.2f}x" if v["unit"] == "peak_extra_gib"
                 else f"≥ {v['required']:.2f}x")

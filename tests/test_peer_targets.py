@@ -98,6 +98,28 @@ def test_no_ratio_across_runs_and_the_paired_run_kept(tmp_path):
             if r["config"] == "mixtral"] == ["peers.json", "peers.json"]
 
 
+def test_every_run_of_a_target_reported(tmp_path):
+    """Two processes that measured the same pair: the verdict is the last run's, the earlier
+    run's ratio is shown beside it, and a disagreement between them is said in the verdict
+    (fine_7b, host-bound, has measured 0.97x and 1.21x a minute apart)."""
+    first = write(tmp_path, "peers_fine_7b.json", [row("fine_7b", "moe_plugin", 1.0, 3.0),
+                                                    row("fine_7b", "sonicmoe", 1.3, 3.6)])
+    second = write(tmp_path, "peers_fine_7b_second.json", [
+        row("fine_7b", "moe_plugin", 1.1, 3.2), row("fine_7b", "sonicmoe", 1.0, 3.1)])
+    found = PT.load([first, second])
+    fb = by_target(PT.verdicts(found, ["fine_7b"]), "fine_7b")["fwd+bwd vs SonicMoE"]
+    assert fb["source"] == "peers_fine_7b_second.json" and fb["met"] is False
+    assert fb["ratio"] == pytest.approx(3.1 / 3.2)
+    assert [(f, pytest.approx(r), m) for f, r, m in fb["others"]] == [
+        ("peers_fine_7b.json", pytest.approx(1.2), True)]
+    line = next(x for x in PT.markdown(found, ["fine_7b"]).split("\n")
+                if "| fwd+bwd vs SonicMoE |" in x)
+    assert "0.97 (other runs: 1.20)" in line and "missed here, met in another run" in line
+    one = by_target(PT.verdicts(PT.load([first]), ["fine_7b"]), "fine_7b")
+    assert one["fwd+bwd vs SonicMoE"]["others"] == []
+    assert "other runs" not in PT.markdown(PT.load([first]), ["fine_7b"])
+
+
 def test_router_target_and_fine_7b_requirement(tmp_path):
     router = write(tmp_path, "router.json", [
         row("fine_7b", "moe_plugin_router", 1.0, 3.0),
