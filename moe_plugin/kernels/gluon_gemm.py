@@ -77,7 +77,7 @@ import torch
 import triton
 
 from . import tuning
-from .activation import act_bwd_store, act_fwd
+from .activation import act_bwd_store, act_fwd, load_pre
 from .codes import (ACCUM_ATOMIC, ACCUM_RMW, ACCUM_STORE, EPI_ACT_BWD, EPI_ACT_FWD, EPI_STORE,
                     Accum, Epilogue)
 from .common import cdiv, next_pow2, sm_count
@@ -543,12 +543,7 @@ if _HAVE_GLUON:
         rows = row0 + r * CH + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
         rmask = rows < seg_end
         cmask = rmask[:, None] & (cols < N)[None, :]
-        p = pre_ptr + rows.to(gl.int64)[:, None] * stride_pm + cols[None, :]
-        g = gl.load(p, mask=cmask, other=0.0).to(gl.float32)
-        if GATED:
-            u = gl.load(p + N, mask=cmask, other=0.0).to(gl.float32)
-        else:
-            u = g
+        g, u = load_pre(pre_ptr, rows.to(gl.int64), cols, cmask, N, stride_pm, GATED)
         slot = gl.load(gather_ptr + rows, mask=rmask, other=0)
         wp = gl.load(w_ptr + slot, mask=rmask, other=0.0).to(gl.float32)
         return g, u, wp
