@@ -556,9 +556,9 @@ if _HAVE_GLUON:
         """``_act_bwd_epilogue``'s arithmetic on a whole tile of a ping-pong consumer (``RM``
         rows), its inputs loaded by this consumer from global memory, not by the producer: dh'
         (rounded to the output dtype, as the split form stores it) staged in the consumer's
-        own ``dh_buf``, then 16 rows at a time the pre-activation and routing weights loaded
-        (the next rows' loads issued before this chunk's arithmetic and stores) and
-        ``act_bwd_store`` run. The other consumer's MMAs run meanwhile."""
+        own ``dh_buf``, then 8 rows at a time (16 left registers spilled) the pre-activation and
+        routing weights loaded (the next rows' loads issued before this chunk's arithmetic and
+        stores) and ``act_bwd_store`` run. The other consumer's MMAs run meanwhile."""
         CH: gl.constexpr = 8
         st: gl.constexpr = _store_layout(4)
         dh_buf.store(acc.to(c_ptr.dtype.element_ty))
