@@ -504,6 +504,14 @@ if _HAVE_GLUON:
                 * gl.load(sb_base + ks * stride_sbk))
 
     @gluon.jit
+    def _chunk_rows(r0, seg_end, cols, N, CH: gl.constexpr, st: gl.constexpr):
+        """Rows ``r0 + [0, CH)`` of an epilogue chunk in the store layout ``st``: (rows, their
+        mask against the expert's end, the chunk's mask with the columns ``cols`` < N)."""
+        rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
+        rmask = rows < seg_end
+        return rows, rmask, rmask[:, None] & (cols < N)[None, :]
+
+    @gluon.jit
     def _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp, c_ptr, hw_ptr,
                           dwp_ptr, row0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
                           HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
@@ -520,10 +528,9 @@ if _HAVE_GLUON:
         _cta_barrier()  # the warpgroup's dh' rows written before any is read back
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
         for r in gl.static_range(HM // CH):
-            rows = row0 + (HALF * HM + r * CH) + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
-            rmask = rows < seg_end
+            rows, rmask, cmask = _chunk_rows(row0 + (HALF * HM + r * CH), seg_end, cols, N, CH,
+                                             st)
             rows64 = rows.to(gl.int64)
-            cmask = rmask[:, None] & (cols < N)[None, :]
             dh = dh_buf.slice(HALF * HM + r * CH, CH).load(st).to(gl.float32)
             g = pre_bufs.index(0).slice(HALF * HM + r * CH, CH).load(st).to(gl.float32)
             if GATED:
@@ -540,9 +547,7 @@ if _HAVE_GLUON:
                    r: gl.constexpr, CH: gl.constexpr, st: gl.constexpr, GATED: gl.constexpr):
         """Rows ``row0 + r·CH + [0, CH)`` of a tile's pre-activation (gate, up parts, fp32)
         and routing weights, loaded from global memory in the store layout ``st``."""
-        rows = row0 + r * CH + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
-        rmask = rows < seg_end
-        cmask = rmask[:, None] & (cols < N)[None, :]
+        rows, rmask, cmask = _chunk_rows(row0 + r * CH, seg_end, cols, N, CH, st)
         g, u = load_pre(pre_ptr, rows.to(gl.int64), cols, cmask, N, stride_pm, GATED)
         slot = gl.load(gather_ptr + rows, mask=rmask, other=0)
         wp = gl.load(w_ptr + slot, mask=rmask, other=0.0).to(gl.float32)
@@ -570,9 +575,7 @@ if _HAVE_GLUON:
             if r + 1 < RM // CH:
                 g2, u2, wp2 = _pre_chunk(pre_ptr, w_ptr, gather_ptr, row0, seg_end, cols, N,
                                          stride_pm, r + 1, CH, st, GATED)
-            rows = row0 + r * CH + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
-            rmask = rows < seg_end
-            cmask = rmask[:, None] & (cols < N)[None, :]
+            rows, rmask, cmask = _chunk_rows(row0 + r * CH, seg_end, cols, N, CH, st)
             dh = dh_buf.slice(r * CH, CH).load(st).to(gl.float32)
             act_bwd_store(dh, g, u, wp, rows.to(gl.int64), cols, rmask, cmask, pid_n, dwp_ptr,
                           hw_ptr, c_ptr, N, stride_dwp, stride_hw, stride_cm, GATED, ACT)
@@ -941,22 +944,22 @@ if _HAVE_GLUON:
         ACT_PP: gl.constexpr = EPI == EPI_ACT_BWD and PINGPONG
         PRODUCER_EPI: gl.constexpr = EPI_STORE if ACT_PP else EPI
         dh_lay: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
-        if ACT_PP:  # dh_buf consumer 0's, dh_buf1 consumer 1's
-            pre_bufs = gl.allocate_shared_memory(gl.float32, [2, 4], plain)
-            dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], dh_lay)
-            dh_buf1 = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], dh_lay)
-            w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
-        elif EPI == EPI_ACT_BWD:
+        if EPI == EPI_ACT_BWD and not ACT_PP:
             pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
                                                  pre_desc.layout)
             dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], dh_lay)
-            dh_buf1 = dh_buf
             w_buf = gl.allocate_shared_memory(gl.float32, [BM], plain)
         else:
             pre_bufs = gl.allocate_shared_memory(gl.float32, [2, 4], plain)
-            dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
-            dh_buf1 = dh_buf
+            if ACT_PP:
+                dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], dh_lay)
+            else:
+                dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
             w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
+        if ACT_PP:  # dh_buf consumer 0's, dh_buf1 consumer 1's
+            dh_buf1 = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], dh_lay)
+        else:
+            dh_buf1 = dh_buf
         if TMA_STORE == 1:  # the output tile on its way out (else a token allocation)
             c_smem = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
         elif TMA_STORE == 4:  # two buffers per consumer of one column part of its rows
@@ -1027,10 +1030,10 @@ def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weight
     per column tile). Bitwise the split form's ``dpre`` and ``hw`` (dh' is rounded to
     ``pre``'s dtype as the split form stores it). With ``PINGPONG`` in the configuration
     (``tuning.GLUON_BF16_ACT_PINGPONG``; 16-bit) the consumers take whole tiles in turn and
-    load their epilogue's inputs themselves (``_act_bwd_direct_epilogue``). FP8 (``sa`` given; B K-major, as
-    ``grouped_mm``) with ``tune.gluon_config`` / ``gluon_epi_config``, or bf16 (``sa`` None;
-    ``grouped_direct_fits`` operands, B = W_down N-major, ``gather``: dout's token rows) with
-    ``_bf16_config(tune, gather, tune.gluon_bf16_epi_config)``."""
+    load their epilogue's inputs themselves (``_act_bwd_direct_epilogue``). FP8 (``sa``
+    given; B K-major, as ``grouped_mm``) with ``tune.gluon_config`` / ``gluon_epi_config``,
+    or bf16 (``sa`` None; ``grouped_direct_fits`` operands, B = W_down N-major, ``gather``:
+    dout's token rows) with ``_bf16_config(tune, gather, tune.gluon_bf16_epi_config)``."""
     if sa is None:
         cfg = _bf16_config(tune, gather, tune.gluon_bf16_epi_config)
     else:
