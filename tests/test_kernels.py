@@ -280,13 +280,14 @@ def test_split_activation_backward_matches_fused_epilogue(activation, seed, tune
     pre, _ = K.expert_up(x, w_up, meta, act, gated, store_pre=True, store_h=False)
     valid = int(meta.offsets[-1])
     out = {}
-    for split, cols_fast in ((False, True), (True, True), ("rows_fast", False)):
-        tune(split_up_bwd=bool(split), act_bwd_cols_fast=cols_fast)
+    for form, split, cols_fast in (("fused", False, True), ("split", True, True),
+                                   ("split_rows_fast", True, False)):
+        tune(split_up_bwd=split, act_bwd_cols_fast=cols_fast)
         dpre, hw, dwp = K.expert_up_bwd(dout, w_down, pre, meta, weights, act, gated)
-        out[split] = (dpre[:valid], hw[:valid], dwp[:valid])
+        out[form] = (dpre[:valid], hw[:valid], dwp[:valid])
     assert 0 < valid < n * k
-    for name, a, b, c in zip(("dpre", "hw", "dw_perm"), out[True], out[False],
-                             out["rows_fast"]):
+    for name, a, b, c in zip(("dpre", "hw", "dw_perm"), out["split"], out["fused"],
+                             out["split_rows_fast"]):
         assert b.norm() > 0, name
         assert_close(a, b, FP32_TOL, name)
         assert torch.equal(a, c), f"{name}: the two tile orders differ"
