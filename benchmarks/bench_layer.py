@@ -262,11 +262,6 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          # by TMA stores of column parts)
          "moe_plugin_wgrad_reg_store": ("moe_plugin", dict(gluon_bf16_seg_config={
              **tuning.current().gluon_bf16_seg_config, "TMA_STORE": 0})),
-         # dh' with the activation backward in its epilogue on ping-pong consumers (in place of
-         # the split form's dh' GEMM + activation pass)
-         "moe_plugin_act_pingpong": ("moe_plugin", dict(
-             gluon_bf16_fuse_act_bwd=True,
-             gluon_bf16_epi_config=tuning.GLUON_BF16_ACT_PINGPONG)),
          "moe_plugin_fp8w_wgrad_rowwise": ("moe_plugin_fp8w", dict(
              gluon_bf16_seg_config={**tuning.current().gluon_bf16_seg_config, "GROUP_M": 1},
              gluon_seg_config={**tuning.current().gluon_seg_config, "GROUP_M": 1}))}

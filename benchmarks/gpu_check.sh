@@ -18,8 +18,7 @@
 #             gradients under SEG_VARIANTS (GEMMS_S, 240; CONFIGS, default fine_30b mixtral)
 #   shapes    bench_gemms.py: each GEMM of the pass at the defaults beside cuBLAS on its shapes,
 #             rows spread evenly over the experts (torch.bmm, --bmm) (GEMMS_S; CONFIGS)
-#   fused_dh  bench_gemms.py: the bf16 dh' with the activation backward in its epilogue (the
-#             staged form, and on ping-pong consumers: tuning.GLUON_BF16_ACT_PINGPONG) against
+#   fused_dh  bench_gemms.py: the bf16 dh' with the activation backward in its epilogue against
 #             the split form (GEMMS_S; CONFIGS)
 #   wgrad_swap  bench_gemms.py: dW_up computed transposed (gluon_bf16_wgrad_swap, the default)
 #             against the untransposed kernel, LAYER_CONFIGS (GEMMS_S)
@@ -129,7 +128,6 @@ for step in "$@"; do
     fused_dh)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $CONFIGS \
         --kernels dh --enable gluon_bf16_fuse_act_bwd --against gluon_bf16_fuse_act_bwd \
-        --grouped-variants '[{"_field": "gluon_bf16_epi_config", "PINGPONG": true, "STAGES": 5}]' \
         2>&1 | tee "$OUT/gemms_fused_dh.log" | grep -v '^ ' | cut -c1-220 ;;
     wgrad_swap)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \

@@ -400,19 +400,15 @@ def _cases():
                 lambda wu=wu, dpre=dpre, y=y, d=d, f=f: GF.grouped_mm_direct(
                     kindpp, dpre, wu, wu.stride(), y, metab, n=d, k=2 * f, gather=False,
                     kind="dx"))
-        # dh' with the activation backward in its epilogue: its inputs staged by the producer
-        # (the default form) or loaded by ping-pong consumers (GLUON_BF16_ACT_PINGPONG)
-        actpp = dataclasses.replace(tune, gluon_bf16_epi_config=tuning.GLUON_BF16_ACT_PINGPONG)
-        for gated in (True, False):
+        for gated in (True, False):  # dh' with the activation backward in its epilogue
             prea = ordered2 if gated else ordered
             wts = torch.zeros(sb_, dtype=torch.float32)
-            for form, t in (("", tune), ("_pingpong", actpp)):
-                cases[f"bf16_dh_fused{form}_{'gated' if gated else 'plain'}_{shape}"] = (
-                    lambda t=t, wd=wd, tokens=tokens, prea=prea, wts=wts, d=d, f=f,
-                    gated=gated: GF.grouped_mm_act_bwd(
-                        t, tokens, None, wd, None, (0, 0, 0), prea, wts, metab,
-                        torch.empty_like(prea), torch.empty(sb_, f, dtype=torch.bfloat16), n=f,
-                        k=d, gated=gated, act=0 if gated else 3, gather=True))
+            cases[f"bf16_dh_fused_{'gated' if gated else 'plain'}_{shape}"] = (
+                lambda wd=wd, tokens=tokens, prea=prea, wts=wts, d=d, f=f, gated=gated:
+                GF.grouped_mm_act_bwd(
+                    tune, tokens, None, wd, None, (0, 0, 0), prea, wts, metab,
+                    torch.empty_like(prea), torch.empty(sb_, f, dtype=torch.bfloat16), n=f, k=d,
+                    gated=gated, act=0 if gated else 3, gather=True))
         # ... not GEMM1 gated (two accumulators): its launch keeps the consumers on halves
         cases[f"bf16_up_gated_pingpong_{shape}"] = (
             lambda wu=wu, tokens=tokens, ordered=ordered, d=d, f=f: GF.grouped_mm_direct(

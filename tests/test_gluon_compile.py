@@ -32,8 +32,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + [f"fp8_wgrad_{acc}" for acc in ("store", "atomic", "rmw")]
          + ["fp8_grouped", "fp8_dh_fused"]
          + ["bf16_down_aligned", "bf16_dx_aligned", "bf16_dh_aligned", "bf16_dh_odd"]
-         + [f"bf16_dh_fused{form}_{g}_{shape}" for form in ("", "_pingpong")
-            for g in ("gated", "plain") for shape in ("aligned", "odd")]
+         + [f"bf16_dh_fused_{g}_{shape}" for g in ("gated", "plain")
+            for shape in ("aligned", "odd")]
          + [f"bf16_up_{g}_{shape}_{store}" for g in ("gated", "plain")
             for shape in ("aligned", "odd") for store in ("pre_h", "h", "pre")]
          + ["bf16_dh_tmastore_aligned", "bf16_dh_tmastore_odd", "bf16_dx_tmastore_aligned"]
@@ -133,11 +133,7 @@ LAUNCH = {
     "bf16_wgrad_down_aligned_atomic": dict(TMA_STORE=False),
     "bf16_dh_tall_odd": dict(BM=256, BN=128, STAGES=4, TMA_STORE=4, A_GATHER=True),
     # the fused dh': the whole tile's inputs staged by the producer beside a 3-slot ring
-    "bf16_dh_fused_gated_aligned": dict(BN=128, STAGES=3, A_GATHER=True, PINGPONG=False),
-    # ... or each ping-pong consumer loading its own tile's inputs, 5 slots
-    "bf16_dh_fused_pingpong_gated_aligned": dict(BN=128, STAGES=5, A_GATHER=True,
-                                                 PINGPONG=True),
-    "bf16_dh_fused_pingpong_plain_odd": dict(BN=128, STAGES=5, PINGPONG=True),
+    "bf16_dh_fused_gated_aligned": dict(BN=128, STAGES=3, A_GATHER=True),
     # one GEMM's own configuration: GEMM2 with the consumers on whole tiles in turn, dx (the
     # same tuning) on the defaults
     "bf16_down_kindpp_aligned": dict(PINGPONG=True, BN=128, STAGES=5, TMA_STORE=0),

@@ -559,30 +559,21 @@ def test_gluon_bf16_up_equals_triton(act, gated, store, variant, tune, monkeypat
         assert torch.equal(got, ref), f"GEMM1: Gluon against Triton, max difference {diff}"
 
 
-@pytest.mark.parametrize("variant", ["staged", "pingpong"])
 @pytest.mark.parametrize("activation", ["swiglu", "swiglu_oai", "gelu"])
-def test_gluon_bf16_dh_act_bwd_equals_split(activation, variant, tune, monkeypatch):
+def test_gluon_bf16_dh_act_bwd_equals_split(activation, tune, monkeypatch):
     """With ``gluon_bf16_fuse_act_bwd`` the bf16 dh' GEMM (dout rows gathered by ``cp.async``,
-    W_down N-major) runs the activation backward in its Gluon epilogue, dh' never stored:
-    ``staged`` (the default form) the pre-activation tiles TMA-loaded and the routing weights
-    gathered by the producer warps; ``pingpong`` (``tuning.GLUON_BF16_ACT_PINGPONG``) the
-    consumers on whole tiles in turn, each loading its tile's inputs itself.
+    W_down N-major) runs the activation backward in its Gluon epilogue (the pre-activation
+    tiles TMA-loaded, the routing weights gathered by the producer warps, dh' never stored).
     Against the split form (the Gluon dh' GEMM storing dh', then ``_act_bwd_kernel``): the
     output, dx, dW_up and dW_down bitwise equal, the routing-weight gradient (its row sums
     summed in another order) to fp32 rounding; gated and not, F not a multiple of the tile,
-    an empty expert, unused slots, 3 persistent programs (an odd number: each consumer's
-    tiles alternate between the programs' counts)."""
+    an empty expert, unused slots, 3 persistent programs."""
     from conftest import rel_err
     from moe_plugin import fused_experts
     from moe_plugin.kernels import gluon_gemm as GF, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
     tune(gluon_programs=3, gluon_bf16_grouped=True)
-    if variant == "pingpong":
-        tune(gluon_bf16_epi_config=tuning.GLUON_BF16_ACT_PINGPONG)
-    modes, pingpong = [], GF._pingpong
-    monkeypatch.setattr(GF, "_pingpong", lambda cfg, scaled, tma_store, epi, gated: modes.append(
-        (epi, pingpong(cfg, scaled, tma_store, epi, gated))) or modes[-1][1])
     g = torch.Generator().manual_seed(31)
     n, k, e, d, f = 600, 2, 6, 320, 192
     gated = activation != "gelu"
@@ -604,7 +595,6 @@ def test_gluon_bf16_dh_act_bwd_equals_split(activation, variant, tune, monkeypat
         out = fused_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], activation)
         res.append((out, *torch.autograd.grad(out, leaves, dout)))
     assert len(calls) == 1, "the fused Gluon dh' GEMM did not run"
-    assert [m for epi, m in modes if epi == GF.Epilogue.ACT_BWD] == [variant == "pingpong"]
     for name, a, b in zip(("out", "dx", "d_topk_weights", "dw_up", "dw_down"), *res):
         if name == "d_topk_weights":
             assert rel_err(b, a) < 1e-6, f"{activation}: {name} {rel_err(b, a):.2e}"

@@ -113,20 +113,6 @@ def act_bwd(g, u, dh, ACT: tl.constexpr):
 
 
 @triton.jit
-def load_pre(pre_ptr, rows64, cols, cmask, N, stride_pm, GATED: tl.constexpr):
-    """A tile of the stored pre-activation as fp32 ``(gate part, up part)``: columns ``cols``
-    and, gated, ``N + cols`` (ungated: the one part twice). Shared by the Triton activation
-    passes and the Gluon dh' GEMM's ping-pong epilogue."""
-    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
-    g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
-    if GATED:
-        u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        u = g
-    return g, u
-
-
-@triton.jit
 def act_bwd_store(dh, g, u, wp, rows64, cols, rmask, cmask, pid_n, dwp_ptr, hw_ptr, c_ptr, N,
                   stride_dwp, stride_hw, stride_cm, GATED: tl.constexpr, ACT: tl.constexpr):
     """The activation backward of one [rows, columns] tile from its values in fp32: ``dh =

@@ -77,7 +77,7 @@ import torch
 import triton
 
 from . import tuning
-from .activation import act_bwd_store, act_fwd, load_pre
+from .activation import act_bwd_store, act_fwd
 from .codes import (ACCUM_ATOMIC, ACCUM_RMW, ACCUM_STORE, EPI_ACT_BWD, EPI_ACT_FWD, EPI_STORE,
                     Accum, Epilogue)
 from .common import cdiv, next_pow2, sm_count
@@ -504,14 +504,6 @@ if _HAVE_GLUON:
                 * gl.load(sb_base + ks * stride_sbk))
 
     @gluon.jit
-    def _chunk_rows(r0, seg_end, cols, N, CH: gl.constexpr, st: gl.constexpr):
-        """Rows ``r0 + [0, CH)`` of an epilogue chunk in the store layout ``st``: (rows, their
-        mask against the expert's end, the chunk's mask with the columns ``cols`` < N)."""
-        rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
-        rmask = rows < seg_end
-        return rows, rmask, rmask[:, None] & (cols < N)[None, :]
-
-    @gluon.jit
     def _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp, c_ptr, hw_ptr,
                           dwp_ptr, row0, seg_end, pid_n, N, stride_cm, stride_hw, stride_dwp,
                           HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
@@ -528,9 +520,10 @@ if _HAVE_GLUON:
         _cta_barrier()  # the warpgroup's dh' rows written before any is read back
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
         for r in gl.static_range(HM // CH):
-            rows, rmask, cmask = _chunk_rows(row0 + (HALF * HM + r * CH), seg_end, cols, N, CH,
-                                             st)
+            rows = row0 + (HALF * HM + r * CH) + gl.arange(0, CH, layout=gl.SliceLayout(1, st))
+            rmask = rows < seg_end
             rows64 = rows.to(gl.int64)
+            cmask = rmask[:, None] & (cols < N)[None, :]
             dh = dh_buf.slice(HALF * HM + r * CH, CH).load(st).to(gl.float32)
             g = pre_bufs.index(0).slice(HALF * HM + r * CH, CH).load(st).to(gl.float32)
             if GATED:
@@ -541,47 +534,6 @@ if _HAVE_GLUON:
             act_bwd_store(dh, g, u, wp, rows64, cols, rmask, cmask, pid_n, dwp_ptr, hw_ptr, c_ptr,
                           N, stride_dwp, stride_hw, stride_cm, GATED, ACT)
         mbarrier.arrive(pre_empty)
-
-    @gluon.jit
-    def _pre_chunk(pre_ptr, w_ptr, gather_ptr, row0, seg_end, cols, N, stride_pm,
-                   r: gl.constexpr, CH: gl.constexpr, st: gl.constexpr, GATED: gl.constexpr):
-        """Rows ``row0 + r·CH + [0, CH)`` of a tile's pre-activation (gate, up parts, fp32)
-        and routing weights, loaded from global memory in the store layout ``st``."""
-        rows, rmask, cmask = _chunk_rows(row0 + r * CH, seg_end, cols, N, CH, st)
-        g, u = load_pre(pre_ptr, rows.to(gl.int64), cols, cmask, N, stride_pm, GATED)
-        slot = gl.load(gather_ptr + rows, mask=rmask, other=0)
-        wp = gl.load(w_ptr + slot, mask=rmask, other=0.0).to(gl.float32)
-        return g, u, wp
-
-    @gluon.jit
-    def _act_bwd_direct_epilogue(acc, dh_buf, c_ptr, pre_ptr, w_ptr, gather_ptr, hw_ptr,
-                                 dwp_ptr, row0, seg_end, pid_n, N, stride_cm, stride_pm,
-                                 stride_hw, stride_dwp, RM: gl.constexpr, BN: gl.constexpr,
-                                 GATED: gl.constexpr, ACT: gl.constexpr):
-        """``_act_bwd_epilogue``'s arithmetic on a whole tile of a ping-pong consumer (``RM``
-        rows), its inputs loaded by this consumer from global memory, not by the producer: dh'
-        (rounded to the output dtype, as the split form stores it) staged in the consumer's
-        own ``dh_buf``, then 8 rows at a time (16 left registers spilled) the pre-activation and
-        routing weights loaded (the next rows' loads issued before this chunk's arithmetic and
-        stores) and ``act_bwd_store`` run. The other consumer's MMAs run meanwhile."""
-        CH: gl.constexpr = 8
-        st: gl.constexpr = _store_layout(4)
-        dh_buf.store(acc.to(c_ptr.dtype.element_ty))
-        _cta_barrier()  # the warpgroup's dh' rows written before any is read back
-        cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
-        g, u, wp = _pre_chunk(pre_ptr, w_ptr, gather_ptr, row0, seg_end, cols, N, stride_pm,
-                              0, CH, st, GATED)
-        for r in gl.static_range(RM // CH):
-            if r + 1 < RM // CH:
-                g2, u2, wp2 = _pre_chunk(pre_ptr, w_ptr, gather_ptr, row0, seg_end, cols, N,
-                                         stride_pm, r + 1, CH, st, GATED)
-            rows, rmask, cmask = _chunk_rows(row0 + r * CH, seg_end, cols, N, CH, st)
-            dh = dh_buf.slice(r * CH, CH).load(st).to(gl.float32)
-            act_bwd_store(dh, g, u, wp, rows.to(gl.int64), cols, rmask, cmask, pid_n, dwp_ptr,
-                          hw_ptr, c_ptr, N, stride_dwp, stride_hw, stride_cm, GATED, ACT)
-            if r + 1 < RM // CH:
-                g, u, wp = g2, u2, wp2
-        _cta_barrier()  # every warp's reads of dh_buf done before the next tile's store
 
     @gluon.jit
     def _col_halves(t, HM: gl.constexpr, W: gl.constexpr):
@@ -670,7 +622,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _grp_consumer(a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready, info_empty,
                       pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem, c_desc, c_ptr,
-                      pre_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr, sa_ptr, sb_ptr, counts_ptr,
+                      pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr, counts_ptr,
                       offsets_ptr, E, N, K, num_m_tiles, num_tiles, stride_cm, stride_pm,
                       stride_hw, stride_dwp, stride_sa, stride_sbe, stride_sbk, stride_sbn,
                       HALF: gl.constexpr,
@@ -683,17 +635,15 @@ if _HAVE_GLUON:
                       TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
                       CM: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
-        with ``PINGPONG`` (16-bit, one accumulator: the plain, GEMM1 or activation-backward
-        epilogue) all rows of every other tile with an expert, so that one consumer's epilogue
-        runs while the other's MMAs do; their main loops take turns (``turn``), as a consumer
-        skipping the other's tile would otherwise wait on a slot's ``ready`` up to two phases
-        ahead.
+        with ``PINGPONG`` (16-bit, plain or GEMM1 epilogue, one accumulator) all rows of every
+        other tile with an expert, so that one consumer's epilogue runs while the other's MMAs
+        do; their main loops take turns (``turn``), as a consumer skipping the other's tile
+        would otherwise wait on a slot's ``ready`` up to two phases ahead.
         ``SCALED`` (FP8): each k-step's product promoted with its scales, the two consumers'
         MMAs alternating; else (16-bit) the k-steps accumulate in the wgmma, one k-step left
         in flight (its slot released when the next is issued), ``DUAL``: a second accumulator
         (GEMM1's up columns). The epilogue stores the tile (``EPI_STORE``), runs
-        ``_act_bwd_epilogue`` (``EPI_ACT_BWD``; with ``PINGPONG``
-        ``_act_bwd_direct_epilogue``) or GEMM1's activation (``EPI_ACT_FWD``: pre
+        ``_act_bwd_epilogue`` (``EPI_ACT_BWD``) or GEMM1's activation (``EPI_ACT_FWD``: pre
         and / or h = act(pre), as ``grouped_gemm._grouped_mm_kernel``). In a cluster of two
         CTAs the consumer's rows of the cluster's tile, each CTA's MMAs on its half of the
         columns (``CN`` 2) or of the rows (``CM`` 2: the consumer's 64 rows in each CTA, one
@@ -826,12 +776,7 @@ if _HAVE_GLUON:
                     cols_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, st))
                     cmask = (rows_s < seg_end)[:, None] & (cols_s < N)[None, :]
                     rows64 = rows_s.to(gl.int64)
-                    if EPI == EPI_ACT_BWD and PINGPONG:
-                        _act_bwd_direct_epilogue(acc, dh_buf, c_ptr, pre_ptr, w_ptr,
-                                                 gather_ptr, hw_ptr, dwp_ptr, row0, seg_end,
-                                                 pid_n, N, stride_cm, stride_pm, stride_hw,
-                                                 stride_dwp, RM, BN, GATED, ACT)
-                    elif EPI == EPI_ACT_BWD:
+                    if EPI == EPI_ACT_BWD:
                         _act_bwd_epilogue(acc, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, tp,
                                           c_ptr, hw_ptr, dwp_ptr, row0, seg_end, pid_n, N,
                                           stride_cm, stride_hw, stride_dwp, HALF, HM, BN, GATED,
@@ -886,10 +831,8 @@ if _HAVE_GLUON:
         gate and up tiles in one ring slot, two accumulators). ``TMA_STORE`` (16-bit, plain
         epilogue): the tile stored through shared memory by ``c_desc``'s TMA
         (``_tma_store_tile``), the consumers on to the next tile while it is written.
-        ``PINGPONG`` (16-bit, one accumulator: the plain, GEMM1 or activation-backward
-        epilogue): each consumer computes whole tiles, every other one (a ring slot is
-        released by one consumer); with ``EPI_ACT_BWD`` each consumer loads its tile's
-        pre-activation and routing weights itself (``_act_bwd_direct_epilogue``). ``CN`` 2
+        ``PINGPONG`` (16-bit, one accumulator, plain or GEMM1 epilogue): each consumer computes
+        whole tiles, every other one (a ring slot is released by one consumer). ``CN`` 2
         (16-bit, A by TMA, plain epilogue by registers, also ``PINGPONG``; Triton >= 3.8):
         launched as clusters of two CTAs along the columns, a tile ``BN`` columns wide split
         between them, A's tile loaded once for both (TMA multicast, ``_grp_producer``). ``CM``
@@ -904,8 +847,8 @@ if _HAVE_GLUON:
                          "two consumers of 64 rows (in each CTA), or of 128 (16-bit, plain)")
         gl.static_assert(EPI != EPI_ACT_FWD or (B_KMAJOR and not SCALED), "GEMM1: 16-bit")
         DUAL: gl.constexpr = EPI == EPI_ACT_FWD and GATED
-        gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE),
-                         "PINGPONG: 16-bit, one accumulator")
+        gl.static_assert(not PINGPONG or not (SCALED or DUAL or TMA_STORE or EPI == EPI_ACT_BWD),
+                         "PINGPONG: 16-bit, one accumulator, plain or GEMM1 epilogue")
         gl.static_assert(CN == 1 or not (SCALED or A_GATHER or DUAL or TMA_STORE
                                          or EPI != EPI_STORE or CM > 1),
                          "CN 2: 16-bit, A by TMA, one accumulator, the plain epilogue")
@@ -938,28 +881,18 @@ if _HAVE_GLUON:
             mbarrier.init(turn.index(i), count=1)
         info, info_ready, info_empty = _info_alloc(CTAS)
         # EPI_ACT_BWD: the pre-activation tiles (gate, up), dh' and the routing weights of a tile
-        # (else token allocations: pre_desc is a stand-in); with PINGPONG each consumer's dh'
-        # tile only (it loads the rest itself: the producer's epilogue loads are off)
+        # (else token allocations: pre_desc is a stand-in)
         plain: gl.constexpr = _plain_smem(CTAS)
-        ACT_PP: gl.constexpr = EPI == EPI_ACT_BWD and PINGPONG
-        PRODUCER_EPI: gl.constexpr = EPI_STORE if ACT_PP else EPI
-        dh_lay: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
-        if EPI == EPI_ACT_BWD and not ACT_PP:
+        if EPI == EPI_ACT_BWD:
             pre_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_shape,
                                                  pre_desc.layout)
-            dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], dh_lay)
+            dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN],
+                                               gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
             w_buf = gl.allocate_shared_memory(gl.float32, [BM], plain)
         else:
             pre_bufs = gl.allocate_shared_memory(gl.float32, [2, 4], plain)
-            if ACT_PP:
-                dh_buf = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], dh_lay)
-            else:
-                dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
+            dh_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
             w_buf = gl.allocate_shared_memory(gl.float32, [4], plain)
-        if ACT_PP:  # dh_buf consumer 0's, dh_buf1 consumer 1's
-            dh_buf1 = gl.allocate_shared_memory(pre_desc.dtype, [BM, BN], dh_lay)
-        else:
-            dh_buf1 = dh_buf
         if TMA_STORE == 1:  # the output tile on its way out (else a token allocation)
             c_smem = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
         elif TMA_STORE == 4:  # two buffers per consumer of one column part of its rows
@@ -975,16 +908,16 @@ if _HAVE_GLUON:
         gl.warp_specialize([
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
                              info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
-                             c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr, sa_ptr,
-                             sb_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
+                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
                              num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
                              stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M,
                              BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
                              DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
-                             info_empty, pre_bufs, dh_buf1, w_buf, pre_ready, pre_empty, c_smem,
-                             c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, w_ptr, gather_ptr, sa_ptr,
-                             sb_ptr, counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
+                             info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
+                             c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
+                             counts_ptr, offsets_ptr, E, N, K, num_m_tiles,
                              num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
                              stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M,
                              BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
@@ -993,8 +926,8 @@ if _HAVE_GLUON:
                              info_ready, info_empty, pre_desc, pre_bufs, w_buf, pre_ready,
                              pre_empty, w_ptr, a_ptr, gather_ptr, counts_ptr,
                              offsets_ptr, E, N, NB, K, num_m_tiles, num_tiles, stride_a, BM, BN,
-                             BK, STAGES, GROUP_M, BLOCK_E, INFO, PRODUCER_EPI, GATED, B_KMAJOR,
-                             A_GATHER, DUAL, TOPK, CN, CM)),
+                             BK, STAGES, GROUP_M, BLOCK_E, INFO, EPI, GATED, B_KMAJOR, A_GATHER,
+                             DUAL, TOPK, CN, CM)),
         ], [4, LOAD_WARPS], [MMA_REGS, LOAD_REGS])
 
 
@@ -1028,12 +961,10 @@ def grouped_mm_act_bwd(tune: tuning.Tuning, a, sa, b, sb, stride_sb, pre, weight
     (``_act_bwd_epilogue``): writes ``dpre`` and ``hw`` without storing dh' and returns the
     routing-weight gradient per slot (fp32 ``[S]``, the sum of the epilogue's partials, one
     per column tile). Bitwise the split form's ``dpre`` and ``hw`` (dh' is rounded to
-    ``pre``'s dtype as the split form stores it). With ``PINGPONG`` in the configuration
-    (``tuning.GLUON_BF16_ACT_PINGPONG``; 16-bit) the consumers take whole tiles in turn and
-    load their epilogue's inputs themselves (``_act_bwd_direct_epilogue``). FP8 (``sa``
-    given; B K-major, as ``grouped_mm``) with ``tune.gluon_config`` / ``gluon_epi_config``,
-    or bf16 (``sa`` None; ``grouped_direct_fits`` operands, B = W_down N-major, ``gather``:
-    dout's token rows) with ``_bf16_config(tune, gather, tune.gluon_bf16_epi_config)``."""
+    ``pre``'s dtype as the split form stores it). FP8 (``sa`` given; B K-major, as
+    ``grouped_mm``) with ``tune.gluon_config`` / ``gluon_epi_config``, or bf16 (``sa`` None;
+    ``grouped_direct_fits`` operands, B = W_down N-major, ``gather``: dout's token rows) with
+    ``_bf16_config(tune, gather, tune.gluon_bf16_epi_config)``."""
     if sa is None:
         cfg = _bf16_config(tune, gather, tune.gluon_bf16_epi_config)
     else:
@@ -1103,14 +1034,6 @@ def grouped_mm_direct(tune: tuning.Tuning, a, b, stride_b, c, meta, *, n: int, k
     return c
 
 
-def _pingpong(cfg: dict, scaled: bool, tma_store: bool, epi: Epilogue, gated: bool) -> bool:
-    """Whether a row-grouped launch runs its consumers on whole tiles in turn
-    (``cfg["PINGPONG"]``): 16-bit, one accumulator, the plain or GEMM1 epilogue by registers,
-    or the activation backward's."""
-    return (bool(cfg.get("PINGPONG", False)) and not scaled and not tma_store
-            and not (epi == Epilogue.ACT_FWD and gated))
-
-
 def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, meta, n, k, *,
                     epi: Epilogue, pre_desc=None, hw=None, dwp=None, weights=None,
                     gated=False, act=0, b_kmajor=True, nb=None, gather=False, pre=None,
@@ -1132,7 +1055,10 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     tma_store = (parts > 0 and not scaled and epi == Epilogue.STORE
                  and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
                  and out.data_ptr() % 16 == 0)
-    pingpong = _pingpong(cfg, scaled, tma_store, epi, gated)
+    # the consumers on whole tiles in turn (``cfg["PINGPONG"]``): 16-bit, one accumulator, the
+    # plain or GEMM1 epilogue by registers
+    pingpong = (bool(cfg.get("PINGPONG", False)) and not scaled and not tma_store
+                and epi != Epilogue.ACT_BWD and not (epi == Epilogue.ACT_FWD and gated))
     # clusters of two CTAs (``cfg["CLUSTER"]`` 2; 16-bit, the plain epilogue or GEMM1's by
     # registers; a Triton whose Gluon has multicast): along the columns sharing A's tiles
     # (A by TMA: GEMM2, dx; also with PINGPONG), or along the rows sharing B's (A gathered:

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from . import gluon_gemm as GF
 from . import tuning
-from .activation import act_bwd_store, act_fwd, load_pre
+from .activation import act_bwd_store, act_fwd
 from .codes import (ACCUM_ATOMIC, ACCUM_RMW, EPI_ACT_FWD, EPI_STORE, QUANT_FP8, QUANT_INT8,
                     Accum, Epilogue, Quant)
 from .common import cdiv, interpret_mode, next_pow2
@@ -267,13 +267,26 @@ def _routed_grid(S: int, n: int, bm: int, bn: int, cols_fast: bool = False) -> t
 
 
 @triton.jit
+def _load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED: tl.constexpr):
+    """A tile of the stored pre-activation as fp32 ``(gate part, up part)``: columns ``offs_n``
+    and, gated, ``N + offs_n`` (ungated: the one part twice)."""
+    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + offs_n[None, :]
+    g = tl.load(pre_ptrs, mask=cmask, other=0.0).to(tl.float32)
+    if GATED:
+        u = tl.load(pre_ptrs + N, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        u = g
+    return g, u
+
+
+@triton.jit
 def _act_quant_kernel(pre_ptr, h_ptr, hs_ptr, offsets_ptr, E, N, stride_pm, stride_hm,
                       stride_hs, GATED: tl.constexpr, ACT: tl.constexpr, EMU: tl.constexpr,
                       BM: tl.constexpr):
     """``h = act(pre)`` quantised per 128 columns (``_store_h_e4m3``) for the rows of every
     expert: the GEMM1 epilogue of the fused kernel as a pass over a stored pre-activation."""
     pid_n, rows, rows64, rmask, offs_n, cmask = _routed_tile(offsets_ptr, E, N, BM, 128)
-    g, u = load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED)
+    g, u = _load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED)
     h = act_fwd(g, u, ACT)
     _store_h_e4m3(h, h_ptr + rows64[:, None] * stride_hm + offs_n[None, :],
                   hs_ptr + rows64 * stride_hs + pid_n, cmask, rmask, EMU)
@@ -286,7 +299,7 @@ def _act_bwd_tile(dh, rows64, offs_n, rmask, cmask, slot, pid_n, pre_ptr, w_ptr,
     """The activation backward of one [rows, columns] tile, given ``dh = dh'`` (unweighted,
     fp32): loads the saved pre-activation and the routing weights, then ``act_bwd_store``
     (partial routing-weight gradient, ``hw``, ``dpre`` into ``c``)."""
-    g, u = load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED)
+    g, u = _load_pre(pre_ptr, rows64, offs_n, cmask, N, stride_pm, GATED)
     wp = tl.load(w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
     act_bwd_store(dh, g, u, wp, rows64, offs_n, rmask, cmask, pid_n, dwp_ptr, hw_ptr, c_ptr, N,
                   stride_dwp, stride_hw, stride_cm, GATED, ACT)

@@ -176,13 +176,6 @@ GLUON_BF16_CLUSTER = dict(CLUSTER=2, TMA_STORE=0)
 # split form's dh'): each consumer warpgroup 128 rows (two m64 row blocks sharing B's tile),
 # the shape of SonicMoE's dx winner; the same shared memory per ring slot as 128 x 256
 GLUON_BF16_TALL = dict(BM=256, BN=128)
-# the 16-bit dh' GEMM with the activation backward in its epilogue (``gluon_bf16_fuse_act_bwd``)
-# on ping-pong consumers, as ``gluon_bf16_epi_config``: each consumer a whole 128 x 128 tile,
-# loading its pre-activation and routing weights itself while the other's MMAs run
-# (``gluon_gemm._act_bwd_direct_epilogue``), 5 ring slots beside the two dh' staging tiles
-# (230,056 bytes of shared memory, no stack under Triton 3.6).
-# Prepared, not measured (benchmarks/NOTES.md, session 43)
-GLUON_BF16_ACT_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5)
 
 _DEFAULT = Tuning()
 _current = _DEFAULT
