@@ -141,7 +141,8 @@ class Tuning:
     pieces_dx_block: tuple = (64, 128, 128, 4, 3, 1)
     # the split form's weight gradient: ``routing.pieces_dw`` (one kernel, x read once for the
     # three pieces) when True, else ``torch.mm`` of the stacked pieces with an fp32 output,
-    # summed (prepared, off: not yet timed on a GPU)
+    # summed (off: no consistent gain in the layer on an H100 or the H200; benchmarks/NOTES.md,
+    # sessions 40 and 43)
     router_dw_kernel: bool = False
     # (BE, BD, BK, num_warps, num_stages, chunk) of ``routing.pieces_dw``: chunk = tokens per
     # fp32 partial sum (the partials added in order)
@@ -174,7 +175,9 @@ GLUON_BF16_PINGPONG = dict(PINGPONG=True, BN=128, STAGES=5, TMA_STORE=0)
 GLUON_BF16_CLUSTER = dict(CLUSTER=2, TMA_STORE=0)
 # 256 x 128 tiles for the 16-bit row-grouped GEMMs with the plain epilogue (GEMM2, dx, the
 # split form's dh'): each consumer warpgroup 128 rows (two m64 row blocks sharing B's tile),
-# the shape of SonicMoE's dx winner; the same shared memory per ring slot as 128 x 256
+# the shape of SonicMoE's dx winner; the same shared memory per ring slot as 128 x 256 (not a
+# default: 3-20% slower than 128 x 256 on every GEMM timed on an H100; benchmarks/NOTES.md,
+# session 42)
 GLUON_BF16_TALL = dict(BM=256, BN=128)
 
 _DEFAULT = Tuning()
