@@ -1084,6 +1084,10 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     else:
         b_desc = TensorDescriptor.from_tensor(b.as_strided((E * k, n), (n, 1)), [bk, bn], b_lay)
     num_m_tiles, (num_tiles,) = grouped_schedule(meta, bm, bn, n)
+    # stand-ins where the epilogue does not use them: the kernel uses ``pre_ptr`` only in
+    # GEMM1's epilogue (its dtype, and the pre-activation stored there; GEMM1 passes ``pre``);
+    # the fused dh' reads its pre-activation by TMA through ``pre_desc``, so an epilogue that
+    # loads ``pre_ptr`` must be given ``pre``
     pre = out if pre is None else pre
     hw = out if hw is None else hw
     dummy = meta.counts
