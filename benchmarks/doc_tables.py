@@ -172,7 +172,8 @@ def fp8_training(root: str, src: str) -> list:
         lines.append(_row([
             c, f"{a['fwd_bwd_ms']:.2f}", f"{b['fwd_bwd_ms']:.2f}",
             f"{a['fwd_bwd_ms'] / b['fwd_bwd_ms']:.2f}x",
-            f"{b['rel_err_vs_grouped_mm'] * 100:.1f}% / {b['dx_rel_err_vs_grouped_mm'] * 100:.1f}%"]))
+            f"{b['rel_err_vs_grouped_mm'] * 100:.1f}% / "
+            f"{b['dx_rel_err_vs_grouped_mm'] * 100:.1f}%"]))
     return lines
 
 

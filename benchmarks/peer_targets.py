@@ -19,8 +19,8 @@ and backward each at least 1.0x; the router-included layer at least 1.1x SonicMo
 at least 1.15x ``grouped_mm``; extra peak memory at most SonicMoE's; the router at most 3% of
 the layer's forward + backward on fine_30b; ``fp8_block_wgrad`` on fine_7b not slower than
 bf16. A ratio is the other's time over ours (the same FLOPs: our TFLOP/s over theirs); the
-router's share is (router included − routing given) / router included. The floor of a config is its
-forward + backward FLOPs (18·T·k·D·F) at the dense bf16 GEMM rate measured in that file.
+router's share is (router included − routing given) / router included. The floor of a config
+is its forward + backward FLOPs (18·T·k·D·F) at the dense bf16 GEMM rate measured in that file.
 
 What the fwd+bwd target asks of the GEMMs (a model on measured inputs, ``floors``): both
 implementations make the same separate memory passes besides their GEMMs (``pass_bytes``:
