@@ -28,7 +28,9 @@ pass; ``time_and_peak``).
 ``--router``: the layer with its router (``fused_moe``: gate GEMM, softmax top-k, the
 experts; gate weight gradient included) against the experts alone on the same routing
 (``fused_experts`` with the ids and weights ``fused_moe`` chose): the router's share of the
-layer's time. ``moe_plugin_router_fp32bwd`` is the same layer with the router logits'
+layer's time (router and experts as one autograd Function, the router's dx inside the experts'
+dx reduction: ``tuning.router_fused_dx``); ``moe_plugin_router_unfused`` as separate Functions,
+the router's dx added by ``pieces_dx``. ``moe_plugin_router_fp32bwd`` is the same layer with the router logits'
 backward as fp32 GEMMs on fp32 copies (``tuning.router_split_bwd=False``, the earlier path),
 ``moe_plugin_router_dw_kernel`` with the split form's weight gradient as one kernel
 (``tuning.router_dw_kernel``). FLOPs counted as above (router excluded). The experts alone are
@@ -368,6 +370,8 @@ def router_rows(name, args):
     # ~10% slower on fine_7b when timed after SonicMoE's layer)
     runs = [("moe_plugin_given_routing", experts, split, [x, gate, w_up, w_down, weights]),
             ("moe_plugin_router", layer, split, [x, gate, w_up, w_down, weights]),
+            ("moe_plugin_router_unfused", layer, dict(split, router_fused_dx=False),
+             [x, gate, w_up, w_down, weights]),
             ("moe_plugin_router_fp32bwd", layer, dict(router_split_bwd=False),
              [x, gate, w_up, w_down, weights]),
             ("moe_plugin_router_dw_kernel", layer, dict(split, router_dw_kernel=True),

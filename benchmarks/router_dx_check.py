@@ -94,6 +94,40 @@ def timing(n, d, e, dev, blocks):
     _time("time", [n, d, e], runs, lambda ms: dict(gb_s=round((2 * n * d * 2) / ms / 1e6, 1)))
 
 
+def timing_fused(n, d, e, k, dev, blocks):
+    """The layer's dx when router and experts share their input: the experts' ``gather_reduce``
+    then ``pieces_dx`` adding the router's product (two passes, the path of separate autograd
+    Functions) against ``pieces_gather_reduce`` (one pass) at ``blocks`` (BLOCK_T, BLOCK_D,
+    BK, warps); also the reduction alone (the floor of the fused kernel's memory traffic)."""
+    from moe_plugin.kernels.permute import gather_reduce, permute_metadata
+    g = torch.Generator(device=dev).manual_seed(2)
+    ids = torch.rand(n, e, device=dev, generator=g).topk(k, dim=1).indices.int()
+    meta = permute_metadata(ids, e)
+    y = torch.randn(n * k, d, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(e, d, device=dev, dtype=torch.bfloat16) / d ** 0.5
+    p3 = routing.split_bf16_pieces(torch.randn(n, e, device=dev), 3)
+    ref = routing.pieces_dx(p3, w, gather_reduce(y, meta, None, out_dtype=torch.float32))
+    runs = {"gather_reduce_only": lambda: gather_reduce(y, meta, None),
+            "gather_reduce+pieces_dx": lambda: routing.pieces_dx(p3, w, gather_reduce(y, meta,
+                                                                                        None))}
+    for b in blocks:
+        def f(b=b):
+            with tuning.override(pieces_reduce_block=tuple(b)):
+                return routing.pieces_gather_reduce(y, meta, p3, w, torch.bfloat16)
+        try:
+            got = f()
+        except Exception as ex:
+            print(json.dumps(dict(check="time_fused", impl=f"fused{tuple(b)}",
+                                  error=str(ex)[:160])), flush=True)
+            continue
+        err = ((got.float() - ref).abs() / ref.abs().clamp(min=1e-3)).max().item()
+        print(json.dumps(dict(check="fused_vs_two_pass", blocks=b, max_rel_err=err)),
+              flush=True)
+        runs[f"fused{tuple(b)}"] = f
+    _time("time_fused", [n, d, e, k], runs,
+          lambda ms: dict(gb_s=round((n * k * d * 2 + n * d * 2) / ms / 1e6, 1)))
+
+
 def _blocks(spec):
     """``"a,b,c;d,e,f"`` as ``[[a, b, c], [d, e, f]]``."""
     return [[int(v) for v in b.split(",")] for b in spec.split(";")]
@@ -110,8 +144,15 @@ def main():
                     "128,256,64,8,2,64")
     ap.add_argument("--dw-blocks", default="128,128,64,8,2,4096;128,128,64,8,3,4096;"
                     "128,256,64,8,2,4096;128,128,64,8,2,2048;128,128,64,8,2,8192")
+    ap.add_argument("--fused-blocks", default="64,128,64,4;64,128,128,4;64,128,64,8;"
+                    "64,256,64,8;128,128,64,8;32,128,64,4;64,64,128,4")
+    ap.add_argument("--fused-only", action="store_true")
     args = ap.parse_args()
     dev = "cuda"
+    for n, d, e, k in ((32768, 4096, 128, 8), (32768, 2048, 128, 8)):
+        timing_fused(n, d, e, k, dev, _blocks(args.fused_blocks))
+    if args.fused_only:
+        return
     rounding(2048, 512, 128, dev)
     for n, d, e in ((32768, 4096, 128), (32768, 2048, 128)):
         timing(n, d, e, dev, _blocks(args.blocks))

@@ -9,11 +9,13 @@ import torch
 from . import reference
 from .autograd import (FusedExpertsFunction, RouterFunction,
                        RouterLogitsFunction)
+from .autograd.routed_layer import RoutedLayerFunction, fused_dx_dtype_ok
 from .config import (BACKENDS, DROP_POLICIES, FLOAT_DTYPES, check_activation,
                      check_bias_quant, check_capacity_factor, check_choice, check_experts_args,
                      check_ids_range,
                      check_positive_int, check_quant, check_routing_args, check_tensor,
                      expert_capacity)
+from .kernels import tuning
 from .kernels.common import interpret_mode
 from .quant import check_weight_cache
 
@@ -321,18 +323,28 @@ def fused_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w_up: torc
     check_quant(quant, use_triton=use_triton)
     check_bias_quant(b_up, b_down, quant)
     check_weight_cache(weight_cache)
-    ids, weights, aux, z, x = route_tokens(
-        x, gate_weight, top_k, score_func=score_func, renormalize=renormalize,
-        expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
-        scaling_factor=scaling_factor, capacity_factor=capacity_factor, drop_policy=drop_policy,
-        aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, use_triton=use_triton,
-        check_finite=check_finite)
-    out, counts, recv, ids = routed_experts(
-        x, ids, weights, w_up, w_down, activation, use_triton, recompute,
-        num_experts=num_experts, ep_group=ep_group, ep_backend=ep_backend,
-        max_tokens_per_rank=max_tokens_per_rank, allow_drop=capacity_factor is not None,
-        drop_policy=drop_policy, quant=quant, weight_cache=weight_cache, b_up=b_up,
-        b_down=b_down)
+    if router_experts_fused(x, gate_weight, use_triton, ep_group=ep_group,
+                            capacity_factor=capacity_factor, check_finite=check_finite):
+        out, counts, ids, weights, aux, z = routed_layer(
+            x, gate_weight, w_up, w_down, top_k, activation, score_func=score_func,
+            renormalize=renormalize, expert_bias=expert_bias, num_groups=num_groups,
+            group_topk=group_topk, scaling_factor=scaling_factor,
+            aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, recompute=recompute,
+            quant=quant, weight_cache=weight_cache, b_up=b_up, b_down=b_down)
+        recv = None
+    else:
+        ids, weights, aux, z, x = route_tokens(
+            x, gate_weight, top_k, score_func=score_func, renormalize=renormalize,
+            expert_bias=expert_bias, num_groups=num_groups, group_topk=group_topk,
+            scaling_factor=scaling_factor, capacity_factor=capacity_factor,
+            drop_policy=drop_policy, aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff,
+            use_triton=use_triton, check_finite=check_finite)
+        out, counts, recv, ids = routed_experts(
+            x, ids, weights, w_up, w_down, activation, use_triton, recompute,
+            num_experts=num_experts, ep_group=ep_group, ep_backend=ep_backend,
+            max_tokens_per_rank=max_tokens_per_rank, allow_drop=capacity_factor is not None,
+            drop_policy=drop_policy, quant=quant, weight_cache=weight_cache, b_up=b_up,
+            b_down=b_down)
     info = {"aux_loss": aux, "z_loss": z, "tokens_per_expert": counts, "topk_ids": ids,
             "topk_weights": weights}
     if ep_group is not None:
@@ -393,6 +405,57 @@ def routed_experts(x, ids, weights, w_up, w_down, activation, use_triton, recomp
     return out, counts, recv, ids
 
 
+def fused_losses_of(colsum, aux_counts, lse, aux, z, n: int, top_k: int, need_aux: bool,
+                    need_z: bool, aux_loss_coeff: float, z_loss_coeff: float):
+    """``(aux_loss, z_loss)`` from the fused routing's outputs (``aux_colsum``, ``aux_counts``,
+    ``lse``: ``RouterFunction``'s), with the coefficients applied; ``aux`` / ``z`` (zeros)
+    where not needed."""
+    if need_aux:
+        aux = (colsum * aux_counts.float()).sum() * (aux_loss_coeff * colsum.shape[0]
+                                                     / (top_k * n * n))
+    if need_z:
+        z = lse.square().mean() * z_loss_coeff
+    return aux, z
+
+
+def router_experts_fused(x, gate_weight, use_triton: bool, *, ep_group=None,
+                         capacity_factor=None, per_seq_aux=False, check_finite=False,
+                         gate_bias=None, logits_hook=None, valid=None) -> bool:
+    """Whether a layer's router and routed experts (both on ``x``) run as one autograd
+    Function (``routed_layer``), the router logits' dx then inside the experts' dx reduction:
+    on the Triton path with ``tuning.router_fused_dx``, x requiring a gradient (bf16 with
+    ``tuning.router_split_bwd``, or fp32; the gate in x's dtype), nothing between the router
+    and the experts (no expert parallelism, capacity dropping, ``gate_bias``, ``logits_hook``,
+    ``valid`` mask or ``check_finite``) and the losses fused (no per-sequence aux loss). Else
+    ``route_tokens`` then ``routed_experts``."""
+    tune = tuning.current()
+    return (use_triton and tune.router_fused_dx and x.requires_grad and torch.is_grad_enabled()
+            and ep_group is None and capacity_factor is None and not per_seq_aux
+            and not check_finite and gate_bias is None and logits_hook is None
+            and valid is None and fused_dx_dtype_ok(x, gate_weight)
+            and (x.dtype != torch.bfloat16 or tune.router_split_bwd))
+
+
+def routed_layer(x, gate_weight, w_up, w_down, top_k: int, activation: str, *,
+                 score_func: str, renormalize: bool, expert_bias, num_groups, group_topk,
+                 scaling_factor: float, aux_loss_coeff: float, z_loss_coeff: float,
+                 recompute: bool, quant=None, weight_cache=None, b_up=None, b_down=None):
+    """Router and routed experts as one Function (``RoutedLayerFunction``; where
+    ``router_experts_fused`` holds, arguments checked). Returns ``(out, tokens_per_expert,
+    topk_ids, topk_weights, aux_loss, z_loss)``."""
+    n = x.shape[0]
+    need_aux, need_z = aux_loss_coeff > 0 and n > 0, z_loss_coeff > 0 and n > 0
+    act_code, gated = check_activation(activation)
+    out, counts, ids, weights, colsum, aux_counts, lse = RoutedLayerFunction.apply(
+        x, gate_weight, expert_bias, w_up, w_down, b_up, b_down, top_k, score_func,
+        renormalize, num_groups, group_topk, float(scaling_factor), need_aux, need_z,
+        act_code, gated, recompute, quant, weight_cache)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    aux, z = fused_losses_of(colsum, aux_counts, lse, zero, zero, n, top_k, need_aux, need_z,
+                             aux_loss_coeff, z_loss_coeff)
+    return out, counts, ids, weights, aux, z
+
+
 def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bool,
                  expert_bias, num_groups, group_topk, scaling_factor: float, capacity_factor,
                  drop_policy: str, aux_loss_coeff: float, z_loss_coeff: float, use_triton: bool,
@@ -439,11 +502,9 @@ def route_tokens(x, gate_weight, top_k: int, *, score_func: str, renormalize: bo
         ids, weights, colsum, aux_counts, lse = RouterFunction.apply(
             logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
             float(scaling_factor), batch_aux and fused_losses, need_z and fused_losses)
-        if batch_aux and fused_losses:
-            aux = (colsum * aux_counts.float()).sum() * (aux_loss_coeff * num_experts
-                                                         / (top_k * n * n))
-        if need_z and fused_losses:
-            z = lse.square().mean() * z_loss_coeff
+        if fused_losses:
+            aux, z = fused_losses_of(colsum, aux_counts, lse, aux, z, n, top_k, batch_aux,
+                                     need_z, aux_loss_coeff, z_loss_coeff)
     else:
         ids, weights, _ = reference.route(
             logits, top_k, score_func=score_func, renormalize=renormalize,

@@ -240,6 +240,65 @@ def test_router_logits_shared_input_bf16_split(e):
     assert (err <= ulp + 2.0 ** -20 * bound).all()
 
 
+@pytest.mark.parametrize("e", [128, 256, 8])
+def test_pieces_gather_reduce_bf16(e):
+    """``routing.pieces_gather_reduce`` (the experts' dx reduction with the router's split-form
+    dx product in it): within one bf16 rounding of the exact ``Σ_i piece_i · W + Σ_j y[slot]``
+    plus fp32 accumulation's bound, at fine_30b's block (E 128: two k-steps; 256; 8: a k-step
+    of 16 masked), unused slots and rows not a multiple of the token tile."""
+    from moe_plugin.kernels import routing
+    g = torch.Generator().manual_seed(3)
+    n, d, k = 1000, 512, 4
+    meta = _ragged_meta(g, n, k, max(e, 8))
+    y = torch.randn(n * k, d, generator=g).to(CUDA, torch.bfloat16)
+    w = (torch.randn(e, d, generator=g) / d ** 0.5).to(CUDA, torch.bfloat16)
+    dl = (torch.randn(n, e, generator=g) * torch.logspace(-6, 2, e)).to(CUDA)
+    p3 = routing.split_bf16_pieces(dl, 3)
+    got = routing.pieces_gather_reduce(y, meta, p3, w, torch.bfloat16)
+    pos = meta.slot_pos.view(n, k).long()
+    rows = torch.where((pos >= 0)[..., None], y.double()[pos.clamp(min=0)], 0.0)
+    exact = rows.sum(1) + p3.double().view(n, 3, e).sum(1) @ w.double()
+    bound = rows.abs().sum(1) + p3.double().view(n, 3, e).abs().sum(1) @ w.double().abs()
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=1e-30))) - 7)
+    assert ((got.double() - exact).abs() <= ulp / 2 + 2.0 ** -20 * bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_routed_layer_matches_separate_functions(dtype):
+    """``fused_moe`` with router and experts as one Function (``tuning.router_fused_dx``)
+    against separate Functions: output, routing and the losses bitwise equal; the gate's and
+    the experts' weight gradients bitwise equal; dx within one rounding of the dtype (the
+    router's dx now joins the experts' reduction before the one rounding); with the aux and z
+    losses and a gradient reaching ``topk_weights`` from outside."""
+    import moe_plugin
+    from moe_plugin.kernels import tuning
+    g = torch.Generator().manual_seed(5)
+    n, d, f, e, k = 2048, 512, 256, 16, 4
+    x0 = torch.randn(n, d, generator=g).to(CUDA, dtype)
+    g0 = (torch.randn(e, d, generator=g) / d ** 0.5).to(CUDA, dtype)
+    wu0 = (torch.randn(e, 2 * f, d, generator=g) / d ** 0.5).to(CUDA, dtype)
+    wd0 = (torch.randn(e, d, f, generator=g) / f ** 0.5).to(CUDA, dtype)
+    dout = torch.randn(n, d, generator=g).to(CUDA, dtype)
+    res = {}
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x0, g0, wu0, wd0)]
+        with tuning.override(router_fused_dx=fused):
+            out, info = moe_plugin.fused_moe(*leaves, k, aux_loss_coeff=0.01,
+                                             z_loss_coeff=0.001)
+            loss = ((out.float() * dout.float()).sum() + 50 * info["aux_loss"]
+                    + 50 * info["z_loss"] + 0.3 * info["topk_weights"].sum())
+            loss.backward()
+        res[fused] = dict(out=out, ids=info["topk_ids"], aux=info["aux_loss"],
+                          z=info["z_loss"], dx=leaves[0].grad, dgate=leaves[1].grad,
+                          dwu=leaves[2].grad, dwd=leaves[3].grad)
+    for name in ("out", "ids", "aux", "z", "dgate", "dwu", "dwd"):
+        assert torch.equal(res[True][name], res[False][name]), name
+    a, b = res[True]["dx"].double(), res[False]["dx"].double()
+    ulp = 2.0 ** (torch.floor(torch.log2(b.abs().clamp(min=1e-30)))
+                  - (7 if dtype == torch.bfloat16 else 23))
+    assert ((a - b).abs() <= 2 * ulp + 1e-6 * b.abs().max()).all()
+
+
 def _ragged_meta(g, n, k, e):
     """Routing with an empty expert (3), an expert with 5 tokens (5: fewer than a tile), counts
     not multiples of the 128-row tile and unused slots (-1: rows past the last expert's)."""

@@ -127,52 +127,81 @@ class FusedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
                 recompute: bool, b_up=None, b_down=None, quant=None, weight_cache=None):
-        weights = quantized_weights(w_up, w_down, quant, weight_cache)
-        out, counts, offsets, sorted_slot, slot_pos, pre = expert_stages.experts_forward_op(
-            x, topk_ids, topk_weights, *weight_args(weights), act_code, gated, not recompute,
-            b_up, b_down, *scale_args(weights))
-        ctx.act_code, ctx.gated, ctx.quant = act_code, gated, quant
-        remember_wgrad_fusion(ctx, w_up, w_down)
-        ctx.save_for_backward(x, topk_weights, counts, offsets, sorted_slot, slot_pos, pre,
-                              b_up, b_down, *saved_weights(weights))
+        out, counts, saved = experts_forward(ctx, x, topk_ids, topk_weights, w_up, w_down,
+                                             act_code, gated, recompute, b_up, b_down, quant,
+                                             weight_cache)
+        ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(counts)
         return out, counts
 
     @staticmethod
     def backward(ctx, dout, _dcounts):
-        x, topk_weights, counts, offsets, sorted_slot, slot_pos, pre, b_up, b_down, \
-            *weights = ctx.saved_tensors
-        weights = restored_weights(weights)
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
         need_b_up, need_b_down = ctx.needs_input_grad[8:10]
-        meta = (counts, offsets, sorted_slot, slot_pos)
-        none = x.new_empty(0)  # the ops' "no buffer"
-        dw_topk, dpre, hw, db_down = expert_stages.experts_backward_act_op(
-            dout, x, topk_weights, *weight_args(weights), *meta, usable(pre), ctx.act_code,
-            ctx.gated, need_w, b_up, b_down, need_b_down, *scale_args(weights))
-        release(pre)  # before dx's [S, D] buffer
-        del pre
-        dx = (expert_stages.experts_backward_dx_op(
-            dpre, x, weight_args(weights)[0], *meta, topk_weights.shape[1], none,
-            *scale_args(weights)[:2]) if need_x else None)
-        acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
-        wgrad = dict(fp8=ctx.quant == "fp8_block_wgrad")
-        # dW_down first, then hw goes (its memory serves dW_up), then dW_up and db_up
-        _, dw_down, _ = expert_stages.experts_backward_weight_op(
-            dout, x, dpre, hw, *meta, none, acc_down, topk_weights.shape[1], False, need_down,
-            **wgrad)
-        del hw
-        dw_up, _, db_up = expert_stages.experts_backward_weight_op(
-            dout, x, dpre, none, *meta, acc_up, none, topk_weights.shape[1], need_up, False,
-            need_b_up=need_b_up and b_up is not None, **wgrad)
-        del dpre
-        dx, dw_topk, dw_up, dw_down, db_up, db_down = (
-            g if need else None for g, need in
-            zip((dx, dw_topk, dw_up, dw_down, db_up, db_down),
-                (need_x, need_w, need_up, need_down, need_b_up, need_b_down)))
-        return (dx, None, dw_topk) \
-            + returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down) \
-            + (None, None, None, db_up, db_down, None, None)
+        dx, dw_topk, dw_up, dw_down, db_up, db_down = experts_backward(
+            ctx, ctx.saved_tensors, dout, need_x, need_w, need_up, need_down, need_b_up,
+            need_b_down)
+        return (dx, None, dw_topk, dw_up, dw_down, None, None, None, db_up, db_down, None,
+                None)
+
+
+def experts_forward(ctx, x, topk_ids, topk_weights, w_up, w_down, act_code: int, gated: bool,
+                    recompute: bool, b_up, b_down, quant, weight_cache):
+    """``FusedExpertsFunction``'s forward for an autograd Function's ``ctx`` (also the router
+    and experts' ``RoutedLayerFunction``'s): returns ``(out, counts, saved)``, ``saved`` the
+    tensors for ``save_for_backward`` that ``experts_backward`` takes back."""
+    weights = quantized_weights(w_up, w_down, quant, weight_cache)
+    out, counts, offsets, sorted_slot, slot_pos, pre = expert_stages.experts_forward_op(
+        x, topk_ids, topk_weights, *weight_args(weights), act_code, gated, not recompute,
+        b_up, b_down, *scale_args(weights))
+    ctx.act_code, ctx.gated, ctx.quant = act_code, gated, quant
+    remember_wgrad_fusion(ctx, w_up, w_down)
+    return out, counts, (x, topk_weights, counts, offsets, sorted_slot, slot_pos, pre, b_up,
+                         b_down, *saved_weights(weights))
+
+
+def experts_backward(ctx, saved, dout, need_x, need_w, need_up, need_down, need_b_up,
+                     need_b_down, router=None):
+    """``FusedExpertsFunction``'s backward on ``saved`` (``experts_forward``'s): returns
+    ``(dx, d_topk_weights, dW_up, dW_down, db_up, db_down)``, None where not needed, a weight
+    gradient added into ``main_grad`` as its stand-in. ``router(d_topk_weights) -> (pieces,
+    gate_weight)``: called between the activation stage (which yields d_topk_weights) and the
+    dx stage, whose reduction then adds the router logits' dx (``experts_backward_dx``);
+    ``need_w`` must be set with it."""
+    x, topk_weights, counts, offsets, sorted_slot, slot_pos, pre, b_up, b_down, \
+        *weights = saved
+    weights = restored_weights(weights)
+    meta = (counts, offsets, sorted_slot, slot_pos)
+    none = x.new_empty(0)  # the ops' "no buffer"
+    if dout is None:  # (the output did not reach the loss)
+        dout = torch.zeros_like(x)
+    dw_topk, dpre, hw, db_down = expert_stages.experts_backward_act_op(
+        dout, x, topk_weights, *weight_args(weights), *meta, usable(pre), ctx.act_code,
+        ctx.gated, need_w, b_up, b_down, need_b_down, *scale_args(weights))
+    release(pre)  # before dx's [S, D] buffer
+    del pre
+    pieces, gate_weight = router(dw_topk) if router is not None else (None, None)
+    dx = (expert_stages.experts_backward_dx_op(
+        dpre, x, weight_args(weights)[0], *meta, topk_weights.shape[1], none,
+        *scale_args(weights)[:2], router_pieces=pieces, gate_weight=gate_weight)
+        if need_x else None)
+    acc_up, acc_down = accumulation_buffers(ctx, need_up, need_down, none)
+    wgrad = dict(fp8=ctx.quant == "fp8_block_wgrad")
+    # dW_down first, then hw goes (its memory serves dW_up), then dW_up and db_up
+    _, dw_down, _ = expert_stages.experts_backward_weight_op(
+        dout, x, dpre, hw, *meta, none, acc_down, topk_weights.shape[1], False, need_down,
+        **wgrad)
+    del hw
+    dw_up, _, db_up = expert_stages.experts_backward_weight_op(
+        dout, x, dpre, none, *meta, acc_up, none, topk_weights.shape[1], need_up, False,
+        need_b_up=need_b_up and b_up is not None, **wgrad)
+    del dpre
+    dx, dw_topk, dw_up, dw_down, db_up, db_down = (
+        g if need else None for g, need in
+        zip((dx, dw_topk, dw_up, dw_down, db_up, db_down),
+            (need_x, need_w, need_up, need_down, need_b_up, need_b_down)))
+    dw_up, dw_down = returned_weight_grads(ctx, dw_up, dw_down, need_up, need_down)
+    return dx, dw_topk, dw_up, dw_down, db_up, db_down
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,12 +27,24 @@ def split_dw(d3: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch
     """The split form's weight gradient ``Σ_i d_iᵀ · x`` (``d3 [N, 3·E]``: ``split_bf16``'s
     pieces; ``x [N, D]``; ``[E, D]`` in ``out_dtype``): ``routing.pieces_dw`` with
     ``tuning.current().router_dw_kernel``, else one ``torch.mm`` of the stacked pieces with an
-    fp32 output, its three ``[E, D]`` blocks summed."""
+    fp32 output (on the CPU of fp32 copies), its three ``[E, D]`` blocks summed."""
     if tuning.current().router_dw_kernel:
         return routing.pieces_dw_op(d3, x, 3, out_dtype)
     e = d3.shape[1] // 3
-    dw = torch.mm(d3.t(), x, out_dtype=torch.float32).view(3, e, -1).sum(0)
+    if d3.is_cuda:
+        dw = torch.mm(d3.t(), x, out_dtype=torch.float32)
+    else:  # (no fp32-output mm for 16-bit operands on the CPU: the same products in fp32)
+        dw = torch.mm(d3.t().float(), x.float())
+    dw = dw.view(3, e, -1).sum(0)
     return dw.to(out_dtype)
+
+
+def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """``x [N, D] · gate_weightᵀ`` as fp32 ``[N, E]``: with 16-bit operands on CUDA on the
+    tensor cores with an fp32 output (no fp32 copy of x), else in fp32."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype:
+        return torch.mm(x, gate_weight.t(), out_dtype=torch.float32)
+    return torch.mm(x.float(), gate_weight.float().t())
 
 
 class RouterLogitsFunction(torch.autograd.Function):
@@ -54,10 +66,7 @@ class RouterLogitsFunction(torch.autograd.Function):
     def forward(ctx, x, gate_weight, share_input=False):
         ctx.save_for_backward(x, gate_weight)
         ctx.set_materialize_grads(False)
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype:
-            logits = torch.mm(x, gate_weight.t(), out_dtype=torch.float32)
-        else:
-            logits = torch.mm(x.float(), gate_weight.float().t())
+        logits = router_logits(x, gate_weight)
         return (logits, x.view_as(x)) if share_input else logits
 
     @staticmethod

@@ -25,6 +25,7 @@ import torch
 
 from . import eager
 from . import grouped_gemm as G
+from . import routing
 from . import tuning
 from . import wgrad_fp8 as W8
 from .codes import Quant
@@ -117,15 +118,19 @@ def experts_backward_act(dout, x, topk_weights, w_down, meta: PermuteMeta, pre, 
     return dw_topk, dpre, hw, db_down
 
 
-def experts_backward_dx(dpre, w_up, meta: PermuteMeta, dtype, dx_out=None):
+def experts_backward_dx(dpre, w_up, meta: PermuteMeta, dtype, dx_out=None, router=None):
     """The second half of the backward data part: ``dx [N, D] = Σ_k dpre · W_up[e]`` (the dx
     GEMM in expert order, then reduced over each token's k slots) in ``dtype``, into
     ``dx_out`` (a preallocated ``[N, D]`` view) when given. ``w_up`` an fp8 ``QTensor``:
-    ``dpre`` quantised per row and 128 columns, an FP8 GEMM."""
+    ``dpre`` quantised per row and 128 columns, an FP8 GEMM. ``router = (pieces, gate_weight)``
+    (no ``dx_out`` with it): the router logits' dx, ``Σ_i piece_i · gate_weight``, joins the
+    reduction (``routing.pieces_gather_reduce``: one fp32 sum, one rounding)."""
     tune = tuning.current()
     if isinstance(w_up, QTensor):
         dpre = quantize_rows(dpre, Quant.FP8)
     dxp = G.expert_dx(dpre, w_up, meta, out_dtype=dtype, tune=tune)
+    if router is not None:
+        return routing.pieces_gather_reduce(dxp, meta, *router, out_dtype=dtype)
     return gather_reduce(dxp, meta, None, out_dtype=dtype, out=dx_out)
 
 
@@ -231,19 +236,22 @@ def experts_backward_dx_op(
         dpre: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, counts: torch.Tensor,
         offsets: torch.Tensor, sorted_slot: torch.Tensor, slot_pos: torch.Tensor, top_k: int,
         dx_out: torch.Tensor, w_up_scale: Optional[torch.Tensor] = None,
-        w_up_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w_up_t: Optional[torch.Tensor] = None, router_pieces: Optional[torch.Tensor] = None,
+        gate_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``experts_backward_dx`` for ``x``'s shape and dtype. Returns dx, or empty when it went
     into ``dx_out`` (empty: none; a mutated argument is never optional, as PyTorch drops
-    trailing default arguments before it looks them up)."""
+    trailing default arguments before it looks them up). ``router_pieces`` and
+    ``gate_weight``: its ``router`` (the router logits' dx added)."""
     meta = _meta(counts, offsets, sorted_slot, slot_pos, top_k)
+    router = (router_pieces, gate_weight) if router_pieces is not None else None
     dx = experts_backward_dx(dpre, _weight(w_up, w_up_scale, w_up_t), meta, x.dtype,
-                             dx_out=dx_out if dx_out.numel() else None)
+                             dx_out=dx_out if dx_out.numel() else None, router=router)
     return x.new_empty(0) if dx_out.numel() else dx
 
 
 @experts_backward_dx_op.register_fake
 def _(dpre, x, w_up, counts, offsets, sorted_slot, slot_pos, top_k, dx_out, w_up_scale=None,
-      w_up_t=None):
+      w_up_t=None, router_pieces=None, gate_weight=None):
     return x.new_empty(0) if dx_out.numel() else torch.empty_like(x)
 
 

@@ -154,16 +154,11 @@ def permute_metadata(topk_ids: torch.Tensor, num_experts: int) -> PermuteMeta:
 
 
 @triton.jit
-def _gather_reduce_kernel(y_ptr, slot_pos_ptr, w_ptr, out_ptr, N, D, stride_y, stride_o,
-                          TOPK: tl.constexpr, WEIGHTED: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    tmask = t < N
-    dmask = d < D
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+def gather_sum(acc, y_ptr, slot_pos_ptr, w_ptr, t, d, tmask, dmask, stride_y,
+               TOPK: tl.constexpr, WEIGHTED: tl.constexpr):
+    """``acc [T, D tile] += Σ_j w[t, j] · y[slot_pos[t·k + j], d]`` in fp32, the slots in order
+    (unused ones, ``slot_pos < 0``, skipped; w = 1 unless ``WEIGHTED``): the k-way reduction
+    of ``_gather_reduce_kernel`` and of the router-extended one (``routing``)."""
     for j in tl.static_range(TOPK):
         slot = t.to(tl.int64) * TOPK + j
         pos = tl.load(slot_pos_ptr + slot, mask=tmask, other=-1)
@@ -174,6 +169,22 @@ def _gather_reduce_kernel(y_ptr, slot_pos_ptr, w_ptr, out_ptr, N, D, stride_y, s
             w = tl.load(w_ptr + slot, mask=tmask & valid, other=0.0).to(tl.float32)
             v = v * w[:, None]
         acc += v
+    return acc
+
+
+@triton.jit
+def _gather_reduce_kernel(y_ptr, slot_pos_ptr, w_ptr, out_ptr, N, D, stride_y, stride_o,
+                          TOPK: tl.constexpr, WEIGHTED: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    tmask = t < N
+    dmask = d < D
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    acc = gather_sum(acc, y_ptr, slot_pos_ptr, w_ptr, t, d, tmask, dmask, stride_y, TOPK,
+                     WEIGHTED)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * stride_o + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
 

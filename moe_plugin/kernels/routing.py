@@ -24,6 +24,7 @@ from .activation import sigmoid
 from .codes import SCORE_SOFTMAX, Score
 from .common import cdiv, interpret_mode, next_pow2, sm_count
 from .grouped_gemm import dot_acc, dot_ieee
+from .permute import PermuteMeta, gather_sum
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _BIG = tl.constexpr(2 ** 30)
@@ -503,6 +504,71 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
             w.stride(0), c.stride(0) if c is not None else 0, out.stride(0), PARTS=pe // e,
             HAS_C=c is not None, IEEE=dot_ieee(w.dtype), BM=bm, BN=bn, BK=bk,
             KSTEPS=cdiv(e, bk), STAGES=stages, num_warps=warps, num_stages=stages)
+    return out
+
+
+@triton.jit
+def _pieces_gather_reduce_kernel(y_ptr, slot_pos_ptr, p_ptr, w_ptr, out_ptr, N, D, E,
+                                 stride_y, stride_p, stride_w, stride_o, TOPK: tl.constexpr,
+                                 PARTS: tl.constexpr, IEEE: tl.constexpr,
+                                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BK: tl.constexpr):
+    """``out [N, D] = Σ_i piece_i · W + Σ_j y[slot_pos[t·k + j]]`` (``pieces_gather_reduce``):
+    the router logits' dx in the split form and the experts' dx reduced over each token's k
+    slots in one fp32 accumulator (the pieces' products first, then the slots in order), one
+    rounding to out's dtype. Grid: token tiles x column tiles, the column tiles of a token
+    tile consecutive (they share its pieces in L2)."""
+    n_d = tl.cdiv(D, BLOCK_D)
+    pid = tl.program_id(0)
+    t = (pid // n_d) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = (pid % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tmask = t < N
+    dmask = d < D
+    rm = t.to(tl.int64)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, E, BK):
+        kk = k0 + rk
+        b = tl.load(w_ptr + kk[:, None] * stride_w + d[None, :],
+                    mask=(kk[:, None] < E) & dmask[None, :], other=0.0)
+        acc = _pieces_step(acc, p_ptr, rm, tmask[:, None], stride_p, kk, b, E, PARTS, IEEE)
+    acc = gather_sum(acc, y_ptr, slot_pos_ptr, y_ptr, t, d, tmask, dmask, stride_y, TOPK,
+                     False)
+    tl.store(out_ptr + rm[:, None] * stride_o + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=tmask[:, None] & dmask[None, :])
+
+
+def pieces_gather_reduce(y: torch.Tensor, meta: PermuteMeta, pieces: torch.Tensor,
+                         w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``out [N, D] = Σ_i piece_i · w + Σ_j y[slot_pos[t·k + j]]`` in ``out_dtype``: the layer's
+    dx when the router and the experts share their input, one fp32 sum rounded once (the
+    experts' ``gather_reduce`` of their dx rows ``y [rows, D]`` with ``pieces_dx``'s product
+    added, without an ``[N, D]`` gradient in between). ``pieces [N, P·E]``: P pieces of the
+    fp32 ``dlogits`` (``split_bf16_pieces``; P = 1: dlogits itself, with fp32 ``w``), ``w [E,
+    D]`` the gate weight, of the pieces' dtype."""
+    fn = "pieces_gather_reduce"
+    k = meta.top_k
+    n = meta.slot_pos.numel() // k
+    e, d = w.shape
+    if pieces.dim() != 2 or pieces.shape[0] != n or e == 0 or pieces.shape[1] % e:
+        raise ValueError(f"{fn}: pieces must be [{n}, P·{e}] (N tokens, w [E, D] = "
+                         f"{tuple(w.shape)}), got {tuple(pieces.shape)}")
+    if pieces.dtype != w.dtype:
+        raise ValueError(f"{fn}: pieces and w must have one dtype, got {pieces.dtype} and "
+                         f"{w.dtype}")
+    if y.dim() != 2 or y.shape[1] != d:
+        raise ValueError(f"{fn}: y must be [rows, {d}], got {tuple(y.shape)}")
+    out = torch.empty(n, d, dtype=out_dtype, device=y.device)
+    if n == 0 or d == 0:
+        return out
+    y, pieces, w = y.contiguous(), pieces.contiguous(), w.contiguous()
+    bt, bd, bk, warps = ((16, 32, 16, 4) if interpret_mode()
+                         else tuning.current().pieces_reduce_block)
+    bk = min(bk, max(16, next_pow2(e)))
+    _pieces_gather_reduce_kernel[(cdiv(n, bt) * cdiv(d, bd),)](
+        y, meta.slot_pos, pieces, w, out, n, d, e, y.stride(0), pieces.stride(0), w.stride(0),
+        out.stride(0), TOPK=k, PARTS=pieces.shape[1] // e, IEEE=dot_ieee(w.dtype), BLOCK_T=bt,
+        BLOCK_D=bd, BK=bk, num_warps=warps)
     return out
 
 

@@ -139,6 +139,13 @@ class Tuning:
     # on an H100 (benchmarks/NOTES.md, session 40): 0.258 ms at fine_30b's shape against
     # 0.367 for the earlier non-persistent kernel
     pieces_dx_block: tuple = (64, 128, 128, 4, 3, 1)
+    # (BLOCK_T, BLOCK_D, BK, num_warps) of ``routing.pieces_gather_reduce``: the experts' dx
+    # reduction with the router's split-form dx product in the same kernel
+    pieces_reduce_block: tuple = (64, 128, 64, 4)
+    # the router and the experts as one autograd Function where they share their input
+    # (``autograd.routed_layer``): the router's dx product joins the experts' dx reduction;
+    # False: separate Functions, the router's dx added by ``pieces_dx``
+    router_fused_dx: bool = True
     # the split form's weight gradient: ``routing.pieces_dw`` (one kernel, x read once for the
     # three pieces) when True, else ``torch.mm`` of the stacked pieces with an fp32 output,
     # summed (off: no consistent gain in the layer on an H100 or the H200; benchmarks/NOTES.md,
