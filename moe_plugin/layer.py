@@ -18,7 +18,8 @@ from . import reference
 from .config import (FLOAT_DTYPES, check_activation, check_choice,
                      check_expert_biases, check_nonneg_float, check_positive_int,
                      check_router_jitter, check_routing_args, check_tensor, TRAIN_QUANTS)
-from .functional import check_ep_group, route_tokens, routed_experts, select_triton
+from .functional import (check_ep_group, route_tokens, routed_experts, routed_layer,
+                         router_experts_fused, select_triton)
 
 AUX_LOSS_TYPES = ("batch", "seq")
 _SIDE_STREAMS: dict = {}  # device -> side stream for the shared experts (shared by all layers)
@@ -509,28 +510,45 @@ def moe_forward(cfg, h: torch.Tensor, *, w_gate, w_up, w_down, expert_bias=None,
     if cfg.training and cfg.router_jitter > 0:
         eps = cfg.router_jitter
         hr = hr * torch.empty_like(hr).uniform_(1.0 - eps, 1.0 + eps)
-    ids, weights, aux, z, hr_after = route_tokens(
-        hr, w_gate, cfg.top_k, score_func=cfg.score_func, renormalize=cfg.renormalize,
-        expert_bias=expert_bias, num_groups=cfg.num_groups, group_topk=cfg.group_topk,
-        scaling_factor=cfg.scaling_factor, capacity_factor=cfg.capacity_factor,
-        drop_policy=cfg.drop_policy, aux_loss_coeff=cfg.aux_loss_coeff,
-        z_loss_coeff=cfg.z_loss_coeff, use_triton=use_triton, seq_shape=seq_shape,
-        gate_bias=gate_bias, logits_hook=logits_hook, valid=valid)
-    if hr is h:  # the router's input alias: its backward adds the experts' dx in its GEMM
-        h = hr_after
-
-    xe = h if latent_down is None else F.linear(h, latent_down)
-    if cfg.apply_weight_to_input:
-        xe = xe * weights.to(xe.dtype)
-        expert_weights = torch.ones_like(weights)
+    quant = getattr(cfg, "quant", None)
+    if (hr is h and latent_down is None and not cfg.apply_weight_to_input
+            and router_experts_fused(
+                h, w_gate, use_triton, ep_group=cfg.ep_group,
+                capacity_factor=cfg.capacity_factor,
+                per_seq_aux=seq_shape is not None and cfg.aux_loss_coeff > 0,
+                gate_bias=gate_bias, logits_hook=logits_hook, valid=valid)):
+        # one Function: the router's dx inside the experts' dx reduction
+        out, counts, ids, weights, aux, z = routed_layer(
+            h, w_gate, w_up, w_down, cfg.top_k, cfg.activation, score_func=cfg.score_func,
+            renormalize=cfg.renormalize, expert_bias=expert_bias, num_groups=cfg.num_groups,
+            group_topk=cfg.group_topk, scaling_factor=cfg.scaling_factor,
+            aux_loss_coeff=cfg.aux_loss_coeff, z_loss_coeff=cfg.z_loss_coeff,
+            recompute=cfg.recompute, quant=quant, weight_cache=weight_cache, b_up=b_up,
+            b_down=b_down)
+        recv = None
     else:
-        expert_weights = weights
-    out, counts, recv, ids = routed_experts(
-        xe, ids, expert_weights, w_up, w_down, cfg.activation, use_triton, cfg.recompute,
-        num_experts=cfg.num_experts, ep_group=cfg.ep_group, ep_backend=cfg.ep_backend,
-        max_tokens_per_rank=cfg.max_tokens_per_rank, allow_drop=cfg.capacity_factor is not None,
-        drop_policy=cfg.drop_policy, quant=getattr(cfg, "quant", None),
-        weight_cache=weight_cache, b_up=b_up, b_down=b_down)
+        ids, weights, aux, z, hr_after = route_tokens(
+            hr, w_gate, cfg.top_k, score_func=cfg.score_func, renormalize=cfg.renormalize,
+            expert_bias=expert_bias, num_groups=cfg.num_groups, group_topk=cfg.group_topk,
+            scaling_factor=cfg.scaling_factor, capacity_factor=cfg.capacity_factor,
+            drop_policy=cfg.drop_policy, aux_loss_coeff=cfg.aux_loss_coeff,
+            z_loss_coeff=cfg.z_loss_coeff, use_triton=use_triton, seq_shape=seq_shape,
+            gate_bias=gate_bias, logits_hook=logits_hook, valid=valid)
+        if hr is h:  # the router's input alias: its backward adds the experts' dx in its GEMM
+            h = hr_after
+
+        xe = h if latent_down is None else F.linear(h, latent_down)
+        if cfg.apply_weight_to_input:
+            xe = xe * weights.to(xe.dtype)
+            expert_weights = torch.ones_like(weights)
+        else:
+            expert_weights = weights
+        out, counts, recv, ids = routed_experts(
+            xe, ids, expert_weights, w_up, w_down, cfg.activation, use_triton, cfg.recompute,
+            num_experts=cfg.num_experts, ep_group=cfg.ep_group, ep_backend=cfg.ep_backend,
+            max_tokens_per_rank=cfg.max_tokens_per_rank,
+            allow_drop=cfg.capacity_factor is not None, drop_policy=cfg.drop_policy,
+            quant=quant, weight_cache=weight_cache, b_up=b_up, b_down=b_down)
     if latent_up is not None:
         out = F.linear(out, latent_up)
     if load_counter is not None and cfg.training and torch.is_grad_enabled():
