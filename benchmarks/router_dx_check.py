@@ -97,8 +97,8 @@ def timing(n, d, e, dev, blocks):
 def timing_fused(n, d, e, k, dev, blocks):
     """The layer's dx when router and experts share their input: the experts' ``gather_reduce``
     then ``pieces_dx`` adding the router's product (two passes, the path of separate autograd
-    Functions) against ``pieces_gather_reduce`` (one pass) at ``blocks`` (BLOCK_T, BLOCK_D,
-    BK, warps); also the reduction alone (the floor of the fused kernel's memory traffic)."""
+    Functions) against ``pieces_gather_reduce`` (one pass) at ``blocks`` (``tuning.pieces_reduce_block``:
+    BM, BN, BK, warps, stages, programs per SM); also the reduction alone (the floor of the fused kernel's memory traffic)."""
     from moe_plugin.kernels.permute import gather_reduce, permute_metadata
     g = torch.Generator(device=dev).manual_seed(2)
     ids = torch.rand(n, e, device=dev, generator=g).topk(k, dim=1).indices.int()
@@ -144,8 +144,9 @@ def main():
                     "128,256,64,8,2,64")
     ap.add_argument("--dw-blocks", default="128,128,64,8,2,4096;128,128,64,8,3,4096;"
                     "128,256,64,8,2,4096;128,128,64,8,2,2048;128,128,64,8,2,8192")
-    ap.add_argument("--fused-blocks", default="64,128,64,4;64,128,128,4;64,128,64,8;"
-                    "64,256,64,8;128,128,64,8;32,128,64,4;64,64,128,4")
+    ap.add_argument("--fused-blocks", default="64,128,128,4,2,1;64,128,128,4,3,1;"
+                    "64,128,128,4,1,1;32,128,128,4,2,1;64,128,128,8,2,1;64,128,128,4,1,2;"
+                    "64,256,128,8,1,1;128,128,128,8,1,1;32,128,128,4,1,2;16,128,128,4,2,2")
     ap.add_argument("--fused-only", action="store_true")
     args = ap.parse_args()
     dev = "cuda"

@@ -462,18 +462,21 @@ def _cases():
     cases["router_pieces_dx_e256"] = pieces_dx(torch.zeros(256, 3 * 256, dtype=torch.bfloat16),
                                                torch.zeros(256, 512, dtype=torch.bfloat16))
     cases["router_pieces_dw"] = lambda: routing.pieces_dw(pieces, x_router, 3, torch.bfloat16)
-    # the experts' dx reduction with the router's product (E 128: k-steps of the default BK;
-    # E 8: one masked k-step of 16)
+    # the experts' dx reduction with the router's product (pieces_dx's kernel, the gathered
+    # rows in place of C)
     from moe_plugin.kernels.permute import PermuteMeta
     k_r = 8
     meta_r = PermuteMeta(torch.zeros(128, dtype=torch.int32), torch.zeros(129, dtype=torch.int32),
                          torch.zeros(256 * k_r, dtype=torch.int32),
                          torch.zeros(256 * k_r, dtype=torch.int32), 128, k_r)
     y_r = torch.zeros(256 * k_r, 512, dtype=torch.bfloat16)
-    cases["router_pieces_gather_reduce"] = lambda: routing.pieces_gather_reduce(
-        y_r, meta_r, pieces, w_gate, torch.bfloat16)
-    cases["router_pieces_gather_reduce_small_e"] = lambda: routing.pieces_gather_reduce(
-        y_r, meta_r, pieces[:, :24], w_gate[:8], torch.bfloat16)
+    def gather_reduce(p, w):
+        def case():
+            with tuning.override(gluon_programs=132):
+                return routing.pieces_gather_reduce(y_r, meta_r, p, w, torch.bfloat16)
+        return case
+    cases["router_pieces_gather_reduce"] = gather_reduce(pieces, w_gate)
+    cases["router_pieces_gather_reduce_small_e"] = gather_reduce(pieces[:, :24], w_gate[:8])
     # the routing forward (top-k by one max of packed int64 ranks a pick): plain softmax with
     # the aux statistics, and group-limited sigmoid with a bias (the aux top-k apart)
     logits = torch.zeros(256, 128, dtype=torch.float32)

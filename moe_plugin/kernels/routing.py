@@ -399,13 +399,16 @@ def _pieces_step(acc, p_ptr, rm, row_ok, stride_p, kk, b, E, PARTS: tl.constexpr
 
 
 @triton.jit
-def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w, stride_c,
-                      stride_o, PARTS: tl.constexpr, HAS_C: tl.constexpr, IEEE: tl.constexpr,
+def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, y_ptr, slot_pos_ptr, N, D, E, stride_p,
+                      stride_w, stride_c, stride_o, stride_y, PARTS: tl.constexpr,
+                      HAS_C: tl.constexpr, TOPK: tl.constexpr, IEEE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       KSTEPS: tl.constexpr, STAGES: tl.constexpr):
     """``out [N, D] = C + Σ_i piece_i · W``: ``pieces [N, PARTS·E]`` (piece i in columns
     ``[i·E, (i+1)·E)``), ``W [E, D]``; one fp32 accumulator (per k-step of BK the pieces in
-    order), C added to it, one rounding to out's dtype. Persistent: a program keeps one column
+    order), C added to it, one rounding to out's dtype. ``TOPK > 0``: instead of C, the rows
+    ``y[slot_pos[t·TOPK + j]]`` of each token's slots added in order (``gather_sum``: the
+    experts' dx reduction). Persistent: a program keeps one column
     tile and takes every ``num_programs / column tiles``-th row tile, so that with E in one
     k-step (``KSTEPS == 1``) its tile of W is read once and stays in shared memory, and the
     row loop is pipelined (the next row tile's pieces and C load during a tile's products and
@@ -436,6 +439,9 @@ def _pieces_dx_kernel(p_ptr, w_ptr, c_ptr, out_ptr, N, D, E, stride_p, stride_w,
                 acc = _pieces_step(acc, p_ptr, rm, row_ok, stride_p, kk, b, E, PARTS, IEEE)
         if HAS_C:
             acc += cin.to(tl.float32)
+        if TOPK > 0:
+            acc = gather_sum(acc, y_ptr, slot_pos_ptr, y_ptr, rm, rn, rm < N, rn < D,
+                             stride_y, TOPK, False)
         tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -451,7 +457,7 @@ def _pieces_dx_fit(e: int, parts: int, bm: int, bn: int, bk: int, stages: int, e
     tile resident, each stage a row tile's pieces and C) where E fits ``bk`` and that fits the
     shared memory, else a k loop whose stages (a W tile and the pieces' tiles each) fit it, BK
     halved (not below the MMA's 16) and then stages cut until they do. Sizes in bytes:
-    ``esize`` of the operands, ``csize`` of C (0 without C)."""
+    ``esize`` of the operands, ``csize`` of C (0 without C) or of the k gathered rows."""
     one = max(16, next_pow2(e))
     if one <= bk:
         for s in range(stages, 0, -1):
@@ -466,11 +472,13 @@ def _pieces_dx_fit(e: int, parts: int, bm: int, bn: int, bk: int, stages: int, e
     return k, s
 
 
-def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
-    """``c + Σ_i piece_i · w`` (``[N, D]``, c's dtype, else w's) for ``pieces [N, P·E]``
-    (``split_bf16_pieces``'s P pieces of an fp32 ``[N, E]``) and ``w [E, D]``: the P products
-    and ``c`` summed in one fp32 accumulator and rounded once, the router logits' dx with the
-    experts' dx (``c``) added (``torch.addmm`` with a 16-bit ``c`` gives no such promise)."""
+def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None, *, gather=None,
+              out_dtype=None) -> torch.Tensor:
+    """``c + Σ_i piece_i · w`` (``[N, D]``, c's dtype, else ``out_dtype`` or w's) for ``pieces
+    [N, P·E]`` (``split_bf16_pieces``'s P pieces of an fp32 ``[N, E]``) and ``w [E, D]``: the P
+    products and ``c`` summed in one fp32 accumulator and rounded once, the router logits' dx
+    with the experts' dx (``c``) added (``torch.addmm`` with a 16-bit ``c`` gives no such
+    promise). ``gather = (y, meta)`` (no ``c``): ``pieces_gather_reduce``'s sum."""
     fn = "pieces_dx"
     if pieces.dim() != 2 or w.dim() != 2:
         raise ValueError(f"{fn}: pieces and w must be 2-D, got {tuple(pieces.shape)} and "
@@ -488,54 +496,32 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None) -> torch.Tensor:
     pieces = pieces.contiguous()
     w = w.contiguous()
     c = c.contiguous() if c is not None else None
-    out = torch.empty(n, d, dtype=c.dtype if c is not None else w.dtype, device=w.device)
+    y, slot_pos, k = None, None, 0
+    if gather is not None:
+        y, meta = gather
+        y, slot_pos, k = y.contiguous(), meta.slot_pos, meta.top_k
+    out = torch.empty(n, d, dtype=c.dtype if c is not None else out_dtype or w.dtype,
+                      device=w.device)
     if out.numel():
         tune = tuning.current()
-        bm, bn, bk, warps, stages, per_sm = ((16, 32, 32, 4, 1, 1) if interpret_mode()
-                                             else tune.pieces_dx_block)
+        bm, bn, bk, warps, stages, per_sm = (
+            (16, 32, 32, 4, 1, 1) if interpret_mode()
+            else tune.pieces_reduce_block if k else tune.pieces_dx_block)
+        # (the pipeliner stages the k gathered row tiles as it does C's)
         bk, stages = _pieces_dx_fit(e, pe // e, bm, bn, bk, stages, w.element_size(),
-                                    out.element_size() if c is not None else 0)
+                                    out.element_size() if c is not None
+                                    else k * y.element_size() if k else 0)
         n_col, n_row = cdiv(d, bn), cdiv(n, bm)
         sms = 2 if interpret_mode() else tune.gluon_programs or sm_count(w.device)
         # a multiple of the column tiles (each program keeps one), at most one a tile
         programs = n_col * max(1, min(n_row, per_sm * sms // n_col))
         _pieces_dx_kernel[(programs,)](
-            pieces, w, c if c is not None else out, out, n, d, e, pieces.stride(0),
-            w.stride(0), c.stride(0) if c is not None else 0, out.stride(0), PARTS=pe // e,
-            HAS_C=c is not None, IEEE=dot_ieee(w.dtype), BM=bm, BN=bn, BK=bk,
-            KSTEPS=cdiv(e, bk), STAGES=stages, num_warps=warps, num_stages=stages)
+            pieces, w, c if c is not None else out, out, y if k else out,
+            slot_pos if k else out, n, d, e, pieces.stride(0), w.stride(0),
+            c.stride(0) if c is not None else 0, out.stride(0), y.stride(0) if k else 0,
+            PARTS=pe // e, HAS_C=c is not None, TOPK=k, IEEE=dot_ieee(w.dtype), BM=bm, BN=bn,
+            BK=bk, KSTEPS=cdiv(e, bk), STAGES=stages, num_warps=warps, num_stages=stages)
     return out
-
-
-@triton.jit
-def _pieces_gather_reduce_kernel(y_ptr, slot_pos_ptr, p_ptr, w_ptr, out_ptr, N, D, E,
-                                 stride_y, stride_p, stride_w, stride_o, TOPK: tl.constexpr,
-                                 PARTS: tl.constexpr, IEEE: tl.constexpr,
-                                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 BK: tl.constexpr):
-    """``out [N, D] = Σ_i piece_i · W + Σ_j y[slot_pos[t·k + j]]`` (``pieces_gather_reduce``):
-    the router logits' dx in the split form and the experts' dx reduced over each token's k
-    slots in one fp32 accumulator (the pieces' products first, then the slots in order), one
-    rounding to out's dtype. Grid: token tiles x column tiles, the column tiles of a token
-    tile consecutive (they share its pieces in L2)."""
-    n_d = tl.cdiv(D, BLOCK_D)
-    pid = tl.program_id(0)
-    t = (pid // n_d) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = (pid % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tmask = t < N
-    dmask = d < D
-    rm = t.to(tl.int64)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, E, BK):
-        kk = k0 + rk
-        b = tl.load(w_ptr + kk[:, None] * stride_w + d[None, :],
-                    mask=(kk[:, None] < E) & dmask[None, :], other=0.0)
-        acc = _pieces_step(acc, p_ptr, rm, tmask[:, None], stride_p, kk, b, E, PARTS, IEEE)
-    acc = gather_sum(acc, y_ptr, slot_pos_ptr, y_ptr, t, d, tmask, dmask, stride_y, TOPK,
-                     False)
-    tl.store(out_ptr + rm[:, None] * stride_o + d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=tmask[:, None] & dmask[None, :])
 
 
 def pieces_gather_reduce(y: torch.Tensor, meta: PermuteMeta, pieces: torch.Tensor,
@@ -543,33 +529,18 @@ def pieces_gather_reduce(y: torch.Tensor, meta: PermuteMeta, pieces: torch.Tenso
     """``out [N, D] = Σ_i piece_i · w + Σ_j y[slot_pos[t·k + j]]`` in ``out_dtype``: the layer's
     dx when the router and the experts share their input, one fp32 sum rounded once (the
     experts' ``gather_reduce`` of their dx rows ``y [rows, D]`` with ``pieces_dx``'s product
-    added, without an ``[N, D]`` gradient in between). ``pieces [N, P·E]``: P pieces of the
-    fp32 ``dlogits`` (``split_bf16_pieces``; P = 1: dlogits itself, with fp32 ``w``), ``w [E,
-    D]`` the gate weight, of the pieces' dtype."""
-    fn = "pieces_gather_reduce"
-    k = meta.top_k
-    n = meta.slot_pos.numel() // k
-    e, d = w.shape
-    if pieces.dim() != 2 or pieces.shape[0] != n or e == 0 or pieces.shape[1] % e:
-        raise ValueError(f"{fn}: pieces must be [{n}, P·{e}] (N tokens, w [E, D] = "
-                         f"{tuple(w.shape)}), got {tuple(pieces.shape)}")
-    if pieces.dtype != w.dtype:
-        raise ValueError(f"{fn}: pieces and w must have one dtype, got {pieces.dtype} and "
-                         f"{w.dtype}")
-    if y.dim() != 2 or y.shape[1] != d:
-        raise ValueError(f"{fn}: y must be [rows, {d}], got {tuple(y.shape)}")
-    out = torch.empty(n, d, dtype=out_dtype, device=y.device)
-    if n == 0 or d == 0:
-        return out
-    y, pieces, w = y.contiguous(), pieces.contiguous(), w.contiguous()
-    bt, bd, bk, warps = ((16, 32, 16, 4) if interpret_mode()
-                         else tuning.current().pieces_reduce_block)
-    bk = min(bk, max(16, next_pow2(e)))
-    _pieces_gather_reduce_kernel[(cdiv(n, bt) * cdiv(d, bd),)](
-        y, meta.slot_pos, pieces, w, out, n, d, e, y.stride(0), pieces.stride(0), w.stride(0),
-        out.stride(0), TOPK=k, PARTS=pieces.shape[1] // e, IEEE=dot_ieee(w.dtype), BLOCK_T=bt,
-        BLOCK_D=bd, BK=bk, num_warps=warps)
-    return out
+    added, without an ``[N, D]`` gradient in between; ``pieces_dx``'s kernel with the
+    gathered rows in its epilogue, ``tuning.pieces_reduce_block``). ``pieces [N, P·E]``: P
+    pieces of the fp32 ``dlogits`` (``split_bf16_pieces``; P = 1: dlogits itself, with fp32
+    ``w``), ``w [E, D]`` the gate weight, of the pieces' dtype."""
+    n = meta.slot_pos.numel() // meta.top_k
+    if pieces.dim() != 2 or pieces.shape[0] != n:
+        raise ValueError(f"pieces_gather_reduce: pieces must have {n} rows (the tokens of "
+                         f"meta), got {tuple(pieces.shape)}")
+    if y.dim() != 2 or w.dim() != 2 or y.shape[1] != w.shape[1]:
+        raise ValueError(f"pieces_gather_reduce: y must be [rows, {w.shape[-1]}] (w's D), got "
+                         f"{tuple(y.shape)}")
+    return pieces_dx(pieces, w, gather=(y, meta), out_dtype=out_dtype)
 
 
 @triton.jit

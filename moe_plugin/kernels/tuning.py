@@ -139,9 +139,9 @@ class Tuning:
     # on an H100 (benchmarks/NOTES.md, session 40): 0.258 ms at fine_30b's shape against
     # 0.367 for the earlier non-persistent kernel
     pieces_dx_block: tuple = (64, 128, 128, 4, 3, 1)
-    # (BLOCK_T, BLOCK_D, BK, num_warps) of ``routing.pieces_gather_reduce``: the experts' dx
-    # reduction with the router's split-form dx product in the same kernel
-    pieces_reduce_block: tuple = (64, 128, 64, 4)
+    # ``pieces_dx_block`` for ``routing.pieces_gather_reduce`` (``pieces_dx``'s kernel with the
+    # experts' dx reduction over each token's k slots in place of C)
+    pieces_reduce_block: tuple = (32, 128, 128, 4, 2, 1)
     # the router and the experts as one autograd Function where they share their input
     # (``autograd.routed_layer``): the router's dx product joins the experts' dx reduction;
     # False: separate Functions, the router's dx added by ``pieces_dx``
