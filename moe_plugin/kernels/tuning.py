@@ -141,7 +141,7 @@ class Tuning:
     pieces_dx_block: tuple = (64, 128, 128, 4, 3, 1)
     # ``pieces_dx_block`` for ``routing.pieces_gather_reduce`` (``pieces_dx``'s kernel with the
     # experts' dx reduction over each token's k slots in place of C)
-    pieces_reduce_block: tuple = (32, 128, 128, 4, 2, 1)
+    pieces_reduce_block: tuple = (16, 128, 128, 4, 2, 2)
     # the router and the experts as one autograd Function where they share their input
     # (``autograd.routed_layer``): the router's dx product joins the experts' dx reduction;
     # False: separate Functions, the router's dx added by ``pieces_dx``
