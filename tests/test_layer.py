@@ -962,6 +962,31 @@ def test_compile_aot_eager_fullgraph(seed):
     _check_compiled(layer, x, gout, FP32_TOL, backend="aot_eager")
 
 
+# the router and the experts as one autograd Function (``RoutedLayerFunction``): no capacity
+# dropping, no latent projection between them
+FUSED_ROUTER_KWARGS = dict(score_func="sigmoid", enable_expert_bias=True, num_shared_experts=2,
+                           shared_ffn_dim=8, shared_expert_gate=True, aux_loss_coeff=0.1,
+                           z_loss_coeff=0.01)
+
+
+def test_compile_aot_eager_fullgraph_fused_router(seed, monkeypatch):
+    """The same for the router and the experts as one Function (its forward and backward,
+    the routing backward inside the experts', in one graph); the eager layer takes that path
+    too."""
+    from moe_plugin.autograd import routed_layer
+    calls = []
+    real = routed_layer.RoutedLayerFunction.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(routed_layer.RoutedLayerFunction, "forward", staticmethod(counted))
+    layer = make_layer(seed, 32, 16, 8, 2, **FUSED_ROUTER_KWARGS)
+    x, gout = layer_inputs(seed, (2, 12, 32))
+    _check_compiled(layer, x, gout, FP32_TOL, backend="aot_eager", num_grads=7)
+    assert calls
+
+
 def test_compile_aot_eager_fullgraph_with_biases(seed):
     """The same with expert biases (optional tensor arguments of the custom ops)."""
     layer = make_layer(seed, 32, 16, 8, 2, activation="geglu_erf", bias=True, **COMPILE_KWARGS)
@@ -984,13 +1009,16 @@ def test_bf16_layer_matches_reference(case, seed, poison_empty):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_bf16_compile_inductor_fullgraph(seed):
+@pytest.mark.parametrize("kwargs", [COMPILE_KWARGS, FUSED_ROUTER_KWARGS],
+                         ids=["dropping_latent", "fused_router"])
+def test_bf16_compile_inductor_fullgraph(seed, kwargs):
     """Default (inductor) backend, fullgraph, bf16, shared experts present (the side stream is
-    skipped while compiling): matches eager."""
-    layer = make_layer(seed, 256, 128, 8, 2, dtype=torch.bfloat16, device=CUDA,
-                       **COMPILE_KWARGS)
+    skipped while compiling): matches eager; with capacity dropping and a latent projection,
+    and with the router and experts as one Function."""
+    layer = make_layer(seed, 256, 128, 8, 2, dtype=torch.bfloat16, device=CUDA, **kwargs)
     x, gout = layer_inputs(seed, (4, 128, 256), torch.bfloat16, CUDA)
-    compiled = _check_compiled(layer, x, gout, BF16_TOL)
+    compiled = _check_compiled(layer, x, gout, BF16_TOL,
+                               num_grads=9 if "latent_dim" in kwargs else 7)
     # a second call reuses the graph and still matches
     x2, gout2 = layer_inputs(seed + 7, (4, 128, 256), torch.bfloat16, CUDA)
     out_c, _, grads_c = run_layer(compiled, x2, gout2)
