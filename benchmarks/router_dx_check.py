@@ -3,7 +3,10 @@
 of the bf16 ulp of the exact sum, and how many elements differ from one rounding of the fp32
 sum) and time per call on a layer's shape; likewise the split form's weight gradient
 (``routing.pieces_dw``, ``tuning.router_dw_kernel``) against the ``torch.mm`` of the stacked
-pieces it would replace. Prints JSON lines."""
+pieces it would replace; with ``--fused-only`` the layer's dx with the router's product
+(``pieces_gather_reduce``) against two passes; with ``--layer`` the router-included layer as
+one Function and as separate Functions against the experts alone, interleaved in one process
+(``layer_ab``). Prints JSON lines."""
 import argparse
 import json
 
@@ -128,6 +131,52 @@ def timing_fused(n, d, e, k, dev, blocks):
           lambda ms: dict(gb_s=round((n * k * d * 2 + n * d * 2) / ms / 1e6, 1)))
 
 
+def layer_ab(config, rounds, dev):
+    """fused_moe's forward+backward on ``config`` (bench_layer's inputs and gate) with the
+    router and experts as one Function (``tuning.router_fused_dx``) and as separate
+    Functions, and the experts alone on the same routing, interleaved for ``rounds`` rounds in
+    one process (the order rotating), so that drift over the process hits all three alike;
+    prints each timing, then the medians and the router's share of each layer."""
+    import statistics
+
+    import moe_plugin
+    from bench_layer import CONFIGS, make_inputs
+    T, D, F, E, k = CONFIGS[config]
+    x, _, _, w_up, w_down = make_inputs(T, D, F, E, k)
+    g = torch.Generator(device=dev).manual_seed(1)
+    gate = torch.randn(E, D, device=dev, dtype=x.dtype, generator=g) / D ** 0.5
+    with torch.no_grad():
+        _, info = moe_plugin.fused_moe(x, gate, w_up, w_down, k, activation="swiglu")
+    ids, weights = info["topk_ids"], info["topk_weights"].clone()
+    dout = torch.randn_like(x)
+    params = [p.requires_grad_(True) for p in (x, gate, w_up, w_down, weights)]
+
+    def layer():
+        moe_plugin.fused_moe(x, gate, w_up, w_down, k, activation="swiglu")[0].backward(dout)
+
+    def experts():
+        moe_plugin.fused_experts(x, ids, weights, w_up, w_down, "swiglu",
+                                 validate_ids=False).backward(dout)
+    runs = {"fused": (layer, True), "separate": (layer, False), "experts_alone": (experts, True)}
+    times = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % 3:] + names[:r % 3]:
+            fn, fused = runs[name]
+            with tuning.override(router_fused_dx=fused):
+                ms = triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=params,
+                                             return_mode="median")
+            times[name].append(ms)
+            print(json.dumps(dict(check="layer_ab", config=config, round=r, impl=name,
+                                  ms=round(ms, 4))), flush=True)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(json.dumps(dict(check="layer_ab_median", config=config, rounds=rounds,
+                          **{f"{n}_ms": round(v, 4) for n, v in med.items()},
+                          share_fused=round(1 - med["experts_alone"] / med["fused"], 4),
+                          share_separate=round(1 - med["experts_alone"] / med["separate"], 4))),
+          flush=True)
+
+
 def _blocks(spec):
     """``"a,b,c;d,e,f"`` as ``[[a, b, c], [d, e, f]]``."""
     return [[int(v) for v in b.split(",")] for b in spec.split(";")]
@@ -151,8 +200,15 @@ def main():
                     "16,128,128,4,2,4;16,128,128,4,3,2;16,128,128,4,1,4;16,256,128,8,2,2;"
                     "16,128,128,2,2,4;16,64,128,2,2,4;32,128,128,4,2,2;16,128,64,4,2,3")
     ap.add_argument("--fused-only", action="store_true")
+    ap.add_argument("--layer", nargs="*", default=[], metavar="CONFIG",
+                    help="only the interleaved layer timings (layer_ab) of these configs")
+    ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
     dev = "cuda"
+    if args.layer:
+        for config in args.layer:
+            layer_ab(config, args.rounds, dev)
+        return
     for n, d, e, k in ((32768, 4096, 128, 8), (32768, 2048, 128, 8)):
         timing_fused(n, d, e, k, dev, _blocks(args.fused_blocks))
     if args.fused_only:
