@@ -577,6 +577,39 @@ def test_pieces_dx_sums_pieces_and_c():
         pieces_dx(p3, wf.to(DEVICE))
 
 
+def test_pieces_gather_reduce_sums_pieces_and_slots():
+    """``routing.pieces_gather_reduce`` (the experts' dx reduction with the router's split-form
+    dx product): ``Σ_i piece_i · W + Σ_j y[slot_pos[t·k + j]]`` in one fp32 accumulator, within
+    fp32 summation's bound of the exact sum (bf16: three pieces; fp32: dlogits itself), unused
+    slots skipped, sizes off the tiles (E 40: k-steps; N 37, D 45); bad shapes named."""
+    from moe_plugin.kernels.permute import permute_metadata
+    from moe_plugin.kernels.routing import pieces_gather_reduce, split_bf16_pieces
+    g = torch.Generator().manual_seed(8)
+    n, d, e, k = 37, 45, 40, 3
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)]).int()
+    ids[:4, 1] = -1
+    meta = permute_metadata(ids.to(DEVICE), e)
+    pos = meta.slot_pos.cpu().view(n, k).long()
+    dl = torch.randn(n, e, generator=g) * torch.logspace(-4, 2, e)
+    for dtype, parts in ((torch.float32, 1), (torch.bfloat16, 3)):
+        y = torch.randn(int(meta.counts.sum()), d, generator=g).to(dtype)
+        w = torch.randn(e, d, generator=g).to(dtype)
+        p = dl if parts == 1 else split_bf16_pieces(dl.to(DEVICE), 3).cpu()
+        got = pieces_gather_reduce(y.to(DEVICE), meta, p.to(DEVICE), w.to(DEVICE),
+                                   torch.float32).cpu()
+        rows = torch.where((pos >= 0)[..., None], y.double()[pos.clamp(min=0)], 0.0)
+        pd = p.double().view(n, parts, e)
+        exact = rows.sum(1) + pd.sum(1) @ w.double()
+        bound = rows.abs().sum(1) + pd.abs().sum(1) @ w.double().abs()
+        assert ((got.double() - exact).abs() <= (parts * e + k) * 2.0 ** -24 * bound).all()
+    with pytest.raises(ValueError, match="pieces must have 37 rows"):
+        pieces_gather_reduce(y.to(DEVICE), meta, p[:-1].to(DEVICE), w.to(DEVICE),
+                             torch.float32)
+    with pytest.raises(ValueError, match="y must be"):
+        pieces_gather_reduce(y[:, :-1].to(DEVICE), meta, p.to(DEVICE), w.to(DEVICE),
+                             torch.float32)
+
+
 def test_pieces_dw_sums_pieces_over_token_chunks():
     """``routing.pieces_dw`` (the router's split-form weight gradient, ``router_dw_kernel``):
     ``Σ_i piece_iᵀ · x`` within fp32 summation's error bound of the exact sum, over several

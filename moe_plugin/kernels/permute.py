@@ -158,7 +158,7 @@ def gather_sum(acc, y_ptr, slot_pos_ptr, w_ptr, t, d, tmask, dmask, stride_y,
                TOPK: tl.constexpr, WEIGHTED: tl.constexpr):
     """``acc [T, D tile] += Σ_j w[t, j] · y[slot_pos[t·k + j], d]`` in fp32, the slots in order
     (unused ones, ``slot_pos < 0``, skipped; w = 1 unless ``WEIGHTED``): the k-way reduction
-    of ``_gather_reduce_kernel`` and of the router-extended one (``routing``)."""
+    of ``_gather_reduce_kernel`` and of ``routing.pieces_gather_reduce``'s."""
     for j in tl.static_range(TOPK):
         slot = t.to(tl.int64) * TOPK + j
         pos = tl.load(slot_pos_ptr + slot, mask=tmask, other=-1)

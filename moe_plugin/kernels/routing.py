@@ -493,6 +493,8 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None, *, gather=None,
                          f"{w.dtype}")
     if c is not None and tuple(c.shape) != (n, d):
         raise ValueError(f"{fn}: c must be [{n}, {d}], got {tuple(c.shape)}")
+    if c is not None and gather is not None:
+        raise ValueError(f"{fn}: c and gather exclude each other")
     pieces = pieces.contiguous()
     w = w.contiguous()
     c = c.contiguous() if c is not None else None
