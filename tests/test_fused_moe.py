@@ -367,6 +367,48 @@ def test_router_logits_shared_input(uses):
         assert_close(w.grad, gl.double().t() @ x.detach().double(), 1e-6, "dW")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_layer_matches_separate_functions_cpu(dtype, monkeypatch):
+    """``fused_moe`` with the router and experts as one Function (``tuning.router_fused_dx``,
+    the default: taken, counted) against the separate Functions: output, ids, losses, the gate's
+    and the experts' gradients bitwise equal; dx within the dtype's rounding of the sum (the
+    router's dx joins the experts' reduction before the one rounding); with the aux and z
+    losses and a gradient reaching ``topk_weights`` from outside."""
+    from moe_plugin.autograd import routed_layer
+    from moe_plugin.kernels import tuning
+    calls = []
+    real = routed_layer.RoutedLayerFunction.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(routed_layer.RoutedLayerFunction, "forward", staticmethod(counted))
+    g = torch.Generator().manual_seed(11)
+    n, d, f, e, k = 24, 32, 16, 8, 2
+    base = [torch.randn(n, d, generator=g), torch.randn(e, d, generator=g) / d ** 0.5,
+            torch.randn(e, 2 * f, d, generator=g) / d ** 0.5,
+            torch.randn(e, d, f, generator=g) / f ** 0.5]
+    base = [t.to(DEVICE, dtype) for t in base]
+    dout = torch.randn(n, d, generator=g).to(DEVICE)
+    res = {}
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in base]
+        with tuning.override(router_fused_dx=fused):
+            out, info = fused_moe(*leaves, k, aux_loss_coeff=0.01, z_loss_coeff=0.001)
+            ((out.float() * dout).sum() + 50 * info["aux_loss"] + 50 * info["z_loss"]
+             + 0.3 * info["topk_weights"].sum()).backward()
+        res[fused] = [out, info["topk_ids"], info["aux_loss"], info["z_loss"]] + \
+            [t.grad for t in leaves]
+    assert len(calls) == 1  # taken in the default run only
+    names = ["out", "ids", "aux", "z", "dx", "dgate", "dw_up", "dw_down"]
+    for name, a, b in zip(names, res[True], res[False]):
+        if name != "dx":
+            assert torch.equal(a, b), name
+    a, b = res[True][4].double(), res[False][4].double()
+    rel = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -20
+    assert (a - b).abs().max() <= rel * b.abs().max()
+
+
 def test_router_alias_only_when_x_needs_a_gradient(monkeypatch):
     """``fused_moe`` hands the experts the router's input alias only when ``x`` has a
     gradient: with a gradient for the gate weight alone the experts compute no dx (their
