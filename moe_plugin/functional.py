@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 
 from . import reference
-from .autograd import (FusedExpertsFunction, RouterFunction,
+from .autograd import (FusedExpertsFunction, RoutedLayerFunction, RouterFunction,
                        RouterLogitsFunction)
-from .autograd.routed_layer import RoutedLayerFunction, fused_dx_dtype_ok
+from .autograd.routed_layer import fused_dx_dtype_ok
 from .config import (BACKENDS, DROP_POLICIES, FLOAT_DTYPES, check_activation,
                      check_bias_quant, check_capacity_factor, check_choice, check_experts_args,
                      check_ids_range,
