@@ -509,6 +509,8 @@ def pieces_dx(pieces: torch.Tensor, w: torch.Tensor, c=None, *, gather=None,
         bm, bn, bk, warps, stages, per_sm = (
             (16, 32, 32, 4, 1, 1) if interpret_mode()
             else tune.pieces_reduce_block if k else tune.pieces_dx_block)
+        if k and not interpret_mode():  # (the first entry: gathered rows a tile)
+            bm = max(16, 1 << ((bm // k).bit_length() - 1)) if bm >= k else 16
         # (the pipeliner stages the k gathered row tiles as it does C's)
         bk, stages = _pieces_dx_fit(e, pe // e, bm, bn, bk, stages, w.element_size(),
                                     out.element_size() if c is not None

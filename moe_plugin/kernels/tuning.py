@@ -140,11 +140,12 @@ class Tuning:
     # 0.367 for the earlier non-persistent kernel
     pieces_dx_block: tuple = (64, 128, 128, 4, 3, 1)
     # ``pieces_dx_block`` for ``routing.pieces_gather_reduce`` (``pieces_dx``'s kernel with the
-    # experts' dx reduction over each token's k slots in place of C): its gathered rows want
-    # small row tiles and many programs an SM. The fastest of router_dx_check.py's sweep on an
-    # H100 (benchmarks/NOTES.md, session 46): 0.88 ms at fine_30b's shape against 1.06 for
-    # gather_reduce then pieces_dx
-    pieces_reduce_block: tuple = (16, 64, 128, 2, 2, 4)
+    # experts' dx reduction over each token's k slots in place of C), its first entry the
+    # gathered rows a tile: BM = that / k (a power of two, at least 16). The fastest of
+    # router_dx_check.py's sweeps on an H100 (benchmarks/NOTES.md, session 46): fine_30b's
+    # shape (k 8) 0.88 ms against 1.06 for gather_reduce then pieces_dx, coarse_120b's (k 4)
+    # 0.50 against 0.68, mixtral's (k 2) 0.081 against 0.165
+    pieces_reduce_block: tuple = (128, 64, 128, 2, 2, 4)
     # the router and the experts as one autograd Function where they share their input
     # (``autograd.routed_layer``): the router's dx product joins the experts' dx reduction;
     # False: separate Functions, the router's dx added by ``pieces_dx``
