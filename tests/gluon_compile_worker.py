@@ -477,6 +477,15 @@ def _cases():
         return case
     cases["router_pieces_gather_reduce"] = gather_reduce(pieces, w_gate)
     cases["router_pieces_gather_reduce_small_e"] = gather_reduce(pieces[:, :24], w_gate[:8])
+    # k 2: 64-row tiles (the gathered rows a tile over k)
+    meta_k2 = PermuteMeta(meta_r.counts, meta_r.offsets, meta_r.sorted_slot[:512],
+                          meta_r.slot_pos[:512], 128, 2)
+
+    def gather_reduce_k2():
+        with tuning.override(gluon_programs=132):
+            return routing.pieces_gather_reduce(y_r[:512], meta_k2, pieces, w_gate,
+                                                torch.bfloat16)
+    cases["router_pieces_gather_reduce_k2"] = gather_reduce_k2
     # the routing forward (top-k by one max of packed int64 ranks a pick): plain softmax with
     # the aux statistics, and group-limited sigmoid with a bias (the aux top-k apart)
     logits = torch.zeros(256, 128, dtype=torch.float32)

@@ -49,7 +49,8 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
          + ["bf16_down_kindpp_aligned", "bf16_dx_kindpp_aligned"]
          + ["router_pieces_dx", "router_pieces_dx_small_e", "router_pieces_dx_e256",
             "router_pieces_dw", "router_pieces_gather_reduce",
-            "router_pieces_gather_reduce_small_e", "router_route_fwd",
+            "router_pieces_gather_reduce_small_e", "router_pieces_gather_reduce_k2",
+            "router_route_fwd",
             "router_route_fwd_groups", "router_route_bwd"])
 
 
