@@ -69,6 +69,21 @@ def poison_empty(monkeypatch):
     yield
 
 
+@pytest.fixture
+def routed_layer_calls(monkeypatch):
+    """A list that gains an entry at every forward of ``RoutedLayerFunction`` (the router and
+    the experts as one Function) during the test: whether a path took it."""
+    from moe_plugin.autograd import routed_layer
+    calls = []
+    real = routed_layer.RoutedLayerFunction.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(routed_layer.RoutedLayerFunction, "forward", staticmethod(counted))
+    return calls
+
+
 # ----------------------------------------------------------------------------------------------
 # comparisons
 

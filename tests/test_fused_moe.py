@@ -368,21 +368,13 @@ def test_router_logits_shared_input(uses):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_routed_layer_matches_separate_functions_cpu(dtype, monkeypatch):
+def test_routed_layer_matches_separate_functions_cpu(dtype, routed_layer_calls):
     """``fused_moe`` with the router and experts as one Function (``tuning.router_fused_dx``,
     the default: taken, counted) against the separate Functions: output, ids, losses, the gate's
     and the experts' gradients bitwise equal; dx within the dtype's rounding of the sum (the
     router's dx joins the experts' reduction before the one rounding); with the aux and z
     losses and a gradient reaching ``topk_weights`` from outside."""
-    from moe_plugin.autograd import routed_layer
     from moe_plugin.kernels import tuning
-    calls = []
-    real = routed_layer.RoutedLayerFunction.forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(routed_layer.RoutedLayerFunction, "forward", staticmethod(counted))
     g = torch.Generator().manual_seed(11)
     n, d, f, e, k = 24, 32, 16, 8, 2
     base = [torch.randn(n, d, generator=g), torch.randn(e, d, generator=g) / d ** 0.5,
@@ -399,7 +391,7 @@ def test_routed_layer_matches_separate_functions_cpu(dtype, monkeypatch):
              + 0.3 * info["topk_weights"].sum()).backward()
         res[fused] = [out, info["topk_ids"], info["aux_loss"], info["z_loss"]] + \
             [t.grad for t in leaves]
-    assert len(calls) == 1  # taken in the default run only
+    assert len(routed_layer_calls) == 1  # taken in the default run only
     names = ["out", "ids", "aux", "z", "dx", "dgate", "dw_up", "dw_down"]
     for name, a, b in zip(names, res[True], res[False]):
         if name != "dx":

@@ -969,22 +969,14 @@ FUSED_ROUTER_KWARGS = dict(score_func="sigmoid", enable_expert_bias=True, num_sh
                            z_loss_coeff=0.01)
 
 
-def test_compile_aot_eager_fullgraph_fused_router(seed, monkeypatch):
+def test_compile_aot_eager_fullgraph_fused_router(seed, routed_layer_calls):
     """The same for the router and the experts as one Function (its forward and backward,
     the routing backward inside the experts', in one graph); the eager layer takes that path
     too."""
-    from moe_plugin.autograd import routed_layer
-    calls = []
-    real = routed_layer.RoutedLayerFunction.forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(routed_layer.RoutedLayerFunction, "forward", staticmethod(counted))
     layer = make_layer(seed, 32, 16, 8, 2, **FUSED_ROUTER_KWARGS)
     x, gout = layer_inputs(seed, (2, 12, 32))
     _check_compiled(layer, x, gout, FP32_TOL, backend="aot_eager", num_grads=7)
-    assert calls
+    assert routed_layer_calls
 
 
 def test_compile_aot_eager_fullgraph_with_biases(seed):
