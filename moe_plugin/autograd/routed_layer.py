@@ -4,9 +4,8 @@ same input ``x``: the router logits' dx then joins the experts' dx reduction (on
 router's backward only after the experts' whole backward, weight gradients included)."""
 import torch
 
-from ..kernels import routing
 from .experts import experts_backward, experts_forward
-from .router import router_logits, split_bf16, split_dw
+from .router import route, route_backward, router_logits, split_bf16, split_dw
 
 
 def fused_dx_dtype_ok(x: torch.Tensor, gate_weight: torch.Tensor) -> bool:
@@ -41,14 +40,12 @@ class RoutedLayerFunction(torch.autograd.Function):
                 gated: bool, recompute: bool, quant=None, weight_cache=None):
         ctx.set_materialize_grads(False)
         logits = router_logits(x, gate_weight)
-        bias = expert_bias if expert_bias is not None else logits.new_empty(0)
-        ids, w, colsum, cnt, lse = routing.route_fwd(
-            logits, bias, top_k, score_func, renormalize, num_groups or 0, group_topk or 0,
-            scaling_factor, need_aux, need_lse)
+        ids, w, colsum, cnt, lse = route(ctx, logits, expert_bias, top_k, score_func,
+                                         renormalize, num_groups, group_topk, scaling_factor,
+                                         need_aux, need_lse)
         out, counts, saved = experts_forward(ctx, x, ids, w, w_up, w_down, act_code, gated,
                                              recompute, b_up, b_down, quant, weight_cache)
         ctx.save_for_backward(logits, ids, gate_weight, *saved)
-        ctx.route = (score_func, renormalize, scaling_factor)
         ctx.mark_non_differentiable(counts, ids, cnt)
         return out, counts, ids, w, colsum, cnt, lse
 
@@ -59,17 +56,13 @@ class RoutedLayerFunction(torch.autograd.Function):
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_up, need_down = ctx.needs_input_grad[3:5]
         need_b_up, need_b_down = ctx.needs_input_grad[5:7]
-        empty = logits.new_empty(0)
         dl = []
 
         def router(dw_topk):
             """The routing backward once the experts' activation stage gave d topk_weights:
             dlogits (fp32), as the dx reduction's operand (bf16: the split pieces)."""
             dw = dw_topk if dw_out is None else dw_topk + dw_out
-            score_func, renormalize, scaling_factor = ctx.route
-            d = routing.route_bwd(logits, ids, dw, dcol if dcol is not None else empty,
-                                  dlse if dlse is not None else empty, score_func,
-                                  renormalize, scaling_factor)
+            d = route_backward(ctx, logits, ids, dw, dcol, dlse)
             dl.append(split_bf16(d) if gate_weight.dtype == torch.bfloat16 else d)
             return dl[0], gate_weight
 

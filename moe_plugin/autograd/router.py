@@ -110,22 +110,37 @@ class RouterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, expert_bias, top_k, score_func, renormalize, num_groups, group_topk,
                 scaling_factor, need_aux, need_lse):
-        bias = expert_bias if expert_bias is not None else logits.new_empty(0)
-        ids, w, colsum, cnt, lse = routing.route_fwd(
-            logits, bias, top_k, score_func, renormalize, num_groups or 0, group_topk or 0,
-            scaling_factor, need_aux, need_lse)
+        ids, w, colsum, cnt, lse = route(ctx, logits, expert_bias, top_k, score_func,
+                                         renormalize, num_groups, group_topk, scaling_factor,
+                                         need_aux, need_lse)
         ctx.save_for_backward(logits, ids)
-        ctx.score_func, ctx.renormalize = score_func, renormalize
-        ctx.scaling_factor = scaling_factor
         ctx.mark_non_differentiable(ids, cnt)
         return ids, w, colsum, cnt, lse
 
     @staticmethod
     def backward(ctx, _dids, dw, dcol, _dcnt, dlse):
         logits, ids = ctx.saved_tensors
-        empty = logits.new_empty(0)
-        dl = routing.route_bwd(
-            logits, ids, dw if dw is not None else empty, dcol if dcol is not None else empty,
-            dlse if dlse is not None else empty, ctx.score_func, ctx.renormalize,
-            ctx.scaling_factor)
+        dl = route_backward(ctx, logits, ids, dw, dcol, dlse)
         return dl, None, None, None, None, None, None, None, None, None
+
+
+def route(ctx, logits, expert_bias, top_k: int, score_func: str, renormalize: bool, num_groups,
+          group_topk, scaling_factor: float, need_aux: bool, need_lse: bool):
+    """``RouterFunction``'s forward kernel (``routing.route_fwd``) for an autograd Function's
+    ``ctx`` (also ``RoutedLayerFunction``'s), which keeps the options ``route_backward``
+    needs; returns ``(ids, weights, aux_colsum, aux_counts, lse)``."""
+    bias = expert_bias if expert_bias is not None else logits.new_empty(0)
+    ctx.score_func, ctx.renormalize = score_func, renormalize
+    ctx.scaling_factor = scaling_factor
+    return routing.route_fwd(logits, bias, top_k, score_func, renormalize, num_groups or 0,
+                             group_topk or 0, scaling_factor, need_aux, need_lse)
+
+
+def route_backward(ctx, logits, ids, dw, dcol, dlse) -> torch.Tensor:
+    """fp32 dlogits from the gradients of the weights, the aux column sums and the lse (each
+    None where none arrived), ``route``'s options from ``ctx``: ``routing.route_bwd``."""
+    empty = logits.new_empty(0)
+    return routing.route_bwd(
+        logits, ids, dw if dw is not None else empty, dcol if dcol is not None else empty,
+        dlse if dlse is not None else empty, ctx.score_func, ctx.renormalize,
+        ctx.scaling_factor)
