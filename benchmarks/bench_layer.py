@@ -251,6 +251,9 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
          # defaults: tuning.gluon_bf16_kind_configs)
          "moe_plugin_down_pingpong": ("moe_plugin", dict(
              gluon_bf16_kind_configs={"down": tuning.GLUON_BF16_PINGPONG})),
+         # GEMM2 and dx with each tile's stores under the next tile's first MMA
+         "moe_plugin_defer": ("moe_plugin", dict(gluon_bf16_config={
+             **tuning.current().gluon_bf16_config, **tuning.GLUON_BF16_DEFER})),
          # every Gluon launch through Triton's per-call binding (the default before session
          # 41: repeat launches skip it, kernels/fast_launch.py)
          "moe_plugin_plain_launch": ("moe_plugin", dict(fast_launch=False)),

@@ -246,7 +246,7 @@ def key_check() -> dict:
 # the launch choices a case reports (tests/test_gluon_compile.py checks that a variant's case
 # compiled the variant)
 REPORTED = ("BM", "BN", "STAGES", "A_GATHER", "B_GATHER", "C_TRANS", "TMA_STORE", "PINGPONG",
-            "CN", "CM")
+            "CN", "CM", "DEFER")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,8 +369,12 @@ def _cases():
         # ... and with 256 x 128 tiles (each consumer 128 rows)
         tall = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
                                                             **tuning.GLUON_BF16_TALL})
+        # ... and with each tile's stores under the next tile's first MMA (DEFER)
+        defer = dataclasses.replace(tune, gluon_bf16_config={**tune.gluon_bf16_config,
+                                                             **tuning.GLUON_BF16_DEFER})
         for suffix, t, kinds in (("", tune, "down dx dh"), ("_tmastore", tmas, "dx dh"),
                                  ("_regs", regs, "down dx dh"), ("_tall", tall, "down dx dh"),
+                                 ("_defer", defer, "down dx dh"),
                                  ("_pingpong", pp, "down dx dh"), ("_cluster", cl, "down dx dh"),
                                  ("_pingpong_cluster", clpp, "down")):
             if "down" in kinds and f % 64 == 0:

@@ -41,6 +41,7 @@ CASES = ([f"bf16_{role}_{shape}_{acc}" for role in ("wgrad_up", "wgrad_down")
             "bf16_dh_regs_odd"]
          + ["bf16_down_tall_aligned", "bf16_dx_tall_aligned", "bf16_dh_tall_aligned",
             "bf16_dh_tall_odd"]
+         + ["bf16_down_defer_aligned", "bf16_dx_defer_aligned", "bf16_dh_defer_odd"]
          + [f"bf16_{g}_pingpong_{shape}" for g in ("down", "dx", "dh", "up_plain", "up_gated")
             for shape in ("aligned", "odd") if shape == "aligned" or g in ("dh", "up_plain")]
          + [f"bf16_{g}_cluster_aligned" for g in ("down", "dx", "dh", "down_pingpong")]
@@ -124,7 +125,8 @@ LAUNCH = {
                                 if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
     "bf16_up_gated_cluster_odd": (dict(CN=1, CM=2, BM=256, BN=128, STAGES=4)
                                   if GF.cluster_compiles() else dict(CN=1, CM=1, BM=128)),
-    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=4, PINGPONG=False, CN=1),
+    "bf16_down_aligned": dict(BN=256, STAGES=4, TMA_STORE=4, PINGPONG=False, CN=1,
+                              DEFER=False),
     "bf16_dx_tall_aligned": dict(BM=256, BN=128, STAGES=4, TMA_STORE=4),
     # the stored weight gradients by TMA in column parts (the default), or by registers
     "bf16_wgrad_up_swap_aligned_store": dict(BM=128, BN=256, STAGES=3, C_TRANS=True,
@@ -134,6 +136,9 @@ LAUNCH = {
     "bf16_wgrad_up_aligned_store_regs": dict(TMA_STORE=False),
     "bf16_wgrad_down_aligned_atomic": dict(TMA_STORE=False),
     "bf16_dh_tall_odd": dict(BM=256, BN=128, STAGES=4, TMA_STORE=4, A_GATHER=True),
+    "bf16_down_defer_aligned": dict(BN=256, STAGES=4, TMA_STORE=4, DEFER=True),
+    "bf16_dx_defer_aligned": dict(BN=256, STAGES=4, TMA_STORE=4, DEFER=True),
+    "bf16_dh_defer_odd": dict(BN=256, STAGES=4, TMA_STORE=4, A_GATHER=True, DEFER=False),
     # the fused dh': the whole tile's inputs staged by the producer beside a 3-slot ring
     "bf16_dh_fused_gated_aligned": dict(BN=128, STAGES=3, A_GATHER=True),
     # one GEMM's own configuration: GEMM2 with the consumers on whole tiles in turn, dx (the

@@ -432,10 +432,31 @@ def _count_ctas(monkeypatch, GF):
     return ctas
 
 
+def _launch_values(monkeypatch, GF, key):
+    """The keyword argument ``key`` of each Gluon launch through ``gluon_gemm.launcher``, in
+    the returned list."""
+    seen, real = [], GF.launcher
+
+    def spy(kernel, fast):
+        grids = real(kernel, fast)
+
+        class _Grid:
+            def __getitem__(self, grid):
+                run = grids[grid]
+
+                def call(*args, **kwargs):
+                    seen.append(kwargs.get(key))
+                    return run(*args, **kwargs)
+                return call
+        return _Grid()
+    monkeypatch.setattr(GF, "launcher", spy)
+    return seen
+
+
 @pytest.mark.parametrize("kind", ["down", "dx", "dh"])
 @pytest.mark.parametrize("programs", [None, 3])
 @pytest.mark.parametrize("variant", ["st", "tma_st", "tma_parts", "pingpong", "cluster",
-                                     "pingpong_cluster", "tall", "tall_st"])
+                                     "pingpong_cluster", "tall", "tall_st", "defer"])
 def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeypatch):
     """On Hopper, with ``gluon_bf16_grouped``, GEMM2 (B = W_downᵀ, K-major), dx (B = W_up,
     N-major) and the split form's dh' (A = dout rows gathered by ``cp.async``, B = W_down,
@@ -456,7 +477,10 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     multicast, the second CTA's rows past an expert's end in its last tiles;
     ``pingpong_cluster``: GEMM2 and dx with both (dh' ping-pong on one CTA); ``tall``
     (``tuning.GLUON_BF16_TALL``, 256 x 128 tiles: each consumer 128 rows) with the default
-    TMA-parts store, ``tall_st`` by registers."""
+    TMA-parts store, ``tall_st`` by registers; ``defer`` (``tuning.GLUON_BF16_DEFER``) each
+    tile's TMA-parts stores issued once the next tile's first MMA is (the last tile's after
+    the loop; 3 programs: a partial tile held across whole ones), GEMM2 and dx only (dh' with
+    its gathered A launched without it)."""
     from moe_plugin.kernels import gluon_gemm as GF, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")
@@ -469,13 +493,16 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
              "pingpong_cluster": {**tuning.GLUON_BF16_PINGPONG,
                                   **tuning.GLUON_BF16_CLUSTER},
              "tall": tuning.GLUON_BF16_TALL,
-             "tall_st": {**tuning.GLUON_BF16_TALL, **tuning.GLUON_BF16_REG_STORE}}[variant]
+             "tall_st": {**tuning.GLUON_BF16_TALL, **tuning.GLUON_BF16_REG_STORE},
+             "defer": tuning.GLUON_BF16_DEFER}[variant]
     tune(gluon_programs=programs,
          gluon_bf16_config={**tuning.current().gluon_bf16_config, **extra})
     g = torch.Generator().manual_seed(23)
     n, k, e, d, f = 700, 2, 6, 320, 192
     want = 2 if variant == "cluster" or (variant == "pingpong_cluster" and kind != "dh") else 1
+    defers = _launch_values(monkeypatch, GF, "DEFER")
     _grouped_gluon_equals_triton(kind, _ragged_meta(g, n, k, e), g, d, f, monkeypatch, want)
+    assert defers == [variant == "defer" and kind != "dh"], defers
 
 
 def _grouped_gluon_equals_triton(kind, meta, g, d, f, monkeypatch, ctas_want=1):

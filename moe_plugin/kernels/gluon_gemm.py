@@ -633,7 +633,7 @@ if _HAVE_GLUON:
                       B_KMAJOR: gl.constexpr, A_GATHER: gl.constexpr, DUAL: gl.constexpr,
                       STORE_PRE: gl.constexpr, STORE_H: gl.constexpr,
                       TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
-                      CM: gl.constexpr):
+                      CM: gl.constexpr, DEFER: gl.constexpr):
         """Consumer ``HALF``: rows ``[HALF·BM/2, (HALF+1)·BM/2)`` of each tile (module doc);
         with ``PINGPONG`` (16-bit, plain or GEMM1 epilogue, one accumulator) all rows of every
         other tile with an expert, so that one consumer's epilogue runs while the other's MMAs
@@ -648,7 +648,10 @@ if _HAVE_GLUON:
         CTAs the consumer's rows of the cluster's tile, each CTA's MMAs on its half of the
         columns (``CN`` 2) or of the rows (``CM`` 2: the consumer's 64 rows in each CTA, one
         ring slot per consumer); a slot is released to both producers (``empty``,
-        ``m_empty``)."""
+        ``m_empty``). ``DEFER`` (16-bit, plain epilogue by ``TMA_STORE`` parts): a tile's
+        output is kept in registers, rounded, and stored once the next tile's first k-step's
+        MMA is issued, so that the stores run while the tensor cores work (the last tile's
+        after the loop)."""
         CTAS: gl.constexpr = CN * CM
         HM: gl.constexpr = BM // (2 * CM)  # a consumer's rows in each CTA
         RM: gl.constexpr = BM if PINGPONG else HM  # the rows of a tile this consumer computes
@@ -665,6 +668,12 @@ if _HAVE_GLUON:
         tn = 0  # turns so far
         tc = 0  # tiles so far
         tp = 0  # tiles with an expert so far
+        # DEFER: the previous tile's rounded output and where it goes (``held``: one is held)
+        held_out = gl.zeros([RG, BN], c_ptr.dtype.element_ty, layout=mma)
+        held_row0 = 0
+        held_end = 0
+        held_n = 0
+        held = 0
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             if INFO:
                 e, pid_n, row0, seg_end = _info_get(info, info_ready, info_empty, tc, CTAS)
@@ -755,6 +764,13 @@ if _HAVE_GLUON:
                                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
                                 if CTAS > 1:
                                     mbarrier.arrive(m_empty.index((it + STAGES - 1) % STAGES))
+                            if DEFER:
+                                if ks == 0:
+                                    if held != 0:  # under this k-step's MMA
+                                        _tma_store_tile(held_out, c_smem, c_desc, c_ptr,
+                                                        held_row0, held_end, held_n, N,
+                                                        stride_cm, HALF, HM, BN, TMA_STORE)
+                                        held = 0
                             it += 1
                         if PINGPONG:  # the other consumer's main loop may start
                             mbarrier.arrive(other_turn)
@@ -798,6 +814,12 @@ if _HAVE_GLUON:
                             h = act_fwd(g.to(gl.float32), u.to(gl.float32), ACT)
                             gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :],
                                      h.to(c_ptr.dtype.element_ty), mask=cmask)
+                    elif DEFER:
+                        held_out = acc.to(c_ptr.dtype.element_ty)
+                        held_row0 = row0
+                        held_end = seg_end
+                        held_n = pid_n
+                        held = 1
                     elif TMA_STORE:
                         _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N,
                                         stride_cm, HALF, HM, BN, TMA_STORE)
@@ -806,6 +828,10 @@ if _HAVE_GLUON:
                         gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :], out,
                                  mask=cmask)
                 tp += 1
+        if DEFER:
+            if held != 0:
+                _tma_store_tile(held_out, c_smem, c_desc, c_ptr, held_row0, held_end, held_n,
+                                N, stride_cm, HALF, HM, BN, TMA_STORE)
         if TMA_STORE:
             tma.store_wait(0)  # the last tile's stores done reading shared memory
 
@@ -823,7 +849,7 @@ if _HAVE_GLUON:
             STORE_PRE: gl.constexpr, STORE_H: gl.constexpr, LOAD_WARPS: gl.constexpr,
             LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr,
             TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr, CN: gl.constexpr,
-            CM: gl.constexpr, num_warps: gl.constexpr):
+            CM: gl.constexpr, DEFER: gl.constexpr, num_warps: gl.constexpr):
         """The row-grouped GEMM: a producer + two consumers (module doc). ``SCALED``: FP8 with
         block scales (the consumers' MMAs ping-pong); else 16-bit operands accumulated in the
         wgmma. ``EPI_ACT_BWD``: the activation backward fused into the dh' GEMM's
@@ -838,7 +864,10 @@ if _HAVE_GLUON:
         between them, A's tile loaded once for both (TMA multicast, ``_grp_producer``). ``CM``
         2 (16-bit, A gathered, plain or GEMM1 epilogue by registers; Triton >= 3.8): clusters
         of two CTAs along the rows, a tile ``BM`` (256) rows high split between them, B's
-        tiles loaded once for both."""
+        tiles loaded once for both. ``DEFER`` (``TMA_STORE`` 4, one CTA, no ``PINGPONG``): each
+        tile's stores overlap the next tile's first MMAs (``_grp_consumer``)."""
+        gl.static_assert(not DEFER or (TMA_STORE == 4 and CN * CM == 1 and not PINGPONG),
+                         "DEFER: TMA_STORE 4, one CTA a tile, no PINGPONG")
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
         gl.static_assert(not TMA_STORE or (EPI != EPI_ACT_FWD and EPI != EPI_ACT_BWD
                                            and not SCALED), "TMA_STORE: 16-bit, plain epilogue")
@@ -913,7 +942,7 @@ if _HAVE_GLUON:
                              num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
                              stride_sbe, stride_sbk, stride_sbn, 0, BM, BN, BK, STAGES, GROUP_M,
                              BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
-                             DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM)),
+                             DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM, DEFER)),
             (_grp_consumer, (a_bufs, b_bufs, ready, empty, m_empty, turn, info, info_ready,
                              info_empty, pre_bufs, dh_buf, w_buf, pre_ready, pre_empty, c_smem,
                              c_desc, c_ptr, pre_ptr, hw_ptr, dwp_ptr, sa_ptr, sb_ptr,
@@ -921,7 +950,7 @@ if _HAVE_GLUON:
                              num_tiles, stride_cm, stride_pm, stride_hw, stride_dwp, stride_sa,
                              stride_sbe, stride_sbk, stride_sbn, 1, BM, BN, BK, STAGES, GROUP_M,
                              BLOCK_E, KPAIR, INFO, EPI, GATED, ACT, SCALED, B_KMAJOR, A_GATHER,
-                             DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM)),
+                             DUAL, STORE_PRE, STORE_H, TMA_STORE, PINGPONG, CN, CM, DEFER)),
             (_grp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, m_empty, info,
                              info_ready, info_empty, pre_desc, pre_bufs, w_buf, pre_ready,
                              pre_empty, w_ptr, a_ptr, gather_ptr, counts_ptr,
@@ -1066,6 +1095,12 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     cluster = (cfg.get("CLUSTER", 1) == 2 and not (scaled or tma_store or (pingpong and gather))
                and (epi == Epilogue.STORE or (epi == Epilogue.ACT_FWD and gather))
                and cluster_compiles())
+    # each tile's TMA stores under the next tile's first MMAs (``cfg["DEFER"]``; the parts
+    # epilogue, one CTA a tile, not PINGPONG; A by TMA: with a gathered A the consumers'
+    # registers (``gluon_bf16_gather_config``) cannot hold a tile's output beside the next
+    # tile's accumulator)
+    defer = (bool(cfg.get("DEFER", False)) and tma_store and parts == 4 and not pingpong
+             and not cluster and not gather)
     cn = 2 if cluster and not gather else 1
     cm = 2 if cluster and gather else 1
     bm, bn = cfg["BM"] * cm, cfg["BN"] * cn  # the tile (a cluster's: each CTA cfg's)
@@ -1112,7 +1147,7 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
         B_KMAJOR=b_kmajor, A_GATHER=gather, TOPK=meta.top_k, STORE_PRE=store_pre,
         STORE_H=store_h, LOAD_WARPS=cfg.get("LOAD_WARPS", 1), LOAD_REGS=cfg["LOAD_REGS"],
         MMA_REGS=cfg["MMA_REGS"], TMA_STORE=parts if tma_store else 0, PINGPONG=pingpong,
-        CN=cn, CM=cm,
+        CN=cn, CM=cm, DEFER=defer,
         num_warps=4, num_ctas=cn * cm, maxnreg=cfg["MAXNREG"])
     if cn * cm > 1 and kernel is not None:
         _note_cluster_capacity(out.device, kernel, cn * cm)
