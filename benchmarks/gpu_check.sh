@@ -29,6 +29,11 @@
 #   pingpong  bench_gemms.py: GEMM2, dx, dh' with the consumers on whole 128 x 128 tiles in
 #             turn (gluon_bf16_config PINGPONG; 5 and 6 slots) against the default and the
 #             cooperative 128 x 128 tile, LAYER_CONFIGS (GEMMS_S)
+#   defer     GEMM2 and dx with each tile's stores under the next tile's first MMA
+#             (tuning.GLUON_BF16_DEFER): its GPU tests beside the default's (GLUON_S), the
+#             kernels with it and with its register split alone against the defaults
+#             (GEMMS_S; LAYER_CONFIGS), the layer with it against the defaults, one process
+#             (LAYER_S)
 #   router    the router's split-form backward GEMMs timed and their rounding checked
 #             (router_dx_check.py: pieces_dx / pieces_dw tilings against torch.mm) and the
 #             fine_30b layer with its router profiled per kernel (profile_kernels.py --router)
@@ -138,6 +143,18 @@ for step in "$@"; do
         --kernels down dx dh --against \
         --grouped-variants '[{"TMA_STORE": 0}, {"TMA_STORE": true, "STAGES": 3}, {"TMA_STORE": 0, "STAGES": 3}]' \
         2>&1 | tee "$OUT/gemms_tma_store.log" | grep -v '^ ' | cut -c1-220 ;;
+    defer)
+      timeout "${GLUON_S:-300}" python -m pytest -q -m gpu tests/test_gpu.py \
+        -k "grouped_equals_triton and (defer or tma_parts)" -p no:cacheprovider 2>&1 \
+        | tee "$OUT/pytest_defer.log" | tail -4
+      timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
+        --kernels down dx --against \
+        --grouped-variants '[{"DEFER": true, "MMA_REGS": 240, "LOAD_REGS": 24}, {"MMA_REGS": 240, "LOAD_REGS": 24}]' \
+        2>&1 | tee "$OUT/gemms_defer.log" | grep -v '^ ' | cut -c1-220
+      timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
+        --impls moe_plugin moe_plugin_defer --configs $LAYER_CONFIGS \
+        --json "$OUT/layer_defer.json" --md "$OUT/layer_defer.md" 2>&1 \
+        | tee "$OUT/layer_defer.log" | tail -8 ;;
     pingpong)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels down dx dh --against \
