@@ -1096,12 +1096,12 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
                and (epi == Epilogue.STORE or (epi == Epilogue.ACT_FWD and gather))
                and cluster_compiles())
     # each tile's TMA stores under the next tile's first MMAs (``cfg["DEFER"]``; the parts
-    # epilogue, one CTA a tile, not PINGPONG; A by TMA: with a gathered A the consumers'
-    # registers (``gluon_bf16_gather_config``) cannot hold a tile's output beside the next
-    # tile's accumulator; K of at least one k-step: the held tile is stored at the next tile's
-    # first)
-    defer = (bool(cfg.get("DEFER", False)) and tma_store and parts == 4 and not pingpong
-             and not cluster and not gather and k >= bk)
+    # epilogue, which ``pingpong`` and ``cluster`` exclude; A by TMA: with a gathered A the
+    # consumers' registers (``gluon_bf16_gather_config``) cannot hold a tile's output beside
+    # the next tile's accumulator; K of at least one k-step: the held tile is stored at the
+    # next tile's first)
+    defer = (bool(cfg.get("DEFER", False)) and tma_store and parts == 4 and not gather
+             and k >= bk)
     cn = 2 if cluster and not gather else 1
     cm = 2 if cluster and gather else 1
     bm, bn = cfg["BM"] * cm, cfg["BN"] * cn  # the tile (a cluster's: each CTA cfg's)
