@@ -29,9 +29,9 @@
 #   pingpong  bench_gemms.py: GEMM2, dx, dh' with the consumers on whole 128 x 128 tiles in
 #             turn (gluon_bf16_config PINGPONG; 5 and 6 slots) against the default and the
 #             cooperative 128 x 128 tile, LAYER_CONFIGS (GEMMS_S)
-#   defer     GEMM2 and dx with each tile's stores under the next tile's first MMA
+#   defer     GEMM2 and dx with half of each tile's stores under the next tile's first MMA
 #             (tuning.GLUON_BF16_DEFER): its GPU tests beside the default's (GLUON_S), the
-#             kernels with it and with its register split alone against the defaults
+#             kernels with it against the defaults
 #             (GEMMS_S; LAYER_CONFIGS), the layer with it against the defaults, one process
 #             (LAYER_S)
 #   router    the router's split-form backward GEMMs timed and their rounding checked
@@ -149,7 +149,7 @@ for step in "$@"; do
         | tee "$OUT/pytest_defer.log" | tail -4
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels down dx --against \
-        --grouped-variants '[{"DEFER": true, "MMA_REGS": 240, "LOAD_REGS": 24}, {"MMA_REGS": 240, "LOAD_REGS": 24}]' \
+        --grouped-variants '[{"DEFER": true}]' \
         2>&1 | tee "$OUT/gemms_defer.log" | grep -v '^ ' | cut -c1-220
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
         --impls moe_plugin moe_plugin_defer --configs $LAYER_CONFIGS \

@@ -570,6 +570,20 @@ if _HAVE_GLUON:
                      buf.load(st), mask=(rows < seg_end)[:, None] & (cols < N)[None, :])
 
     @gluon.jit
+    def _tma_store_half(v, c_smem, c_desc, c_ptr, row0, seg_end, col0, N, stride_cm,
+                        HALF: gl.constexpr, HM: gl.constexpr, W2: gl.constexpr):
+        """``v [HM, W2]``, a consumer's rows of half a tile's columns (from ``col0``), stored
+        as two of the TMA-parts epilogue's four parts, through this consumer's two buffers of
+        ``c_smem`` in turn (``_tma_store_part``)."""
+        W: gl.constexpr = W2 // 2
+        r0 = row0 + HALF * HM
+        p0, p1 = _col_halves(v, HM, W)
+        _tma_store_part(p0, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end, col0, N,
+                        stride_cm, HM, W)
+        _tma_store_part(p1, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end, col0 + W,
+                        N, stride_cm, HM, W)
+
+    @gluon.jit
     def _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N, stride_cm,
                         HALF: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr,
                         PARTS: gl.constexpr):
@@ -583,21 +597,12 @@ if _HAVE_GLUON:
         consumer's two ``[HM, BN/4]`` buffers of ``c_smem`` (``_tma_store_part``: a quarter of
         the whole tile's shared memory, so that the ring keeps its slots)."""
         if PARTS > 1:
-            W: gl.constexpr = BN // PARTS
-            r0 = row0 + HALF * HM
-            col0 = pid_n * BN
             gl.static_assert(PARTS == 4, "TMA_STORE: 0, 1 (the whole tile) or 4 (parts)")
             lo, hi = _col_halves(acc, HM, BN // 2)
-            q0, q1 = _col_halves(lo, HM, W)
-            q2, q3 = _col_halves(hi, HM, W)
-            _tma_store_part(q0, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end, col0, N,
-                            stride_cm, HM, W)
-            _tma_store_part(q1, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
-                            col0 + W, N, stride_cm, HM, W)
-            _tma_store_part(q2, c_smem.index(2 * HALF), c_desc, c_ptr, r0, seg_end,
-                            col0 + 2 * W, N, stride_cm, HM, W)
-            _tma_store_part(q3, c_smem.index(2 * HALF + 1), c_desc, c_ptr, r0, seg_end,
-                            col0 + 3 * W, N, stride_cm, HM, W)
+            _tma_store_half(lo, c_smem, c_desc, c_ptr, row0, seg_end, pid_n * BN, N,
+                            stride_cm, HALF, HM, BN // 2)
+            _tma_store_half(hi, c_smem, c_desc, c_ptr, row0, seg_end, pid_n * BN + BN // 2, N,
+                            stride_cm, HALF, HM, BN // 2)
         else:
             CH: gl.constexpr = c_desc.block_type.shape[0]
             st: gl.constexpr = _store_layout(4)
@@ -649,9 +654,9 @@ if _HAVE_GLUON:
         columns (``CN`` 2) or of the rows (``CM`` 2: the consumer's 64 rows in each CTA, one
         ring slot per consumer); a slot is released to both producers (``empty``,
         ``m_empty``). ``DEFER`` (16-bit, plain epilogue by ``TMA_STORE`` parts): a tile's
-        output is kept in registers, rounded, and stored once the next tile's first k-step's
-        MMA is issued, so that the stores run while the tensor cores work (the last tile's
-        after the loop)."""
+        first column half is stored at once, its second kept in registers, rounded, and stored
+        once the next tile's first k-step's MMA is issued, so that those stores run while the
+        tensor cores work (the last tile's after the loop; the whole tile held spills)."""
         CTAS: gl.constexpr = CN * CM
         HM: gl.constexpr = BM // (2 * CM)  # a consumer's rows in each CTA
         RM: gl.constexpr = BM if PINGPONG else HM  # the rows of a tile this consumer computes
@@ -668,8 +673,10 @@ if _HAVE_GLUON:
         tn = 0  # turns so far
         tc = 0  # tiles so far
         tp = 0  # tiles with an expert so far
-        # DEFER: the previous tile's rounded output and where it goes (``held``: one is held)
-        held_out = gl.zeros([RG, BN], c_ptr.dtype.element_ty, layout=mma)
+        # DEFER: the previous tile's rounded second column half and where it goes (``held``:
+        # one is held)
+        _unused, held_out = _col_halves(gl.zeros([RG, BN], c_ptr.dtype.element_ty, layout=mma),
+                                        RG, BN // 2)
         held_row0 = 0
         held_end = 0
         held_n = 0
@@ -767,9 +774,10 @@ if _HAVE_GLUON:
                             if DEFER:
                                 if ks == 0:
                                     if held != 0:  # under this k-step's MMA
-                                        _tma_store_tile(held_out, c_smem, c_desc, c_ptr,
-                                                        held_row0, held_end, held_n, N,
-                                                        stride_cm, HALF, HM, BN, TMA_STORE)
+                                        _tma_store_half(held_out, c_smem, c_desc, c_ptr,
+                                                        held_row0, held_end,
+                                                        held_n * BN + BN // 2, N, stride_cm,
+                                                        HALF, HM, BN // 2)
                                         held = 0
                             it += 1
                         if PINGPONG:  # the other consumer's main loop may start
@@ -814,8 +822,11 @@ if _HAVE_GLUON:
                             h = act_fwd(g.to(gl.float32), u.to(gl.float32), ACT)
                             gl.store(c_ptr + rows64[:, None] * stride_cm + cols_s[None, :],
                                      h.to(c_ptr.dtype.element_ty), mask=cmask)
-                    elif DEFER:
-                        held_out = acc.to(c_ptr.dtype.element_ty)
+                    elif DEFER:  # the first half now, the second under the next tile's MMA
+                        lo, hi = _col_halves(acc, HM, BN // 2)
+                        _tma_store_half(lo, c_smem, c_desc, c_ptr, row0, seg_end, pid_n * BN, N,
+                                        stride_cm, HALF, HM, BN // 2)
+                        held_out = hi.to(c_ptr.dtype.element_ty)
                         held_row0 = row0
                         held_end = seg_end
                         held_n = pid_n
@@ -830,8 +841,8 @@ if _HAVE_GLUON:
                 tp += 1
         if DEFER:
             if held != 0:
-                _tma_store_tile(held_out, c_smem, c_desc, c_ptr, held_row0, held_end, held_n,
-                                N, stride_cm, HALF, HM, BN, TMA_STORE)
+                _tma_store_half(held_out, c_smem, c_desc, c_ptr, held_row0, held_end,
+                                held_n * BN + BN // 2, N, stride_cm, HALF, HM, BN // 2)
         if TMA_STORE:
             tma.store_wait(0)  # the last tile's stores done reading shared memory
 

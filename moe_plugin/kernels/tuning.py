@@ -190,14 +190,14 @@ GLUON_BF16_CLUSTER = dict(CLUSTER=2, TMA_STORE=0)
 # default: 3-20% slower than 128 x 256 on every GEMM timed on an H100; benchmarks/NOTES.md,
 # session 42)
 GLUON_BF16_TALL = dict(BM=256, BN=128)
-# each tile's TMA-parts stores deferred until the next tile's first MMA is issued
-# (``gluon_gemm._grp_consumer``'s ``DEFER``), so that the epilogue of GEMM2 and dx (A by TMA;
-# not the split form's dh', whose gathered A leaves the consumers too few registers) runs
-# under the tensor cores' work instead of between tiles. The held output (64 registers a
-# thread beside the 128 of the accumulator) needs the consumers at 240 registers, the TMA
-# producer at 24 (2 x 240 + 24 = 3 x 168, the launch's); prepared, not yet a default
-# (benchmarks/NOTES.md, session 47)
-GLUON_BF16_DEFER = dict(DEFER=True, MMA_REGS=240, LOAD_REGS=24)
+# the second column half of each tile's TMA-parts stores deferred until the next tile's
+# first MMA is issued (``gluon_gemm._grp_consumer``'s ``DEFER``), so that half of the epilogue
+# of GEMM2 and dx (A by TMA; not the split form's dh', whose gathered A leaves the consumers
+# too few registers) runs under the tensor cores' work instead of between tiles. The held
+# half takes 32 registers a thread beside the accumulator's 128, within the default split
+# (holding the whole tile, 64, spilled at the most the consumers can have, 240, and was
+# slower); prepared, not yet a default (benchmarks/NOTES.md, sessions 47-48)
+GLUON_BF16_DEFER = dict(DEFER=True)
 
 _DEFAULT = Tuning()
 _current = _DEFAULT
