@@ -675,8 +675,11 @@ if _HAVE_GLUON:
         tp = 0  # tiles with an expert so far
         # DEFER: the previous tile's rounded second column half and where it goes (``held``:
         # one is held)
-        _unused, held_out = _col_halves(gl.zeros([RG, BN], c_ptr.dtype.element_ty, layout=mma),
-                                        RG, BN // 2)
+        if DEFER:
+            _unused, held_out = _col_halves(
+                gl.zeros([RG, BN], c_ptr.dtype.element_ty, layout=mma), RG, BN // 2)
+        else:  # (the halves of a cluster's split layout would not be built)
+            held_out = 0
         held_row0 = 0
         held_end = 0
         held_n = 0
