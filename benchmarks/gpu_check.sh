@@ -31,9 +31,9 @@
 #             cooperative 128 x 128 tile, LAYER_CONFIGS (GEMMS_S)
 #   defer     GEMM2 and dx with half of each tile's stores under the next tile's first MMA
 #             (tuning.GLUON_BF16_DEFER): its GPU tests beside the default's (GLUON_S), the
-#             kernels with it against the defaults
-#             (GEMMS_S; LAYER_CONFIGS), the layer with it against the defaults, one process
-#             (LAYER_S)
+#             kernels with it against the defaults (GEMMS_S; LAYER_CONFIGS), the layer with it
+#             against the defaults, one process (LAYER_S), and, where ncu is installed, its
+#             fine_30b kernels' counters at T 8192 (NCU_S, 90; spill requests: none expected)
 #   router    the router's split-form backward GEMMs timed and their rounding checked
 #             (router_dx_check.py: pieces_dx / pieces_dw tilings against torch.mm) and the
 #             fine_30b layer with its router profiled per kernel (profile_kernels.py --router)
@@ -154,7 +154,15 @@ for step in "$@"; do
       timeout "${LAYER_S:-300}" python benchmarks/bench_layer.py \
         --impls moe_plugin moe_plugin_defer --configs $LAYER_CONFIGS \
         --json "$OUT/layer_defer.json" --md "$OUT/layer_defer.md" 2>&1 \
-        | tee "$OUT/layer_defer.log" | tail -8 ;;
+        | tee "$OUT/layer_defer.log" | tail -8
+      # its kernels' hardware counters (spill requests: none expected), where ncu is installed
+      if command -v ncu >/dev/null; then
+        timeout "${NCU_S:-90}" ncu --profile-from-start off --clock-control none \
+          --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+          -k regex:'_grouped_mm_ws' python benchmarks/ncu_layer.py --config fine_30b \
+          --impl moe_plugin_defer --tokens 8192 > "$OUT/ncu_defer.log" 2>&1
+        grep -E "Duration|SM Busy|Local Memory Spilling Requests " "$OUT/ncu_defer.log"
+      fi ;;
     pingpong)
       timeout "${GEMMS_S:-240}" python benchmarks/bench_gemms.py --configs $LAYER_CONFIGS \
         --kernels down dx dh --against \
