@@ -479,8 +479,8 @@ def test_gluon_bf16_grouped_equals_triton(kind, programs, variant, tune, monkeyp
     (``tuning.GLUON_BF16_TALL``, 256 x 128 tiles: each consumer 128 rows) with the default
     TMA-parts store, ``tall_st`` by registers; ``defer`` (``tuning.GLUON_BF16_DEFER``) the
     second column half of each tile's TMA-parts stores issued once the next tile's first MMA
-    is (the last tile's after the loop; 3 programs: a partial tile held across whole ones), GEMM2 and dx only (dh' with
-    its gathered A launched without it)."""
+    is (the last tile's after the loop; 3 programs: a partial tile held across whole ones),
+    GEMM2 and dx only (dh' with its gathered A launched without it)."""
     from moe_plugin.kernels import gluon_gemm as GF, tuning
     if not GF.available(tuning.current(), torch.empty(0, device=CUDA)):
         pytest.skip("Gluon Hopper kernels not available here")

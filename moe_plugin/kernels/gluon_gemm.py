@@ -682,7 +682,7 @@ if _HAVE_GLUON:
             held_out = 0
         held_row0 = 0
         held_end = 0
-        held_n = 0
+        held_col = 0  # (its first column)
         held = 0
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             if INFO:
@@ -778,9 +778,8 @@ if _HAVE_GLUON:
                                 if ks == 0:
                                     if held != 0:  # under this k-step's MMA
                                         _tma_store_half(held_out, c_smem, c_desc, c_ptr,
-                                                        held_row0, held_end,
-                                                        held_n * BN + BN // 2, N, stride_cm,
-                                                        HALF, HM, BN // 2)
+                                                        held_row0, held_end, held_col, N,
+                                                        stride_cm, HALF, HM, BN // 2)
                                         held = 0
                             it += 1
                         if PINGPONG:  # the other consumer's main loop may start
@@ -832,7 +831,7 @@ if _HAVE_GLUON:
                         held_out = hi.to(c_ptr.dtype.element_ty)
                         held_row0 = row0
                         held_end = seg_end
-                        held_n = pid_n
+                        held_col = pid_n * BN + BN // 2
                         held = 1
                     elif TMA_STORE:
                         _tma_store_tile(acc, c_smem, c_desc, c_ptr, row0, seg_end, pid_n, N,
@@ -844,8 +843,8 @@ if _HAVE_GLUON:
                 tp += 1
         if DEFER:
             if held != 0:
-                _tma_store_half(held_out, c_smem, c_desc, c_ptr, held_row0, held_end,
-                                held_n * BN + BN // 2, N, stride_cm, HALF, HM, BN // 2)
+                _tma_store_half(held_out, c_smem, c_desc, c_ptr, held_row0, held_end, held_col,
+                                N, stride_cm, HALF, HM, BN // 2)
         if TMA_STORE:
             tma.store_wait(0)  # the last tile's stores done reading shared memory
 
@@ -879,7 +878,8 @@ if _HAVE_GLUON:
         2 (16-bit, A gathered, plain or GEMM1 epilogue by registers; Triton >= 3.8): clusters
         of two CTAs along the rows, a tile ``BM`` (256) rows high split between them, B's
         tiles loaded once for both. ``DEFER`` (``TMA_STORE`` 4, one CTA, no ``PINGPONG``): each
-        tile's stores overlap the next tile's first MMAs (``_grp_consumer``)."""
+        tile's second column half is stored under the next tile's first MMAs
+        (``_grp_consumer``)."""
         gl.static_assert(not DEFER or (TMA_STORE == 4 and CN * CM == 1 and not PINGPONG),
                          "DEFER: TMA_STORE 4, one CTA a tile, no PINGPONG")
         gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
@@ -1109,11 +1109,11 @@ def _grouped_launch(tune: tuning.Tuning, cfg: dict, a, sa, b, sb, stride_sb, c, 
     cluster = (cfg.get("CLUSTER", 1) == 2 and not (scaled or tma_store or (pingpong and gather))
                and (epi == Epilogue.STORE or (epi == Epilogue.ACT_FWD and gather))
                and cluster_compiles())
-    # each tile's TMA stores under the next tile's first MMAs (``cfg["DEFER"]``; the parts
-    # epilogue, which ``pingpong`` and ``cluster`` exclude; A by TMA: with a gathered A the
-    # consumers' registers (``gluon_bf16_gather_config``) cannot hold a tile's output beside
-    # the next tile's accumulator; K of at least one k-step: the held tile is stored at the
-    # next tile's first)
+    # the second column half of each tile's TMA stores under the next tile's first MMAs
+    # (``cfg["DEFER"]``; the parts epilogue, which ``pingpong`` and ``cluster`` exclude; A by
+    # TMA: with a gathered A the consumers' registers (``gluon_bf16_gather_config``) cannot
+    # hold the half beside the next tile's accumulator without spilling; K of at least one
+    # k-step: the held half is stored at the next tile's first)
     defer = (bool(cfg.get("DEFER", False)) and tma_store and parts == 4 and not gather
              and k >= bk)
     cn = 2 if cluster and not gather else 1
