@@ -25,6 +25,10 @@ pass; ``time_and_peak``).
     python benchmarks/bench_layer.py                       # all configs, JSON + markdown
     python benchmarks/bench_layer.py --configs fine_7b --impls moe_plugin grouped_mm
 
+``--rounds N``: each config's implementations timed N times in turn (the first round also
+checks the errors and the peak), rows with the medians and every round's times: a drift of
+the card within the process (clocks, power) then reaches every implementation alike.
+
 ``--router``: the layer with its router (``fused_moe``: gate GEMM, softmax top-k, the
 experts; gate weight gradient included) against the experts alone on the same routing
 (``fused_experts`` with the ids and weights ``fused_moe`` chose): the router's share of the
@@ -42,6 +46,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 
 import torch
@@ -276,9 +281,7 @@ def time_and_peak(fwd, fwd_bwd, params, rep_ms, release=None):
     """``(forward ms, forward+backward ms, extra peak bytes)``. The peak is that of one
     forward+backward over the memory held before it, with no gradient buffer held then (the
     ``params``' gradients and, by ``release()``, those of a peer's own weight copies): every
-    implementation's gradients count, allocated within the pass. Times: medians of
-    ``do_bench``, gradients set to None between forward+backward runs."""
-    from triton.testing import do_bench
+    implementation's gradients count, allocated within the pass. Times: ``bench_times``."""
     fwd_bwd()  # compile / warm up
     torch.cuda.synchronize()
     for p in params:
@@ -290,12 +293,21 @@ def time_and_peak(fwd, fwd_bwd, params, rep_ms, release=None):
     fwd_bwd()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
+    return (*bench_times(fwd, fwd_bwd, params, rep_ms), peak)
+
+
+def bench_times(fwd, fwd_bwd, params, rep_ms):
+    """``(forward ms, forward+backward ms)``: medians of ``do_bench``, gradients set to None
+    between forward+backward runs."""
+    from triton.testing import do_bench
     t_f = do_bench(fwd, warmup=25, rep=rep_ms, return_mode="median")
     t_fb = do_bench(fwd_bwd, warmup=25, rep=rep_ms, grad_to_none=params, return_mode="median")
-    return t_f, t_fb, peak
+    return t_f, t_fb
 
 
-def measure(fn, inputs, rep_ms=200):
+def measure(fn, inputs, rep_ms=200, peak=True):
+    """``(forward ms, forward+backward ms, extra peak bytes)`` of ``fn`` on ``inputs``; with
+    ``peak=False`` the times only (a warm-up pass, then ``bench_times``), peak ``None``."""
     x, ids, weights, w_up, w_down = inputs
     params = [x, weights, w_up, w_down]
     for p in params:
@@ -309,7 +321,11 @@ def measure(fn, inputs, rep_ms=200):
     def fwd_bwd():
         fn(x, ids, weights, w_up, w_down).backward(dout)
 
-    out = time_and_peak(fwd, fwd_bwd, params, rep_ms, getattr(fn, "release_grads", None))
+    if peak:
+        out = time_and_peak(fwd, fwd_bwd, params, rep_ms, getattr(fn, "release_grads", None))
+    else:
+        fwd_bwd()
+        out = (*bench_times(fwd, fwd_bwd, params, rep_ms), None)
     for p in params:
         p.grad = None
         p.requires_grad_(False)
@@ -405,9 +421,7 @@ def router_rows(name, args):
             p.grad = None
             p.requires_grad_(False)
         row = {"config": name, "impl": impl, "skew": False, "T": T, "D": D, "F": F, "E": E,
-               "k": k, "fwd_ms": t_f, "fwd_bwd_ms": t_fb, "bwd_ms": t_fb - t_f,
-               "fwd_tflops": fl_f / t_f / 1e9, "bwd_tflops": 2 * fl_f / (t_fb - t_f) / 1e9,
-               "fwd_bwd_tflops": 3 * fl_f / t_fb / 1e9, "peak_extra_gib": peak / 2 ** 30}
+               "k": k, **_times(fl_f, t_f, t_fb), "peak_extra_gib": peak / 2 ** 30}
         rows.append(row)
         gc.collect()
         torch.cuda.empty_cache()
@@ -428,6 +442,10 @@ def main(argv=None):
                                                    "grouped_mm", "loop"])
     ap.add_argument("--skew", action="store_true", help="also run skewed routing for moe_plugin")
     ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time each config's implementations this many times, in turn "
+                         "(A B C, A B C, ...): rows give the medians over the rounds and every "
+                         "round's times (fwd_ms_rounds, fwd_bwd_ms_rounds)")
     ap.add_argument("--loop-max-experts", type=int, default=128,
                     help="skip the per-expert loop above this many experts")
     ap.add_argument("--json", default=None)
@@ -440,11 +458,17 @@ def main(argv=None):
                          "candidates of each earlier tuning result under QUACK_CACHE_DIR "
                          "(quack_shortlist.py); default: every candidate")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and args.router:
+        ap.error("--rounds applies to the routing-given rows, not to --router")
     meta = run_meta(ceilings=ceilings())
     # the peak's method (``time_and_peak``): no gradient buffer held before the pass, peers'
     # own weight copies included (earlier runs held a peer's copies' gradients in the baseline
     # and released them in the pass: its peak understated by its weight gradients)
     meta["peak_grads_in_pass"] = True
+    if args.rounds > 1:
+        meta["rounds"] = args.rounds
     if args.quack_top is not None:
         meta["sonicmoe_quack_top"] = args.quack_top
         shortlist_quack(args.quack_top)
@@ -459,6 +483,7 @@ def main(argv=None):
         fl_f = 6 * T * k * D * F
         for skew in ([False, True] if args.skew else [False]):
             inputs = make_inputs(T, D, F, E, k, skew=skew)
+            timed = []  # (fn, tuning changes, row) of this config's first round
             for impl in args.impls:
                 if skew and not impl.startswith("moe_plugin"):
                     continue
@@ -478,19 +503,16 @@ def main(argv=None):
                         t_f, t_fb, peak = measure(fn, inputs, args.rep_ms)
                 except Exception as ex:  # report and go on: one failing impl must not hide the rest
                     print(f"FAILED {name} {impl}: {type(ex).__name__}: {ex}"[:2000], flush=True)
-                    for p in inputs:
-                        if p.is_floating_point():
-                            p.requires_grad_(False)
-                            p.grad = None
+                    _release_inputs(inputs)
                     continue
                 row = {"config": name, "impl": impl, "skew": skew, "T": T, "D": D, "F": F,
-                       "E": E, "k": k, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
-                       "bwd_ms": t_fb - t_f, "fwd_tflops": fl_f / t_f / 1e9,
-                       "bwd_tflops": 2 * fl_f / (t_fb - t_f) / 1e9,
-                       "fwd_bwd_tflops": 3 * fl_f / t_fb / 1e9,
+                       "E": E, "k": k, **_times(fl_f, t_f, t_fb),
                        "peak_extra_gib": peak / 2 ** 30, "rel_err_vs_grouped_mm": err,
                        "dx_rel_err_vs_grouped_mm": err_dx}
                 rows.append(row)
+                if args.rounds > 1:
+                    row.update(fwd_ms_rounds=[t_f], fwd_bwd_ms_rounds=[t_fb])
+                    timed.append((fn, changes, row))
                 print(json.dumps(row), flush=True)
                 if args.json:  # the rows so far, in case the run is cut short (a time limit)
                     save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
@@ -498,9 +520,46 @@ def main(argv=None):
                 # segments of an earlier one measured up to 10% slower (NOTES.md, session 13)
                 gc.collect()
                 torch.cuda.empty_cache()
-            del inputs
+            for _ in range(1, args.rounds):
+                for fn, changes, row in timed:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    try:
+                        with tuning.override(**changes):
+                            t_f, t_fb, _ = measure(fn, inputs, args.rep_ms, peak=False)
+                    except Exception as ex:  # keep the rounds it finished
+                        print(f"FAILED {name} {row['impl']} (round "
+                              f"{len(row['fwd_ms_rounds']) + 1}): {type(ex).__name__}: {ex}"
+                              [:2000], flush=True)
+                        _release_inputs(inputs)
+                        continue
+                    row["fwd_ms_rounds"].append(t_f)
+                    row["fwd_bwd_ms_rounds"].append(t_fb)
+            for fn, changes, row in timed:  # the medians over the rounds
+                row.update(_times(fl_f, statistics.median(row["fwd_ms_rounds"]),
+                                  statistics.median(row["fwd_bwd_ms_rounds"])))
+                print(json.dumps(row), flush=True)
+            if timed and args.json:
+                save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
+            del inputs, timed
             torch.cuda.empty_cache()
     emit(markdown(meta, rows), args.md, args.json, with_shortlist({"meta": meta, "rows": rows}))
+
+
+def _release_inputs(inputs):
+    """After a failed pass: the inputs back to leaves without gradients."""
+    for p in inputs:
+        if p.is_floating_point():
+            p.requires_grad_(False)
+            p.grad = None
+
+
+def _times(fl_f, t_f, t_fb):
+    """A row's times and rates from its forward and forward+backward ms (forward FLOPs
+    ``fl_f``; backward counted as twice the forward)."""
+    return {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "bwd_ms": t_fb - t_f,
+            "fwd_tflops": fl_f / t_f / 1e9, "bwd_tflops": 2 * fl_f / (t_fb - t_f) / 1e9,
+            "fwd_bwd_tflops": 3 * fl_f / t_fb / 1e9}
 
 
 def shortlist_quack(top):
@@ -535,13 +594,18 @@ def markdown(meta, rows):
                 if "fp8_gemm_tflops" in meta["ceilings"] else "") + "."
              + (f" SonicMoE's autotuner timed per GEMM role only the {meta['sonicmoe_quack_top']}"
                 " fastest candidates of each earlier tuning result (`--quack-top`)."
-                if "sonicmoe_quack_top" in meta else ""), "",
+                if "sonicmoe_quack_top" in meta else "")
+             + (f" Times: medians over {meta['rounds']} rounds, the implementations in turn;"
+                " fwd+bwd ms gives the rounds' range." if "rounds" in meta else ""), "",
              "| config | impl | routing | fwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | "
              "fwd+bwd TFLOP/s | extra peak GiB | rel err vs grouped_mm (out / dx) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['impl']} | {'skewed' if r['skew'] else 'balanced'} "
-                     f"| {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_tflops']:.0f} | "
+                     f"| {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f}"
+                     + (f" ({min(r['fwd_bwd_ms_rounds']):.3f}-{max(r['fwd_bwd_ms_rounds']):.3f})"
+                        if "fwd_bwd_ms_rounds" in r else "")
+                     + f" | {r['fwd_tflops']:.0f} | "
                      f"{r['bwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
                      f"{r['peak_extra_gib']:.2f} | "
                      + (f"router {100 * r['router_share_fwd_bwd']:.1f}% of fwd+bwd"

@@ -273,3 +273,55 @@ def test_router_share_and_fp8_targets(tmp_path):
     share = by_target(PT.verdicts(PT.load([slow]), ["fine_30b"]), "fine_30b")[
         "router share of the layer"]
     assert share["ratio"] == pytest.approx(0.04) and share["met"] is False
+
+
+def test_bench_layer_rounds_in_turn(tmp_path, monkeypatch):
+    """``bench_layer.py --rounds N`` times each config's implementations N times in turn (A B,
+    A B, ...), keeps every round's times and reports their medians; a round that fails keeps
+    the rounds before it. The GPU parts (inputs, timing, ceilings) are replaced here."""
+    import bench_layer as BL
+    order = []
+    times = {"moe_plugin": iter([(1.0, 3.0), (5.0, 9.0), (2.0, 4.0)]),
+             "moe_plugin_triton_grouped": iter([(2.0, 6.0), (4.0, 8.0), None])}
+
+    def measure(fn, inputs, rep_ms=200, peak=True):
+        impl = fn.__name__
+        order.append((impl, peak))
+        t = next(times[impl])
+        if t is None:
+            raise RuntimeError("lost the card")
+        return (*t, 2 ** 30 if peak else None)
+
+    def impl_fn(name):
+        def fn(*args):
+            pass
+        fn.__name__ = name
+        return fn
+    monkeypatch.setitem(BL.CONFIGS, "tiny", (8, 4, 4, 2, 1))
+    monkeypatch.setitem(BL.IMPLS, "moe_plugin", impl_fn("moe_plugin"))
+    monkeypatch.setitem(BL.IMPLS, "moe_plugin_triton_grouped",
+                        impl_fn("moe_plugin_triton_grouped"))
+    monkeypatch.setitem(BL.TUNED, "moe_plugin_triton_grouped",
+                        ("moe_plugin_triton_grouped", {}))
+    monkeypatch.setattr(BL, "make_inputs", lambda *a, **k: [None] * 5)
+    monkeypatch.setattr(BL, "ceilings", lambda: {"bf16_gemm_tflops": 1.0, "copy_tbps": 1.0})
+    monkeypatch.setattr(BL, "run_meta", lambda **kw: {**META, "date": "d", **kw})
+    monkeypatch.setattr(BL, "check", lambda *a: (0.0, 0.0))
+    monkeypatch.setattr(BL, "measure", measure)
+    monkeypatch.setattr(BL, "_release_inputs", lambda inputs: None)
+    out = tmp_path / "r.json"
+    BL.main(["--configs", "tiny", "--impls", "moe_plugin", "moe_plugin_triton_grouped",
+             "--rounds", "3", "--json", str(out), "--md", str(tmp_path / "r.md")])
+    assert order == [("moe_plugin", True), ("moe_plugin_triton_grouped", True),
+                     ("moe_plugin", False), ("moe_plugin_triton_grouped", False),
+                     ("moe_plugin", False), ("moe_plugin_triton_grouped", False)]
+    data = json.loads(out.read_text())
+    a, b = data["rows"]
+    assert data["meta"]["rounds"] == 3 and "partial" not in data["meta"]
+    assert a["fwd_ms_rounds"] == [1.0, 5.0, 2.0] and a["fwd_bwd_ms_rounds"] == [3.0, 9.0, 4.0]
+    assert (a["fwd_ms"], a["fwd_bwd_ms"], a["bwd_ms"]) == (2.0, 4.0, 2.0)
+    assert b["fwd_bwd_ms_rounds"] == [6.0, 8.0] and b["fwd_bwd_ms"] == 7.0
+    assert a["peak_extra_gib"] == 1.0
+    assert "4.000 (3.000-9.000)" in (tmp_path / "r.md").read_text()
+    with pytest.raises(SystemExit):
+        BL.main(["--configs", "tiny", "--rounds", "0"])
