@@ -143,6 +143,10 @@ def verdicts(found, configs=None):
                 ratio, met = _judge(kind, a, b, required)
                 res.update(ours=a, peer=b, source=os.path.basename(path), ratio=ratio, met=met,
                            quack_top=meta.get("sonicmoe_quack_top"))
+                ra, rb = a_row.get(key + "_rounds"), b_row.get(key + "_rounds")
+                if ra and rb and len(ra) == len(rb) > 1:  # --rounds: round i against round i
+                    res["round_ratios"] = [_judge(kind, x, y, required)[0]
+                                           for x, y in zip(ra, rb)]
                 res["others"] = [(os.path.basename(p), *_judge(kind, x[key], y[key], required))
                                  for p, _, x, y in pairs[:-1]]
             out.append(res)
@@ -216,6 +220,9 @@ def markdown(found, configs=None) -> str:
         def fmt(r):
             return "—" if r is None else f"{r:.1%}" if share else f"{r:.2f}"
         ratio = fmt(v["ratio"])
+        if v.get("round_ratios"):
+            ratio += (f" (rounds {fmt(min(v['round_ratios']))}-"
+                      f"{fmt(max(v['round_ratios']))})")
         if v["others"]:  # the same target measured in other runs: each one's ratio shown
             ratio += " (other runs: " + ", ".join(fmt(r) for _, r, _ in v["others"]) + ")"
             if any(m != v["met"] for _, _, m in v["others"]):

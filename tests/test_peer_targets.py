@@ -62,6 +62,20 @@ def test_ratios_and_verdicts_within_one_run(tmp_path):
     assert share["needed"] == pytest.approx(flops / 700e9 / (19.0 / 1.1 - passes))
 
 
+def test_round_ratios_pair_round_with_round(tmp_path):
+    """Rows of ``bench_layer.py --rounds``: the verdict from the medians, and each round's
+    ratio (ours and the peer's of the same round) shown as their range."""
+    ours, peer = row("fine_30b", "moe_plugin", 6.0, 18.0), row("fine_30b", "sonicmoe", 6.6, 19.0)
+    ours["fwd_bwd_ms_rounds"], peer["fwd_bwd_ms_rounds"] = [18.0, 17.0, 19.0], [19.0, 20.4, 19.0]
+    found = PT.load([write(tmp_path, "peers_fine_30b.json", [ours, peer])])
+    fb = by_target(PT.verdicts(found, ["fine_30b"]), "fine_30b")["fwd+bwd vs SonicMoE"]
+    assert fb["ratio"] == pytest.approx(19.0 / 18.0)
+    assert fb["round_ratios"] == pytest.approx([19.0 / 18.0, 1.2, 1.0])
+    assert "1.06 (rounds 1.00-1.20)" in PT.markdown(found, ["fine_30b"])
+    assert "round_ratios" not in by_target(PT.verdicts(found, ["fine_30b"]),
+                                           "fine_30b")["fwd vs SonicMoE"]   # no fwd rounds
+
+
 def test_pass_bytes_and_no_share_without_a_copy_rate(tmp_path):
     """The passes: two k-way sums (read [S, D], write [T, D]) and the SwiGLU backward (read
     [S, 2F] + [S, F], write [S, 2F] + [S, F]), 2 bytes an element; a run without a measured
