@@ -40,6 +40,8 @@ backward as fp32 GEMMs on fp32 copies (``tuning.router_split_bwd=False``, the ea
 (``tuning.router_dw_kernel``). FLOPs counted as above (router excluded). The experts alone are
 timed first and again last (``moe_plugin_given_routing_again``): the shares are against the
 first, and the second shows how far the process's timings drifted in between.
+``--with-router``: each config's routing-given rows, then its ``--router`` rows (of ours the
+default layer only) in the same process, so SonicMoE's compiled GEMMs serve both.
 """
 from __future__ import annotations
 
@@ -365,8 +367,10 @@ def ceilings():
     return out
 
 
-def router_rows(name, args):
-    """``--router``: rows for the layer with its router and for its experts alone."""
+def router_rows(name, args, variants=True):
+    """``--router``: rows for the layer with its router and for its experts alone;
+    ``variants=False`` (``--with-router``): of ours only the default layer, not the
+    ``moe_plugin_router_*`` variants."""
     import moe_plugin
     T, D, F, E, k = CONFIGS[name]
     x, _, _, w_up, w_down = make_inputs(T, D, F, E, k)
@@ -388,7 +392,9 @@ def router_rows(name, args):
     # the experts alone first: before any peer has run in this process (session 41 saw them
     # ~10% slower on fine_7b when timed after SonicMoE's layer)
     runs = [("moe_plugin_given_routing", experts, split, [x, gate, w_up, w_down, weights]),
-            ("moe_plugin_router", layer, split, [x, gate, w_up, w_down, weights]),
+            ("moe_plugin_router", layer, split, [x, gate, w_up, w_down, weights])]
+    if variants:
+        runs += [
             ("moe_plugin_router_unfused", layer, dict(split, router_fused_dx=False),
              [x, gate, w_up, w_down, weights]),
             ("moe_plugin_router_fp32bwd", layer, dict(router_split_bwd=False),
@@ -453,6 +459,10 @@ def main(argv=None):
     ap.add_argument("--router", action="store_true",
                     help="the layer with its router against the experts alone (see above); "
                          "with 'sonicmoe' in --impls also SonicMoE's router-included layer")
+    ap.add_argument("--with-router", action="store_true",
+                    help="after each config's routing-given rows, its --router rows in the "
+                         "same process (ours: the default layer only; SonicMoE's compiled "
+                         "GEMMs reused)")
     ap.add_argument("--quack-top", type=int, default=None, metavar="N",
                     help="SonicMoE's autotuner times, per GEMM role, only the N fastest "
                          "candidates of each earlier tuning result under QUACK_CACHE_DIR "
@@ -462,6 +472,8 @@ def main(argv=None):
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.rounds > 1 and args.router:
         ap.error("--rounds applies to the routing-given rows, not to --router")
+    if args.router and args.with_router:
+        ap.error("--router and --with-router: give one")
     meta = run_meta(ceilings=ceilings())
     # the peak's method (``time_and_peak``): no gradient buffer held before the pass, peers'
     # own weight copies included (earlier runs held a peer's copies' gradients in the baseline
@@ -543,6 +555,10 @@ def main(argv=None):
                 save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
             del inputs, timed
             torch.cuda.empty_cache()
+        if args.with_router:
+            rows += router_rows(name, args, variants=False)
+            if args.json:
+                save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
     emit(markdown(meta, rows), args.md, args.json, with_shortlist({"meta": meta, "rows": rows}))
 
 

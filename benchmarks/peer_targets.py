@@ -253,6 +253,12 @@ def markdown(found, configs=None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def router_mode(impl) -> bool:
+    """A row of ``bench_layer.py --router`` (or ``--with-router``): a router-included layer or
+    the experts alone on its routing."""
+    return "router" in impl or impl.startswith("moe_plugin_given_routing")
+
+
 def merged(found, configs=None) -> dict:
     """The plain-mode rows of one run per config (the run compared with SonicMoE when there is
     one, else the last), each with its run's dense bf16 rate, and the runs' metadata
@@ -261,13 +267,13 @@ def merged(found, configs=None) -> dict:
     for config in configs or [c for c in ISSUE_CONFIGS if c in found]:
         runs = found.get(config, [])
         with_peer = [r for r in runs if "moe_plugin" in r[2] and "sonicmoe" in r[2]]
-        plain = [r for r in runs if any("router" not in impl for impl in r[2])]
+        plain = [r for r in runs if any(not router_mode(impl) for impl in r[2])]
         chosen = (with_peer or plain or [None])[-1]
         if chosen is None:
             continue
         path, meta, by_impl = chosen
         for impl, row in by_impl.items():
-            if "router" not in impl:
+            if not router_mode(impl):
                 rows.append({**row, "bf16_gemm_tflops": meta["ceilings"]["bf16_gemm_tflops"],
                              "source": os.path.basename(path)})
         if meta not in metas:

@@ -112,6 +112,23 @@ def test_no_ratio_across_runs_and_the_paired_run_kept(tmp_path):
             if r["config"] == "mixtral"] == ["peers.json", "peers.json"]
 
 
+def test_plain_and_router_rows_of_one_run(tmp_path):
+    """``bench_layer.py --with-router`` writes a config's routing-given rows and its router rows
+    to one file: every target is judged from it, and the chart's rows (``merged``) are the
+    routing-given implementations only."""
+    rows = [row("fine_30b", "moe_plugin", 6.0, 18.0), row("fine_30b", "sonicmoe", 6.6, 19.0),
+            row("fine_30b", "moe_plugin_given_routing", 6.0, 18.0),
+            row("fine_30b", "moe_plugin_router", 6.3, 18.9),
+            row("fine_30b", "sonicmoe_router", 6.7, 19.5),
+            row("fine_30b", "moe_plugin_given_routing_again", 6.0, 18.1)]
+    found = PT.load([write(tmp_path, "peers_fine_30b.json", rows)])
+    got = by_target(PT.verdicts(found, ["fine_30b"]), "fine_30b")
+    assert got["fwd+bwd vs SonicMoE"]["ratio"] == pytest.approx(19.0 / 18.0)
+    assert got["router included vs SonicMoE's"]["ratio"] == pytest.approx(19.5 / 18.9)
+    assert got["router share of the layer"]["ratio"] == pytest.approx(0.9 / 18.9)
+    assert [r["impl"] for r in PT.merged(found)["rows"]] == ["moe_plugin", "sonicmoe"]
+
+
 def test_every_run_of_a_target_reported(tmp_path):
     """Two processes that measured the same pair: the verdict is the last run's, the earlier
     run's ratio is shown beside it, and a disagreement between them is said in the verdict
@@ -289,10 +306,11 @@ def test_router_share_and_fp8_targets(tmp_path):
     assert share["ratio"] == pytest.approx(0.04) and share["met"] is False
 
 
-def test_bench_layer_rounds_in_turn(tmp_path, monkeypatch):
+def test_bench_layer_rounds_and_with_router(tmp_path, monkeypatch):
     """``bench_layer.py --rounds N`` times each config's implementations N times in turn (A B,
     A B, ...), keeps every round's times and reports their medians; a round that fails keeps
-    the rounds before it. The GPU parts (inputs, timing, ceilings) are replaced here."""
+    the rounds before it. ``--with-router`` adds the config's router rows after its plain ones.
+    The GPU parts (inputs, timing, ceilings, the router rows) are replaced here."""
     import bench_layer as BL
     order = []
     times = {"moe_plugin": iter([(1.0, 3.0), (5.0, 9.0), (2.0, 4.0)]),
@@ -339,3 +357,16 @@ def test_bench_layer_rounds_in_turn(tmp_path, monkeypatch):
     assert "4.000 (3.000-9.000)" in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit):
         BL.main(["--configs", "tiny", "--rounds", "0"])
+    # --with-router: the config's router rows (ours without variants) after its plain rows
+    calls = []
+
+    def router_rows(name, args, variants=True):
+        calls.append((name, variants, len(order)))
+        return [{**a, "impl": "moe_plugin_router"}]
+    monkeypatch.setattr(BL, "router_rows", router_rows)
+    times["moe_plugin"] = iter([(1.0, 3.0)])
+    BL.main(["--configs", "tiny", "--impls", "moe_plugin", "--with-router", "--json", str(out),
+             "--md", str(tmp_path / "r.md")])
+    assert calls == [("tiny", False, 7)]
+    assert [r["impl"] for r in json.loads(out.read_text())["rows"]] == ["moe_plugin",
+                                                                      "moe_plugin_router"]
