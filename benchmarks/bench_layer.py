@@ -628,8 +628,8 @@ def markdown(meta, rows):
                         if "router_share_fwd_bwd" in r else
                         f"{100 * r['drift_vs_first']:+.1f}% against the first"
                         if "drift_vs_first" in r else
-                        f"{r.get('rel_err_vs_grouped_mm', float('nan')):.1e} / "
-                        f"{r.get('dx_rel_err_vs_grouped_mm', float('nan')):.1e}") + " |")
+                        f"{r['rel_err_vs_grouped_mm']:.1e} / {r['dx_rel_err_vs_grouped_mm']:.1e}"
+                        if "rel_err_vs_grouped_mm" in r else "—") + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 which kernels the time goes to, as the autograd path runs them.
 
     python benchmarks/profile_kernels.py --configs mixtral --quant fp8_block_wgrad
+    python benchmarks/profile_kernels.py --configs fine_30b --impl sonicmoe --quack-top 3
 
 Prints, per config, the step's elapsed time (unprofiled, steps back to back) and its kernels'
 summed time, the kernels sorted by total time per step (ms), their call counts per step and
@@ -17,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
+import bench_layer  # noqa: E402
 from bench_layer import CONFIGS, make_inputs  # noqa: E402
 
 from moe_plugin import fused_experts, fused_moe  # noqa: E402
@@ -38,9 +40,30 @@ def main():
     ap.add_argument("--plain-launch", action="store_true",
                     help="with tuning.fast_launch off (every Gluon launch through Triton's "
                          "per-call binding)")
+    ap.add_argument("--impl", default=None, metavar="NAME",
+                    help="one of bench_layer.py's implementations (a peer such as sonicmoe, or "
+                         "a moe_plugin_* variant) in place of fused_experts; with --router only "
+                         "sonicmoe (its router-included layer); not with --quant")
+    ap.add_argument("--quack-top", type=int, default=None, metavar="N",
+                    help="SonicMoE's autotuner on shortlists, as bench_layer.py's")
     args = ap.parse_args()
+    if args.impl is not None:
+        known = sorted(set(bench_layer.IMPLS) | set(bench_layer.TUNED) | set(bench_layer.PEERS))
+        if args.impl not in known:
+            ap.error(f"--impl: unknown implementation {args.impl!r}; one of {known}")
+        if args.quant is not None:
+            ap.error("--impl and --quant: give the quantised path as its --impl row "
+                     "(e.g. moe_plugin_fp8w)")
+        if args.router and args.impl != "sonicmoe":
+            ap.error(f"--impl {args.impl} with --router: only sonicmoe has a router-included "
+                     "layer here (ours: --router without --impl)")
+    if args.quack_top is not None:
+        bench_layer.shortlist_quack(args.quack_top)
     args.fast_launch = tuning.current().fast_launch and not args.plain_launch
-    with tuning.override(fast_launch=args.fast_launch):
+    changes = {}
+    if args.impl is not None:
+        changes = bench_layer.TUNED.get(args.impl, (args.impl, {}))[1]
+    with tuning.override(**{"fast_launch": args.fast_launch, **changes}):
         for name in args.configs:
             profile_config(name, args)
             torch.cuda.empty_cache()
@@ -54,7 +77,26 @@ def profile_config(name, args):
     dout = torch.randn_like(x)
 
     cache = WeightCache()  # quantised once, as once per optimizer step in training
-    if args.router:
+    if args.impl is not None and args.router:  # SonicMoE's router-included layer
+        sonic = bench_layer.sonicmoe_router_layer(k)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        gate = (torch.randn(E, D, device="cuda", dtype=x.dtype, generator=g) / D ** 0.5)
+        leaves = [leaves[0], gate.requires_grad_(),
+                  bench_layer._interleaved(w_up.detach()).contiguous().requires_grad_(),
+                  w_down.detach().clone().requires_grad_()]
+
+        def step():
+            torch.autograd.grad(sonic(*leaves), leaves, dout)
+    elif args.impl is not None:
+        base = bench_layer.TUNED.get(args.impl, (args.impl, {}))[0]
+        fn = (bench_layer.PEERS[args.impl]() if args.impl in bench_layer.PEERS
+              else bench_layer.IMPLS[base])
+
+        def step():  # a peer differentiates its own weight copies: backward, not grad
+            fn(leaves[0], ids, leaves[1], leaves[2], leaves[3]).backward(dout)
+            for t in leaves:
+                t.grad = None
+    elif args.router:
         g = torch.Generator(device="cuda").manual_seed(1)
         gate = (torch.randn(E, D, device="cuda", dtype=x.dtype, generator=g) / D ** 0.5)
         leaves = [leaves[0], gate.requires_grad_(), leaves[2], leaves[3]]
@@ -99,7 +141,8 @@ def profile_config(name, args):
         r[1] += 1
         spans.append((ev.time_range.start, ev.time_range.end, ev.name))
     total = sum(v[0] for v in rows.values())
-    print(json.dumps({"config": name, "quant": args.quant, "router": args.router,
+    print(json.dumps({"config": name, "impl": args.impl or "moe_plugin", "quant": args.quant,
+                      "router": args.router,
                       "fast_launch": args.fast_launch,
                       "gpu_ms_per_step": round(total, 3),
                       "elapsed_ms_per_step": round(elapsed, 3), "host_sync_calls": syncs}))
