@@ -326,6 +326,10 @@ TABLES = {
     # layers on fine_30b
     "peers_h200_s43": Table(tuple(f"{RESULTS}/h200_s43_peers_{c}.json" for c in PEER_CONFIGS)
                             + (f"{RESULTS}/h200_s43_peers_router_fine_30b.json",), peers),
+    # session 49's runs (H200, 3 rounds in turn; each config's router-included layers in the
+    # same process as its routing-given rows; fine_7b from the first of its two processes)
+    "peers_h200_s49": Table(tuple(f"{RESULTS}/h200_s49_peers_{c}.json" for c in PEER_CONFIGS),
+                            peers),
     "recompute": Table((f"{RESULTS}/h100_bench_layer.json",), recompute),
     "recompute_run3": Table((f"{RESULTS}/h100_bench_layer_run3.json",), recompute),
     "fp8_training": Table((f"{RESULTS}/h100_bench_fp8.json",), fp8_training),
