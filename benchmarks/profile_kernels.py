@@ -77,10 +77,11 @@ def profile_config(name, args):
     dout = torch.randn_like(x)
 
     cache = WeightCache()  # quantised once, as once per optimizer step in training
-    if args.impl is not None and args.router:  # SonicMoE's router-included layer
-        sonic = bench_layer.sonicmoe_router_layer(k)
+    if args.router:
         g = torch.Generator(device="cuda").manual_seed(1)
         gate = (torch.randn(E, D, device="cuda", dtype=x.dtype, generator=g) / D ** 0.5)
+    if args.impl is not None and args.router:  # SonicMoE's router-included layer
+        sonic = bench_layer.sonicmoe_router_layer(k)
         leaves = [leaves[0], gate.requires_grad_(),
                   bench_layer._interleaved(w_up.detach()).contiguous().requires_grad_(),
                   w_down.detach().clone().requires_grad_()]
@@ -97,8 +98,6 @@ def profile_config(name, args):
             for t in leaves:
                 t.grad = None
     elif args.router:
-        g = torch.Generator(device="cuda").manual_seed(1)
-        gate = (torch.randn(E, D, device="cuda", dtype=x.dtype, generator=g) / D ** 0.5)
         leaves = [leaves[0], gate.requires_grad_(), leaves[2], leaves[3]]
 
         def step():
