@@ -61,6 +61,10 @@
 #             PEER_TRITON39=1: under Triton 3.9 (the triton39 step's bundle, already unpacked
 #             by a call right before this one: both bundles do not fit one carry);
 #             then benchmarks/peer_targets.py's verdicts into OUT_DIR/targets.md
+#   peer_kernels  profile_kernels.py per kernel at the configs' full T, ours and SonicMoE's
+#             (--impl sonicmoe, PEER_QUACK_TOP default 3; .whl_sonic carried), routing given
+#             and with the routers (--router), PEER_CONFIGS (default fine_30b mixtral)
+#             (ROUTER_S per run, 100; SonicMoE's first run compiles)
 set -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR STEP...}
 shift
@@ -199,6 +203,18 @@ for step in "$@"; do
       # small file: the device tool brings back at most 8 files of 16 MiB
       (cd "$QUACK_CACHE_DIR" && find . -name '*.json' -print0 \
          | tar -cJf "$OUT/quack_autotune.tar.xz" --null -T -) ;;
+    peer_kernels)
+      # shellcheck disable=SC1091
+      source benchmarks/peers_env.sh .whl_sonic || { echo "peers_env.sh failed"; continue; }
+      for c in ${PEER_CONFIGS:-fine_30b mixtral}; do
+        for run in "" "--router" "--impl sonicmoe" "--impl sonicmoe --router"; do
+          tag=$(echo "${run:-ours}" | tr -d ' -')
+          # shellcheck disable=SC2086
+          timeout "${ROUTER_S:-100}" python benchmarks/profile_kernels.py --configs "$c" \
+            --steps 3 --quack-top "${PEER_QUACK_TOP:-3}" $run 2>&1 \
+            | tee "$OUT/profile_${c}_$tag.log" | grep -E '"(config|kernel)"' | head -14
+        done
+      done ;;
     triton39)
       # the Gluon GPU tests and the gemms step's timings under Triton 3.9, in a subshell so
       # that later steps run under the device's own Triton
