@@ -279,6 +279,18 @@ TUNED = {"moe_plugin_gluon_grouped": ("moe_plugin", dict(gluon_bf16_grouped=True
              gluon_seg_config={**tuning.current().gluon_seg_config, "GROUP_M": 1}))}
 
 
+def impl_names() -> list:
+    """Every implementation name ``resolve_impl`` takes (ours, the tuned variants, peers)."""
+    return sorted(set(IMPLS) | set(TUNED) | set(PEERS))
+
+
+def resolve_impl(name):
+    """``(fn, tuning changes)`` of implementation ``name``: a peer built (``PeerUnavailable``
+    when it cannot be imported), or ours with the ``TUNED`` changes to apply around it."""
+    base, changes = TUNED.get(name, (name, {}))
+    return (PEERS[name]() if name in PEERS else IMPLS[base]), changes
+
+
 def time_and_peak(fwd, fwd_bwd, params, rep_ms, release=None):
     """``(forward ms, forward+backward ms, extra peak bytes)``. The peak is that of one
     forward+backward over the memory held before it, with no gradient buffer held then (the
@@ -490,6 +502,10 @@ def main(argv=None):
         emit(markdown(meta, rows), args.md, args.json, with_shortlist({"meta": meta, "rows": rows}))
         return
     rows = []
+
+    def save_partial():  # the rows so far, in case the run is cut short (a time limit)
+        if args.json:
+            save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
     for name in args.configs:
         T, D, F, E, k = CONFIGS[name]
         fl_f = 6 * T * k * D * F
@@ -501,9 +517,8 @@ def main(argv=None):
                     continue
                 if impl == "loop" and E > args.loop_max_experts:
                     continue
-                base_impl, changes = TUNED.get(impl, (impl, {}))
                 try:
-                    fn = PEERS[impl]() if impl in PEERS else IMPLS[base_impl]
+                    fn, changes = resolve_impl(impl)
                 except PeerUnavailable as ex:
                     print(json.dumps({"config": name, "impl": impl, "skipped": str(ex)}),
                           flush=True)
@@ -526,8 +541,7 @@ def main(argv=None):
                     row.update(fwd_ms_rounds=[t_f], fwd_bwd_ms_rounds=[t_fb])
                     timed.append((fn, changes, row))
                 print(json.dumps(row), flush=True)
-                if args.json:  # the rows so far, in case the run is cut short (a time limit)
-                    save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
+                save_partial()
                 # each implementation starts from an empty cache: a later one inheriting the
                 # segments of an earlier one measured up to 10% slower (NOTES.md, session 13)
                 gc.collect()
@@ -551,14 +565,13 @@ def main(argv=None):
                 row.update(_times(fl_f, statistics.median(row["fwd_ms_rounds"]),
                                   statistics.median(row["fwd_bwd_ms_rounds"])))
                 print(json.dumps(row), flush=True)
-            if timed and args.json:
-                save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
+            if timed:
+                save_partial()
             del inputs, timed
             torch.cuda.empty_cache()
         if args.with_router:
             rows += router_rows(name, args, variants=False)
-            if args.json:
-                save_json(args.json, {"meta": {**meta, "partial": True}, "rows": rows})
+            save_partial()
     emit(markdown(meta, rows), args.md, args.json, with_shortlist({"meta": meta, "rows": rows}))
 
 

@@ -24,8 +24,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="fine_30b", choices=sorted(bench_layer.CONFIGS))
     ap.add_argument("--impl", default="moe_plugin",
-                    choices=sorted(set(bench_layer.IMPLS) | set(bench_layer.TUNED)
-                                   | set(bench_layer.PEERS)))
+                    choices=bench_layer.impl_names())
     ap.add_argument("--tokens", type=int, default=None, help="T (default: the config's)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quack-top", type=int, default=None)
@@ -36,9 +35,7 @@ def main(argv=None):
     T = args.tokens or T
     if args.quack_top:
         bench_layer.shortlist_quack(args.quack_top)
-    base, changes = bench_layer.TUNED.get(args.impl, (args.impl, {}))
-    fn = bench_layer.PEERS[args.impl]() if args.impl in bench_layer.PEERS else \
-        bench_layer.IMPLS[base]
+    fn, changes = bench_layer.resolve_impl(args.impl)
     x, ids, weights, w_up, w_down = bench_layer.make_inputs(T, D, F, E, k)
     params = [x, weights, w_up, w_down]
     for p in params:

@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--plain-launch", action="store_true",
                     help="with tuning.fast_launch off (every Gluon launch through Triton's "
                          "per-call binding)")
-    ap.add_argument("--impl", default=None, metavar="NAME",
+    ap.add_argument("--impl", default=None, choices=bench_layer.impl_names(),
                     help="one of bench_layer.py's implementations (a peer such as sonicmoe, or "
                          "a moe_plugin_* variant) in place of fused_experts; with --router only "
                          "sonicmoe (its router-included layer); not with --quant")
@@ -48,9 +48,6 @@ def main():
                     help="SonicMoE's autotuner on shortlists, as bench_layer.py's")
     args = ap.parse_args()
     if args.impl is not None:
-        known = sorted(set(bench_layer.IMPLS) | set(bench_layer.TUNED) | set(bench_layer.PEERS))
-        if args.impl not in known:
-            ap.error(f"--impl: unknown implementation {args.impl!r}; one of {known}")
         if args.quant is not None:
             ap.error("--impl and --quant: give the quantised path as its --impl row "
                      "(e.g. moe_plugin_fp8w)")
@@ -60,16 +57,17 @@ def main():
     if args.quack_top is not None:
         bench_layer.shortlist_quack(args.quack_top)
     args.fast_launch = tuning.current().fast_launch and not args.plain_launch
-    changes = {}
-    if args.impl is not None:
-        changes = bench_layer.TUNED.get(args.impl, (args.impl, {}))[1]
+    fn, changes = None, {}  # (SonicMoE's router-included layer is built per config)
+    if args.impl is not None and not args.router:
+        fn, changes = bench_layer.resolve_impl(args.impl)
     with tuning.override(**{"fast_launch": args.fast_launch, **changes}):
         for name in args.configs:
-            profile_config(name, args)
+            profile_config(name, args, fn)
             torch.cuda.empty_cache()
 
 
-def profile_config(name, args):
+def profile_config(name, args, fn=None):
+    """``fn``: ``--impl``'s implementation (``bench_layer.resolve_impl``), routing given."""
     T, D, F, E, k = CONFIGS[name]
     x, ids, w, w_up, w_down = make_inputs(T, D, F, E, k)
     # as in training and in bench_layer.py: the routing weights take a gradient too
@@ -88,11 +86,7 @@ def profile_config(name, args):
 
         def step():
             torch.autograd.grad(sonic(*leaves), leaves, dout)
-    elif args.impl is not None:
-        base = bench_layer.TUNED.get(args.impl, (args.impl, {}))[0]
-        fn = (bench_layer.PEERS[args.impl]() if args.impl in bench_layer.PEERS
-              else bench_layer.IMPLS[base])
-
+    elif fn is not None:
         def step():  # a peer differentiates its own weight copies: backward, not grad
             fn(leaves[0], ids, leaves[1], leaves[2], leaves[3]).backward(dout)
             for t in leaves:
