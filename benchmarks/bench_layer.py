@@ -141,6 +141,12 @@ def _interleaved(w_up):
     return torch.stack([w_up[:, :f2 // 2], w_up[:, f2 // 2:]], 2).reshape(e, f2, d)
 
 
+def sonicmoe_weights(w_up, w_down):
+    """SonicMoE's copies of ``w_up [E, 2F, D]`` and ``w_down [E, D, F]`` as gradient leaves:
+    the up weight interleaved (``_interleaved``), the down weight as it is (detached)."""
+    return _leaf(_interleaved(w_up)), _leaf(w_down)
+
+
 def _own_weights(build):
     """``get(w_up, w_down, *args)``: ``build(w_up, w_down, *args)`` (a peer's copy of the
     weights in its layout), made once per pair of weight tensors and kept until another pair
@@ -170,7 +176,7 @@ def sonicmoe_impl():
         from sonicmoe.functional import moe_general_routing_inputs
     except Exception as ex:  # ImportError, or its CuTe-DSL stack failing to load
         raise PeerUnavailable(f"sonic-moe not importable: {type(ex).__name__}: {ex}")
-    own = _own_weights(lambda w_up, w_down: (_leaf(_interleaved(w_up)), _leaf(w_down)))
+    own = _own_weights(sonicmoe_weights)
 
     def run(x, ids, weights, w_up, w_down):
         w1, w2 = own(w_up, w_down)
@@ -416,9 +422,9 @@ def router_rows(name, args, variants=True):
     if "sonicmoe" in args.impls:
         try:
             sonic = sonicmoe_router_layer(k)
-            w1 = _interleaved(w_up).contiguous()
+            w1, w2 = sonicmoe_weights(w_up, w_down)
             runs.append(("sonicmoe_router", lambda x, gate, w1, w2, _w: sonic(x, gate, w1, w2),
-                         split, [x, gate, w1, w_down.clone(), weights]))
+                         split, [x, gate, w1, w2, weights]))
         except PeerUnavailable as ex:
             print(json.dumps({"config": name, "impl": "sonicmoe_router", "skipped": str(ex)}),
                   flush=True)

@@ -80,9 +80,7 @@ def profile_config(name, args, fn=None):
         gate = (torch.randn(E, D, device="cuda", dtype=x.dtype, generator=g) / D ** 0.5)
     if args.impl is not None and args.router:  # SonicMoE's router-included layer
         sonic = bench_layer.sonicmoe_router_layer(k)
-        leaves = [leaves[0], gate.requires_grad_(),
-                  bench_layer._interleaved(w_up.detach()).contiguous().requires_grad_(),
-                  w_down.detach().clone().requires_grad_()]
+        leaves = [leaves[0], gate.requires_grad_(), *bench_layer.sonicmoe_weights(w_up, w_down)]
 
         def step():
             torch.autograd.grad(sonic(*leaves), leaves, dout)
